@@ -1,0 +1,105 @@
+"""Sequence-mixing operators. ``delta_rule`` is the entry point; it dispatches to a backend.
+
+Backends (DESIGN.md §4):
+
+- ``"triton"``    chunkwise WY algorithm in Triton (GPU; CPU under ``TRITON_INTERPRET=1``)
+- ``"recurrent"`` fused recurrent Triton kernel, the decode path
+- ``"torch"``     chunkwise WY algorithm in plain PyTorch, any device
+- ``"reference"`` step-by-step recurrence, the oracle
+- ``"auto"``      ``"triton"`` for CUDA tensors, ``"torch"`` otherwise
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .delta_rule import delta_rule_chunkwise_torch, delta_rule_reference
+
+BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
+
+__all__ = [
+    "BACKENDS",
+    "chunk_delta_rule",
+    "delta_rule",
+    "delta_rule_chunkwise_torch",
+    "delta_rule_reference",
+    "recurrent_delta_rule",
+]
+
+
+def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Chunkwise delta rule in Triton (backend ``"triton"``). Same contract as :func:`delta_rule`."""
+    try:
+        from .delta_rule.chunk import chunk_delta_rule as impl
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.delta_rule.chunk":
+            raise
+        raise NotImplementedError("the Triton chunk backend ('triton') is not implemented yet") from None
+    return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Fused recurrent delta rule in Triton (backend ``"recurrent"``). Same contract as :func:`delta_rule`."""
+    try:
+        from .delta_rule.recurrent import recurrent_delta_rule as impl
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.delta_rule.recurrent":
+            raise
+        raise NotImplementedError("the Triton recurrent backend ('recurrent') is not implemented yet") from None
+    return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+_IMPLS = {
+    "triton": chunk_delta_rule,
+    "recurrent": recurrent_delta_rule,
+    "torch": delta_rule_chunkwise_torch,
+    "reference": delta_rule_reference,
+}
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The delta rule ``S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
+
+    Args:
+        q, k: ``[B, T, H, K]``; keys are expected L2-normalised (the layer does it).
+        v: ``[B, T, H, V]``; ``V`` may differ from ``K``.
+        beta: ``[B, T, H]``, in (0, 1) (or (0, 2) when negative eigenvalues are allowed).
+        scale: multiplies the queries; defaults to ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` (``N = B``, or ``len(cu_seqlens) - 1``).
+        output_final_state: also return the state after the last token, ``[N, H, K, V]`` float32.
+        cu_seqlens: int tensor of sequence boundaries ``[0, ..., T]`` for packed sequences (B == 1).
+        backend: one of ``BACKENDS``.
+
+    Returns:
+        ``(o, final_state)`` with ``o: [B, T, H, V]`` in ``v.dtype``; ``final_state`` is None
+        unless ``output_final_state``.
+
+    Example::
+
+        >>> B, T, H, K, V = 2, 100, 4, 32, 16
+        >>> q = torch.randn(B, T, H, K)
+        >>> k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
+        >>> v, beta = torch.randn(B, T, H, V), torch.rand(B, T, H)
+        >>> o, S = delta_rule(q, k, v, beta, output_final_state=True)
+        >>> o.shape, S.shape
+        (torch.Size([2, 100, 4, 16]), torch.Size([2, 4, 32, 16]))
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
+    return _IMPLS[backend](q, k, v, beta, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)

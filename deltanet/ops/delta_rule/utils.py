@@ -1,0 +1,123 @@
+"""Input validation shared by every delta-rule backend.
+
+Every public entry point calls :func:`check_inputs` before touching a kernel, so that bad
+input surfaces as a ``ValueError`` / ``TypeError`` naming the argument and the expected
+shape, never as a Triton crash or a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DeltaRuleShape", "check_inputs", "seq_lengths"]
+
+
+@dataclass(frozen=True)
+class DeltaRuleShape:
+    """Sizes of one validated call: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int  # number of sequences: B, or len(cu_seqlens) - 1
+    scale: float
+
+
+def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+) -> DeltaRuleShape:
+    """Validate a delta-rule call and return its sizes. Raises ValueError / TypeError."""
+    _check_tensor("q", q, 4, "[B, T, H, K]")
+    B, T, H, K = q.shape
+    _check_tensor("k", k, 4, "[B, T, H, K]")
+    _check_tensor("v", v, 4, "[B, T, H, V]")
+    _check_tensor("beta", beta, 3, "[B, T, H]")
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"k must have the shape of q [B, T, H, K] = {(B, T, H, K)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must have shape [B, T, H, V] with (B, T, H) = {(B, T, H)}, got {tuple(v.shape)}")
+    V = v.shape[3]
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+    if min(B, T, H, K, V) < 1:
+        raise ValueError(f"all sizes must be >= 1, got B={B}, T={T}, H={H}, K={K}, V={V}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got q: {q.dtype}, k: {k.dtype}, v: {v.dtype}")
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")
+
+    if scale is None:
+        scale = K ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {tuple(cu_seqlens.shape)}"
+            )
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens requires B == 1 (sequences packed along T), got B = {B}")
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+        if offsets[-1] != T:
+            raise ValueError(f"cu_seqlens must end at T = {T}, got {offsets[-1]}")
+        if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets}")
+        N = len(offsets) - 1
+
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a torch.Tensor of shape [N, H, K, V], got {type(initial_state).__name__}")
+        if not initial_state.is_floating_point():
+            raise TypeError(f"initial_state must have a floating-point dtype, got {initial_state.dtype}")
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(
+                f"initial_state must have shape [N, H, K, V] = {(N, H, K, V)} "
+                f"(N = {'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got {tuple(initial_state.shape)}"
+            )
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return DeltaRuleShape(B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale))
+
+
+def seq_lengths(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[int, int, int]]:
+    """``[(batch index, start, end)]`` for each sequence of a (possibly packed) batch."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    offsets = cu_seqlens.tolist()
+    return [(0, s, e) for s, e in zip(offsets[:-1], offsets[1:])]
