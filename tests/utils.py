@@ -1,0 +1,86 @@
+"""Shared test helpers: input factories and the one ``assert_close`` of DESIGN.md §5."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["assert_close", "make_inputs", "rel_err"]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute error if ``expected`` is 0)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    denom = e.norm().item()
+    err = (a - e).norm().item()
+    return err / denom if denom > 0 else err
+
+
+def assert_close(
+    name: str,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    baseline: torch.Tensor | None = None,
+    ratio: float = 2.0,
+    floor: float = 1e-5,
+    rtol: float | None = None,
+) -> float:
+    """Compare ``actual`` with the float64 oracle ``expected`` (DESIGN.md §5).
+
+    - With ``baseline`` (the same computation done by PyTorch in the same low precision):
+      ``rel_err(actual) <= ratio * rel_err(baseline) + floor`` (FlashAttention's scheme).
+    - Without: ``rel_err(actual) <= rtol`` (default 1e-5 for float32, 1e-10 for float64).
+
+    NaN or Inf anywhere fails. Returns the relative error.
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{name}: {(~torch.isfinite(actual)).sum().item()} non-finite values")
+    err = rel_err(actual, expected)
+    if baseline is not None:
+        limit = ratio * rel_err(baseline, expected) + floor
+    else:
+        limit = rtol if rtol is not None else (1e-10 if actual.dtype == torch.float64 else 1e-5)
+    if not err <= limit:
+        raise AssertionError(f"{name}: relative error {err:.3e} > allowed {limit:.3e}")
+    return err
+
+
+def make_inputs(
+    B: int,
+    T: int,
+    H: int,
+    K: int,
+    V: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    beta_max: float = 1.0,
+    initial_state: bool = False,
+    N: int | None = None,
+    requires_grad: bool = False,
+) -> dict[str, torch.Tensor | None]:
+    """Random delta-rule inputs: L2-normalised keys, ``beta ~ U(0, beta_max)``, an optional
+    ``[N, H, K, V]`` float32/64 initial state (``N`` defaults to ``B``). Fresh per seed."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+    k = F.normalize(torch.randn(B, T, H, K, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, T, H, generator=g, dtype=torch.float64) * beta_max
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    h0 = torch.randn(N or B, H, K, V, generator=g, dtype=torch.float64) if initial_state else None
+    out = {
+        "q": q.to(device=device, dtype=dtype),
+        "k": k.to(device=device, dtype=dtype),
+        "v": v.to(device=device, dtype=dtype),
+        "beta": beta.to(device=device, dtype=dtype),
+        "initial_state": h0.to(device=device, dtype=state_dtype) if h0 is not None else None,
+    }
+    if requires_grad:
+        for x in out.values():
+            if x is not None:
+                x.requires_grad_(True)
+    return out
