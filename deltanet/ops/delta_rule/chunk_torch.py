@@ -8,8 +8,8 @@ For each chunk of C tokens (README.md in this folder derives it):
     O  = scale * (Q S + tril(Q K^T) U')    S <- S + K^T U'
 
 Everything except the last line is batched over all chunks at once; only the state recurrence
-loops, once per chunk (T / C small matmuls). Autograd keeps one state per chunk, never one per
-token.
+loops, once per chunk (two small matmuls); the outputs are then one batched product. One state
+per chunk is kept (T / C of them), never one per token.
 """
 
 from __future__ import annotations
@@ -28,35 +28,69 @@ def _pack(x: torch.Tensor, offsets: list[int], Tp: int) -> torch.Tensor:
     return torch.stack([F.pad(s, (0, 0) * (x.ndim - 2) + (0, Tp - s.shape[0])) for s in seqs])
 
 
+def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., C, C]``, batched over leading dims.
+
+    Recursive 2x2 blocking, ``[[L11, 0], [L21, L22]]^-1 = [[X11, 0], [-X22 L21 X11, X22]]``,
+    down to 16x16 blocks, where ``(I - N)^-1 = (I + N)(I + N^2)(I + N^4)(I + N^8)`` (``N = -A``
+    is nilpotent). Only batched matmuls: on CPU far faster than a batched
+    ``torch.linalg.solve_triangular`` over many tiny systems, and plain autograd.
+    """
+    C = A.shape[-1]
+    if C <= 16:
+        N = -A
+        R = torch.eye(C, dtype=A.dtype, device=A.device) + N
+        span = 2  # R = sum_{i < span} N^i
+        while span < C:
+            N = N @ N
+            R = R + R @ N
+            span *= 2
+        return R
+    h = C // 2
+    X11 = _unit_lower_inverse(A[..., :h, :h])
+    X22 = _unit_lower_inverse(A[..., h:, h:])
+    X21 = -X22 @ (A[..., h:, :h] @ X11)
+    top = torch.cat([X11, torch.zeros_like(A[..., :h, h:])], dim=-1)
+    return torch.cat([top, torch.cat([X21, X22], dim=-1)], dim=-2)
+
+
 def _chunk_fwd(q, k, v, beta, S, C: int):
     """Batched core. ``q, k: [N, T, H, K]``, ``v: [N, T, H, V]``, ``beta: [N, T, H]`` with
     ``T % C == 0``; ``S: [N, H, K, V]``. Returns ``o: [N, T, H, V]`` and the final state."""
     N, T, H, K = q.shape
     V = v.shape[-1]
     NT = T // C
-    # [N, H, NT, C, D]: chunk-major so that intra-chunk products batch over (N, H, NT).
-    q, k, v = (x.reshape(N, NT, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
-    beta = beta.reshape(N, NT, C, H).permute(0, 3, 1, 2)  # [N, H, NT, C]
+    # [NT, N*H, C, D], contiguous: chunk-major, so the sequential loop below reads contiguous
+    # slices with (N, H) folded into one batch dim for bmm/baddbmm; the intra-chunk products
+    # batch over all chunks at once.
+    q, k, v = (x.reshape(N, NT, C, H, -1).permute(1, 0, 3, 2, 4).reshape(NT, N * H, C, -1) for x in (q, k, v))
+    beta = beta.reshape(N, NT, C, H).permute(1, 0, 3, 2).reshape(NT, N * H, C, 1)
 
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(0)
 
-    kb = k * beta[..., None]
-    A = (kb @ k.transpose(-1, -2)).masked_fill(~strict, 0)  # [N, H, NT, C, C]
-    # T = (I + A)^-1 diag(beta): a unit-lower-triangular solve, applied to [beta*K | beta*V].
-    rhs = torch.cat([kb, v * beta[..., None]], dim=-1)
-    WU = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    W, U = WU.split([K, V], dim=-1)
-    attn = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0)  # [N, H, NT, C, C]
+    kb = k * beta
+    kt = k.transpose(-1, -2)
+    A = (kb @ kt).masked_fill(~strict, 0)  # [NT, N*H, C, C]
+    # T = (I + A)^-1 diag(beta): W = T K, U = T V.
+    Ainv = _unit_lower_inverse(A)
+    W = Ainv @ kb
+    U = Ainv @ (v * beta)
 
-    outs = []
+    # The only sequential part: per chunk, pseudo-values u = U - W S and S <- S + K^T u.
+    S = S.reshape(N * H, K, V)
+    states, pseudo = [], []
     for i in range(NT):
-        u = U[:, :, i] - W[:, :, i] @ S  # pseudo-values [N, H, C, V]
-        outs.append(q[:, :, i] @ S + attn[:, :, i] @ u)
-        S = S + k[:, :, i].transpose(-1, -2) @ u
-    o = torch.stack(outs, dim=2)  # [N, H, NT, C, V]
-    return o.permute(0, 2, 3, 1, 4).reshape(N, T, H, V), S
+        u = torch.baddbmm(U[i], W[i], S, alpha=-1)  # [N*H, C, V]
+        states.append(S)
+        pseudo.append(u)
+        S = torch.baddbmm(S, kt[i], u)
+    Sc, u = torch.stack(states), torch.stack(pseudo)  # [NT, N*H, K, V], [NT, N*H, C, V]
+
+    attn = (q @ kt).masked_fill(~causal, 0)  # [NT, N*H, C, C]
+    o = q @ Sc + attn @ u  # [NT, N*H, C, V]
+    o = o.reshape(NT, N, H, C, V).permute(1, 0, 3, 2, 4).reshape(N, T, H, V)
+    return o, S.reshape(N, H, K, V)
 
 
 def delta_rule_chunkwise_torch(
