@@ -1,0 +1,322 @@
+"""Chunkwise delta rule in Triton: launchers, the autograd op, and the public function.
+
+Forward, three kernels (``kernels/``):
+
+1. ``wy_fwd_kernel``  (chunks x heads): A, (I + A)^-1, W, U             -- UT transform
+2. ``h_fwd_kernel``   (sequences x heads x V-blocks): chunk states h, v_new = U - W S
+3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
+
+Backward recomputes 1 and 2 (nothing but the inputs is kept between forward and backward),
+then runs the reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients
+(``dqkw_bwd_kernel``) and the way back through the UT transform (``wy_bwd_kernel``).
+
+Every tensor is viewed as packed tokens ``[B * T, H, D]``; a fixed-length batch is the packed
+case with ``cu_seqlens = [0, T, 2T, ...]``, so there is one code path, and a chunk never
+crosses a sequence boundary. The ops are registered with ``torch.library`` (fake
+implementations included) so that ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
+from .kernels.state import dh_bwd_kernel, h_fwd_kernel
+from .kernels.wy import wy_bwd_kernel, wy_fwd_kernel
+from .utils import check_inputs
+
+__all__ = ["chunk_delta_rule"]
+
+BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
+MAX_HEAD_DIM = 256
+# Launch settings. Fixed per shape (no autotuning) so that a cold start compiles each kernel
+# once; the benchmark may override entries here to compare settings.
+TUNING: dict[str, int] = {}
+
+
+def interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    return type(wy_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _interpreter_compat() -> None:
+    """Let the interpreter take a tensor as a ``range`` bound under numpy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and converts them with ``int(array)``,
+    which numpy 2.4 rejects for arrays with ndim > 0; the kernels' chunk loops have runtime
+    bounds. Wrap the interpreter's tensor patch so ``__index__`` reads the single element.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_deltanet_compat", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._deltanet_compat = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreted():
+    _interpreter_compat()
+
+
+def check_device(x: torch.Tensor, name: str = "q") -> None:
+    if not x.is_cuda and not interpreted():
+        raise ValueError(
+            f"{name} is on {x.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
+            "before triton is imported (CPU, slow); use backend='torch' on CPU"
+        )
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get full fp32 products (tf32 would cost ~1e-3 relative error); in bf16/fp16
+    # the operands are already low precision and fp32 x fp32 products (the UT solve, the
+    # backward through the inverse) use tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=64)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_index(B: int, T: int, device: torch.device):
+    NT = triton.cdiv(T, BT)
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+    table = torch.stack([torch.arange(B).repeat_interleave(NT), torch.arange(NT).repeat(B)], 1)
+    offsets = torch.arange(0, B * NT, NT)
+    return cu, table.to(torch.int32).to(device), offsets.to(torch.int32).to(device), B * NT
+
+
+def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
+    """``(cu_seqlens int32, chunk_table [chunks, 2] = (seq, chunk), chunk_offsets [N], chunks)``."""
+    if cu_seqlens is None:
+        return _fixed_index(B, T, device)
+    bounds = cu_seqlens.tolist()
+    nts = [triton.cdiv(e - s, BT) for s, e in zip(bounds[:-1], bounds[1:])]
+    table = [(n, c) for n, nt in enumerate(nts) for c in range(nt)]
+    offsets = [0]
+    for nt in nts[:-1]:
+        offsets.append(offsets[-1] + nt)
+    i32 = dict(dtype=torch.int32, device=device)
+    return (cu_seqlens.to(torch.int32), torch.tensor(table, **i32), torch.tensor(offsets, **i32), len(table))
+
+
+def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, int]:
+    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels)."""
+    p2 = triton.next_power_of_2
+    BKF = max(16, p2(K))
+    BVF = max(16, p2(V))
+    # The state recurrence is sequential over chunks: split V finely enough that the
+    # (sequence, head, V-block) programs fill the GPU, but keep the state tile in registers.
+    bv_state = min(BVF, 64 if BKF <= 128 else 32)
+    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < 2 * _num_sms(device):
+        bv_state //= 2
+    cfg = dict(
+        BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2,
+        WARPS_WY=4, WARPS_O=4, STAGES_O=2, WARPS_DQKW=4, STAGES_DQKW=2,
+    )
+    cfg.update(TUNING)
+    return cfg
+
+
+def _wy(k, v, beta, idx, cfg):
+    cu, table, _, NTT = idx
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    ai = k.new_empty(TT, H, BT)
+    wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
+                            BV=cfg["BV"], PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
+    return w, u, ai
+
+
+def _states(k, w, u, h0, ht, idx, N, cfg):
+    cu, _, offsets, NTT = idx
+    TT, H, K = k.shape
+    V = u.shape[-1]
+    h = k.new_empty(NTT, H, K, V)
+    v_new = torch.empty_like(u)
+    BV = cfg["BV_STATE"]
+    h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        k, w, u, v_new, h, h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
+        H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        PREC=_prec(k.dtype), num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+    return h, v_new
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, ...]`` -> contiguous ``[B * T, H, ...]``."""
+    return x.contiguous().flatten(0, 1)
+
+
+def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens):
+    """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    idx = chunk_index(cu_seqlens, B, T, q.device)
+    N = idx[0].numel() - 1
+    cfg = _configs(N, H, K, V, q.device)
+    q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
+    h0 = h0.contiguous() if h0 is not None else None
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    w, u, _ = _wy(k, v, beta, idx, cfg)
+    h, v_new = _states(k, w, u, h0, ht, idx, N, cfg)
+    del w, u
+    o = torch.empty_like(v)
+    cu, table, _, NTT = idx
+    o_fwd_kernel[(triton.cdiv(V, cfg["BV"]), NTT, H)](
+        q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"],
+        PREC=_prec(q.dtype), num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
+    return o.view(B, T, H, V), ht
+
+
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
+    """Launch the backward. Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    idx = chunk_index(cu_seqlens, B, T, q.device)
+    cu, table, offsets, NTT = idx
+    N = cu.numel() - 1
+    cfg = _configs(N, H, K, V, q.device)
+    q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
+    h0 = h0.contiguous() if h0 is not None else None
+    dht = dht.contiguous() if dht is not None else None
+    prec = _prec(q.dtype)
+
+    w, u, ai = _wy(k, v, beta, idx, cfg)
+    h, v_new = _states(k, w, u, h0, None, idx, N, cfg)
+    del u
+    dh = torch.empty_like(h)
+    dvn = torch.empty_like(v)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
+    BV = cfg["BV_STATE"]
+    dh_bwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, w, do, dvn, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu, offsets,
+        scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, PREC=prec, num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+    del w
+    dq = torch.empty_like(q)
+    dk_part = torch.empty_like(k, dtype=torch.float32)
+    dw = torch.empty_like(k)
+    dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK"]), NTT, H)](
+        q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
+        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
+    del h, dh, v_new
+    dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    wy_bwd_kernel[(NTT, H)](
+        k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
+        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WY"])
+    shape = (B, T, H)
+    return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
+
+
+# --- torch.library registration -------------------------------------------------------------
+
+def _empty_state(x: torch.Tensor) -> torch.Tensor:
+    # Custom ops return tensors, never None: an absent state is a 0-element tensor.
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("deltanet::chunk_delta_rule_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+            initial_state: torch.Tensor | None, output_final_state: bool,
+            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ht = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return o, ht if ht is not None else _empty_state(q)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), ht
+
+
+@torch.library.custom_op("deltanet::chunk_delta_rule_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+            initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
+            dht: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht)
+    return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht):
+    e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
+    return e(q), e(k), e(v), e(beta), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht)
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
+
+    bf16 / fp16 / fp32 inputs, fp32 accumulation; float64 inputs are computed in float32 and
+    cast back. Head dims up to 256. Differentiable in q, k, v, beta and initial_state.
+
+    Example (CUDA, or CPU with ``TRITON_INTERPRET=1`` set before importing triton)::
+
+        >>> B, T, H, K, V = 2, 100, 4, 64, 32
+        >>> q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+        >>> k = torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
+        >>> v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
+        >>> beta = torch.rand(B, T, H, device="cuda").sigmoid()
+        >>> o, S = chunk_delta_rule(q, k, v, beta, output_final_state=True)
+        >>> o.shape, S.dtype
+        (torch.Size([2, 100, 4, 32]), torch.float32)
+    """
+    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    if max(shape.K, shape.V) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
+                         f"V={shape.V}; use backend='torch'")
+    check_device(q)
+    out_dtype = v.dtype
+    if out_dtype == torch.float64:  # no fp64 tensor-core path: compute in fp32
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+    h0 = initial_state.float() if initial_state is not None else None
+    o, ht = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
+    if out_dtype == torch.float64:
+        o, ht = o.double(), ht.double()
+    return o, (ht if output_final_state else None)
+

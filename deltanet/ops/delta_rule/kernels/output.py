@@ -1,0 +1,96 @@
+"""Per-chunk output and its gradients (parallel over chunks).
+
+    O  = scale * (Q S + tril(Q K^T) v_new)                 (S = h[c], the state entering chunk c)
+
+Backward, with ``G = dh[c]`` the state gradient after the chunk and ``dv`` the pseudo-value
+gradient from the reverse recurrence:
+
+    dP = scale * tril(dO v_new^T)
+    dQ = scale * dO S^T + dP K
+    dK = dP^T Q + v_new G^T                 (the WY terms are added by ``wy_bwd_kernel``)
+    dW = -dv S^T
+"""
+
+import triton
+import triton.language as tl
+
+from .wy import _chunk_bounds
+
+
+@triton.jit
+def o_fwd_kernel(
+    q, k, v_new, h, o, cu_seqlens, chunk_table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), chunks, H)``."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < eos
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = mt[:, None] & (rv[None, :] < V)
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = mt[:, None] & (ck[None, :] < K)
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_h = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + ck[:, None] * V + rv[None, :],
+                      mask=(ck[:, None] < K) & (rv[None, :] < V), other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+        b_a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+    b_a = tl.where(rt[:, None] >= rt[None, :], b_a, 0.0)
+    b_vn = tl.load(v_new + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+    b_o += tl.dot(b_a.to(b_vn.dtype), b_vn, input_precision=PREC)
+    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], (b_o * scale).to(o.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def dqkw_bwd_kernel(
+    q, k, v_new, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``."""
+    i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < eos
+    ck = i_k * BK + tl.arange(0, BK)
+    mk = mt[:, None] & (ck[None, :] < K)
+    s_base = (i_t.to(tl.int64) * H + i_h) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = mt[:, None] & (cv[None, :] < V)
+        off = (t[:, None] * H + i_h) * V + cv[None, :]
+        b_do = tl.load(do + off, mask=mv, other=0.0)
+        b_vn = tl.load(v_new + off, mask=mv, other=0.0)
+        b_dv = tl.load(dv + off, mask=mv, other=0.0)
+        # [BV, BK] tiles of S and G, loaded transposed.
+        s_off = s_base + ck[None, :] * V + cv[:, None]
+        ms = (ck[None, :] < K) & (cv[:, None] < V)
+        b_ht = tl.load(h + s_off, mask=ms, other=0.0)
+        b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
+        b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
+        b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
+        b_dw -= tl.dot(b_dv, b_ht, input_precision=PREC)
+        b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
+    b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
+    off = (t[:, None] * H + i_h) * K + ck[None, :]
+    tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
+    tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dw + off, b_dw.to(dw.dtype.element_ty), mask=mk)

@@ -1,0 +1,107 @@
+"""The inter-chunk state recurrence, forward and reverse (the only sequential stage).
+
+One program per (sequence, head, V-block) walks the chunks of its sequence in order, holding
+its ``[K, BV]`` slice of the state in fp32 registers:
+
+    forward:  h[c] = S;  v_new = U - W S;  S <- S + K^T v_new
+    reverse:  dh[c] = G; dv = scale * triu(K Q^T) dO + K G;  G <- G + scale Q^T dO - W^T dv
+
+``G`` is the gradient of the loss with respect to the state at the end of the chunk. The
+V-blocks are independent (every product contracts over K or over tokens), which is what
+lets the state be split across programs. ``h`` / ``dh`` are written in the input dtype
+(they feed tensor-core products), the carried state stays fp32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def h_fwd_kernel(
+    k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mkv = (rk[:, None] < K) & (rv[None, :] < V)
+    s_off = rk[:, None] * V + rv[None, :]
+
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
+    for c in range(0, NT):
+        t = bos + c * BT + rt
+        mt = t < eos
+        tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
+        mk = mt[:, None] & (rk[None, :] < K)
+        mv = mt[:, None] & (rv[None, :] < V)
+        b_w = tl.load(w + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_u = tl.load(u + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
+        b_vn = b_vn.to(v_new.dtype.element_ty)
+        tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_vn, mask=mv)
+        b_s += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_s, mask=mkv)
+
+
+@triton.jit
+def dh_bwd_kernel(
+    q, k, w, do, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), N * H)``. Writes ``dh[c]`` (state grad after chunk c), ``dv``
+    (the gradient of the pseudo-values ``v_new``) and ``dh0``."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mkv = (rk[:, None] < K) & (rv[None, :] < V)
+    s_off = rk[:, None] * V + rv[None, :]
+    upper = rt[:, None] <= rt[None, :]
+
+    b_g = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_g += tl.load(dht + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
+    for i in range(0, NT):
+        c = NT - 1 - i
+        t = bos + c * BT + rt
+        mt = t < eos
+        tl.store(dh + ((boh + c) * H + i_h) * K * V + s_off, b_g.to(dh.dtype.element_ty), mask=mkv)
+        mk = mt[:, None] & (rk[None, :] < K)
+        mv = mt[:, None] & (rv[None, :] < V)
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_w = tl.load(w + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_do = tl.load(do + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+        # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
+        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+        b_kq = tl.where(upper, b_kq * scale, 0.0)
+        b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dv += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=PREC)
+        b_dv = b_dv.to(dv.dtype.element_ty)
+        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mv)
+        b_g += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
+        b_g -= tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype), input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + s_off, b_g, mask=mkv)

@@ -1,0 +1,212 @@
+"""UT transform / WY representation of one chunk, forward and backward.
+
+Per chunk of ``BT = 64`` tokens and one head (README.md in the parent folder derives it):
+
+    A  = tril(diag(beta) K K^T, -1)          Ai = (I + A)^-1
+    W  = Ai diag(beta) K                     U  = Ai diag(beta) V
+
+Layout: tokens of all sequences packed along one axis, ``k: [TT, H, K]``, ``v: [TT, H, V]``,
+``beta: [TT, H]``; ``ai: [TT, H, BT]`` holds row ``t`` of its chunk's ``Ai``. A chunk is row
+``chunk_table[i] = (sequence n, chunk c of n)``; rows past the sequence end are masked to zero
+(so ``A`` is zero there and ``Ai`` the identity: padded tokens never touch the state).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_bounds(cu_seqlens, chunk_table, i_t, BT: tl.constexpr):
+    """First token of chunk ``i_t`` and the end of its sequence (int64, for large offsets)."""
+    i_n = tl.load(chunk_table + 2 * i_t)
+    i_c = tl.load(chunk_table + 2 * i_t + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos + i_c * BT, eos
+
+
+@triton.jit
+def _block_kkt(k, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+               DIAG: tl.constexpr, PREC: tl.constexpr):
+    """One 16x16 block of A: rows ``t0 + ri``, columns ``t0 + rj`` (beta scales rows)."""
+    acc = tl.zeros([16, 16], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        ki = tl.load(k + ((t0 + ri[:, None]) * H + i_h) * K + ck[None, :],
+                     mask=((t0 + ri[:, None]) < eos) & (ck[None, :] < K), other=0.0)
+        kj = tl.load(k + ((t0 + rj[:, None]) * H + i_h) * K + ck[None, :],
+                     mask=((t0 + rj[:, None]) < eos) & (ck[None, :] < K), other=0.0)
+        acc += tl.dot(ki, tl.trans(kj), input_precision=PREC)
+    b = tl.load(beta + (t0 + ri) * H + i_h, mask=(t0 + ri) < eos, other=0.0).to(tl.float32)
+    acc = acc * b[:, None]
+    if DIAG:
+        acc = tl.where(ri[:, None] > rj[None, :], acc, 0.0)
+    return acc
+
+
+@triton.jit
+def _inv_unit_lower(a0, a1, a2, a3):
+    """(I + a)^-1 for four strictly lower 16x16 blocks at once, by forward substitution.
+
+    Row i of the inverse is e_i - sum_{j<i} a[i, j] inv[j, :]; the four blocks are
+    independent, so they share one loop (more independent work per step).
+    """
+    r = tl.arange(0, 16)
+    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    x0, x1, x2, x3 = eye, eye, eye, eye
+    for i in range(1, 16):
+        sel = r[:, None] == i
+        e = tl.where(r == i, 1.0, 0.0)[None, :]
+        a0i = tl.sum(tl.where(sel, a0, 0.0), 0)
+        a1i = tl.sum(tl.where(sel, a1, 0.0), 0)
+        a2i = tl.sum(tl.where(sel, a2, 0.0), 0)
+        a3i = tl.sum(tl.where(sel, a3, 0.0), 0)
+        x0 = tl.where(sel, e - tl.sum(a0i[:, None] * x0, 0)[None, :], x0)
+        x1 = tl.where(sel, e - tl.sum(a1i[:, None] * x1, 0)[None, :], x1)
+        x2 = tl.where(sel, e - tl.sum(a2i[:, None] * x2, 0)[None, :], x2)
+        x3 = tl.where(sel, e - tl.sum(a3i[:, None] * x3, 0)[None, :], x3)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _store_block(ai, x, t0, eos, i_h, ri, cj, H: tl.constexpr, BT: tl.constexpr):
+    tl.store(ai + ((t0 + ri[:, None]) * H + i_h) * BT + cj[None, :], x.to(ai.dtype.element_ty),
+             mask=(t0 + ri[:, None]) < eos)
+
+
+@triton.jit
+def wy_fwd_kernel(
+    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    r = tl.arange(0, 16)
+
+    # A in 16x16 blocks (lower triangle only): the inverse works block-wise.
+    a00 = _block_kkt(k, beta, t0, eos, i_h, r, r, H, K, BK, True, PREC)
+    a11 = _block_kkt(k, beta, t0, eos, i_h, r + 16, r + 16, H, K, BK, True, PREC)
+    a22 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r + 32, H, K, BK, True, PREC)
+    a33 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 48, H, K, BK, True, PREC)
+    a10 = _block_kkt(k, beta, t0, eos, i_h, r + 16, r, H, K, BK, False, PREC)
+    a21 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r + 16, H, K, BK, False, PREC)
+    a32 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 32, H, K, BK, False, PREC)
+    a20 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r, H, K, BK, False, PREC)
+    a31 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 16, H, K, BK, False, PREC)
+    a30 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r, H, K, BK, False, PREC)
+
+    # Diagonal blocks by substitution, then the block-triangular merge:
+    # X_ij = -X_ii sum_{j<=m<i} A_im X_mj. The solve is kept in full fp32 ("ieee"): these
+    # entries feed every later product, and the 16x16 products are negligible work.
+    x00, x11, x22, x33 = _inv_unit_lower(a00, a11, a22, a33)
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision="ieee")
+                  + tl.dot(a21, x10, input_precision="ieee"), input_precision="ieee")
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision="ieee")
+                  + tl.dot(a32, x21, input_precision="ieee"), input_precision="ieee")
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
+                  + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
+
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block(ai, x00, t0, eos, i_h, r, r, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r, r + 16, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r, r + 32, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r, r + 48, H, BT)
+    _store_block(ai, x10, t0, eos, i_h, r + 16, r, H, BT)
+    _store_block(ai, x11, t0, eos, i_h, r + 16, r + 16, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r + 16, r + 32, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r + 16, r + 48, H, BT)
+    _store_block(ai, x20, t0, eos, i_h, r + 32, r, H, BT)
+    _store_block(ai, x21, t0, eos, i_h, r + 32, r + 16, H, BT)
+    _store_block(ai, x22, t0, eos, i_h, r + 32, r + 32, H, BT)
+    _store_block(ai, z, t0, eos, i_h, r + 32, r + 48, H, BT)
+    _store_block(ai, x30, t0, eos, i_h, r + 48, r, H, BT)
+    _store_block(ai, x31, t0, eos, i_h, r + 48, r + 16, H, BT)
+    _store_block(ai, x32, t0, eos, i_h, r + 48, r + 32, H, BT)
+    _store_block(ai, x33, t0, eos, i_h, r + 48, r + 48, H, BT)
+    # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
+    tl.debug_barrier()
+
+    rt = tl.arange(0, BT)
+    mt = (t0 + rt) < eos
+    b_ai = tl.load(ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        m = mt[:, None] & (ck[None, :] < K)
+        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], mask=m, other=0.0)
+        b_kb = (b_k * b[:, None]).to(b_k.dtype)
+        b_w = tl.dot(b_ai.to(b_k.dtype), b_kb, input_precision=PREC)
+        tl.store(w + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=m)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = mt[:, None] & (cv[None, :] < V)
+        b_v = tl.load(v + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], mask=m, other=0.0)
+        b_vb = (b_v * b[:, None]).to(b_v.dtype)
+        b_u = tl.dot(b_ai.to(b_v.dtype), b_vb, input_precision=PREC)
+        tl.store(u + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def wy_bwd_kernel(
+    k, v, beta, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(chunks, H)``. Back through W = Ai diag(beta) K, U = Ai diag(beta) V.
+
+    ``dk_in`` (fp32) holds the key gradient from the output and state terms; this kernel
+    adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``.
+    """
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    rt = tl.arange(0, BT)
+    mt = (t0 + rt) < eos
+    b_ai = tl.load(ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
+    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+
+    b_dai = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = mt[:, None] & (cv[None, :] < V)
+        off = ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :]
+        b_v = tl.load(v + off, mask=m, other=0.0)
+        b_du = tl.load(du + off, mask=m, other=0.0)
+        b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
+        b_dvb = tl.dot(tl.trans(b_ai.to(b_du.dtype)), b_du, input_precision=PREC)  # d(beta V)
+        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        m = mt[:, None] & (ck[None, :] < K)
+        off = ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :]
+        b_k = tl.load(k + off, mask=m, other=0.0)
+        b_dw = tl.load(dw + off, mask=m, other=0.0)
+        b_dai += tl.dot(b_dw, tl.trans((b_k * b[:, None]).to(b_k.dtype)), input_precision=PREC)
+
+    # Through the inverse: dA = -Ai^T dAi Ai^T, restricted to A's strictly lower support.
+    b_aif = b_ai.to(tl.float32)
+    b_da = tl.dot(b_dai, tl.trans(b_aif), input_precision=PREC)
+    b_da = -tl.dot(tl.trans(b_aif), b_da, input_precision=PREC)
+    b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
+
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        m = mt[:, None] & (ck[None, :] < K)
+        off = ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :]
+        b_k = tl.load(k + off, mask=m, other=0.0)
+        b_dw = tl.load(dw + off, mask=m, other=0.0)
+        b_kf = b_k.to(tl.float32)
+        # d(beta K) from W = Ai (beta K) and from A = (beta K) K^T.
+        b_dkb = tl.dot(tl.trans(b_ai.to(b_dw.dtype)), b_dw, input_precision=PREC)
+        b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
+        b_dk = b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
+        b_dk += tl.load(dk_in + off, mask=m, other=0.0)
+        b_db += tl.sum(b_dkb * b_kf, 1)
+        tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
+    tl.store(dbeta + (t0 + rt) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=mt)
