@@ -1,0 +1,84 @@
+"""Softmax attention mixers: causal full attention and sliding-window attention, RoPE, GQA.
+
+Rotary position embeddings use per-token ``position_ids`` (the model derives them from the
+padding mask or the packed-document boundaries), so a left-padded row and a packed document
+see the same positions as the sequence alone. The cache keeps all keys/values for full
+attention and only the last ``sliding_window`` positions for sliding attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops.attention import causal_attention
+
+__all__ = ["AttentionMixer", "apply_rope"]
+
+
+def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (GPT-NeoX half-split layout). ``x: [B, T, H, D]``, ``position_ids: [B, T]``.
+
+    Example::
+
+        >>> x = torch.randn(1, 4, 2, 8)
+        >>> torch.allclose(apply_rope(x, torch.zeros(1, 4, dtype=torch.long), 1e4), x)
+        True
+    """
+    D = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))  # [D/2]
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # [B, T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class AttentionMixer(nn.Module):
+    """Causal multi-head attention with RoPE and grouped-query heads; ``window`` for sliding.
+
+    Example::
+
+        >>> from deltanet.models.presets import get_config
+        >>> layer = AttentionMixer(get_config("tiny"), layer_idx=0, window=4)
+        >>> layer(torch.randn(2, 7, 128), position_ids=torch.arange(7).expand(2, 7)).shape
+        torch.Size([2, 7, 128])
+    """
+
+    def __init__(self, config, layer_idx: int, window: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = window
+        self.hidden_size = config.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+
+    def forward(self, x, *, position_ids, mask=None, full_mask=None, cu_seqlens=None, cache=None, **_):
+        """``x: [B, T, hidden]``; ``position_ids: [B, T]``; ``full_mask: [B, past + T]`` the
+        padding mask of every position so far (keys), ``cache`` updated in place."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, position_ids, self.rope_theta)
+        k = apply_rope(k, position_ids, self.rope_theta)
+
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        if state is not None:
+            if "k" in state:
+                k = torch.cat([state["k"], k], dim=1)
+                v = torch.cat([state["v"], v], dim=1)
+            # sliding layers keep only the window: older keys can never be seen again
+            keep = self.window if self.window is not None else k.shape[1]
+            state["k"], state["v"] = k[:, -keep:], v[:, -keep:]
+        key_mask = None
+        if full_mask is not None:
+            key_mask = full_mask[:, -k.shape[1]:]
+            if bool(key_mask.all()):
+                key_mask = None  # no padding: keep the fast path
+        o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, key_mask=key_mask)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))

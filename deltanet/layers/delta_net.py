@@ -1,0 +1,145 @@
+"""The DeltaNet token mixer (Yang et al., NeurIPS 2024, §3 and Fig. 2).
+
+    q, k, v = SiLU(ShortConv(W x))           (causal depthwise conv, kernel 4)
+    q, k    = q / |q|, k / |k|                (L2 norm; keys must be unit length for the rule)
+    beta    = sigmoid(W_b x)                  (per head; 2*sigmoid with negative eigenvalues)
+    o       = delta_rule(q, k, v, beta)
+    y       = W_o RMSNorm_head(o)             (optionally * SiLU(W_g x))
+
+Ablation switches (config): no short conv, q/k activation silu / relu / elu+1 / identity,
+q/k norm l2 / sum, no beta (beta = 1).
+
+Padding (``mask``): padded tokens get a zero conv input and ``beta = 0``, which leaves the
+recurrent state untouched, so a left-padded row computes exactly what the unpadded row does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import delta_rule
+from .conv import ShortConvolution
+from .norm import RMSNorm
+
+__all__ = ["DeltaNetMixer", "qk_feature"]
+
+
+def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
+    """The q/k feature map: activation then normalisation over the head dim (``[..., K]``)."""
+    if activation == "relu":
+        x = F.relu(x)
+    elif activation == "elu":
+        x = F.elu(x) + 1.0
+    # "silu" is applied by the short conv (or by the caller without one); "identity" is a no-op
+    if norm == "l2":
+        return F.normalize(x, p=2.0, dim=-1)
+    # sum norm (positive feature maps): the delta rule's stability needs |k| <= 1, which holds
+    # for non-negative k with unit sum
+    return x / x.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+def resolve_backend(backend: str, T: int, device: torch.device, decoding: bool) -> str:
+    """The delta-rule backend for one call.
+
+    Single-token decode steps take the recurrent form: the fused recurrent kernel on CUDA, the
+    step-by-step reference on CPU (the chunkwise path would pad one token to a whole chunk).
+    """
+    if decoding and T == 1 and backend in ("auto", "triton", "torch"):
+        return "recurrent" if device.type == "cuda" else "reference"
+    return backend
+
+
+class DeltaNetMixer(nn.Module):
+    """DeltaNet sequence mixer, ``[B, T, hidden] -> [B, T, hidden]``.
+
+    Example::
+
+        >>> from deltanet.models.presets import get_config
+        >>> layer = DeltaNetMixer(get_config("tiny"), layer_idx=0)
+        >>> layer(torch.randn(2, 7, layer.hidden_size)).shape
+        torch.Size([2, 7, 128])
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.qk_activation, self.qk_norm = config.qk_activation, config.qk_norm
+        self.use_beta, self.allow_neg_eigval = config.use_beta, config.allow_neg_eigval
+        self.use_short_conv, self.use_output_gate = config.use_short_conv, config.use_output_gate
+        self.backend = config.delta_backend
+        inner = self.num_heads * self.head_dim
+
+        self.q_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        if self.use_beta:
+            self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+        if self.use_short_conv:
+            qk_act = "silu" if self.qk_activation == "silu" else None
+            self.q_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
+            self.k_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
+            self.v_conv = ShortConvolution(inner, config.conv_size, activation="silu")
+        if self.use_output_gate:
+            self.g_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
+
+    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, **_):
+        """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
+        :class:`~deltanet.models.cache.DeltaNetCache` updated in place."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        decoding = state is not None and "recurrent" in state
+        m = mask[..., None].to(x.dtype) if mask is not None else None  # [B, T, 1]
+
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D]
+        if self.use_short_conv:
+            if m is not None:  # zero conv inputs on padding: the next real token sees a fresh start
+                q, k, v = q * m, k * m, v * m
+            conv_in = state.get("conv") if decoding else (None, None, None)
+            want = state is not None
+            q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
+            k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
+            v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want)
+        else:
+            if self.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # [B, T, H, D]
+        q = qk_feature(q, self.qk_activation, self.qk_norm)
+        k = qk_feature(k, self.qk_activation, self.qk_norm)
+
+        if self.use_beta:
+            beta = self.b_proj(x)
+            beta = beta.to(torch.promote_types(beta.dtype, torch.float32)).sigmoid()  # [B, T, H]
+            if self.allow_neg_eigval:
+                beta = beta * 2.0
+        else:
+            beta = x.new_ones(B, T, H)
+        if m is not None:
+            beta = beta * m.to(beta.dtype)  # beta = 0: padded tokens neither erase nor write
+            k = k * m[..., None]
+        beta = beta.to(q.dtype)
+
+        backend = resolve_backend(self.backend, T, x.device, decoding)
+        o, final = delta_rule(
+            q, k, v, beta,
+            initial_state=state["recurrent"] if decoding else None,
+            output_final_state=state is not None,
+            cu_seqlens=cu_seqlens,
+            backend=backend,
+        )  # o: [B, T, H, D]
+        if state is not None:
+            state["recurrent"] = final
+            if self.use_short_conv:
+                state["conv"] = (cq, ck, cv)
+
+        gate = self.g_proj(x).view(B, T, H, D) if self.use_output_gate else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, H * D))

@@ -1,0 +1,130 @@
+"""Additive linear attention, the paper's baseline: ``S_t = S_{t-1} + k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
+
+Same projections, short convolutions, q/k feature map and output norm as the DeltaNet mixer;
+only the state update differs (no erase term, no beta), so ablations isolate the delta rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conv import ShortConvolution
+from .delta_net import qk_feature
+from .norm import RMSNorm
+
+__all__ = ["LinearAttentionMixer", "linear_attention"]
+
+
+def _chunked(q, k, v, S, C: int):
+    """One batch of sequences: ``q, k: [N, T, H, K]``, ``v: [N, T, H, V]``, ``S: [N, H, K, V]``."""
+    N, T, H, K = q.shape
+    outs = []
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    for s in range(0, T, C):
+        qc, kc, vc = (x[:, s:s + C].transpose(1, 2) for x in (q, k, v))  # [N, H, c, D]
+        c = qc.shape[2]
+        attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal[:c, :c], 0)
+        outs.append((qc @ S + attn @ vc).transpose(1, 2))
+        S = S + kc.transpose(-1, -2) @ vc
+    return torch.cat(outs, dim=1), S
+
+
+def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size: int = 64):
+    """Causal additive linear attention, chunkwise in PyTorch (float32 inside).
+
+    Layouts as :func:`deltanet.ops.delta_rule`: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``,
+    states ``[N, H, K, V]``. Returns ``(o [B, T, H, V] in v.dtype, final_state float32)``.
+
+    Example::
+
+        >>> q, k, v = torch.randn(3, 1, 10, 2, 4).unbind(0)
+        >>> o, S = linear_attention(q, k, v)
+        >>> o.shape, S.shape
+        (torch.Size([1, 10, 2, 4]), torch.Size([1, 2, 4, 4]))
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    out_dtype = v.dtype
+    q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
+    if cu_seqlens is None:
+        S0 = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+        o, S = _chunked(q, k, v, S0, chunk_size)
+        return o.to(out_dtype), S
+    # packed documents: one call per document (a baseline, not a fast path)
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        S0 = initial_state[i:i + 1].to(dtype) if initial_state is not None else q.new_zeros(1, H, K, V)
+        o, S = _chunked(q[:, s:e], k[:, s:e], v[:, s:e], S0, chunk_size)
+        outs.append(o)
+        finals.append(S)
+    return torch.cat(outs, dim=1).to(out_dtype), torch.cat(finals)
+
+
+class LinearAttentionMixer(nn.Module):
+    """Additive linear attention mixer, ``[B, T, hidden] -> [B, T, hidden]``.
+
+    Example::
+
+        >>> from deltanet.models.presets import get_config
+        >>> layer = LinearAttentionMixer(get_config("tiny"), layer_idx=0)
+        >>> layer(torch.randn(2, 7, 128)).shape
+        torch.Size([2, 7, 128])
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size, self.num_heads, self.head_dim = config.hidden_size, config.num_heads, config.head_dim
+        self.qk_activation, self.qk_norm = config.qk_activation, config.qk_norm
+        self.use_short_conv = config.use_short_conv
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        if self.use_short_conv:
+            qk_act = "silu" if self.qk_activation == "silu" else None
+            self.q_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
+            self.k_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
+            self.v_conv = ShortConvolution(inner, config.conv_size, activation="silu")
+        self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
+
+    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, **_):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        decoding = state is not None and "recurrent" in state
+        m = mask[..., None].to(x.dtype) if mask is not None else None
+
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            if m is not None:
+                q, k, v = q * m, k * m, v * m
+            conv_in = state["conv"] if decoding else (None, None, None)
+            want = state is not None
+            q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
+            k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
+            v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want)
+        else:
+            if self.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
+        q = qk_feature(q, self.qk_activation, self.qk_norm)
+        k = qk_feature(k, self.qk_activation, self.qk_norm)
+        if m is not None:
+            k = k * m[..., None]  # padded tokens write nothing into the state
+
+        o, final = linear_attention(q, k, v, initial_state=state["recurrent"] if decoding else None,
+                                    cu_seqlens=cu_seqlens)
+        if state is not None:
+            state["recurrent"] = final
+            if self.use_short_conv:
+                state["conv"] = (cq, ck, cv)
+        o = self.o_norm(o)
+        return self.o_proj(o.reshape(B, T, H * D))

@@ -1,0 +1,29 @@
+"""DeltaNet models for Hugging Face transformers; importing this registers them with the Auto classes.
+
+    >>> import deltanet.models
+    >>> from transformers import AutoConfig
+    >>> type(AutoConfig.for_model("deltanet")).__name__
+    'DeltaNetConfig'
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import DeltaNetCache
+from .configuration import LAYER_TYPES, DeltaNetConfig
+from .modeling import DeltaNetForCausalLM, DeltaNetModel, DeltaNetPreTrainedModel
+from .presets import PRESETS, get_config
+
+AutoConfig.register(DeltaNetConfig.model_type, DeltaNetConfig, exist_ok=True)
+AutoModel.register(DeltaNetConfig, DeltaNetModel, exist_ok=True)
+AutoModelForCausalLM.register(DeltaNetConfig, DeltaNetForCausalLM, exist_ok=True)
+
+__all__ = [
+    "LAYER_TYPES",
+    "PRESETS",
+    "DeltaNetCache",
+    "DeltaNetConfig",
+    "DeltaNetForCausalLM",
+    "DeltaNetModel",
+    "DeltaNetPreTrainedModel",
+    "get_config",
+]

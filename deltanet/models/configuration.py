@@ -1,0 +1,178 @@
+"""``DeltaNetConfig``: the Hugging Face configuration of DeltaNet, its hybrids and baselines.
+
+The layer mix follows the Hugging Face convention ``layer_types``: one entry per layer, from
+``LAYER_TYPES``. The paper's hybrids are configs, not code paths (see ``presets.py``).
+Every invalid combination raises ``ValueError`` here, at config time, not deep inside a
+forward pass.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+__all__ = ["DeltaNetConfig", "LAYER_TYPES"]
+
+LAYER_TYPES = ("delta_net", "sliding_attention", "full_attention", "linear_attention")
+QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+QK_NORMS = ("l2", "sum")
+DELTA_BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class DeltaNetConfig(PretrainedConfig):
+    """Configuration of :class:`~deltanet.models.DeltaNetForCausalLM`.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers: the usual sizes.
+        num_heads: heads of every mixer; ``head_dim`` defaults to ``hidden_size // num_heads``.
+        num_kv_heads: key/value heads of attention layers (grouped-query); default ``num_heads``.
+        intermediate_size: SwiGLU width; default ``8/3 * hidden_size`` rounded up to 256.
+        layer_types: one of ``LAYER_TYPES`` per layer; default all ``"delta_net"``.
+        sliding_window: window of ``"sliding_attention"`` layers (required if any).
+        conv_size, use_short_conv: the causal depthwise convolution on q, k, v.
+        qk_activation: ``"silu" | "relu" | "elu" | "identity"`` (elu means elu + 1).
+        qk_norm: ``"l2" | "sum"``.
+        use_beta: learn beta (else beta = 1); allow_neg_eigval: beta in (0, 2).
+        use_output_gate: ``RMSNorm(o) * silu(W_g x)`` instead of ``RMSNorm(o)``.
+        delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
+
+    Example::
+
+        >>> cfg = DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2,
+        ...                      layer_types=["delta_net", "sliding_attention"], sliding_window=16)
+        >>> cfg.head_dim, cfg.intermediate_size
+        (32, 256)
+    """
+
+    model_type = "deltanet"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        num_heads: int = 8,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        intermediate_size: int | None = None,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
+        conv_size: int = 4,
+        use_short_conv: bool = True,
+        qk_activation: str = "silu",
+        qk_norm: str = "l2",
+        use_beta: bool = True,
+        allow_neg_eigval: bool = False,
+        use_output_gate: bool = False,
+        norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 8192,
+        initializer_range: float = 0.02,
+        delta_backend: str = "auto",
+        use_cache: bool = True,
+        tie_word_embeddings: bool = False,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("num_hidden_layers", num_hidden_layers), ("num_heads", num_heads),
+                            ("conv_size", conv_size), ("max_position_embeddings", max_position_embeddings)):
+            _positive_int(name, value)
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}), or give head_dim"
+                )
+            head_dim = hidden_size // num_heads
+        _positive_int("head_dim", head_dim)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs), got {head_dim}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if intermediate_size is None:
+            intermediate_size = 256 * -(-int(hidden_size * 8 / 3) // 256)
+        _positive_int("intermediate_size", intermediate_size)
+
+        if layer_types is None:
+            layer_types = ["delta_net"] * num_hidden_layers
+        layer_types = list(layer_types)
+        if len(layer_types) != num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(layer_types)} entries but num_hidden_layers is {num_hidden_layers}; "
+                "give one layer type per layer"
+            )
+        unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"unknown layer type(s) {unknown} in layer_types; valid types: {list(LAYER_TYPES)}")
+        if "sliding_attention" in layer_types:
+            if sliding_window is None:
+                raise ValueError("layer_types contains 'sliding_attention' but sliding_window is not set")
+            _positive_int("sliding_window", sliding_window)
+        elif sliding_window is not None:
+            _positive_int("sliding_window", sliding_window)
+        for name, value, valid in (("qk_activation", qk_activation, QK_ACTIVATIONS), ("qk_norm", qk_norm, QK_NORMS),
+                                   ("delta_backend", delta_backend, DELTA_BACKENDS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
+        if qk_norm == "sum" and qk_activation not in ("relu", "elu"):
+            # sum normalisation needs non-negative features, otherwise |k| is unbounded
+            raise ValueError(f"qk_norm='sum' needs a non-negative qk_activation ('relu' or 'elu'), got {qk_activation!r}")
+        if not (isinstance(norm_eps, float) and norm_eps > 0):
+            raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
+        if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
+            raise ValueError(f"rope_theta must be positive, got {rope_theta!r}")
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.sliding_window = sliding_window
+        self.conv_size = conv_size
+        self.use_short_conv = bool(use_short_conv)
+        self.qk_activation = qk_activation
+        self.qk_norm = qk_norm
+        self.use_beta = bool(use_beta)
+        self.allow_neg_eigval = bool(allow_neg_eigval)
+        self.use_output_gate = bool(use_output_gate)
+        self.norm_eps = norm_eps
+        self.rope_theta = float(rope_theta)
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.delta_backend = delta_backend
+        self.use_cache = use_cache
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        # Set after the base __init__, whose built-in validator only knows attention layer names;
+        # ours are validated above (and in ``validate`` below, which save_pretrained calls).
+        self.layer_types = layer_types
+
+    def validate(self) -> None:
+        """Hugging Face's checks, except its ``layer_types`` check, which only knows attention
+        layer names; ours ("delta_net", ...) are checked here and in ``__init__``."""
+        for validator in getattr(self, "__class_validators__", ()):
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+        if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+            raise ValueError(f"layer_types must hold num_hidden_layers entries from {list(LAYER_TYPES)}, got {self.layer_types}")
+
+    @property
+    def num_attention_heads(self) -> int:
+        """Alias read by Hugging Face utilities."""
+        return self.num_heads

@@ -1,0 +1,301 @@
+"""DeltaNet language models (Hugging Face ``PreTrainedModel`` + ``GenerationMixin``).
+
+A pre-norm residual stack; each block is ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``,
+with the mixer picked per layer by ``config.layer_types``. Three batch layouts share one code
+path:
+
+- padded batches: ``attention_mask [B, T]`` (left padding for generation) — padded tokens
+  leave recurrent states untouched and are invisible to attention, and RoPE positions count
+  real tokens only, so a padded row computes what the row alone computes;
+- packed documents: ``cu_seqlens = [0, ..., T]`` with ``B == 1`` — no state, conv tap or
+  attention score crosses a document boundary, and positions restart at each document;
+- cached decoding: ``past_key_values`` (a :class:`DeltaNetCache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
+from ..layers.conv import positions_in_documents
+from .cache import DeltaNetCache
+from .configuration import DeltaNetConfig
+
+__all__ = ["DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel", "DeltaNetPreTrainedModel"]
+
+
+# transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``
+# (5.2x; ``past_key_values`` stays readable through a property). ``generate`` reads the field
+# its version knows, so the outputs declare that one; both names are readable either way.
+CACHE_FIELD = "cache" if isinstance(getattr(ModelOutput, "past_key_values", None), property) else "past_key_values"
+
+
+def _output_class(name: str, first: tuple[str, ...], doc: str) -> type:
+    fields = [(f, torch.Tensor | None, dataclasses.field(default=None)) for f in first]
+    fields += [(CACHE_FIELD, DeltaNetCache | None, dataclasses.field(default=None)),
+               ("hidden_states", tuple | None, dataclasses.field(default=None))]
+    namespace = {"__doc__": doc, "__module__": __name__}
+    if CACHE_FIELD == "past_key_values":
+        namespace["cache"] = property(lambda self: self.past_key_values)
+    return dataclasses.make_dataclass(name, fields, bases=(ModelOutput,), namespace=namespace)
+
+
+DeltaNetModelOutput = _output_class(
+    "DeltaNetModelOutput", ("last_hidden_state",),
+    "Backbone output: ``last_hidden_state``, the cache (``past_key_values`` / ``cache``), ``hidden_states``.")
+DeltaNetCausalLMOutput = _output_class(
+    "DeltaNetCausalLMOutput", ("loss", "logits"),
+    "Causal LM output: ``loss``, ``logits``, the cache (``past_key_values`` / ``cache``), ``hidden_states``.")
+
+
+def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput:
+    if cache is not None:
+        output[CACHE_FIELD] = cache
+    return output
+
+
+def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
+    kind = config.layer_types[layer_idx]
+    if kind == "delta_net":
+        return DeltaNetMixer(config, layer_idx)
+    if kind == "linear_attention":
+        return LinearAttentionMixer(config, layer_idx)
+    if kind == "sliding_attention":
+        return AttentionMixer(config, layer_idx, window=config.sliding_window)
+    return AttentionMixer(config, layer_idx)
+
+
+class DeltaNetBlock(nn.Module):
+    """Pre-norm residual block: ``x += mixer(norm(x)); x += mlp(norm(x))``."""
+
+    def __init__(self, config: DeltaNetConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = _make_mixer(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, **mixer_kwargs):
+        x = x + self.attn(self.attn_norm(x), **mixer_kwargs)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DeltaNetPreTrainedModel(PreTrainedModel):
+    config_class = DeltaNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeltaNetBlock"]
+    _supports_cache_class = True
+    _is_stateful = True  # recurrent states cannot be rolled back: no assisted decoding
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers.initialization skips tensors that were loaded from a checkpoint
+        from transformers import initialization as init
+
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):
+            bound = module.kernel_size ** -0.5
+            init.uniform_(module.weight, -bound, bound)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own DeltaNetCache on the first forward
+
+
+class DeltaNetModel(DeltaNetPreTrainedModel):
+    """The backbone: embeddings, blocks, final norm. Returns :class:`DeltaNetModelOutput`."""
+
+    def __init__(self, config: DeltaNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
+        self.layers = nn.ModuleList(DeltaNetBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _prepare(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
+        """-> (mask of the new tokens or None, full key mask or None, position_ids [B, T])."""
+        full_mask = None
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] not in (T, past + T):
+                raise ValueError(
+                    f"attention_mask must have shape [B, T] = {(B, T)} or [B, past + T] = {(B, past + T)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            full_mask = attention_mask.to(device)
+            if full_mask.shape[1] != past + T:  # mask of the new tokens only: the past was all real
+                full_mask = torch.cat([full_mask.new_ones(B, past), full_mask], dim=1)
+            if bool(full_mask.all()):
+                full_mask = None
+        if position_ids is None:
+            if full_mask is not None:
+                position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
+            elif cu_seqlens is not None:
+                position_ids = positions_in_documents(cu_seqlens, T)[None]
+            else:
+                position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
+        mask = full_mask[:, -T:] if full_mask is not None else None
+        return mask, full_mask, position_ids
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DeltaNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache: DeltaNetCache | None = None,
+        **kwargs,
+    ) -> DeltaNetModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        past_key_values = past_key_values if past_key_values is not None else cache
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens requires batch size 1 (documents packed along T), got {B}")
+            if use_cache or past_key_values is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache; pass use_cache=False")
+            if attention_mask is not None:
+                raise ValueError("give either cu_seqlens (packed documents) or attention_mask (padding), not both")
+            cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
+            if cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        if use_cache and past_key_values is None:
+            past_key_values = DeltaNetCache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, DeltaNetCache):
+            raise TypeError(f"past_key_values must be a DeltaNetCache, got {type(past_key_values).__name__}")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask, full_mask, position_ids = self._prepare(B, T, past, attention_mask, position_ids, cu_seqlens, x.device)
+
+        hidden_states = (x,) if output_hidden_states else None
+        kw = dict(mask=mask, full_mask=full_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                  cache=past_key_values)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False, **kw)
+            else:
+                x = block(x, **kw)
+            if output_hidden_states:
+                hidden_states += (x,)
+        x = self.norm(x)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += T
+        return _with_cache(DeltaNetModelOutput(last_hidden_state=x, hidden_states=hidden_states), past_key_values)
+
+
+class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
+    """DeltaNet (or hybrid / baseline) language model.
+
+    Example::
+
+        >>> from deltanet.models.presets import get_config
+        >>> model = DeltaNetForCausalLM(get_config("tiny", vocab_size=64))
+        >>> ids = torch.randint(0, 64, (2, 10))
+        >>> out = model(ids, labels=ids)
+        >>> out.logits.shape, out.loss.shape
+        (torch.Size([2, 10, 64]), torch.Size([]))
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeltaNetConfig):
+        super().__init__(config)
+        self.model = DeltaNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DeltaNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        cache: DeltaNetCache | None = None,
+        **kwargs,
+    ) -> DeltaNetCausalLMOutput:
+        """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored)."""
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values if past_key_values is not None else cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            # float32 log-softmax: bf16 cross-entropy over 32K classes is visibly biased
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return _with_cache(DeltaNetCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
+                           out.past_key_values)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=None,
+        cache=None, next_sequence_length=None, **kwargs,
+    ):
+        """Feed only the tokens the cache has not seen (works with transformers' ``cache`` and
+        ``past_key_values`` spellings alike)."""
+        cache = past_key_values if past_key_values is not None else cache
+        inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
+        if cache is not None and cache.get_seq_length() > 0:
+            inputs["input_ids"] = input_ids[:, cache.get_seq_length():].contiguous()
+        elif inputs_embeds is not None:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids.contiguous()
+        inputs[CACHE_FIELD] = cache
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

@@ -1,0 +1,162 @@
+"""Causal softmax attention, full or sliding-window, for packed, padded and cached batches.
+
+One function, :func:`causal_attention`, with three paths chosen by what the call needs:
+
+- plain causal attention on any device -> ``F.scaled_dot_product_attention(is_causal=True)``
+  (the FlashAttention kernel on CUDA);
+- a sliding window or packed documents (``cu_seqlens``) on CUDA -> FlexAttention with a block
+  mask, so only the blocks inside the window / the document are computed;
+- everything else (CPU, key padding, decoding against a cache) -> SDPA with an explicit
+  boolean mask, which is always correct.
+
+Convention: the last query is aligned with the last key, i.e. query ``i`` of ``Tq`` sits at key
+position ``Tk - Tq + i``. That covers training (``Tq == Tk``) and decoding against a cache
+(``Tq`` new tokens, ``Tk`` = cached + new keys) with one mask rule:
+
+    key j is visible to query i  iff  j <= pos(i)  and  pos(i) - j < window  and  key j is valid
+                                       and  doc(j) == doc(i)
+
+A query always sees itself, so rows made only of padding stay finite (their outputs are
+garbage, and ignored by the caller).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["causal_attention"]
+
+
+def _check(q, k, v, window, cu_seqlens, key_mask) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, T, H, D], got {getattr(x, 'shape', type(x))}")
+    B, Tq, H, D = q.shape
+    if k.shape != v.shape[:3] + (k.shape[3],) or k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"k [B, Tk, Hkv, D] and v [B, Tk, Hkv, Dv] must share B, Tk, Hkv; got {tuple(k.shape)}, {tuple(v.shape)}")
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if k.shape[3] != D:
+        raise ValueError(f"k must have head dim {D} like q, got {k.shape[3]}")
+    if H % Hkv:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if Tq > Tk:
+        raise ValueError(f"q has more positions ({Tq}) than k ({Tk}); the last query aligns with the last key")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if cu_seqlens is not None and (B != 1 or Tq != Tk):
+        raise ValueError("cu_seqlens requires B == 1 and no cache (Tq == Tk)")
+    if key_mask is not None and tuple(key_mask.shape) != (B, Tk):
+        raise ValueError(f"key_mask must have shape [B, Tk] = {(B, Tk)}, got {tuple(key_mask.shape)}")
+
+
+def _doc_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """Document index of each position of a packed sequence, ``[T]``."""
+    pos = torch.arange(T, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
+
+
+def _dense_mask(B, Tq, Tk, window, cu_seqlens, key_mask, device) -> torch.Tensor:
+    """Boolean ``[B, 1, Tq, Tk]`` (True = attend) implementing the rule in the module docstring."""
+    qpos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    kpos = torch.arange(Tk, device=device)[None, :]
+    allow = kpos <= qpos
+    if window is not None:
+        allow = allow & (qpos - kpos < window)
+    if cu_seqlens is not None:
+        doc = _doc_ids(cu_seqlens, Tk)
+        allow = allow & (doc[Tk - Tq:, None] == doc[None, :])
+    allow = allow[None, None].expand(B, 1, Tq, Tk)
+    if key_mask is not None:
+        allow = allow & key_mask.bool()[:, None, None, :]
+        allow = allow | (qpos == kpos)[None, None]  # a query always sees itself: no all-masked rows
+    return allow
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
+    """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    T = q.shape[2]
+    doc = _doc_ids(cu_seqlens, T) if cu_seqlens is not None else None
+
+    def mask_mod(b, h, qi, kj):
+        allow = kj <= qi
+        if window is not None:
+            allow = allow & (qi - kj < window)
+        if doc is not None:
+            allow = allow & (doc[qi] == doc[kj])
+        return allow
+
+    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    fn = _compiled_flex() if compiled else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    use_flex: bool | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) softmax attention.
+
+    Args:
+        q: ``[B, Tq, H, D]``; k: ``[B, Tk, Hkv, D]``; v: ``[B, Tk, Hkv, Dv]`` with ``H % Hkv == 0``
+            (grouped-query attention) and ``Tq <= Tk`` (the last query aligns with the last key).
+        scale: softmax scale, default ``D ** -0.5``.
+        window: each query sees at most the ``window`` most recent positions, itself included.
+        cu_seqlens: ``[0, ..., T]`` document starts of a packed batch (``B == 1``, ``Tq == Tk``).
+        key_mask: ``[B, Tk]``, 1 for real tokens and 0 for padding.
+        use_flex: force (True) or forbid (False) the FlexAttention path; default: on CUDA when a
+            window or ``cu_seqlens`` is given and there is no ``key_mask``.
+
+    Returns:
+        ``[B, Tq, H, Dv]`` in ``q.dtype``.
+
+    Example::
+
+        >>> q, k, v = torch.randn(3, 2, 10, 4, 8).unbind(0)
+        >>> causal_attention(q, k, v, window=3).shape
+        torch.Size([2, 10, 4, 8])
+    """
+    _check(q, k, v, window, cu_seqlens, key_mask)
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if window is not None and window >= Tk:
+        window = None  # the window covers everything: plain causal, which has the fast path
+    if cu_seqlens is not None and cu_seqlens.numel() == 2:
+        cu_seqlens = None  # one document
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+
+    structured = window is not None or cu_seqlens is not None
+    if use_flex is None:
+        use_flex = q.is_cuda and structured and key_mask is None and Tq == Tk
+    if use_flex:
+        o = _flex(qt, kt, vt, scale, window, cu_seqlens, compiled=q.is_cuda)
+        return o.transpose(1, 2)
+
+    if Hkv != H:
+        kt, vt = (x.repeat_interleave(H // Hkv, dim=1) for x in (kt, vt))
+    if not structured and key_mask is None and Tq == Tk:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    elif not structured and key_mask is None and Tq == 1:
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)  # one new token sees all keys
+    else:
+        mask = _dense_mask(B, Tq, Tk, window, cu_seqlens, key_mask, q.device)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)
