@@ -37,6 +37,16 @@ MAX_HEAD_DIM = 256
 TUNING: dict[str, int] = {}
 
 
+# Tests set this: every buffer the launchers allocate starts as NaN, so that an element a
+# kernel forgets to write shows up in the result instead of passing as stale memory.
+POISON = False
+
+
+def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    out = x.new_empty(shape if shape else x.shape, dtype=dtype if dtype is not None else x.dtype)
+    return out.fill_(float("nan")) if POISON else out
+
+
 def interpreted() -> bool:
     """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1``)."""
     return type(wy_fwd_kernel).__name__ == "InterpretedFunction"
@@ -120,6 +130,8 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     # The state recurrence is sequential over chunks: split V finely enough that the
     # (sequence, head, V-block) programs fill the GPU, but keep the state tile in registers.
     bv_state = min(BVF, 64 if BKF <= 128 else 32)
+    if interpreted():  # programs run one after another there: fewer, larger ones are faster
+        bv_state = BVF
     while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < 2 * _num_sms(device):
         bv_state //= 2
     cfg = dict(
@@ -135,8 +147,8 @@ def _wy(k, v, beta, idx, cfg):
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
-    w, u = torch.empty_like(k), torch.empty_like(v)
-    ai = k.new_empty(TT, H, BT)
+    w, u = _new(k), _new(v)
+    ai = _new(k, TT, H, BT)
     wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
                             BV=cfg["BV"], PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
     return w, u, ai
@@ -146,8 +158,8 @@ def _states(k, w, u, h0, ht, idx, N, cfg):
     cu, _, offsets, NTT = idx
     TT, H, K = k.shape
     V = u.shape[-1]
-    h = k.new_empty(NTT, H, K, V)
-    v_new = torch.empty_like(u)
+    h = _new(k, NTT, H, K, V)
+    v_new = _new(u)
     BV = cfg["BV_STATE"]
     h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         k, w, u, v_new, h, h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
@@ -170,11 +182,11 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     cfg = _configs(N, H, K, V, q.device)
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
     h0 = h0.contiguous() if h0 is not None else None
-    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
     w, u, _ = _wy(k, v, beta, idx, cfg)
     h, v_new = _states(k, w, u, h0, ht, idx, N, cfg)
     del w, u
-    o = torch.empty_like(v)
+    o = _new(v)
     cu, table, _, NTT = idx
     o_fwd_kernel[(triton.cdiv(V, cfg["BV"]), NTT, H)](
         q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"],
@@ -198,23 +210,23 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
     w, u, ai = _wy(k, v, beta, idx, cfg)
     h, v_new = _states(k, w, u, h0, None, idx, N, cfg)
     del u
-    dh = torch.empty_like(h)
-    dvn = torch.empty_like(v)
-    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if h0 is not None else None
+    dh = _new(h)
+    dvn = _new(v)
+    dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
     BV = cfg["BV_STATE"]
     dh_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, w, do, dvn, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu, offsets,
         scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, PREC=prec, num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     del w
-    dq = torch.empty_like(q)
-    dk_part = torch.empty_like(k, dtype=torch.float32)
-    dw = torch.empty_like(k)
+    dq = _new(q)
+    dk_part = _new(k, dtype=torch.float32)
+    dw = _new(k)
     dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK"]), NTT, H)](
         q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
         BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
-    dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+    dk, dv, dbeta = _new(k), _new(v), _new(beta)
     wy_bwd_kernel[(NTT, H)](
         k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
         BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WY"])

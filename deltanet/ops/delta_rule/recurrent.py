@@ -1,0 +1,194 @@
+"""Fused recurrent delta rule in Triton (the decode path): launchers, autograd op, public function.
+
+One kernel walks the tokens of each sequence with the state in registers; it reads each input
+once and writes each output once, so a single decoding step (``T = 1`` with a state) is one
+launch. Backward is two passes (``kernels/recurrent.py``). Registered with ``torch.library``
+like the chunk op, so ``torch.compile`` traces through it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .chunk import MAX_HEAD_DIM, _new, check_device, interpreted
+from .kernels.recurrent import recurrent_bwd_fwd_kernel, recurrent_bwd_rev_kernel, recurrent_fwd_kernel
+from .utils import check_inputs
+
+__all__ = ["recurrent_delta_rule"]
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_cu(B: int, T: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+
+
+def _cu(cu_seqlens, B, T, device) -> torch.Tensor:
+    return _fixed_cu(B, T, device) if cu_seqlens is None else cu_seqlens.to(torch.int32)
+
+
+def _blocks(N: int, H: int, K: int, V: int) -> tuple[int, int, int]:
+    """``(BK, BV, num_warps)``: all of K per program; V split until the grid has work for
+    every SM (a decode step at batch 1 has only ``H`` sequences-heads)."""
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(max(16, triton.next_power_of_2(V)), 64 if BK <= 128 else 32)
+    # (Under the interpreter programs run one after another: fewer, larger ones are faster.)
+    while BV > 16 and N * H * triton.cdiv(V, BV) < 264 and not interpreted():
+        BV //= 2
+    return BK, BV, 4 if BK * BV >= 4096 else 2
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().flatten(0, 1)
+
+
+def recurrent_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, store_w: bool):
+    """Returns ``(o [B, T, H, V], final state or None, w [B*T, H, V] fp32 or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    cu = _cu(cu_seqlens, B, T, q.device)
+    N = cu.numel() - 1
+    BK, BV, warps = _blocks(N, H, K, V)
+    q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
+    o = _new(v)
+    w = _new(v, dtype=torch.float32) if store_w else None
+    ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
+    h0 = h0.contiguous() if h0 is not None else None
+    recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, beta, o, w if w is not None else o, h0 if h0 is not None else o,
+        ht if ht is not None else o, cu, scale, H=H, K=K, V=V, BK=BK, BV=BV,
+        USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_W=w is not None, num_warps=warps)
+    return o.view(B, T, H, V), ht, w
+
+
+def recurrent_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
+    """Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    TT = B * T
+    cu = _cu(cu_seqlens, B, T, q.device)
+    N = cu.numel() - 1
+    BK, BV, warps = _blocks(N, H, K, V)
+    NV = triton.cdiv(V, BV)
+    _, _, w = recurrent_fwd(q, k, v, beta, scale, h0, False, cu_seqlens, store_w=True)
+    q, k, beta, do = _flat(q), _flat(k), _flat(beta), _flat(do)
+    h0 = h0.contiguous() if h0 is not None else None
+    dht = dht.contiguous() if dht is not None else None
+    du = _new(w)
+    dv = _new(v, TT, H, V)
+    dk_part = _new(q, NV, TT, H, K, dtype=torch.float32)
+    dq_part = _new(dk_part)
+    db_part = _new(q, NV, TT, H, dtype=torch.float32)
+    dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
+    grid = (NV, N * H)
+    recurrent_bwd_rev_kernel[grid](
+        q, k, beta, w, do, dht if dht is not None else w, du, dv, dk_part, db_part,
+        dh0 if dh0 is not None else w, cu, scale, H=H, K=K, V=V, BK=BK, BV=BV, TT=TT,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, num_warps=warps)
+    recurrent_bwd_fwd_kernel[grid](
+        k, beta, w, do, du, h0 if h0 is not None else w, dk_part, dq_part, cu, scale,
+        H=H, K=K, V=V, BK=BK, BV=BV, TT=TT, USE_H0=h0 is not None, num_warps=warps)
+    shape = (B, T, H)
+    dq = dq_part.sum(0).to(q.dtype).view(*shape, K)
+    dk = dk_part.sum(0).to(k.dtype).view(*shape, K)
+    dbeta = db_part.sum(0).to(beta.dtype).view(shape)
+    return dq, dk, dv.view(*shape, V), dbeta, dh0
+
+
+def _empty_state(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("deltanet::recurrent_delta_rule_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+            initial_state: torch.Tensor | None, output_final_state: bool,
+            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    o, ht, _ = recurrent_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, store_w=False)
+    return o, ht if ht is not None else _empty_state(q)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), ht
+
+
+@torch.library.custom_op("deltanet::recurrent_delta_rule_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+            initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
+            dht: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dh0 = recurrent_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht)
+    return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht):
+    e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
+    return e(q), e(k), e(v), e(beta), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht)
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recurrent_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused recurrent delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
+
+    Meant for decoding (``T = 1`` with a carried state) and short sequences; the chunk op is
+    faster for training-length sequences. float64 inputs are computed in float32.
+
+    Example (one decoding step for 8 sequences)::
+
+        >>> B, H, K, V = 8, 4, 64, 64
+        >>> S = torch.zeros(B, H, K, V, device="cuda")
+        >>> q = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
+        >>> k = torch.nn.functional.normalize(torch.randn_like(q), dim=-1)
+        >>> v = torch.randn(B, 1, H, V, device="cuda", dtype=torch.bfloat16)
+        >>> beta = torch.rand(B, 1, H, device="cuda")
+        >>> o, S = recurrent_delta_rule(q, k, v, beta, initial_state=S, output_final_state=True)
+        >>> o.shape
+        torch.Size([8, 1, 4, 64])
+    """
+    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    if max(shape.K, shape.V) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
+                         f"V={shape.V}; use backend='torch'")
+    check_device(q)
+    out_dtype = v.dtype
+    if out_dtype == torch.float64:
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+    h0 = initial_state.float() if initial_state is not None else None
+    o, ht = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
+    if out_dtype == torch.float64:
+        o, ht = o.double(), ht.double()
+    return o, (ht if output_final_state else None)
