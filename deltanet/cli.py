@@ -1,24 +1,240 @@
-"""The ``deltanet`` command line: ``train | eval | generate | bench``."""
+"""The ``deltanet`` command line: ``train | generate | eval | bench``.
+
+Heavy modules (models, trainer, evaluation tasks, benchmarks) are imported only by the command
+that needs them, so ``deltanet --help`` stays fast. Mistakes in what the user typed (unknown
+flag, bad config key, missing data, corrupt checkpoint) are reported as one line on stderr,
+never as a traceback; set ``DELTANET_DEBUG=1`` to see the traceback anyway.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+__all__ = ["CliParser", "main"]
+
+# Commands implemented elsewhere: (module, pass the subcommand name as argv[0]).
+EVAL_TASKS = {
+    "mqar": ("deltanet.evaluation.tasks.mqar", False),
+    "state-tracking": ("deltanet.evaluation.tasks.state_tracking", False),
+    "harness": ("deltanet.evaluation.harness", False),
+    "ppl": ("deltanet.evaluation.perplexity", False),
+}
+BENCHES = {
+    "kernels": ("deltanet.bench.kernels", False),
+    "model": ("deltanet.bench.model", True),
+    "decode": ("deltanet.bench.model", True),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltanet", description=__doc__)
-    parser.add_subparsers(dest="command", metavar="COMMAND")
-    return parser
+class UsageError(Exception):
+    """Bad command-line usage: one line, exit code 2."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (``prog: error: ...``) and exits with 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> CliParser:
+    p = CliParser(prog="deltanet", description="DeltaNet: linear transformers with the delta rule.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
+    sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python stdlib)", add_help=False)
+    sub.add_parser("generate", help="generate text from a checkpoint", add_help=False)
+    ev = sub.add_parser("eval", help="evaluate: ppl | mqar | state-tracking | harness")
+    ev.add_argument("task", choices=sorted(EVAL_TASKS))
+    be = sub.add_parser("bench", help="benchmark: kernels | model | decode")
+    be.add_argument("what", choices=sorted(BENCHES))
+    return p
+
+
+# -- train -----------------------------------------------------------------------------------
+_S = argparse.SUPPRESS  # only flags the user typed end up in the namespace
+
+
+def train_parser() -> CliParser:
+    p = CliParser(prog="deltanet train", argument_default=_S,
+                  description="Train a DeltaNet language model. With no arguments: the 'tiny' preset on this "
+                              "interpreter's standard-library sources, a few minutes on a laptop CPU. "
+                              "Precedence: defaults < saved run config (with --resume) < --config file < flags.")
+    a = p.add_argument
+    a("--config", metavar="FILE", help="TOML / YAML / JSON file of settings (sections data, optim, train, model)")
+    a("--preset", help="model preset (deltanet.models.presets), default tiny")
+    a("--model", action="append", metavar="KEY=VALUE", help="override a model config field, e.g. --model num_hidden_layers=2")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="'stdlib' (default), a file, directory, glob, .jsonl, or hf:NAME[:CONFIG]")
+    g.add_argument("--tokenizer", help="'bpe' (default, trained on the data), 'bytes', a tokenizer.json, or an HF name")
+    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--cache-dir", help="token cache directory (default $DELTANET_CACHE_DIR or ~/.cache/deltanet/tokens)")
+    g.add_argument("--no-doc-mask", dest="doc_mask", action="store_false", help="let packed documents see each other")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup", type=int, help="warmup steps")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float)
+    g = p.add_argument_group("loop")
+    g.add_argument("--batch-size", type=int, help="sequences per process per micro-step")
+    g.add_argument("--grad-accum", type=int)
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--max-time-s", type=float, help="stop after this many seconds of training (0 = no limit)")
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--eval-batches", type=int)
+    g.add_argument("--log-every", type=int)
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--out", metavar="DIR", help="run directory (default runs/<preset>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--sample-tokens", type=int, help="tokens of the sample generated at the end (0: none)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", help="auto | cpu | cuda")
+    g.add_argument("--dtype", help="auto (bf16 autocast on GPU) | float32 | bfloat16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def _model_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"deltanet train: error: --model expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string
+    return out
+
+
+def build_train_config(argv: list[str]):
+    """The :class:`RunConfig` for ``deltanet train`` arguments (see ``deltanet train --help``)."""
+    from deltanet.training.config import RunConfig, load_config_file
+
+    args = vars(train_parser().parse_args(argv))
+    cfg = RunConfig()
+    if args.get("resume") and args.get("out"):
+        saved = Path(args["out"]) / "config.json"
+        if saved.is_file():  # resume what was run, not today's defaults
+            cfg.update({k: v for k, v in json.loads(saved.read_text()).items() if k in RunConfig.SECTIONS},
+                       source=str(saved))
+    if "config" in args:
+        cfg.update(load_config_file(args.pop("config")), source="the config file")
+    if "model" in args:
+        cfg.train.model = {**cfg.train.model, **_model_overrides(args.pop("model"))}
+    for key, value in args.items():
+        cfg.set(key, value, source="the command line")
+    return cfg.validate()
+
+
+def cmd_train(argv: list[str]) -> int:
+    cfg = build_train_config(argv)
+    from deltanet.training.trainer import train
+
+    t0 = time.time()
+    res = train(cfg)
+    if res.interrupted or res.val is None:
+        return 0
+    v = res.val
+    print(f"run directory: {res.run_dir}")
+    print(f"step {res.step}: validation loss {v['loss']:.4f} | bits/byte {v['bpb']:.4f} | perplexity {v['ppl']:.2f} "
+          f"| {res.tokens_per_s:,.0f} tok/s | {time.time() - t0:.0f}s")
+    if res.sample:
+        print(f"sample ({cfg.train.sample_prompt!r} ...):\n{cfg.train.sample_prompt}{res.sample}")
+    return 0
+
+
+# -- generate --------------------------------------------------------------------------------
+def cmd_generate(argv: list[str]) -> int:
+    p = CliParser(prog="deltanet generate", description="Stream text from a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="run directory (uses its latest) or checkpoint directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from deltanet.training.checkpoint import find_checkpoint, load_model
+    from deltanet.training.generation import generate_text
+    from deltanet.training.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(args.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tokenizer = load_tokenizer(ckpt)
+    model = load_model(ckpt, device)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_p=args.top_p, seed=args.seed, stream=True)
+    sys.stdout.write("\n")
+    return 0
+
+
+# -- delegation ------------------------------------------------------------------------------
+def _delegate(command: str, table: dict, name: str, argv: list[str]) -> int:
+    module_name, pass_name = table[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name) or e.name == module_name:
+            raise UsageError(f"deltanet {command} {name}: not available in this installation "
+                             f"(module {module_name} is missing)") from None
+        raise
+    return int(module.cli_main([name, *argv] if pass_name else list(argv)) or 0)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
+    if argv and argv[0] == "generate":
+        return cmd_generate(argv[1:])
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] in EVAL_TASKS:
+        return _delegate("eval", EVAL_TASKS, argv[1], argv[2:])
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        return _delegate("bench", BENCHES, argv[1], argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)  # prints help, or a one-line error for unknown commands
+    parser.print_help()
+    return 0 if args.command is None else 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("DELTANET_DEBUG", "") not in ("", "0")
+    try:
+        return _dispatch(argv)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltanet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not _is_user_error(e):
+            raise
+        kind = "error" if type(e).__name__.endswith("Error") else type(e).__name__
+        print(f"deltanet: {kind}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
+        return 2 if type(e).__name__ == "ConfigError" else 1
+
+
+def _is_user_error(e: Exception) -> bool:
+    # Errors our code raises about the user's input; anything else is a bug and keeps its traceback.
+    names = {"ConfigError", "DataError", "CheckpointError", "TokenizerError"}
+    return type(e).__name__ in names or isinstance(e, (ValueError, FileNotFoundError, PermissionError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Atomic, resumable checkpoints.
+
+Layout of a run directory::
+
+    OUT/checkpoints/step_00000400/   model.safetensors + config.json   (HF: from_pretrained works)
+                                     optimizer.pt                       (full AdamW state)
+                                     trainer_state.json                 (step, data position, schedule, run config)
+                                     rng.pt                             (per-rank torch / CUDA / python RNG)
+                                     tokenizer.json, tokenizer_meta.json
+    OUT/checkpoints/latest           text file naming the newest complete checkpoint
+
+A checkpoint is written into ``.tmp-step_…``, every file fsynced, then renamed into place;
+only after that is ``latest`` replaced (write temp file, fsync, ``os.replace``). A crash at
+any point therefore leaves ``latest`` pointing at a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "capture_rng", "find_checkpoint", "list_checkpoints", "load_training_state",
+           "restore_rng", "save_checkpoint"]
+
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or incompatible; the CLI prints it as one line."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA, python ``random``)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_py_state_from_list(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_list(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _py_state_from_list(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict, trainer_state: dict, rng_states: list[dict], tokenizer,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically (call on the main process only); returns its path.
+
+    ``model`` is the unwrapped ``PreTrainedModel`` (for ``save_pretrained``' config and tied
+    weights handling); ``model_state`` its full state dict, gathered from DDP/FSDP.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = ckpt_root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with training output
+    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save({"ranks": rng_states}, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
+    tokenizer.save(tmp)
+    _fsync_tree(tmp)
+    final = ckpt_root / name
+    if final.exists():  # re-saving the same step (e.g. interrupted right after a resume)
+        trash = ckpt_root / f".old-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    _write_atomic(ckpt_root / LATEST, name + "\n")
+    for old in list_checkpoints(run_dir)[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Resolve a run directory (its ``latest``), a ``checkpoints/`` folder or a checkpoint itself.
+
+    >>> find_checkpoint("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    deltanet.training.checkpoint.CheckpointError: checkpoint path not found: /nonexistent
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path not found: {path}")
+    for root in (path / "checkpoints", path):
+        latest = root / LATEST
+        if latest.is_file():
+            target = root / latest.read_text().strip()
+            if not target.is_dir():
+                raise CheckpointError(f"{latest} points to a missing checkpoint {target.name}")
+            return target
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    raise CheckpointError(f"no checkpoint in {path} (expected a run directory or a checkpoint with "
+                          "model.safetensors and config.json)")
+
+
+def load_model(ckpt: Path, device: torch.device | str = "cpu"):
+    """``DeltaNetForCausalLM.from_pretrained`` with corrupt files reported as CheckpointError."""
+    from deltanet.models import DeltaNetForCausalLM
+
+    _check_safetensors(ckpt)
+    try:
+        model = DeltaNetForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    except Exception as e:
+        raise CheckpointError(f"cannot load model from {ckpt}: {_one_line(e)}") from None
+    return model.to(device)
+
+
+def _check_safetensors(ckpt: Path) -> None:
+    from safetensors import safe_open
+
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no model.safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                f.get_slice(k)  # header + offsets must be consistent
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: {_one_line(e)}") from None
+    try:
+        json.loads((ckpt / "config.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt / 'config.json'}: {_one_line(e)}") from None
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """Optimizer state, trainer state and RNG states of a checkpoint (not the weights)."""
+    try:
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        optimizer_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"incomplete checkpoint {ckpt}: missing {Path(e.filename).name}") from None
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt}: {_one_line(e)}") from None
+    return {"trainer": trainer_state, "optimizer": optimizer_state, "rng": rng["ranks"]}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

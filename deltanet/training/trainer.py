@@ -1,0 +1,510 @@
+"""The training loop behind ``deltanet train``: one process or many (torchrun), CPU or GPU.
+
+Order of events: run directory → tokenizer (trained BPE, or given) → token cache → model
+(fresh, or from the latest checkpoint) → DDP / FSDP2 → AdamW → loop (micro-batches with
+gradient accumulation, clipping, cosine schedule, logging, periodic validation and
+checkpoints) → final validation, sample, loss plot.
+
+Determinism: the rows of global step ``s``, micro-step ``m`` are positions
+``[(s*A + m) * W*B, (s*A + m + 1) * W*B)`` of a seeded per-epoch permutation, rank ``r``
+taking the ``r``-th slice of ``B``. So a resumed run sees exactly the rows an uninterrupted
+one would, and ``W`` processes with batch ``B`` see the rows of one process with ``W*B``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
+                         load_training_state, restore_rng, save_checkpoint)
+from .config import ConfigError, RunConfig
+from .data import DataError, PackedTokens, build_token_cache, make_batch, open_corpus
+from .distributed import Dist, setup, wrap_model
+from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
+
+__all__ = ["TrainResult", "lr_at", "train"]
+
+# Peak dense bf16 FLOP/s by GPU name, for MFU (vendor spec sheets).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+# Run-config keys that change what the model or the data stream is; resuming with a different
+# value would silently train something else.
+_INCOMPATIBLE = ("preset", "model", "data", "tokenizer", "vocab_size", "seq_len", "val_fraction", "doc_mask",
+                 "grad_accum", "seed")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val: dict | None
+    sample: str
+    interrupted: bool
+    tokens_per_s: float
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float, progress: float | None = None) -> float:
+    """Linear warmup for ``warmup`` steps, then cosine to ``min_ratio * lr`` at ``max_steps``.
+
+    ``progress`` (0..1) overrides the step-based position after warmup (wall-clock budgets).
+
+    >>> [round(lr_at(s, 10, 1.0, 2, 0.1), 3) for s in (0, 1, 2, 6, 10)]
+    [0.5, 1.0, 1.0, 0.55, 0.1]
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, max_steps - warmup) if progress is None else progress
+    frac = min(max(frac, 0.0), 1.0)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _pad_vocab(n: int, multiple: int = 64) -> int:
+    return (n + multiple - 1) // multiple * multiple  # tensor-core friendly embedding / head
+
+
+def _flops_per_token(model, seq_len: int) -> float:
+    """6·N for the matmuls (input embedding excluded, output head included) + the mixers' extra."""
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    flops = 6.0 * n
+    d_head = cfg.hidden_size // cfg.num_heads
+    for kind in cfg.layer_types:
+        if kind == "delta_net":  # chunkwise: 6·d² + 10·C·d per head forward (DESIGN §6), ×3 for fwd+bwd
+            flops += 3 * cfg.num_heads * (6 * d_head * d_head + 10 * 64 * d_head)
+        elif kind in ("full_attention", "sliding_attention"):
+            ctx = seq_len if kind == "full_attention" else min(seq_len, cfg.sliding_window or seq_len)
+            flops += 6 * cfg.num_heads * d_head * ctx  # QKᵀ and PV, causal half, fwd+bwd
+    return flops
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and leaves after the current step."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train as configured (see :class:`RunConfig`); returns the final validation and sample.
+
+    >>> # cfg = RunConfig.from_dict({"max_steps": 50, "tokenizer": "bytes", "out": "runs/x"}); train(cfg)
+    """
+    cfg.validate()
+    d = setup(cfg.train.device)
+    try:
+        return _Run(cfg, d).run()
+    finally:
+        d.close()
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, d: Dist):
+        self.cfg, self.d = cfg, d
+        self.tc, self.dc, self.oc = cfg.train, cfg.data, cfg.optim
+
+    def log(self, msg: str) -> None:
+        if self.d.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    # -- setup -------------------------------------------------------------------------------
+    def _run_dir(self) -> Path:
+        out = self.tc.out or self.d.broadcast_object(f"runs/{self.tc.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = Path(out)
+        has_ckpt = bool(list_checkpoints(run_dir))
+        if self.tc.resume:
+            if not has_ckpt:
+                raise CheckpointError(f"--resume: no checkpoint in {run_dir}")
+            saved = json.loads((run_dir / "config.json").read_text())
+            self._check_compatible(saved)
+        elif has_ckpt:
+            raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if self.d.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            conf = {**self.cfg.to_dict(), "world_size": self.d.world_size}
+            (run_dir / "config.json").write_text(json.dumps(conf, indent=1) + "\n")
+        self.d.barrier()
+        return run_dir
+
+    def _check_compatible(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        for key in _INCOMPATIBLE:
+            sec = next(s for s in RunConfig.SECTIONS if key in now[s])
+            old, new = saved.get(sec, {}).get(key), now[sec][key]
+            if old != new:
+                raise CheckpointError(f"cannot resume: {key} is {new!r} but the run was started with {old!r}")
+        old_global = saved["train"]["batch_size"] * saved.get("world_size", 1)
+        new_global = self.tc.batch_size * self.d.world_size
+        if old_global != new_global:
+            raise CheckpointError(f"cannot resume: global batch (batch_size x processes) is {new_global} "
+                                  f"but the run was started with {old_global}")
+
+    def _tokenizer(self, run_dir: Path, corpus):
+        if not (run_dir / "tokenizer_meta.json").is_file():
+            if self.d.is_main:
+                if self.dc.tokenizer == "bpe":
+                    t0 = time.time()
+                    tok = train_bpe(_capped(corpus.iter_texts("train"), self.dc.tokenizer_train_bytes), self.dc.vocab_size)
+                    self.log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) in {time.time() - t0:.1f}s")
+                else:
+                    tok = make_tokenizer(self.dc.tokenizer)
+                tok.save(run_dir)
+            self.d.barrier()
+        return load_tokenizer(run_dir)
+
+    def _data(self, corpus, tokenizer):
+        if self.d.is_main:
+            t0 = time.time()
+            cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=self.tc.progress)
+            m = cache.meta
+            skipped = ", ".join(f"{v} {k}" for k, v in m["skipped"].items() if v) or "none"
+            self.log(f"data {self.dc.data}: {m['train_docs']:,} train / {m['val_docs']:,} val documents, "
+                     f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens (skipped: {skipped}) [{time.time() - t0:.1f}s]")
+        self.d.barrier()
+        cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=False)
+        train = PackedTokens(cache.tokens("train"), self.dc.seq_len, seed=self.tc.seed)
+        val = PackedTokens(cache.tokens("val"), self.dc.seq_len, shuffle=False)
+        for name, p in (("training", train), ("validation", val)):
+            if p.n_rows == 0:
+                raise DataError(f"the {name} split of {self.dc.data} has {len(p.tokens)} tokens, "
+                                f"fewer than seq_len={self.dc.seq_len}")
+        return train, val
+
+    def _model(self, vocab_size: int, ckpt: Path | None):
+        from deltanet.models import get_config
+
+        try:
+            config = get_config(self.tc.preset, vocab_size=vocab_size, **self.tc.model)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
+        if ckpt is None:
+            from deltanet.models import DeltaNetForCausalLM
+
+            torch.manual_seed(self.tc.seed)
+            return DeltaNetForCausalLM(config)
+        model = load_model(ckpt)
+        ignore = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"}
+        a, b = config.to_dict(), model.config.to_dict()
+        for k in sorted(set(a) | set(b)):
+            if k not in ignore and a.get(k) != b.get(k):
+                raise CheckpointError(f"cannot resume: model {k} is {a.get(k)!r} but the checkpoint has {b.get(k)!r}")
+        return model
+
+    def _optimizer(self, model):
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases, scalars
+        groups = [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.oc.lr, betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps,
+                                 fused=self.d.device.type == "cuda")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        tc, d = self.tc, self.d
+        run_dir = self._run_dir()
+        corpus = open_corpus(self.dc.data, self.dc.val_fraction)
+        tokenizer = self._tokenizer(run_dir, corpus)
+        train_rows, val_rows = self._data(corpus, tokenizer)
+        ckpt = find_checkpoint(run_dir) if tc.resume else None
+        raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
+        model = wrap_model(raw, d, fsdp=tc.fsdp)
+        fwd = torch.compile(model) if tc.compile else model
+        opt = self._optimizer(model)
+        n_params = sum(p.numel() for p in raw.parameters())
+        step, elapsed0 = 0, 0.0
+        if ckpt is not None:
+            state = load_training_state(ckpt)
+            self._load_optimizer(model, opt, state["optimizer"])
+            step, elapsed0 = state["trainer"]["step"], state["trainer"].get("elapsed_s", 0.0)
+            ranks = state["rng"]
+            restore_rng(ranks[d.rank] if d.rank < len(ranks) else ranks[0])
+            self.log(f"resumed {run_dir} from {ckpt.name}")
+        self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}, "
+                 f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process")
+        amp = self._autocast()
+        metrics = _Metrics(run_dir, d.is_main, resume_step=step)
+        tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
+        flops_tok = _flops_per_token(raw, self.dc.seq_len)
+        peak = _peak_flops(d.device)
+        bar = None
+        if d.is_main and tc.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        t_start = time.time()
+        tps_ema, last_val, last_loss, interrupted = 0.0, None, None, False
+        with _StopFlag() as stop:
+            while step < tc.max_steps:
+                elapsed = elapsed0 + time.time() - t_start
+                flags = d.all_reduce_(torch.tensor([float(stop.signum), elapsed], device=d.device), op=torch.distributed.ReduceOp.MAX)
+                if flags[0] > 0:
+                    interrupted = True
+                    break
+                if tc.max_time_s and flags[1] >= tc.max_time_s:
+                    self.log(f"time budget of {tc.max_time_s:.0f}s reached at step {step}")
+                    break
+                frac = None  # with a time budget the cosine follows whichever of time / steps runs out first
+                if tc.max_time_s:
+                    frac = max(float(flags[1]) / tc.max_time_s,
+                               (step - self.oc.warmup) / max(1, tc.max_steps - self.oc.warmup))
+                lr = lr_at(step, tc.max_steps, self.oc.lr, self.oc.warmup, self.oc.min_lr_ratio, frac)
+                t0 = time.time()
+                loss, gnorm = self._step(fwd, model, opt, train_rows, tokenizer.eos_id, step, lr, amp)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.time() - t0
+                step += 1
+                last_loss = loss
+                tps = tok_per_step / dt
+                tps_ema = tps if tps_ema == 0 else 0.9 * tps_ema + 0.1 * tps
+                mfu = tps_ema * flops_tok / (peak * d.world_size) if peak else None
+                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": step * tok_per_step,
+                       "tok_per_s": round(tps, 1), "elapsed_s": round(elapsed0 + time.time() - t_start, 3)}
+                if mfu is not None:
+                    rec["mfu"] = round(mfu, 4)
+                if step % tc.eval_every == 0 or step == tc.max_steps:
+                    last_val = self._validate(model, val_rows, tokenizer, amp)
+                    rec.update({f"val_{k}": v for k, v in last_val.items() if k in ("loss", "bpb", "ppl")})
+                if step % tc.log_every == 0 or "val_loss" in rec or step == 1:
+                    metrics.write(rec)
+                if bar is not None:
+                    post = {"loss": f"{loss:.3f}", "tok/s": f"{tps_ema:,.0f}"}
+                    if mfu is not None:
+                        post["mfu"] = f"{100 * mfu:.1f}%"
+                    if last_val:
+                        post["val"] = f"{last_val['loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
+                    self._save(run_dir, step, raw, model, opt, tokenizer, elapsed0 + time.time() - t_start)
+        if bar is not None:
+            bar.close()
+        self._save(run_dir, step, raw, model, opt, tokenizer, elapsed0 + time.time() - t_start)
+        metrics.close()
+        if interrupted:
+            self.log(f"interrupted by signal {stop.signum} at step {step}: checkpoint saved; "
+                     f"continue with: deltanet train --out {run_dir} --resume")
+            return TrainResult(run_dir, step, None, "", True, tps_ema)
+        if not metrics.has_val(step):  # stopped by the time budget: validate the final weights
+            last_val = self._validate(model, val_rows, tokenizer, amp)
+            metrics.write({"step": step, "loss": last_loss, "final": True,
+                           **{f"val_{k}": last_val[k] for k in ("loss", "bpb", "ppl")}})
+        sample = self._sample(raw, tokenizer)
+        if d.is_main:
+            _plot(run_dir)
+        return TrainResult(run_dir, step, last_val, sample, False, tps_ema)
+
+    def _autocast(self):
+        kind = self.d.device.type
+        want = self.tc.dtype if self.tc.dtype != "auto" else ("bfloat16" if kind == "cuda" else "float32")
+        if want == "bfloat16":
+            return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def _step(self, fwd, model, opt, rows: PackedTokens, eos_id: int, step: int, lr: float, amp):
+        tc, d = self.tc, self.d
+        for g in opt.param_groups:
+            g["lr"] = lr
+        W, B, A = d.world_size, tc.batch_size, tc.grad_accum
+        total = torch.zeros((), device=d.device)
+        for m in range(A):
+            start = (step * A + m) * W * B + d.rank * B
+            batch = make_batch(rows.rows(np.arange(start, start + B)), eos_id, self.dc.doc_mask)
+            batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+            with self._no_sync(model, last=m == A - 1), amp():
+                loss = fwd(**batch, use_cache=False).loss / A
+            loss.backward()
+            total += loss.detach()
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.oc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.oc.grad_clip)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(gnorm, "full_tensor"):  # FSDP2 DTensor
+            gnorm = gnorm.full_tensor()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        d.all_reduce_(total)
+        return float(total) / W, float(gnorm)
+
+    @contextlib.contextmanager
+    def _no_sync(self, model, last: bool):
+        # Gradient accumulation: all-reduce only on the last micro-step.
+        if not self.d.enabled or last:
+            yield
+        elif self.tc.fsdp:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            with model.no_sync():
+                yield
+
+    def _validate(self, model, val: PackedTokens, tokenizer, amp) -> dict:
+        from deltanet.evaluation.perplexity import evaluate_rows, summarize
+
+        d, B = self.d, self.tc.batch_size
+        n = min(val.n_rows, self.tc.eval_batches * B * d.world_size)
+        # FSDP needs every rank in every forward: give all ranks the same number of batches
+        mine = np.arange(d.rank, n, d.world_size)
+        n_batches = math.ceil(math.ceil(n / d.world_size) / B)
+        batches = [mine[i * B:(i + 1) * B] for i in range(n_batches)]
+        dtype = torch.bfloat16 if amp is not contextlib.nullcontext else None
+        total = torch.zeros(3, dtype=torch.float64, device=d.device)
+        for b in batches:
+            part = evaluate_rows(model, [val.rows(b if len(b) else np.arange(1))], eos_id=tokenizer.eos_id,
+                                 token_bytes=tokenizer.token_bytes(), device=d.device, doc_mask=self.dc.doc_mask,
+                                 autocast_dtype=dtype)
+            if len(b):  # an empty slice is only a stand-in so every rank runs the same forwards
+                total += part
+        return summarize(d.all_reduce_(total))
+
+    def _load_optimizer(self, model, opt, state: dict) -> None:
+        if self.d.enabled and self.tc.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state)
+
+    def _save(self, run_dir, step, raw, model, opt, tokenizer, elapsed) -> None:
+        d = self.d
+        if d.enabled and self.tc.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+
+            o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state, opt_state = get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+        else:
+            model_state, opt_state = raw.state_dict(), opt.state_dict()
+        rngs = d.gather_objects(capture_rng())
+        if d.is_main:
+            trainer_state = {"step": step, "elapsed_s": elapsed,
+                             "data_position": step * self.tc.grad_accum * self.tc.batch_size * d.world_size,
+                             "schedule": {"step": step, "max_steps": self.tc.max_steps},
+                             "world_size": d.world_size, "config": self.cfg.to_dict()}
+            save_checkpoint(run_dir, step, model=raw, model_state=model_state, optimizer_state=opt_state,
+                            trainer_state=trainer_state, rng_states=rngs, tokenizer=tokenizer,
+                            keep=self.tc.keep_checkpoints)
+        d.barrier()
+
+    def _sample(self, raw, tokenizer) -> str:
+        from .generation import generate_text
+
+        if not self.tc.sample_tokens or (self.d.enabled and self.tc.fsdp):
+            return ""  # a sharded model can't generate on one rank
+        if not self.d.is_main:
+            return ""
+        return generate_text(raw, tokenizer, self.tc.sample_prompt, max_new_tokens=self.tc.sample_tokens,
+                             temperature=0.8, top_p=0.95, seed=self.tc.seed)
+
+
+def _capped(texts, max_bytes: int):
+    total = 0
+    for t in texts:
+        yield t
+        total += len(t)
+        if total >= max_bytes:
+            return
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+class _Metrics:
+    """``metrics.jsonl`` (one object per logged step) and TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        self.val_steps: set[int] = set()
+        if not enabled:
+            return
+        if self.path.exists():  # drop records past the checkpoint we resume from (logged, then lost)
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.f = self.path.open("a")
+
+    def write(self, rec: dict) -> None:
+        if "val_loss" in rec:
+            self.val_steps.add(rec["step"])
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def has_val(self, step: int) -> bool:
+        return step in self.val_steps
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _plot(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    tr = [(r["step"], r["loss"]) for r in recs if math.isfinite(r.get("loss", float("nan")))]
+    va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if va:
+        ax.plot(*zip(*va), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=120)
+    plt.close(fig)
