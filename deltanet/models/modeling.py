@@ -19,6 +19,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -27,6 +28,7 @@ from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNor
 from ..layers.conv import positions_in_documents
 from .cache import DeltaNetCache
 from .configuration import DeltaNetConfig
+from .loss import fused_linear_cross_entropy
 
 __all__ = ["DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel", "DeltaNetPreTrainedModel"]
 
@@ -53,6 +55,16 @@ DeltaNetModelOutput = _output_class(
 DeltaNetCausalLMOutput = _output_class(
     "DeltaNetCausalLMOutput", ("loss", "logits"),
     "Causal LM output: ``loss``, ``logits``, the cache (``past_key_values`` / ``cache``), ``hidden_states``.")
+
+
+def _init_module():
+    """``transformers.initialization`` (5.x: its functions skip tensors loaded from a checkpoint);
+    on 4.x, which loads weights after initialising, plain ``torch.nn.init``."""
+    try:
+        from transformers import initialization
+    except ImportError:
+        return nn.init
+    return initialization
 
 
 def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput:
@@ -97,8 +109,7 @@ class DeltaNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # transformers.initialization skips tensors that were loaded from a checkpoint
-        from transformers import initialization as init
+        init = _init_module()
 
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -225,7 +236,11 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         (torch.Size([2, 10, 64]), torch.Size([]))
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # transformers 5 maps tied parameters target -> source; 4.x listed the tied names
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.embed_tokens.weight"} if int(transformers.__version__.split(".")[0]) >= 5
+        else ["lm_head.weight"]
+    )
 
     def __init__(self, config: DeltaNetConfig):
         super().__init__(config)
@@ -269,6 +284,10 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         h = out.last_hidden_state
+        if labels is not None and self.config.fuse_linear_cross_entropy:
+            labels = labels.to(h.device)
+            loss = fused_linear_cross_entropy(h[:, :-1].flatten(0, 1), self.lm_head.weight, labels[:, 1:].flatten())
+            return _with_cache(DeltaNetCausalLMOutput(loss=loss, hidden_states=out.hidden_states), out.past_key_values)
         if logits_to_keep and labels is None:
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
         logits = self.lm_head(h)
@@ -276,7 +295,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         if labels is not None:
             # float32 log-softmax: bf16 cross-entropy over 32K classes is visibly biased
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
         return _with_cache(DeltaNetCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
                            out.past_key_values)

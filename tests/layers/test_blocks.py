@@ -1,0 +1,149 @@
+"""Short conv, attention op, linear attention, RoPE, RMSNorm against plain formulas."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltanet.layers import RMSNorm, ShortConvolution, apply_rope, linear_attention
+from deltanet.layers.conv import positions_in_documents
+from deltanet.ops.attention import causal_attention
+from tests.utils import assert_close
+
+
+# ---- short convolution -------------------------------------------------------------------
+
+def test_short_conv_matches_conv1d():
+    conv = ShortConvolution(6, kernel_size=4, activation=None).double()
+    x = torch.randn(2, 11, 6, dtype=torch.float64)
+    expected = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight[:, None], groups=6).transpose(1, 2)
+    assert_close("conv", conv(x)[0], expected)
+
+
+def test_short_conv_state_continues_the_sequence():
+    conv = ShortConvolution(5, kernel_size=4).double()
+    x = torch.randn(3, 10, 5, dtype=torch.float64)
+    full, _ = conv(x)
+    y1, state = conv(x[:, :2], output_state=True)  # fewer tokens than the kernel
+    ys = [y1]
+    for t in range(2, 10):
+        y, state = conv(x[:, t:t + 1], state, output_state=True)
+        ys.append(y)
+    assert_close("stepwise", torch.cat(ys, 1), full)
+
+
+def test_short_conv_does_not_leak_across_documents():
+    conv = ShortConvolution(4, kernel_size=4).double()
+    x = torch.randn(1, 12, 4, dtype=torch.float64)
+    cu = torch.tensor([0, 2, 7, 12])
+    packed, _ = conv(x, cu_seqlens=cu)
+    separate = torch.cat([conv(x[:, s:e])[0] for s, e in [(0, 2), (2, 7), (7, 12)]], 1)
+    assert_close("packed", packed, separate)
+    assert positions_in_documents(cu, 12).tolist() == [0, 1, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+
+
+# ---- attention op ------------------------------------------------------------------------
+
+def _naive_attention(q, k, v, window=None, docs=None, key_mask=None):
+    """Loop over queries; softmax over the visible keys only."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Tq, H, v.shape[-1], dtype=q.dtype)
+    for b in range(B):
+        for i in range(Tq):
+            p = Tk - Tq + i
+            keys = [j for j in range(p + 1)
+                    if (window is None or p - j < window)
+                    and (docs is None or docs[j] == docs[p])
+                    and (key_mask is None or key_mask[b, j] or j == p)]
+            for h in range(H):
+                g = h // (H // Hkv)
+                s = torch.stack([q[b, i, h] @ k[b, j, g] for j in keys]) / math.sqrt(D)
+                out[b, i, h] = torch.softmax(s, 0) @ v[b, keys, g]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 1, 5], ids=["full", "w1", "w5"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa2", "mqa"])
+def test_causal_attention_matches_naive(window, kv_heads):
+    q = torch.randn(2, 13, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 13, kv_heads, 8, dtype=torch.float64).unbind(0)
+    assert_close("attention", causal_attention(q, k, v, window=window), _naive_attention(q, k, v, window))
+
+
+def test_causal_attention_decoding_alignment_and_key_mask():
+    """Tq < Tk: the last query aligns with the last key; padded keys are invisible."""
+    q = torch.randn(2, 3, 2, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 10, 2, 8, dtype=torch.float64).unbind(0)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    for window in (None, 4):
+        out = causal_attention(q, k, v, window=window, key_mask=mask)
+        assert_close(f"decode w={window}", out, _naive_attention(q, k, v, window, key_mask=mask))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("use_flex", [False, True], ids=["dense", "flex"])
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile:UserWarning")
+def test_causal_attention_packed_documents(window, use_flex):
+    q, k, v = torch.randn(3, 1, 20, 2, 8).unbind(0)
+    cu = torch.tensor([0, 6, 7, 20])
+    docs = torch.searchsorted(cu[1:], torch.arange(20), right=True).tolist()
+    out = causal_attention(q, k, v, window=window, cu_seqlens=cu, use_flex=use_flex)
+    assert_close("packed", out, _naive_attention(q.double(), k.double(), v.double(), window, docs).float(), rtol=1e-5)
+
+
+def test_causal_attention_rejects_bad_input():
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        causal_attention(q, torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
+    with pytest.raises(ValueError, match="window"):
+        causal_attention(q, q, q, window=0)
+    with pytest.raises(ValueError, match="key_mask"):
+        causal_attention(q, q, q, key_mask=torch.ones(1, 3))
+
+
+# ---- linear attention, RoPE, RMSNorm -------------------------------------------------------
+
+def test_linear_attention_matches_recurrence():
+    q, k = torch.randn(2, 2, 70, 2, 4, dtype=torch.float64).unbind(0)
+    v = torch.randn(2, 70, 2, 3, dtype=torch.float64)
+    S0 = torch.randn(2, 2, 4, 3, dtype=torch.float64)
+    o, S = linear_attention(q, k, v, initial_state=S0, chunk_size=16)
+    Sr, outs = S0.clone(), []
+    for t in range(70):
+        Sr = Sr + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * 4 ** -0.5, Sr))
+    assert_close("o", o, torch.stack(outs, 1))
+    assert_close("state", S, Sr)
+    cu = torch.tensor([0, 30, 70])
+    op, _ = linear_attention(q[:1], k[:1], v[:1], cu_seqlens=cu)
+    sep = torch.cat([linear_attention(q[:1, s:e], k[:1, s:e], v[:1, s:e])[0] for s, e in [(0, 30), (30, 70)]], 1)
+    assert_close("packed", op, sep)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    q, k = torch.randn(2, 1, 1, 1, 16, dtype=torch.float64).unbind(0)
+
+    def score(pq, pk):
+        rq = apply_rope(q, torch.tensor([[pq]]), 10000.0)
+        rk = apply_rope(k, torch.tensor([[pk]]), 10000.0)
+        return (rq * rk).sum()
+
+    assert torch.allclose(score(7, 3), score(104, 100))
+    assert not torch.allclose(score(7, 3), score(7, 4))
+    x = torch.randn(1, 3, 2, 16, dtype=torch.float64)
+    norms = apply_rope(x, torch.tensor([[0, 5, 900]]), 10000.0).norm(dim=-1)
+    assert torch.allclose(norms, x.norm(dim=-1))  # a rotation
+
+
+def test_rmsnorm_formula_and_gate():
+    norm = RMSNorm(8, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+    x, g = torch.randn(2, 3, 2, 8, dtype=torch.float64).unbind(0)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert_close("rmsnorm", norm(x), expected)
+    assert_close("gated", norm(x, g), expected * F.silu(g))
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
