@@ -1,0 +1,293 @@
+"""Model benchmarks: training throughput / peak memory (``deltanet bench model``) and decoding
+speed through ``generate`` (``deltanet bench decode``), ours next to fla's DeltaNet.
+
+Training: bf16 autocast, fused AdamW, a fixed number of tokens per step (``B = tokens / T``),
+random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
+``--steps`` timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
+Decoding: bf16 weights, a random ``--prompt``-token prompt, exactly ``--new-tokens`` greedy
+tokens (EOS disabled); tokens/s counts generated tokens over the whole ``generate`` call, and
+the prefill alone is timed separately.
+
+Models are preset names (``deltanet.models.presets``) or ``fla-deltanet`` (fla's
+``DeltaNetForCausalLM`` with the shape of ``deltanet-340m``: 24 layers, hidden 1024, 8 heads,
+vocab 32000). Each measurement is isolated: an out-of-memory or import error is reported in
+the table and the sweep goes on.
+
+Examples::
+
+    deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
+    deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
+    deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+__all__ = ["bench_decode", "bench_train", "build_model", "cli_main"]
+
+FLA = "fla-deltanet"
+TRAIN_MODELS = ("deltanet-340m", "hybrid-swa-340m", "hybrid-global-340m", "transformer-340m", FLA)
+DECODE_MODELS = ("deltanet-340m", FLA)
+# --smoke: the same presets shrunk to a few hundred thousand parameters
+SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, intermediate_size=128, vocab_size=256,
+             sliding_window=32)
+
+
+def _fla_model(shape: dict):
+    from fla.models import DeltaNetConfig as FlaConfig  # optional: pip install flash-linear-attention
+    from fla.models import DeltaNetForCausalLM as FlaModel
+
+    cfg = FlaConfig(hidden_size=shape["hidden_size"], num_hidden_layers=shape["num_hidden_layers"],
+                    num_heads=shape["num_heads"], vocab_size=shape["vocab_size"],
+                    intermediate_size=shape["intermediate_size"],
+                    tie_word_embeddings=shape["tie_word_embeddings"], use_short_conv=True, conv_size=4,
+                    use_beta=True, qk_norm="l2", qk_activation="silu")
+    return FlaModel(cfg)
+
+
+def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True):
+    """A freshly initialised model by name (a preset or ``fla-deltanet``), on the CPU."""
+    from deltanet.models import DeltaNetForCausalLM, get_config
+
+    overrides = dict(SMOKE) if smoke else {}
+    if name == FLA:
+        cfg = get_config("deltanet-340m", **overrides)
+        return _fla_model(dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                               num_heads=cfg.num_heads, vocab_size=cfg.vocab_size,
+                               intermediate_size=cfg.intermediate_size,
+                               tie_word_embeddings=cfg.tie_word_embeddings))
+    return DeltaNetForCausalLM(get_config(name, fuse_linear_cross_entropy=fused_loss, **overrides))
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+
+
+def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
+                smoke: bool = False, fused_loss: bool = True) -> dict:
+    """Training tokens/s and peak memory of one model at one sequence length."""
+    row = dict(model=name, T=T, batch=max(1, tokens // T))
+    model = opt = None
+    try:
+        model = build_model(name, smoke=smoke, fused_loss=fused_loss).to(device).train()
+        row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        vocab = model.config.vocab_size
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(0, vocab, (row["batch"], T), device=device, generator=g)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step():
+            with amp:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            loss = step()
+        _sync(device)
+        row["warmup_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+        row["tokens_per_s"] = round(steps * row["batch"] * T / elapsed)
+        row["loss"] = round(float(loss), 3)
+        if device.type == "cuda":
+            row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
+        row["error"] = _error(e)
+    finally:
+        del model, opt
+        _free()
+    return row
+
+
+def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device,
+                 smoke: bool = False, repeats: int = 1) -> dict:
+    """Greedy ``generate`` speed of one model at one batch size (after one warmup call)."""
+    row = dict(model=name, batch=batch, prompt=prompt, new_tokens=new_tokens)
+    model = None
+    try:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
+        vocab = model.config.vocab_size
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=g)
+        mask = torch.ones_like(ids)
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   eos_token_id=None, attention_mask=mask)
+        model.generation_config.eos_token_id = None  # always exactly new_tokens tokens
+        with torch.no_grad():
+            model.generate(ids[:, : min(prompt, 64)], **{**gen, "max_new_tokens": 4, "min_new_tokens": 4,
+                                                         "attention_mask": mask[:, : min(prompt, 64)]})  # warmup
+            _sync(device)
+            t0 = time.perf_counter()
+            model.model(input_ids=ids, use_cache=True)  # the backbone: no [B, T, vocab] logits
+            _sync(device)
+            row["prefill_s"] = round(time.perf_counter() - t0, 3)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = model.generate(ids, **gen)
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+        produced = out.shape[1] - prompt
+        if produced != new_tokens:
+            raise RuntimeError(f"generate produced {produced} tokens, expected {new_tokens}")
+        row["generate_s"] = round(best, 3)
+        row["tokens_per_s"] = round(batch * new_tokens / best, 1)
+        row["decode_tokens_per_s"] = round(batch * new_tokens / max(best - row["prefill_s"], 1e-9), 1)
+        if device.type == "cuda":
+            row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except Exception as e:
+        row["error"] = _error(e)
+    finally:
+        del model
+        _free()
+    return row
+
+
+def environment(device: torch.device, command: str) -> dict:
+    """Versions and hardware for the results file."""
+    import transformers
+
+    env = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), command=command,
+               python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+               device=str(device))
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in ("triton", "fla"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception as e:  # optional packages: record their absence
+            env[pkg] = f"not available ({type(e).__name__})"
+    return env
+
+
+def markdown(title: str, rows: list[dict], columns: list[str], env: dict) -> str:
+    """A markdown table of ``rows`` (missing cells '-', errors in their own column)."""
+    lines = [f"## {title}", "", "  ".join(f"{k}: {v}" for k, v in env.items()), ""]
+    cols = columns + ["error"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(kind, text):
+    try:
+        return [kind(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+
+def cli_main(argv: list[str]) -> int:
+    """``deltanet bench model|decode [options]``; ``argv[0]`` names the benchmark."""
+    if not argv or argv[0] not in ("model", "decode"):
+        print("usage: deltanet bench model|decode [options]", file=sys.stderr)
+        return 2
+    what, argv = argv[0], argv[1:]
+    p = argparse.ArgumentParser(prog=f"deltanet bench {what}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_models = TRAIN_MODELS if what == "model" else DECODE_MODELS
+    p.add_argument("--models", type=lambda s: _csv(str, s), default=list(default_models),
+                   help=f"comma-separated presets and/or {FLA} (default: {','.join(default_models)})")
+    p.add_argument("--smoke", action="store_true", help="tiny models, short runs, CPU if no GPU: checks the script")
+    p.add_argument("--out", help="write the markdown table to this file (and JSON next to it, .json)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if what == "model":
+        p.add_argument("--lengths", type=lambda s: _csv(int, s), default=[2048, 4096, 8192])
+        p.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens / T)")
+        p.add_argument("--steps", type=int, default=10, help="timed steps")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+        p.add_argument("--plain-loss", action="store_true",
+                       help="our models: materialise the logits (default: fused linear cross-entropy)")
+    else:
+        p.add_argument("--batch", type=lambda s: _csv(int, s), default=[1, 32])
+        p.add_argument("--prompt", type=int, default=2048)
+        p.add_argument("--new-tokens", type=int, default=256)
+        p.add_argument("--repeats", type=int, default=1, help="timed generate calls per point (best is kept)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.smoke:
+        print(f"deltanet bench {what}: no CUDA device; use --smoke for a CPU check of the script", file=sys.stderr)
+        return 2
+    from deltanet.models import PRESETS  # noqa: F401  (validates names below)
+
+    for m in args.models:
+        if m != FLA and m not in PRESETS:
+            p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {FLA}")
+    if args.smoke:
+        if what == "model":
+            args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
+        else:
+            args.batch, args.prompt, args.new_tokens = [1, 2], 16, 8
+
+    env = environment(device, " ".join(["deltanet", "bench", what, *argv]))
+    if args.smoke:
+        env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
+    rows = []
+    if what == "model":
+        for m in args.models:
+            for T in args.lengths:
+                r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
+                                smoke=args.smoke, fused_loss=not args.plain_loss)
+                r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+        cols = ["model", "T", "batch", "params_M", "tokens_per_s", "peak_mem_GiB", "warmup_s", "loss", "loss_impl"]
+        title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
+    else:
+        for m in args.models:
+            for B in args.batch:
+                r = bench_decode(m, B, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
+                                 smoke=args.smoke, repeats=args.repeats)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+        cols = ["model", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
+                "decode_tokens_per_s", "peak_mem_GiB"]
+        title = f"Decoding through generate ({args.prompt}-token prompt, {args.new_tokens} new tokens, greedy)"
+    table = markdown(title, rows, cols, env)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+        json_path = args.out.rsplit(".", 1)[0] + ".json" if args.out.endswith(".md") else args.out + ".json"
+        with open(json_path, "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

@@ -1,0 +1,34 @@
+"""``deltanet bench model|decode --smoke``: the benchmark script runs end to end on CPU."""
+
+import json
+
+import pytest
+
+from deltanet.bench.model import cli_main
+
+
+def test_train_benchmark_smoke(tmp_path):
+    out = tmp_path / "train.md"
+    assert cli_main(["model", "--smoke", "--models", "hybrid-swa-340m,fla-deltanet", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "train.json").read_text())["rows"]
+    ours = [r for r in rows if r["model"] == "hybrid-swa-340m"]
+    assert [r["T"] for r in ours] == [32, 64]
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 and "error" not in r for r in ours)
+    fla = [r for r in rows if r["model"] == "fla-deltanet"]
+    assert len(fla) == 2 and all("error" in r or r["tokens_per_s"] > 0 for r in fla)  # fla is optional
+    table = out.read_text()
+    assert "| hybrid-swa-340m | 32 |" in table and "SMOKE RUN" in table
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    out = tmp_path / "decode.md"
+    assert cli_main(["decode", "--smoke", "--models", "deltanet-340m", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+
+
+def test_benchmark_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        cli_main(["model", "--smoke", "--models", "gpt-5"])
+    assert cli_main(["nonsense"]) == 2
