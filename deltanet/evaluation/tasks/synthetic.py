@@ -1,0 +1,433 @@
+"""Shared machinery of the synthetic tasks (MQAR, state tracking): models, training, reporting.
+
+A synthetic task is a pair of int64 tensors ``(inputs, targets)`` of shape ``[N, T]``;
+``targets[b, t]`` is the token the model must predict from its output at position ``t`` (no
+shift: unlike LM labels the targets are already aligned) or ``IGNORE_INDEX``. The loss and
+the accuracy only look at the non-ignored positions.
+
+Example::
+
+    >>> import torch
+    >>> from deltanet.evaluation.tasks.synthetic import TrainConfig, build_model, train_and_evaluate
+    >>> x = torch.randint(0, 8, (64, 16)); y = x.clone()           # copy task
+    >>> model = build_model("delta_net", width=32, num_layers=1, vocab_size=8)
+    >>> run = train_and_evaluate(model, (x, y), (x, y), TrainConfig(lr=3e-3, epochs=2, batch_size=16))
+    >>> 0.0 <= run.final_accuracy <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE_INDEX", "MODEL_PATTERNS", "TrainConfig", "RunResult", "layer_types_for",
+    "build_model", "masked_accuracy", "train_and_evaluate", "format_table",
+    "plot_accuracy_vs_width", "plot_learning_curves", "resolve_device",
+]
+
+IGNORE_INDEX = -100
+
+
+# Our pattern names -> deltanet.models.presets patterns (one source of truth for the hybrids:
+# sliding-window attention every other layer; full attention at the second and middle layer).
+_PRESET_PATTERN = {
+    "delta_net": "delta",
+    "linear_attention": "linear",
+    "full_attention": "attention",
+    "hybrid-swa": "swa_alternate",
+    "hybrid-global": "global_two",
+}
+MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention")
+
+
+def layer_types_for(pattern: str, num_layers: int) -> list[str]:
+    """The ``layer_types`` list of a named model pattern.
+
+    >>> layer_types_for("hybrid-swa", 4)
+    ['delta_net', 'sliding_attention', 'delta_net', 'sliding_attention']
+    >>> layer_types_for("hybrid-global", 6)
+    ['delta_net', 'full_attention', 'delta_net', 'full_attention', 'delta_net', 'delta_net']
+    """
+    from deltanet.models.presets import layer_types_for as preset_layer_types
+
+    if pattern not in MODEL_PATTERNS:
+        raise ValueError(f"pattern must be one of {list(MODEL_PATTERNS)}, got {pattern!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if pattern == "sliding_attention":
+        return ["sliding_attention"] * num_layers
+    return preset_layer_types(_PRESET_PATTERN[pattern], num_layers)
+
+
+def build_model(
+    pattern: str,
+    *,
+    width: int,
+    num_layers: int,
+    vocab_size: int,
+    head_dim: int = 64,
+    sliding_window: int = 64,
+    max_len: int | None = None,
+    **config_overrides,
+) -> torch.nn.Module:
+    """A freshly initialised ``DeltaNetForCausalLM`` of the given pattern and size.
+
+    ``num_heads = max(1, width // head_dim)``. Extra keyword arguments go to
+    ``DeltaNetConfig`` (e.g. ``allow_neg_eigval=True``). Seed torch before calling for a
+    reproducible initialisation.
+    """
+    from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    num_heads = max(1, width // head_dim)
+    if width % num_heads:
+        raise ValueError(f"width ({width}) must be divisible by the number of heads ({num_heads})")
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=width, num_hidden_layers=num_layers,
+        num_heads=num_heads, layer_types=layer_types_for(pattern, num_layers),
+        sliding_window=sliding_window,
+        # Synthetic vocabularies have no special tokens (the defaults 1 / 2 would fall outside
+        # a parity vocabulary of 2 and make transformers warn).
+        bos_token_id=None, eos_token_id=None,
+    )
+    if max_len is not None:
+        kwargs["max_position_embeddings"] = max(max_len, 2048)
+    kwargs.update(config_overrides)
+    return DeltaNetForCausalLM(DeltaNetConfig(**kwargs))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available")
+    return dev
+
+
+@dataclass
+class TrainConfig:
+    """How one synthetic-task run trains. ``epochs`` may be fractional."""
+
+    lr: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int | None = None  # cap on optimizer steps (wins over epochs when smaller)
+    time_budget: float | None = None  # seconds of training (evaluation excluded)
+    batch_size: int = 64
+    eval_every: int = 100
+    eval_batch_size: int = 256
+    stop_accuracy: float | None = None  # stop once held-out accuracy >= this
+    schedule: str = "cosine"  # "cosine" decays to 0 over the planned steps; "constant"
+    warmup_steps: int | None = None  # default: 10% of planned steps, at most 500
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.stop_accuracy is not None and not 0 < self.stop_accuracy <= 1:
+            raise ValueError(f"stop_accuracy must be in (0, 1], got {self.stop_accuracy}")
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run. ``curve`` rows: step, seconds (training only), loss, accuracy."""
+
+    best_accuracy: float
+    final_accuracy: float
+    steps: int
+    seconds: float
+    steps_to_99: int | None
+    seconds_to_99: float | None
+    stopped_by: str  # "steps" | "time_budget" | "stop_accuracy" | "diverged"
+    curve: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def target_logits(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n_targets, vocab]`` at the positions where ``mask`` is true.
+
+    Runs the decoder and applies the LM head only to the selected hidden states: MQAR has
+    P targets among T positions, so this saves most of the ``T × vocab`` head (at T=512,
+    vocab 8192 the full logits of a batch of 64 are 1 GiB in float32).
+    """
+    hidden = model.get_decoder()(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, D]
+    return model.get_output_embeddings()(hidden[mask])
+
+
+@torch.no_grad()
+def masked_accuracy(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    per_position: bool = False,
+) -> float | tuple[float, torch.Tensor]:
+    """Fraction of non-ignored targets predicted exactly (argmax over the vocabulary).
+
+    With ``per_position=True`` also returns the accuracy at each position ``[T]`` (NaN where
+    a position never has a target), used by the length-generalisation tables.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(targets.shape[1], dtype=torch.float64)
+    count = torch.zeros(targets.shape[1], dtype=torch.float64)
+    for i in range(0, inputs.shape[0], batch_size):
+        x = inputs[i : i + batch_size].to(device)
+        y = targets[i : i + batch_size].to(device)
+        mask = y != IGNORE_INDEX
+        with _autocast(device):
+            pred = target_logits(model, x, mask).argmax(-1)
+        hit = torch.zeros_like(y, dtype=torch.float64)
+        hit[mask] = (pred == y[mask]).double()
+        correct += hit.sum(0).cpu()
+        count += mask.sum(0).double().cpu()
+    model.train(was_training)
+    acc = float(correct.sum() / count.sum().clamp_min(1))
+    if per_position:
+        return acc, correct / count
+    return acc
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on CUDA (what the GPU runs use); plain fp32 on CPU, where bf16 matmuls are
+    # slow and the tests want exact reproducibility.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def train_and_evaluate(
+    model: torch.nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    on_eval: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Train ``model`` with AdamW on the masked cross-entropy and evaluate on ``test``.
+
+    Evaluates every ``cfg.eval_every`` steps and at the end; stops at the planned number of
+    steps, at ``cfg.time_budget`` seconds of training, at ``cfg.stop_accuracy`` or on a
+    non-finite loss. Deterministic on CPU for a given ``cfg.seed`` and model initialisation.
+    """
+    xtr, ytr = train
+    xte, yte = test
+    if xtr.shape != ytr.shape or xte.shape != yte.shape:
+        raise ValueError(
+            f"inputs and targets must have the same shape, got train {tuple(xtr.shape)} vs "
+            f"{tuple(ytr.shape)}, test {tuple(xte.shape)} vs {tuple(yte.shape)}"
+        )
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+
+    n = xtr.shape[0]
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = max(1, n // bs)  # drop the last partial batch: constant batch shape
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, max(1, total // 10))
+
+    # No weight decay on biases, norms and embeddings' 1-D companions (usual transformer recipe).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda",
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, warmup, total))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    curve: list[dict] = []
+    best, steps_to_99, seconds_to_99 = 0.0, None, None
+    train_seconds, step, stopped_by = 0.0, 0, "steps"
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    loss_acc, loss_n = 0.0, 0
+
+    def evaluate() -> float:
+        nonlocal best, steps_to_99, seconds_to_99
+        acc = masked_accuracy(model, xte, yte, batch_size=cfg.eval_batch_size, device=device)
+        row = {"step": step, "seconds": round(train_seconds, 3),
+               "loss": float(loss_acc) / loss_n if loss_n else None, "accuracy": acc}
+        curve.append(row)
+        if on_eval is not None:
+            on_eval(row)
+        best = max(best, acc)
+        if steps_to_99 is None and acc >= 0.99:
+            steps_to_99, seconds_to_99 = step, round(train_seconds, 3)
+        return acc
+
+    t0 = time.perf_counter()
+    while step < total:
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        x = xtr[idx].to(device, non_blocking=True)
+        y = ytr[idx].to(device, non_blocking=True)
+        mask = y != IGNORE_INDEX
+        with _autocast(device):
+            logits = target_logits(model, x, mask)
+        loss = F.cross_entropy(logits.float(), y[mask])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        # Accumulate on the device: a float() per step would synchronise CUDA every step.
+        loss_acc = loss_acc + loss.detach()
+        loss_n += 1
+        now = time.perf_counter()
+        train_seconds += now - t0
+        t0 = now
+        if step % cfg.eval_every == 0 or step == total:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                train_seconds += time.perf_counter() - t0
+            acc = evaluate()
+            t0 = time.perf_counter()  # evaluation time is not training time
+            if curve[-1]["loss"] is not None and not math.isfinite(curve[-1]["loss"]):
+                stopped_by = "diverged"
+                break
+            loss_acc, loss_n = 0.0, 0
+            if cfg.stop_accuracy is not None and acc >= cfg.stop_accuracy:
+                stopped_by = "stop_accuracy"
+                break
+        if cfg.time_budget is not None and train_seconds >= cfg.time_budget:
+            stopped_by = "time_budget"
+            break
+    if not curve or curve[-1]["step"] != step:
+        evaluate()
+    return RunResult(
+        best_accuracy=best, final_accuracy=curve[-1]["accuracy"], steps=step,
+        seconds=round(train_seconds, 3), steps_to_99=steps_to_99, seconds_to_99=seconds_to_99,
+        stopped_by=stopped_by, curve=curve,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with columns padded for reading in a terminal.
+
+    >>> print(format_table(["a", "bb"], [["1", "2"]]))
+    | a | bb |
+    |---|----|
+    | 1 | 2  |
+    """
+    cols = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, cols)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in cols) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: runs write PNGs, never open windows
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_width(
+    results: Iterable[dict],
+    path: Path,
+    *,
+    panel_key: Callable[[dict], str],
+    title: str = "",
+) -> None:
+    """One panel per setting, x = model width (log2), y = accuracy, one line per model.
+
+    The layout of the Zoology / DeltaNet MQAR figures. ``results`` are dicts with ``model``,
+    ``width`` and ``best_accuracy`` (one per model and width: already the best over lrs).
+    """
+    plt = _pyplot()
+    results = list(results)
+    panels = list(dict.fromkeys(panel_key(r) for r in results))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        rows = [r for r in results if panel_key(r) == panel]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["width"], r["best_accuracy"]) for r in rows if r["model"] == model)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        widths = sorted({r["width"] for r in rows})
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("model width")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_curves(results: Iterable[dict], path: Path, *, label: Callable[[dict], str]) -> None:
+    """Held-out accuracy vs training seconds, one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in results:
+        c = r["curve"]
+        ax.plot([p["seconds"] for p in c], [p["accuracy"] for p in c], label=label(r))
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
