@@ -190,7 +190,7 @@ def _delegate(command: str, table: dict, name: str, argv: list[str]) -> int:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.startswith(e.name) or e.name == module_name:
-            raise UsageError(f"deltanet {command} {name}: not available in this installation "
+            raise UsageError(f"deltanet {command} {name}: error: not available in this installation "
                              f"(module {module_name} is missing)") from None
         raise
     return int(module.cli_main([name, *argv] if pass_name else list(argv)) or 0)

@@ -57,7 +57,10 @@ class Corpus:
 
     @property
     def every(self) -> int:
-        return max(2, round(1.0 / self.val_fraction))
+        every = max(2, round(1.0 / self.val_fraction))
+        if len(self.files) >= 2 and all(f.suffix != ".jsonl" for f in self.files):
+            every = min(every, len(self.files))  # a few files: still hold one out
+        return every
 
     def _is_val(self, j: int) -> bool:
         return j % self.every == self.every - 1
@@ -87,7 +90,7 @@ class Corpus:
         j = 0
         for f in self.files:
             if f.suffix == ".jsonl":
-                for text in self._iter_jsonl(f):
+                for text in self._iter_jsonl(f, count_skips=not want_val):
                     if self._is_val(j) == want_val:
                         yield text
                     j += 1
@@ -120,7 +123,8 @@ class Corpus:
         if part:
             yield part
 
-    def _iter_jsonl(self, f: Path) -> Iterator[str]:
+    def _iter_jsonl(self, f: Path, count_skips: bool) -> Iterator[str]:
+        # both splits parse every line; count bad ones in the train pass only
         with f.open("rb") as fh:
             for raw in fh:
                 if not raw.strip():
@@ -128,12 +132,12 @@ class Corpus:
                 try:
                     text = json.loads(raw.decode("utf-8"))["text"]
                 except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-                    self.skipped["bad_json"] += 1
+                    self.skipped["bad_json"] += count_skips
                     continue
                 if isinstance(text, str) and text:
                     yield text
                 else:
-                    self.skipped["empty"] += 1
+                    self.skipped["empty"] += count_skips
 
     def _iter_hf(self, want_val: bool) -> Iterator[str]:
         from datasets import load_dataset  # checked in open_corpus

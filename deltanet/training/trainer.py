@@ -185,6 +185,8 @@ class _Run:
             cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=self.tc.progress)
             m = cache.meta
             skipped = ", ".join(f"{v} {k}" for k, v in m["skipped"].items() if v) or "none"
+            if m["train_docs"] == 0:
+                raise DataError(f"no usable training text in {self.dc.data} (skipped files/records: {skipped})")
             self.log(f"data {self.dc.data}: {m['train_docs']:,} train / {m['val_docs']:,} val documents, "
                      f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens (skipped: {skipped}) [{time.time() - t0:.1f}s]")
         self.d.barrier()
@@ -197,13 +199,16 @@ class _Run:
                                 f"fewer than seq_len={self.dc.seq_len}")
         return train, val
 
-    def _model(self, vocab_size: int, ckpt: Path | None):
+    def _model_config(self, vocab_size: int):
         from deltanet.models import get_config
 
         try:
-            config = get_config(self.tc.preset, vocab_size=vocab_size, **self.tc.model)
+            return get_config(self.tc.preset, vocab_size=vocab_size, **self.tc.model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
+
+    def _model(self, vocab_size: int, ckpt: Path | None):
+        config = self._model_config(vocab_size)
         if ckpt is None:
             from deltanet.models import DeltaNetForCausalLM
 
@@ -227,6 +232,7 @@ class _Run:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tc, d = self.tc, self.d
+        self._model_config(256)  # a bad preset / override fails now, not after tokenising
         run_dir = self._run_dir()
         corpus = open_corpus(self.dc.data, self.dc.val_fraction)
         tokenizer = self._tokenizer(run_dir, corpus)

@@ -1,0 +1,134 @@
+"""The ``deltanet`` CLI: routing, generate / eval ppl on a trained run, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from deltanet.cli import main
+from tests.training._helpers import make_corpus, run_cli, train_args
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 6-step run with the default BPE tokenizer (small vocab) on a small corpus."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_corpus(root / "data")
+    args = train_args(data, root / "run", root / "cache", "--tokenizer", "bpe", "--vocab-size", "320", steps=6)
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr
+    assert "validation loss" in r.stdout and "bits/byte" in r.stdout and "sample" in r.stdout
+    return root
+
+
+def _one_line_error(capsys, argv, code, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    # progress lines may precede it; the error itself is one line, the last
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if "error" in ln] == [err.splitlines()[-1]], err
+    assert needle in err.splitlines()[-1], err
+    return err
+
+
+def test_help_is_fast_and_lists_commands():
+    r = run_cli(["--help"], timeout=60)
+    assert r.returncode == 0
+    for cmd in ("train", "generate", "eval", "bench"):
+        assert cmd in r.stdout
+
+
+def test_generate_streams_text(run, capsys):
+    assert main(["generate", "--checkpoint", str(run / "run"), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def \n")
+    # greedy decoding is deterministic
+    main(["generate", "--checkpoint", str(run / "run"), "--prompt", "x", "--max-new-tokens", "8", "--temperature", "0"])
+    first = capsys.readouterr().out
+    main(["generate", "--checkpoint", str(run / "run"), "--prompt", "x", "--max-new-tokens", "8", "--temperature", "0"])
+    assert capsys.readouterr().out == first
+
+
+def test_eval_ppl_matches_training_validation(run, capsys):
+    assert main(["eval", "ppl", "--checkpoint", str(run / "run"), "--json", "--max-tokens", "256",
+                 "--batch-size", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["split"] == "val" and res["tokens"] > 0 and res["bytes"] > res["tokens"] * 0.5
+    assert res["ppl"] == pytest.approx(2.718281828 ** res["loss"], rel=1e-6)
+    recs = [json.loads(x) for x in (run / "run/metrics.jsonl").read_text().splitlines()]
+    # same weights, same val rows (eval_batches=2 x batch 4 x 32 = 256 tokens): same loss
+    assert res["loss"] == pytest.approx(recs[-1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["train", "--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
+    (["train", "--seq-len", "abc"], 2, "invalid int value"),
+    (["train", "--data", "/no/such/dir", "--max-steps", "1"], 1, "data path not found: /no/such/dir"),
+    (["train", "--lr", "-1"], 2, "lr must be > 0"),
+    (["train", "--preset", "nope", "--tokenizer", "bytes", "--data", "EMPTY"], 2, "unknown preset"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["eval", "nosuchtask"], 2, "invalid choice"),
+    (["generate", "--checkpoint", "/no/such/run"], 1, "checkpoint path not found"),
+], ids=["unknown-flag", "bad-int", "missing-data", "bad-lr", "bad-preset", "bad-command", "bad-task", "no-ckpt"])
+def test_one_line_errors(capsys, tmp_path, argv, code, needle):
+    if "EMPTY" in argv:
+        make_corpus(tmp_path / "d", n_files=3)
+        argv = [*argv[:-1], str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    _one_line_error(capsys, argv, code, needle)
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    (tmp_path / "c.toml").write_text("seq_len = 32\nlearning_rate = 0.1\n")
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "c.toml")], 2, "unknown key 'learning_rate'")
+
+
+def test_empty_corpus(capsys, tmp_path):
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        (tmp_path / "d" / f"{i}.bin").write_bytes(b"\xff\xfe\x00binary")
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "d"), "--tokenizer", "bytes", "--out",
+                             str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-progress"],
+                    1, "no usable training text")
+
+
+def test_corrupt_checkpoint(capsys, run, tmp_path):
+    bad = tmp_path / "run"
+    shutil.copytree(run / "run", bad)
+    ckpt = bad / "checkpoints" / (bad / "checkpoints/latest").read_text().strip()
+    (ckpt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    _one_line_error(capsys, ["generate", "--checkpoint", str(bad)], 1, "corrupt checkpoint")
+    _one_line_error(capsys, ["eval", "ppl", "--checkpoint", str(bad)], 1, "corrupt checkpoint")
+
+
+def test_mismatched_resume(capsys, run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run / "run", out)
+    _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--seq-len", "64"], 1,
+                    "cannot resume: seq_len is 64 but the run was started with 32")
+    _one_line_error(capsys, ["train", "--out", str(out), "--resume", "--model", "hidden_size=96"], 1,
+                    "cannot resume: model is")
+    _one_line_error(capsys, ["train", "--out", str(out), "--max-steps", "1"], 1, "already holds a run")
+
+
+def test_missing_delegate_is_a_clear_error(capsys, monkeypatch):
+    import deltanet.cli as cli
+
+    monkeypatch.setitem(cli.BENCHES, "kernels", ("deltanet.bench.does_not_exist", False))
+    _one_line_error(capsys, ["bench", "kernels"], 2, "not available in this installation")
+
+
+def test_delegation_passes_argv(monkeypatch):
+    import sys
+    import types
+
+    import deltanet.cli as cli
+
+    seen = {}
+    fake = types.ModuleType("fake_bench")
+    fake.cli_main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setitem(cli.BENCHES, "decode", ("fake_bench", True))
+    assert main(["bench", "decode", "--batch", "4"]) == 0
+    assert seen["argv"] == ["decode", "--batch", "4"]

@@ -1,0 +1,101 @@
+"""End-to-end training runs on CPU: loss falls, artifacts, exact resume, SIGTERM, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory) -> Path:
+    """One uninterrupted 12-step run, shared by the tests that compare against it."""
+    root = tmp_path_factory.mktemp("baseline")
+    r = run_cli(train_args(corpus, root / "run", root / "cache", steps=12))
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+def test_loss_falls_and_artifacts(baseline):
+    loss = losses(baseline)
+    assert sorted(loss) == list(range(1, 13))
+    assert sum(loss[s] for s in (10, 11, 12)) / 3 < sum(loss[s] for s in (1, 2, 3)) / 3 - 0.5
+    for name in ("config.json", "tokenizer_meta.json", "metrics.jsonl", "loss.png", "checkpoints/latest"):
+        assert (baseline / name).is_file(), name
+    ckpt = baseline / "checkpoints" / (baseline / "checkpoints/latest").read_text().strip()
+    assert ckpt.name == "step_00000012"
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "trainer_state.json",
+                 "tokenizer_meta.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 12 and state["data_position"] == 12 * 4
+    vals = [json.loads(x) for x in (baseline / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in vals] == [4, 8, 12]
+    assert vals[-1]["val_loss"] < vals[0]["val_loss"]
+    # bytes tokenizer: every target is one byte except EOS, so bpb is close to loss / ln 2
+    assert abs(vals[-1]["val_bpb"] - vals[-1]["val_loss"] / 0.6931) < 0.1 * vals[-1]["val_bpb"]
+
+
+def test_sigterm_saves_then_resume_matches_uninterrupted(baseline, corpus, tmp_path):
+    """Interrupt a run mid-way with SIGTERM, resume it, and get the baseline's losses exactly."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deltanet.cli", *train_args(corpus, out, tmp_path / "cache", steps=12)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_1thread())
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    stopped = json.loads((sorted((out / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped < 12, "the run should have been interrupted mid-way"
+    assert "interrupted by signal" in err and "--resume" in err
+
+    # --resume alone restores the run's own settings (no need to repeat the flags)
+    r = run_cli(["train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == losses(baseline)  # exact, step by step
+
+
+def test_resume_without_checkpoint_is_an_error(baseline, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    for p in (out / "checkpoints").glob("step_*"):
+        shutil.rmtree(p)
+    (out / "checkpoints" / "latest").unlink()
+    r = run_cli(["train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("deltanet: error: --resume: no checkpoint in")
+
+
+def test_ddp_two_processes_match_one(corpus, baseline, tmp_path):
+    """2 gloo processes x batch 2 see the rows of 1 process x batch 4: same losses."""
+    out = tmp_path / "ddp"
+    args = train_args(corpus, out, tmp_path / "cache", steps=12)
+    args[args.index("--batch-size") + 1] = "2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "-m", "deltanet.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env_1thread())
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = losses(out), losses(baseline)
+    assert sorted(got) == sorted(want)
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=2e-4, rel=1e-4), s
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2
