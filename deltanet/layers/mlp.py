@@ -1,4 +1,10 @@
-"""SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+"""SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``.
+
+The product and the down projection are one ``autograd.Function`` that keeps only the two
+projections ``gate(x)`` and ``up(x)`` and recomputes ``silu(g) * u`` in backward. Plain autograd
+would also keep ``silu(g)`` and the product: two more ``[tokens, intermediate]`` tensors per
+layer (~9 GB for a 24-layer 340M model at 32K tokens).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SwiGLU"]
+__all__ = ["SwiGLU", "swiglu_linear"]
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u, weight):
+        ctx.save_for_backward(g, u, weight)
+        return F.linear(F.silu(g) * u, weight.to(g.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, weight = ctx.saved_tensors
+        w = weight.to(g.dtype)
+        dy = dy.to(g.dtype)
+        sg = torch.sigmoid(g)
+        silu = g * sg
+        dp = dy @ w  # [..., intermediate]
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ (silu * u).reshape(-1, g.shape[-1])
+        du = dp * silu
+        dg = dp * u * sg * (1 + g * (1 - sg))  # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        return dg, du, dw.to(weight.dtype)
+
+
+def swiglu_linear(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(silu(g) * u) @ weight.T`` with a recomputing backward.
+
+    Example::
+
+        >>> g, u, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(4, 8)
+        >>> torch.allclose(swiglu_linear(g, u, w), (torch.nn.functional.silu(g) * u) @ w.t(), atol=1e-6)
+        True
+    """
+    return _SwiGLULinear.apply(g, u, weight)
 
 
 class SwiGLU(nn.Module):
@@ -26,4 +64,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)

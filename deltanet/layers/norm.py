@@ -1,4 +1,10 @@
-"""RMSNorm, and the gated RMSNorm used on DeltaNet's output (``rmsnorm(o) * silu(g)``)."""
+"""RMSNorm, and the gated RMSNorm used on DeltaNet's output (``rmsnorm(o) * silu(g)``).
+
+The ungated norm is an ``autograd.Function`` that saves only its input and the per-row
+``1/rms`` and recomputes the rest in backward: autograd through the float32 formula would
+keep three float32 copies of every normalised activation (~400 MB per norm at 32K tokens x
+1024, ~19 GB for a 24-layer model).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "rms_norm"]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float32 statistics at least: bf16 sums of squares lose digits at hidden sizes >= 1024
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        ct = _compute_dtype(x)
+        xf = x.to(ct)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(ct)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        ct = rstd.dtype
+        xhat = x.to(ct) * rstd
+        g = dy.to(ct) * weight.to(ct)
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dy.to(ct) * xhat).reshape(-1, x.shape[-1]).sum(0)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim, float32 inside, memory-lean backward.
+
+    Example::
+
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(rms_norm(x, torch.ones(4)), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+        True
+    """
+    return _RMSNormFn.apply(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm over the last dimension, computed in float32.
+    """Root-mean-square layer norm over the last dimension, computed in float32 (at least).
 
     With ``gate`` given, returns ``rmsnorm(x) * silu(gate)`` (DeltaNet's output gate).
 
@@ -27,14 +70,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        # float32 statistics at least: bf16 sums of squares lose digits at hidden sizes >= 1024
-        ct = torch.promote_types(x.dtype, torch.float32)
+        if gate is None:
+            return rms_norm(x, self.weight, self.eps)
+        ct = _compute_dtype(x)
         xf = x.to(ct)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(ct)
-        if gate is not None:
-            y = y * F.silu(gate.to(ct))
-        return y.to(dtype)
+        return (y * F.silu(gate.to(ct))).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

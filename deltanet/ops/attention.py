@@ -82,12 +82,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
-    """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    T = q.shape[2]
-    doc = _doc_ids(cu_seqlens, T) if cu_seqlens is not None else None
+def _block_mask(T: int, window: int | None, doc: torch.Tensor | None, device):
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, qi, kj):
         allow = kj <= qi
@@ -97,7 +93,24 @@ def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
             allow = allow & (doc[qi] == doc[kj])
         return allow
 
-    block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+    return create_block_mask(mask_mod, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(T: int, window: int, device: torch.device):
+    # every sliding layer of every step shares this mask: build it once per (T, window)
+    return _block_mask(T, window, None, device)
+
+
+def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
+    """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T = q.shape[2]
+    if cu_seqlens is None:
+        block_mask = _window_block_mask(T, window, q.device)
+    else:
+        block_mask = _block_mask(T, window, _doc_ids(cu_seqlens, T), q.device)
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 

@@ -147,3 +147,30 @@ def test_rmsnorm_formula_and_gate():
     assert_close("rmsnorm", norm(x), expected)
     assert_close("gated", norm(x, g), expected * F.silu(g))
     assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_memory_lean_functions_have_exact_gradients():
+    from deltanet.layers.mlp import swiglu_linear
+    from deltanet.layers.norm import rms_norm
+
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
+    g, u = (torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    W = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_linear, (g, u, W))
+    assert_close("swiglu", swiglu_linear(g, u, W), (F.silu(g) * u) @ W.t())
+
+
+def test_memory_lean_functions_under_bf16_autocast():
+    from deltanet.layers import SwiGLU
+
+    mlp, norm = SwiGLU(16, 32), RMSNorm(16)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(norm(x))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert mlp.down_proj.weight.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    ref = mlp.down_proj(F.silu(mlp.gate_proj(norm(x))) * mlp.up_proj(norm(x)))
+    assert_close("bf16 vs fp32", y.float(), ref, rtol=2e-2)
