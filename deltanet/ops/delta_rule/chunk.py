@@ -22,8 +22,9 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
-from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
+from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
@@ -53,17 +54,32 @@ def interpreted() -> bool:
 
 
 def _interpreter_compat() -> None:
-    """Let the interpreter take a tensor as a ``range`` bound under numpy >= 2.4.
+    """Work around two Triton 3.6 interpreter bugs the kernels would hit on CPU.
 
-    The interpreter holds scalars as 1-element arrays and converts them with ``int(array)``,
-    which numpy 2.4 rejects for arrays with ndim > 0; the kernels' chunk loops have runtime
-    bounds. Wrap the interpreter's tensor patch so ``__index__`` reads the single element.
+    1. Scalars are 1-element arrays converted with ``int(array)``, which numpy >= 2.4 rejects
+       for ndim > 0: a tensor as a ``range`` bound (the chunk loops) fails. ``__index__`` is
+       made to read the single element.
+    2. ``tl.dot`` on bfloat16 operands multiplies their raw uint16 storage (garbage results);
+       bfloat16 operands are widened to float32 first (exact: bf16 is truncated fp32).
     """
+    import numpy as np
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
     if getattr(original, "_deltanet_compat", False):
         return
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(x):
+            if x.dtype.scalar == tl.bfloat16:
+                data = (x.data.astype(np.uint32) << 16).view(np.float32)
+                return interpreter.TensorHandle(data, tl.float32)
+            return x
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
 
     def patched(tensor, scope):
         original(tensor, scope)
@@ -137,7 +153,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
         WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2,
-        WARPS_WY=4, WARPS_O=4, STAGES_O=2, WARPS_DQKW=4, STAGES_DQKW=2,
+        WARPS_WY=4, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
+        BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
+        DV_LOCAL=1,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path
     )
     cfg.update(TUNING)
     return cfg
@@ -188,8 +206,8 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     del w, u
     o = _new(v)
     cu, table, _, NTT = idx
-    o_fwd_kernel[(triton.cdiv(V, cfg["BV"]), NTT, H)](
-        q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"],
+    o_fwd_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
+        q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
         PREC=_prec(q.dtype), num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
     return o.view(B, T, H, V), ht
 
@@ -213,18 +231,25 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
     dh = _new(h)
     dvn = _new(v)
     dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
+    dv_local = None
+    if cfg["DV_LOCAL"]:
+        dv_local = _new(v, dtype=torch.float32)
+        dv_local_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
+            q, k, do, dv_local, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
+            PREC=prec, num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
     BV = cfg["BV_STATE"]
     dh_bwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, w, do, dvn, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu, offsets,
-        scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, PREC=prec, num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
-    del w
+        q, k, w, do, dv_local if dv_local is not None else do, dvn, dh, dht if dht is not None else q,
+        dh0 if dh0 is not None else q, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, USE_DV_LOCAL=dv_local is not None, PREC=prec,
+        num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+    del w, dv_local
     dq = _new(q)
     dk_part = _new(k, dtype=torch.float32)
     dw = _new(k)
-    dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK"]), NTT, H)](
+    dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK_DQKW"]), NTT, H)](
         q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
+        BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
     dk, dv, dbeta = _new(k), _new(v), _new(beta)
     wy_bwd_kernel[(NTT, H)](

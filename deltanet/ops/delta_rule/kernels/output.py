@@ -50,6 +50,34 @@ def o_fwd_kernel(
 
 
 @triton.jit
+def dv_local_kernel(
+    q, k, do, dv_local, cu_seqlens, chunk_table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), chunks, H)``: ``dv_local = scale * triu(K Q^T) dO`` (fp32), the
+    intra-chunk part of the pseudo-value gradient, off the sequential path."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    rt = tl.arange(0, BT)
+    t = t0 + rt
+    mt = t < eos
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = mt[:, None] & (rv[None, :] < V)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = mt[:, None] & (ck[None, :] < K)
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_a += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+    b_a = tl.where(rt[:, None] <= rt[None, :], b_a * scale, 0.0)
+    b_do = tl.load(do + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+    b_dv = tl.dot(b_a.to(b_do.dtype), b_do, input_precision=PREC)
+    tl.store(dv_local + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv_local.dtype.element_ty), mask=mv)
+
+
+@triton.jit
 def dqkw_bwd_kernel(
     q, k, v_new, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,

@@ -59,13 +59,17 @@ def h_fwd_kernel(
 
 @triton.jit
 def dh_bwd_kernel(
-    q, k, w, do, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, USE_DV_LOCAL: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. Writes ``dh[c]`` (state grad after chunk c), ``dv``
-    (the gradient of the pseudo-values ``v_new``) and ``dh0``."""
+    (the gradient of the pseudo-values ``v_new``) and ``dh0``.
+
+    With ``USE_DV_LOCAL`` the intra-chunk term ``scale * triu(K Q^T) dO`` comes precomputed
+    (``dv_local_kernel``, parallel over chunks) instead of being formed on the sequential path.
+    """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -94,10 +98,13 @@ def dh_bwd_kernel(
         b_k = tl.load(k + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
         b_w = tl.load(w + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
         b_do = tl.load(do + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
-        # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
-        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-        b_kq = tl.where(upper, b_kq * scale, 0.0)
-        b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
+        if USE_DV_LOCAL:
+            b_dv = tl.load(dv_local + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
+        else:
+            # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
+            b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+            b_kq = tl.where(upper, b_kq * scale, 0.0)
+            b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
         b_dv += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=PREC)
         b_dv = b_dv.to(dv.dtype.element_ty)
         tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mv)

@@ -26,22 +26,45 @@ def _chunk_bounds(cu_seqlens, chunk_table, i_t, BT: tl.constexpr):
 
 
 @triton.jit
-def _block_kkt(k, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-               DIAG: tl.constexpr, PREC: tl.constexpr):
-    """One 16x16 block of A: rows ``t0 + ri``, columns ``t0 + rj`` (beta scales rows)."""
-    acc = tl.zeros([16, 16], dtype=tl.float32)
+def _load_rows16(k, t0, eos, i_h, r, ck, H: tl.constexpr, K: tl.constexpr):
+    return tl.load(k + ((t0 + r[:, None]) * H + i_h) * K + ck[None, :],
+                   mask=((t0 + r[:, None]) < eos) & (ck[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _kkt_blocks(k, t0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The ten lower 16x16 blocks of K K^T for one chunk (rows of K read once per K-block)."""
+    r = tl.arange(0, 16)
+    a00 = tl.zeros([16, 16], dtype=tl.float32)
+    a11, a22, a33 = a00, a00, a00
+    a10, a21, a32, a20, a31, a30 = a00, a00, a00, a00, a00, a00
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        ki = tl.load(k + ((t0 + ri[:, None]) * H + i_h) * K + ck[None, :],
-                     mask=((t0 + ri[:, None]) < eos) & (ck[None, :] < K), other=0.0)
-        kj = tl.load(k + ((t0 + rj[:, None]) * H + i_h) * K + ck[None, :],
-                     mask=((t0 + rj[:, None]) < eos) & (ck[None, :] < K), other=0.0)
-        acc += tl.dot(ki, tl.trans(kj), input_precision=PREC)
+        k0_ = _load_rows16(k, t0, eos, i_h, r, ck, H, K)
+        k1_ = _load_rows16(k, t0, eos, i_h, r + 16, ck, H, K)
+        k2_ = _load_rows16(k, t0, eos, i_h, r + 32, ck, H, K)
+        k3_ = _load_rows16(k, t0, eos, i_h, r + 48, ck, H, K)
+        a00 += tl.dot(k0_, tl.trans(k0_), input_precision=PREC)
+        a11 += tl.dot(k1_, tl.trans(k1_), input_precision=PREC)
+        a22 += tl.dot(k2_, tl.trans(k2_), input_precision=PREC)
+        a33 += tl.dot(k3_, tl.trans(k3_), input_precision=PREC)
+        a10 += tl.dot(k1_, tl.trans(k0_), input_precision=PREC)
+        a21 += tl.dot(k2_, tl.trans(k1_), input_precision=PREC)
+        a32 += tl.dot(k3_, tl.trans(k2_), input_precision=PREC)
+        a20 += tl.dot(k2_, tl.trans(k0_), input_precision=PREC)
+        a31 += tl.dot(k3_, tl.trans(k1_), input_precision=PREC)
+        a30 += tl.dot(k3_, tl.trans(k0_), input_precision=PREC)
+    return a00, a11, a22, a33, a10, a21, a32, a20, a31, a30
+
+
+@triton.jit
+def _scale_rows(a, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, DIAG: tl.constexpr):
+    """beta scales the rows of A; diagonal blocks keep their strictly lower part."""
     b = tl.load(beta + (t0 + ri) * H + i_h, mask=(t0 + ri) < eos, other=0.0).to(tl.float32)
-    acc = acc * b[:, None]
+    a = a * b[:, None]
     if DIAG:
-        acc = tl.where(ri[:, None] > rj[None, :], acc, 0.0)
-    return acc
+        a = tl.where(ri[:, None] > rj[None, :], a, 0.0)
+    return a
 
 
 @triton.jit
@@ -86,16 +109,17 @@ def wy_fwd_kernel(
     r = tl.arange(0, 16)
 
     # A in 16x16 blocks (lower triangle only): the inverse works block-wise.
-    a00 = _block_kkt(k, beta, t0, eos, i_h, r, r, H, K, BK, True, PREC)
-    a11 = _block_kkt(k, beta, t0, eos, i_h, r + 16, r + 16, H, K, BK, True, PREC)
-    a22 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r + 32, H, K, BK, True, PREC)
-    a33 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 48, H, K, BK, True, PREC)
-    a10 = _block_kkt(k, beta, t0, eos, i_h, r + 16, r, H, K, BK, False, PREC)
-    a21 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r + 16, H, K, BK, False, PREC)
-    a32 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 32, H, K, BK, False, PREC)
-    a20 = _block_kkt(k, beta, t0, eos, i_h, r + 32, r, H, K, BK, False, PREC)
-    a31 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r + 16, H, K, BK, False, PREC)
-    a30 = _block_kkt(k, beta, t0, eos, i_h, r + 48, r, H, K, BK, False, PREC)
+    a00, a11, a22, a33, a10, a21, a32, a20, a31, a30 = _kkt_blocks(k, t0, eos, i_h, H, K, BK, PREC)
+    a00 = _scale_rows(a00, beta, t0, eos, i_h, r, r, H, True)
+    a11 = _scale_rows(a11, beta, t0, eos, i_h, r + 16, r + 16, H, True)
+    a22 = _scale_rows(a22, beta, t0, eos, i_h, r + 32, r + 32, H, True)
+    a33 = _scale_rows(a33, beta, t0, eos, i_h, r + 48, r + 48, H, True)
+    a10 = _scale_rows(a10, beta, t0, eos, i_h, r + 16, r, H, False)
+    a21 = _scale_rows(a21, beta, t0, eos, i_h, r + 32, r + 16, H, False)
+    a32 = _scale_rows(a32, beta, t0, eos, i_h, r + 48, r + 32, H, False)
+    a20 = _scale_rows(a20, beta, t0, eos, i_h, r + 32, r, H, False)
+    a31 = _scale_rows(a31, beta, t0, eos, i_h, r + 48, r + 16, H, False)
+    a30 = _scale_rows(a30, beta, t0, eos, i_h, r + 48, r, H, False)
 
     # Diagonal blocks by substitution, then the block-triangular merge:
     # X_ij = -X_ii sum_{j<=m<i} A_im X_mj. The solve is kept in full fp32 ("ieee"): these
