@@ -231,3 +231,26 @@ def test_cli_rejects_bad_input(capsys):
     assert cli_main(["--seq-len", "16", "--num-pairs", "8", "--no-progress"]) == 2
     assert "seq_len must be >= 4" in capsys.readouterr().err
     assert cli_main(["--seq-len", "64", "128", "--num-pairs", "4", "8", "16"]) == 2
+
+
+def test_gpu_script_smoke(tmp_path, monkeypatch):
+    """benchmarks/gpu_mqar.py end to end on CPU: workers, queue, deadline, outputs."""
+    import importlib
+    from pathlib import Path
+
+    # A plain import (not spec_from_file_location): spawned workers re-import the module by
+    # name, and spawn hands them the parent's sys.path.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    mod = importlib.import_module("gpu_mqar")
+    out = tmp_path / "smoke"
+    rc = mod.main(["--smoke", "--widths", "16", "--head-dim", "16", "--lrs", "1e-3", "3e-3",
+                   "--budget", "2", "--eval-every", "5", "--train-size", "256", "--test-size", "32",
+                   "--workers", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert len(res) == 2 * 2  # models x lrs
+    assert all(r["steps"] > 0 and r["curve"] and r["seconds"] <= 2 + 5 for r in res)
+    assert {r["worker"] for r in res} <= {0, 1}
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert (out / "table.md").exists() and (out / "learning_curves.png").exists()
+    assert not (out / "data.pt").exists()

@@ -201,8 +201,8 @@ def masked_accuracy(
     correct = torch.zeros(targets.shape[1], dtype=torch.float64)
     count = torch.zeros(targets.shape[1], dtype=torch.float64)
     for i in range(0, inputs.shape[0], batch_size):
-        x = inputs[i : i + batch_size].to(device)
-        y = targets[i : i + batch_size].to(device)
+        x = inputs[i : i + batch_size].to(device).long()
+        y = targets[i : i + batch_size].to(device).long()
         mask = y != IGNORE_INDEX
         with _autocast(device):
             pred = target_logits(model, x, mask).argmax(-1)
@@ -306,8 +306,9 @@ def train_and_evaluate(
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos : pos + bs]
         pos += bs
-        x = xtr[idx].to(device, non_blocking=True)
-        y = ytr[idx].to(device, non_blocking=True)
+        # .long(): callers may keep the data compact (int16 on the GPU for 100k x 512 MQAR).
+        x = xtr[idx.to(xtr.device)].to(device, non_blocking=True).long()
+        y = ytr[idx.to(ytr.device)].to(device, non_blocking=True).long()
         mask = y != IGNORE_INDEX
         with _autocast(device):
             logits = target_logits(model, x, mask)
