@@ -43,11 +43,15 @@ def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
 def resolve_backend(backend: str, T: int, device: torch.device, decoding: bool) -> str:
     """The delta-rule backend for one call.
 
-    Single-token decode steps take the recurrent form: the fused recurrent kernel on CUDA, the
-    step-by-step reference on CPU (the chunkwise path would pad one token to a whole chunk).
+    Single-token decode steps take the recurrent form (the chunkwise path would pad one token to
+    a whole chunk): the fused recurrent Triton kernel where the chunk backend is Triton ("auto"
+    on CUDA, or "triton" asked for), the step-by-step reference otherwise.
     """
-    if decoding and T == 1 and backend in ("auto", "triton", "torch"):
-        return "recurrent" if device.type == "cuda" else "reference"
+    if decoding and T == 1:
+        if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+            return "recurrent"
+        if backend in ("auto", "torch"):
+            return "reference"
     return backend
 
 

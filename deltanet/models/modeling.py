@@ -189,12 +189,13 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         past_key_values = past_key_values if past_key_values is not None else cache
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache is None:  # packed documents are a training/scoring layout: no cache by default
+            use_cache = self.config.use_cache and not self.training and cu_seqlens is None
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens requires batch size 1 (documents packed along T), got {B}")
             if use_cache or past_key_values is not None:
-                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache; pass use_cache=False")
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache (use_cache=True)")
             if attention_mask is not None:
                 raise ValueError("give either cu_seqlens (packed documents) or attention_mask (padding), not both")
             cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
@@ -287,7 +288,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         if labels is not None and self.config.fuse_linear_cross_entropy:
             labels = labels.to(h.device)
             loss = fused_linear_cross_entropy(h[:, :-1].flatten(0, 1), self.lm_head.weight, labels[:, 1:].flatten())
-            return _with_cache(DeltaNetCausalLMOutput(loss=loss, hidden_states=out.hidden_states), out.past_key_values)
+            return _with_cache(DeltaNetCausalLMOutput(loss=loss, hidden_states=out.hidden_states), getattr(out, CACHE_FIELD))
         if logits_to_keep and labels is None:
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits
         logits = self.lm_head(h)
@@ -298,7 +299,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
                 logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
         return _with_cache(DeltaNetCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states),
-                           out.past_key_values)
+                           getattr(out, CACHE_FIELD))
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=None,
