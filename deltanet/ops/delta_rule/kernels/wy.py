@@ -68,27 +68,28 @@ def _scale_rows(a, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, DIAG: tl.constex
 
 
 @triton.jit
-def _inv_unit_lower(a0, a1, a2, a3):
-    """(I + a)^-1 for four strictly lower 16x16 blocks at once, by forward substitution.
+def _inv_diag_blocks(ai, t0, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """(I + A_bb)^-1 for the four 16x16 diagonal blocks, which ``ai`` holds (strictly lower A).
 
-    Row i of the inverse is e_i - sum_{j<i} a[i, j] inv[j, :]; the four blocks are
-    independent, so they share one loop (more independent work per step).
+    Forward substitution, row i = e_i - sum_{j<i} a[i, j] inv[j, :], with the four blocks
+    batched in one [4, 16, 16] tile: one reduction per step for all blocks. Rows of A come
+    from the (L1-resident) scratch by a load, not by a masked reduction.
     """
+    b = tl.arange(0, 4)
     r = tl.arange(0, 16)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    x0, x1, x2, x3 = eye, eye, eye, eye
+    ri3 = r[None, :, None]
+    x = tl.where(ri3 == r[None, None, :], 1.0, 0.0) + tl.zeros([4, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
-        sel = r[:, None] == i
-        e = tl.where(r == i, 1.0, 0.0)[None, :]
-        a0i = tl.sum(tl.where(sel, a0, 0.0), 0)
-        a1i = tl.sum(tl.where(sel, a1, 0.0), 0)
-        a2i = tl.sum(tl.where(sel, a2, 0.0), 0)
-        a3i = tl.sum(tl.where(sel, a3, 0.0), 0)
-        x0 = tl.where(sel, e - tl.sum(a0i[:, None] * x0, 0)[None, :], x0)
-        x1 = tl.where(sel, e - tl.sum(a1i[:, None] * x1, 0)[None, :], x1)
-        x2 = tl.where(sel, e - tl.sum(a2i[:, None] * x2, 0)[None, :], x2)
-        x3 = tl.where(sel, e - tl.sum(a3i[:, None] * x3, 0)[None, :], x3)
-    return x0, x1, x2, x3
+        row = t0 + 16 * b + i  # [4]: token of row i in each block
+        a_i = tl.load(ai + ((row[:, None] * H + i_h) * BT + 16 * b[:, None] + r[None, :]),
+                      mask=(row < eos)[:, None], other=0.0)  # [4, 16]
+        x = tl.where(ri3 == i, x - tl.sum(a_i[:, :, None] * x, 1)[:, None, :], x)
+    return x
+
+
+@triton.jit
+def _load_block(ai, t0, eos, i_h, ri, cj, H: tl.constexpr, BT: tl.constexpr):
+    return tl.load(ai + ((t0 + ri[:, None]) * H + i_h) * BT + cj[None, :], mask=(t0 + ri[:, None]) < eos, other=0.0)
 
 
 @triton.jit
@@ -121,10 +122,25 @@ def wy_fwd_kernel(
     a31 = _scale_rows(a31, beta, t0, eos, i_h, r + 48, r + 16, H, False)
     a30 = _scale_rows(a30, beta, t0, eos, i_h, r + 48, r, H, False)
 
-    # Diagonal blocks by substitution, then the block-triangular merge:
-    # X_ij = -X_ii sum_{j<=m<i} A_im X_mj. The solve is kept in full fp32 ("ieee"): these
-    # entries feed every later product, and the 16x16 products are negligible work.
-    x00, x11, x22, x33 = _inv_unit_lower(a00, a11, a22, a33)
+    # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
+    # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj. Kept in full fp32 ("ieee"):
+    # these entries feed every later product, and the 16x16 products are little work.
+    _store_block(ai, a00, t0, eos, i_h, r, r, H, BT)
+    _store_block(ai, a11, t0, eos, i_h, r + 16, r + 16, H, BT)
+    _store_block(ai, a22, t0, eos, i_h, r + 32, r + 32, H, BT)
+    _store_block(ai, a33, t0, eos, i_h, r + 48, r + 48, H, BT)
+    # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
+    tl.debug_barrier()
+    x3 = _inv_diag_blocks(ai, t0, eos, i_h, H, BT)
+    tl.debug_barrier()  # all reads of A's diagonal blocks are done before they are overwritten
+    b4 = tl.arange(0, 4)
+    rows3 = t0 + 16 * b4[:, None, None] + r[None, :, None]
+    tl.store(ai + (rows3 * H + i_h) * BT + 16 * b4[:, None, None] + r[None, None, :], x3, mask=rows3 < eos)
+    tl.debug_barrier()
+    x00 = _load_block(ai, t0, eos, i_h, r, r, H, BT)
+    x11 = _load_block(ai, t0, eos, i_h, r + 16, r + 16, H, BT)
+    x22 = _load_block(ai, t0, eos, i_h, r + 32, r + 32, H, BT)
+    x33 = _load_block(ai, t0, eos, i_h, r + 48, r + 48, H, BT)
     x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
     x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
     x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
@@ -136,23 +152,18 @@ def wy_fwd_kernel(
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
 
     z = tl.zeros([16, 16], dtype=tl.float32)
-    _store_block(ai, x00, t0, eos, i_h, r, r, H, BT)
     _store_block(ai, z, t0, eos, i_h, r, r + 16, H, BT)
     _store_block(ai, z, t0, eos, i_h, r, r + 32, H, BT)
     _store_block(ai, z, t0, eos, i_h, r, r + 48, H, BT)
     _store_block(ai, x10, t0, eos, i_h, r + 16, r, H, BT)
-    _store_block(ai, x11, t0, eos, i_h, r + 16, r + 16, H, BT)
     _store_block(ai, z, t0, eos, i_h, r + 16, r + 32, H, BT)
     _store_block(ai, z, t0, eos, i_h, r + 16, r + 48, H, BT)
     _store_block(ai, x20, t0, eos, i_h, r + 32, r, H, BT)
     _store_block(ai, x21, t0, eos, i_h, r + 32, r + 16, H, BT)
-    _store_block(ai, x22, t0, eos, i_h, r + 32, r + 32, H, BT)
     _store_block(ai, z, t0, eos, i_h, r + 32, r + 48, H, BT)
     _store_block(ai, x30, t0, eos, i_h, r + 48, r, H, BT)
     _store_block(ai, x31, t0, eos, i_h, r + 48, r + 16, H, BT)
     _store_block(ai, x32, t0, eos, i_h, r + 48, r + 32, H, BT)
-    _store_block(ai, x33, t0, eos, i_h, r + 48, r + 48, H, BT)
-    # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
     tl.debug_barrier()
 
     rt = tl.arange(0, BT)
