@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltanet eval mqar",
         description="Train and evaluate models on multi-query associative recall (Zoology MQAR). "
-        "Prints a table (best accuracy over the lr grid; in brackets steps / seconds to 99%%), "
+        "Prints a table (best accuracy over the lr grid; in brackets steps / seconds to 99%), "
         "writes JSON with learning curves and a plot of accuracy vs model width.",
     )
     p.add_argument("--models", nargs="+", default=["delta_net", "linear_attention"],
@@ -329,7 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     p.add_argument("--stop-accuracy", type=float, default=None,
                    help="stop a run once held-out accuracy reaches this value")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after warmup: cosine decay over the planned steps, or constant "
+                   "(better for --time-budget runs, which stop before the plan ends)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup steps (default 10%% of the planned steps, at most 500)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -380,7 +384,7 @@ def cli_main(argv: list[str]) -> int:
             lr=args.lr[0], epochs=args.epochs, max_steps=args.max_steps,
             time_budget=args.time_budget, batch_size=args.batch_size,
             eval_every=args.eval_every,
-            stop_accuracy=args.stop_accuracy, schedule=args.schedule,
+            stop_accuracy=args.stop_accuracy, schedule=args.schedule, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, seed=args.seed, device=args.device,
         )
     except ValueError as e:
