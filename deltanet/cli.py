@@ -32,6 +32,9 @@ BENCHES = {
 }
 
 
+DEFAULT_TIME_BUDGET_S = 150.0  # see build_train_config
+
+
 class UsageError(Exception):
     """Bad command-line usage: one line, exit code 2."""
 
@@ -85,7 +88,8 @@ def train_parser() -> CliParser:
     g.add_argument("--batch-size", type=int, help="sequences per process per micro-step")
     g.add_argument("--grad-accum", type=int)
     g.add_argument("--max-steps", type=int)
-    g.add_argument("--max-time-s", type=float, help="stop after this many seconds of training (0 = no limit)")
+    g.add_argument("--max-time-s", type=float, help="stop after this many seconds of training (0 = no limit; "
+                   f"default {DEFAULT_TIME_BUDGET_S:.0f} unless --max-steps is given)")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--eval-batches", type=int)
     g.add_argument("--log-every", type=int)
@@ -96,6 +100,7 @@ def train_parser() -> CliParser:
     g.add_argument("--sample-tokens", type=int, help="tokens of the sample generated at the end (0: none)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="auto | cpu | cuda")
+    g.add_argument("--threads", type=int, help="CPU threads per process (0 = auto: fewer when the machine is busy)")
     g.add_argument("--dtype", help="auto (bf16 autocast on GPU) | float32 | bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
@@ -127,12 +132,19 @@ def build_train_config(argv: list[str]):
         if saved.is_file():  # resume what was run, not today's defaults
             cfg.update({k: v for k, v in json.loads(saved.read_text()).items() if k in RunConfig.SECTIONS},
                        source=str(saved))
+    explicit = set(args)
     if "config" in args:
-        cfg.update(load_config_file(args.pop("config")), source="the config file")
+        file_cfg = load_config_file(args.pop("config"))
+        cfg.update(file_cfg, source="the config file")
+        explicit |= set(file_cfg) | {k for v in file_cfg.values() if isinstance(v, dict) for k in v}
     if "model" in args:
         cfg.train.model = {**cfg.train.model, **_model_overrides(args.pop("model"))}
     for key, value in args.items():
         cfg.set(key, value, source="the command line")
+    if not explicit & {"max_steps", "max_time_s", "resume"}:
+        # The no-argument run must finish in minutes on a slow or busy CPU too: cap the loop's
+        # wall time (the cosine schedule then follows the clock) unless a length was asked for.
+        cfg.train.max_time_s = DEFAULT_TIME_BUDGET_S
     return cfg.validate()
 
 

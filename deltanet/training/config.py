@@ -71,9 +71,9 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``."""
 
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 30
+    warmup: int = 10
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -96,9 +96,9 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # overrides for the preset's config
     batch_size: int = 8  # sequences per device per micro-step
     grad_accum: int = 1
-    max_steps: int = 400
-    max_time_s: float = 0.0  # wall-clock budget for the loop; 0 = none
-    eval_every: int = 200
+    max_steps: int = 300
+    max_time_s: float = 0.0  # wall-clock budget for the loop; 0 = none (the CLI's no-arg run sets one)
+    eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end (and on SIGINT/SIGTERM)
@@ -109,6 +109,7 @@ class TrainConfig:
     compile: bool = False
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "float32", "bfloat16"
     device: str = "auto"  # "auto", "cpu", "cuda"
+    threads: int = 0  # CPU threads per process; 0 = auto (fewer when the machine is already busy)
     fsdp: bool = False
     sample_prompt: str = "def "
     sample_tokens: int = 80
@@ -117,7 +118,7 @@ class TrainConfig:
     def validate(self) -> None:
         _positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                   "log_every", "keep_checkpoints")
-        _non_negative(self, "max_time_s", "save_every", "sample_tokens")
+        _non_negative(self, "max_time_s", "save_every", "sample_tokens", "threads")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16; got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

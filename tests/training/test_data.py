@@ -110,3 +110,12 @@ def test_packed_documents_do_not_see_each_other():
         lp = model(**packed, use_cache=False).logits[0, -5:]
         la = model(**alone, use_cache=False).logits[0]
     torch.testing.assert_close(lp, la, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_datasets_without_the_package_says_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed")
+    with pytest.raises(DataError, match=r"pip install 'deltanet\[datasets\]'"):
+        open_corpus("hf:wikitext:wikitext-2-raw-v1")

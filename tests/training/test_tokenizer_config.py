@@ -92,4 +92,6 @@ def test_cli_precedence(tmp_path):
     (tmp_path / "c.toml").write_text("seq_len = 48\nlr = 0.01\n")
     cfg = build_train_config(["--config", str(tmp_path / "c.toml"), "--lr", "0.02", "--model", "num_heads=4"])
     assert (cfg.data.seq_len, cfg.optim.lr, cfg.train.model) == (48, 0.02, {"num_heads": 4})
-    assert build_train_config([]).train.preset == "tiny"  # the no-argument run
+    default = build_train_config([])  # the no-argument run: tiny preset, stdlib, a wall-clock cap
+    assert (default.train.preset, default.data.data, default.train.max_time_s) == ("tiny", "stdlib", 150.0)
+    assert build_train_config(["--max-steps", "5"]).train.max_time_s == 0.0  # asked for a length: no cap
