@@ -1,0 +1,1 @@
+"""Benchmarks behind ``deltanet bench``: kernels (``kernels.py``), models, decoding."""

@@ -1,0 +1,163 @@
+"""Kernel benchmark: the delta-rule ops against fla and SDPA attention (``deltanet bench kernels``).
+
+Times forward and forward+backward with ``triton.testing.do_bench`` (median) at a fixed number
+of tokens per call (``B = tokens / T``), for each head dim and sequence length, and prints
+Mtok/s, achieved TFLOP/s and peak memory. FLOPs are counted for the chunkwise forward as
+``6 d^2 + 10 C d`` per token and head (C = 64); forward+backward counts 3x the forward.
+
+Example::
+
+    deltanet bench kernels --dims 64,128 --lengths 1024,4096 --methods ours,fla
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("ours", "fla", "fla_recurrent", "ours_recurrent", "sdpa")
+C = 64
+
+
+def _inputs(B, T, H, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+    k = F.normalize(torch.randn(B, T, H, D, device=device, dtype=torch.float32, generator=g), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=g)
+    beta = torch.rand(B, T, H, device=device, dtype=dtype, generator=g).sigmoid()
+    return [x.requires_grad_() for x in (q, k, v, beta)]
+
+
+def method_fn(name: str):
+    """``f(q, k, v, beta) -> o`` for one method (imports fla lazily: it is optional)."""
+    if name == "ours":
+        from deltanet.ops import chunk_delta_rule
+        return lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0]
+    if name == "ours_recurrent":
+        from deltanet.ops import recurrent_delta_rule
+        return lambda q, k, v, b: recurrent_delta_rule(q, k, v, b)[0]
+    if name == "fla":
+        from fla.ops.delta_rule import chunk_delta_rule
+        return lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0]
+    if name == "fla_recurrent":
+        from fla.ops.delta_rule import fused_recurrent_delta_rule
+        return lambda q, k, v, b: fused_recurrent_delta_rule(q, k, v, b)[0]
+    if name == "sdpa":
+        def sdpa(q, k, v, b):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            return o.transpose(1, 2)
+        return sdpa
+    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def fwd_flops(tokens: int, H: int, d: int) -> float:
+    return tokens * H * (6 * d * d + 10 * C * d)
+
+
+def bench_one(name, T, D, *, tokens=32768, H=16, dtype=torch.bfloat16, device="cuda", warmup=25, rep=100):
+    """Returns a dict with fwd / fwd+bwd times (ms), Mtok/s, TFLOP/s and peak memory (GiB)."""
+    from triton.testing import do_bench
+
+    B = max(1, tokens // T)
+    f = method_fn(name)
+    q, k, v, beta = _inputs(B, T, H, D, dtype, device)
+    do = torch.randn_like(v)
+    row = dict(method=name, D=D, T=T, B=B, H=H)
+
+    def fwd():
+        with torch.no_grad():
+            f(q, k, v, beta)
+
+    def fwd_bwd():
+        f(q, k, v, beta).backward(do)
+
+    t0 = time.perf_counter()
+    fwd_bwd()  # compile (+ any autotuning) outside the timings
+    torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    grads = [q, k, v, beta]
+    row["fwd_ms"] = do_bench(fwd, warmup=warmup, rep=rep, return_mode="median")
+    row["fwdbwd_ms"] = do_bench(fwd_bwd, warmup=warmup, rep=rep, grad_to_none=grads, return_mode="median")
+    n = B * T
+    flops = fwd_flops(n, H, D)
+    row["fwd_mtok_s"] = n / row["fwd_ms"] / 1e3
+    row["fwdbwd_mtok_s"] = n / row["fwdbwd_ms"] / 1e3
+    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+    row["fwdbwd_tflops"] = 3 * flops / row["fwdbwd_ms"] / 1e9
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (D, T): fwd+bwd Mtok/s per method and ours / fla."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["D"], r["T"]), {})[r["method"]] = r
+    methods = [m for m in METHODS if any(m in v for v in by.values())]
+    head = "| D | T | " + " | ".join(f"{m} fwd / fwd+bwd Mtok/s" for m in methods) + " | ours/fla fwd+bwd | peak GiB ours / fla |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (D, T), v in sorted(by.items()):
+        cells = []
+        for m in methods:
+            r = v.get(m)
+            cells.append(f"{r['fwd_mtok_s']:.1f} / {r['fwdbwd_mtok_s']:.1f}" if r and "fwd_ms" in r else (r or {}).get("error", "–")[:20])
+        o, fl = v.get("ours", {}), v.get("fla", {})
+        ratio = f"{fl['fwdbwd_ms'] / o['fwdbwd_ms']:.2f}x" if "fwdbwd_ms" in o and "fwdbwd_ms" in fl else "–"
+        mem = f"{o.get('peak_gib', float('nan')):.2f} / {fl.get('peak_gib', float('nan')):.2f}"
+        lines.append(f"| {D} | {T} | " + " | ".join(cells) + f" | {ratio} | {mem} |")
+    return "\n".join(lines)
+
+
+def cli_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="deltanet bench kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dims", default="64,128,256", help="head dims (K = V), comma-separated")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="sequence lengths T")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / T)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"from {METHODS}")
+    p.add_argument("--max-recurrent-T", type=int, default=4096, help="skip recurrent methods above this T")
+    p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("deltanet bench kernels needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dims = [int(x) for x in args.dims.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {METHODS}")
+    rows = []
+    for D in dims:
+        for T in lengths:
+            for m in methods:
+                if "recurrent" in m and T > args.max_recurrent_T:
+                    continue
+                try:
+                    r = bench_one(m, T, D, tokens=args.tokens, H=args.heads)
+                except Exception as e:  # one failing method must not end the sweep
+                    r = dict(method=m, D=D, T=T, error=f"{type(e).__name__}: {e}"[:300])
+                torch.cuda.empty_cache()
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if args.json:
+                    with open(args.json, "a") as fh:
+                        fh.write(json.dumps(r) + "\n")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))
