@@ -129,6 +129,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"from {METHODS}")
     p.add_argument("--max-recurrent-T", type=int, default=4096, help="skip recurrent methods above this T")
     p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("deltanet bench kernels needs a CUDA GPU", file=sys.stderr)
@@ -146,7 +148,7 @@ def cli_main(argv: list[str]) -> int:
                 if "recurrent" in m and T > args.max_recurrent_T:
                     continue
                 try:
-                    r = bench_one(m, T, D, tokens=args.tokens, H=args.heads)
+                    r = bench_one(m, T, D, tokens=args.tokens, H=args.heads, warmup=args.warmup, rep=args.rep)
                 except Exception as e:  # one failing method must not end the sweep
                     r = dict(method=m, D=D, T=T, error=f"{type(e).__name__}: {e}"[:300])
                 torch.cuda.empty_cache()
