@@ -4,17 +4,23 @@
 (``W = 4`` in DeltaNet). Written as ``W`` shifted multiply-adds instead of ``F.conv1d``: it
 keeps the ``[B, T, C]`` layout (no transposes), takes a cached prefix for decoding, and drops
 the terms that would reach across a document boundary of a packed batch by masking each shift.
+Accumulation is in float32 (at least).
+
+On CUDA, training calls go through ``torch.compile`` of the same function: eager PyTorch would
+run ~10 elementwise kernels per convolution (and keep their inputs for backward), the compiled
+version one fused kernel forward and one backward.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ShortConvolution", "positions_in_documents"]
+__all__ = ["ShortConvolution", "causal_conv", "positions_in_documents"]
 
 
 def positions_in_documents(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
@@ -28,6 +34,40 @@ def positions_in_documents(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     pos = torch.arange(T, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
     return pos - cu_seqlens.to(pos.dtype)[doc]
+
+
+def causal_conv(xe: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    """``xe: [B, W-1+T, C]`` (the ``W - 1`` previous inputs, then the ``T`` new ones),
+    ``weight: [C, W]``, ``doc_pos: [T]`` positions inside documents or None -> ``[B, T, C]``.
+
+    Example::
+
+        >>> x = torch.randn(1, 3 + 5, 2)
+        >>> causal_conv(x, torch.ones(2, 4), None, silu=False).shape
+        torch.Size([1, 5, 2])
+    """
+    W = weight.shape[1]
+    T = xe.shape[1] - (W - 1)
+    ct = torch.promote_types(xe.dtype, torch.float32)
+    w = weight.to(ct)
+    y = xe[:, W - 1:].to(ct) * w[:, W - 1]
+    for s in range(1, W):
+        term = xe[:, W - 1 - s: W - 1 - s + T].to(ct) * w[:, W - 1 - s]
+        if doc_pos is not None:
+            term = term * (doc_pos[None, :, None] >= s)  # x_{t-s} belongs to an earlier document
+        y = y + term
+    if silu:
+        y = F.silu(y)
+    return y.to(xe.dtype)
+
+
+def _padded_conv(x, weight, doc_pos, silu: bool):
+    return causal_conv(F.pad(x, (0, 0, weight.shape[1] - 1, 0)), weight, doc_pos, silu)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_padded_conv():
+    return torch.compile(_padded_conv, dynamic=False)
 
 
 class ShortConvolution(nn.Module):
@@ -60,21 +100,17 @@ class ShortConvolution(nn.Module):
     def forward(self, x, state=None, cu_seqlens=None, output_state: bool = False):
         B, T, C = x.shape
         W = self.kernel_size
+        silu = self.activation == "silu"
+        doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
+        if state is None and not output_state:
+            # training / scoring: the fused compiled kernel on CUDA
+            fn = _compiled_padded_conv() if x.is_cuda and torch.is_grad_enabled() else _padded_conv
+            return fn(x, self.weight, doc_pos, silu), None
         if state is None:
             state = x.new_zeros(B, W - 1, C)
         xe = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
-        doc_pos = positions_in_documents(cu_seqlens, T)[None, :, None] if cu_seqlens is not None else None
-        w = self.weight.to(x.dtype)
-        y = xe[:, W - 1:] * w[:, W - 1]
-        for s in range(1, W):
-            term = xe[:, W - 1 - s: W - 1 - s + T] * w[:, W - 1 - s]
-            if doc_pos is not None:
-                term = term * (doc_pos >= s)  # x_{t-s} belongs to an earlier document
-            y = y + term
-        if self.activation == "silu":
-            y = F.silu(y)
-        new_state = xe[:, -(W - 1):] if output_state else None
-        return y, new_state
+        y = causal_conv(xe, self.weight, doc_pos, silu)
+        return y, (xe[:, -(W - 1):] if output_state else None)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, activation={self.activation}"

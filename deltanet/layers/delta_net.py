@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import delta_rule
 from .conv import ShortConvolution
-from .norm import RMSNorm
+from .norm import RMSNorm, l2_norm
 
 __all__ = ["DeltaNetMixer", "qk_feature"]
 
@@ -34,7 +34,7 @@ def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
         x = F.elu(x) + 1.0
     # "silu" is applied by the short conv (or by the caller without one); "identity" is a no-op
     if norm == "l2":
-        return F.normalize(x, p=2.0, dim=-1)
+        return l2_norm(x)
     # sum norm (positive feature maps): the delta rule's stability needs |k| <= 1, which holds
     # for non-negative k with unit sum
     return x / x.sum(-1, keepdim=True).clamp_min(1e-6)

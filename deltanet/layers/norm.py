@@ -12,12 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RMSNorm", "rms_norm"]
+__all__ = ["RMSNorm", "l2_norm", "rms_norm"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # float32 statistics at least: bf16 sums of squares lose digits at hidden sizes >= 1024
     return torch.promote_types(x.dtype, torch.float32)
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under autocast, return the autocast dtype: the norm feeds several projections, which would
+    # otherwise each keep their own bf16 copy of a float32 output for backward.
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -27,7 +35,7 @@ class _RMSNormFn(torch.autograd.Function):
         xf = x.to(ct)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(ct)).to(x.dtype)
+        return (xf * rstd * weight.to(ct)).to(_output_dtype(x))
 
     @staticmethod
     def backward(ctx, dy):
@@ -35,9 +43,38 @@ class _RMSNormFn(torch.autograd.Function):
         ct = rstd.dtype
         xhat = x.to(ct) * rstd
         g = dy.to(ct) * weight.to(ct)
-        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))  # d/dx of x * rsqrt(mean(x^2) + eps)
         dw = (dy.to(ct) * xhat).reshape(-1, x.shape[-1]).sum(0)
         return dx.to(x.dtype), dw.to(weight.dtype), None
+
+
+class _L2NormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps: float):
+        ct = _compute_dtype(x)
+        rnorm = torch.rsqrt(x.to(ct).pow(2).sum(-1, keepdim=True) + eps)
+        y = (x.to(ct) * rnorm).to(x.dtype)
+        ctx.save_for_backward(y, rnorm)  # y is kept by the delta rule anyway: no extra memory
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, rnorm = ctx.saved_tensors
+        ct = rnorm.dtype
+        yf, dyf = y.to(ct), dy.to(ct)
+        return (rnorm * (dyf - yf * (dyf * yf).sum(-1, keepdim=True))).to(dy.dtype), None
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``x / sqrt(|x|^2 + eps)`` over the last dim; backward keeps only the output and ``1/|x|``
+    (``F.normalize`` would also keep its input).
+
+    Example::
+
+        >>> l2_norm(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.6000, 0.8000]])
+    """
+    return _L2NormFn.apply(x, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
