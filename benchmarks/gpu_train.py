@@ -3,6 +3,7 @@
     python benchmarks/gpu_train.py OUT_DIR                      # deltanet-125m, 300 s, 1 GPU
     python benchmarks/gpu_train.py OUT_DIR --max-time-s 600 --nproc 1
     python benchmarks/gpu_train.py OUT_DIR --smoke              # tiny CPU version (CI / laptops)
+    python benchmarks/gpu_train.py OUT_DIR -- --compile         # anything after -- goes to `deltanet train`
 
 Corpus: every ``.py`` file under the running interpreter's standard-library directory (the
 stdlib with its tests, plus that interpreter's site-packages): real text, present offline.
@@ -39,8 +40,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--data", default=str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py"))
     p.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script works")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="more `deltanet train` flags after --")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more `deltanet train` flags after --
+    a = p.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
 
     run_dir = a.out / "run"
     train = ["train", "--preset", a.preset, "--data", a.data, "--vocab-size", str(a.vocab_size),
@@ -54,7 +56,7 @@ def main() -> int:
                  "--max-time-s", str(min(a.max_time_s, 20.0)), "--eval-every", "20", "--eval-batches", "2",
                  "--log-every", "5", "--out", str(run_dir), "--sample-tokens", "16", "--device", "cpu",
                  "--model", "hidden_size=64", "--model", "num_hidden_layers=2"]
-    train += [x for x in a.extra if x != "--"]
+    train += extra
     if a.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
                "-m", "deltanet.cli", *train]

@@ -6,7 +6,6 @@ Bits per byte divides the summed NLL (in bits) by the UTF-8 bytes of the predict
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from typing import Iterable

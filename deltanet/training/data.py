@@ -70,7 +70,10 @@ class Corpus:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"v{CACHE_VERSION}|{self.val_fraction}|{self.hf}".encode())
-        for f in self.files:
+        files = self.files
+        if self.hf is not None and Path(self.hf[0]).is_dir():  # a local dataset: key on its files too
+            files = sorted(p for p in Path(self.hf[0]).rglob("*") if p.is_file())
+        for f in files:
             st = f.stat()
             h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
         return h.hexdigest()[:16]
@@ -140,10 +143,20 @@ class Corpus:
                     self.skipped["empty"] += count_skips
 
     def _iter_hf(self, want_val: bool) -> Iterator[str]:
-        from datasets import load_dataset  # checked in open_corpus
+        import datasets  # checked in open_corpus
 
         name, config = self.hf
-        ds = load_dataset(name, config)
+        try:
+            if Path(name).is_dir():  # a dataset saved with save_to_disk
+                ds = datasets.load_from_disk(name)
+            else:
+                ds = datasets.load_dataset(name, config)
+        except Exception as e:
+            raise DataError(f"cannot load dataset {name!r}: {str(e).strip().splitlines()[0]}") from None
+        if isinstance(ds, datasets.Dataset):
+            ds = datasets.DatasetDict({"train": ds})
+        if "train" not in ds or "text" not in ds["train"].column_names:
+            raise DataError(f"dataset {name!r} needs a 'train' split with a 'text' column")
         val_split = next((s for s in ("validation", "test") if s in ds), None)
         if val_split is not None:
             rows = ds[val_split] if want_val else ds["train"]

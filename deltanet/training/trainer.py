@@ -31,6 +31,7 @@ from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_che
 from .config import ConfigError, RunConfig
 from .data import DataError, PackedTokens, build_token_cache, make_batch, open_corpus
 from .distributed import Dist, setup, wrap_model
+from .metrics import MetricsLog, plot_losses
 from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
 
 __all__ = ["TrainResult", "lr_at", "train"]
@@ -256,7 +257,7 @@ class _Run:
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
                  f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process")
         amp = self._autocast()
-        metrics = _Metrics(run_dir, d.is_main, resume_step=step)
+        metrics = MetricsLog(run_dir, d.is_main, resume_step=step)
         tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
         flops_tok = _flops_per_token(raw, self.dc.seq_len)
         peak = _peak_flops(d.device)
@@ -307,6 +308,8 @@ class _Run:
                         post["mfu"] = f"{100 * mfu:.1f}%"
                     if last_val:
                         post["val"] = f"{last_val['loss']:.3f}"
+                    if tc.max_time_s:  # the bar's ETA counts steps; this is the clock that decides
+                        post["left"] = f"{max(0.0, tc.max_time_s - rec['elapsed_s']):.0f}s"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
@@ -326,7 +329,7 @@ class _Run:
         metrics.close()
         sample = self._sample(raw, tokenizer)
         if d.is_main:
-            _plot(run_dir)
+            plot_losses(run_dir)
         return TrainResult(run_dir, step, last_val, sample, False, tps_ema)
 
     def _cpu_threads(self) -> str:
@@ -470,70 +473,3 @@ def _peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-class _Metrics:
-    """``metrics.jsonl`` (one object per logged step) and TensorBoard when installed."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = None
-        self.val_steps: set[int] = set()
-        if not enabled:
-            return
-        if self.path.exists():  # drop records past the checkpoint we resume from (logged, then lost)
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        self.f = self.path.open("a")
-
-    def write(self, rec: dict) -> None:
-        if "val_loss" in rec:
-            self.val_steps.add(rec["step"])
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec["step"])
-
-    def has_val(self, step: int) -> bool:
-        return step in self.val_steps
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-def _plot(run_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    tr = [(r["step"], r["loss"]) for r in recs if math.isfinite(r.get("loss", float("nan")))]
-    va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if tr:
-        ax.plot(*zip(*tr), label="train loss", lw=1)
-    if va:
-        ax.plot(*zip(*va), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=120)
-    plt.close(fig)

@@ -112,10 +112,17 @@ def test_packed_documents_do_not_see_each_other():
     torch.testing.assert_close(lp, la, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_datasets_without_the_package_says_what_to_install():
-    import importlib.util
+def test_hf_dataset_from_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(6)]}).save_to_disk(str(tmp_path / "ds"))
+    c = open_corpus(f"hf:{tmp_path / 'ds'}", val_fraction=0.5)
+    assert list(c.iter_texts("train")) == ["row 0", "row 2", "row 4"]
+    assert list(c.iter_texts("val")) == ["row 1", "row 3", "row 5"]
 
-    if importlib.util.find_spec("datasets") is not None:
-        pytest.skip("datasets is installed")
+
+def test_hf_datasets_without_the_package_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(DataError, match=r"pip install 'deltanet\[datasets\]'"):
         open_corpus("hf:wikitext:wikitext-2-raw-v1")
