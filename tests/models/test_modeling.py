@@ -64,6 +64,14 @@ def test_generate_equals_greedy_recomputation(mix):
     assert torch.equal(generated, seq)
 
 
+def test_beam_search_with_cache_equals_without():
+    """Beam search reorders the cache (DeltaNetCache.reorder_cache) between steps."""
+    model = make_model("all")
+    prompt = torch.randint(1, VOCAB, (2, 6))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(prompt, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
 @pytest.mark.parametrize("mix", ["swa_hybrid", "all"])
 def test_left_padded_generation_equals_single_sequences(mix):
     model = make_model(mix)
