@@ -154,8 +154,8 @@ def cmd_train(argv: list[str]) -> int:
 
     t0 = time.time()
     res = train(cfg)
-    if res.interrupted or res.val is None:
-        return 0
+    if res.interrupted or res.val is None or os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun only rank 0 reports
     v = res.val
     print(f"run directory: {res.run_dir}")
     print(f"step {res.step}: validation loss {v['loss']:.4f} | bits/byte {v['bpb']:.4f} | perplexity {v['ppl']:.2f} "

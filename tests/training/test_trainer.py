@@ -84,10 +84,11 @@ def test_resume_without_checkpoint_is_an_error(baseline, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("deltanet: error: --resume: no checkpoint in")
 
 
-def test_ddp_two_processes_match_one(corpus, baseline, tmp_path):
-    """2 gloo processes x batch 2 see the rows of 1 process x batch 4: same losses."""
-    out = tmp_path / "ddp"
-    args = train_args(corpus, out, tmp_path / "cache", steps=12)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, baseline, tmp_path, mode):
+    """2 gloo processes x batch 2 see the rows of 1 process x batch 4: same losses (DDP and FSDP2)."""
+    out = tmp_path / mode
+    args = train_args(corpus, out, tmp_path / "cache", *(["--fsdp"] if mode == "fsdp" else []), steps=12)
     args[args.index("--batch-size") + 1] = "2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "deltanet.cli", *args]
@@ -98,4 +99,5 @@ def test_ddp_two_processes_match_one(corpus, baseline, tmp_path):
     for s in want:
         assert got[s] == pytest.approx(want[s], abs=2e-4, rel=1e-4), s
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["world_size"] == 2
+    assert cfg["world_size"] == 2 and cfg["train"]["fsdp"] == (mode == "fsdp")
+    assert r.stdout.count("validation loss") == 1  # only rank 0 reports
