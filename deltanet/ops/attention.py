@@ -102,6 +102,13 @@ def _window_block_mask(T: int, window: int, device: torch.device):
     return _block_mask(T, window, None, device)
 
 
+@functools.lru_cache(maxsize=4)
+def _document_block_mask(T: int, window: int | None, bounds: tuple[int, ...], device: torch.device):
+    # built once per batch, shared by every attention layer of the forward (and its backward)
+    cu = torch.tensor(bounds, device=device)
+    return _block_mask(T, window, _doc_ids(cu, T), device)
+
+
 def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
     """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -110,7 +117,7 @@ def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
     if cu_seqlens is None:
         block_mask = _window_block_mask(T, window, q.device)
     else:
-        block_mask = _block_mask(T, window, _doc_ids(cu_seqlens, T), q.device)
+        block_mask = _document_block_mask(T, window, tuple(cu_seqlens.tolist()), q.device)
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
