@@ -35,6 +35,11 @@ VARIANTS = {
     "wdqkw8": {"WARPS_DQKW": 8},
     "sdqkw3": {"STAGES_DQKW": 3},
     "wwy8": {"WARPS_WY": 8},
+    # From the offline spill report (benchmarks/kernel_resources.py): at 4 warps wy_bwd and
+    # dqkw spill ~2.6-2.9 KB per thread, at 8 warps ~0.6-0.8 KB; wy_fwd 640 B -> 80 B.
+    "w8wy_dqkw": {"WARPS_WY": 8, "WARPS_DQKW": 8},
+    "w8wy_dqkw_bk32": {"WARPS_WY": 8, "WARPS_DQKW": 8, "BK_DQKW": 32},
+    "w8_regsolve": {"WARPS_WY": 8, "WARPS_DQKW": 8, "WY_BATCHED": 0},
 }
 
 

@@ -1,0 +1,64 @@
+"""Registers, spill stack and shared memory of the chunk kernels, compiled for sm_90 (H100/H200)
+on any machine (no GPU needed: Triton's bundled ptxas and cuobjdump). A spill stack of
+kilobytes per thread is the first thing to look at when a kernel is slower than its FLOPs.
+
+    python benchmarks/kernel_resources.py --dim 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+W = importlib.import_module("deltanet.ops.delta_rule.kernels.wy")
+S = importlib.import_module("deltanet.ops.delta_rule.kernels.state")
+O = importlib.import_module("deltanet.ops.delta_rule.kernels.output")
+BF, F32, I32 = "*bf16", "*fp32", "*i32"
+C = "constexpr"
+
+
+def resources(fn, sig, consts, warps=4, stages=2) -> str:
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs {m.group(1)}, spill/stack {m.group(2)} B/thread, smem {k.metadata.shared} B"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dim", type=int, default=128)
+    D = p.parse_args().dim
+    dims = dict(H=16, K=D, V=D, BT=64)
+    wy_sig = dict(k=BF, v=BF, beta=BF, w=BF, u=BF, ai=F32, cu_seqlens=I32, chunk_table=I32, H=C, K=C, V=C, BT=C,
+                  BK=C, BV=C, PREC=C, BATCHED_INV=C)
+    wyb_sig = dict(k=BF, v=BF, beta=BF, ai=F32, dw=BF, du=BF, dk_in=F32, dk=BF, dv=BF, dbeta=BF, cu_seqlens=I32,
+                   chunk_table=I32, H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)
+    dq_sig = dict(q=BF, k=BF, v_new=BF, h=BF, dh=BF, do=BF, dv=BF, dq=BF, dk=F32, dw=BF, cu_seqlens=I32,
+                  chunk_table=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)
+    h_sig = dict(k=BF, w=BF, u=BF, v_new=BF, h=BF, h0=F32, ht=F32, cu_seqlens=I32, chunk_offsets=I32, H=C, K=C,
+                 V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C, PREC=C)
+    for warps in (4, 8):
+        print(f"wy_fwd   warps {warps}:", resources(W.wy_fwd_kernel, wy_sig, dict(dims, BK=64, BV=64, PREC="tf32",
+                                                                                   BATCHED_INV=True), warps))
+        print(f"wy_bwd   warps {warps}:", resources(W.wy_bwd_kernel, wyb_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
+        print(f"dqkw_bwd warps {warps}:", resources(O.dqkw_bwd_kernel, dq_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
+        for bv in (16, 64):
+            print(f"h_fwd BV {bv} warps {warps}:", resources(S.h_fwd_kernel, h_sig, dict(
+                dims, BK=max(16, triton.next_power_of_2(D)), BV=bv, USE_H0=False, STORE_HT=False, PREC="tf32"), warps))
+
+
+if __name__ == "__main__":
+    main()
