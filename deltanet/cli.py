@@ -186,6 +186,10 @@ def cmd_generate(argv: list[str]) -> int:
     ckpt = find_checkpoint(args.checkpoint)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokenizer = load_tokenizer(ckpt)
+    if device == "cpu":
+        from deltanet.training.distributed import configure_cpu_threads
+
+        configure_cpu_threads()
     model = load_model(ckpt, device)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -89,7 +89,8 @@ def cli_main(argv: list[str]) -> int:
 
     from deltanet.training.checkpoint import find_checkpoint, load_model
     from deltanet.training.config import DataConfig
-    from deltanet.training.data import PackedTokens, build_token_cache, open_corpus
+    from deltanet.training.data import PackedTokens, build_token_cache, eval_positions, open_corpus
+    from deltanet.training.distributed import configure_cpu_threads
     from deltanet.training.tokenizer import load_tokenizer
 
     ckpt = find_checkpoint(args.checkpoint)
@@ -104,16 +105,22 @@ def cli_main(argv: list[str]) -> int:
         raise ValueError("--seq-len and --batch-size must be > 0, --max-tokens >= 0")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        configure_cpu_threads()
     model = load_model(ckpt, device)
     corpus = open_corpus(data_cfg.data, data_cfg.val_fraction)
     cache = build_token_cache(corpus, tokenizer, data_cfg.resolved_cache_dir())
     packed = PackedTokens(cache.tokens(args.split), seq_len, shuffle=False)
-    n_rows = packed.n_rows
-    if args.max_tokens:
-        n_rows = min(n_rows, max(1, args.max_tokens // seq_len))
-    if n_rows == 0:
+    if packed.n_rows == 0:
         raise ValueError(f"the {args.split} split of {data_cfg.data} has fewer than seq_len={seq_len} tokens")
-    rows = (packed.rows(np.arange(i, min(i + args.batch_size, n_rows))) for i in range(0, n_rows, args.batch_size))
+    # all rows, or (--max-tokens) rows spread over the split, as the trainer's validation does
+    positions = eval_positions(packed.n_rows, max(1, args.max_tokens // seq_len) if args.max_tokens else packed.n_rows)
+    chunks = [positions[i:i + args.batch_size] for i in range(0, len(positions), args.batch_size)]
+    if len(chunks) > 4 and device.type == "cpu":
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="eval", leave=False)
+    rows = (packed.rows(c) for c in chunks)
     amp = torch.bfloat16 if device.type == "cuda" else None
     res = summarize(evaluate_rows(model, rows, eos_id=tokenizer.eos_id, token_bytes=tokenizer.token_bytes(),
                                   device=device, doc_mask=data_cfg.doc_mask, autocast_dtype=amp))

@@ -156,7 +156,10 @@ def load_model(ckpt: Path, device: torch.device | str = "cpu"):
     """``DeltaNetForCausalLM.from_pretrained`` with corrupt files reported as CheckpointError."""
     from deltanet.models import DeltaNetForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     _check_safetensors(ckpt)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in front of generated text
     try:
         model = DeltaNetForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     except Exception as e:

@@ -27,7 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["Corpus", "DataError", "PackedTokens", "TokenCache", "build_token_cache", "make_batch", "open_corpus"]
+__all__ = ["Corpus", "DataError", "PackedTokens", "TokenCache", "build_token_cache", "eval_positions", "make_batch",
+           "open_corpus"]
 
 CACHE_VERSION = 1
 
@@ -326,6 +327,19 @@ class PackedTokens:
         ids = self._row_ids(np.asarray(positions, dtype=np.int64))
         starts = ids[:, None] * self.seq_len + np.arange(self.seq_len)[None, :]
         return self.tokens[starts].astype(np.int64)
+
+
+def eval_positions(n_rows: int, n: int) -> np.ndarray:
+    """``n`` row indices spread evenly over ``n_rows`` (all when ``n >= n_rows``).
+
+    Validation on a subset should sample the whole held-out split, not its first files.
+
+    >>> eval_positions(10, 4).tolist(), eval_positions(3, 8).tolist()
+    ([0, 3, 6, 9], [0, 1, 2])
+    """
+    if n >= n_rows:
+        return np.arange(n_rows)
+    return np.unique(np.linspace(0, n_rows - 1, n).round().astype(np.int64))
 
 
 def make_batch(rows: np.ndarray, eos_id: int, doc_mask: bool = True) -> dict[str, torch.Tensor]:

@@ -29,8 +29,8 @@ import torch
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
                          load_training_state, restore_rng, save_checkpoint)
 from .config import ConfigError, RunConfig
-from .data import DataError, PackedTokens, build_token_cache, make_batch, open_corpus
-from .distributed import Dist, setup, wrap_model
+from .data import DataError, PackedTokens, build_token_cache, eval_positions, make_batch, open_corpus
+from .distributed import Dist, configure_cpu_threads, setup, wrap_model
 from .metrics import MetricsLog, plot_losses
 from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
 
@@ -253,7 +253,7 @@ class _Run:
             ranks = state["rng"]
             restore_rng(ranks[d.rank] if d.rank < len(ranks) else ranks[0])
             self.log(f"resumed {run_dir} from {ckpt.name}")
-        threads = self._cpu_threads() if d.device.type == "cpu" else ""
+        threads = f", {configure_cpu_threads(tc.threads, d.world_size)}" if d.device.type == "cpu" else ""
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
                  f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process")
         amp = self._autocast()
@@ -332,26 +332,6 @@ class _Run:
             plot_losses(run_dir)
         return TrainResult(run_dir, step, last_val, sample, False, tps_ema)
 
-    def _cpu_threads(self) -> str:
-        """Set intra-op threads; returns a note for the log.
-
-        Auto: torch's default split over this host's processes, cut to the cores the load
-        average leaves free. With more busy threads than cores, OpenMP's spin-waiting makes a
-        2-thread step 10-30x slower than a 1-thread one (measured on a busy 2-core box).
-        Exact resume on CPU needs the same thread count: pin it with --threads.
-        """
-        import os
-
-        if self.tc.threads:
-            torch.set_num_threads(self.tc.threads)
-            return f", {self.tc.threads} thread(s)"
-        cores = os.cpu_count() or 1
-        share = max(1, min(torch.get_num_threads(), cores // self.d.world_size))
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        n = max(1, min(share, round(cores - load)))
-        torch.set_num_threads(n)
-        return f", {n} thread(s) (auto: load average {load:.1f} on {cores} cores)"
-
     def _autocast(self):
         kind = self.d.device.type
         want = self.tc.dtype if self.tc.dtype != "auto" else ("bfloat16" if kind == "cuda" else "float32")
@@ -404,9 +384,10 @@ class _Run:
         from deltanet.evaluation.perplexity import evaluate_rows, summarize
 
         d, B = self.d, self.tc.batch_size
-        n = min(val.n_rows, self.tc.eval_batches * B * d.world_size)
+        rows = eval_positions(val.n_rows, self.tc.eval_batches * B * d.world_size)
+        n = len(rows)
         # FSDP needs every rank in every forward: give all ranks the same number of batches
-        mine = np.arange(d.rank, n, d.world_size)
+        mine = rows[d.rank::d.world_size]
         n_batches = math.ceil(math.ceil(n / d.world_size) / B)
         batches = [mine[i * B:(i + 1) * B] for i in range(n_batches)]
         dtype = torch.bfloat16 if amp is not contextlib.nullcontext else None
