@@ -53,6 +53,8 @@ def main() -> None:
     for warps in (4, 8):
         print(f"wy_fwd   warps {warps}:", resources(W.wy_fwd_kernel, wy_sig, dict(dims, BK=64, BV=64, PREC="tf32",
                                                                                    BATCHED_INV=True), warps))
+        print(f"wy_fwd_dense warps {warps}:", resources(W.wy_fwd_dense_kernel, {
+            n: t for n, t in wy_sig.items() if n != "BATCHED_INV"}, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
         print(f"wy_bwd   warps {warps}:", resources(W.wy_bwd_kernel, wyb_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
         print(f"dqkw_bwd warps {warps}:", resources(O.dqkw_bwd_kernel, dq_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
         for bv in (16, 64):

@@ -40,6 +40,9 @@ VARIANTS = {
     "w8wy_dqkw": {"WARPS_WY": 8, "WARPS_DQKW": 8},
     "w8wy_dqkw_bk32": {"WARPS_WY": 8, "WARPS_DQKW": 8, "BK_DQKW": 32},
     "w8_regsolve": {"WARPS_WY": 8, "WARPS_DQKW": 8, "WY_BATCHED": 0},
+    # wy_fwd_dense_kernel: A as one 64x64 product, the merge as four 64x64 tf32 products.
+    "dense_w8": {"WY_DENSE": 1, "WARPS_WY": 8},
+    "dense_w8_dqkw8": {"WY_DENSE": 1, "WARPS_WY": 8, "WARPS_DQKW": 8},
 }
 
 

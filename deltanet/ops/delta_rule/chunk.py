@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
-from .kernels.wy import wy_bwd_kernel, wy_fwd_kernel
+from .kernels.wy import wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
 __all__ = ["chunk_delta_rule"]
@@ -155,7 +155,7 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
         WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2,
-        WARPS_WY=4, WY_BATCHED=1, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
+        WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
     )
@@ -170,9 +170,13 @@ def _wy(k, v, beta, idx, cfg):
     V = v.shape[-1]
     w, u = _new(k), _new(v)
     ai = _new(k, TT, H, BT, dtype=torch.float32)  # fp32: also the scratch of the in-kernel solve
-    wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-                            BV=cfg["BV"], PREC=_prec(k.dtype), BATCHED_INV=bool(cfg["WY_BATCHED"]),
-                            num_warps=cfg["WARPS_WY"])
+    if cfg["WY_DENSE"]:  # candidate, not yet measured on the GPU (benchmarks/NOTES-kernels.md)
+        wy_fwd_dense_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
+                                      BV=cfg["BV"], PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
+    else:
+        wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
+                                BV=cfg["BV"], PREC=_prec(k.dtype), BATCHED_INV=bool(cfg["WY_BATCHED"]),
+                                num_warps=cfg["WARPS_WY"])
     return w, u, ai
 
 

@@ -222,6 +222,65 @@ def wy_fwd_kernel(
 
 
 @triton.jit
+def wy_fwd_dense_kernel(
+    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Same contract as ``wy_fwd_kernel``, with the merge done as four 64x64 products.
+
+    With D = blockdiag((I + A_bb)^-1) and M = D A_off (A_off: the blocks below the diagonal,
+    so M^4 = 0): (I + A)^-1 = (I + M)^-1 D = (I - M + M^2 - M^3) D. A is one 64x64 product per
+    K-block instead of ten 16x16 ones, and the merge uses full-size tensor-core products
+    instead of sixteen 16x16 fp32 ones. Only the diagonal blocks are solved by substitution.
+    """
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    rt = tl.arange(0, BT)
+    mt = (t0 + rt) < eos
+    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :],
+                      mask=mt[:, None] & (ck[None, :] < K), other=0.0)
+        b_a += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    b_a = tl.where(rt[:, None] > rt[None, :], b_a * b[:, None], 0.0)
+
+    p_ai = ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :]
+    tl.store(p_ai, b_a, mask=mt[:, None])
+    tl.debug_barrier()  # the substitution reads rows of A written by other threads
+    x3 = _inv_diag_blocks(ai, t0, eos, i_h, H, BT)
+    tl.debug_barrier()
+    r = tl.arange(0, 16)
+    b4 = tl.arange(0, 4)
+    rows3 = t0 + 16 * b4[:, None, None] + r[None, :, None]
+    tl.store(ai + (rows3 * H + i_h) * BT + 16 * b4[:, None, None] + r[None, None, :], x3, mask=rows3 < eos)
+    tl.debug_barrier()
+    blk = rt // 16
+    b_d = tl.load(p_ai, mask=mt[:, None] & (blk[:, None] == blk[None, :]), other=0.0)
+    b_m = tl.dot(b_d, tl.where(blk[:, None] > blk[None, :], b_a, 0.0), input_precision=PREC)
+    b_m2 = tl.dot(b_m, b_m, input_precision=PREC)
+    b_p = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0) - b_m + b_m2 - tl.dot(b_m2, b_m, input_precision=PREC)
+    b_x = tl.dot(b_p, b_d, input_precision=PREC)
+    tl.debug_barrier()  # every read of the scratch is done before Ai overwrites it
+    tl.store(p_ai, b_x, mask=mt[:, None])
+
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        m = mt[:, None] & (ck[None, :] < K)
+        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], mask=m, other=0.0)
+        b_w = tl.dot(b_x.to(b_k.dtype), (b_k * b[:, None]).to(b_k.dtype), input_precision=PREC)
+        tl.store(w + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=m)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = mt[:, None] & (cv[None, :] < V)
+        b_v = tl.load(v + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], mask=m, other=0.0)
+        b_u = tl.dot(b_x.to(b_v.dtype), (b_v * b[:, None]).to(b_v.dtype), input_precision=PREC)
+        tl.store(u + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def wy_bwd_kernel(
     k, v, beta, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
