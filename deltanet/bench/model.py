@@ -84,7 +84,7 @@ def _error(e: BaseException) -> str:
 
 
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
-                smoke: bool = False, fused_loss: bool = True) -> dict:
+                smoke: bool = False, fused_loss: bool = True, compile_model: bool = False) -> dict:
     """Training tokens/s and peak memory of one model at one sequence length."""
     row = dict(model=name, T=T, batch=max(1, tokens // T))
     model = opt = None
@@ -92,6 +92,7 @@ def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, devi
         model = build_model(name, smoke=smoke, fused_loss=fused_loss).to(device).train()
         row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fwd = torch.compile(model) if compile_model and name != FLA else model
         vocab = model.config.vocab_size
         g = torch.Generator(device=device).manual_seed(0)
         ids = torch.randint(0, vocab, (row["batch"], T), device=device, generator=g)
@@ -99,7 +100,7 @@ def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, devi
 
         def step():
             with amp:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = fwd(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -230,6 +231,7 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens / T)")
         p.add_argument("--steps", type=int, default=10, help="timed steps")
         p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+        p.add_argument("--compile", action="store_true", help="our models: torch.compile the whole model")
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
     else:
@@ -262,11 +264,13 @@ def cli_main(argv: list[str]) -> int:
         for m in args.models:
             for T in args.lengths:
                 r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
-                                smoke=args.smoke, fused_loss=not args.plain_loss)
+                                smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile)
                 r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
+                r["compiled"] = bool(args.compile and m != FLA)
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-        cols = ["model", "T", "batch", "params_M", "tokens_per_s", "peak_mem_GiB", "warmup_s", "loss", "loss_impl"]
+        cols = ["model", "T", "batch", "params_M", "tokens_per_s", "peak_mem_GiB", "warmup_s", "loss", "loss_impl",
+                "compiled"]
         title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
     else:
         for m in args.models:

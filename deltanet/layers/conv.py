@@ -6,19 +6,20 @@ keeps the ``[B, T, C]`` layout (no transposes), takes a cached prefix for decodi
 the terms that would reach across a document boundary of a packed batch by masking each shift.
 Accumulation is in float32 (at least).
 
-On CUDA, training calls go through ``torch.compile`` of the same function: eager PyTorch would
-run ~10 elementwise kernels per convolution (and keep their inputs for backward), the compiled
-version one fused kernel forward and one backward.
+On CUDA, training calls go through ``torch.compile`` of the same function (``_fused.py``):
+eager PyTorch would run ~10 elementwise kernels per convolution (and keep their inputs for
+backward), the compiled version one fused kernel forward and one backward.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ._fused import fused
 
 __all__ = ["ShortConvolution", "causal_conv", "positions_in_documents"]
 
@@ -61,13 +62,9 @@ def causal_conv(xe: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | 
     return y.to(xe.dtype)
 
 
+@fused
 def _padded_conv(x, weight, doc_pos, silu: bool):
     return causal_conv(F.pad(x, (0, 0, weight.shape[1] - 1, 0)), weight, doc_pos, silu)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_padded_conv():
-    return torch.compile(_padded_conv, dynamic=False)
 
 
 class ShortConvolution(nn.Module):
@@ -103,9 +100,8 @@ class ShortConvolution(nn.Module):
         silu = self.activation == "silu"
         doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None and not output_state:
-            # training / scoring: the fused compiled kernel on CUDA
-            fn = _compiled_padded_conv() if x.is_cuda and torch.is_grad_enabled() else _padded_conv
-            return fn(x, self.weight, doc_pos, silu), None
+            # training / scoring (compiled on CUDA for training)
+            return _padded_conv(x, self.weight, doc_pos, silu), None
         if state is None:
             state = x.new_zeros(B, W - 1, C)
         xe = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
