@@ -5,7 +5,8 @@ Our model is a Hugging Face ``PreTrainedModel``, so the adapter reuses lm-eval's
 with two things it cannot find by itself: the model loaded from our checkpoint layout
 (``deltanet.training.checkpoint``) and a ``transformers`` tokenizer built from the tokenizer
 the run stored (byte-level BPE ``tokenizer.json``, or raw bytes). It is registered with
-lm-eval as model ``"deltanet"``, so after ``import deltanet.evaluation.harness``::
+lm-eval as model ``"deltanet"`` when first used (importing this module alone never imports
+lm-eval), so after ``from deltanet.evaluation.harness import DeltaNetLM``::
 
     lm_eval.simple_evaluate(model="deltanet", model_args="pretrained=runs/x", tasks=[...])
 
@@ -176,7 +177,15 @@ def evaluate(
         raise ValueError("tasks must name at least one lm-eval task")
     lm = _lm_class()(pretrained, tokenizer=tokenizer, device=device, dtype=dtype,
                      batch_size=batch_size)
-    tm = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    tm = None
+    if include_path is not None:
+        # Indexing lm-eval's thousands of built-in YAMLs takes ~20 s; skip it when the local
+        # directory already defines every requested task.
+        tm = TaskManager(include_path=str(include_path), include_defaults=False)
+        if any(t not in tm.all_tasks for t in tasks):
+            tm = None
+    if tm is None:
+        tm = TaskManager(include_path=str(include_path) if include_path is not None else None)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise ValueError(f"tasks: unknown lm-eval task(s) {unknown} (add --include-path for local YAMLs)")

@@ -113,3 +113,22 @@ def test_hf_tokenizer_encodes_like_ours():
     assert tok.eos_token_id == bpe.eos_id
     with pytest.raises(TypeError, match="tokenizer"):
         hf_tokenizer(object())
+
+
+def test_registered_with_lm_eval_by_name(local_task):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from deltanet.evaluation.harness import DeltaNetLM
+
+    root, model = local_task
+    out = lm_eval.simple_evaluate(
+        model="deltanet", model_args=f"pretrained={root / 'ckpt'},device=cpu,batch_size=2",
+        tasks=["tiny_local_mc"],
+        task_manager=TaskManager(include_path=str(root / "tasks"), include_defaults=False),
+    )
+    direct = [max(range(len(d["choices"])),
+                  key=lambda i: direct_loglikelihoods(model, d["question"], d["choices"][i])[0])
+              == d["answer"] for d in DOCS]
+    assert out["results"]["tiny_local_mc"]["acc,none"] == pytest.approx(sum(direct) / len(DOCS))
+    assert issubclass(DeltaNetLM, lm_eval.api.model.LM)
