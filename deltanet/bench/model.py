@@ -119,7 +119,7 @@ def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, devi
         _sync(device)
         elapsed = time.perf_counter() - t0
         row["tokens_per_s"] = round(steps * row["batch"] * T / elapsed)
-        row["loss"] = round(float(loss), 3)
+        row["loss"] = round(loss.detach().item(), 3)
         if device.type == "cuda":
             row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
