@@ -80,7 +80,7 @@ def train_parser() -> CliParser:
     g.add_argument("--cache-dir", help="token cache directory (default $DELTANET_CACHE_DIR or ~/.cache/deltanet/tokens)")
     g.add_argument("--no-doc-mask", dest="doc_mask", action="store_false", help="let packed documents see each other")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=float, help="peak learning rate (default 0 = auto: 6e-3 * 128 / hidden_size)")
     g.add_argument("--warmup", type=int, help="warmup steps")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--grad-clip", type=float)

@@ -66,7 +66,7 @@ def test_eval_ppl_matches_training_validation(run, capsys):
     (["train", "--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
     (["train", "--seq-len", "abc"], 2, "invalid int value"),
     (["train", "--data", "/no/such/dir", "--max-steps", "1"], 1, "data path not found: /no/such/dir"),
-    (["train", "--lr", "-1"], 2, "lr must be > 0"),
+    (["train", "--lr", "-1"], 2, "lr must be >= 0"),
     (["train", "--preset", "nope", "--tokenizer", "bytes", "--data", "EMPTY"], 2, "unknown preset"),
     (["frobnicate"], 2, "invalid choice"),
     (["eval", "nosuchtask"], 2, "invalid choice"),

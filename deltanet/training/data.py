@@ -168,7 +168,7 @@ class Corpus:
                 yield text
 
 
-def stdlib_files() -> list[Path]:
+def stdlib_files(include_tests: bool = False) -> list[Path]:
     """The running interpreter's standard-library ``.py`` files, sorted.
 
     Third-party packages and the stdlib's own test suites are left out: the tests are about
@@ -176,14 +176,17 @@ def stdlib_files() -> list[Path]:
     include deliberately odd files (bad encodings, huge literals) that teach little.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    if not include_tests:
+        skip |= {"test", "tests", "idle_test"}
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.is_file())
 
 
 def open_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:
-    """Resolve a data spec: ``stdlib``, a file, a directory, a glob, a ``.jsonl`` or ``hf:NAME[:CONFIG]``."""
-    if spec == "stdlib":
-        files = stdlib_files()
+    """Resolve a data spec: ``stdlib`` / ``stdlib-all``, a file, a directory, a glob, a ``.jsonl``,
+    ``hf:NAME[:CONFIG]`` (Hugging Face hub) or ``hf:DIR`` (a dataset saved with ``save_to_disk``)."""
+    if spec in ("stdlib", "stdlib-all"):  # stdlib-all: with the stdlib's test suites (2.5x the text)
+        files = stdlib_files(include_tests=spec == "stdlib-all")
         if not files:
             raise DataError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']}")
         return Corpus(spec, files, val_fraction)

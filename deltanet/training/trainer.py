@@ -28,7 +28,7 @@ import torch
 
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
                          load_training_state, restore_rng, save_checkpoint)
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, auto_lr
 from .data import DataError, PackedTokens, build_token_cache, eval_positions, make_batch, open_corpus
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
 from .metrics import MetricsLog, plot_losses
@@ -228,7 +228,7 @@ class _Run:
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases, scalars
         groups = [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.oc.lr, betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps,
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps,
                                  fused=self.d.device.type == "cuda")
 
     # -- the loop ----------------------------------------------------------------------------
@@ -243,6 +243,7 @@ class _Run:
         raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
+        self.peak_lr = self.oc.lr or auto_lr(raw.config.hidden_size)
         opt = self._optimizer(model)
         n_params = sum(p.numel() for p in raw.parameters())
         step, elapsed0 = 0, 0.0
@@ -255,7 +256,8 @@ class _Run:
             self.log(f"resumed {run_dir} from {ckpt.name}")
         threads = f", {configure_cpu_threads(tc.threads, d.world_size)}" if d.device.type == "cpu" else ""
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
-                 f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process")
+                 f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process, "
+                 f"peak lr {self.peak_lr:g}{'' if self.oc.lr else ' (auto)'}")
         amp = self._autocast()
         metrics = MetricsLog(run_dir, d.is_main, resume_step=step)
         tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
@@ -282,7 +284,7 @@ class _Run:
                 if tc.max_time_s:
                     frac = max(float(flags[1]) / tc.max_time_s,
                                (step - self.oc.warmup) / max(1, tc.max_steps - self.oc.warmup))
-                lr = lr_at(step, tc.max_steps, self.oc.lr, self.oc.warmup, self.oc.min_lr_ratio, frac)
+                lr = lr_at(step, tc.max_steps, self.peak_lr, self.oc.warmup, self.oc.min_lr_ratio, frac)
                 t0 = time.time()
                 loss, gnorm = self._step(fwd, model, opt, train_rows, tokenizer.eos_id, step, lr, amp)
                 if d.device.type == "cuda":
