@@ -40,7 +40,9 @@ def resources(fn, sig, consts, warps=4, stages=2) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dim", type=int, default=128)
-    D = p.parse_args().dim
+    p.add_argument("--warps", default="4,8", help="comma-separated num_warps to compile for")
+    args = p.parse_args()
+    D = args.dim
     dims = dict(H=16, K=D, V=D, BT=64)
     wy_sig = dict(k=BF, v=BF, beta=BF, w=BF, u=BF, ai=F32, cu_seqlens=I32, chunk_table=I32, H=C, K=C, V=C, BT=C,
                   BK=C, BV=C, PREC=C, BATCHED_INV=C)
@@ -50,16 +52,26 @@ def main() -> None:
                   chunk_table=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)
     h_sig = dict(k=BF, w=BF, u=BF, v_new=BF, h=BF, h0=F32, ht=F32, cu_seqlens=I32, chunk_offsets=I32, H=C, K=C,
                  V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C, PREC=C)
-    for warps in (4, 8):
-        print(f"wy_fwd   warps {warps}:", resources(W.wy_fwd_kernel, wy_sig, dict(dims, BK=64, BV=64, PREC="tf32",
+    dh_sig = dict(q=BF, k=BF, w=BF, do=BF, dv_local=BF, dv=BF, dh=BF, dht=F32, dh0=F32, cu_seqlens=I32,
+                  chunk_offsets=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, USE_DHT=C, STORE_DH0=C,
+                  USE_DV_LOCAL=C, PREC=C)
+    o_sig = dict(q=BF, k=BF, v_new=BF, h=BF, o=BF, cu_seqlens=I32, chunk_table=I32, scale="fp32", H=C, K=C, V=C,
+                 BT=C, BK=C, BV=C, PREC=C)
+    BKF = max(16, triton.next_power_of_2(D))
+    bk = min(BKF, 64)
+    for warps in [int(x) for x in args.warps.split(",")]:
+        print(f"wy_fwd   warps {warps}:", resources(W.wy_fwd_kernel, wy_sig, dict(dims, BK=bk, BV=bk, PREC="tf32",
                                                                                    BATCHED_INV=True), warps))
         print(f"wy_fwd_dense warps {warps}:", resources(W.wy_fwd_dense_kernel, {
-            n: t for n, t in wy_sig.items() if n != "BATCHED_INV"}, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
-        print(f"wy_bwd   warps {warps}:", resources(W.wy_bwd_kernel, wyb_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
-        print(f"dqkw_bwd warps {warps}:", resources(O.dqkw_bwd_kernel, dq_sig, dict(dims, BK=64, BV=64, PREC="tf32"), warps))
+            n: t for n, t in wy_sig.items() if n != "BATCHED_INV"}, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
+        print(f"wy_bwd   warps {warps}:", resources(W.wy_bwd_kernel, wyb_sig, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
+        print(f"dqkw_bwd warps {warps}:", resources(O.dqkw_bwd_kernel, dq_sig, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
         for bv in (16, 64):
             print(f"h_fwd BV {bv} warps {warps}:", resources(S.h_fwd_kernel, h_sig, dict(
-                dims, BK=max(16, triton.next_power_of_2(D)), BV=bv, USE_H0=False, STORE_HT=False, PREC="tf32"), warps))
+                dims, BK=BKF, BV=bv, USE_H0=False, STORE_HT=False, PREC="tf32"), warps))
+            print(f"dh_bwd BV {bv} warps {warps}:", resources(S.dh_bwd_kernel, dh_sig, dict(
+                dims, BK=BKF, BV=bv, USE_DHT=False, STORE_DH0=False, USE_DV_LOCAL=False, PREC="tf32"), warps))
+        print(f"o_fwd    warps {warps}:", resources(O.o_fwd_kernel, o_sig, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
 
 
 if __name__ == "__main__":

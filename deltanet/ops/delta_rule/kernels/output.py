@@ -14,7 +14,7 @@ gradient from the reverse recurrence:
 import triton
 import triton.language as tl
 
-from .wy import _chunk_bounds
+from .wy import _chunk_base
 
 
 @triton.jit
@@ -25,10 +25,11 @@ def o_fwd_kernel(
 ):
     """Grid ``(cdiv(V, BV), chunks, H)``."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    q, k, v_new, o = q + row * K, k + row * K, v_new + row * V, o + row * V
+    h = h + (i_t.to(tl.int64) * H + i_h) * K * V
     rt = tl.arange(0, BT)
-    t = t0 + rt
-    mt = t < eos
+    mt = rt < n
     rv = i_v * BV + tl.arange(0, BV)
     mv = mt[:, None] & (rv[None, :] < V)
 
@@ -37,16 +38,16 @@ def o_fwd_kernel(
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = mt[:, None] & (ck[None, :] < K)
-        b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_h = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + ck[:, None] * V + rv[None, :],
-                      mask=(ck[:, None] < K) & (rv[None, :] < V), other=0.0)
+        b_q = tl.load(q + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
+        b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
+        b_h = tl.load(h + ck[:, None] * V + rv[None, :], mask=(ck[:, None] < K) & (rv[None, :] < V), other=0.0)
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_a = tl.where(rt[:, None] >= rt[None, :], b_a, 0.0)
-    b_vn = tl.load(v_new + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+    off = rt[:, None] * (H * V) + rv[None, :]
+    b_vn = tl.load(v_new + off, mask=mv, other=0.0)
     b_o += tl.dot(b_a.to(b_vn.dtype), b_vn, input_precision=PREC)
-    tl.store(o + (t[:, None] * H + i_h) * V + rv[None, :], (b_o * scale).to(o.dtype.element_ty), mask=mv)
+    tl.store(o + off, (b_o * scale).to(o.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -58,23 +59,24 @@ def dv_local_kernel(
     """Grid ``(cdiv(V, BV), chunks, H)``: ``dv_local = scale * triu(K Q^T) dO`` (fp32), the
     intra-chunk part of the pseudo-value gradient, off the sequential path."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    q, k, do, dv_local = q + row * K, k + row * K, do + row * V, dv_local + row * V
     rt = tl.arange(0, BT)
-    t = t0 + rt
-    mt = t < eos
+    mt = rt < n
     rv = i_v * BV + tl.arange(0, BV)
     mv = mt[:, None] & (rv[None, :] < V)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = mt[:, None] & (ck[None, :] < K)
-        b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_q = tl.load(q + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
+        b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
         b_a += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
     b_a = tl.where(rt[:, None] <= rt[None, :], b_a * scale, 0.0)
-    b_do = tl.load(do + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+    off = rt[:, None] * (H * V) + rv[None, :]
+    b_do = tl.load(do + off, mask=mv, other=0.0)
     b_dv = tl.dot(b_a.to(b_do.dtype), b_do, input_precision=PREC)
-    tl.store(dv_local + (t[:, None] * H + i_h) * V + rv[None, :], b_dv.to(dv_local.dtype.element_ty), mask=mv)
+    tl.store(dv_local + off, b_dv.to(dv_local.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -85,13 +87,15 @@ def dqkw_bwd_kernel(
 ):
     """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    q, k, dq, dk, dw = q + row * K, k + row * K, dq + row * K, dk + row * K, dw + row * K
+    v_new, do, dv = v_new + row * V, do + row * V, dv + row * V
+    s_base = (i_t.to(tl.int64) * H + i_h) * K * V
+    h, dh = h + s_base, dh + s_base
     rt = tl.arange(0, BT)
-    t = t0 + rt
-    mt = t < eos
+    mt = rt < n
     ck = i_k * BK + tl.arange(0, BK)
     mk = mt[:, None] & (ck[None, :] < K)
-    s_base = (i_t.to(tl.int64) * H + i_h) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -100,12 +104,12 @@ def dqkw_bwd_kernel(
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv = mt[:, None] & (cv[None, :] < V)
-        off = (t[:, None] * H + i_h) * V + cv[None, :]
+        off = rt[:, None] * (H * V) + cv[None, :]
         b_do = tl.load(do + off, mask=mv, other=0.0)
         b_vn = tl.load(v_new + off, mask=mv, other=0.0)
         b_dv = tl.load(dv + off, mask=mv, other=0.0)
         # [BV, BK] tiles of S and G, loaded transposed.
-        s_off = s_base + ck[None, :] * V + cv[:, None]
+        s_off = ck[None, :] * V + cv[:, None]
         ms = (ck[None, :] < K) & (cv[:, None] < V)
         b_ht = tl.load(h + s_off, mask=ms, other=0.0)
         b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
@@ -114,11 +118,11 @@ def dqkw_bwd_kernel(
         b_dw -= tl.dot(b_dv, b_ht, input_precision=PREC)
         b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
-    b_q = tl.load(q + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-    b_k = tl.load(k + (t[:, None] * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    off = rt[:, None] * (H * K) + ck[None, :]
+    b_q = tl.load(q + off, mask=mk, other=0.0)
+    b_k = tl.load(k + off, mask=mk, other=0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
-    off = (t[:, None] * H + i_h) * K + ck[None, :]
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
     tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dw + off, b_dw.to(dw.dtype.element_ty), mask=mk)

@@ -23,7 +23,11 @@ def h_fwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K)."""
+    """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K).
+
+    Pointers advance by a scalar per chunk and tiles use int32 offsets (registers: see
+    ``wy._chunk_base``).
+    """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -36,22 +40,25 @@ def h_fwd_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     mkv = (rk[:, None] < K) & (rv[None, :] < V)
     s_off = rk[:, None] * V + rv[None, :]
+    tk = rt[:, None] * (H * K) + rk[None, :]
+    tv = rt[:, None] * (H * V) + rv[None, :]
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
     for c in range(0, NT):
-        t = bos + c * BT + rt
-        mt = t < eos
+        row = (bos + c * BT) * H + i_h
+        n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
+        mt = rt < n
         tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
-        b_w = tl.load(w + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
-        b_u = tl.load(u + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
-        b_k = tl.load(k + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
+        b_w = tl.load(w + row * K + tk, mask=mk, other=0.0)
+        b_u = tl.load(u + row * V + tv, mask=mv, other=0.0)
+        b_k = tl.load(k + row * K + tk, mask=mk, other=0.0)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
         b_vn = b_vn.to(v_new.dtype.element_ty)
-        tl.store(v_new + (t[:, None] * H + i_h) * V + rv[None, :], b_vn, mask=mv)
+        tl.store(v_new + row * V + tv, b_vn, mask=mv)
         b_s += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_s, mask=mkv)
@@ -82,6 +89,8 @@ def dh_bwd_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     mkv = (rk[:, None] < K) & (rv[None, :] < V)
     s_off = rk[:, None] * V + rv[None, :]
+    tk = rt[:, None] * (H * K) + rk[None, :]
+    tv = rt[:, None] * (H * V) + rv[None, :]
     upper = rt[:, None] <= rt[None, :]
 
     b_g = tl.zeros([BK, BV], dtype=tl.float32)
@@ -89,17 +98,18 @@ def dh_bwd_kernel(
         b_g += tl.load(dht + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
     for i in range(0, NT):
         c = NT - 1 - i
-        t = bos + c * BT + rt
-        mt = t < eos
+        row = (bos + c * BT) * H + i_h
+        n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
+        mt = rt < n
         tl.store(dh + ((boh + c) * H + i_h) * K * V + s_off, b_g.to(dh.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
-        b_q = tl.load(q + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
-        b_k = tl.load(k + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
-        b_w = tl.load(w + (t[:, None] * H + i_h) * K + rk[None, :], mask=mk, other=0.0)
-        b_do = tl.load(do + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0)
+        b_q = tl.load(q + row * K + tk, mask=mk, other=0.0)
+        b_k = tl.load(k + row * K + tk, mask=mk, other=0.0)
+        b_w = tl.load(w + row * K + tk, mask=mk, other=0.0)
+        b_do = tl.load(do + row * V + tv, mask=mv, other=0.0)
         if USE_DV_LOCAL:
-            b_dv = tl.load(dv_local + (t[:, None] * H + i_h) * V + rv[None, :], mask=mv, other=0.0).to(tl.float32)
+            b_dv = tl.load(dv_local + row * V + tv, mask=mv, other=0.0).to(tl.float32)
         else:
             # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
             b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
@@ -107,7 +117,7 @@ def dh_bwd_kernel(
             b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
         b_dv += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=PREC)
         b_dv = b_dv.to(dv.dtype.element_ty)
-        tl.store(dv + (t[:, None] * H + i_h) * V + rv[None, :], b_dv, mask=mv)
+        tl.store(dv + row * V + tv, b_dv, mask=mv)
         b_g += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
         b_g -= tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype), input_precision=PREC)
     if STORE_DH0:

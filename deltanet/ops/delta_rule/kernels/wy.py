@@ -26,13 +26,25 @@ def _chunk_bounds(cu_seqlens, chunk_table, i_t, BT: tl.constexpr):
 
 
 @triton.jit
-def _load_rows16(k, t0, eos, i_h, r, ck, H: tl.constexpr, K: tl.constexpr):
-    return tl.load(k + ((t0 + r[:, None]) * H + i_h) * K + ck[None, :],
-                   mask=((t0 + r[:, None]) < eos) & (ck[None, :] < K), other=0.0)
+def _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """``(row, n)``: the int64 index ``t0 * H + i_h`` of the chunk's first (token, head) row,
+    and its number of valid tokens (int32, <= BT).
+
+    Kernels add ``row * D`` to their base pointers once (a scalar) and address the tile with
+    int32 offsets ``r * (H * D) + c``: per-element int64 offsets of a 64x64 tile cost 64
+    registers per thread at 4 warps and were the main cause of the register spills.
+    """
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    return t0 * H + i_h, tl.minimum(eos - t0, BT).to(tl.int32)
 
 
 @triton.jit
-def _kkt_blocks(k, t0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _load_rows16(k, r, n, ck, H: tl.constexpr, K: tl.constexpr):
+    return tl.load(k + r[:, None] * (H * K) + ck[None, :], mask=(r[:, None] < n) & (ck[None, :] < K), other=0.0)
+
+
+@triton.jit
+def _kkt_blocks(k, n, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """The ten lower 16x16 blocks of K K^T for one chunk (rows of K read once per K-block)."""
     r = tl.arange(0, 16)
     a00 = tl.zeros([16, 16], dtype=tl.float32)
@@ -40,10 +52,10 @@ def _kkt_blocks(k, t0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.conste
     a10, a21, a32, a20, a31, a30 = a00, a00, a00, a00, a00, a00
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        k0_ = _load_rows16(k, t0, eos, i_h, r, ck, H, K)
-        k1_ = _load_rows16(k, t0, eos, i_h, r + 16, ck, H, K)
-        k2_ = _load_rows16(k, t0, eos, i_h, r + 32, ck, H, K)
-        k3_ = _load_rows16(k, t0, eos, i_h, r + 48, ck, H, K)
+        k0_ = _load_rows16(k, r, n, ck, H, K)
+        k1_ = _load_rows16(k, r + 16, n, ck, H, K)
+        k2_ = _load_rows16(k, r + 32, n, ck, H, K)
+        k3_ = _load_rows16(k, r + 48, n, ck, H, K)
         a00 += tl.dot(k0_, tl.trans(k0_), input_precision=PREC)
         a11 += tl.dot(k1_, tl.trans(k1_), input_precision=PREC)
         a22 += tl.dot(k2_, tl.trans(k2_), input_precision=PREC)
@@ -58,9 +70,9 @@ def _kkt_blocks(k, t0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def _scale_rows(a, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, DIAG: tl.constexpr):
+def _scale_rows(a, beta, n, ri, rj, H: tl.constexpr, DIAG: tl.constexpr):
     """beta scales the rows of A; diagonal blocks keep their strictly lower part."""
-    b = tl.load(beta + (t0 + ri) * H + i_h, mask=(t0 + ri) < eos, other=0.0).to(tl.float32)
+    b = tl.load(beta + ri * H, mask=ri < n, other=0.0).to(tl.float32)
     a = a * b[:, None]
     if DIAG:
         a = tl.where(ri[:, None] > rj[None, :], a, 0.0)
@@ -68,7 +80,7 @@ def _scale_rows(a, beta, t0, eos, i_h, ri, rj, H: tl.constexpr, DIAG: tl.constex
 
 
 @triton.jit
-def _inv_diag_blocks(ai, t0, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
+def _inv_diag_blocks(ai, n, H: tl.constexpr, BT: tl.constexpr):
     """(I + A_bb)^-1 for the four 16x16 diagonal blocks, which ``ai`` holds (strictly lower A).
 
     Forward substitution, row i = e_i - sum_{j<i} a[i, j] inv[j, :], with the four blocks
@@ -80,11 +92,19 @@ def _inv_diag_blocks(ai, t0, eos, i_h, H: tl.constexpr, BT: tl.constexpr):
     ri3 = r[None, :, None]
     x = tl.where(ri3 == r[None, None, :], 1.0, 0.0) + tl.zeros([4, 16, 16], dtype=tl.float32)
     for i in range(1, 16):
-        row = t0 + 16 * b + i  # [4]: token of row i in each block
-        a_i = tl.load(ai + ((row[:, None] * H + i_h) * BT + 16 * b[:, None] + r[None, :]),
-                      mask=(row < eos)[:, None], other=0.0)  # [4, 16]
+        row = 16 * b + i  # [4]: row i of each block, within the chunk
+        a_i = tl.load(ai + (row[:, None] * (H * BT) + 16 * b[:, None] + r[None, :]),
+                      mask=(row < n)[:, None], other=0.0)  # [4, 16]
         x = tl.where(ri3 == i, x - tl.sum(a_i[:, :, None] * x, 1)[:, None, :], x)
     return x
+
+
+@triton.jit
+def _store_diag_blocks(ai, x3, n, H: tl.constexpr, BT: tl.constexpr):
+    r = tl.arange(0, 16)
+    b4 = tl.arange(0, 4)
+    rows3 = 16 * b4[:, None, None] + r[None, :, None]
+    tl.store(ai + rows3 * (H * BT) + 16 * b4[:, None, None] + r[None, None, :], x3, mask=rows3 < n)
 
 
 @triton.jit
@@ -112,14 +132,33 @@ def _inv_unit_lower(a0, a1, a2, a3):
 
 
 @triton.jit
-def _load_block(ai, t0, eos, i_h, ri, cj, H: tl.constexpr, BT: tl.constexpr):
-    return tl.load(ai + ((t0 + ri[:, None]) * H + i_h) * BT + cj[None, :], mask=(t0 + ri[:, None]) < eos, other=0.0)
+def _load_block(ai, n, ri, cj, H: tl.constexpr, BT: tl.constexpr):
+    return tl.load(ai + ri[:, None] * (H * BT) + cj[None, :], mask=ri[:, None] < n, other=0.0)
 
 
 @triton.jit
-def _store_block(ai, x, t0, eos, i_h, ri, cj, H: tl.constexpr, BT: tl.constexpr):
-    tl.store(ai + ((t0 + ri[:, None]) * H + i_h) * BT + cj[None, :], x.to(ai.dtype.element_ty),
-             mask=(t0 + ri[:, None]) < eos)
+def _store_block(ai, x, n, ri, cj, H: tl.constexpr, BT: tl.constexpr):
+    tl.store(ai + ri[:, None] * (H * BT) + cj[None, :], x.to(ai.dtype.element_ty), mask=ri[:, None] < n)
+
+
+@triton.jit
+def _wu_store(k, v, w, u, b_x, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """W = X diag(beta) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision)."""
+    for k0 in tl.static_range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        m = mt[:, None] & (ck[None, :] < K)
+        off = rt[:, None] * (H * K) + ck[None, :]
+        b_k = tl.load(k + off, mask=m, other=0.0)
+        b_w = tl.dot(b_x, (b_k * b[:, None]).to(b_k.dtype), input_precision=PREC)
+        tl.store(w + off, b_w.to(w.dtype.element_ty), mask=m)
+    for v0 in tl.static_range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        m = mt[:, None] & (cv[None, :] < V)
+        off = rt[:, None] * (H * V) + cv[None, :]
+        b_v = tl.load(v + off, mask=m, other=0.0)
+        b_u = tl.dot(b_x, (b_v * b[:, None]).to(b_v.dtype), input_precision=PREC)
+        tl.store(u + off, b_u.to(u.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -134,48 +173,47 @@ def wy_fwd_kernel(
     scratch (fewer, wider steps); otherwise as four register tiles (``_inv_unit_lower``).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
     r = tl.arange(0, 16)
 
     # A in 16x16 blocks (lower triangle only): the inverse works block-wise.
-    a00, a11, a22, a33, a10, a21, a32, a20, a31, a30 = _kkt_blocks(k, t0, eos, i_h, H, K, BK, PREC)
-    a00 = _scale_rows(a00, beta, t0, eos, i_h, r, r, H, True)
-    a11 = _scale_rows(a11, beta, t0, eos, i_h, r + 16, r + 16, H, True)
-    a22 = _scale_rows(a22, beta, t0, eos, i_h, r + 32, r + 32, H, True)
-    a33 = _scale_rows(a33, beta, t0, eos, i_h, r + 48, r + 48, H, True)
-    a10 = _scale_rows(a10, beta, t0, eos, i_h, r + 16, r, H, False)
-    a21 = _scale_rows(a21, beta, t0, eos, i_h, r + 32, r + 16, H, False)
-    a32 = _scale_rows(a32, beta, t0, eos, i_h, r + 48, r + 32, H, False)
-    a20 = _scale_rows(a20, beta, t0, eos, i_h, r + 32, r, H, False)
-    a31 = _scale_rows(a31, beta, t0, eos, i_h, r + 48, r + 16, H, False)
-    a30 = _scale_rows(a30, beta, t0, eos, i_h, r + 48, r, H, False)
+    a00, a11, a22, a33, a10, a21, a32, a20, a31, a30 = _kkt_blocks(k, n, H, K, BK, PREC)
+    a00 = _scale_rows(a00, beta, n, r, r, H, True)
+    a11 = _scale_rows(a11, beta, n, r + 16, r + 16, H, True)
+    a22 = _scale_rows(a22, beta, n, r + 32, r + 32, H, True)
+    a33 = _scale_rows(a33, beta, n, r + 48, r + 48, H, True)
+    a10 = _scale_rows(a10, beta, n, r + 16, r, H, False)
+    a21 = _scale_rows(a21, beta, n, r + 32, r + 16, H, False)
+    a32 = _scale_rows(a32, beta, n, r + 48, r + 32, H, False)
+    a20 = _scale_rows(a20, beta, n, r + 32, r, H, False)
+    a31 = _scale_rows(a31, beta, n, r + 48, r + 16, H, False)
+    a30 = _scale_rows(a30, beta, n, r + 48, r, H, False)
 
     # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
     # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj. Kept in full fp32 ("ieee"):
     # these entries feed every later product, and the 16x16 products are little work.
     if BATCHED_INV:
-        _store_block(ai, a00, t0, eos, i_h, r, r, H, BT)
-        _store_block(ai, a11, t0, eos, i_h, r + 16, r + 16, H, BT)
-        _store_block(ai, a22, t0, eos, i_h, r + 32, r + 32, H, BT)
-        _store_block(ai, a33, t0, eos, i_h, r + 48, r + 48, H, BT)
+        _store_block(ai, a00, n, r, r, H, BT)
+        _store_block(ai, a11, n, r + 16, r + 16, H, BT)
+        _store_block(ai, a22, n, r + 32, r + 32, H, BT)
+        _store_block(ai, a33, n, r + 48, r + 48, H, BT)
         # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
         tl.debug_barrier()
-        x3 = _inv_diag_blocks(ai, t0, eos, i_h, H, BT)
+        x3 = _inv_diag_blocks(ai, n, H, BT)
         tl.debug_barrier()  # all reads of A's diagonal blocks are done before they are overwritten
-        b4 = tl.arange(0, 4)
-        rows3 = t0 + 16 * b4[:, None, None] + r[None, :, None]
-        tl.store(ai + (rows3 * H + i_h) * BT + 16 * b4[:, None, None] + r[None, None, :], x3, mask=rows3 < eos)
+        _store_diag_blocks(ai, x3, n, H, BT)
         tl.debug_barrier()
-        x00 = _load_block(ai, t0, eos, i_h, r, r, H, BT)
-        x11 = _load_block(ai, t0, eos, i_h, r + 16, r + 16, H, BT)
-        x22 = _load_block(ai, t0, eos, i_h, r + 32, r + 32, H, BT)
-        x33 = _load_block(ai, t0, eos, i_h, r + 48, r + 48, H, BT)
+        x00 = _load_block(ai, n, r, r, H, BT)
+        x11 = _load_block(ai, n, r + 16, r + 16, H, BT)
+        x22 = _load_block(ai, n, r + 32, r + 32, H, BT)
+        x33 = _load_block(ai, n, r + 48, r + 48, H, BT)
     else:
         x00, x11, x22, x33 = _inv_unit_lower(a00, a11, a22, a33)
-        _store_block(ai, x00, t0, eos, i_h, r, r, H, BT)
-        _store_block(ai, x11, t0, eos, i_h, r + 16, r + 16, H, BT)
-        _store_block(ai, x22, t0, eos, i_h, r + 32, r + 32, H, BT)
-        _store_block(ai, x33, t0, eos, i_h, r + 48, r + 48, H, BT)
+        _store_block(ai, x00, n, r, r, H, BT)
+        _store_block(ai, x11, n, r + 16, r + 16, H, BT)
+        _store_block(ai, x22, n, r + 32, r + 32, H, BT)
+        _store_block(ai, x33, n, r + 48, r + 48, H, BT)
     x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
     x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
     x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
@@ -187,38 +225,25 @@ def wy_fwd_kernel(
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
 
     z = tl.zeros([16, 16], dtype=tl.float32)
-    _store_block(ai, z, t0, eos, i_h, r, r + 16, H, BT)
-    _store_block(ai, z, t0, eos, i_h, r, r + 32, H, BT)
-    _store_block(ai, z, t0, eos, i_h, r, r + 48, H, BT)
-    _store_block(ai, x10, t0, eos, i_h, r + 16, r, H, BT)
-    _store_block(ai, z, t0, eos, i_h, r + 16, r + 32, H, BT)
-    _store_block(ai, z, t0, eos, i_h, r + 16, r + 48, H, BT)
-    _store_block(ai, x20, t0, eos, i_h, r + 32, r, H, BT)
-    _store_block(ai, x21, t0, eos, i_h, r + 32, r + 16, H, BT)
-    _store_block(ai, z, t0, eos, i_h, r + 32, r + 48, H, BT)
-    _store_block(ai, x30, t0, eos, i_h, r + 48, r, H, BT)
-    _store_block(ai, x31, t0, eos, i_h, r + 48, r + 16, H, BT)
-    _store_block(ai, x32, t0, eos, i_h, r + 48, r + 32, H, BT)
+    _store_block(ai, z, n, r, r + 16, H, BT)
+    _store_block(ai, z, n, r, r + 32, H, BT)
+    _store_block(ai, z, n, r, r + 48, H, BT)
+    _store_block(ai, x10, n, r + 16, r, H, BT)
+    _store_block(ai, z, n, r + 16, r + 32, H, BT)
+    _store_block(ai, z, n, r + 16, r + 48, H, BT)
+    _store_block(ai, x20, n, r + 32, r, H, BT)
+    _store_block(ai, x21, n, r + 32, r + 16, H, BT)
+    _store_block(ai, z, n, r + 32, r + 48, H, BT)
+    _store_block(ai, x30, n, r + 48, r, H, BT)
+    _store_block(ai, x31, n, r + 48, r + 16, H, BT)
+    _store_block(ai, x32, n, r + 48, r + 32, H, BT)
     tl.debug_barrier()
 
     rt = tl.arange(0, BT)
-    mt = (t0 + rt) < eos
-    b_ai = tl.load(ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
-    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
-    for k0 in tl.static_range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        m = mt[:, None] & (ck[None, :] < K)
-        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], mask=m, other=0.0)
-        b_kb = (b_k * b[:, None]).to(b_k.dtype)
-        b_w = tl.dot(b_ai.to(b_k.dtype), b_kb, input_precision=PREC)
-        tl.store(w + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=m)
-    for v0 in tl.static_range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        m = mt[:, None] & (cv[None, :] < V)
-        b_v = tl.load(v + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], mask=m, other=0.0)
-        b_vb = (b_v * b[:, None]).to(b_v.dtype)
-        b_u = tl.dot(b_ai.to(b_v.dtype), b_vb, input_precision=PREC)
-        tl.store(u + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=m)
+    mt = rt < n
+    b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
 
 
 @triton.jit
@@ -235,27 +260,24 @@ def wy_fwd_dense_kernel(
     instead of sixteen 16x16 fp32 ones. Only the diagonal blocks are solved by substitution.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
     rt = tl.arange(0, BT)
-    mt = (t0 + rt) < eos
-    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    mt = rt < n
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :],
-                      mask=mt[:, None] & (ck[None, :] < K), other=0.0)
+        b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mt[:, None] & (ck[None, :] < K), other=0.0)
         b_a += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     b_a = tl.where(rt[:, None] > rt[None, :], b_a * b[:, None], 0.0)
 
-    p_ai = ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :]
+    p_ai = ai + rt[:, None] * (H * BT) + rt[None, :]
     tl.store(p_ai, b_a, mask=mt[:, None])
     tl.debug_barrier()  # the substitution reads rows of A written by other threads
-    x3 = _inv_diag_blocks(ai, t0, eos, i_h, H, BT)
+    x3 = _inv_diag_blocks(ai, n, H, BT)
     tl.debug_barrier()
-    r = tl.arange(0, 16)
-    b4 = tl.arange(0, 4)
-    rows3 = t0 + 16 * b4[:, None, None] + r[None, :, None]
-    tl.store(ai + (rows3 * H + i_h) * BT + 16 * b4[:, None, None] + r[None, None, :], x3, mask=rows3 < eos)
+    _store_diag_blocks(ai, x3, n, H, BT)
     tl.debug_barrier()
     blk = rt // 16
     b_d = tl.load(p_ai, mask=mt[:, None] & (blk[:, None] == blk[None, :]), other=0.0)
@@ -265,19 +287,7 @@ def wy_fwd_dense_kernel(
     b_x = tl.dot(b_p, b_d, input_precision=PREC)
     tl.debug_barrier()  # every read of the scratch is done before Ai overwrites it
     tl.store(p_ai, b_x, mask=mt[:, None])
-
-    for k0 in tl.static_range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        m = mt[:, None] & (ck[None, :] < K)
-        b_k = tl.load(k + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], mask=m, other=0.0)
-        b_w = tl.dot(b_x.to(b_k.dtype), (b_k * b[:, None]).to(b_k.dtype), input_precision=PREC)
-        tl.store(w + ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=m)
-    for v0 in tl.static_range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        m = mt[:, None] & (cv[None, :] < V)
-        b_v = tl.load(v + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], mask=m, other=0.0)
-        b_u = tl.dot(b_x.to(b_v.dtype), (b_v * b[:, None]).to(b_v.dtype), input_precision=PREC)
-        tl.store(u + ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=m)
+    _wu_store(k, v, w, u, b_x.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
 
 
 @triton.jit
@@ -292,50 +302,71 @@ def wy_bwd_kernel(
     adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    k, dw, dk_in, dk = k + row * K, dw + row * K, dk_in + row * K, dk + row * K
+    v, du, dv = v + row * V, du + row * V, dv + row * V
+    ai, beta, dbeta = ai + row * BT, beta + row, dbeta + row
     rt = tl.arange(0, BT)
-    mt = (t0 + rt) < eos
-    b_ai = tl.load(ai + ((t0 + rt[:, None]) * H + i_h) * BT + rt[None, :], mask=mt[:, None], other=0.0)
-    b = tl.load(beta + (t0 + rt) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    mt = rt < n
+    b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
+    b_ail = b_ai.to(k.dtype.element_ty)
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
 
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     for v0 in tl.static_range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         m = mt[:, None] & (cv[None, :] < V)
-        off = ((t0 + rt[:, None]) * H + i_h) * V + cv[None, :]
+        off = rt[:, None] * (H * V) + cv[None, :]
         b_v = tl.load(v + off, mask=m, other=0.0)
         b_du = tl.load(du + off, mask=m, other=0.0)
         b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
-        b_dvb = tl.dot(tl.trans(b_ai.to(b_du.dtype)), b_du, input_precision=PREC)  # d(beta V)
+        b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
-        off = ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :]
+        off = rt[:, None] * (H * K) + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0)
         b_dw = tl.load(dw + off, mask=m, other=0.0)
         b_dai += tl.dot(b_dw, tl.trans((b_k * b[:, None]).to(b_k.dtype)), input_precision=PREC)
 
     # Through the inverse: dA = -Ai^T dAi Ai^T, restricted to A's strictly lower support.
-    b_aif = b_ai.to(tl.float32)
-    b_da = tl.dot(b_dai, tl.trans(b_aif), input_precision=PREC)
-    b_da = -tl.dot(tl.trans(b_aif), b_da, input_precision=PREC)
+    b_da = tl.dot(b_dai, tl.trans(b_ai), input_precision=PREC)
+    b_da = -tl.dot(tl.trans(b_ai), b_da, input_precision=PREC)
     b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
 
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
-        off = ((t0 + rt[:, None]) * H + i_h) * K + ck[None, :]
+        off = rt[:, None] * (H * K) + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0)
         b_dw = tl.load(dw + off, mask=m, other=0.0)
         b_kf = b_k.to(tl.float32)
         # d(beta K) from W = Ai (beta K) and from A = (beta K) K^T.
-        b_dkb = tl.dot(tl.trans(b_ai.to(b_dw.dtype)), b_dw, input_precision=PREC)
+        b_dkb = tl.dot(tl.trans(b_ail), b_dw, input_precision=PREC)
         b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
         b_dk = b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
         b_dk += tl.load(dk_in + off, mask=m, other=0.0)
         b_db += tl.sum(b_dkb * b_kf, 1)
         tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
-    tl.store(dbeta + (t0 + rt) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=mt)
+    tl.store(dbeta + rt * H, b_db.to(dbeta.dtype.element_ty), mask=mt)
+
+
+@triton.jit
+def wu_fwd_kernel(
+    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(chunks, H)``: W and U again from a stored ``ai`` (the backward's recompute
+    without the solve: two products per chunk instead of the whole UT transform)."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
+    rt = tl.arange(0, BT)
+    mt = rt < n
+    b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
