@@ -72,7 +72,8 @@ def train_parser() -> CliParser:
     a("--preset", help="model preset (deltanet.models.presets), default tiny")
     a("--model", action="append", metavar="KEY=VALUE", help="override a model config field, e.g. --model num_hidden_layers=2")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="'stdlib' (default), a file, directory, glob, .jsonl, or hf:NAME[:CONFIG]")
+    g.add_argument("--data", help="'stdlib' (default), 'stdlib-all' (with its tests), a file, directory, glob, "
+                   ".jsonl (a 'text' field per line), hf:NAME[:CONFIG] or hf:DIR (save_to_disk)")
     g.add_argument("--tokenizer", help="'bpe' (default, trained on the data), 'bytes', a tokenizer.json, or an HF name")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
     g.add_argument("--seq-len", type=int)
@@ -105,7 +106,23 @@ def train_parser() -> CliParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    _add_defaults_to_help(p)
     return p
+
+
+def _add_defaults_to_help(p: argparse.ArgumentParser) -> None:
+    # Flags default to SUPPRESS (to tell typed from default); show the config's real defaults.
+    from deltanet.training.config import RunConfig
+
+    cfg = RunConfig()
+    for action in p._actions:
+        section = next((getattr(cfg, s) for s in RunConfig.SECTIONS if hasattr(getattr(cfg, s), action.dest)), None)
+        if section is None or action.dest in ("resume", "model") or isinstance(action, argparse._StoreConstAction):
+            continue
+        if action.help and "default" in action.help:
+            continue
+        value = getattr(section, action.dest)
+        action.help = f"{action.help + ' ' if action.help else ''}(default {value!r})"
 
 
 def _model_overrides(items: list[str]) -> dict:
