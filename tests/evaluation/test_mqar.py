@@ -223,6 +223,7 @@ def test_cli_writes_table_json_plot(tmp_path, capsys, one_thread):
     assert {"model", "width", "lr", "best_accuracy", "steps_to_99", "seconds_to_99", "curve"} <= set(r)
     assert [c["step"] for c in r["curve"]] == [2, 3]
     assert (out / "accuracy_vs_width.png").stat().st_size > 1000
+    assert (out / "learning_curves.png").stat().st_size > 1000
 
 
 def test_cli_rejects_bad_input(capsys):

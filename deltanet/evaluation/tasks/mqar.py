@@ -39,6 +39,7 @@ from .synthetic import (
     build_model,
     format_table,
     plot_accuracy_vs_width,
+    plot_learning_curves,
     resolve_device,
     train_and_evaluate,
 )
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", type=Path, default=Path("runs/mqar"),
-                   help="directory for results.json and accuracy_vs_width.png")
+                   help="directory for results.json, accuracy_vs_width.png, learning_curves.png")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     return p
 
@@ -357,13 +358,17 @@ def _settings(seq_lens: list[int], pairs: list[int]) -> list[tuple[int, int]]:
 
 
 def write_outputs(out_dir: Path, payload: dict, results: list[dict]) -> None:
-    """``results.json`` (config + every run with its learning curve) and the width plot."""
+    """``results.json`` (config + every run with its learning curve) and the two plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({**payload, "results": results}, indent=1))
     plot_accuracy_vs_width(
         best_over_lr(results).values(), out_dir / "accuracy_vs_width.png",
         panel_key=lambda r: f"seq_len={r['seq_len']}, pairs={r['num_pairs']}",
         title="MQAR accuracy vs model width",
+    )
+    plot_learning_curves(
+        results, out_dir / "learning_curves.png",
+        label=lambda r: f"T={r['seq_len']} P={r['num_pairs']} {r['model']} d={r['width']} lr={r['lr']:g}",
     )
 
 
@@ -397,7 +402,7 @@ def cli_main(argv: list[str]) -> int:
         on_result=lambda res: write_outputs(args.output, payload, res),
     )
     print(results_table(results))
-    print(f"wrote {args.output / 'results.json'} and {args.output / 'accuracy_vs_width.png'}")
+    print(f"wrote results.json, accuracy_vs_width.png and learning_curves.png to {args.output}/")
     return 0
 
 
