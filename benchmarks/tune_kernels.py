@@ -4,6 +4,12 @@ fwd+bwd medians for each variant of ``chunk.TUNING``. Used to pick the defaults 
 ``chunk._configs``; results in benchmarks/NOTES-kernels.md.
 
     python benchmarks/tune_kernels.py --dims 64,128 --lengths 1024,16384
+
+``--compile-only`` runs one fwd+bwd per shape and variant (fills the Triton cache; several such
+processes can compile in parallel), ``--choose FILE`` writes the variant with the lowest mean
+fwd+bwd time relative to the first variant as JSON (what ``DELTANET_CHUNK_TUNING`` takes), and
+``--check`` drops a variant whose outputs/gradients differ from the first variant's by more
+than a relative 5e-2 (a wrong launch setting must not win).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 
 import torch
 from triton.testing import do_bench
@@ -19,7 +26,18 @@ from deltanet.bench.kernels import _inputs
 
 chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
 
+# "old" = the defaults before the spill work (4 warps everywhere, the UT transform recomputed in
+# the backward, one wy_bwd kernel); "new" = the current defaults of chunk._configs.
+OLD = {"WARPS_WY": 4, "WARPS_WYB": 4, "WARPS_DQKW": 4, "SAVE_AI": 0, "WY_BWD_SPLIT": 0}
 VARIANTS = {
+    "old": OLD,
+    "new": {},
+    "new_wy4": {"WARPS_WY": 4},
+    "new_dqkw4": {"WARPS_DQKW": 4},
+    "new_dense": {"WY_DENSE": 1},
+    "new_bvs32": {"BV_STATE": 32},
+    "new_bkwyb32": {"BK_WYB": 32},
+    "old_save_ai": dict(OLD, SAVE_AI=1),
     "base": {},
     "dvl0": {"DV_LOCAL": 0},
     "bvs16": {"BV_STATE": 16},
@@ -70,39 +88,101 @@ def main():
     p.add_argument("--dims", default="64,128")
     p.add_argument("--lengths", default="1024,16384")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
+    p.add_argument("--compile-only", action="store_true", help="one fwd+bwd per variant and shape, no timing")
+    p.add_argument("--check", action="store_true", help="compare every variant with the first one")
+    p.add_argument("--choose", default=None, help="write the fastest variant's settings (JSON) here")
+    p.add_argument("--json", default=None, help="append one JSON line per measurement here")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rep", type=int, default=40)
     args = p.parse_args()
     shapes = [(int(d), int(t)) for d in args.dims.split(",") for t in args.lengths.split(",")]
-    for D, T in shapes:
+    names = args.variants.split(",")
+    for n in names:
+        if n not in VARIANTS:
+            p.error(f"unknown variant {n!r}; choose from {list(VARIANTS)}")
+    if args.compile_only:
+        for name in names:
+            for D, T in shapes:
+                chunk.TUNING.clear()
+                chunk.TUNING.update(VARIANTS[name])
+                q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
+                chunk.chunk_delta_rule(q, k, v, beta)[0].backward(torch.randn_like(v))
+                torch.cuda.synchronize()
+                print(f"compiled {name} D={D} T={T}", flush=True)
+        return
+    for D, T in ([] if args.no_profile else shapes):
         chunk.TUNING.clear()
         prof = profile(D, T)
         total = sum(t for _, t in prof)
         print(f"PROFILE D={D} T={T} total {total:.0f} us: " + ", ".join(f"{n}={t:.0f}" for n, t in prof[:10]), flush=True)
     rows = []
-    for name in args.variants.split(","):
+    refs = {}
+    for name in names:
         for D, T in shapes:
             chunk.TUNING.clear()
             chunk.TUNING.update(VARIANTS[name])
             try:
                 q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
-                do = torch.randn_like(v)
+                do = torch.randn(v.shape, device=v.device, dtype=v.dtype, generator=torch.Generator("cuda").manual_seed(1))
                 f = lambda: chunk.chunk_delta_rule(q, k, v, beta)[0]
                 fb = lambda: f().backward(do)
-                fb()
+                row = dict(variant=name, D=D, T=T)
+                if args.check:
+                    o = f()
+                    o.backward(do)
+                    got = [o.detach().float()] + [x.grad.float() for x in (q, k, v, beta)]
+                    if (D, T) not in refs:
+                        refs[(D, T)] = got
+                    else:
+                        row["rel_err"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                                             for a, b in zip(got, refs[(D, T)]))
+                    del got, o
+                else:
+                    fb()
                 with torch.no_grad():
-                    tf = do_bench(f, warmup=10, rep=40, return_mode="median")
-                tfb = do_bench(fb, warmup=10, rep=40, grad_to_none=[q, k, v, beta], return_mode="median")
-                rows.append(dict(variant=name, D=D, T=T, fwd=round(tf, 3), fwdbwd=round(tfb, 3)))
+                    tf = do_bench(f, warmup=args.warmup, rep=args.rep, return_mode="median")
+                tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v, beta],
+                               return_mode="median")
+                row.update(fwd=round(tf, 3), fwdbwd=round(tfb, 3))
+                rows.append(row)
             except Exception as e:
-                rows.append(dict(variant=name, D=D, T=T, error=repr(e)[:120]))
+                rows.append(dict(variant=name, D=D, T=T, error=repr(e)[:200]))
             print(json.dumps(rows[-1]), flush=True)
+            if args.json:
+                with open(args.json, "a") as fh:
+                    fh.write(json.dumps(rows[-1]) + "\n")
     chunk.TUNING.clear()
+    if args.choose:
+        choose(rows, names, shapes, args.choose)
     print("| variant | " + " | ".join(f"D{D} T{T} fwd/fb ms" for D, T in shapes) + " |")
-    for name in args.variants.split(","):
+    for name in names:
         cells = []
         for D, T in shapes:
             r = next(r for r in rows if r["variant"] == name and r["D"] == D and r["T"] == T)
             cells.append(f"{r['fwd']:.3f}/{r['fwdbwd']:.3f}" if "fwd" in r else "err")
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def choose(rows, names, shapes, path):
+    """Write the settings of the variant with the lowest mean fwd+bwd time relative to the
+    first variant (every shape must have run, and match the first variant within 5e-2)."""
+    by = {(r["variant"], r["D"], r["T"]): r for r in rows}
+    base = names[0]
+    scores = {}
+    for name in names:
+        rs = [by.get((name, D, T), {}) for D, T in shapes]
+        bs = [by.get((base, D, T), {}) for D, T in shapes]
+        if any("fwdbwd" not in r for r in rs + bs) or any(r.get("rel_err", 0.0) > 5e-2 for r in rs):
+            print(f"CHOICE: {name} excluded (error, missing shape or mismatch)", flush=True)
+            continue
+        scores[name] = sum(r["fwdbwd"] / b["fwdbwd"] for r, b in zip(rs, bs)) / len(shapes)
+        print(f"CHOICE: {name} mean fwd+bwd time / {base} = {scores[name]:.3f}", flush=True)
+    best = min(scores, key=scores.get) if scores else "new"
+    settings = dict(VARIANTS[best])
+    with open(path, "w") as fh:
+        json.dump(settings, fh)
+    print(f"CHOICE: {best} -> DELTANET_CHUNK_TUNING='{json.dumps(settings)}'", flush=True)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,23 @@ def test_custom_op_registration_passes_opcheck():
     args = (inp["q"], inp["k"], inp["v"], inp["beta"], 16 ** -0.5, inp["initial_state"], True, None)
     torch.library.opcheck(torch.ops.deltanet.chunk_delta_rule_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# Launch settings the GPU sweep (benchmarks/tune_kernels.py) may pick: each must stay exact.
+# BK_WYB=16 < K splits wy_bwd_dk over K-blocks (dbeta summed from per-block partials).
+VARIANTS = {
+    "old-path": {"SAVE_AI": 0, "WY_BWD_SPLIT": 0},
+    "split-bk16": {"BK_WYB": 16},
+    "dense-wy": {"WY_DENSE": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_launch_variants_match_reference(variant, monkeypatch):
+    monkeypatch.setattr(chunk_module, "TUNING", dict(VARIANTS[variant]))
+    shape = (2, 63, 3, 32, 16) if not ON_GPU else (2, 1000, 4, 128, 128)
+    inp64 = make_inputs(*shape, initial_state=True, beta_max=2.0, seed=11, device=DEVICE)
+    do, dS = _cotangents(inp64)
+    ref = run_with_grads(delta_rule_reference, inp64, do, dS)
+    got = run_with_grads(chunk_delta_rule, _cast(inp64, torch.float32), do.float(), dS.float())
+    _check_all(variant, got, ref, rtol=1e-5)

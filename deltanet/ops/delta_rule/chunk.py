@@ -6,8 +6,8 @@ Forward, three kernels (``kernels/``):
 2. ``h_fwd_kernel``   (sequences x heads x V-blocks): chunk states h, v_new = U - W S
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
-Backward recomputes 1 and 2 (nothing but the inputs is kept between forward and backward),
-then runs the reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients
+Backward recomputes W, U from the ``Ai`` the forward kept (``wu_fwd_kernel``: two products per
+chunk, not the whole UT transform; ``SAVE_AI=0`` recomputes 1 instead) and 2, then runs the reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients
 (``dqkw_bwd_kernel``) and the way back through the UT transform (``wy_bwd_kernel``).
 
 Every tensor is viewed as packed tokens ``[B * T, H, D]``; a fixed-length batch is the packed
@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
-from .kernels.wy import wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
+from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
+from .kernels.wy_bwd import wy_bwd_da_kernel, wy_bwd_dk_kernel
 from .utils import check_inputs
 
 __all__ = ["chunk_delta_rule"]
@@ -155,12 +156,19 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
         WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2,
-        WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
-        BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
+        # 8 warps for the UT transform and dqkw: at 4 warps they spill (kernel_resources.py).
+        WARPS_WY=8, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
+        BK_DQKW=min(BKF, 64), WARPS_DQKW=8, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
+        WARPS_WYB=None,  # warps of wy_bwd / the split pair (None: WARPS_WY)
+        SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
+        WY_BWD_SPLIT=1,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
+        BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
     )
     cfg.update(json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")))
     cfg.update(TUNING)
+    if cfg["WARPS_WYB"] is None:
+        cfg["WARPS_WYB"] = cfg["WARPS_WY"]
     return cfg
 
 
@@ -178,6 +186,17 @@ def _wy(k, v, beta, idx, cfg):
                                 BV=cfg["BV"], PREC=_prec(k.dtype), BATCHED_INV=bool(cfg["WY_BATCHED"]),
                                 num_warps=cfg["WARPS_WY"])
     return w, u, ai
+
+
+def _wu(k, v, beta, ai, idx, cfg):
+    """W, U from a stored ``ai`` (no solve)."""
+    cu, table, _, NTT = idx
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    w, u = _new(k), _new(v)
+    wu_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"],
+                            PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
+    return w, u
 
 
 def _states(k, w, u, h0, ht, idx, N, cfg):
@@ -200,7 +219,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens):
-    """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None)``."""
+    """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
+    ai [B * T, H, BT] fp32)``; ``ai`` (the chunks' (I + A)^-1) is what the backward reuses."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -209,7 +229,7 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
     h0 = h0.contiguous() if h0 is not None else None
     ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
-    w, u, _ = _wy(k, v, beta, idx, cfg)
+    w, u, ai = _wy(k, v, beta, idx, cfg)
     h, v_new = _states(k, w, u, h0, ht, idx, N, cfg)
     del w, u
     o = _new(v)
@@ -217,10 +237,10 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     o_fwd_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
         q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
         PREC=_prec(q.dtype), num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
-    return o.view(B, T, H, V), ht
+    return o.view(B, T, H, V), ht, ai
 
 
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
     """Launch the backward. Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -233,7 +253,10 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
     dht = dht.contiguous() if dht is not None else None
     prec = _prec(q.dtype)
 
-    w, u, ai = _wy(k, v, beta, idx, cfg)
+    if ai is not None and cfg["SAVE_AI"]:
+        w, u = _wu(k, v, beta, ai, idx, cfg)
+    else:
+        w, u, ai = _wy(k, v, beta, idx, cfg)
     h, v_new = _states(k, w, u, h0, None, idx, N, cfg)
     del u
     dh = _new(h)
@@ -260,9 +283,24 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht):
         BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
     dk, dv, dbeta = _new(k), _new(v), _new(beta)
-    wy_bwd_kernel[(NTT, H)](
-        k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WY"])
+    if cfg["WY_BWD_SPLIT"]:
+        da = _new(ai)
+        db_v = _new(beta, dtype=torch.float32)
+        wy_bwd_da_kernel[(NTT, H)](
+            k, v, beta, ai, dw, dvn, dv, da, db_v, cu, table, H=H, K=K, V=V, BT=BT,
+            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
+        BKW = cfg["BK_WYB"]
+        NK = triton.cdiv(K, BKW)
+        db_parts = dbeta if NK == 1 else _new(beta, NK, *beta.shape, dtype=torch.float32)
+        wy_bwd_dk_kernel[(NK, NTT, H)](
+            k, beta, ai, dw, da, db_v, dk_part, dk, db_parts, beta.numel(), cu, table, H=H, K=K, BT=BT,
+            BK=BKW, PREC=prec, num_warps=cfg["WARPS_WYB"])
+        if NK > 1:
+            dbeta = db_parts.sum(0).to(beta.dtype)
+    else:
+        wy_bwd_kernel[(NTT, H)](
+            k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
+            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
     shape = (B, T, H)
     return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
 
@@ -277,9 +315,9 @@ def _empty_state(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("deltanet::chunk_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
-            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    o, ht = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return o, ht if ht is not None else _empty_state(q)
+            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, ht, ai = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return o, ht if ht is not None else _empty_state(q), ai
 
 
 @_fwd_op.register_fake
@@ -287,19 +325,21 @@ def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
-    return torch.empty_like(v, memory_format=torch.contiguous_format), ht
+    ai = q.new_empty(B * T, H, BT, dtype=torch.float32)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai
 
 
 @torch.library.custom_op("deltanet::chunk_delta_rule_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-            dht: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht)
+            dht: torch.Tensor | None, ai: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai)
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht):
+def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     return e(q), e(k), e(v), e(beta), dh0
@@ -307,17 +347,19 @@ def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs
-    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens)
+    # ai: fp32 [B * T, H, 64], 256 B per token and head; the backward would rebuild it anyway
+    # and holds it until its end, so keeping it does not raise the op's fwd+bwd peak.
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2])
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, beta, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, _dai):
+    q, k, v, beta, initial_state, cu_seqlens, ai = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
     if dht is not None and dht.numel() == 0:
         dht = None
-    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht)
+    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai)
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
 
 
@@ -360,7 +402,7 @@ def chunk_delta_rule(
     if out_dtype == torch.float64:  # no fp64 tensor-core path: compute in fp32
         q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     h0 = initial_state.float() if initial_state is not None else None
-    o, ht = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
+    o, ht, _ = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
     if out_dtype == torch.float64:
         o, ht = o.double(), ht.double()
     return o, (ht if output_final_state else None)

@@ -40,8 +40,6 @@ def h_fwd_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     mkv = (rk[:, None] < K) & (rv[None, :] < V)
     s_off = rk[:, None] * V + rv[None, :]
-    tk = rt[:, None] * (H * K) + rk[None, :]
-    tv = rt[:, None] * (H * V) + rv[None, :]
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -50,6 +48,9 @@ def h_fwd_kernel(
         row = (bos + c * BT) * H + i_h
         n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
         mt = rt < n
+        # Tile offsets formed inside the loop: hoisted, they stay live across it (registers).
+        tk = rt[:, None] * (H * K) + rk[None, :]
+        tv = rt[:, None] * (H * V) + rv[None, :]
         tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
@@ -89,8 +90,6 @@ def dh_bwd_kernel(
     rv = i_v * BV + tl.arange(0, BV)
     mkv = (rk[:, None] < K) & (rv[None, :] < V)
     s_off = rk[:, None] * V + rv[None, :]
-    tk = rt[:, None] * (H * K) + rk[None, :]
-    tv = rt[:, None] * (H * V) + rv[None, :]
     upper = rt[:, None] <= rt[None, :]
 
     b_g = tl.zeros([BK, BV], dtype=tl.float32)
@@ -101,6 +100,9 @@ def dh_bwd_kernel(
         row = (bos + c * BT) * H + i_h
         n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
         mt = rt < n
+        # Tile offsets formed inside the loop: hoisted, they stay live across it (registers).
+        tk = rt[:, None] * (H * K) + rk[None, :]
+        tv = rt[:, None] * (H * V) + rv[None, :]
         tl.store(dh + ((boh + c) * H + i_h) * K * V + s_off, b_g.to(dh.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
