@@ -57,6 +57,9 @@ def test_stdlib_corpus_is_sorted_python():
     files = stdlib_files()
     assert len(files) > 100 and files == sorted(files)
     assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    assert not any("test" in f.parts for f in files)  # the test suites are left out by default
+    with_tests = open_corpus("stdlib-all").files
+    assert set(files) < set(with_tests) and any("test" in f.parts for f in with_tests)
 
 
 def test_token_cache_roundtrip_and_reuse(tmp_path):

@@ -57,14 +57,14 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(baseline, corpus, tmp_p
     deadline = time.time() + 240
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     stopped = json.loads((sorted((out / "checkpoints").glob("step_*"))[-1] / "trainer_state.json").read_text())["step"]
-    assert 3 <= stopped < 12, "the run should have been interrupted mid-way"
+    assert 2 <= stopped < 12, "the run should have been interrupted mid-way"
     assert "interrupted by signal" in err and "--resume" in err
 
     # --resume alone restores the run's own settings (no need to repeat the flags)
