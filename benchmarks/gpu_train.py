@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.0, help="0 = the trainer's auto (1e-3 for 125m)")
     p.add_argument("--data", default="stdlib-all", help="default: the stdlib's .py files with its tests (~31 MB)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run to check the script works")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT_DIR/run/checkpoints (125m + AdamW state is ~1.5 GB; removed by default)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more `deltanet train` flags after --
     a = p.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
@@ -74,6 +77,8 @@ def main() -> int:
     summary = summarise(run_dir, wall, cmd)
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (a.out / "summary.md").write_text(markdown(summary))
+    if not a.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     print(json.dumps({k: summary[k] for k in ("tokens_per_s", "mfu", "final_val_loss", "final_val_bpb", "steps")}))
     return 0
 

@@ -24,3 +24,4 @@ def test_gpu_train_script_smoke(tmp_path):
     assert summary["final_val_loss"] > 0 and summary["val_curve"][-1][1] == round(summary["final_val_loss"], 4)
     assert "tokens/s" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "run" / "loss.png").is_file()
+    assert not (tmp_path / "out" / "run" / "checkpoints").exists()  # large; dropped unless --keep-checkpoints
