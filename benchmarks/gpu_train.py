@@ -86,7 +86,7 @@ def main() -> int:
 def summarise(run_dir: Path, wall: float, cmd: list[str]) -> dict:
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
     steps = [r for r in recs if "tok_per_s" in r]
-    last = steps[-1]["step"]
+    last = max(r["step"] for r in recs)  # the final record (time budget) may fall between log steps
     steady = [r for r in steps if r["step"] > max(10, last // 10)] or steps  # skip compile / autotune warmup
     vals = [r for r in recs if "val_loss" in r]
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -99,7 +99,7 @@ def summarise(run_dir: Path, wall: float, cmd: list[str]) -> dict:
         "preset": cfg["train"]["preset"], "seq_len": cfg["data"]["seq_len"],
         "tokens_per_step": cfg["train"]["batch_size"] * cfg["data"]["seq_len"] * cfg["train"]["grad_accum"]
         * cfg.get("world_size", 1),
-        "steps": last, "tokens": steps[-1]["tokens"], "wall_s": round(wall, 1),
+        "steps": last, "tokens": last * steps[-1]["tokens"] // steps[-1]["step"], "wall_s": round(wall, 1),
         "first_step_s": steps[0]["elapsed_s"],
         "tokens_per_s": round(statistics.median(r["tok_per_s"] for r in steady), 1),
         "mfu": round(statistics.median(r["mfu"] for r in steady), 4) if "mfu" in steady[0] else None,
