@@ -48,12 +48,12 @@ def _sigs():
         wu_fwd=(W.wu_fwd_kernel, wy),
         h_fwd=(S.h_fwd_kernel, dict(k=BF, w=BF, u=BF, v_new=BF, h=BF, h0=F32, ht=F32, cu_seqlens=I32,
                                     chunk_offsets=I32, H=C, K=C, V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C,
-                                    PREC=C)),
+                                    PREC=C, ADDR64=C)),
         o_fwd=(O.o_fwd_kernel, dict(q=BF, k=BF, v_new=BF, h=BF, o=BF, cu_seqlens=I32, chunk_table=I32,
                                     scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)),
         dh_bwd=(S.dh_bwd_kernel, dict(q=BF, k=BF, w=BF, do=BF, dv_local=BF, dv=BF, dh=BF, dht=F32, dh0=F32,
                                       cu_seqlens=I32, chunk_offsets=I32, scale="fp32", H=C, K=C, V=C, BT=C,
-                                      BK=C, BV=C, USE_DHT=C, STORE_DH0=C, USE_DV_LOCAL=C, PREC=C)),
+                                      BK=C, BV=C, USE_DHT=C, STORE_DH0=C, USE_DV_LOCAL=C, PREC=C, ADDR64=C)),
         dqkw_bwd=(O.dqkw_bwd_kernel, dict(q=BF, k=BF, v_new=BF, h=BF, dh=BF, do=BF, dv=BF, dq=BF, dk=F32, dw=BF,
                                           cu_seqlens=I32, chunk_table=I32, scale="fp32", H=C, K=C, V=C, BT=C,
                                           BK=C, BV=C, PREC=C)),
@@ -85,7 +85,7 @@ def report_defaults(dims, lengths, tuning, sms=132) -> None:
             chunk.TUNING.clear()
             base = dict(H=16, K=D, V=D, BT=64, PREC="tf32")
             wy = dict(base, BK=cfg["BK"], BV=cfg["BV"])
-            st = dict(base, BK=cfg["BKF"], BV=cfg["BV_STATE"])
+            st = dict(base, BK=cfg["BKF"], BV=cfg["BV_STATE"], ADDR64=bool(cfg["STATE_ADDR64"]))
             launches = [
                 ("wy_fwd_dense", wy, cfg["WARPS_WY"], 2) if cfg["WY_DENSE"] else
                 ("wy_fwd", dict(wy, BATCHED_INV=bool(cfg["WY_BATCHED"])), cfg["WARPS_WY"], 2),
@@ -108,7 +108,7 @@ def report_defaults(dims, lengths, tuning, sms=132) -> None:
                 if key not in seen:
                     fn, sg = sig[name]
                     seen[key] = resources(fn, sg, consts, warps, stages)
-                extra = f" BV {consts['BV']}" if name in ("h_fwd", "dh_bwd") else ""
+                extra = f" BV {consts['BV']} addr64 {consts['ADDR64']:d}" if name in ("h_fwd", "dh_bwd") else ""
                 print(f"D={D} T={T} {name}{extra} warps {warps}: {seen[key]}", flush=True)
 
 
@@ -135,10 +135,10 @@ def main() -> None:
     dq_sig = dict(q=BF, k=BF, v_new=BF, h=BF, dh=BF, do=BF, dv=BF, dq=BF, dk=F32, dw=BF, cu_seqlens=I32,
                   chunk_table=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)
     h_sig = dict(k=BF, w=BF, u=BF, v_new=BF, h=BF, h0=F32, ht=F32, cu_seqlens=I32, chunk_offsets=I32, H=C, K=C,
-                 V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C, PREC=C)
+                 V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C, PREC=C, ADDR64=C)
     dh_sig = dict(q=BF, k=BF, w=BF, do=BF, dv_local=BF, dv=BF, dh=BF, dht=F32, dh0=F32, cu_seqlens=I32,
                   chunk_offsets=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, USE_DHT=C, STORE_DH0=C,
-                  USE_DV_LOCAL=C, PREC=C)
+                  USE_DV_LOCAL=C, PREC=C, ADDR64=C)
     o_sig = dict(q=BF, k=BF, v_new=BF, h=BF, o=BF, cu_seqlens=I32, chunk_table=I32, scale="fp32", H=C, K=C, V=C,
                  BT=C, BK=C, BV=C, PREC=C)
     BKF = max(16, triton.next_power_of_2(D))
@@ -160,9 +160,9 @@ def main() -> None:
         print(f"dqkw_bwd warps {warps}:", resources(O.dqkw_bwd_kernel, dq_sig, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
         for bv in (16, 64):
             print(f"h_fwd BV {bv} warps {warps}:", resources(S.h_fwd_kernel, h_sig, dict(
-                dims, BK=BKF, BV=bv, USE_H0=False, STORE_HT=False, PREC="tf32"), warps))
+                dims, BK=BKF, BV=bv, USE_H0=False, STORE_HT=False, PREC="tf32", ADDR64=D <= 64), warps))
             print(f"dh_bwd BV {bv} warps {warps}:", resources(S.dh_bwd_kernel, dh_sig, dict(
-                dims, BK=BKF, BV=bv, USE_DHT=False, STORE_DH0=False, USE_DV_LOCAL=False, PREC="tf32"), warps))
+                dims, BK=BKF, BV=bv, USE_DHT=False, STORE_DH0=False, USE_DV_LOCAL=False, PREC="tf32", ADDR64=D <= 64), warps))
         print(f"o_fwd    warps {warps}:", resources(O.o_fwd_kernel, o_sig, dict(dims, BK=bk, BV=bk, PREC="tf32"), warps))
 
 

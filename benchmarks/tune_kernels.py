@@ -28,13 +28,16 @@ chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
 
 # "old" = the defaults before the spill work (4 warps everywhere, the UT transform recomputed in
 # the backward, one wy_bwd kernel); "new" = the current defaults of chunk._configs.
-OLD = {"WARPS_WY": 4, "WARPS_WYB": 4, "WARPS_DQKW": 4, "SAVE_AI": 0, "WY_BWD_SPLIT": 0}
+OLD = {"WARPS_WY": 4, "WARPS_WYB": 4, "WARPS_DQKW": 4, "WARPS_STATE": 4, "STATE_ADDR64": 1, "SAVE_AI": 0,
+       "WY_BWD_SPLIT": 0}
 VARIANTS = {
     "old": OLD,
     "new": {},
     "new_wy4": {"WARPS_WY": 4},
     "new_dqkw4": {"WARPS_DQKW": 4},
     "new_dense": {"WY_DENSE": 1},
+    "new_ws8": {"WARPS_STATE": 8, "STATE_ADDR64": 0},  # at D = 64 the other state-kernel choice
+    "new_addr64": {"STATE_ADDR64": 1},
     "new_bvs32": {"BV_STATE": 32},
     "new_bkwyb32": {"BK_WYB": 32},
     "old_save_ai": dict(OLD, SAVE_AI=1),

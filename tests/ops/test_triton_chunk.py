@@ -203,6 +203,8 @@ VARIANTS = {
     "old-path": {"SAVE_AI": 0, "WY_BWD_SPLIT": 0},
     "split-bk16": {"BK_WYB": 16},
     "dense-wy": {"WY_DENSE": 1},
+    "state-int32-offsets": {"STATE_ADDR64": 0},  # the K > 64 default, here at small K
+    "state-int64-offsets": {"STATE_ADDR64": 1},
 }
 
 

@@ -155,7 +155,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2,
+        # State kernels (spills from kernel_resources.py): int64 token-index addressing at K <= 64
+        # (0-80 B per thread at 4 warps), scalar base + int32 offsets above (0-340 B).
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2, STATE_ADDR64=int(BKF <= 64),
         # 8 warps for the UT transform and dqkw: at 4 warps they spill (kernel_resources.py).
         WARPS_WY=8, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=8, STAGES_DQKW=2,
@@ -209,7 +211,8 @@ def _states(k, w, u, h0, ht, idx, N, cfg):
     h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         k, w, u, v_new, h, h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
         H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        PREC=_prec(k.dtype), num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), num_warps=cfg["WARPS_STATE"],
+        num_stages=cfg["STAGES_STATE"])
     return h, v_new
 
 
@@ -273,6 +276,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
         q, k, w, do, dv_local if dv_local is not None else do, dvn, dh, dht if dht is not None else q,
         dh0 if dh0 is not None else q, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, USE_DV_LOCAL=dv_local is not None, PREC=prec,
+        ADDR64=bool(cfg["STATE_ADDR64"]),
         num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     del w, dv_local
     dq = _new(q)
@@ -282,13 +286,17 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
         q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
         BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
-    dk, dv, dbeta = _new(k), _new(v), _new(beta)
+    dv, dbeta = _new(v), _new(beta)
     if cfg["WY_BWD_SPLIT"]:
+        # da (fp32, the size of ai) is allocated after h, dh, v_new are freed and dk after dvn
+        # is: the backward's peak stays at the dqkw stage (D = 64: 640 MiB of buffers at 32K x 16).
         da = _new(ai)
         db_v = _new(beta, dtype=torch.float32)
         wy_bwd_da_kernel[(NTT, H)](
             k, v, beta, ai, dw, dvn, dv, da, db_v, cu, table, H=H, K=K, V=V, BT=BT,
             BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
+        del dvn
+        dk = _new(k)
         BKW = cfg["BK_WYB"]
         NK = triton.cdiv(K, BKW)
         db_parts = dbeta if NK == 1 else _new(beta, NK, *beta.shape, dtype=torch.float32)
@@ -298,6 +306,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
         if NK > 1:
             dbeta = db_parts.sum(0).to(beta.dtype)
     else:
+        dk = _new(k)
         wy_bwd_kernel[(NTT, H)](
             k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
             BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])

@@ -21,12 +21,14 @@ def h_fwd_kernel(
     k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, ADDR64: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K).
 
-    Pointers advance by a scalar per chunk and tiles use int32 offsets (registers: see
-    ``wy._chunk_base``).
+    ``ADDR64``: how tiles are addressed. False: a scalar base per chunk plus int32 offsets
+    (``wy._chunk_base``); those offsets are loop-invariant and stay live in registers, which
+    at K = 128 is still far cheaper (spills 0 vs 120-330 B at V-block 16) but at K = 64 costs
+    more than the int64 token-index offsets (True: 880 vs 8 B at V-block 64, 4 warps).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -48,18 +50,24 @@ def h_fwd_kernel(
         row = (bos + c * BT) * H + i_h
         n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
         mt = rt < n
-        # Tile offsets formed inside the loop: hoisted, they stay live across it (registers).
-        tk = rt[:, None] * (H * K) + rk[None, :]
-        tv = rt[:, None] * (H * V) + rv[None, :]
+        if ADDR64:  # int64 offsets from the token index: loop-variant, so never hoisted
+            t = bos + c * BT + rt
+            xk, xv = 0, 0
+            tk = (t[:, None] * H + i_h) * K + rk[None, :]
+            tv = (t[:, None] * H + i_h) * V + rv[None, :]
+        else:  # scalar base + int32 offsets (loop-invariant: the compiler keeps them live)
+            xk, xv = row * K, row * V
+            tk = rt[:, None] * (H * K) + rk[None, :]
+            tv = rt[:, None] * (H * V) + rv[None, :]
         tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
-        b_w = tl.load(w + row * K + tk, mask=mk, other=0.0)
-        b_u = tl.load(u + row * V + tv, mask=mv, other=0.0)
-        b_k = tl.load(k + row * K + tk, mask=mk, other=0.0)
+        b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
+        b_u = tl.load(u + xv + tv, mask=mv, other=0.0)
+        b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
         b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
         b_vn = b_vn.to(v_new.dtype.element_ty)
-        tl.store(v_new + row * V + tv, b_vn, mask=mv)
+        tl.store(v_new + xv + tv, b_vn, mask=mv)
         b_s += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_s, mask=mkv)
@@ -71,6 +79,7 @@ def dh_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, USE_DV_LOCAL: tl.constexpr, PREC: tl.constexpr,
+    ADDR64: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. Writes ``dh[c]`` (state grad after chunk c), ``dv``
     (the gradient of the pseudo-values ``v_new``) and ``dh0``.
@@ -100,18 +109,24 @@ def dh_bwd_kernel(
         row = (bos + c * BT) * H + i_h
         n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
         mt = rt < n
-        # Tile offsets formed inside the loop: hoisted, they stay live across it (registers).
-        tk = rt[:, None] * (H * K) + rk[None, :]
-        tv = rt[:, None] * (H * V) + rv[None, :]
+        if ADDR64:  # int64 offsets from the token index: loop-variant, so never hoisted
+            t = bos + c * BT + rt
+            xk, xv = 0, 0
+            tk = (t[:, None] * H + i_h) * K + rk[None, :]
+            tv = (t[:, None] * H + i_h) * V + rv[None, :]
+        else:  # scalar base + int32 offsets (loop-invariant: the compiler keeps them live)
+            xk, xv = row * K, row * V
+            tk = rt[:, None] * (H * K) + rk[None, :]
+            tv = rt[:, None] * (H * V) + rv[None, :]
         tl.store(dh + ((boh + c) * H + i_h) * K * V + s_off, b_g.to(dh.dtype.element_ty), mask=mkv)
         mk = mt[:, None] & (rk[None, :] < K)
         mv = mt[:, None] & (rv[None, :] < V)
-        b_q = tl.load(q + row * K + tk, mask=mk, other=0.0)
-        b_k = tl.load(k + row * K + tk, mask=mk, other=0.0)
-        b_w = tl.load(w + row * K + tk, mask=mk, other=0.0)
-        b_do = tl.load(do + row * V + tv, mask=mv, other=0.0)
+        b_q = tl.load(q + xk + tk, mask=mk, other=0.0)
+        b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
+        b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
+        b_do = tl.load(do + xv + tv, mask=mv, other=0.0)
         if USE_DV_LOCAL:
-            b_dv = tl.load(dv_local + row * V + tv, mask=mv, other=0.0).to(tl.float32)
+            b_dv = tl.load(dv_local + xv + tv, mask=mv, other=0.0).to(tl.float32)
         else:
             # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
             b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
@@ -119,7 +134,7 @@ def dh_bwd_kernel(
             b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
         b_dv += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=PREC)
         b_dv = b_dv.to(dv.dtype.element_ty)
-        tl.store(dv + row * V + tv, b_dv, mask=mv)
+        tl.store(dv + xv + tv, b_dv, mask=mv)
         b_g += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
         b_g -= tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype), input_precision=PREC)
     if STORE_DH0:

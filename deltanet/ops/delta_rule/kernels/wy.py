@@ -50,7 +50,7 @@ def _kkt_blocks(k, n, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: 
     a00 = tl.zeros([16, 16], dtype=tl.float32)
     a11, a22, a33 = a00, a00, a00
     a10, a21, a32, a20, a31, a30 = a00, a00, a00, a00, a00, a00
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         k0_ = _load_rows16(k, r, n, ck, H, K)
         k1_ = _load_rows16(k, r + 16, n, ck, H, K)
@@ -145,14 +145,14 @@ def _store_block(ai, x, n, ri, cj, H: tl.constexpr, BT: tl.constexpr):
 def _wu_store(k, v, w, u, b_x, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """W = X diag(beta) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision)."""
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
         off = rt[:, None] * (H * K) + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0)
         b_w = tl.dot(b_x, (b_k * b[:, None]).to(b_k.dtype), input_precision=PREC)
         tl.store(w + off, b_w.to(w.dtype.element_ty), mask=m)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         m = mt[:, None] & (cv[None, :] < V)
         off = rt[:, None] * (H * V) + cv[None, :]
@@ -266,7 +266,7 @@ def wy_fwd_dense_kernel(
     mt = rt < n
     b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mt[:, None] & (ck[None, :] < K), other=0.0)
         b_a += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)

@@ -38,7 +38,7 @@ def wy_bwd_da_kernel(
 
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         m = mt[:, None] & (cv[None, :] < V)
         off = rt[:, None] * (H * V) + cv[None, :]
@@ -48,7 +48,7 @@ def wy_bwd_da_kernel(
         b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
         b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
-    for k0 in tl.static_range(0, K, BK):
+    for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
         off = rt[:, None] * (H * K) + ck[None, :]
