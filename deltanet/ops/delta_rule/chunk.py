@@ -37,7 +37,10 @@ __all__ = ["chunk_delta_rule"]
 BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
 MAX_HEAD_DIM = 256
 # Launch settings. Fixed per shape (no autotuning) so that a cold start compiles each kernel
-# once; the benchmark may override entries here to compare settings.
+# once. Overrides of ``_configs`` entries, applied in this order: the environment variable
+# ``DELTANET_CHUNK_TUNING`` (JSON, e.g. '{"WARPS_WY": 4, "SAVE_AI": 0}'; read at every call, so a
+# benchmark process can be started with the variant benchmarks/tune_kernels.py chose), then
+# this dict (tests and tune_kernels.py set it in-process).
 TUNING: dict[str, int] = {}
 
 
