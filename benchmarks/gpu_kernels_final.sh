@@ -26,7 +26,7 @@ BUDGET=${BUDGET_S:-195}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 stamp() { echo "[$(( $(date +%s) - START )) s] $*" | tee -a "$OUT/summary.md"; }
 
-VARIANTS=${VARIANTS:-old,new,new_wy4,new_dqkw4,new_ws8,new_dense}
+VARIANTS=${VARIANTS:-old,new,new_wy4,new_dqkw4,new_ws8,new_bvmax32,new_dense}
 
 stamp "start; variants $VARIANTS; $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1)"
 $PY -c 'import fla; print("fla", getattr(fla, "__version__", "?"))' >>"$OUT/summary.md" 2>&1

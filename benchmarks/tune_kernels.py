@@ -38,6 +38,7 @@ VARIANTS = {
     "new_dense": {"WY_DENSE": 1},
     "new_ws8": {"WARPS_STATE": 8, "STATE_ADDR64": 0},  # at D = 64 the other state-kernel choice
     "new_addr64": {"STATE_ADDR64": 1},
+    "new_bvmax32": {"BV_STATE_MAX": 32},  # state V-block <= 32 (D = 128, T = 1K: spills 336/176 -> 24/128 B)
     "new_bvs32": {"BV_STATE": 32},
     "new_bkwyb32": {"BK_WYB": 32},
     "old_save_ai": dict(OLD, SAVE_AI=1),

@@ -149,9 +149,10 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     p2 = triton.next_power_of_2
     BKF = max(16, p2(K))
     BVF = max(16, p2(V))
+    over = {**json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")), **TUNING}
     # The state recurrence is sequential over chunks: split V finely enough that the
     # (sequence, head, V-block) programs fill the GPU, but keep the state tile in registers.
-    bv_state = min(BVF, 64 if BKF <= 128 else 32)
+    bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else 32))
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
     while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < 2 * _num_sms(device):
@@ -170,8 +171,7 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         WY_BWD_SPLIT=1,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
         BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
     )
-    cfg.update(json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")))
-    cfg.update(TUNING)
+    cfg.update(over)
     if cfg["WARPS_WYB"] is None:
         cfg["WARPS_WYB"] = cfg["WARPS_WY"]
     return cfg
