@@ -10,7 +10,8 @@
 #      land in the shared TRITON_CACHE_DIR, so the benchmark's own fla call only re-times them.
 #   1. (<= 50 s) our variants compiled in parallel, one process each (fills the same cache).
 #   2. (<= 60 s) tune_kernels.py times the variants at D = 128, 64 x T = 1K, 16K, checks each
-#      against "old" (rel. error <= 5e-2) and writes the winner to OUTDIR/tune_choice.json.
+#      against "old" and against the fp32 PyTorch chunkwise version (rel. error <= 5e-2) and
+#      writes the winner to OUTDIR/tune_choice.json.
 #   3. (the rest, <= 200 s in all) deltanet bench kernels with DELTANET_CHUNK_TUNING set to the
 #      winner: ours, fla, sdpa at D = 64, 128 and T = 1K..16K -> OUTDIR/bench.{md,jsonl}.
 # Everything printed goes to OUTDIR/*.log as well; OUTDIR/summary.md collects the headline.
@@ -52,7 +53,7 @@ done
 # 1. our variants, compiled in parallel.
 OUR_PIDS=()
 for V in ${VARIANTS//,/ }; do
-  timeout 50 $PY benchmarks/tune_kernels.py --compile-only --variants "$V" --dims 128,64 \
+  timeout 50 $PY benchmarks/tune_kernels.py --compile-only --check --variants "$V" --dims 128,64 \
     --lengths 1024,16384 >"$OUT/compile_$V.log" 2>&1 &
   OUR_PIDS+=($!)
 done
