@@ -7,8 +7,11 @@ Forward, three kernels (``kernels/``):
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
 Backward recomputes W, U from the ``Ai`` the forward kept (``wu_fwd_kernel``: two products per
-chunk, not the whole UT transform; ``SAVE_AI=0`` recomputes 1 instead) and 2, then runs the reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients
-(``dqkw_bwd_kernel``) and the way back through the UT transform (``wy_bwd_kernel``).
+chunk, not the whole UT transform; ``SAVE_AI=0`` recomputes 1 instead) and 2, then runs the
+reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients (``dqkw_bwd_kernel``) and the
+way back through the UT transform (``wy_bwd_da_kernel`` + ``wy_bwd_dk_kernel``, or the single
+``wy_bwd_kernel`` with ``WY_BWD_SPLIT=0``). Launch settings: ``_configs`` (overridable through
+``DELTANET_CHUNK_TUNING`` / ``TUNING``); register use: benchmarks/kernel_resources.py.
 
 Every tensor is viewed as packed tokens ``[B * T, H, D]``; a fixed-length batch is the packed
 case with ``cu_seqlens = [0, T, 2T, ...]``, so there is one code path, and a chunk never
