@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 
 import torch
 from triton.testing import do_bench
