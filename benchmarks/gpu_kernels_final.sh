@@ -20,8 +20,8 @@ OUT=${1:?usage: bash benchmarks/gpu_kernels_final.sh OUTDIR}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/deltanet-triton-cache}
-mkdir -p "$TRITON_CACHE_DIR"
+# Triton's default cache (~/.triton/cache) unless the caller sets TRITON_CACHE_DIR: the fla
+# kernels compiled here then also serve later fla runs in the same session (gpu_session.sh).
 START=$(date +%s)
 BUDGET=${BUDGET_S:-195}
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
