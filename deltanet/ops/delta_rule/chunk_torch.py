@@ -66,29 +66,33 @@ def _chunk_fwd(q, k, v, beta, S, C: int):
     q, k, v = (x.reshape(N, NT, C, H, -1).permute(1, 0, 3, 2, 4).reshape(NT, N * H, C, -1) for x in (q, k, v))
     beta = beta.reshape(N, NT, C, H).permute(1, 0, 3, 2).reshape(NT, N * H, C, 1)
 
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(0)
-
+    NH = N * H
+    # Flatten (chunk, sequence, head) into one batch dim: explicit 3-D bmm calls, merged where
+    # they share an operand, keep the CPU path at a handful of large BLAS calls.
+    q, k, v, beta = (x.reshape(NT * NH, C, -1) for x in (q, k, v, beta))
     kb = k * beta
     kt = k.transpose(-1, -2)
-    A = (kb @ kt).masked_fill(~strict, 0)  # [NT, N*H, C, C]
-    # T = (I + A)^-1 diag(beta): W = T K, U = T V.
-    Ainv = _unit_lower_inverse(A)
-    W = Ainv @ kb
-    U = Ainv @ (v * beta)
+    # [beta*K; Q] K^T: the UT-transform matrix A (strictly lower) and the intra-chunk scores.
+    scores = torch.bmm(torch.cat([kb, q], dim=1), kt)  # [NT*NH, 2C, C]
+    A = scores[:, :C].tril(-1)
+    attn = scores[:, C:].tril(0)
+    # T = (I + A)^-1 diag(beta): [W | U] = T [K | V] = (I + A)^-1 [beta*K | beta*V].
+    WU = torch.bmm(_unit_lower_inverse(A), torch.cat([kb, v * beta], dim=-1)).view(NT, NH, C, K + V)
+    W, U = WU[..., :K], WU[..., K:]
+    kt = kt.view(NT, NH, K, C)
 
     # The only sequential part: per chunk, pseudo-values u = U - W S and S <- S + K^T u.
-    S = S.reshape(N * H, K, V)
+    S = S.reshape(NH, K, V)
     states, pseudo = [], []
     for i in range(NT):
         u = torch.baddbmm(U[i], W[i], S, alpha=-1)  # [N*H, C, V]
         states.append(S)
         pseudo.append(u)
         S = torch.baddbmm(S, kt[i], u)
-    Sc, u = torch.stack(states), torch.stack(pseudo)  # [NT, N*H, K, V], [NT, N*H, C, V]
+    Sc = torch.stack(states).view(NT * NH, K, V)
+    u = torch.stack(pseudo).view(NT * NH, C, V)
 
-    attn = (q @ kt).masked_fill(~causal, 0)  # [NT, N*H, C, C]
-    o = q @ Sc + attn @ u  # [NT, N*H, C, V]
+    o = torch.baddbmm(torch.bmm(attn, u), q, Sc)  # Q S + tril(Q K^T) U'
     o = o.reshape(NT, N, H, C, V).permute(1, 0, 3, 2, 4).reshape(N, T, H, V)
     return o, S.reshape(N, H, K, V)
 
