@@ -162,16 +162,17 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
-        # State kernels (spills from kernel_resources.py): int64 token-index addressing at K <= 64
-        # (0-80 B per thread at 4 warps), scalar base + int32 offsets above (0-340 B).
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2, STATE_ADDR64=int(BKF <= 64),
-        # 8 warps for the UT transform and dqkw: at 4 warps they spill (kernel_resources.py).
-        WARPS_WY=8, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
-        BK_DQKW=min(BKF, 64), WARPS_DQKW=8, STAGES_DQKW=2,
+        # Defaults = the settings measured fastest on the H200 (2026-11-30 sweep, "old" variant;
+        # benchmarks/results/2026-11-30-h200-kernels.md). The spill-free 8-warp / SAVE_AI /
+        # split-backward settings compiled without spills offline but measured 1.3-1.9x slower in
+        # that sweep (the sweep overlapped fla's warm-up, so re-measure before switching).
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2, STATE_ADDR64=1,
+        WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
+        BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
         WARPS_WYB=None,  # warps of wy_bwd / the split pair (None: WARPS_WY)
-        SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
-        WY_BWD_SPLIT=1,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
+        SAVE_AI=0,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
+        WY_BWD_SPLIT=0,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
         BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
     )
     cfg.update(over)
