@@ -72,13 +72,14 @@ def _chunk_fwd(q, k, v, beta, S, C: int):
     q, k, v, beta = (x.reshape(NT * NH, C, -1) for x in (q, k, v, beta))
     kb = k * beta
     kt = k.transpose(-1, -2)
-    # [beta*K; Q] K^T: the UT-transform matrix A (strictly lower) and the intra-chunk scores.
-    scores = torch.bmm(torch.cat([kb, q], dim=1), kt)  # [NT*NH, 2C, C]
-    A = scores[:, :C].tril(-1)
-    attn = scores[:, C:].tril(0)
-    # T = (I + A)^-1 diag(beta): [W | U] = T [K | V] = (I + A)^-1 [beta*K | beta*V].
-    WU = torch.bmm(_unit_lower_inverse(A), torch.cat([kb, v * beta], dim=-1)).view(NT, NH, C, K + V)
-    W, U = WU[..., :K], WU[..., K:]
+    A = torch.bmm(kb, kt).tril_(-1)  # the UT-transform matrix, strictly lower
+    attn = torch.bmm(q, kt).tril_(0)  # intra-chunk scores, diagonal included
+    # T = (I + A)^-1 diag(beta): W = T K = (I + A)^-1 beta*K, U = T V = (I + A)^-1 beta*V.
+    # Two products rather than one on [beta*K | beta*V]: W[i] and U[i] must be contiguous, or
+    # every baddbmm in the loop below copies its operands first.
+    Ainv = _unit_lower_inverse(A)
+    W = torch.bmm(Ainv, kb).view(NT, NH, C, K)
+    U = torch.bmm(Ainv, v * beta).view(NT, NH, C, V)
     kt = kt.view(NT, NH, K, C)
 
     # The only sequential part: per chunk, pseudo-values u = U - W S and S <- S + K^T u.
@@ -130,7 +131,6 @@ def delta_rule_chunkwise_torch(
     out_dtype = v.dtype
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
-    q = q * shape.scale
     C = chunk_size
 
     # Pad each sequence at its end to a multiple of C. Padded tokens have k = 0 and beta = 0,
@@ -142,11 +142,13 @@ def delta_rule_chunkwise_torch(
         q, k, v, beta = (_pack(x, offsets, Tp) for x in (q, k, v, beta))
     else:
         Tp = -(-T // C) * C
-        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, Tp - T)) for x in (q, k, v))
-        beta = F.pad(beta, (0, 0, 0, Tp - T))
+        if Tp != T:  # F.pad copies even when it pads nothing
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, Tp - T)) for x in (q, k, v))
+            beta = F.pad(beta, (0, 0, 0, Tp - T))
 
     S0 = initial_state.to(dtype) if initial_state is not None else q.new_zeros(N, H, K, V)
     o, S = _chunk_fwd(q, k, v, beta, S0, C)
+    o = o * shape.scale  # o is linear in q: scaling the output saves a pass over q
 
     if cu_seqlens is not None:
         o = torch.cat([o[i, : e - s] for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:]))])[None]
