@@ -16,11 +16,17 @@ import os
 
 import torch
 
-__all__ = ["fused"]
+__all__ = ["fused", "will_compile"]
 
 
 def _enabled() -> bool:
     return os.environ.get("DELTANET_DISABLE_FUSION", "") in ("", "0")
+
+
+def will_compile(x: torch.Tensor) -> bool:
+    """Whether a ``fused`` function called with ``x`` first runs compiled."""
+    return (x.is_cuda and torch.is_grad_enabled() and _enabled()
+            and not torch.compiler.is_compiling())
 
 
 def fused(fn):
@@ -32,8 +38,7 @@ def fused(fn):
     def wrapper(*args, **kwargs):
         nonlocal compiled
         x = args[0]
-        if (x.is_cuda and torch.is_grad_enabled() and _enabled()
-                and not torch.compiler.is_compiling()):
+        if will_compile(x):
             if compiled is None:
                 compiled = torch.compile(fn)
             return compiled(*args, **kwargs)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fused import fused
+from ._fused import fused, will_compile
 
 __all__ = ["ShortConvolution", "causal_conv", "positions_in_documents"]
 
@@ -67,6 +67,42 @@ def _padded_conv(x, weight, doc_pos, silu: bool):
     return causal_conv(F.pad(x, (0, 0, weight.shape[1] - 1, 0)), weight, doc_pos, silu)
 
 
+class _RecomputedConv(torch.autograd.Function):
+    """``_padded_conv`` that keeps only its input and weight for backward and reruns the same
+    code there: eager autograd would keep ~5 float32 ``[B, T, C]`` intermediates per conv
+    (the shifted terms, the pre-activation and its SiLU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, doc_pos, silu: bool):
+        ctx.save_for_backward(x, weight, doc_pos)
+        ctx.silu = silu
+        return _padded_conv.eager(x, weight, doc_pos, silu)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, doc_pos = ctx.saved_tensors
+        with torch.enable_grad():
+            xr, wr = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            y = _padded_conv.eager(xr, wr, doc_pos, ctx.silu)
+            dx, dw = torch.autograd.grad(y, (xr, wr), dy)
+        return dx, dw, None, None
+
+
+def padded_conv(x, weight, doc_pos, silu: bool):
+    """``causal_conv`` of ``x`` after ``W - 1`` zeros, for training and scoring: compiled on CUDA
+    (Inductor picks what to keep), elsewhere with a backward that recomputes the conv.
+
+    Example::
+
+        >>> x = torch.randn(1, 5, 2, requires_grad=True)
+        >>> torch.allclose(padded_conv(x, torch.ones(2, 4), None, True), _padded_conv(x, torch.ones(2, 4), None, True))
+        True
+    """
+    if will_compile(x) or not torch.is_grad_enabled():
+        return _padded_conv(x, weight, doc_pos, silu)
+    return _RecomputedConv.apply(x, weight, doc_pos, silu)
+
+
 class ShortConvolution(nn.Module):
     """Depthwise causal conv over time, ``[B, T, C] -> [B, T, C]``, optional SiLU.
 
@@ -101,7 +137,7 @@ class ShortConvolution(nn.Module):
         doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None and not output_state:
             # training / scoring (compiled on CUDA for training)
-            return _padded_conv(x, self.weight, doc_pos, silu), None
+            return padded_conv(x, self.weight, doc_pos, silu), None
         if state is None:
             state = x.new_zeros(B, W - 1, C)
         xe = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]

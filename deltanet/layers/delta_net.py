@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..ops import delta_rule
 from .conv import ShortConvolution
-from .norm import RMSNorm, l2_norm
+from .norm import RMSNorm, l2_norm, rms_norm_linear
 
 __all__ = ["DeltaNetMixer", "qk_feature"]
 
@@ -93,16 +93,31 @@ class DeltaNetMixer(nn.Module):
         self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
 
-    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, **_):
+    def _input_projections(self, x, norm):
+        """``(q, k, v, b or None, g or None)`` of ``norm(x)`` (or of ``x`` without a norm)."""
+        layers = [self.q_proj, self.k_proj, self.v_proj]
+        layers += [self.b_proj] if self.use_beta else []
+        layers += [self.g_proj] if self.use_output_gate else []
+        if norm is not None:  # one function: backward recomputes norm(x) instead of keeping it
+            out = list(rms_norm_linear(x, norm.weight, [lin.weight for lin in layers], norm.eps))
+        else:
+            out = [lin(x) for lin in layers]
+        q, k, v = out[:3]
+        b = out[3] if self.use_beta else None
+        g = out[-1] if self.use_output_gate else None
+        return q, k, v, b, g
+
+    def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
-        :class:`~deltanet.models.cache.DeltaNetCache` updated in place."""
+        :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
+        :class:`RMSNorm` applied to ``x`` first (the block's pre-norm, fused with the input
+        projections so that its output is not kept for backward)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None
         decoding = state is not None and "recurrent" in state
-        m = mask[..., None].to(x.dtype) if mask is not None else None  # [B, T, 1]
-
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D]
+        q, k, v, b, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, H])
+        m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
         if self.use_short_conv:
             if m is not None:  # zero conv inputs on padding: the next real token sees a fresh start
                 q, k, v = q * m, k * m, v * m
@@ -120,12 +135,11 @@ class DeltaNetMixer(nn.Module):
         k = qk_feature(k, self.qk_activation, self.qk_norm)
 
         if self.use_beta:
-            beta = self.b_proj(x)
-            beta = beta.to(torch.promote_types(beta.dtype, torch.float32)).sigmoid()  # [B, T, H]
+            beta = b.to(torch.promote_types(b.dtype, torch.float32)).sigmoid()  # [B, T, H]
             if self.allow_neg_eigval:
                 beta = beta * 2.0
         else:
-            beta = x.new_ones(B, T, H)
+            beta = q.new_ones(B, T, H)
         if m is not None:
             beta = beta * m.to(beta.dtype)  # beta = 0: padded tokens neither erase nor write
             k = k * m[..., None]
@@ -144,6 +158,8 @@ class DeltaNetMixer(nn.Module):
             if self.use_short_conv:
                 state["conv"] = (cq, ck, cv)
 
-        gate = self.g_proj(x).view(B, T, H, D) if self.use_output_gate else None
-        o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, H * D))
+        if self.use_output_gate:
+            o = self.o_norm(o, g.view(B, T, H, D))
+            return self.o_proj(o.reshape(B, T, H * D))
+        # per-head RMSNorm fused with o_proj: backward recomputes the normalised o
+        return rms_norm_linear(o.reshape(B, T, H * D), self.o_norm.weight, [self.o_proj.weight], self.o_norm.eps)[0]

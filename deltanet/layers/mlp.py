@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._fused import fused
+from .norm import rms_norm_linear
 
 __all__ = ["SwiGLU", "swiglu_linear"]
 
@@ -67,5 +68,10 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm=None) -> torch.Tensor:
+        """``norm``: an :class:`~deltanet.layers.RMSNorm` applied to ``x`` first, fused with the
+        gate/up projections so that its output is not kept for backward."""
+        if norm is not None:
+            g, u = rms_norm_linear(x, norm.weight, [self.gate_proj.weight, self.up_proj.weight], norm.eps)
+            return swiglu_linear(g, u, self.down_proj.weight)
         return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ._fused import fused
 
-__all__ = ["RMSNorm", "l2_norm", "rms_norm"]
+__all__ = ["RMSNorm", "l2_norm", "rms_norm", "rms_norm_linear"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -92,6 +92,70 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         True
     """
     return _RMSNormFn.apply(x, weight, eps)
+
+
+class _RMSNormLinearFn(torch.autograd.Function):
+    """``[rmsnorm(x) @ W_i.T for W_i in weights]`` with the norm over groups of ``d`` channels.
+
+    Saves ``x``, ``1/rms`` and the weights, and recomputes the normalised input in backward: the
+    separate norm + linears would also keep that input (one ``[tokens, C]`` tensor per norm)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps: float, d: int, *weights):
+        ct = _compute_dtype(x)
+        xg = x.to(ct).unflatten(-1, (-1, d))  # [..., C // d, d]
+        rstd = torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+        dt = _output_dtype(x)
+        h = (xg * rstd * norm_weight.to(ct)).flatten(-2).to(dt)
+        ctx.save_for_backward(x, norm_weight, rstd, *weights)
+        ctx.d, ctx.dt = d, dt
+        with torch.autocast(x.device.type, enabled=False):  # h is already in the autocast dtype
+            return tuple(F.linear(h, w.to(dt)) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, norm_weight, rstd, *weights = ctx.saved_tensors
+        ct = rstd.dtype
+        xhat = x.to(ct).unflatten(-1, (-1, ctx.d)) * rstd
+        nw = norm_weight.to(ct)
+        dt = ctx.dt
+        h = (xhat * nw).flatten(-2).to(dt)
+        h2 = h.reshape(-1, h.shape[-1])
+        dh, dws = None, []
+        for dy, w in zip(dys, weights):
+            if dy is None:
+                dws.append(None)
+                continue
+            dy = dy.to(dt)
+            part = (dy @ w.to(dt)).to(ct)  # like autograd: each linear's input grad, summed
+            dh = part if dh is None else dh + part
+            dws.append((dy.reshape(-1, dy.shape[-1]).t() @ h2).to(w.dtype))
+        if dh is None:
+            return (None, None, None, None, *dws)
+        dhg = dh.unflatten(-1, (-1, ctx.d))
+        dnw = (dhg * xhat).reshape(-1, ctx.d).sum(0)
+        g = dhg * nw
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))  # as in _RMSNormFn
+        return (dx.flatten(-2).to(x.dtype), dnw.to(norm_weight.dtype), None, None, *dws)
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, eps: float = 1e-6) -> tuple:
+    """``h = rmsnorm(x) * norm_weight`` (over groups of ``norm_weight.numel()`` channels), then
+    ``tuple(h @ w.T for w in weights)``, keeping only ``x`` for backward (``h`` is recomputed).
+
+    Under autocast ``h`` and the outputs are in the autocast dtype (as ``rms_norm`` + ``nn.Linear``).
+
+    Example::
+
+        >>> x, w = torch.randn(3, 8), torch.randn(5, 8)
+        >>> (y,) = rms_norm_linear(x, torch.ones(8), [w])
+        >>> torch.allclose(y, rms_norm(x, torch.ones(8)) @ w.t(), atol=1e-5)
+        True
+    """
+    d = norm_weight.shape[-1]
+    if x.shape[-1] % d:
+        raise ValueError(f"x's last dim {x.shape[-1]} is not a multiple of norm_weight's size {d}")
+    return _RMSNormLinearFn.apply(x, norm_weight, eps, d, *weights)
 
 
 @fused

@@ -95,8 +95,13 @@ class DeltaNetBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, **mixer_kwargs):
-        x = x + self.attn(self.attn_norm(x), **mixer_kwargs)
-        return x + self.mlp(self.mlp_norm(x))
+        # The DeltaNet mixer and the MLP take the pre-norm and fuse it with their input
+        # projections: the normalised activations are recomputed in backward, not kept.
+        if isinstance(self.attn, DeltaNetMixer):
+            x = x + self.attn(x, norm=self.attn_norm, **mixer_kwargs)
+        else:
+            x = x + self.attn(self.attn_norm(x), **mixer_kwargs)
+        return x + self.mlp(x, norm=self.mlp_norm)
 
 
 class DeltaNetPreTrainedModel(PreTrainedModel):

@@ -222,3 +222,33 @@ def test_flex_attention_on_cuda_matches_dense(window):
         dense = causal_attention(q.double(), k.double(), v.double(), window=window, cu_seqlens=c, use_flex=False)
         base = causal_attention(q, k, v, window=window, cu_seqlens=c, use_flex=False)
         assert_close("flex", flex, dense, baseline=base, floor=1e-3)
+
+
+def test_rms_norm_linear_matches_norm_then_linears():
+    from deltanet.layers.norm import rms_norm, rms_norm_linear
+
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    for d in (8, 4):  # whole rows (block pre-norm) and groups of d (per-head o_norm)
+        nw = torch.empty(d, dtype=torch.float64).uniform_(0.5, 2).requires_grad_()
+        Ws = [torch.randn(n, 8, dtype=torch.float64, requires_grad=True) for n in (5, 3)]
+        assert torch.autograd.gradcheck(lambda a, b, c, e: rms_norm_linear(a, b, [c, e], 1e-6), (x, nw, *Ws))
+        h = rms_norm(x.unflatten(-1, (-1, d)), nw, 1e-6).flatten(-2)
+        for y, W in zip(rms_norm_linear(x, nw, Ws, 1e-6), Ws):
+            assert_close("norm+linear", y, h @ W.t())
+    with pytest.raises(ValueError, match="norm_weight"):
+        rms_norm_linear(x, torch.ones(3, dtype=torch.float64), [Ws[0]])
+    xf = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,) = rms_norm_linear(xf, torch.ones(8), [torch.randn(5, 8)])
+    assert y.dtype == torch.bfloat16
+
+
+def test_recomputed_conv_has_exact_gradients():
+    from deltanet.layers.conv import _padded_conv, padded_conv
+
+    x = torch.randn(1, 9, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    for doc_pos in (None, positions_in_documents(torch.tensor([0, 4, 9]), 9)):
+        for silu in (True, False):
+            assert torch.autograd.gradcheck(lambda a, b: padded_conv(a, b, doc_pos, silu), (x, w))
+            assert_close("conv", padded_conv(x, w, doc_pos, silu), _padded_conv.eager(x, w, doc_pos, silu))
