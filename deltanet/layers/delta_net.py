@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import delta_rule
 from .conv import ShortConvolution
@@ -66,6 +67,12 @@ class DeltaNetMixer(nn.Module):
         torch.Size([2, 7, 128])
     """
 
+    # Training: rerun norm + q/k/v/beta projections + short conv in backward (one extra GEMM of
+    # [tokens, hidden] x [hidden, 3 * H * D] per layer) instead of keeping the conv inputs, three
+    # [tokens, H * D] tensors per layer (6 KB per token at the 340M width, ~4.5 GiB at 24 layers x
+    # 32K tokens). Set to False on an instance or the class to trade that memory for the GEMM.
+    recompute_inputs: bool = True
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -107,6 +114,25 @@ class DeltaNetMixer(nn.Module):
         g = out[-1] if self.use_output_gate else None
         return q, k, v, b, g
 
+    def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool):
+        """``(q, k, v, b, g, conv_states)``: projections of ``norm(x)``, then the short conv (or
+        the bare activation); q, k, v are ``[B, T, H*D]``, before the q/k norm."""
+        q, k, v, b, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, H])
+        conv_out = None
+        if self.use_short_conv:
+            if mask is not None:  # zero conv inputs on padding: the next real token sees a fresh start
+                m = mask[..., None].to(q.dtype)
+                q, k, v = q * m, k * m, v * m
+            q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want_state)
+            k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want_state)
+            v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want_state)
+            conv_out = (cq, ck, cv)
+        else:
+            if self.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            v = F.silu(v)
+        return q, k, v, b, g, conv_out
+
     def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
         :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
@@ -116,20 +142,14 @@ class DeltaNetMixer(nn.Module):
         H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None
         decoding = state is not None and "recurrent" in state
-        q, k, v, b, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, H])
-        m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
-        if self.use_short_conv:
-            if m is not None:  # zero conv inputs on padding: the next real token sees a fresh start
-                q, k, v = q * m, k * m, v * m
-            conv_in = state.get("conv") if decoding else (None, None, None)
-            want = state is not None
-            q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
-            k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
-            v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want)
+        conv_in = state.get("conv") if decoding else (None, None, None)
+        if self.recompute_inputs and state is None and torch.is_grad_enabled():
+            # training: keep only x; norm, projections and conv are rerun in backward
+            q, k, v, b, g = checkpoint(lambda *a: self._features(*a)[:5], x, norm, mask, cu_seqlens,
+                                       conv_in, False, use_reentrant=False)
         else:
-            if self.qk_activation == "silu":
-                q, k = F.silu(q), F.silu(k)
-            v = F.silu(v)
+            q, k, v, b, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None)
+        m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # [B, T, H, D]
         q = qk_feature(q, self.qk_activation, self.qk_norm)
         k = qk_feature(k, self.qk_activation, self.qk_norm)
@@ -156,7 +176,7 @@ class DeltaNetMixer(nn.Module):
         if state is not None:
             state["recurrent"] = final
             if self.use_short_conv:
-                state["conv"] = (cq, ck, cv)
+                state["conv"] = conv_out
 
         if self.use_output_gate:
             o = self.o_norm(o, g.view(B, T, H, D))
