@@ -69,7 +69,7 @@ def _origin() -> str:
     for fr in reversed(traceback.extract_stack()):
         f = fr.filename.replace(os.sep, "/")
         if "/deltanet/" in f and "activation_memory" not in f and "/_fused.py" not in f:
-            mark = " [checkpoint]" if not frames and "checkpoint(" in (fr.line or "") else ""
+            mark = " [checkpoint]" if not frames and ("checkpoint(" in (fr.line or "") or "recompute_in_backward(" in (fr.line or "")) else ""
             frames.append(f"{f.split('/deltanet/')[-1]}:{fr.lineno} {fr.name}{mark}")
             if len(frames) == 2:
                 break
@@ -133,7 +133,7 @@ def _category(name: str, origin: str) -> str:
     if "_delta_stand_in" in origin:
         return "delta op (q,k,v,beta)"
     if "[checkpoint]" in origin:
-        return "pre-norm input x, fp32 residual (checkpointed attn_norm+proj+conv)"
+        return "pre-norm input x, fp32 residual (recomputed attn_norm+proj+conv)"
     if "rms_norm_linear" in origin:
         if "_input_projections" in origin:
             return "pre-norm input x, fp32 residual (attn_norm+q/k/v/b proj)"

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-__all__ = ["fused", "will_compile"]
+__all__ = ["fused", "recompute_in_backward", "will_compile"]
 
 
 def _enabled() -> bool:
@@ -46,3 +46,47 @@ def fused(fn):
 
     wrapper.eager = fn
     return wrapper
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, n_inputs: int, *args):
+        inputs, params = args[:n_inputs], args[n_inputs:]
+        dev = inputs[0].device.type
+        ctx.fn, ctx.n_inputs, ctx.params = fn, n_inputs, params  # params: leaf tensors, held anyway
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(*inputs)
+        return tuple(fn(*inputs))
+
+    @staticmethod
+    def backward(ctx, *douts):
+        dev, enabled, dtype = ctx.autocast
+        inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                  for t in ctx.saved_tensors]
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            outs = ctx.fn(*inputs)
+        pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
+        wrt = [t for t in (*inputs, *ctx.params) if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
+                     if pairs else [None] * len(wrt))
+        return (None, None, *(next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None
+                              for t in (*inputs, *ctx.params)))
+
+
+def recompute_in_backward(fn, inputs: tuple, params) -> tuple:
+    """``fn(*inputs)`` (a tuple of tensors) keeping only ``inputs`` for backward; backward
+    reruns ``fn`` under the forward's autocast state and differentiates the rerun. ``params``:
+    the parameters ``fn`` uses (they receive gradients).
+
+    Unlike ``torch.utils.checkpoint`` this does not compare the forward's saved tensors with the
+    rerun's, so ``fn`` may run eagerly forward (no autograd) and compiled in backward.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.randn(3))
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> (y,) = recompute_in_backward(lambda a: ((a * w).sin(),), (x,), [w])
+        >>> y.sum().backward(); w.grad.shape
+        torch.Size([3])
+    """
+    return _Recompute.apply(fn, len(inputs), *inputs, *params)

@@ -98,7 +98,7 @@ def padded_conv(x, weight, doc_pos, silu: bool):
         >>> torch.allclose(padded_conv(x, torch.ones(2, 4), None, True), _padded_conv(x, torch.ones(2, 4), None, True))
         True
     """
-    if will_compile(x) or not torch.is_grad_enabled():
+    if will_compile(x) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return _padded_conv(x, weight, doc_pos, silu)
     return _RecomputedConv.apply(x, weight, doc_pos, silu)
 

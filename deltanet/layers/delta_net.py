@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..ops import delta_rule
+from ._fused import recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
@@ -71,6 +71,7 @@ class DeltaNetMixer(nn.Module):
     # [tokens, hidden] x [hidden, 3 * H * D] per layer) instead of keeping the conv inputs, three
     # [tokens, H * D] tensors per layer (6 KB per token at the 340M width, ~4.5 GiB at 24 layers x
     # 32K tokens). Set to False on an instance or the class to trade that memory for the GEMM.
+    # (Skipped inside an outer torch.compile, whose partitioner chooses what to keep.)
     recompute_inputs: bool = True
 
     def __init__(self, config, layer_idx: int):
@@ -143,10 +144,16 @@ class DeltaNetMixer(nn.Module):
         state = cache.layers[self.layer_idx] if cache is not None else None
         decoding = state is not None and "recurrent" in state
         conv_in = state.get("conv") if decoding else (None, None, None)
-        if self.recompute_inputs and state is None and torch.is_grad_enabled():
+        if (self.recompute_inputs and state is None and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
-            q, k, v, b, g = checkpoint(lambda *a: self._features(*a)[:5], x, norm, mask, cu_seqlens,
-                                       conv_in, False, use_reentrant=False)
+            feats = recompute_in_backward(
+                lambda xx, mm, cs: [t for t in self._features(xx, norm, mm, cs, conv_in, False)[:5] if t is not None],
+                (x, mask, cu_seqlens), [p for mod in (self, norm) if mod is not None for p in mod.parameters()])
+            feats = iter(feats)
+            q, k, v = next(feats), next(feats), next(feats)
+            b = next(feats) if self.use_beta else None
+            g = next(feats) if self.use_output_gate else None
         else:
             q, k, v, b, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None)
         m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]

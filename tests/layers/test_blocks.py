@@ -252,3 +252,24 @@ def test_recomputed_conv_has_exact_gradients():
         for silu in (True, False):
             assert torch.autograd.gradcheck(lambda a, b: padded_conv(a, b, doc_pos, silu), (x, w))
             assert_close("conv", padded_conv(x, w, doc_pos, silu), _padded_conv.eager(x, w, doc_pos, silu))
+
+
+def test_recompute_in_backward_matches_plain_autograd():
+    from deltanet.layers._fused import recompute_in_backward
+
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, m: ((a * w).sin() * m, a.exp().sum(-1))  # noqa: E731
+    m = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: recompute_in_backward(fn, (a, m), [b, unused]), (x, w))
+    # only one output used, and autocast state replayed in backward
+    xf = torch.randn(4, 8, requires_grad=True)
+    W = torch.randn(5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,) = recompute_in_backward(lambda a: (F.linear(a, W),), (xf,), [W])
+        ref = F.linear(xf, W)
+    assert y.dtype == torch.bfloat16
+    gx, gw = torch.autograd.grad(y.float().sum(), (xf, W))
+    rx, rw = torch.autograd.grad(ref.float().sum(), (xf, W))
+    assert torch.equal(gx, rx) and torch.equal(gw, rw)
