@@ -20,6 +20,7 @@ Examples::
 
     python benchmarks/activation_memory.py                       # deltanet-340m, 1 block, T=1024
     python benchmarks/activation_memory.py --layers 2 --tokens 2048 --train-tokens 32768
+    python benchmarks/activation_memory.py --no-recompute     # keep the conv inputs instead
 """
 
 from __future__ import annotations
@@ -183,8 +184,11 @@ def main(argv=None) -> None:
     ap.add_argument("--train-tokens", type=int, default=32768)
     ap.add_argument("--train-layers", type=int, default=None, help="default: the preset's")
     ap.add_argument("--params", type=float, default=None, help="parameters (default: counted)")
+    ap.add_argument("--no-recompute", action="store_true",
+                    help="DeltaNetMixer.recompute_inputs = False (keep the short conv inputs)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    delta_net_mod.DeltaNetMixer.recompute_inputs = not args.no_recompute
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = get_config(args.preset, delta_backend="torch")
     T = args.tokens
