@@ -11,8 +11,6 @@ Backends (DESIGN.md §4):
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .delta_rule import delta_rule_chunkwise_torch, delta_rule_reference
@@ -29,28 +27,32 @@ __all__ = [
 ]
 
 
-def _triton_impl(module: str, name: str):
-    """Import a Triton backend lazily, so that ``import deltanet`` works where Triton doesn't
-    (macOS, Windows): only calling a Triton backend needs it."""
-    try:
-        return getattr(importlib.import_module(f"{__name__}.delta_rule.{module}"), name)
-    except ModuleNotFoundError as e:
-        if e.name != "triton":
-            raise
-        raise ImportError(f"{name} needs Triton (Linux: pip install triton); "
-                          "on other platforms use backend='torch'") from e
+# The Triton backends are imported on first use, so that ``import deltanet`` works where Triton
+# doesn't (macOS, Windows). Plain ``from ... import`` statements (not importlib) keep the
+# wrappers traceable by torch.compile(fullgraph=True).
+_NO_TRITON = "{} needs Triton (Linux: pip install triton); on other platforms use backend='torch'"
 
 
 def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Chunkwise delta rule in Triton (backend ``"triton"``). Same contract as :func:`delta_rule`."""
-    impl = _triton_impl("chunk", "chunk_delta_rule")
+    try:
+        from .delta_rule.chunk import chunk_delta_rule as impl
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError(_NO_TRITON.format("chunk_delta_rule")) from e
     return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Fused recurrent delta rule in Triton (backend ``"recurrent"``). Same contract as :func:`delta_rule`."""
-    impl = _triton_impl("recurrent", "recurrent_delta_rule")
+    try:
+        from .delta_rule.recurrent import recurrent_delta_rule as impl
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError(_NO_TRITON.format("recurrent_delta_rule")) from e
     return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
