@@ -22,7 +22,7 @@ from .utils import check_inputs
 __all__ = ["delta_rule_chunkwise_torch"]
 
 
-def _pack(x: torch.Tensor, offsets: list[int], Tp: int) -> torch.Tensor:
+def _pack(x: torch.Tensor, offsets: tuple[int, ...], Tp: int) -> torch.Tensor:
     """``[1, T, ...]`` packed sequences -> ``[N, Tp, ...]`` zero-padded at the end."""
     seqs = [x[0, s:e] for s, e in zip(offsets[:-1], offsets[1:])]
     return torch.stack([F.pad(s, (0, 0) * (x.ndim - 2) + (0, Tp - s.shape[0])) for s in seqs])
@@ -137,7 +137,7 @@ def delta_rule_chunkwise_torch(
     # so they leave the state untouched (the final state stays exact) and their outputs are
     # dropped below.
     if cu_seqlens is not None:
-        offsets = cu_seqlens.tolist()
+        offsets = shape.offsets
         Tp = -(-max(e - s for s, e in zip(offsets[:-1], offsets[1:])) // C) * C
         q, k, v, beta = (_pack(x, offsets, Tp) for x in (q, k, v, beta))
     else:

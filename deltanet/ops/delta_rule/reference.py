@@ -55,7 +55,7 @@ def delta_rule_reference(
     qf = qf * shape.scale
 
     outs, finals = [], []
-    for i, (b, s, e) in enumerate(seq_lengths(cu_seqlens, B, T)):
+    for i, (b, s, e) in enumerate(seq_lengths(shape)):
         if initial_state is not None:
             S0 = initial_state[i].to(dtype)
         else:

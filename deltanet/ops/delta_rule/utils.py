@@ -26,6 +26,7 @@ class DeltaRuleShape:
     V: int
     N: int  # number of sequences: B, or len(cu_seqlens) - 1
     scale: float
+    offsets: tuple[int, ...] | None = None  # cu_seqlens on the host (read once: a device sync)
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -77,7 +78,7 @@ def check_inputs(
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    N = B
+    N, offsets = B, None
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor):
             raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -91,13 +92,13 @@ def check_inputs(
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if B != 1:
             raise ValueError(f"cu_seqlens requires B == 1 (sequences packed along T), got B = {B}")
-        offsets = cu_seqlens.tolist()
+        offsets = tuple(cu_seqlens.tolist())
         if offsets[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
         if offsets[-1] != T:
             raise ValueError(f"cu_seqlens must end at T = {T}, got {offsets[-1]}")
         if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets}")
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {list(offsets)}")
         N = len(offsets) - 1
 
     if initial_state is not None:
@@ -112,12 +113,11 @@ def check_inputs(
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    return DeltaRuleShape(B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale))
+    return DeltaRuleShape(B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale), offsets=offsets)
 
 
-def seq_lengths(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[int, int, int]]:
+def seq_lengths(shape: DeltaRuleShape) -> list[tuple[int, int, int]]:
     """``[(batch index, start, end)]`` for each sequence of a (possibly packed) batch."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    offsets = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in zip(offsets[:-1], offsets[1:])]
+    if shape.offsets is None:
+        return [(b, 0, shape.T) for b in range(shape.B)]
+    return [(0, s, e) for s, e in zip(shape.offsets[:-1], shape.offsets[1:])]
