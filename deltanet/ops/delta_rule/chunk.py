@@ -117,6 +117,27 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """Entry checks shared by the Triton ops: validation, head-dim limit, device. float64 inputs
+    are computed in float32 (no fp64 tensor-core path). Returns ``(scale, q, k, v, beta, h0)``."""
+    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    if max(shape.K, shape.V) > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
+                         f"V={shape.V}; use backend='torch'")
+    check_device(q)
+    if v.dtype == torch.float64:
+        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+    h0 = initial_state.float() if initial_state is not None else None
+    return shape.scale, q, k, v, beta, h0
+
+
+def finish_outputs(o, ht, out_dtype, output_final_state):
+    """``(o, final_state or None)``, cast back to float64 for float64 inputs."""
+    if out_dtype == torch.float64:
+        o, ht = o.double(), ht.double()
+    return o, (ht if output_final_state else None)
+
+
 @functools.lru_cache(maxsize=64)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -412,17 +433,8 @@ def chunk_delta_rule(
         >>> o.shape, S.dtype
         (torch.Size([2, 100, 4, 32]), torch.float32)
     """
-    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if max(shape.K, shape.V) > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
-                         f"V={shape.V}; use backend='torch'")
-    check_device(q)
     out_dtype = v.dtype
-    if out_dtype == torch.float64:  # no fp64 tensor-core path: compute in fp32
-        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
-    h0 = initial_state.float() if initial_state is not None else None
-    o, ht, _ = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
-    if out_dtype == torch.float64:
-        o, ht = o.double(), ht.double()
-    return o, (ht if output_final_state else None)
+    scale, q, k, v, beta, h0 = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, ht, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens)
+    return finish_outputs(o, ht, out_dtype, output_final_state)
 

@@ -127,7 +127,7 @@ def delta_rule_chunkwise_torch(
     shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    B, T, H, K, V, N = shape.B, shape.T, shape.H, shape.K, shape.V, shape.N
+    T, H, K, V, N = shape.T, shape.H, shape.K, shape.V, shape.N
     out_dtype = v.dtype
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))

@@ -13,9 +13,8 @@ import functools
 import torch
 import triton
 
-from .chunk import MAX_HEAD_DIM, _new, check_device, interpreted
+from .chunk import _new, finish_outputs, interpreted, prepare_inputs
 from .kernels.recurrent import recurrent_bwd_fwd_kernel, recurrent_bwd_rev_kernel, recurrent_fwd_kernel
-from .utils import check_inputs
 
 __all__ = ["recurrent_delta_rule"]
 
@@ -179,16 +178,7 @@ def recurrent_delta_rule(
         >>> o.shape
         torch.Size([8, 1, 4, 64])
     """
-    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    if max(shape.K, shape.V) > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
-                         f"V={shape.V}; use backend='torch'")
-    check_device(q)
     out_dtype = v.dtype
-    if out_dtype == torch.float64:
-        q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
-    h0 = initial_state.float() if initial_state is not None else None
-    o, ht = _fwd_op(q, k, v, beta, shape.scale, h0, output_final_state, cu_seqlens)
-    if out_dtype == torch.float64:
-        o, ht = o.double(), ht.double()
-    return o, (ht if output_final_state else None)
+    scale, q, k, v, beta, h0 = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    o, ht = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens)
+    return finish_outputs(o, ht, out_dtype, output_final_state)

@@ -49,7 +49,7 @@ def delta_rule_reference(
         (torch.Size([1, 10, 1, 3]), torch.Size([1, 1, 4, 3]))
     """
     shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    B, T, H, K, V = shape.B, shape.T, shape.H, shape.K, shape.V
+    H, K, V = shape.H, shape.K, shape.V
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     qf, kf, vf, bf = (x.to(dtype) for x in (q, k, v, beta))
     qf = qf * shape.scale
