@@ -163,6 +163,9 @@ def main() -> int:
             results.append(run_part("pytest", [py, "-m", "pytest", "-q", "--durations=10", "-p", "no:cacheprovider",
                                                "tests/ops/test_triton_chunk.py", "tests/ops/test_recurrent.py"],
                                     args.out, limits["pytest"]))
+        elif part == "compare":  # errors vs float64 of ours, fla and the PyTorch bf16 floor, no timing
+            script = "SHAPES = [(2, 1000, 4, 64, 64), (1, 1024, 4, 128, 128), (2, 777, 3, 128, 64)]\n" + COMPARE
+            results.append(run_part("compare", [py, "-c", script], args.out, limits.get("compare", 200)))
         elif part == "bench":
             jl = os.path.join(args.out, "bench.jsonl")
             runs = ";".join(f"{a} --json {jl}" for a in args.bench_args.split(";"))

@@ -26,45 +26,32 @@ from deltanet.bench.kernels import _inputs
 
 chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
 
-# "old" = the defaults before the spill work (4 warps everywhere, the UT transform recomputed in
-# the backward, one wy_bwd kernel); "new" = the current defaults of chunk._configs.
-OLD = {"WARPS_WY": 4, "WARPS_WYB": 4, "WARPS_DQKW": 4, "WARPS_STATE": 4, "STATE_ADDR64": 1, "SAVE_AI": 0,
-       "WY_BWD_SPLIT": 0}
+# "old" = the committed defaults of chunk._configs (4 warps everywhere, the UT transform
+# recomputed in the backward, one wy_bwd kernel, int64 state offsets); each "o_*" variant changes
+# one setting on top of it, so a sweep shows which changes help one at a time (``--combine``
+# then times the union of the helpful ones). "new" = all the offline spill-free settings
+# (benchmarks/NOTES-kernels.md v3), "new_*" = that with one setting back.
+OLD: dict = {}
+NEW = {"WARPS_WY": 8, "WARPS_WYB": 8, "WARPS_DQKW": 8, "STATE_ADDR64": -1, "SAVE_AI": 1, "WY_BWD_SPLIT": 1}
 VARIANTS = {
     "old": OLD,
-    "new": {},
-    "new_wy4": {"WARPS_WY": 4},
-    "new_dqkw4": {"WARPS_DQKW": 4},
-    "new_dense": {"WY_DENSE": 1},
-    "new_ws8": {"WARPS_STATE": 8, "STATE_ADDR64": 0},  # at D = 64 the other state-kernel choice
-    "new_addr64": {"STATE_ADDR64": 1},
-    "new_bvmax32": {"BV_STATE_MAX": 32},  # state V-block <= 32 (D = 128, T = 1K: spills 336/176 -> 24/128 B)
-    "new_bvs32": {"BV_STATE": 32},
-    "new_bkwyb32": {"BK_WYB": 32},
-    "old_save_ai": dict(OLD, SAVE_AI=1),
-    "base": {},
-    "dvl0": {"DV_LOCAL": 0},
-    "bvs16": {"BV_STATE": 16},
-    "bvs32": {"BV_STATE": 32},
-    "bvs64": {"BV_STATE": 64},
-    "ws8": {"WARPS_STATE": 8},
-    "ss1": {"STAGES_STATE": 1},
-    "ss3": {"STAGES_STATE": 3},
-    "bvo128": {"BV_O": 128, "WARPS_O": 8},
-    "wo8": {"WARPS_O": 8},
-    "so3": {"STAGES_O": 3},
-    "dqkw128": {"BK_DQKW": 128, "WARPS_DQKW": 8},
-    "wdqkw8": {"WARPS_DQKW": 8},
-    "sdqkw3": {"STAGES_DQKW": 3},
-    "wwy8": {"WARPS_WY": 8},
-    # From the offline spill report (benchmarks/kernel_resources.py): at 4 warps wy_bwd and
-    # dqkw spill ~2.6-2.9 KB per thread, at 8 warps ~0.6-0.8 KB; wy_fwd 640 B -> 80 B.
-    "w8wy_dqkw": {"WARPS_WY": 8, "WARPS_DQKW": 8},
-    "w8wy_dqkw_bk32": {"WARPS_WY": 8, "WARPS_DQKW": 8, "BK_DQKW": 32},
-    "w8_regsolve": {"WARPS_WY": 8, "WARPS_DQKW": 8, "WY_BATCHED": 0},
-    # wy_fwd_dense_kernel: A as one 64x64 product, the merge as four 64x64 tf32 products.
-    "dense_w8": {"WY_DENSE": 1, "WARPS_WY": 8},
-    "dense_w8_dqkw8": {"WY_DENSE": 1, "WARPS_WY": 8, "WARPS_DQKW": 8},
+    "o_wy8": {"WARPS_WY": 8, "WARPS_WYB": 4},        # UT-transform forward at 8 warps
+    "o_wyb8": {"WARPS_WYB": 8},                      # single wy_bwd at 8 warps
+    "o_dqkw8": {"WARPS_DQKW": 8},
+    "o_saveai": {"SAVE_AI": 1},                      # backward: W, U from the stored Ai (wu_fwd)
+    "o_split8": {"WY_BWD_SPLIT": 1, "WARPS_WYB": 8},  # wy_bwd_da + wy_bwd_dk at 8 warps
+    "o_split4": {"WY_BWD_SPLIT": 1},
+    "o_addr": {"STATE_ADDR64": -1},                  # scalar base + int32 offsets in the state kernels at K > 64
+    "o_bvmax32": {"BV_STATE_MAX": 32},
+    "o_dense8": {"WY_DENSE": 1, "WARPS_WY": 8, "WARPS_WYB": 4},
+    "o_ss3": {"STAGES_STATE": 3},
+    "o_so3": {"STAGES_O": 3},
+    "o_dvlocal": {"DV_LOCAL": 1},
+    "new": NEW,
+    "new_wy4": {**NEW, "WARPS_WY": 4},
+    "new_dqkw4": {**NEW, "WARPS_DQKW": 4},
+    "new_ws8": {**NEW, "WARPS_STATE": 8, "STATE_ADDR64": 0},
+    "new_dense": {**NEW, "WY_DENSE": 1},
 }
 
 
@@ -116,6 +103,8 @@ def main():
     p.add_argument("--json", default=None, help="append one JSON line per measurement here")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rep", type=int, default=40)
+    p.add_argument("--combine", action="store_true",
+                   help="after the sweep, also time the union of the one-setting variants that helped")
     args = p.parse_args()
     shapes = [(int(d), int(t)) for d in args.dims.split(",") for t in args.lengths.split(",")]
     names = args.variants.split(",")
@@ -142,59 +131,74 @@ def main():
         prof = profile(D, T)
         total = sum(t for _, t in prof)
         print(f"PROFILE D={D} T={T} total {total:.0f} us: " + ", ".join(f"{n}={t:.0f}" for n, t in prof[:10]), flush=True)
-    rows = []
-    refs = {}
+    rows, refs = [], {}
     for name in names:
-        for D, T in shapes:
-            chunk.TUNING.clear()
-            chunk.TUNING.update(VARIANTS[name])
-            try:
-                q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
-                do = torch.randn(v.shape, device=v.device, dtype=v.dtype, generator=torch.Generator("cuda").manual_seed(1))
-                f = lambda: chunk.chunk_delta_rule(q, k, v, beta)[0]
-                fb = lambda: f().backward(do)
-                row = dict(variant=name, D=D, T=T)
-                if args.check and T == shapes[0][1]:
-                    row["oracle_err"] = oracle_err(D)
-                if args.check:
-                    o = f()
-                    o.backward(do)
-                    got = [o.detach().float()] + [x.grad.float() for x in (q, k, v, beta)]
-                    if (D, T) not in refs:
-                        refs[(D, T)] = got
-                    else:
-                        row["rel_err"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
-                                             for a, b in zip(got, refs[(D, T)]))
-                    del got, o
-                else:
-                    fb()
-                with torch.no_grad():
-                    tf = do_bench(f, warmup=args.warmup, rep=args.rep, return_mode="median")
-                tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v, beta],
-                               return_mode="median")
-                row.update(fwd=round(tf, 3), fwdbwd=round(tfb, 3))
-                rows.append(row)
-            except Exception as e:
-                rows.append(dict(variant=name, D=D, T=T, error=repr(e)[:200]))
-            print(json.dumps(rows[-1]), flush=True)
-            if args.json:
-                with open(args.json, "a") as fh:
-                    fh.write(json.dumps(rows[-1]) + "\n")
+        rows += time_variant(name, VARIANTS[name], shapes, args, refs)
+    if args.combine:
+        combo = combined(rows, names, shapes)
+        if combo is not None:
+            VARIANTS["combo"] = combo
+            names.append("combo")
+            print(f"COMBO: {json.dumps(combo)}", flush=True)
+            rows += time_variant("combo", combo, shapes, args, refs)
     chunk.TUNING.clear()
     if args.choose:
         choose(rows, names, shapes, args.choose)
     print("| variant | " + " | ".join(f"D{D} T{T} fwd/fb ms" for D, T in shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
     for name in names:
         cells = []
         for D, T in shapes:
-            r = next(r for r in rows if r["variant"] == name and r["D"] == D and r["T"] == T)
+            r = next((r for r in rows if r["variant"] == name and r["D"] == D and r["T"] == T), {})
             cells.append(f"{r['fwd']:.3f}/{r['fwdbwd']:.3f}" if "fwd" in r else "err")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def choose(rows, names, shapes, path):
-    """Write the settings of the variant with the lowest mean fwd+bwd time relative to the
-    first variant (every shape must have run, and match the first variant within 5e-2)."""
+def time_variant(name, settings, shapes, args, refs):
+    """fwd and fwd+bwd medians of one launch variant at each shape (and, with ``--check``, its
+    largest relative difference from the first variant timed, and from the fp32 oracle)."""
+    rows = []
+    for D, T in shapes:
+        chunk.TUNING.clear()
+        chunk.TUNING.update(settings)
+        try:
+            q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
+            do = torch.randn(v.shape, device=v.device, dtype=v.dtype, generator=torch.Generator("cuda").manual_seed(1))
+            f = lambda: chunk.chunk_delta_rule(q, k, v, beta)[0]
+            fb = lambda: f().backward(do)
+            row = dict(variant=name, D=D, T=T)
+            if args.check and T == shapes[0][1]:
+                row["oracle_err"] = oracle_err(D)
+            if args.check:
+                o = f()
+                o.backward(do)
+                got = [o.detach().float()] + [x.grad.float() for x in (q, k, v, beta)]
+                if (D, T) not in refs:
+                    refs[(D, T)] = got
+                else:
+                    row["rel_err"] = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                                         for a, b in zip(got, refs[(D, T)]))
+                del got, o
+            else:
+                fb()
+            with torch.no_grad():
+                tf = do_bench(f, warmup=args.warmup, rep=args.rep, return_mode="median")
+            tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v, beta],
+                           return_mode="median")
+            row.update(fwd=round(tf, 3), fwdbwd=round(tfb, 3))
+        except Exception as e:
+            row = dict(variant=name, D=D, T=T, error=repr(e)[:200])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    return rows
+
+
+def scores_of(rows, names, shapes, verbose=False):
+    """Mean fwd+bwd time relative to the first variant, for each variant that ran every shape
+    and matches the first one (and the oracle) within 5e-2."""
     by = {(r["variant"], r["D"], r["T"]): r for r in rows}
     base = names[0]
     scores = {}
@@ -203,11 +207,33 @@ def choose(rows, names, shapes, path):
         bs = [by.get((base, D, T), {}) for D, T in shapes]
         if any("fwdbwd" not in r for r in rs + bs) or any(
                 max(r.get("rel_err", 0.0), r.get("oracle_err", 0.0)) > 5e-2 for r in rs):
-            print(f"CHOICE: {name} excluded (error, missing shape or mismatch)", flush=True)
+            if verbose:
+                print(f"CHOICE: {name} excluded (error, missing shape or mismatch)", flush=True)
             continue
         scores[name] = sum(r["fwdbwd"] / b["fwdbwd"] for r, b in zip(rs, bs)) / len(shapes)
-        print(f"CHOICE: {name} mean fwd+bwd time / {base} = {scores[name]:.3f}", flush=True)
-    best = min(scores, key=scores.get) if scores else "new"
+        if verbose:
+            print(f"CHOICE: {name} mean fwd+bwd time / {base} = {scores[name]:.3f}", flush=True)
+    return scores
+
+
+def combined(rows, names, shapes, gain=0.98):
+    """The union of the one-setting ("o_*") variants that beat the first one by 2% or more;
+    where two set the same key, the better one's value wins. None if fewer than two helped."""
+    scores = scores_of(rows, names, shapes)
+    good = sorted((n for n in scores if n.startswith("o_") and scores[n] < gain), key=lambda n: -scores[n])
+    if len(good) < 2:
+        return None
+    combo = {}
+    for n in good:  # worst first: the best variant's values are applied last
+        combo.update(VARIANTS[n])
+    return combo
+
+
+def choose(rows, names, shapes, path):
+    """Write the settings of the variant with the lowest mean fwd+bwd time relative to the
+    first variant (every shape must have run, and match the first variant within 5e-2)."""
+    scores = scores_of(rows, names, shapes, verbose=True)
+    best = min(scores, key=scores.get) if scores else names[0]
     settings = dict(VARIANTS[best])
     with open(path, "w") as fh:
         json.dump(settings, fh)

@@ -42,8 +42,8 @@ def method_fn(name: str):
         from deltanet.ops import recurrent_delta_rule
         return lambda q, k, v, b: recurrent_delta_rule(q, k, v, b)[0]
     if name == "fla":
-        from fla.ops.delta_rule import chunk_delta_rule
-        return lambda q, k, v, b: chunk_delta_rule(q, k, v, b)[0]
+        from fla.ops.delta_rule import chunk_delta_rule as fla_chunk
+        return lambda q, k, v, b: fla_chunk(q, k, v, b)[0]
     if name == "fla_recurrent":
         from fla.ops.delta_rule import fused_recurrent_delta_rule
         return lambda q, k, v, b: fused_recurrent_delta_rule(q, k, v, b)[0]
@@ -99,6 +99,32 @@ def bench_one(name, T, D, *, tokens=32768, H=16, dtype=torch.bfloat16, device="c
     return row
 
 
+def bench_decode_step(name: str, B: int, D: int, *, H: int = 16, dtype=torch.bfloat16, device="cuda",
+                      warmup: int = 25, rep: int = 100) -> dict:
+    """One decoding step (T = 1 with an fp32 state in and out, no autograd) at batch ``B``:
+    median time (us), tokens/s and the state bytes moved per second (read + write)."""
+    from triton.testing import do_bench
+
+    if name == "ours_recurrent":
+        from deltanet.ops import recurrent_delta_rule as fn
+    elif name == "fla_recurrent":
+        from fla.ops.delta_rule import fused_recurrent_delta_rule as fn
+    else:
+        raise ValueError(f"decode step: method must be ours_recurrent or fla_recurrent, got {name!r}")
+    q, k, v, beta = (x.detach() for x in _inputs(B, 1, H, D, dtype, device))
+    h0 = torch.randn(B, H, D, D, device=device, dtype=torch.float32) * 0.1
+
+    def step():
+        with torch.no_grad():
+            return fn(q, k, v, beta, initial_state=h0, output_final_state=True)
+
+    step()
+    torch.cuda.synchronize()
+    us = do_bench(step, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    return dict(method=name, kind="decode_step", B=B, D=D, H=H, step_us=us, tokens_per_s=B / us * 1e6,
+                state_GBps=2 * h0.numel() * 4 / us / 1e3)
+
+
 def format_table(rows: list[dict]) -> str:
     """One line per (D, T): fwd+bwd Mtok/s per method and ours / fla."""
     by = {}
@@ -131,6 +157,9 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--decode-batches", default=None,
+                   help="instead of the sweep: time one decoding step (T = 1, state in and out) of the "
+                        "recurrent methods at these batch sizes, e.g. 1,8,32,128,256")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("deltanet bench kernels needs a CUDA GPU", file=sys.stderr)
@@ -142,6 +171,27 @@ def cli_main(argv: list[str]) -> int:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {METHODS}")
     rows = []
+    if args.decode_batches:
+        for D in dims:
+            for B in (int(x) for x in args.decode_batches.split(",")):
+                for m in (m for m in methods if "recurrent" in m):
+                    try:
+                        r = bench_decode_step(m, B, D, H=args.heads, warmup=args.warmup, rep=args.rep)
+                    except Exception as e:
+                        r = dict(method=m, kind="decode_step", B=B, D=D, error=f"{type(e).__name__}: {e}"[:300])
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                    if args.json:
+                        with open(args.json, "a") as fh:
+                            fh.write(json.dumps(r) + "\n")
+        print("| D | batch | method | step us | tokens/s | state GB/s |\n|---|---|---|---|---|---|")
+        for r in rows:
+            if "step_us" in r:
+                print(f"| {r['D']} | {r['B']} | {r['method']} | {r['step_us']:.1f} | {r['tokens_per_s']:.0f} | "
+                      f"{r['state_GBps']:.0f} |")
+            else:
+                print(f"| {r['D']} | {r['B']} | {r['method']} | {r['error'][:60]} | | |")
+        return 0
     for D in dims:
         for T in lengths:
             for m in methods:

@@ -197,6 +197,8 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
     )
     cfg.update(over)
+    if cfg["STATE_ADDR64"] < 0:  # auto: int64 token offsets at K <= 64, scalar base + int32 above
+        cfg["STATE_ADDR64"] = int(BKF <= 64)
     if cfg["WARPS_WYB"] is None:
         cfg["WARPS_WYB"] = cfg["WARPS_WY"]
     return cfg
