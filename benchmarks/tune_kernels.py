@@ -26,8 +26,8 @@ from deltanet.bench.kernels import _inputs
 
 chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
 
-# "old" = the committed defaults of chunk._configs (4 warps everywhere, the UT transform
-# recomputed in the backward, one wy_bwd kernel, int64 state offsets); each "o_*" variant changes
+# "old" = the committed defaults of chunk._configs (4 warps everywhere, one wy_bwd kernel,
+# int64 state offsets; since 2026-11-30 SAVE_AI = 1, so "o_saveai" equals "old"); each "o_*" variant changes
 # one setting on top of it, so a sweep shows which changes help one at a time (``--combine``
 # then times the union of the helpful ones). "new" = all the offline spill-free settings
 # (benchmarks/NOTES-kernels.md v3), "new_*" = that with one setting back.
@@ -47,6 +47,11 @@ VARIANTS = {
     "o_ss3": {"STAGES_STATE": 3},
     "o_so3": {"STAGES_O": 3},
     "o_dvlocal": {"DV_LOCAL": 1},
+    # the state kernels' V-block (sequential over chunks; fewer, wider programs vs more, narrower)
+    "bvs16": {"BV_STATE": 16},
+    "bvs32": {"BV_STATE": 32},
+    "bvs64": {"BV_STATE": 64},
+    "ppsm1": {"STATE_PROGRAMS_PER_SM": 1},
     "new": NEW,
     "new_wy4": {**NEW, "WARPS_WY": 4},
     "new_dqkw4": {**NEW, "WARPS_DQKW": 4},

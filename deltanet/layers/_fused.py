@@ -23,15 +23,21 @@ def _enabled() -> bool:
     return os.environ.get("DELTANET_DISABLE_FUSION", "") in ("", "0")
 
 
+# Set while ``recompute_in_backward`` runs its function forward without autograd: that forward
+# is part of a training step (same shapes every step), so it is compiled too.
+_FORCE = False
+
+
 def will_compile(x: torch.Tensor) -> bool:
     """Whether a ``fused`` function called with ``x`` first runs compiled."""
-    return (x.is_cuda and torch.is_grad_enabled() and _enabled()
+    return (x.is_cuda and (torch.is_grad_enabled() or _FORCE) and _enabled()
             and not torch.compiler.is_compiling())
 
 
 def fused(fn):
     """Decorator: ``fn(*tensors, ...)`` compiled when its first argument is a CUDA tensor and
-    autograd is recording. The compiled version is created on first use."""
+    autograd is recording (or inside the no-grad forward of ``recompute_in_backward``). The
+    compiled version is created on first use."""
     compiled = None
 
     @functools.wraps(fn)
@@ -56,7 +62,12 @@ class _Recompute(torch.autograd.Function):
         ctx.fn, ctx.n_inputs, ctx.params = fn, n_inputs, params  # params: leaf tensors, held anyway
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(*inputs)
-        return tuple(fn(*inputs))
+        global _FORCE
+        force, _FORCE = _FORCE, True
+        try:
+            return tuple(fn(*inputs))
+        finally:
+            _FORCE = force
 
     @staticmethod
     def backward(ctx, *douts):

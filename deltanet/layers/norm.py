@@ -139,6 +139,7 @@ class _RMSNormLinearFn(torch.autograd.Function):
         return (dx.flatten(-2).to(x.dtype), dnw.to(norm_weight.dtype), None, None, *dws)
 
 
+@fused
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, eps: float = 1e-6) -> tuple:
     """``h = rmsnorm(x) * norm_weight`` (over groups of ``norm_weight.numel()`` channels), then
     ``tuple(h @ w.T for w in weights)``, keeping only ``x`` for backward (``h`` is recomputed).

@@ -179,20 +179,21 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else 32))
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
-    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < 2 * _num_sms(device):
+    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 2) * _num_sms(device):
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
-        # Defaults = the settings measured fastest on the H200 (2026-11-30 sweep, "old" variant;
-        # benchmarks/results/2026-11-30-h200-kernels.md). The spill-free 8-warp / SAVE_AI /
-        # split-backward settings compiled without spills offline but measured 1.3-1.9x slower in
-        # that sweep (the sweep overlapped fla's warm-up, so re-measure before switching).
+        # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweep on an
+        # otherwise idle GPU, benchmarks/results/2026-11-30-h200-x2-kernels.md): 4 warps everywhere;
+        # the spill-free 8-warp / split-backward settings of the offline register report measured
+        # 3-53% slower, SAVE_AI 15% faster.
         WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2, STATE_ADDR64=1,
         WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
         WARPS_WYB=None,  # warps of wy_bwd / the split pair (None: WARPS_WY)
-        SAVE_AI=0,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
+        SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
+        # (1 measured 15% faster fwd+bwd: results/2026-11-30-h200-x2-kernels.md)
         WY_BWD_SPLIT=0,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
         BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
     )
