@@ -234,9 +234,9 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--compile", action="store_true", help="our models: torch.compile the whole model")
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
-        p.add_argument("--no-recompute", action="store_true",
-                       help="our models: keep the DeltaNet mixer's conv inputs instead of rerunning norm, "
-                            "projections and conv in backward (DeltaNetMixer.recompute_inputs = False)")
+        p.add_argument("--recompute", action="store_true",
+                       help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
+                            "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
     else:
         p.add_argument("--batch", type=lambda s: _csv(int, s), default=[1, 32])
         p.add_argument("--prompt", type=int, default=2048)
@@ -263,10 +263,10 @@ def cli_main(argv: list[str]) -> int:
     if args.smoke:
         env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
     rows = []
-    if what == "model" and args.no_recompute:
+    if what == "model" and args.recompute:
         from deltanet.layers.delta_net import DeltaNetMixer
 
-        DeltaNetMixer.recompute_inputs = False
+        DeltaNetMixer.recompute_inputs = True
     if what == "model":
         for m in args.models:
             for T in args.lengths:
@@ -274,7 +274,7 @@ def cli_main(argv: list[str]) -> int:
                                 smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile)
                 r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
                 r["compiled"] = bool(args.compile and m != FLA)
-                r["recompute"] = m != FLA and not args.no_recompute
+                r["recompute"] = m != FLA and args.recompute
                 print(json.dumps(r), flush=True)
                 rows.append(r)
         cols = ["model", "T", "batch", "params_M", "tokens_per_s", "peak_mem_GiB", "warmup_s", "loss", "loss_impl",

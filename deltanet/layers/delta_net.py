@@ -67,12 +67,14 @@ class DeltaNetMixer(nn.Module):
         torch.Size([2, 7, 128])
     """
 
-    # Training: rerun norm + q/k/v/beta projections + short conv in backward (one extra GEMM of
-    # [tokens, hidden] x [hidden, 3 * H * D] per layer) instead of keeping the conv inputs, three
-    # [tokens, H * D] tensors per layer (6 KB per token at the 340M width, ~4.5 GiB at 24 layers x
-    # 32K tokens). Set to False on an instance or the class to trade that memory for the GEMM.
-    # (Skipped inside an outer torch.compile, whose partitioner chooses what to keep.)
-    recompute_inputs: bool = True
+    # Training memory option: rerun norm + q/k/v/beta projections + short conv in backward (one
+    # extra GEMM of [tokens, hidden] x [hidden, 3 * H * D] per layer) instead of keeping the conv
+    # inputs, three [tokens, H * D] tensors per layer (6 KB per token at the 340M width, ~4.5 GiB
+    # at 24 layers x 32K tokens). Off by default: on the H200 it cost 6% of deltanet-340m's
+    # training speed for 37.4 -> 31.2 GiB (results/2026-11-30-h200-x2-model.md). Set it to True on
+    # an instance or the class when memory is the limit. (Skipped inside an outer torch.compile,
+    # whose partitioner chooses what to keep.)
+    recompute_inputs: bool = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

@@ -175,11 +175,13 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     BVF = max(16, p2(V))
     over = {**json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")), **TUNING}
     # The state recurrence is sequential over chunks: split V finely enough that the
-    # (sequence, head, V-block) programs fill the GPU, but keep the state tile in registers.
+    # (sequence, head, V-block) programs fill the GPU (one per SM: two per SM measured up to 16%
+    # slower at D = 128, T = 4K-8K, where it forced 16-wide V-blocks), but keep the state tile
+    # in registers.
     bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else 32))
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
-    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 2) * _num_sms(device):
+    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 1) * _num_sms(device):
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
