@@ -13,14 +13,17 @@ MODE=${2:?usage: gpu_x2_train.sh OUT_DIR start|finish}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 T0=$(date +%s)
-collect_train() {  # what the training wrote so far -> OUT/train.tgz
-  tar -czf "$OUT/train.tgz" -C /tmp train train.log 2>/dev/null
+collect_train() {  # what the training wrote so far (no checkpoints) -> OUT/train.tgz
+  tar -czf "$OUT/train.tgz" -C /tmp --exclude=checkpoints --exclude=tensorboard train train.log 2>/dev/null
   tail -4 /tmp/train.log
 }
 if [ "$MODE" = start ]; then
   { date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv; cat COMMIT 2>/dev/null; } | tee "$OUT/env.txt"
-  CUDA_VISIBLE_DEVICES=0 setsid nohup python3 benchmarks/gpu_train.py /tmp/train --max-time-s 600 \
-    >/tmp/train.log 2>&1 </dev/null &
+  # The detached run works from its own copy: the device tool re-sends (replaces) the working
+  # tree for the next command, which broke the 2026-11-30 run's last step.
+  rm -rf /tmp/deltanet-src && cp -r "$PWD" /tmp/deltanet-src
+  (cd /tmp/deltanet-src && CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/deltanet-src setsid nohup \
+    python3 benchmarks/gpu_train.py /tmp/train --max-time-s 600 >/tmp/train.log 2>&1 </dev/null &)
   CUDA_VISIBLE_DEVICES=1 timeout 565 python3 benchmarks/gpu_mqar.py --out "$OUT/mqar" --workers 20 \
     --lrs 1e-3 --deadline 550 >"$OUT/mqar.log" 2>&1
   echo "mqar rc=$? after $(( $(date +%s) - T0 )) s"
@@ -32,7 +35,7 @@ else
   # checks that torchrun + NCCL work and that the losses fall; its tokens/s are not clean)
   timeout 100 python3 benchmarks/gpu_train.py /tmp/ddp --nproc 2 --max-time-s 30 >"$OUT/ddp.log" 2>&1
   echo "ddp rc=$? after $(( $(date +%s) - T0 )) s"
-  tar -czf "$OUT/ddp.tgz" -C /tmp ddp 2>/dev/null
+  tar -czf "$OUT/ddp.tgz" -C /tmp --exclude=checkpoints --exclude=tensorboard ddp 2>/dev/null
   tail -5 "$OUT/ddp.log"
   n=0
   while [ ! -s /tmp/train/summary.json ] && pgrep -f gpu_train.py >/dev/null && [ $n -lt 150 ]; do sleep 3; n=$((n + 3)); done

@@ -28,29 +28,37 @@ def _enabled() -> bool:
 _FORCE = False
 
 
+def _compiles_on(x: torch.Tensor) -> bool:
+    """The devices where fused functions run compiled (CUDA; tests widen it)."""
+    return x.is_cuda
+
+
 def will_compile(x: torch.Tensor) -> bool:
     """Whether a ``fused`` function called with ``x`` first runs compiled."""
-    return (x.is_cuda and (torch.is_grad_enabled() or _FORCE) and _enabled()
+    return (_compiles_on(x) and (torch.is_grad_enabled() or _FORCE) and _enabled()
             and not torch.compiler.is_compiling())
+
+
+# Every ``fused`` wrapper, so that tests can drop their compiled versions.
+REGISTRY: list = []
 
 
 def fused(fn):
     """Decorator: ``fn(*tensors, ...)`` compiled when its first argument is a CUDA tensor and
     autograd is recording (or inside the no-grad forward of ``recompute_in_backward``). The
-    compiled version is created on first use."""
-    compiled = None
+    compiled version is created on first use and kept as ``wrapper.compiled``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        nonlocal compiled
-        x = args[0]
-        if will_compile(x):
-            if compiled is None:
-                compiled = torch.compile(fn)
-            return compiled(*args, **kwargs)
+        if will_compile(args[0]):
+            if wrapper.compiled is None:
+                wrapper.compiled = torch.compile(fn)
+            return wrapper.compiled(*args, **kwargs)
         return fn(*args, **kwargs)
 
     wrapper.eager = fn
+    wrapper.compiled = None
+    REGISTRY.append(wrapper)
     return wrapper
 
 
