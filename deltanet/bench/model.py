@@ -16,6 +16,7 @@ the table and the sweep goes on.
 Examples::
 
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
+    deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
     deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
 """
@@ -83,29 +84,40 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
 
 
+def _train_step(model, opt, ids, device: torch.device):
+    """One optimiser step of ``model`` on ``ids`` (labels = inputs), bf16 autocast on CUDA."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, fused_loss: bool,
+           compile_model: bool = False):
+    model = build_model(name, smoke=smoke, fused_loss=fused_loss).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compile_model and name != FLA else model
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, T), device=device, generator=g)
+    return model, opt, _train_step(fwd, opt, ids, device)
+
+
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
                 smoke: bool = False, fused_loss: bool = True, compile_model: bool = False) -> dict:
     """Training tokens/s and peak memory of one model at one sequence length."""
     row = dict(model=name, T=T, batch=max(1, tokens // T))
     model = opt = None
     try:
-        model = build_model(name, smoke=smoke, fused_loss=fused_loss).to(device).train()
+        model, opt, step = _setup(name, T, row["batch"], device, smoke=smoke, fused_loss=fused_loss,
+                                  compile_model=compile_model)
         row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        fwd = torch.compile(model) if compile_model and name != FLA else model
-        vocab = model.config.vocab_size
-        g = torch.Generator(device=device).manual_seed(0)
-        ids = torch.randint(0, vocab, (row["batch"], T), device=device, generator=g)
-        amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-        def step():
-            with amp:
-                loss = fwd(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -128,6 +140,50 @@ def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, devi
         del model, opt
         _free()
     return row
+
+
+def bench_train_interleaved(names: list[str], T: int, *, tokens: int, steps: int, warmup: int, rounds: int,
+                            device: torch.device, smoke: bool = False, fused_loss: bool = True) -> list[dict]:
+    """Training tokens/s of several models timed in alternation (A, B, A, B, ...) in one process.
+
+    All models stay resident; after ``warmup`` steps each, every round times ``steps`` steps of
+    each model in turn. Slow drifts of the machine (clocks, a busy neighbour) then hit every model
+    alike, which separate runs do not guarantee. Rows: per-round tokens/s, their median, and the
+    median relative to the first model. (Peak memory: use :func:`bench_train`, one model at a time.)
+    """
+    import statistics
+
+    B = max(1, tokens // T)
+    steps_fns, per = {}, {n: [] for n in names}
+    rows = []
+    try:
+        for n in names:
+            model, opt, step = _setup(n, T, B, device, smoke=smoke, fused_loss=fused_loss)
+            for _ in range(warmup):
+                step()
+            steps_fns[n] = (model, opt, step)
+        _sync(device)
+        for _ in range(rounds):
+            for n in names:
+                step = steps_fns[n][2]
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                per[n].append(steps * B * T / (time.perf_counter() - t0))
+        first = statistics.median(per[names[0]])
+        for n in names:
+            med = statistics.median(per[n])
+            rows.append(dict(model=n, T=T, batch=B, rounds=rounds, steps_per_round=steps,
+                             tokens_per_s=round(med), min_tokens_per_s=round(min(per[n])),
+                             max_tokens_per_s=round(max(per[n])), vs_first=round(med / first, 3)))
+    except Exception as e:
+        rows = [dict(model=",".join(names), T=T, batch=B, error=_error(e))]
+    finally:
+        steps_fns.clear()
+        _free()
+    return rows
 
 
 def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device,
@@ -232,6 +288,9 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--steps", type=int, default=10, help="timed steps")
         p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
         p.add_argument("--compile", action="store_true", help="our models: torch.compile the whole model")
+        p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                       help="time the models in alternation, ROUNDS rounds of --steps steps each, all "
+                            "resident in one process (throughput only; compares e.g. ours and fla fairly)")
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
         p.add_argument("--recompute", action="store_true",
@@ -267,7 +326,18 @@ def cli_main(argv: list[str]) -> int:
         from deltanet.layers.delta_net import DeltaNetMixer
 
         DeltaNetMixer.recompute_inputs = True
-    if what == "model":
+    if what == "model" and args.interleave:
+        for T in args.lengths:
+            for r in bench_train_interleaved(args.models, T, tokens=args.tokens, steps=args.steps,
+                                             warmup=args.warmup, rounds=args.interleave, device=device,
+                                             smoke=args.smoke, fused_loss=not args.plain_loss):
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+        cols = ["model", "T", "batch", "rounds", "steps_per_round", "tokens_per_s", "min_tokens_per_s",
+                "max_tokens_per_s", "vs_first"]
+        title = (f"Training throughput, interleaved ({args.tokens} tokens/step, bf16 autocast, fused AdamW, "
+                 f"{args.interleave} rounds x {args.steps} steps per model)")
+    elif what == "model":
         for m in args.models:
             for T in args.lengths:
                 r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,

@@ -32,3 +32,17 @@ def test_benchmark_rejects_unknown_model():
     with pytest.raises(SystemExit):
         cli_main(["model", "--smoke", "--models", "gpt-5"])
     assert cli_main(["nonsense"]) == 2
+
+
+def test_interleaved_benchmark_smoke(tmp_path):
+    out = tmp_path / "ab.md"
+    assert cli_main(["model", "--smoke", "--models", "deltanet-340m,transformer-340m", "--interleave", "3",
+                     "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "ab.json").read_text())["rows"]
+    assert [(r["model"], r["T"]) for r in rows] == [("deltanet-340m", 32), ("transformer-340m", 32),
+                                                     ("deltanet-340m", 64), ("transformer-340m", 64)]
+    for r in rows:
+        assert "error" not in r and r["rounds"] == 3
+        assert r["min_tokens_per_s"] <= r["tokens_per_s"] <= r["max_tokens_per_s"]
+    assert [r["vs_first"] for r in rows if r["model"] == "deltanet-340m"] == [1.0, 1.0]
+    assert "interleaved" in out.read_text()
