@@ -10,20 +10,11 @@ set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR [parts]}; shift
 PARTS=${*:-kernels model-ours model-fla decode train}
 mkdir -p "$OUT/res"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+R=$OUT/res DEADLINE=0
+. benchmarks/gpu_lib.sh
+use_wheels
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
-  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  python3 -c "import fla; print('fla', fla.__version__)" || echo "fla not importable"
-  git log -1 --format='commit %H %s' 2>/dev/null || true
-} > "$OUT/res/env.txt" 2>&1
-cat "$OUT/res/env.txt"
+record_env
 
 part() {  # part NAME TIMEOUT CMD...
   local name=$1 t=$2; shift 2

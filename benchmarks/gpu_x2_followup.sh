@@ -17,31 +17,11 @@ OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LRS]}
 MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LRS]}
 R=$OUT/res
 mkdir -p "$R"
-START=$(date +%s)
 DEADLINE=${DEADLINE_S:-570}
-now() { echo $(( $(date +%s) - START )); }
-left() { echo $(( DEADLINE - $(now) )); }
-log() { echo "[$(now) s] $*" | tee -a "$R/timeline.txt"; }
-run() {  # run NAME TIMEOUT CMD...: output in $R/NAME.log, cut at min(TIMEOUT, time left)
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); [ "$t" -gt "$l" ] && t=$l
-  if [ "$t" -le 5 ]; then log "skip $name (no time left)"; return 0; fi
-  log "start $name (<= ${t}s)"
-  timeout "$t" "$@" >"$R/$name.log" 2>&1
-  log "end $name rc=$?"
-}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/gpu_lib.sh
+use_wheels
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-shared
-{ date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv
-  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  python3 -c "import fla; print('fla', fla.__version__)" || echo "fla not importable"
-  cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null; } >"$R/env.txt" 2>&1
-cat "$R/env.txt"
+record_env
 M="deltanet.cli bench model"
 
 if [ "$MODE" = measure ]; then

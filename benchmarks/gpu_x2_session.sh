@@ -20,36 +20,12 @@ set -u
 OUT=${1:?usage: gpu_x2_session.sh OUT_DIR}
 R=$OUT/res
 mkdir -p "$R"
-START=$(date +%s)
 DEADLINE=${DEADLINE_S:-575}
-now() { echo $(( $(date +%s) - START )); }
-left() { echo $(( DEADLINE - $(now) )); }
-log() { echo "[$(now) s] $*" | tee -a "$R/timeline.txt"; }
-# run NAME TIMEOUT CMD...: one part, its output in $R/NAME.log, cut at min(TIMEOUT, time left)
-run() {
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); [ "$t" -gt "$l" ] && t=$l
-  if [ "$t" -le 5 ]; then log "skip $name (no time left)"; return 0; fi
-  log "start $name (<= ${t}s)"
-  timeout "$t" "$@" >"$R/$name.log" 2>&1
-  log "end $name rc=$?"
-}
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/gpu_lib.sh
+use_wheels
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TRITON_CACHE_DIR=/tmp/triton-shared  # shared by both lanes (fla compiled once)
-{
-  date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
-  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
-  python3 -c "import fla; print('fla', fla.__version__)" || echo "fla not importable"
-  cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null
-} >"$R/env.txt" 2>&1
-cat "$R/env.txt"
+record_env
 
 # Launch variants for the sweep (benchmarks/tune_kernels.py VARIANTS).
 VARIANTS=${VARIANTS:-old,o_wy8,o_wyb8,o_dqkw8,o_saveai,o_split8,o_addr,o_bvmax32,o_dense8,new,new_wy4}
