@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Two-GPU call (nvidia-h200-x2) for the model benchmark after the model-speed fix:
-#   GPU 0: our models -- deltanet-340m with each training-memory setting (default, conv inputs
-#          kept, whole-model torch.compile, fusion off), a per-kernel profile of one step, then
+# Two-GPU call (nvidia-h200-x2) for the model benchmark after the model-speed fix (ran at commit
+# f18ee7d, results/2026-11-30-h200-x2-model.md, when recompute was the default and the second
+# part was --no-recompute; the flags below are today's):
+#   GPU 0: our models -- deltanet-340m with each training-memory setting (default = conv inputs
+#          kept, input region recomputed, whole-model torch.compile, fusion off), a per-kernel profile of one step, then
 #          the hybrids and the Transformer
 #   GPU 1: fla's DeltaNet (cold: its first steps compile and autotune), then the state-kernel
 #          V-block sweep of the chunk op
@@ -10,36 +12,17 @@ set -u
 OUT=${1:?usage: gpu_x2_model.sh OUT_DIR}
 R=$OUT/res
 mkdir -p "$R"
-START=$(date +%s)
 DEADLINE=${DEADLINE_S:-400}
-now() { echo $(( $(date +%s) - START )); }
-left() { echo $(( DEADLINE - $(now) )); }
-log() { echo "[$(now) s] $*" | tee -a "$R/timeline.txt"; }
-run() {
-  local name=$1 t=$2; shift 2
-  local l; l=$(left); [ "$t" -gt "$l" ] && t=$l
-  if [ "$t" -le 5 ]; then log "skip $name (no time left)"; return 0; fi
-  log "start $name (<= ${t}s)"
-  timeout "$t" "$@" >"$R/$name.log" 2>&1
-  log "end $name rc=$?"
-}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/gpu_lib.sh
+use_wheels
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-shared
-{ date -u; nvidia-smi --query-gpu=index,name,driver_version --format=csv
-  python3 -c "import sys, torch, triton, transformers, fla; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__)"
-  cat COMMIT 2>/dev/null; } >"$R/env.txt" 2>&1
-cat "$R/env.txt"
+record_env
 M="deltanet.cli bench model --warmup 3 --steps 8"
 
 lane0() {
   export CUDA_VISIBLE_DEVICES=0
   run ours_default 120 python3 -m $M --models deltanet-340m --lengths 2048,8192 --out "$R/ours_default.md"
-  run ours_norecompute 90 python3 -m $M --models deltanet-340m --lengths 2048,8192 --no-recompute --out "$R/ours_norecompute.md"
+  run ours_recompute 90 python3 -m $M --models deltanet-340m --lengths 2048,8192 --recompute --out "$R/ours_recompute.md"
   run ours_compile 150 python3 -m $M --models deltanet-340m --lengths 2048,8192 --compile --out "$R/ours_compile.md"
   DELTANET_DISABLE_FUSION=1 run ours_nofusion 60 python3 -m $M --models deltanet-340m --lengths 2048 --out "$R/ours_nofusion.md"
   run profile 60 python3 - <<'PY'
@@ -76,7 +59,7 @@ log "all done"
 tar -czf "$OUT/all.tgz" -C "$OUT" res 2>/dev/null
 cd "$R"
 cat timeline.txt
-for f in ours_default ours_norecompute ours_compile ours_nofusion ours_all fla_model; do [ -f $f.md ] && grep "^|" $f.md | grep -v "^|---\|^| model"; done
+for f in ours_default ours_recompute ours_compile ours_nofusion ours_all fla_model; do [ -f $f.md ] && grep "^|" $f.md | grep -v "^|---\|^| model"; done
 head -50 profile.log | cut -c1-200
 grep "^CHOICE\|^|" state_sweep.log
 for f in *.log; do grep -q "Traceback" "$f" && { echo "--- errors in $f"; grep -h "Error" "$f" | tail -3; }; done
