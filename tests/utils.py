@@ -84,3 +84,22 @@ def make_inputs(
             if x is not None:
                 x.requires_grad_(True)
     return out
+
+
+DEGENERATE_CASES = ("zero_keys", "beta0", "beta2", "T1", "huge_values")
+
+
+def degenerate_inputs(case: str, *, T: int = 100, device: str | torch.device = "cpu") -> dict:
+    """float32 inputs (B=1, H=2, K=V=16, an initial state) for the no-NaN tests: all-zero keys,
+    beta = 0, beta = 2, a single token (``T1``), or values scaled by 1e4 (``huge_values``)."""
+    if case not in DEGENERATE_CASES:
+        raise ValueError(f"case must be one of {DEGENERATE_CASES}, got {case!r}")
+    inp = make_inputs(1, 1 if case == "T1" else T, 2, 16, 16, initial_state=True, dtype=torch.float32,
+                      seed=2, device=device)
+    if case == "zero_keys":
+        inp["k"] = torch.zeros_like(inp["k"])
+    elif case in ("beta0", "beta2"):
+        inp["beta"] = torch.full_like(inp["beta"], 0.0 if case == "beta0" else 2.0)
+    elif case == "huge_values":
+        inp["v"] = inp["v"] * 1e4
+    return inp

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltanet.ops import delta_rule, delta_rule_chunkwise_torch, delta_rule_reference
-from tests.utils import assert_close, make_inputs
+from tests.utils import DEGENERATE_CASES, assert_close, degenerate_inputs, make_inputs
 
 SHAPES = [  # (B, T, H, K, V)
     (1, 1, 1, 16, 16),
@@ -158,19 +158,10 @@ def test_property_random_shapes(B, T, H, K, V, C, beta_max, h0, seed):
 # ---------------------------------------------------------------------------------- degenerate
 
 
-@pytest.mark.parametrize("case", ["zero_keys", "beta0", "beta2", "T1", "huge_values"])
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_degenerate_inputs_are_finite(case, backend):
-    T = 1 if case == "T1" else 100
-    inp = make_inputs(1, T, 2, 16, 16, initial_state=True, dtype=torch.float32, seed=2)
-    if case == "zero_keys":
-        inp["k"] = torch.zeros_like(inp["k"])
-    elif case == "beta0":
-        inp["beta"] = torch.zeros_like(inp["beta"])
-    elif case == "beta2":
-        inp["beta"] = torch.full_like(inp["beta"], 2.0)
-    elif case == "huge_values":
-        inp["v"] = inp["v"] * 1e4
+    inp = degenerate_inputs(case)
     inp = {k: (x.requires_grad_(True) if x is not None else None) for k, x in inp.items()}
     o, s = delta_rule(inp["q"], inp["k"], inp["v"], inp["beta"], initial_state=inp["initial_state"],
                       output_final_state=True, backend=backend)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.ops._triton_common import DEVICE, ON_GPU, chunk_module, recurrence_low_precision, run_with_grads
-from tests.utils import assert_close, make_inputs
+from tests.utils import assert_close, degenerate_inputs, make_inputs
 
 from deltanet.ops import delta_rule, delta_rule_reference, recurrent_delta_rule
 
@@ -99,11 +99,7 @@ def test_low_precision_within_twice_the_pytorch_floor(dtype):
 
 @pytest.mark.parametrize("case", ["zero_keys", "beta0", "beta2"])
 def test_degenerate_inputs_are_finite(case):
-    inp = make_inputs(1, 9, 1, 16, 16, initial_state=True, dtype=torch.float32, seed=2, device=DEVICE)
-    if case == "zero_keys":
-        inp["k"] = torch.zeros_like(inp["k"])
-    else:
-        inp["beta"] = torch.full_like(inp["beta"], 0.0 if case == "beta0" else 2.0)
+    inp = degenerate_inputs(case, T=9, device=DEVICE)
     do, dS = torch.ones_like(inp["v"]), torch.ones_like(inp["initial_state"])
     o, S, grads = run_with_grads(recurrent_delta_rule, inp, do, dS)
     assert torch.isfinite(o).all() and torch.isfinite(S).all()

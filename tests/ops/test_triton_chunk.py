@@ -12,7 +12,7 @@ import torch
 
 from tests.ops._triton_common import (DEVICE, ON_GPU, chunk_module, recurrence_low_precision,
                                       run_with_grads)
-from tests.utils import assert_close, make_inputs
+from tests.utils import DEGENERATE_CASES, assert_close, degenerate_inputs, make_inputs
 
 from deltanet.ops import chunk_delta_rule, delta_rule, delta_rule_reference
 
@@ -120,18 +120,9 @@ def test_fp64_inputs_are_computed_in_fp32_and_returned_in_fp64():
     _check_all("fp64", got, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["zero_keys", "beta0", "beta2", "T1", "huge_values"])
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
 def test_degenerate_inputs_are_finite(case):
-    T = 1 if case == "T1" else 100
-    inp = make_inputs(1, T, 2, 16, 16, initial_state=True, dtype=torch.float32, seed=2, device=DEVICE)
-    if case == "zero_keys":
-        inp["k"] = torch.zeros_like(inp["k"])
-    elif case == "beta0":
-        inp["beta"] = torch.zeros_like(inp["beta"])
-    elif case == "beta2":
-        inp["beta"] = torch.full_like(inp["beta"], 2.0)
-    elif case == "huge_values":
-        inp["v"] = inp["v"] * 1e4
+    inp = degenerate_inputs(case, device=DEVICE)
     do, dS = torch.ones_like(inp["v"]), torch.ones_like(inp["initial_state"])
     o, S, grads = run_with_grads(chunk_delta_rule, inp, do, dS)
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
