@@ -17,6 +17,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _sequence(cu_seqlens, chunk_offsets, i_nh, H: tl.constexpr, BT: tl.constexpr):
+    """``(i_h, bos, eos, boh, NT)`` of program ``i_nh``: head, token range, first chunk, chunks."""
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    return i_h, bos, eos, boh, tl.cdiv(eos - bos, BT)
+
+
+@triton.jit
+def _chunk_tiles(bos, eos, c, i_h, rt, rk, rv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BT: tl.constexpr, ADDR64: tl.constexpr):
+    """Addressing of chunk ``c``'s ``[BT, BK]`` and ``[BT, BV]`` tiles: ``(xk, xv, tk, tv, mk, mv)``,
+    a tile is at ``ptr + x + t`` under mask ``m`` (see ``ADDR64`` in ``h_fwd_kernel``)."""
+    n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
+    mt = rt < n
+    if ADDR64:  # int64 offsets from the token index: loop-variant, so never hoisted
+        t = bos + c * BT + rt
+        xk, xv = 0, 0
+        tk = (t[:, None] * H + i_h) * K + rk[None, :]
+        tv = (t[:, None] * H + i_h) * V + rv[None, :]
+    else:  # scalar base + int32 offsets (loop-invariant: the compiler keeps them live)
+        row = (bos + c * BT) * H + i_h
+        xk, xv = row * K, row * V
+        tk = rt[:, None] * (H * K) + rk[None, :]
+        tv = rt[:, None] * (H * V) + rv[None, :]
+    mk = mt[:, None] & (rk[None, :] < K)
+    mv = mt[:, None] & (rv[None, :] < V)
+    return xk, xv, tk, tv, mk, mv
+
+
+@triton.jit
 def h_fwd_kernel(
     k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -31,11 +63,7 @@ def h_fwd_kernel(
     more than the int64 token-index offsets (True: 880 vs 8 B at V-block 64, 4 warps).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
+    i_h, bos, eos, boh, NT = _sequence(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
@@ -47,21 +75,8 @@ def h_fwd_kernel(
     if USE_H0:
         b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
     for c in range(0, NT):
-        row = (bos + c * BT) * H + i_h
-        n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
-        mt = rt < n
-        if ADDR64:  # int64 offsets from the token index: loop-variant, so never hoisted
-            t = bos + c * BT + rt
-            xk, xv = 0, 0
-            tk = (t[:, None] * H + i_h) * K + rk[None, :]
-            tv = (t[:, None] * H + i_h) * V + rv[None, :]
-        else:  # scalar base + int32 offsets (loop-invariant: the compiler keeps them live)
-            xk, xv = row * K, row * V
-            tk = rt[:, None] * (H * K) + rk[None, :]
-            tv = rt[:, None] * (H * V) + rv[None, :]
+        xk, xv, tk, tv, mk, mv = _chunk_tiles(bos, eos, c, i_h, rt, rk, rv, H, K, V, BT, ADDR64)
         tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
-        mk = mt[:, None] & (rk[None, :] < K)
-        mv = mt[:, None] & (rv[None, :] < V)
         b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
         b_u = tl.load(u + xv + tv, mask=mv, other=0.0)
         b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
@@ -88,11 +103,7 @@ def dh_bwd_kernel(
     (``dv_local_kernel``, parallel over chunks) instead of being formed on the sequential path.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
+    i_h, bos, eos, boh, NT = _sequence(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
     rt = tl.arange(0, BT)
     rk = tl.arange(0, BK)
@@ -106,21 +117,8 @@ def dh_bwd_kernel(
         b_g += tl.load(dht + i_nh.to(tl.int64) * K * V + s_off, mask=mkv, other=0.0)
     for i in range(0, NT):
         c = NT - 1 - i
-        row = (bos + c * BT) * H + i_h
-        n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
-        mt = rt < n
-        if ADDR64:  # int64 offsets from the token index: loop-variant, so never hoisted
-            t = bos + c * BT + rt
-            xk, xv = 0, 0
-            tk = (t[:, None] * H + i_h) * K + rk[None, :]
-            tv = (t[:, None] * H + i_h) * V + rv[None, :]
-        else:  # scalar base + int32 offsets (loop-invariant: the compiler keeps them live)
-            xk, xv = row * K, row * V
-            tk = rt[:, None] * (H * K) + rk[None, :]
-            tv = rt[:, None] * (H * V) + rv[None, :]
+        xk, xv, tk, tv, mk, mv = _chunk_tiles(bos, eos, c, i_h, rt, rk, rv, H, K, V, BT, ADDR64)
         tl.store(dh + ((boh + c) * H + i_h) * K * V + s_off, b_g.to(dh.dtype.element_ty), mask=mkv)
-        mk = mt[:, None] & (rk[None, :] < K)
-        mv = mt[:, None] & (rv[None, :] < V)
         b_q = tl.load(q + xk + tk, mask=mk, other=0.0)
         b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
         b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
