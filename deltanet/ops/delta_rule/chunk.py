@@ -138,6 +138,16 @@ def finish_outputs(o, ht, out_dtype, output_final_state):
     return o, (ht if output_final_state else None)
 
 
+def incoming_grads(do, dht, v):
+    """The autograd backward's output gradients as the kernels take them: zeros for an unused
+    output ``o``, None for an absent (0-element) or unused final state."""
+    if do is None:
+        do = torch.zeros_like(v)
+    if dht is not None and dht.numel() == 0:
+        dht = None
+    return do, dht
+
+
 @functools.lru_cache(maxsize=64)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -400,10 +410,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dht, _dai):
     q, k, v, beta, initial_state, cu_seqlens, ai = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(v)
-    if dht is not None and dht.numel() == 0:
-        dht = None
+    do, dht = incoming_grads(do, dht, v)
     dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai)
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
 

@@ -13,7 +13,7 @@ import functools
 import torch
 import triton
 
-from .chunk import _new, finish_outputs, interpreted, prepare_inputs
+from .chunk import _new, finish_outputs, incoming_grads, interpreted, prepare_inputs
 from .kernels.recurrent import recurrent_bwd_fwd_kernel, recurrent_bwd_rev_kernel, recurrent_fwd_kernel
 
 __all__ = ["recurrent_delta_rule"]
@@ -139,10 +139,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dht):
     q, k, v, beta, initial_state, cu_seqlens = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(v)
-    if dht is not None and dht.numel() == 0:
-        dht = None
+    do, dht = incoming_grads(do, dht, v)
     dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht)
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
 
