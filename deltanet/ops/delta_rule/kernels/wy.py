@@ -142,23 +142,24 @@ def _store_block(ai, x, n, ri, cj, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _scaled_product_store(b_x, src, dst, b, mt, rt, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                          PREC: tl.constexpr):
+    """``dst = X diag(beta) src`` for one chunk's ``[BT, D]`` tiles, ``BD`` columns at a time."""
+    for d0 in range(0, D, BD):
+        cd = d0 + tl.arange(0, BD)
+        m = mt[:, None] & (cd[None, :] < D)
+        off = rt[:, None] * (H * D) + cd[None, :]
+        b_s = tl.load(src + off, mask=m, other=0.0)
+        b_d = tl.dot(b_x, (b_s * b[:, None]).to(b_s.dtype), input_precision=PREC)
+        tl.store(dst + off, b_d.to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _wu_store(k, v, w, u, b_x, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """W = X diag(beta) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision)."""
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        m = mt[:, None] & (ck[None, :] < K)
-        off = rt[:, None] * (H * K) + ck[None, :]
-        b_k = tl.load(k + off, mask=m, other=0.0)
-        b_w = tl.dot(b_x, (b_k * b[:, None]).to(b_k.dtype), input_precision=PREC)
-        tl.store(w + off, b_w.to(w.dtype.element_ty), mask=m)
-    for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        m = mt[:, None] & (cv[None, :] < V)
-        off = rt[:, None] * (H * V) + cv[None, :]
-        b_v = tl.load(v + off, mask=m, other=0.0)
-        b_u = tl.dot(b_x, (b_v * b[:, None]).to(b_v.dtype), input_precision=PREC)
-        tl.store(u + off, b_u.to(u.dtype.element_ty), mask=m)
+    _scaled_product_store(b_x, k, w, b, mt, rt, H, K, BK, PREC)
+    _scaled_product_store(b_x, v, u, b, mt, rt, H, V, BV, PREC)
 
 
 @triton.jit
