@@ -21,10 +21,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _seq_bounds(cu_seqlens, i_n):
+def _program(cu_seqlens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+             BV: tl.constexpr):
+    """This program's ``(i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off)``: V-block, head, token
+    range, K / V lanes and masks, and the offset of its ``[BK, BV]`` slice of a ``[N, H, K, V]`` state."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    return bos, eos
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    mkv = mk[:, None] & mv[None, :]
+    s_off = i_nh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
+    return i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off
 
 
 @triton.jit
@@ -34,14 +44,7 @@ def recurrent_fwd_kernel(
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_W: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), N * H)``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    mkv = mk[:, None] & mv[None, :]
-    s_off = i_nh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
+    i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -68,14 +71,7 @@ def recurrent_bwd_rev_kernel(
     TT, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. ``dk_part: [NV, TT, H, K]``, ``db_part: [NV, TT, H]``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    mkv = mk[:, None] & mv[None, :]
-    s_off = i_nh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
+    i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
     part = i_v.to(tl.int64) * TT * H
 
     b_g = tl.zeros([BK, BV], dtype=tl.float32)
@@ -107,14 +103,7 @@ def recurrent_bwd_fwd_kernel(
     TT, USE_H0: tl.constexpr,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. Adds ``-beta S_{t-1} du`` to ``dk_part``, writes ``dq_part``."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_seqlens, i_n)
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    mkv = mk[:, None] & mv[None, :]
-    s_off = i_nh.to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
+    i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
     part = i_v.to(tl.int64) * TT * H
 
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
