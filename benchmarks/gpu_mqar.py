@@ -1,25 +1,31 @@
 """MQAR at the paper's hardest setting on GPUs: time-bounded runs, many per GPU, curves logged.
 
-    python benchmarks/gpu_mqar.py --out runs/gpu_mqar                  # full grid, all GPUs, < 5 min
-    python benchmarks/gpu_mqar.py --out runs/gpu_mqar --lrs 5e-4 1e-3 --deadline 570
-    python benchmarks/gpu_mqar.py --delta-backend torch ...            # if Triton start-up is too slow
-    python benchmarks/gpu_mqar.py --smoke --out /tmp/mqar_smoke        # CPU, ~1-2 minutes
-
-By default the 20 jobs (5 models x 4 widths x 1 lr) share the visible GPUs, 10 worker
-processes per GPU, and the per-job training budget is chosen so the grid ends within
-``--deadline`` (285 s): one H200 -> 2 rounds of ~100 s; two H200s -> 1 round of ~200 s.
+    python benchmarks/gpu_mqar.py --out runs/gpu_mqar --deadline 540     # the whole grid, all GPUs
+    python benchmarks/gpu_mqar.py --out runs/gpu_mqar --lrs 5e-4 1e-3    # one lr list for every width
+    python benchmarks/gpu_mqar.py --no-cuda-graph ...                    # eager steps only
+    python benchmarks/gpu_mqar.py --smoke --out /tmp/mqar_smoke          # CPU, ~1-2 minutes
 
 Setting (DeltaNet paper, Fig. 2 hardest panel; Zoology MQAR): sequence 512, 64 key-value
 pairs, vocabulary 8192, two layers, widths 64/128/256/512, models delta_net,
 linear_attention, full_attention, hybrid-swa, hybrid-global, best accuracy over an lr grid.
+The lr grid depends on the width (``--lr-grid``, default ``DEFAULT_LR_GRID``: wide models get
+smaller rates; Zoology sweeps 1e-4 ... 1e-2 for every width).
 
 Why it looks like this: MQAR needs thousands of steps before accuracy jumps, and these models
-are far too small to fill an H200, so each GPU runs ``--workers`` processes side by side, each
-pulling (model, width, lr) jobs from a shared queue and training each for at most
-``--budget`` seconds (stopping early at ``--stop-accuracy``). ``--deadline`` bounds the whole
-process: a worker does not start a job that cannot finish before it. Every finished job is
-appended to ``results.jsonl`` at once (a killed run keeps what it finished); at the end the
-parent writes ``results.json``, ``table.md``, ``accuracy_vs_width.png`` and
+are far too small to fill an H200, so each GPU runs several processes side by side (start the
+CUDA MPS daemon first, as ``gpu_x2_followup.sh mqar`` does, so that they run concurrently
+instead of time-sliced), each pulling (model, width, lr) jobs from a shared queue and training
+each for at most ``--budget`` seconds (stopping early at ``--stop-accuracy``). By default
+(``--workers 0``) every job gets a worker, so the whole grid runs in one round. Each training
+step is one CUDA-graph replay (``--cuda-graph``, on by default): checked against an eager step
+once, falling back to eager steps if capture or check fails (``step_mode`` of each result).
+
+Jobs are queued by priority: ``--models`` order first (delta_net and linear_attention lead),
+widest first within a model. ``--deadline`` bounds the whole process: a job starts only with
+at least ``--min-budget`` seconds left, and trains for ``min(budget, time left)``. Every
+finished job is appended to ``results.jsonl`` at once and every evaluation to
+``progress.jsonl`` (a killed run keeps its finished jobs and the curves of the others); at
+the end the parent writes ``results.json``, ``table.md``, ``accuracy_vs_width.png`` and
 ``learning_curves.png``. Data are generated once (seed 0 train, seed 1 test) and shared.
 """
 
@@ -27,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -46,12 +54,47 @@ from deltanet.evaluation.tasks.synthetic import (
 
 MODELS = ["delta_net", "linear_attention", "full_attention", "hybrid-swa", "hybrid-global"]
 
+# Learning rates per width: two rates a factor ~3 apart, lower for wider models. At lr 1e-3 the
+# first run (2026-11-30) learned at d = 64-256 for attention and the hybrids, while no model
+# learned at d = 512 (even full attention) and DeltaNet at d = 64 was still rising slowly.
+DEFAULT_LR_GRID = "64:1e-3,3e-3 128:5e-4,1.5e-3 256:3e-4,1e-3 512:1.5e-4,5e-4"
+
+
+def parse_lr_grid(text: str) -> dict[int, list[float]]:
+    """``"64:1e-3,3e-3 128:5e-4"`` -> ``{64: [1e-3, 3e-3], 128: [5e-4]}``.
+
+    >>> parse_lr_grid("64:1e-3,3e-3 512:1e-4")
+    {64: [0.001, 0.003], 512: [0.0001]}
+    """
+    grid = {}
+    for item in text.split():
+        width, _, lrs = item.partition(":")
+        try:
+            grid[int(width)] = [float(x) for x in lrs.split(",") if x]
+        except ValueError:
+            raise ValueError(f"bad --lr-grid entry {item!r}: expected WIDTH:LR[,LR...]") from None
+        if not grid[int(width)] or any(not lr > 0 for lr in grid[int(width)]):
+            raise ValueError(f"bad --lr-grid entry {item!r}: expected WIDTH:LR[,LR...] with LR > 0")
+    return grid
+
+
+def job_grid(models: list[str], widths: list[int], lrs_for: dict[int, list[float]]) -> list[tuple[str, int, float]]:
+    """(model, width, lr) in priority order: model order first, then widest first, then lr.
+
+    >>> job_grid(["a", "b"], [64, 512], {64: [1e-3], 512: [1e-4, 3e-4]})
+    [('a', 512, 0.0001), ('a', 512, 0.0003), ('a', 64, 0.001), ('b', 512, 0.0001), ('b', 512, 0.0003), ('b', 64, 0.001)]
+    """
+    return [(m, w, lr) for m in models for w in sorted(widths, reverse=True) for lr in lrs_for[w]]
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256, 512])
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3])
+    p.add_argument("--lrs", nargs="+", type=float, default=None,
+                   help="one lr list for every width (overrides --lr-grid)")
+    p.add_argument("--lr-grid", default=DEFAULT_LR_GRID,
+                   help="lrs per width, 'WIDTH:LR,LR WIDTH:LR,...' (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--num-pairs", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=8192)
@@ -66,14 +109,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="training seconds per job; default: fit the grid into --deadline, i.e. "
                    "(deadline - 45 s start-up) / rounds / 1.1, rounds = ceil(jobs / workers)")
+    p.add_argument("--min-budget", type=float, default=60.0,
+                   help="a job starts only if it can train this long before the deadline; "
+                   "it trains for min(budget, time left)")
     p.add_argument("--deadline", type=float, default=285.0,
                    help="wall seconds for the whole process; jobs that cannot finish are skipped")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="replay each training step as a CUDA graph (checked once against an "
+                   "eager step; falls back to eager steps on any failure)")
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--stop-accuracy", type=float, default=0.99)
     p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--workers", type=int, default=10,
-                   help="processes per device (small models leave an H200 mostly idle)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes per device (small models leave an H200 mostly idle); "
+                   "0: enough for every job to run at once, at most 24 per device")
     p.add_argument("--devices", nargs="+", default=None,
                    help="default: every visible CUDA device (cpu in --smoke)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,9 +136,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             seq_len=64, num_pairs=4, vocab_size=128, widths=[32, 64],
             models=["delta_net", "linear_attention"], train_size=4096, test_size=256,
             batch_size=32, budget=15.0, deadline=150.0, eval_every=50, warmup_steps=20,
-            devices=["cpu"], workers=2, delta_backend="torch",
+            devices=["cpu"], workers=2, delta_backend="torch", min_budget=1.0,
+            lr_grid="32:1e-3,3e-3 64:1e-3",
         )
     args = p.parse_args(argv)
+    try:
+        grid = parse_lr_grid(args.lr_grid)
+    except ValueError as e:
+        p.error(str(e))
+    if args.lrs is not None:
+        grid = {w: list(args.lrs) for w in args.widths}
+    missing = [w for w in args.widths if w not in grid]
+    if missing:
+        p.error(f"--lr-grid has no learning rates for widths {missing}")
+    args.lrs_for = {w: grid[w] for w in args.widths}
     if args.devices is None:
         n = torch.cuda.device_count()
         if n == 0:
@@ -98,7 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def worker(rank: int, device: str, args: argparse.Namespace, data_path: str, jobs, done, t_start: float) -> None:
-    """Pull jobs until the queue is empty or the deadline is near; append each result."""
+    """Pull jobs until the queue is empty or the deadline is near; report each result and each
+    evaluation. Exits after an error other than out-of-memory (its CUDA context may be broken;
+    the jobs left in the queue go to the other workers)."""
     if device == "cpu":
         torch.set_num_threads(1)  # workers share the cores
     else:
@@ -112,9 +175,13 @@ def worker(rank: int, device: str, args: argparse.Namespace, data_path: str, job
             model_name, width, lr = jobs.get_nowait()
         except queue.Empty:
             return
-        # Skip what cannot finish (training budget plus a little evaluation) before the deadline.
-        if time.time() - t_start + args.budget * 1.05 + 5 > args.deadline:
-            done.put({"model": model_name, "width": width, "lr": lr, "skipped": "deadline"})
+        job = {"model": model_name, "width": width, "lr": lr}
+        # Train for the budget, or for what is left before the deadline (less ~5% + 10 s for
+        # the evaluations and the model set-up); skip the job when that is too short.
+        left = (args.deadline - (time.time() - t_start) - 10) / 1.05
+        budget = min(args.budget, left)
+        if budget < args.min_budget:
+            done.put({**job, "skipped": "deadline"})
             continue
         torch.manual_seed(args.seed)
         model = build_model(
@@ -123,25 +190,36 @@ def worker(rank: int, device: str, args: argparse.Namespace, data_path: str, job
             delta_backend=args.delta_backend,
         )
         cfg = TrainConfig(
-            lr=lr, epochs=args.max_steps, max_steps=args.max_steps, time_budget=args.budget,
+            lr=lr, epochs=args.max_steps, max_steps=args.max_steps, time_budget=budget,
             batch_size=args.batch_size, eval_every=args.eval_every, eval_batch_size=250,
             stop_accuracy=args.stop_accuracy, schedule="constant", warmup_steps=args.warmup_steps,
-            seed=args.seed, device=device,
+            seed=args.seed, device=device, cuda_graph=args.cuda_graph,
         )
         t0 = time.time()
+        fatal = False
         try:
-            run = train_and_evaluate(model, (xtr, ytr), (xte, yte), cfg).to_dict()
+            run = train_and_evaluate(model, (xtr, ytr), (xte, yte), cfg,
+                                     on_eval=lambda row: done.put({"progress": {**job, **row}})).to_dict()
         except torch.OutOfMemoryError as e:  # report it and keep the worker alive
             run = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            del model
+            model = None
             torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - report, then leave: the context may be broken
+            run = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
+                   "traceback": traceback.format_exc()[-3000:]}
+            fatal = True
         res = {"task": "mqar", "seq_len": args.seq_len, "num_pairs": args.num_pairs,
-               "model": model_name, "width": width, "lr": lr, "num_layers": args.layers,
-               "params": sum(p.numel() for p in model.parameters()), "device": device,
-               "worker": rank, "wall_seconds": round(time.time() - t0, 1), **run}
+               **job, "num_layers": args.layers,
+               "params": sum(p.numel() for p in model.parameters()) if model is not None else None,
+               "device": device, "worker": rank, "budget": round(budget, 1),
+               "wall_seconds": round(time.time() - t0, 1), **run}
         if "steps" in run and run["seconds"] > 0:
             res["steps_per_second"] = round(run["steps"] / run["seconds"], 2)
         done.put(res)
         del model
+        if fatal:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,14 +237,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = mp.get_context("spawn")
     jobs, done = ctx.Queue(), ctx.Queue()
-    # Largest widths first: the slowest jobs start while the deadline is furthest away.
-    grid = [(m, w, lr) for w in sorted(args.widths, reverse=True) for m in args.models for lr in args.lrs]
+    # Priority order (models as listed, widest first): with fewer workers than jobs the first
+    # ones start at once, the rest when a worker frees up (early stop at 99%).
+    grid = job_grid(args.models, args.widths, args.lrs_for)
+    if args.workers <= 0:
+        args.workers = min(24, -(-len(grid) // len(args.devices)))
     n_workers = args.workers * len(args.devices)
     if args.budget is None:
         rounds = -(-len(grid) // n_workers)
         args.budget = max(5.0, (args.deadline - 45 - (time.time() - t_start)) / rounds / 1.1)
-    print(f"{len(grid)} jobs on {n_workers} workers ({', '.join(args.devices)}), "
-          f"{args.budget:.0f} s of training each, deadline {args.deadline:.0f} s", flush=True)
+    mps = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") if args.devices[0] != "cpu" else None
+    print(f"{len(grid)} jobs on {n_workers} workers ({', '.join(args.devices)}, "
+          f"{'MPS at ' + mps if mps else 'no MPS'}), {args.budget:.0f} s of training each, "
+          f"cuda graph {'on' if args.cuda_graph else 'off'}, deadline {args.deadline:.0f} s", flush=True)
     for job in grid:
         jobs.put(job)
     procs = []
@@ -177,12 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(p)
 
     results, log = [], (args.out / "results.jsonl").open("a")
+    progress = (args.out / "progress.jsonl").open("a")
     while len(results) < len(grid):
         try:
             res = done.get(timeout=5)
         except queue.Empty:
             if not any(p.is_alive() for p in procs):
                 break  # a worker died (its traceback is on stderr); keep what we have
+            continue
+        if "progress" in res:  # one evaluation of a running job
+            progress.write(json.dumps({**res["progress"], "t": round(time.time() - t_start, 1)}) + "\n")
+            progress.flush()
             continue
         results.append(res)
         log.write(json.dumps(res) + "\n")
@@ -194,17 +282,19 @@ def main(argv: list[str] | None = None) -> int:
             to99 = (f"99% at step {res['steps_to_99']} / {res['seconds_to_99']:.0f}s"
                     if res["steps_to_99"] is not None else "not at 99%")
             print(f"{res['model']:>16} d={res['width']:<4} lr={res['lr']:<7g} acc={res['best_accuracy']:.4f} "
-                  f"steps={res['steps']} ({res['steps_per_second']:.1f}/s, {res['device']}) {to99} "
-                  f"[t={time.time() - t_start:.0f}s]", flush=True)
+                  f"steps={res['steps']} ({res.get('steps_per_second', 0):.1f}/s, {res['device']}, "
+                  f"{res['step_mode']}) {to99} [t={time.time() - t_start:.0f}s]", flush=True)
     for p in procs:
         p.join(timeout=30)
     log.close()
+    progress.close()
     data_path.unlink(missing_ok=True)
 
     runs = [r for r in results if "best_accuracy" in r]
     meta = {"command": "python benchmarks/gpu_mqar.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "torch": torch.__version__,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "lrs_for"},
+            "lr_grid": {str(w): lrs for w, lrs in args.lrs_for.items()},
+            "torch": torch.__version__, "mps_pipe_directory": mps,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "wall_seconds": round(time.time() - t_start, 1)}
     (args.out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=1))

@@ -255,3 +255,27 @@ def test_gpu_script_smoke(tmp_path, monkeypatch):
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     assert (out / "table.md").exists() and (out / "learning_curves.png").exists()
     assert not (out / "data.pt").exists()
+    # every evaluation of every job is streamed to progress.jsonl (a killed run keeps curves)
+    rows = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert len(rows) == sum(len(r["curve"]) for r in res)
+    assert {(r["model"], r["lr"]) for r in rows} == {(r["model"], r["lr"]) for r in res}
+    # --cuda-graph is on by default and falls back on CPU, saying why
+    assert all(r["step_mode"] == "eager (cuda_graph needs CUDA, device is cpu)" for r in res)
+
+
+def test_gpu_script_lr_grid(monkeypatch, capsys):
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    mod = importlib.import_module("gpu_mqar")
+    args = mod.parse_args(["--devices", "cpu"])
+    assert args.lrs_for == {64: [1e-3, 3e-3], 128: [5e-4, 1.5e-3], 256: [3e-4, 1e-3], 512: [1.5e-4, 5e-4]}
+    jobs = mod.job_grid(args.models, args.widths, args.lrs_for)
+    assert len(jobs) == 5 * 4 * 2 and jobs[0] == ("delta_net", 512, 1.5e-4)
+    assert [m for m, _, _ in jobs[:16]] == ["delta_net"] * 8 + ["linear_attention"] * 8
+    assert mod.parse_args(["--devices", "cpu", "--lrs", "1e-3"]).lrs_for == {w: [1e-3] for w in (64, 128, 256, 512)}
+    for bad in (["--lr-grid", "64:1e-3"], ["--lr-grid", "64:x"], ["--lr-grid", "64:-1 128:1 256:1 512:1"]):
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--devices", "cpu", *bad])
+    assert "no learning rates for widths [128, 256, 512]" in capsys.readouterr().err
