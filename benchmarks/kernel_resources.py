@@ -23,6 +23,7 @@ W = importlib.import_module("deltanet.ops.delta_rule.kernels.wy")
 S = importlib.import_module("deltanet.ops.delta_rule.kernels.state")
 O = importlib.import_module("deltanet.ops.delta_rule.kernels.output")
 WB = importlib.import_module("deltanet.ops.delta_rule.kernels.wy_bwd")
+G = importlib.import_module("deltanet.ops.delta_rule.kernels.grads")
 BF, F32, I32 = "*bf16", "*fp32", "*i32"
 C = "constexpr"
 
@@ -48,7 +49,7 @@ def _sigs():
         wu_fwd=(W.wu_fwd_kernel, wy),
         h_fwd=(S.h_fwd_kernel, dict(k=BF, w=BF, u=BF, v_new=BF, h=BF, h0=F32, ht=F32, cu_seqlens=I32,
                                     chunk_offsets=I32, H=C, K=C, V=C, BT=C, BK=C, BV=C, USE_H0=C, STORE_HT=C,
-                                    PREC=C, ADDR64=C)),
+                                    PREC=C, ADDR64=C, KNOWN_VNEW=C)),
         o_fwd=(O.o_fwd_kernel, dict(q=BF, k=BF, v_new=BF, h=BF, o=BF, cu_seqlens=I32, chunk_table=I32,
                                     scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C, PREC=C)),
         dh_bwd=(S.dh_bwd_kernel, dict(q=BF, k=BF, w=BF, do=BF, dv_local=BF, dv=BF, dh=BF, dht=F32, dh0=F32,
@@ -63,6 +64,10 @@ def _sigs():
         wy_bwd_da=(WB.wy_bwd_da_kernel, dict(k=BF, v=BF, beta=BF, ai=F32, dw=BF, du=BF, dv=BF, da=F32, db=F32,
                                              cu_seqlens=I32, chunk_table=I32, H=C, K=C, V=C, BT=C, BK=C, BV=C,
                                              PREC=C)),
+        chunk_grads=(G.chunk_grads_kernel, dict(q=BF, k=BF, v=BF, beta=BF, ai=F32, v_new=BF, h=BF, dh=BF, do=BF,
+                                                du=BF, dq=BF, dk=BF, dv=BF, dbeta=BF, cu_seqlens=I32,
+                                                chunk_table=I32, scale="fp32", H=C, K=C, V=C, BT=C, BK=C, BV=C,
+                                                PREC=C, TWO_PASS=C)),
         wy_bwd_dk=(WB.wy_bwd_dk_kernel, dict(k=BF, beta=BF, ai=F32, dw=BF, da=F32, db=F32, dk_in=F32, dk=BF,
                                              dbeta=F32, db_stride="i64", cu_seqlens=I32, chunk_table=I32, H=C,
                                              K=C, BT=C, BK=C, PREC=C)),
@@ -89,26 +94,35 @@ def report_defaults(dims, lengths, tuning, sms=132) -> None:
             launches = [
                 ("wy_fwd_dense", wy, cfg["WARPS_WY"], 2) if cfg["WY_DENSE"] else
                 ("wy_fwd", dict(wy, BATCHED_INV=bool(cfg["WY_BATCHED"])), cfg["WARPS_WY"], 2),
-                ("h_fwd", dict(st, USE_H0=False, STORE_HT=False), cfg["WARPS_STATE"], cfg["STAGES_STATE"]),
+                ("h_fwd", dict(st, USE_H0=False, STORE_HT=False, KNOWN_VNEW=False), cfg["WARPS_STATE"], cfg["STAGES_STATE"]),
                 ("o_fwd", dict(base, BK=cfg["BK"], BV=cfg["BV_O"]), cfg["WARPS_O"], cfg["STAGES_O"]),
                 ("dh_bwd", dict(st, USE_DHT=False, STORE_DH0=False, USE_DV_LOCAL=bool(cfg["DV_LOCAL"])),
                  cfg["WARPS_STATE"], cfg["STAGES_STATE"]),
-                ("dqkw_bwd", dict(base, BK=cfg["BK_DQKW"], BV=cfg["BV"]), cfg["WARPS_DQKW"], cfg["STAGES_DQKW"]),
             ]
             if cfg.get("SAVE_AI"):
                 launches.append(("wu_fwd", wy, cfg["WARPS_WY"], 2))
-            if cfg.get("WY_BWD_SPLIT"):
-                launches.append(("wy_bwd_da", wy, cfg["WARPS_WYB"], 2))
-                launches.append(("wy_bwd_dk", dict(H=16, K=D, BT=64, BK=cfg["BK_WYB"], PREC="tf32"),
-                                 cfg["WARPS_WYB"], 2))
+            if cfg.get("SAVE_VNEW"):
+                launches.append(("h_fwd", dict(st, USE_H0=False, STORE_HT=False, KNOWN_VNEW=True), cfg["WARPS_STATE"],
+                                 cfg["STAGES_STATE"]))
+            if cfg.get("GRADS_FUSED"):
+                launches.append(("chunk_grads", dict(base, BK=cfg["BKF"], BV=cfg["BV_GRADS"],
+                                                 TWO_PASS=bool(cfg["GRADS_TWO_PASS"])), cfg["WARPS_GRADS"], 2))
             else:
-                launches.append(("wy_bwd", wy, cfg["WARPS_WYB"], 2))
+                launches.append(("dqkw_bwd", dict(base, BK=cfg["BK_DQKW"], BV=cfg["BV"]), cfg["WARPS_DQKW"],
+                                 cfg["STAGES_DQKW"]))
+                if cfg.get("WY_BWD_SPLIT"):
+                    launches.append(("wy_bwd_da", wy, cfg["WARPS_WYB"], 2))
+                    launches.append(("wy_bwd_dk", dict(H=16, K=D, BT=64, BK=cfg["BK_WYB"], PREC="tf32"),
+                                     cfg["WARPS_WYB"], 2))
+                else:
+                    launches.append(("wy_bwd", wy, cfg["WARPS_WYB"], 2))
             for name, consts, warps, stages in launches:
                 key = (name, tuple(sorted(consts.items())), warps, stages)
                 if key not in seen:
                     fn, sg = sig[name]
                     seen[key] = resources(fn, sg, consts, warps, stages)
                 extra = f" BV {consts['BV']} addr64 {consts['ADDR64']:d}" if name in ("h_fwd", "dh_bwd") else ""
+                extra += " (from v_new)" if consts.get("KNOWN_VNEW") else ""
                 print(f"D={D} T={T} {name}{extra} warps {warps}: {seen[key]}", flush=True)
 
 

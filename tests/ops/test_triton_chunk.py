@@ -191,8 +191,15 @@ def test_custom_op_registration_passes_opcheck():
 # Launch settings the GPU sweep (benchmarks/tune_kernels.py) may pick: each must stay exact.
 # BK_WYB=16 < K splits wy_bwd_dk over K-blocks (dbeta summed from per-block partials).
 VARIANTS = {
-    "old-path": {"SAVE_AI": 0, "WY_BWD_SPLIT": 0},
-    "split-bk16": {"BK_WYB": 16},
+    "old-path": {"SAVE_AI": 0, "SAVE_VNEW": 0, "GRADS_FUSED": 0},
+    "two-kernel-grads": {"GRADS_FUSED": 0},
+    "recompute-vnew": {"SAVE_VNEW": 0},
+    "split-bk16": {"GRADS_FUSED": 0, "WY_BWD_SPLIT": 1, "BK_WYB": 16},
+    "wy-split-wu": {"WY_SPLIT_WU": 1, "WY_MERGE_TF32": 1},
+    "register-inverse": {"WY_BATCHED": 0},
+    "grads-bv16": {"BV_GRADS": 16},  # several passes of chunk_grads' V loop
+    "grads-two-pass-bv16": {"GRADS_TWO_PASS": 1, "BV_GRADS": 16},
+    "o-full-v": {"BV_O": -1},
     "dense-wy": {"WY_DENSE": 1},
     "state-int32-offsets": {"STATE_ADDR64": 0},  # the K > 64 default, here at small K
     "state-int64-offsets": {"STATE_ADDR64": 1},

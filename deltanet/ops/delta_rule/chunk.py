@@ -6,12 +6,15 @@ Forward, three kernels (``kernels/``):
 2. ``h_fwd_kernel``   (sequences x heads x V-blocks): chunk states h, v_new = U - W S
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
-Backward recomputes W, U from the ``Ai`` the forward kept (``wu_fwd_kernel``: two products per
-chunk, not the whole UT transform; ``SAVE_AI=0`` recomputes 1 instead) and 2, then runs the
-reverse recurrence (``dh_bwd_kernel``), the per-chunk gradients (``dqkw_bwd_kernel``) and the
-way back through the UT transform (``wy_bwd_da_kernel`` + ``wy_bwd_dk_kernel``, or the single
-``wy_bwd_kernel`` with ``WY_BWD_SPLIT=0``). Launch settings: ``_configs`` (overridable through
-``DELTANET_CHUNK_TUNING`` / ``TUNING``); register use: benchmarks/kernel_resources.py.
+Backward: the forward hands over ``Ai`` and ``v_new`` (``SAVE_AI``, ``SAVE_VNEW``); W comes
+from one product per chunk (``wu_fwd_kernel``), the states again from ``h_fwd_kernel`` as a
+prefix sum of ``K^T v_new`` (no solve, no ``W S`` on the sequential path), then the reverse
+recurrence (``dh_bwd_kernel``) and all per-chunk gradients in one kernel (``chunk_grads_kernel``,
+K <= 128; above that, or with ``GRADS_FUSED=0``, ``dqkw_bwd_kernel`` and the way back through
+the UT transform, ``wy_bwd_kernel`` or the split ``wy_bwd_da/dk`` pair). With ``SAVE_VNEW=0`` /
+``SAVE_AI=0`` the backward recomputes those from the inputs. Launch settings: ``_configs``
+(overridable through ``DELTANET_CHUNK_TUNING`` / ``TUNING``); register use:
+benchmarks/kernel_resources.py.
 
 Every tensor is viewed as packed tokens ``[B * T, H, D]``; a fixed-length batch is the packed
 case with ``cu_seqlens = [0, T, 2T, ...]``, so there is one code path, and a chunk never
@@ -29,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
@@ -178,12 +182,21 @@ def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.d
     return (cu_seqlens.to(torch.int32), torch.tensor(table, **i32), torch.tensor(offsets, **i32), len(table))
 
 
+def _overrides() -> dict[str, int]:
+    return {**json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")), **TUNING}
+
+
+def _keeps_vnew() -> bool:
+    """Whether the forward hands its pseudo-values ``v_new`` to the backward (``SAVE_VNEW``)."""
+    return bool(_overrides().get("SAVE_VNEW", 1))
+
+
 def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, int]:
     """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels)."""
     p2 = triton.next_power_of_2
     BKF = max(16, p2(K))
     BVF = max(16, p2(V))
-    over = {**json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")), **TUNING}
+    over = _overrides()
     # The state recurrence is sequential over chunks: split V finely enough that the
     # (sequence, head, V-block) programs fill the GPU (one per SM: two per SM measured up to 16%
     # slower at D = 128, T = 4K-8K, where it forced 16-wide V-blocks), but keep the state tile
@@ -208,12 +221,25 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         # (1 measured 15% faster fwd+bwd: results/2026-11-30-h200-x2-kernels.md)
         WY_BWD_SPLIT=0,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
         BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
+        # 1: the forward keeps v_new (one [tokens, H, V] tensor in the input dtype); the backward
+        # then rebuilds the states as a prefix sum of K^T v_new and needs W but not U.
+        SAVE_VNEW=1,
+        # 1: dq, dk, dv, dbeta by one kernel per chunk (kernels/grads.py; it holds all of K, so
+        # K <= 128); 0: dqkw_bwd + wy_bwd, with dW and a partial dK through memory.
+        GRADS_FUSED=int(BKF <= 128), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 64),
+        GRADS_TWO_PASS=0,  # 1: its dU terms in a second pass over V (fewer live accumulators)
+        WY_SPLIT_WU=0,  # 1: the UT-transform kernel writes only Ai, W and U come from wu_fwd
+        WY_MERGE_TF32=0,  # 1: the block merge of the UT transform in tf32 (bf16/fp16 inputs)
     )
     cfg.update(over)
     if cfg["STATE_ADDR64"] < 0:  # auto: int64 token offsets at K <= 64, scalar base + int32 above
         cfg["STATE_ADDR64"] = int(BKF <= 64)
     if cfg["WARPS_WYB"] is None:
         cfg["WARPS_WYB"] = cfg["WARPS_WY"]
+    if cfg["BV_O"] < 0:  # all of V in one program: Q K^T formed once per chunk, not per V-block
+        cfg["BV_O"] = BVF
+    if BKF > 128:
+        cfg["GRADS_FUSED"] = 0  # three [64, K] fp32 accumulators do not fit in registers
     return cfg
 
 
@@ -221,40 +247,49 @@ def _wy(k, v, beta, idx, cfg):
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
-    w, u = _new(k), _new(v)
+    split = bool(cfg["WY_SPLIT_WU"]) and not cfg["WY_DENSE"]
+    w, u = (k, v) if split else (_new(k), _new(v))
     ai = _new(k, TT, H, BT, dtype=torch.float32)  # fp32: also the scratch of the in-kernel solve
     if cfg["WY_DENSE"]:  # candidate, not yet measured on the GPU (benchmarks/NOTES-kernels.md)
         wy_fwd_dense_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
                                       BV=cfg["BV"], PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
     else:
+        prec = _prec(k.dtype)
         wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-                                BV=cfg["BV"], PREC=_prec(k.dtype), BATCHED_INV=bool(cfg["WY_BATCHED"]),
-                                num_warps=cfg["WARPS_WY"])
+                                BV=cfg["BV"], PREC=prec, BATCHED_INV=bool(cfg["WY_BATCHED"]), STORE_WU=not split,
+                                MERGE_PREC=prec if cfg["WY_MERGE_TF32"] else "ieee", num_warps=cfg["WARPS_WY"])
+        if split:
+            w, u = _wu(k, v, beta, ai, idx, cfg)
     return w, u, ai
 
 
-def _wu(k, v, beta, ai, idx, cfg):
-    """W, U from a stored ``ai`` (no solve)."""
+def _wu(k, v, beta, ai, idx, cfg, store_u: bool = True):
+    """W, U from a stored ``ai`` (no solve); ``u`` is None without ``store_u``."""
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
-    w, u = _new(k), _new(v)
-    wu_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"],
-                            PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
+    w, u = _new(k), (_new(v) if store_u else None)
+    wu_fwd_kernel[(NTT, H)](k, v, beta, w, u if store_u else w, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
+                            BV=cfg["BV"], PREC=_prec(k.dtype), STORE_U=store_u, num_warps=cfg["WARPS_WY"])
     return w, u
 
 
-def _states(k, w, u, h0, ht, idx, N, cfg):
+def _states(k, w, u, h0, ht, idx, N, cfg, v_new=None):
+    """Chunk states ``h`` and (unless given) ``v_new``. With ``v_new`` given, ``w`` and ``u`` are
+    not read: the states are the prefix sums of ``K^T v_new``."""
     cu, _, offsets, NTT = idx
     TT, H, K = k.shape
-    V = u.shape[-1]
+    known = v_new is not None
+    V = v_new.shape[-1] if known else u.shape[-1]
     h = _new(k, NTT, H, K, V)
-    v_new = _new(u)
+    if not known:
+        v_new = _new(u)
     BV = cfg["BV_STATE"]
     h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, w, u, v_new, h, h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
+        k, k if known else w, v_new if known else u, v_new, h, h0 if h0 is not None else k,
+        ht if ht is not None else k, cu, offsets,
         H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), num_warps=cfg["WARPS_STATE"],
+        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), KNOWN_VNEW=known, num_warps=cfg["WARPS_STATE"],
         num_stages=cfg["STAGES_STATE"])
     return h, v_new
 
@@ -266,7 +301,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens):
     """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
-    ai [B * T, H, BT] fp32)``; ``ai`` (the chunks' (I + A)^-1) is what the backward reuses."""
+    ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
+    pseudo-values ``v_new`` are what the backward may reuse."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -283,11 +319,12 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     o_fwd_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
         q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
         PREC=_prec(q.dtype), num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
-    return o.view(B, T, H, V), ht, ai
+    return o.view(B, T, H, V), ht, ai, v_new
 
 
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
-    """Launch the backward. Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_new=None):
+    """Launch the backward (``ai``, ``v_new``: the forward's, or None to recompute them).
+    Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -300,10 +337,10 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
     prec = _prec(q.dtype)
 
     if ai is not None and cfg["SAVE_AI"]:
-        w, u = _wu(k, v, beta, ai, idx, cfg)
+        w, u = _wu(k, v, beta, ai, idx, cfg, store_u=v_new is None)
     else:
         w, u, ai = _wy(k, v, beta, idx, cfg)
-    h, v_new = _states(k, w, u, h0, None, idx, N, cfg)
+    h, v_new = _states(k, w, u, h0, None, idx, N, cfg, v_new=v_new)
     del u
     dh = _new(h)
     dvn = _new(v)
@@ -322,17 +359,38 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
         ADDR64=bool(cfg["STATE_ADDR64"]),
         num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     del w, dv_local
-    dq = _new(q)
+    dq, dv, dbeta = _new(q), _new(v), _new(beta)
+    if cfg["GRADS_FUSED"]:
+        dk = _new(k)
+        chunk_grads_kernel[(NTT, H)](
+            q, k, v, beta, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
+            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec, TWO_PASS=bool(cfg["GRADS_TWO_PASS"]),
+            num_warps=cfg["WARPS_GRADS"])
+    else:
+        states = [h, v_new, dh]
+        del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
+        dk, dbeta = _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
+    shape = (B, T, H)
+    return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
+
+
+def _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg):
+    """The two-kernel form of ``chunk_grads_kernel``: ``dqkw_bwd`` (writes dq, dW and a partial
+    dK) and the way back through the UT transform. ``states = [h, v_new, dh]`` is emptied after
+    its use, so those buffers are freed before the second kernel's. Returns ``(dk, dbeta)``."""
+    h, v_new, dh = states
+    states.clear()
+    cu, table, _, NTT = idx
+    TT, H, K = k.shape
+    V = v.shape[-1]
+    prec = _prec(q.dtype)
     dk_part = _new(k, dtype=torch.float32)
     dw = _new(k)
     dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK_DQKW"]), NTT, H)](
         q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
         BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
-    dv, dbeta = _new(v), _new(beta)
     if cfg["WY_BWD_SPLIT"]:
-        # da (fp32, the size of ai) is allocated after h, dh, v_new are freed and dk after dvn
-        # is: the backward's peak stays at the dqkw stage (D = 64: 640 MiB of buffers at 32K x 16).
         da = _new(ai)
         db_v = _new(beta, dtype=torch.float32)
         wy_bwd_da_kernel[(NTT, H)](
@@ -353,8 +411,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None):
         wy_bwd_kernel[(NTT, H)](
             k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
             BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
-    shape = (B, T, H)
-    return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
+    return dk, dbeta
 
 
 # --- torch.library registration -------------------------------------------------------------
@@ -367,9 +424,11 @@ def _empty_state(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("deltanet::chunk_delta_rule_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
-            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, ht, ai = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    return o, ht if ht is not None else _empty_state(q), ai
+            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    if not _keeps_vnew():
+        v_new = v.new_empty(0)
+    return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
 @_fwd_op.register_fake
@@ -378,20 +437,22 @@ def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
     ai = q.new_empty(B * T, H, BT, dtype=torch.float32)
-    return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai
+    v_new = v.new_empty(B * T, H, v.shape[-1]) if _keeps_vnew() else v.new_empty(0)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new
 
 
 @torch.library.custom_op("deltanet::chunk_delta_rule_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-            dht: torch.Tensor | None, ai: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai)
+            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai,
+                                    v_new if v_new.numel() > 0 else None)
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai):
+def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     return e(q), e(k), e(v), e(beta), dh0
@@ -399,19 +460,20 @@ def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs
-    # ai: fp32 [B * T, H, 64], 256 B per token and head; the backward would rebuild it anyway
-    # and holds it until its end, so keeping it does not raise the op's fwd+bwd peak.
-    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2])
+    # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v (or empty, see
+    # SAVE_VNEW). The backward would rebuild both and hold them until its end, so keeping them
+    # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3])
     ctx.scale = scale
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
     # zeros buffer (32K tokens x 16 heads) alive through the whole backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, _dai):
-    q, k, v, beta, initial_state, cu_seqlens, ai = ctx.saved_tensors
+def _backward(ctx, do, dht, _dai, _dvn):
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai)
+    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new)
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
 
 
@@ -447,6 +509,6 @@ def chunk_delta_rule(
     """
     out_dtype = v.dtype
     scale, q, k, v, beta, h0 = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, ht, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens)
+    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 

@@ -4,6 +4,7 @@ One program per (sequence, head, V-block) walks the chunks of its sequence in or
 its ``[K, BV]`` slice of the state in fp32 registers:
 
     forward:  h[c] = S;  v_new = U - W S;  S <- S + K^T v_new
+    (backward, with the forward's v_new kept: h[c] = S;  S <- S + K^T v_new, a prefix sum)
     reverse:  dh[c] = G; dv = scale * triu(K Q^T) dO + K G;  G <- G + scale Q^T dO - W^T dv
 
 ``G`` is the gradient of the loss with respect to the state at the end of the chunk. The
@@ -54,8 +55,13 @@ def h_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, ADDR64: tl.constexpr = False,
+    KNOWN_VNEW: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K).
+
+    ``KNOWN_VNEW``: ``v_new`` is an input (the forward's, kept for the backward) and ``w``, ``u``
+    are unused: the states are then a prefix sum of ``K^T v_new``, one product per chunk on the
+    sequential path instead of two dependent ones.
 
     ``ADDR64``: how tiles are addressed. False: a scalar base per chunk plus int32 offsets
     (``wy._chunk_base``); those offsets are loop-invariant and stay live in registers, which
@@ -77,12 +83,15 @@ def h_fwd_kernel(
     for c in range(0, NT):
         xk, xv, tk, tv, mk, mv = _chunk_tiles(bos, eos, c, i_h, rt, rk, rv, H, K, V, BT, ADDR64)
         tl.store(h + ((boh + c) * H + i_h) * K * V + s_off, b_s.to(h.dtype.element_ty), mask=mkv)
-        b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
-        b_u = tl.load(u + xv + tv, mask=mv, other=0.0)
         b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
-        b_vn = b_vn.to(v_new.dtype.element_ty)
-        tl.store(v_new + xv + tv, b_vn, mask=mv)
+        if KNOWN_VNEW:
+            b_vn = tl.load(v_new + xv + tv, mask=mv, other=0.0)
+        else:
+            b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
+            b_u = tl.load(u + xv + tv, mask=mv, other=0.0)
+            b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
+            b_vn = b_vn.to(v_new.dtype.element_ty)
+            tl.store(v_new + xv + tv, b_vn, mask=mv)
         b_s += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_s, mask=mkv)

@@ -156,10 +156,11 @@ def _scaled_product_store(b_x, src, dst, b, mt, rt, H: tl.constexpr, D: tl.const
 
 @triton.jit
 def _wu_store(k, v, w, u, b_x, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True):
     """W = X diag(beta) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision)."""
     _scaled_product_store(b_x, k, w, b, mt, rt, H, K, BK, PREC)
-    _scaled_product_store(b_x, v, u, b, mt, rt, H, V, BV, PREC)
+    if STORE_U:
+        _scaled_product_store(b_x, v, u, b, mt, rt, H, V, BV, PREC)
 
 
 @triton.jit
@@ -167,11 +168,14 @@ def wy_fwd_kernel(
     k, v, beta, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, BATCHED_INV: tl.constexpr,
+    STORE_WU: tl.constexpr = True, MERGE_PREC: tl.constexpr = "ieee",
 ):
     """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``.
 
     ``BATCHED_INV``: solve the four diagonal blocks as one [4, 16, 16] tile through the
     scratch (fewer, wider steps); otherwise as four register tiles (``_inv_unit_lower``).
+    ``STORE_WU`` False: only ``ai`` (W and U then come from ``wu_fwd_kernel``, a lighter
+    second launch). ``MERGE_PREC``: precision of the 16x16 products of the block merge.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
@@ -192,7 +196,7 @@ def wy_fwd_kernel(
     a30 = _scale_rows(a30, beta, n, r + 48, r, H, False)
 
     # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
-    # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj. Kept in full fp32 ("ieee"):
+    # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj. Full fp32 ("ieee") by default:
     # these entries feed every later product, and the 16x16 products are little work.
     if BATCHED_INV:
         _store_block(ai, a00, n, r, r, H, BT)
@@ -215,15 +219,15 @@ def wy_fwd_kernel(
         _store_block(ai, x11, n, r + 16, r + 16, H, BT)
         _store_block(ai, x22, n, r + 32, r + 32, H, BT)
         _store_block(ai, x33, n, r + 48, r + 48, H, BT)
-    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
-    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
-    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
-    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision="ieee")
-                  + tl.dot(a21, x10, input_precision="ieee"), input_precision="ieee")
-    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision="ieee")
-                  + tl.dot(a32, x21, input_precision="ieee"), input_precision="ieee")
-    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
-                  + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision=MERGE_PREC)
+                  + tl.dot(a21, x10, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision=MERGE_PREC)
+                  + tl.dot(a32, x21, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision=MERGE_PREC) + tl.dot(a31, x10, input_precision=MERGE_PREC)
+                  + tl.dot(a32, x20, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
 
     z = tl.zeros([16, 16], dtype=tl.float32)
     _store_block(ai, z, n, r, r + 16, H, BT)
@@ -238,13 +242,14 @@ def wy_fwd_kernel(
     _store_block(ai, x30, n, r + 48, r, H, BT)
     _store_block(ai, x31, n, r + 48, r + 16, H, BT)
     _store_block(ai, x32, n, r + 48, r + 32, H, BT)
-    tl.debug_barrier()
 
-    rt = tl.arange(0, BT)
-    mt = rt < n
-    b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
-    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
+    if STORE_WU:
+        tl.debug_barrier()  # Ai is read back as one tile, across threads
+        rt = tl.arange(0, BT)
+        mt = rt < n
+        b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
+        b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+        _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
 
 
 @triton.jit
@@ -359,10 +364,11 @@ def wy_bwd_kernel(
 def wu_fwd_kernel(
     k, v, beta, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True,
 ):
     """Grid ``(chunks, H)``: W and U again from a stored ``ai`` (the backward's recompute
-    without the solve: two products per chunk instead of the whole UT transform)."""
+    without the solve: two products per chunk instead of the whole UT transform). ``STORE_U``
+    False: W only (the backward that kept the forward's ``v_new`` needs no U)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
@@ -370,4 +376,4 @@ def wu_fwd_kernel(
     mt = rt < n
     b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
     b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
+    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC, STORE_U)

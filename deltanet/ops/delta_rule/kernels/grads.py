@@ -1,0 +1,114 @@
+"""All of one chunk's input gradients in one pass: ``dqkw_bwd_kernel`` and ``wy_bwd_kernel``
+fused (kernels/output.py and kernels/wy.py derive the two halves).
+
+With ``S = h[c]``, ``G = dh[c]``, ``dU = dv`` (the pseudo-value gradient of the reverse
+recurrence; ``v_new = U - W S``, so it is also U's gradient), ``Kb = diag(beta) K`` and
+``Vb = diag(beta) V``:
+
+    dP  = scale * tril(dO v_new^T)
+    dQ  = scale * dO S^T + dP K
+    dW  = -dU S^T
+    dAi = dU Vb^T + dW Kb^T                   dA = -Ai^T dAi Ai^T   (strictly lower)
+    dV  = diag(beta) Ai^T dU                  dKb = Ai^T dW + dA K
+    dK  = v_new G^T + dP^T Q + diag(beta) dKb + dA^T Kb
+    dbeta = rowsum(Ai^T dU * V) + rowsum(dKb * K)
+
+Split in two kernels, ``dW`` (bf16) and the first two terms of ``dK`` (fp32) go through memory
+and K, dU, Ai are read twice; here they stay in registers. One program holds all of K
+(``BK >= K``, so K <= 128 at 8 warps) and walks V in blocks.
+"""
+
+import triton
+import triton.language as tl
+
+from .wy import _chunk_base
+
+
+@triton.jit
+def chunk_grads_kernel(
+    q, k, v, beta, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, cu_seqlens, chunk_table, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, TWO_PASS: tl.constexpr = False,
+):
+    """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final).
+
+    ``TWO_PASS``: the dU terms (dAi's first part, dV, dbeta's V part) in a second loop over V,
+    so that fewer accumulators are live at once."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+    q, k, dq, dk = q + row * K, k + row * K, dq + row * K, dk + row * K
+    v, v_new, do, du, dv = v + row * V, v_new + row * V, do + row * V, du + row * V, dv + row * V
+    ai, beta, dbeta = ai + row * BT, beta + row, dbeta + row
+    s_base = (i_t.to(tl.int64) * H + i_h) * K * V
+    h, dh = h + s_base, dh + s_base
+    rt = tl.arange(0, BT)
+    mt = rt < n
+    ck = tl.arange(0, BK)
+    mk = mt[:, None] & (ck[None, :] < K)
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+    p_ai = ai + rt[:, None] * (H * BT) + rt[None, :]
+    b_ail = tl.load(p_ai, mask=mt[:, None], other=0.0).to(k.dtype.element_ty)
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dai = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    # Runtime loops: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = mt[:, None] & (cv[None, :] < V)
+        off = rt[:, None] * (H * V) + cv[None, :]
+        b_do = tl.load(do + off, mask=mv, other=0.0)
+        b_vn = tl.load(v_new + off, mask=mv, other=0.0)
+        b_du = tl.load(du + off, mask=mv, other=0.0)
+        # [BV, BK] tiles of S and G, loaded transposed.
+        s_off = ck[None, :] * V + cv[:, None]
+        ms = (ck[None, :] < K) & (cv[:, None] < V)
+        b_ht = tl.load(h + s_off, mask=ms, other=0.0)
+        b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
+        b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
+        b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
+        b_dw -= tl.dot(b_du, b_ht, input_precision=PREC)
+        b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        if not TWO_PASS:
+            b_v = tl.load(v + off, mask=mv, other=0.0)
+            b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
+            b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
+            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+            tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+
+    off = rt[:, None] * (H * K) + ck[None, :]
+    b_q = tl.load(q + off, mask=mk, other=0.0)
+    b_k = tl.load(k + off, mask=mk, other=0.0)
+    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
+    b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
+    tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
+    b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
+    if TWO_PASS:  # the dU terms in a second pass over V (dU, V re-read, mostly from L2)
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv = mt[:, None] & (cv[None, :] < V)
+            off_v = rt[:, None] * (H * V) + cv[None, :]
+            b_du = tl.load(du + off_v, mask=mv, other=0.0)
+            b_v = tl.load(v + off_v, mask=mv, other=0.0)
+            b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
+            b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
+            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+            tl.store(dv + off_v, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+
+    # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
+    b_dwl = b_dw.to(b_k.dtype)
+    b_dai += tl.dot(b_dwl, tl.trans((b_k * b[:, None]).to(b_k.dtype)), input_precision=PREC)
+    b_ai = tl.load(p_ai, mask=mt[:, None], other=0.0)
+    b_da = tl.dot(b_dai, tl.trans(b_ai), input_precision=PREC)
+    b_da = -tl.dot(tl.trans(b_ai), b_da, input_precision=PREC)
+    b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
+    b_kf = b_k.to(tl.float32)
+    b_dkb = tl.dot(tl.trans(b_ail), b_dwl, input_precision=PREC)
+    b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
+    b_dk += b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
+    b_db += tl.sum(b_dkb * b_kf, 1)
+    tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
+    tl.store(dbeta + rt * H, b_db.to(dbeta.dtype.element_ty), mask=mt)
