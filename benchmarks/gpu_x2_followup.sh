@@ -8,13 +8,22 @@
 #              Transformer after the compile fix, decoding of both
 #       GPU 1: the kernel benchmark with the current defaults (SAVE_AI, one state program per SM)
 #              after fla's kernels are compiled, then the full-size GPU tests (the whole log)
-#   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar "MODELS" "LRS"
-#       MQAR at T = 512, 64 pairs on both GPUs, 8 workers per GPU (3-4x the steps per job of the
-#       20-per-GPU run), e.g. mqar "delta_net linear_attention" "3e-4 1e-3" and then
-#       mqar "full_attention hybrid-swa hybrid-global" "3e-4 1e-3"
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR kernels
+#       GPU 0: every launch variant of tune_kernels.py compiled in parallel, then the sweep
+#              (one setting at a time, checked against the fp32 oracle) at D = 128, 64 x
+#              T = 1K, 8K, 16K, then the full-size GPU tests of the chunk op
+#       GPU 1: fla's kernels compiled (untimed), per-kernel profiles of ours and fla, the kernel
+#              benchmark (ours, fla, SDPA) with the committed defaults, the recurrent-op tests
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
+#       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
+#       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
+#       CUDA MPS (started here, checked, stopped at the end; without it the processes are
+#       time-sliced), each step one CUDA-graph replay (eager if capture fails). MODELS / LR_GRID
+#       narrow it, e.g. mqar "delta_net linear_attention" "64:1e-3,3e-3 128:5e-4,1.5e-3 ...".
+#       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
-OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LRS]}
-MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LRS]}
+OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
+MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
 R=$OUT/res
 mkdir -p "$R"
 DEADLINE=${DEADLINE_S:-570}
@@ -54,11 +63,49 @@ EOF
       tests/ops/test_triton_chunk.py tests/ops/test_recurrent.py
   ) &
   wait
+elif [ "$MODE" = kernels ]; then
+  SHAPES="--dims 128,64 --lengths 1024,8192,16384"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    log "compiling our variants"
+    VARS=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import tune_kernels as t; print(' '.join(t.VARIANTS))")
+    for v in $VARS; do
+      timeout 150 python3 benchmarks/tune_kernels.py --compile-only --variants "$v" $SHAPES >"$R/compile_$v.log" 2>&1 &
+      while [ "$(jobs -rp | wc -l)" -ge 10 ]; do sleep 1; done
+    done
+    wait
+    log "compiled: $(grep -l 'compiled .* T=16384' "$R"/compile_*.log | wc -l) variants"
+    run sweep 280 python3 benchmarks/tune_kernels.py --check --combine --no-profile $SHAPES --warmup 5 --rep 25 \
+      --choose "$R/choice.json" --json "$R/sweep.jsonl"
+    run pytest_chunk 600 python3 -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests/ops/test_triton_chunk.py
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run fla_warm_kernels 170 python3 - <<'EOF2'
+import torch
+from deltanet.bench.kernels import _inputs, method_fn
+for D in (128, 64):
+    for T in (1024, 8192, 16384):
+        q, k, v, b = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
+        method_fn("fla")(q, k, v, b).backward(torch.randn_like(v))
+        torch.cuda.synchronize()
+        print("fla warm", D, T, flush=True)
+EOF2
+    run profile 60 python3 benchmarks/tune_kernels.py --profile-only --profile-methods ours,fla --dims 128,64 \
+      --lengths 1024,16384
+    run bench 170 python3 -m deltanet.bench.kernels --dims 128,64 --lengths 1024,2048,4096,8192,16384 \
+      --methods ours,fla,sdpa --warmup 10 --rep 40 --json "$R/bench.jsonl"
+    run pytest_rec 600 python3 -m pytest -q -n 6 -p no:cacheprovider --durations=10 tests/ops/test_recurrent.py
+  ) &
+  wait
 elif [ "$MODE" = mqar ]; then
-  MODELS=${3:?mqar needs MODELS}
-  LRS=${4:?mqar needs LRS}
-  run mqar "$DEADLINE" python3 benchmarks/gpu_mqar.py --out "$OUT/mqar" --models $MODELS --lrs $LRS \
-    --workers 8 --deadline $((DEADLINE - 15))
+  MODELS=${3:-delta_net linear_attention full_attention hybrid-swa hybrid-global}
+  GRID=${4:-}
+  mps_start
+  # gpu_mqar.py stops its jobs by its own deadline; `run` cuts it 5 s later at the latest
+  run mqar "$(( $(left) - 15 ))" python3 benchmarks/gpu_mqar.py --out "$OUT/mqar" --models $MODELS \
+    ${GRID:+--lr-grid "$GRID"} --deadline $(( $(left) - 20 ))
+  mps_stop
   rm -f "$OUT/mqar/data.pt"
 else
   echo "unknown mode $MODE (measure | mqar)"; exit 2
@@ -68,7 +115,8 @@ tar -czf "$OUT/all.tgz" -C "$OUT" res $( [ -d "$OUT/mqar" ] && echo mqar ) 2>/de
 cd "$R"
 cat timeline.txt
 for f in ab mem others decode; do [ -f $f.md ] && grep "^|" $f.md | grep -v "^|---"; done
-grep -h "^|" bench.log 2>/dev/null
-tail -3 pytest.log 2>/dev/null
+grep -h "^|" bench.log sweep.log 2>/dev/null
+grep -h "PROFILE\|CHOICE\|COMBO" profile.log sweep.log 2>/dev/null
+for f in pytest.log pytest_chunk.log pytest_rec.log; do [ -f $f ] && tail -3 $f; done
 tail -25 mqar.log 2>/dev/null
 true

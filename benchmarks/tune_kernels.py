@@ -26,37 +26,34 @@ from deltanet.bench.kernels import _inputs
 
 chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
 
-# "old" = the committed defaults of chunk._configs (4 warps everywhere, one wy_bwd kernel,
-# int64 state offsets; since 2026-11-30 SAVE_AI = 1, so "o_saveai" equals "old"); each "o_*" variant changes
-# one setting on top of it, so a sweep shows which changes help one at a time (``--combine``
-# then times the union of the helpful ones). "new" = all the offline spill-free settings
-# (benchmarks/NOTES-kernels.md v3), "new_*" = that with one setting back.
+# "old" = the committed defaults of chunk._configs; each "o_*" variant changes one setting on
+# top of it, so a sweep shows which changes help one at a time (``--combine`` then times the
+# union of the helpful ones). 2026-11-30 (session 3): the defaults keep the forward's v_new and
+# fuse the backward's per-chunk kernels; "prev" is the defaults before that.
 OLD: dict = {}
-NEW = {"WARPS_WY": 8, "WARPS_WYB": 8, "WARPS_DQKW": 8, "STATE_ADDR64": -1, "SAVE_AI": 1, "WY_BWD_SPLIT": 1}
 VARIANTS = {
     "old": OLD,
+    "prev": {"SAVE_VNEW": 0, "GRADS_FUSED": 0},      # the defaults of commit b0dc2a8
+    "o_nofuse": {"GRADS_FUSED": 0},                  # dqkw_bwd + wy_bwd instead of chunk_grads
+    "o_novnew": {"SAVE_VNEW": 0},                    # backward recomputes v_new (h_fwd with W, U)
+    "o_g4": {"WARPS_GRADS": 4},
+    "o_g8": {"WARPS_GRADS": 8},
+    "o_gbv32": {"BV_GRADS": 32},
+    "o_g2p": {"GRADS_TWO_PASS": 1},
+    "o_wysplit": {"WY_SPLIT_WU": 1},                 # UT transform writes Ai only, W/U by wu_fwd
+    "o_wytf32": {"WY_MERGE_TF32": 1},                # block merge of the UT transform in tf32
+    "o_wyreg": {"WY_BATCHED": 0},                    # diagonal-block inverses in registers
+    "o_ofull": {"BV_O": -1, "WARPS_O": 8},           # o_fwd: all of V per program, 8 warps
     "o_wy8": {"WARPS_WY": 8, "WARPS_WYB": 4},        # UT-transform forward at 8 warps
-    "o_wyb8": {"WARPS_WYB": 8},                      # single wy_bwd at 8 warps
-    "o_dqkw8": {"WARPS_DQKW": 8},
-    "o_saveai": {"SAVE_AI": 1},                      # backward: W, U from the stored Ai (wu_fwd)
-    "o_split8": {"WY_BWD_SPLIT": 1, "WARPS_WYB": 8},  # wy_bwd_da + wy_bwd_dk at 8 warps
-    "o_split4": {"WY_BWD_SPLIT": 1},
+    "o_dqkw8": {"WARPS_DQKW": 8, "GRADS_FUSED": 0},
     "o_addr": {"STATE_ADDR64": -1},                  # scalar base + int32 offsets in the state kernels at K > 64
-    "o_bvmax32": {"BV_STATE_MAX": 32},
-    "o_dense8": {"WY_DENSE": 1, "WARPS_WY": 8, "WARPS_WYB": 4},
     "o_ss3": {"STAGES_STATE": 3},
-    "o_so3": {"STAGES_O": 3},
     "o_dvlocal": {"DV_LOCAL": 1},
     # the state kernels' V-block (sequential over chunks; fewer, wider programs vs more, narrower)
     "bvs16": {"BV_STATE": 16},
     "bvs32": {"BV_STATE": 32},
     "bvs64": {"BV_STATE": 64},
-    "ppsm1": {"STATE_PROGRAMS_PER_SM": 1},
-    "new": NEW,
-    "new_wy4": {**NEW, "WARPS_WY": 4},
-    "new_dqkw4": {**NEW, "WARPS_DQKW": 4},
-    "new_ws8": {**NEW, "WARPS_STATE": 8, "STATE_ADDR64": 0},
-    "new_dense": {**NEW, "WY_DENSE": 1},
+    "ppsm2": {"STATE_PROGRAMS_PER_SM": 2},
 }
 
 
@@ -77,10 +74,14 @@ def oracle_err(D, B=2, T=1000, H=16, device="cuda"):
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs)
 
 
-def profile(D, T, H=16, tokens=32768):
+def profile(D, T, H=16, tokens=32768, method="ours"):
+    """Each CUDA kernel's time (µs) in one fwd+bwd of ``method`` (a deltanet.bench.kernels method)."""
+    from deltanet.bench.kernels import method_fn
+
     q, k, v, beta = _inputs(tokens // T, T, H, D, torch.bfloat16, "cuda")
     do = torch.randn_like(v)
-    step = lambda: chunk.chunk_delta_rule(q, k, v, beta)[0].backward(do)
+    fn = method_fn(method)
+    step = lambda: fn(q, k, v, beta).backward(do)
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -91,7 +92,7 @@ def profile(D, T, H=16, tokens=32768):
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
-            out.append((e.key[:32], round(t / 5, 1)))
+            out.append((e.key[:48], round(t / 5, 1)))
     out.sort(key=lambda x: -x[1])
     return out
 
@@ -102,6 +103,9 @@ def main():
     p.add_argument("--lengths", default="1024,16384")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
+    p.add_argument("--profile-methods", default="ours",
+                   help="comma-separated deltanet.bench.kernels methods to profile per kernel (e.g. ours,fla)")
+    p.add_argument("--profile-only", action="store_true", help="only the per-kernel profiles")
     p.add_argument("--compile-only", action="store_true", help="one fwd+bwd per variant and shape, no timing")
     p.add_argument("--check", action="store_true", help="compare every variant with the first one")
     p.add_argument("--choose", default=None, help="write the fastest variant's settings (JSON) here")
@@ -133,9 +137,13 @@ def main():
         return
     for D, T in ([] if args.no_profile else shapes):
         chunk.TUNING.clear()
-        prof = profile(D, T)
-        total = sum(t for _, t in prof)
-        print(f"PROFILE D={D} T={T} total {total:.0f} us: " + ", ".join(f"{n}={t:.0f}" for n, t in prof[:10]), flush=True)
+        for method in args.profile_methods.split(","):
+            prof = profile(D, T, method=method)
+            total = sum(t for _, t in prof)
+            print(f"PROFILE {method} D={D} T={T} total {total:.0f} us: "
+                  + ", ".join(f"{n}={t:.0f}" for n, t in prof[:12]), flush=True)
+    if args.profile_only:
+        return
     rows, refs = [], {}
     for name in names:
         rows += time_variant(name, VARIANTS[name], shapes, args, refs)
