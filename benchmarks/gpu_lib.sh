@@ -8,6 +8,7 @@
 #   use_wheels       install .whl/*.whl (fla, carried) into /tmp/site; PYTHONPATH = that + the repo
 #   record_env       date, GPUs, Python/torch/triton/transformers/fla versions and the commit
 #                    -> $R/env.txt (and stdout)
+#   mps_start / mps_stop   CUDA MPS daemon for several processes per GPU (see below)
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) )); }
@@ -36,4 +37,34 @@ record_env() {
     cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null
   } >"$R/env.txt" 2>&1
   cat "$R/env.txt"
+}
+# mps_start        start the CUDA MPS control daemon (pipes and logs under /tmp) so that the
+#                  processes sharing a GPU run concurrently instead of time-sliced; checks that a
+#                  CUDA process can still start on every GPU and otherwise stops it again.
+#                  Never fails: without MPS everything runs as before. Sets MPS=on|off.
+# mps_stop         stop the daemon if mps_start started it
+MPS=off
+mps_start() {
+  if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then log "mps: no nvidia-cuda-mps-control"; return 0; fi
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d >"$R/mps.log" 2>&1 &&
+     timeout 90 python3 -c "import torch
+assert torch.cuda.device_count() > 0, 'no GPU visible'
+for i in range(torch.cuda.device_count()):
+    torch.ones(1, device=f'cuda:{i}').add_(1); torch.cuda.synchronize(i)
+print('mps probe ok on', torch.cuda.device_count(), 'GPUs')" >>"$R/mps.log" 2>&1; then
+    MPS=on; log "mps: on ($(tail -1 "$R/mps.log"))"
+  else
+    log "mps: failed, running without it ($(tail -1 "$R/mps.log"))"
+    echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+}
+mps_stop() {
+  [ "$MPS" = on ] || return 0
+  echo quit | timeout 20 nvidia-cuda-mps-control >/dev/null 2>&1
+  cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$R/mps-control.log" 2>/dev/null
+  MPS=off; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  log "mps: stopped"
 }

@@ -102,9 +102,10 @@ elif [ "$MODE" = mqar ]; then
   MODELS=${3:-delta_net linear_attention full_attention hybrid-swa hybrid-global}
   GRID=${4:-}
   mps_start
-  # gpu_mqar.py stops its jobs by its own deadline; `run` cuts it 5 s later at the latest
-  run mqar "$(( $(left) - 15 ))" python3 benchmarks/gpu_mqar.py --out "$OUT/mqar" --models $MODELS \
-    ${GRID:+--lr-grid "$GRID"} --deadline $(( $(left) - 20 ))
+  # gpu_mqar.py ends its jobs by its own deadline and then writes tables and plots; `run` cuts
+  # it 20 s after that deadline at the latest (finished jobs are in results.jsonl either way)
+  run mqar "$(( $(left) - 10 ))" python3 benchmarks/gpu_mqar.py --out "$OUT/mqar" --models $MODELS \
+    ${GRID:+--lr-grid "$GRID"} --deadline $(( $(left) - 30 ))
   mps_stop
   rm -f "$OUT/mqar/data.pt"
 else
