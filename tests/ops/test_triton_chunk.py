@@ -197,8 +197,9 @@ VARIANTS = {
     "split-bk16": {"GRADS_FUSED": 0, "WY_BWD_SPLIT": 1, "BK_WYB": 16},
     "wy-split-wu": {"WY_SPLIT_WU": 1, "WY_MERGE_TF32": 1},
     "register-inverse": {"WY_BATCHED": 0},
-    "grads-bv16": {"BV_GRADS": 16},  # several passes of chunk_grads' V loop
-    "grads-two-pass-bv16": {"GRADS_TWO_PASS": 1, "BV_GRADS": 16},
+    # chunk_grads_kernel in fp32 (by default only 16-bit inputs take it), several V-blocks
+    "fused-grads-bv16": {"GRADS_FUSED": 1, "BV_GRADS": 16},
+    "fused-grads-two-pass-bv16": {"GRADS_FUSED": 1, "GRADS_TWO_PASS": 1, "BV_GRADS": 16},
     "o-full-v": {"BV_O": -1},
     "dense-wy": {"WY_DENSE": 1},
     "state-int32-offsets": {"STATE_ADDR64": 0},  # the K > 64 default, here at small K
@@ -209,7 +210,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_launch_variants_match_reference(variant, monkeypatch):
     monkeypatch.setattr(chunk_module, "TUNING", dict(VARIANTS[variant]))
-    shape = (2, 63, 3, 32, 16) if not ON_GPU else (2, 1000, 4, 128, 128)
+    shape = (2, 63, 3, 32, 48) if not ON_GPU else (2, 1000, 4, 128, 128)
     inp64 = make_inputs(*shape, initial_state=True, beta_max=2.0, seed=11, device=DEVICE)
     do, dS = _cotangents(inp64)
     ref = run_with_grads(delta_rule_reference, inp64, do, dS)

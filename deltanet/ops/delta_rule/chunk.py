@@ -208,11 +208,13 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
-        # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweep on an
-        # otherwise idle GPU, benchmarks/results/2026-11-30-h200-x2-kernels.md): 4 warps everywhere;
-        # the spill-free 8-warp / split-backward settings of the offline register report measured
-        # 3-53% slower, SAVE_AI 15% faster.
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=2, STATE_ADDR64=1,
+        # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweeps on an
+        # otherwise idle GPU, benchmarks/results/2026-11-30-h200-x2-kernels.md and
+        # 2026-11-30-h200-kernels-session3.md): 4 warps everywhere; the spill-free 8-warp /
+        # split-backward settings of the offline register report measured 3-53% slower, SAVE_AI
+        # 15% faster; 3 pipeline stages in the state kernels 9% faster (mean over D = 64, 128 x
+        # T = 1K, 8K, 16K), int32 tile offsets above K = 64 2% faster.
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3, STATE_ADDR64=-1,
         WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
@@ -224,12 +226,17 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         # 1: the forward keeps v_new (one [tokens, H, V] tensor in the input dtype); the backward
         # then rebuilds the states as a prefix sum of K^T v_new and needs W but not U.
         SAVE_VNEW=1,
-        # 1: dq, dk, dv, dbeta by one kernel per chunk (kernels/grads.py; it holds all of K, so
-        # K <= 128); 0: dqkw_bwd + wy_bwd, with dW and a partial dK through memory.
-        GRADS_FUSED=int(BKF <= 128), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 64),
+        # 1: dq, dk, dv, dbeta by one kernel per chunk (kernels/grads.py; it holds all of K);
+        # 0: dqkw_bwd + wy_bwd, with dW and a partial dK through memory. Measured: fused 17%
+        # faster at K = 64 (with 32-wide V-blocks), 2-5% slower at K = 128 (8 warps, one CTA per
+        # SM by registers and shared memory); never for fp32 inputs (K = 128: 311 KB of shared memory).
+        GRADS_FUSED=int(BKF <= 64), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 32),
+        STAGES_GRADS=3,
         GRADS_TWO_PASS=0,  # 1: its dU terms in a second pass over V (fewer live accumulators)
         WY_SPLIT_WU=0,  # 1: the UT-transform kernel writes only Ai, W and U come from wu_fwd
-        WY_MERGE_TF32=0,  # 1: the block merge of the UT transform in tf32 (bf16/fp16 inputs)
+        # 1: the block merge of the UT transform in tf32 for bf16/fp16 inputs (fp32: always
+        # full precision). 3.5% faster; error vs the fp32 oracle 5.250e-3 -> 5.254e-3 at D = 128.
+        WY_MERGE_TF32=1,
     )
     cfg.update(over)
     if cfg["STATE_ADDR64"] < 0:  # auto: int64 token offsets at K <= 64, scalar base + int32 above
@@ -360,12 +367,14 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
         num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     del w, dv_local
     dq, dv, dbeta = _new(q), _new(v), _new(beta)
-    if cfg["GRADS_FUSED"]:
+    # The fused kernel's fp32 tiles need up to 311 KB of shared memory at K = 128: fp32 inputs
+    # take the two-kernel path unless GRADS_FUSED is set explicitly (with narrow V-blocks).
+    if cfg["GRADS_FUSED"] and (q.element_size() == 2 or "GRADS_FUSED" in _overrides()):
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
             q, k, v, beta, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
             BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec, TWO_PASS=bool(cfg["GRADS_TWO_PASS"]),
-            num_warps=cfg["WARPS_GRADS"])
+            num_warps=cfg["WARPS_GRADS"], num_stages=cfg["STAGES_GRADS"])
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
