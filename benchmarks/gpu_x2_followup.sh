@@ -14,6 +14,12 @@
 #              T = 1K, 8K, 16K, then the full-size GPU tests of the chunk op
 #       GPU 1: fla's kernels compiled (untimed), per-kernel profiles of ours and fla, the kernel
 #              benchmark (ours, fla, SDPA) with the committed defaults, the recurrent-op tests
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR final
+#       GPU 0: fla's kernels compiled, a two-variant check of the state V-block rule at D = 128,
+#              T = 8K / 16K, the kernel benchmark (ours with the winner, fla, SDPA), the full-size
+#              GPU tests, then the hybrids and the Transformer
+#       GPU 1: fla's 340M model compiled, then ours and fla's timed in alternation (bench model
+#              --interleave: tokens/s and peak memory of each)
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -22,7 +28,7 @@
 #       narrow it, e.g. mqar "delta_net linear_attention" "64:1e-3,3e-3 128:5e-4,1.5e-3 ...".
 #       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
-OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
+OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|mqar [MODELS LR_GRID]}
 MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
 R=$OUT/res
 mkdir -p "$R"
@@ -96,6 +102,44 @@ EOF2
     run bench 170 python3 -m deltanet.bench.kernels --dims 128,64 --lengths 1024,2048,4096,8192,16384 \
       --methods ours,fla,sdpa --warmup 10 --rep 40 --json "$R/bench.jsonl"
     run pytest_rec 600 python3 -m pytest -q -n 6 -p no:cacheprovider --durations=10 tests/ops/test_recurrent.py
+  ) &
+  wait
+elif [ "$MODE" = final ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    for v in old ppsm095; do
+      timeout 150 python3 benchmarks/tune_kernels.py --compile-only --variants $v --dims 128 --lengths 8192,16384 \
+        >"$R/compile_$v.log" 2>&1 &
+    done
+    run fla_warm_kernels 150 python3 - <<'EOF2'
+import torch
+from deltanet.bench.kernels import _inputs, method_fn
+for D in (128, 64):
+    q, k, v, b = _inputs(32, 1024, 16, D, torch.bfloat16, "cuda")
+    method_fn("fla")(q, k, v, b).backward(torch.randn_like(v))
+    torch.cuda.synchronize()
+    print("fla warm", D, flush=True)
+EOF2
+    wait
+    run sweep 60 python3 benchmarks/tune_kernels.py --check --no-profile --variants old,ppsm095 --dims 128 \
+      --lengths 8192,16384 --warmup 5 --rep 30 --choose "$R/choice.json"
+    TUNING_JSON=$(cat "$R/choice.json" 2>/dev/null || echo '{}')
+    log "benchmark tuning: $TUNING_JSON"
+    (
+      export DELTANET_CHUNK_TUNING="$TUNING_JSON"
+      run bench 150 python3 -m deltanet.bench.kernels --dims 128,64 --lengths 1024,2048,4096,8192,16384 \
+        --methods ours,fla,sdpa --warmup 10 --rep 40 --json "$R/bench.jsonl"
+    )
+    run pytest_chunk 230 python3 -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests/ops/test_triton_chunk.py
+    run pytest_rec 60 python3 -m pytest -q -n 6 -p no:cacheprovider --durations=5 tests/ops/test_recurrent.py
+    run others 150 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
+      --warmup 3 --steps 6 --out "$R/others.md"
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run fla_warm_model 300 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
+    run ab 200 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+      --interleave 4 --out "$R/ab.md"
   ) &
   wait
 elif [ "$MODE" = mqar ]; then

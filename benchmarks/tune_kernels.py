@@ -54,6 +54,7 @@ VARIANTS = {
     "bvs32": {"BV_STATE": 32},
     "bvs64": {"BV_STATE": 64},
     "ppsm2": {"STATE_PROGRAMS_PER_SM": 2},
+    "ppsm095": {"STATE_PROGRAMS_PER_SM": 0.95},     # keep a wider V-block when 95% of the SMs have a program
 }
 
 
