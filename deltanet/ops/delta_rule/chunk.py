@@ -204,7 +204,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else 32))
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
-    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 1) * _num_sms(device):
+    # "Fill" = programs >= 0.95 x SMs: at 128 programs on 132 SMs (D = 128, T = 8K) halving the
+    # V-block to reach 1.0 measured 7-12% slower fwd+bwd (results/2026-11-30-h200-kernels-session3.md).
+    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 0.95) * _num_sms(device):
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
@@ -214,7 +216,8 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         # split-backward settings of the offline register report measured 3-53% slower, SAVE_AI
         # 15% faster; 3 pipeline stages in the state kernels 9% faster (mean over D = 64, 128 x
         # T = 1K, 8K, 16K), int32 tile offsets above K = 64 2% faster.
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3, STATE_ADDR64=-1,
+        # (3 stages at K = 256 need 280-313 KB of shared memory: 2 there.)
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3 if BKF <= 128 else 2, STATE_ADDR64=-1,
         WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
