@@ -181,7 +181,10 @@ def test_torch_compile_fullgraph_traces_through_the_op():
         assert_close("grad", gc, ge, rtol=1e-6)
 
 
-def test_custom_op_registration_passes_opcheck():
+@pytest.mark.parametrize("save_vnew", [1, 0], ids=["v_new-kept", "v_new-recomputed"])
+def test_custom_op_registration_passes_opcheck(save_vnew, monkeypatch):
+    # The fake implementation must agree with the real one on the kept v_new (empty or not).
+    monkeypatch.setattr(chunk_module, "TUNING", {"SAVE_VNEW": save_vnew})
     inp = make_inputs(1, 20, 1, 16, 16, initial_state=True, dtype=torch.float32, device=DEVICE)
     args = (inp["q"], inp["k"], inp["v"], inp["beta"], 16 ** -0.5, inp["initial_state"], True, None)
     torch.library.opcheck(torch.ops.deltanet.chunk_delta_rule_fwd.default, args,
