@@ -20,6 +20,10 @@
 #              GPU tests, then the hybrids and the Transformer
 #       GPU 1: fla's 340M model compiled, then ours and fla's timed in alternation (bench model
 #              --interleave: tokens/s and peak memory of each)
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR profile_model
+#       Where the 340M models' step time goes (bench model --profile: kernel time per step by
+#       category, top kernels), ours and fla's at T = 2K / 4K / 8K, one model per GPU (fla's
+#       compile, ~250 s, on GPU 1 while ours runs on GPU 0), then ours vs fla interleaved again.
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -28,7 +32,7 @@
 #       narrow it, e.g. mqar "delta_net linear_attention" "64:1e-3,3e-3 128:5e-4,1.5e-3 ...".
 #       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
-OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|mqar [MODELS LR_GRID]}
+OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|mqar [MODELS LR_GRID]}
 MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
 R=$OUT/res
 mkdir -p "$R"
@@ -104,6 +108,21 @@ EOF2
     run pytest_rec 600 python3 -m pytest -q -n 6 -p no:cacheprovider --durations=10 tests/ops/test_recurrent.py
   ) &
   wait
+elif [ "$MODE" = profile_model ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    run prof_ours 200 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+      --profile 3 --out "$R/prof_ours.md"
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run prof_fla 420 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+      --profile 3 --out "$R/prof_fla.md"
+    run ab 140 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 4096 --warmup 3 --steps 5 \
+      --interleave 4 --out "$R/ab.md"
+  ) &
+  wait
+  grep -h "^PROFILE\|^  top" "$R/prof_ours.log" "$R/prof_fla.log"
 elif [ "$MODE" = final ]; then
   (
     export CUDA_VISIBLE_DEVICES=0

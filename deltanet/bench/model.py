@@ -109,9 +109,53 @@ def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, 
     return model, opt, _train_step(fwd, opt, ids, device)
 
 
+# Kernel-name patterns of the step profile's categories (first match wins; case-insensitive).
+PROFILE_GROUPS = (
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "addmm", "aten::mm", "aten::bmm", "linear")),
+    ("delta rule", ("wy_", "wu_fwd", "h_fwd", "dh_bwd", "o_fwd", "dqkw", "chunk_grads", "dv_local",
+                    "chunk_gated_delta", "chunk_fwd_kernel_o", "chunk_bwd_kernel", "prepare_wy", "merge_16x16",
+                    "recompute_w_u", "chunk_scaled_dot_kkt", "solve_tril", "delta_rule")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("cross entropy", ("cross_entropy", "logsumexp", "nll")),
+    ("inductor fused", ("triton_",)),
+    ("elementwise", ("elementwise", "reduce_kernel", "copy", "cat", "fill")),
+)
+
+
+def profile_step(step, device: torch.device, steps: int = 3, top: int = 15) -> dict:
+    """Per-step time of each kernel (CUDA) or op (CPU) over ``steps`` training steps, the ``top``
+    largest and the total per category of ``PROFILE_GROUPS`` (µs per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    act = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    _sync(device)
+    with profile(activities=[act]) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    times = {}
+    for e in prof.key_averages():
+        t = (getattr(e, "self_device_time_total", 0) if act == ProfilerActivity.CUDA
+             else getattr(e, "self_cpu_time_total", 0))
+        if t > 0:
+            times[e.key] = times.get(e.key, 0.0) + t / steps
+    groups: dict[str, float] = {}
+    for name, t in times.items():
+        low = name.lower()
+        g = next((g for g, pats in PROFILE_GROUPS if any(p in low for p in pats)), "other")
+        groups[g] = groups.get(g, 0.0) + t
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return dict(total_us=round(sum(times.values())), groups={g: round(t) for g, t in
+                                                              sorted(groups.items(), key=lambda kv: -kv[1])},
+                top=[(n[:80], round(t)) for n, t in ranked])
+
+
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
-                smoke: bool = False, fused_loss: bool = True, compile_model: bool = False) -> dict:
-    """Training tokens/s and peak memory of one model at one sequence length."""
+                smoke: bool = False, fused_loss: bool = True, compile_model: bool = False,
+                profile_steps: int = 0) -> dict:
+    """Training tokens/s and peak memory of one model at one sequence length (and, with
+    ``profile_steps``, where a step's time goes: :func:`profile_step`)."""
     row = dict(model=name, T=T, batch=max(1, tokens // T))
     model = opt = None
     try:
@@ -134,6 +178,8 @@ def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, devi
         row["loss"] = round(loss.detach().item(), 3)
         if device.type == "cuda":
             row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if profile_steps:
+            row["profile"] = profile_step(step, device, profile_steps)
     except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
         row["error"] = _error(e)
     finally:
@@ -291,6 +337,10 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                        help="time the models in alternation, ROUNDS rounds of --steps steps each, all "
                             "resident in one process (throughput only; compares e.g. ours and fla fairly)")
+        p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                       help="after timing, profile STEPS more steps per model and length: kernel time per "
+                            "step by category (matmul, delta rule, attention, Inductor-fused, ...) and the "
+                            "top kernels, printed and in the JSON (not with --interleave)")
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
         p.add_argument("--recompute", action="store_true",
@@ -341,7 +391,13 @@ def cli_main(argv: list[str]) -> int:
         for m in args.models:
             for T in args.lengths:
                 r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
-                                smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile)
+                                smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile,
+                                profile_steps=args.profile)
+                if "profile" in r:
+                    pr = r["profile"]
+                    print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
+                          + ", ".join(f"{g} {t}" for g, t in pr["groups"].items()), flush=True)
+                    print("  top: " + ", ".join(f"{n} {t}" for n, t in pr["top"]), flush=True)
                 r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
                 r["compiled"] = bool(args.compile and m != FLA)
                 r["recompute"] = m != FLA and args.recompute

@@ -46,3 +46,14 @@ def test_interleaved_benchmark_smoke(tmp_path):
         assert r["min_tokens_per_s"] <= r["tokens_per_s"] <= r["max_tokens_per_s"]
     assert [r["vs_first"] for r in rows if r["model"] == "deltanet-340m"] == [1.0, 1.0]
     assert "interleaved" in out.read_text()
+
+
+def test_step_profile_groups_kernels(tmp_path):
+    """``--profile``: per-step time by category and the top kernels (ops on CPU), in the JSON."""
+    out = tmp_path / "prof.md"
+    assert cli_main(["model", "--smoke", "--models", "transformer-340m", "--profile", "1", "--out", str(out)]) == 0
+    row = json.loads((tmp_path / "prof.json").read_text())["rows"][0]
+    prof = row["profile"]
+    assert prof["total_us"] > 0 and prof["groups"]["matmul"] > 0
+    assert abs(sum(prof["groups"].values()) - prof["total_us"]) <= len(prof["groups"])  # rounding only
+    assert 0 < len(prof["top"]) <= 15 and prof["top"][0][1] >= prof["top"][-1][1]
