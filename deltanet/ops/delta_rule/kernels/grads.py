@@ -21,7 +21,8 @@ and K, dU, Ai are read twice; here they stay in registers. One program holds all
 import triton
 import triton.language as tl
 
-from .wy import _chunk_base
+from .output import _state_grads_block
+from .wy import _chunk_base, _du_terms
 
 
 @triton.jit
@@ -57,27 +58,11 @@ def chunk_grads_kernel(
     b_db = tl.zeros([BT], dtype=tl.float32)
     # Runtime loops: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        mv = mt[:, None] & (cv[None, :] < V)
-        off = rt[:, None] * (H * V) + cv[None, :]
-        b_do = tl.load(do + off, mask=mv, other=0.0)
-        b_vn = tl.load(v_new + off, mask=mv, other=0.0)
-        b_du = tl.load(du + off, mask=mv, other=0.0)
-        # [BV, BK] tiles of S and G, loaded transposed.
-        s_off = ck[None, :] * V + cv[:, None]
-        ms = (ck[None, :] < K) & (cv[:, None] < V)
-        b_ht = tl.load(h + s_off, mask=ms, other=0.0)
-        b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
-        b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
-        b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
-        b_dw -= tl.dot(b_du, b_ht, input_precision=PREC)
-        b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dq, b_dk, b_dw, b_dp, b_du, off, mv = _state_grads_block(
+            do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
         if not TWO_PASS:
             b_v = tl.load(v + off, mask=mv, other=0.0)
-            b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
-            b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
-            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
-            tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+            b_dai, b_db = _du_terms(b_v, b_du, dv, off, mv, b, b_ail, b_dai, b_db, PREC)
 
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)
@@ -93,10 +78,7 @@ def chunk_grads_kernel(
             off_v = rt[:, None] * (H * V) + cv[None, :]
             b_du = tl.load(du + off_v, mask=mv, other=0.0)
             b_v = tl.load(v + off_v, mask=mv, other=0.0)
-            b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
-            b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
-            b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
-            tl.store(dv + off_v, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=mv)
+            b_dai, b_db = _du_terms(b_v, b_du, dv, off_v, mv, b, b_ail, b_dai, b_db, PREC)
 
     # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
     b_dwl = b_dw.to(b_k.dtype)

@@ -80,6 +80,30 @@ def dv_local_kernel(
 
 
 @triton.jit
+def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The V-block ``[v0, v0 + BV)`` of one chunk's dQ (``dO S^T``), dK (``v_new G^T``), dW
+    (``-dU S^T``) and dP (``dO v_new^T``) sums. Returns them and, for the caller's own use of the
+    block, its dU tile, offsets and mask."""
+    cv = v0 + tl.arange(0, BV)
+    mv = mt[:, None] & (cv[None, :] < V)
+    off = rt[:, None] * (H * V) + cv[None, :]
+    b_do = tl.load(do + off, mask=mv, other=0.0)
+    b_vn = tl.load(v_new + off, mask=mv, other=0.0)
+    b_du = tl.load(du + off, mask=mv, other=0.0)
+    # [BV, BK] tiles of S and G, loaded transposed.
+    s_off = ck[None, :] * V + cv[:, None]
+    ms = (ck[None, :] < K) & (cv[:, None] < V)
+    b_ht = tl.load(h + s_off, mask=ms, other=0.0)
+    b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
+    b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
+    b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
+    b_dw -= tl.dot(b_du, b_ht, input_precision=PREC)
+    b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+    return b_dq, b_dk, b_dw, b_dp, b_du, off, mv
+
+
+@triton.jit
 def dqkw_bwd_kernel(
     q, k, v_new, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -104,21 +128,8 @@ def dqkw_bwd_kernel(
     # A runtime loop, not static_range: unrolled, the compiler hoists the next blocks' loads and
     # spills at V = 256 (912 B per thread at 8 warps).
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        mv = mt[:, None] & (cv[None, :] < V)
-        off = rt[:, None] * (H * V) + cv[None, :]
-        b_do = tl.load(do + off, mask=mv, other=0.0)
-        b_vn = tl.load(v_new + off, mask=mv, other=0.0)
-        b_dv = tl.load(dv + off, mask=mv, other=0.0)
-        # [BV, BK] tiles of S and G, loaded transposed.
-        s_off = ck[None, :] * V + cv[:, None]
-        ms = (ck[None, :] < K) & (cv[:, None] < V)
-        b_ht = tl.load(h + s_off, mask=ms, other=0.0)
-        b_dht = tl.load(dh + s_off, mask=ms, other=0.0)
-        b_dq += tl.dot(b_do, b_ht, input_precision=PREC)
-        b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
-        b_dw -= tl.dot(b_dv, b_ht, input_precision=PREC)
-        b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dq, b_dk, b_dw, b_dp, _, _, _ = _state_grads_block(
+            do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)

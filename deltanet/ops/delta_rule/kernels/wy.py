@@ -297,6 +297,17 @@ def wy_fwd_dense_kernel(
 
 
 @triton.jit
+def _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC: tl.constexpr):
+    """One V-block of the way back through U = Ai diag(beta) V, given its V and dU tiles: adds
+    dU (beta V)^T to dAi and rowsum(Ai^T dU * V) to dbeta, stores dV = beta Ai^T dU."""
+    b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
+    b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
+    b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+    tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
+    return b_dai, b_db
+
+
+@triton.jit
 def wy_bwd_kernel(
     k, v, beta, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -326,10 +337,7 @@ def wy_bwd_kernel(
         off = rt[:, None] * (H * V) + cv[None, :]
         b_v = tl.load(v + off, mask=m, other=0.0)
         b_du = tl.load(du + off, mask=m, other=0.0)
-        b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
-        b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
-        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
-        tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
+        b_dai, b_db = _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)

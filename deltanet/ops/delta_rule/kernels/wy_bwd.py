@@ -16,7 +16,7 @@ goes through an fp32 scratch [tokens, H, 64] (the same size as ``ai``).
 import triton
 import triton.language as tl
 
-from .wy import _chunk_base
+from .wy import _chunk_base, _du_terms
 
 
 @triton.jit
@@ -44,10 +44,7 @@ def wy_bwd_da_kernel(
         off = rt[:, None] * (H * V) + cv[None, :]
         b_v = tl.load(v + off, mask=m, other=0.0)
         b_du = tl.load(du + off, mask=m, other=0.0)
-        b_dai += tl.dot(b_du, tl.trans((b_v * b[:, None]).to(b_v.dtype)), input_precision=PREC)
-        b_dvb = tl.dot(tl.trans(b_ail), b_du, input_precision=PREC)  # d(beta V)
-        b_db += tl.sum(b_dvb * b_v.to(tl.float32), 1)
-        tl.store(dv + off, (b_dvb * b[:, None]).to(dv.dtype.element_ty), mask=m)
+        b_dai, b_db = _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC)
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
