@@ -191,8 +191,9 @@ def _keeps_vnew() -> bool:
     return bool(_overrides().get("SAVE_VNEW", 1))
 
 
-def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, int]:
-    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels)."""
+def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int = 2) -> dict[str, int]:
+    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels) and input
+    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones)."""
     p2 = triton.next_power_of_2
     BKF = max(16, p2(K))
     BVF = max(16, p2(V))
@@ -201,7 +202,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
     # (sequence, head, V-block) programs fill the GPU (one per SM: two per SM measured up to 16%
     # slower at D = 128, T = 4K-8K, where it forced 16-wide V-blocks), but keep the state tile
     # in registers.
-    bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else 32))
+    # fp32 inputs at K = 256: dh_bwd's [256, 32] tiles need 237,568 B of shared memory (sm_90
+    # allows 232,448; benchmarks/kernel_resources.py --check-limits), 16-wide ones 217,088 B.
+    bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else (32 if itemsize <= 2 else 16)))
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
     # "Fill" = programs >= 0.95 x SMs: at 128 programs on 132 SMs (D = 128, T = 8K) halving the
@@ -216,8 +219,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device) -> dict[str, 
         # split-backward settings of the offline register report measured 3-53% slower, SAVE_AI
         # 15% faster; 3 pipeline stages in the state kernels 9% faster (mean over D = 64, 128 x
         # T = 1K, 8K, 16K), int32 tile offsets above K = 64 2% faster.
-        # (3 stages at K = 256 need 280-313 KB of shared memory: 2 there.)
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3 if BKF <= 128 else 2, STATE_ADDR64=-1,
+        # (3 stages at K = 256, or with fp32 inputs at K = 128, need 262-313 KB of shared memory: 2 there.)
+        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3 if BKF <= 128 and itemsize <= 2 else 2,
+        STATE_ADDR64=-1,
         WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
@@ -317,7 +321,7 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     N = idx[0].numel() - 1
-    cfg = _configs(N, H, K, V, q.device)
+    cfg = _configs(N, H, K, V, q.device, q.element_size())
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
     h0 = h0.contiguous() if h0 is not None else None
     ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -340,7 +344,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
     idx = chunk_index(cu_seqlens, B, T, q.device)
     cu, table, offsets, NTT = idx
     N = cu.numel() - 1
-    cfg = _configs(N, H, K, V, q.device)
+    cfg = _configs(N, H, K, V, q.device, q.element_size())
     q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
