@@ -18,17 +18,26 @@ __all__ = ["LinearAttentionMixer", "linear_attention"]
 
 
 def _chunked(q, k, v, S, C: int):
-    """One batch of sequences: ``q, k: [N, T, H, K]``, ``v: [N, T, H, V]``, ``S: [N, H, K, V]``."""
+    """One batch of sequences: ``q, k: [N, T, H, K]``, ``v: [N, T, H, V]``, ``S: [N, H, K, V]``.
+
+    All chunks at once (no Python loop over chunks): each chunk's ``K^T V``, their exclusive
+    prefix sum gives the state entering every chunk, then ``O = Q S_c + tril(Q K^T) V`` per chunk.
+    The tail is padded with zeros (zero keys and values add nothing to the state).
+    """
     N, T, H, K = q.shape
-    outs = []
+    V = v.shape[-1]
+    nc = -(-T // C)
+    if nc * C != T:
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, nc * C - T)) for x in (q, k, v))
+    qc, kc, vc = (x.view(N, nc, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4) for x in (q, k, v))  # [N, H, nc, C, D]
+    kv = kc.transpose(-1, -2) @ vc  # [N, H, nc, K, V]
+    prefix = torch.cumsum(kv, dim=2)
+    states = S[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), prefix[:, :, :-1]], dim=2)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    for s in range(0, T, C):
-        qc, kc, vc = (x[:, s:s + C].transpose(1, 2) for x in (q, k, v))  # [N, H, c, D]
-        c = qc.shape[2]
-        attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal[:c, :c], 0)
-        outs.append((qc @ S + attn @ vc).transpose(1, 2))
-        S = S + kc.transpose(-1, -2) @ vc
-    return torch.cat(outs, dim=1), S
+    attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
+    o = qc @ states + attn @ vc  # [N, H, nc, C, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, nc * C, H, V)[:, :T]
+    return o, S + prefix[:, :, -1]
 
 
 def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size: int = 64):

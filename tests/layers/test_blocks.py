@@ -107,16 +107,27 @@ def test_causal_attention_rejects_bad_input():
 # ---- linear attention, RoPE, RMSNorm -------------------------------------------------------
 
 def test_linear_attention_matches_recurrence():
+    """Values and gradients (of q, k, v and the initial state) against the token-by-token
+    recurrence; T = 70 is not a multiple of the chunk, K != V."""
     q, k = torch.randn(2, 2, 70, 2, 4, dtype=torch.float64).unbind(0)
     v = torch.randn(2, 70, 2, 3, dtype=torch.float64)
     S0 = torch.randn(2, 2, 4, 3, dtype=torch.float64)
-    o, S = linear_attention(q, k, v, initial_state=S0, chunk_size=16)
-    Sr, outs = S0.clone(), []
+    do, dS = torch.randn(2, 70, 2, 3, dtype=torch.float64), torch.randn(2, 2, 4, 3, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+    o, S = linear_attention(*inputs[:3], initial_state=inputs[3], chunk_size=16)
+    grads = torch.autograd.grad((o * do).sum() + (S * dS).sum(), inputs)
+    ref = [x.clone().requires_grad_() for x in (q, k, v, S0)]
+    Sr, outs = ref[3], []
     for t in range(70):
-        Sr = Sr + torch.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * 4 ** -0.5, Sr))
-    assert_close("o", o, torch.stack(outs, 1))
+        Sr = Sr + torch.einsum("bhk,bhv->bhkv", ref[1][:, t], ref[2][:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", ref[0][:, t] * 4 ** -0.5, Sr))
+    o_ref = torch.stack(outs, 1)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (Sr * dS).sum(), ref)
+    assert_close("o", o, o_ref)
     assert_close("state", S, Sr)
+    for name, g, gr in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
+        assert_close(name, g, gr)
+    q, k, v = q.detach(), k.detach(), v.detach()
     cu = torch.tensor([0, 30, 70])
     op, _ = linear_attention(q[:1], k[:1], v[:1], cu_seqlens=cu)
     sep = torch.cat([linear_attention(q[:1, s:e], k[:1, s:e], v[:1, s:e])[0] for s, e in [(0, 30), (30, 70)]], 1)
