@@ -406,17 +406,12 @@ def main() -> None:
 
     # One kernel at a time at D = --dim, for each of --warps (bf16, --stages).
     D = args.dim
-    BKF = max(16, triton.next_power_of_2(D))
-    bk = min(BKF, 64)
     unfused = dict(GRADS_FUSED=0)
     todo = []  # (label, kernel, tuning that launches it so, warps)
     for w in _ints(args.warps):
         todo += [(f"wy_fwd   warps {w}:", "wy_fwd", {}, w),
                  (f"wy_fwd_dense warps {w}:", "wy_fwd_dense", dict(WY_DENSE=1), w),
-                 (f"wy_bwd   warps {w}:", "wy_bwd", unfused, w),
-                 (f"wy_bwd_da warps {w}:", "wy_bwd_da", dict(unfused, WY_BWD_SPLIT=1), w)]
-        todo += [(f"wy_bwd_dk BK {b} warps {w}:", "wy_bwd_dk", dict(unfused, WY_BWD_SPLIT=1, BK_WYB=b), w)
-                 for b in sorted({bk, BKF})]
+                 (f"wy_bwd   warps {w}:", "wy_bwd", unfused, w)]
         todo.append((f"dqkw_bwd warps {w}:", "dqkw_bwd", unfused, w))
         for bv in (16, 64):
             todo += [(f"h_fwd BV {bv} warps {w}:", "h_fwd", dict(BV_STATE_MAX=bv), w),

@@ -192,12 +192,10 @@ def test_custom_op_registration_passes_opcheck(save_vnew, monkeypatch):
 
 
 # Launch settings the GPU sweep (benchmarks/tune_kernels.py) may pick: each must stay exact.
-# BK_WYB=16 < K splits wy_bwd_dk over K-blocks (dbeta summed from per-block partials).
 VARIANTS = {
     "old-path": {"SAVE_AI": 0, "SAVE_VNEW": 0, "GRADS_FUSED": 0},
     "two-kernel-grads": {"GRADS_FUSED": 0},
     "recompute-vnew": {"SAVE_VNEW": 0},
-    "split-bk16": {"GRADS_FUSED": 0, "WY_BWD_SPLIT": 1, "BK_WYB": 16},
     "wy-split-wu": {"WY_SPLIT_WU": 1, "WY_MERGE_TF32": 1},
     "register-inverse": {"WY_BATCHED": 0},
     # chunk_grads_kernel in fp32 (by default only 16-bit inputs take it), several V-blocks

@@ -9,9 +9,9 @@ Forward, three kernels (``kernels/``):
 Backward: the forward hands over ``Ai`` and ``v_new`` (``SAVE_AI``, ``SAVE_VNEW``); W comes
 from one product per chunk (``wu_fwd_kernel``), the states again from ``h_fwd_kernel`` as a
 prefix sum of ``K^T v_new`` (no solve, no ``W S`` on the sequential path), then the reverse
-recurrence (``dh_bwd_kernel``) and all per-chunk gradients in one kernel (``chunk_grads_kernel``,
-K <= 128; above that, or with ``GRADS_FUSED=0``, ``dqkw_bwd_kernel`` and the way back through
-the UT transform, ``wy_bwd_kernel`` or the split ``wy_bwd_da/dk`` pair). With ``SAVE_VNEW=0`` /
+recurrence (``dh_bwd_kernel``) and the per-chunk gradients: one kernel (``chunk_grads_kernel``)
+at K <= 64 with 16-bit inputs, otherwise ``dqkw_bwd_kernel`` and the way back through the UT
+transform, ``wy_bwd_kernel`` (``GRADS_FUSED`` overrides the choice). With ``SAVE_VNEW=0`` /
 ``SAVE_AI=0`` the backward recomputes those from the inputs. Launch settings: ``_configs``
 (overridable through ``DELTANET_CHUNK_TUNING`` / ``TUNING``); register use:
 benchmarks/kernel_resources.py.
@@ -36,7 +36,6 @@ from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
-from .kernels.wy_bwd import wy_bwd_da_kernel, wy_bwd_dk_kernel
 from .utils import check_inputs
 
 __all__ = ["chunk_delta_rule"]
@@ -225,11 +224,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
         DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
-        WARPS_WYB=None,  # warps of wy_bwd / the split pair (None: WARPS_WY)
+        WARPS_WYB=None,  # warps of wy_bwd (None: WARPS_WY)
         SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
         # (1 measured 15% faster fwd+bwd: results/2026-11-30-h200-x2-kernels.md)
-        WY_BWD_SPLIT=0,  # 1: wy_bwd_da + wy_bwd_dk (kernels/wy_bwd.py); 0: the single wy_bwd_kernel
-        BK_WYB=min(BKF, 64),  # K-block (grid dimension) of wy_bwd_dk
         # 1: the forward keeps v_new (one [tokens, H, V] tensor in the input dtype); the backward
         # then rebuilds the states as a prefix sum of K^T v_new and needs W but not U.
         SAVE_VNEW=1,
@@ -385,7 +382,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
-        dk, dbeta = _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
+        dk = _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
     shape = (B, T, H)
     return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
 
@@ -393,7 +390,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
 def _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg):
     """The two-kernel form of ``chunk_grads_kernel``: ``dqkw_bwd`` (writes dq, dW and a partial
     dK) and the way back through the UT transform. ``states = [h, v_new, dh]`` is emptied after
-    its use, so those buffers are freed before the second kernel's. Returns ``(dk, dbeta)``."""
+    its use, so those buffers are freed before the second kernel's. Writes dq, dv, dbeta; returns dk."""
     h, v_new, dh = states
     states.clear()
     cu, table, _, NTT = idx
@@ -406,28 +403,11 @@ def _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg
         q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
         BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
-    if cfg["WY_BWD_SPLIT"]:
-        da = _new(ai)
-        db_v = _new(beta, dtype=torch.float32)
-        wy_bwd_da_kernel[(NTT, H)](
-            k, v, beta, ai, dw, dvn, dv, da, db_v, cu, table, H=H, K=K, V=V, BT=BT,
-            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
-        del dvn
-        dk = _new(k)
-        BKW = cfg["BK_WYB"]
-        NK = triton.cdiv(K, BKW)
-        db_parts = dbeta if NK == 1 else _new(beta, NK, *beta.shape, dtype=torch.float32)
-        wy_bwd_dk_kernel[(NK, NTT, H)](
-            k, beta, ai, dw, da, db_v, dk_part, dk, db_parts, beta.numel(), cu, table, H=H, K=K, BT=BT,
-            BK=BKW, PREC=prec, num_warps=cfg["WARPS_WYB"])
-        if NK > 1:
-            dbeta = db_parts.sum(0).to(beta.dtype)
-    else:
-        dk = _new(k)
-        wy_bwd_kernel[(NTT, H)](
-            k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
-            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
-    return dk, dbeta
+    dk = _new(k)
+    wy_bwd_kernel[(NTT, H)](
+        k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
+        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
+    return dk
 
 
 # --- torch.library registration -------------------------------------------------------------
