@@ -297,7 +297,6 @@ def _label(launch: Launch) -> str:
     out += " (W only)" if c.get("STORE_U") is False else ""
     out += " (Ai only)" if c.get("STORE_WU") is False else ""
     out += " (merge tf32)" if c.get("MERGE_PREC") == "tf32" else ""
-    out += " (two-pass)" if c.get("TWO_PASS") else ""
     if any(c.get(f) for f in ("USE_H0", "STORE_HT", "USE_DHT", "STORE_DH0")):
         out += " (states)"
     return out

@@ -39,7 +39,6 @@ VARIANTS = {
     "o_g4": {"WARPS_GRADS": 4},
     "o_g8": {"WARPS_GRADS": 8},
     "o_gbv32": {"BV_GRADS": 32},
-    "o_g2p": {"GRADS_TWO_PASS": 1},
     "o_wysplit": {"WY_SPLIT_WU": 1},                 # UT transform writes Ai only, W/U by wu_fwd
     "o_wytf32": {"WY_MERGE_TF32": 1},                # block merge of the UT transform in tf32
     "o_wyreg": {"WY_BATCHED": 0},                    # diagonal-block inverses in registers

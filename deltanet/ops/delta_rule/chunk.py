@@ -236,7 +236,6 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         # SM by registers and shared memory); never for fp32 inputs (K = 128: 311 KB of shared memory).
         GRADS_FUSED=int(BKF <= 64), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 32),
         STAGES_GRADS=3,
-        GRADS_TWO_PASS=0,  # 1: its dU terms in a second pass over V (fewer live accumulators)
         WY_SPLIT_WU=0,  # 1: the UT-transform kernel writes only Ai, W and U come from wu_fwd
         # 1: the block merge of the UT transform in tf32 for bf16/fp16 inputs (fp32: always
         # full precision). 3.5% faster; error vs the fp32 oracle 5.250e-3 -> 5.254e-3 at D = 128.
@@ -377,7 +376,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
             q, k, v, beta, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
-            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec, TWO_PASS=bool(cfg["GRADS_TWO_PASS"]),
+            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec,
             num_warps=cfg["WARPS_GRADS"], num_stages=cfg["STAGES_GRADS"])
     else:
         states = [h, v_new, dh]

@@ -29,12 +29,9 @@ from .wy import _chunk_base, _du_terms
 def chunk_grads_kernel(
     q, k, v, beta, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, TWO_PASS: tl.constexpr = False,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final).
-
-    ``TWO_PASS``: the dU terms (dAi's first part, dV, dbeta's V part) in a second loop over V,
-    so that fewer accumulators are live at once."""
+    """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     q, k, dq, dk = q + row * K, k + row * K, dq + row * K, dk + row * K
@@ -56,13 +53,12 @@ def chunk_grads_kernel(
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
-    # Runtime loops: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
+    # A runtime loop: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
     for v0 in range(0, V, BV):
         b_dq, b_dk, b_dw, b_dp, b_du, off, mv = _state_grads_block(
             do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
-        if not TWO_PASS:
-            b_v = tl.load(v + off, mask=mv, other=0.0)
-            b_dai, b_db = _du_terms(b_v, b_du, dv, off, mv, b, b_ail, b_dai, b_db, PREC)
+        b_v = tl.load(v + off, mask=mv, other=0.0)
+        b_dai, b_db = _du_terms(b_v, b_du, dv, off, mv, b, b_ail, b_dai, b_db, PREC)
 
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)
@@ -71,14 +67,6 @@ def chunk_grads_kernel(
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
-    if TWO_PASS:  # the dU terms in a second pass over V (dU, V re-read, mostly from L2)
-        for v0 in range(0, V, BV):
-            cv = v0 + tl.arange(0, BV)
-            mv = mt[:, None] & (cv[None, :] < V)
-            off_v = rt[:, None] * (H * V) + cv[None, :]
-            b_du = tl.load(du + off_v, mask=mv, other=0.0)
-            b_v = tl.load(v + off_v, mask=mv, other=0.0)
-            b_dai, b_db = _du_terms(b_v, b_du, dv, off_v, mv, b, b_ail, b_dai, b_db, PREC)
 
     # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
     b_dwl = b_dw.to(b_k.dtype)
