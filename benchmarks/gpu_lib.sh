@@ -1,5 +1,6 @@
-# Shared by the device-call scripts (benchmarks/gpu_*.sh): source it from the repo root after
-# setting R (the results folder) and, for `run`, DEADLINE (seconds after the source line).
+# Shared by the device-call scripts (benchmarks/gpu_*.sh): source it from the repo root, then
+# set R (the results folder) and, for `run`, DEADLINE (seconds after the source line), or call
+# begin_call, which sets both.
 #
 #   now / left       seconds since sourcing / until DEADLINE
 #   log MSG          "[t s] MSG" to stdout and $R/timeline.txt
@@ -9,6 +10,9 @@
 #   record_env       date, GPUs, Python/torch/triton/transformers/fla versions and the commit
 #                    -> $R/env.txt (and stdout)
 #   mps_start / mps_stop   CUDA MPS daemon for several processes per GPU (see below)
+#   begin_call OUT S  the two-GPU call scripts' start: R = OUT/res (created), DEADLINE = $DEADLINE_S
+#                     or S, fla's wheels installed, one Triton cache for all processes
+#                     (/tmp/triton-shared: fla compiled once), environment recorded
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) )); }
@@ -28,6 +32,14 @@ use_wheels() {
   else
     export PYTHONPATH=$PWD
   fi
+}
+begin_call() {
+  R=$1/res
+  mkdir -p "$R"
+  DEADLINE=${DEADLINE_S:-$2}
+  use_wheels
+  export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-shared
+  record_env
 }
 record_env() {
   {

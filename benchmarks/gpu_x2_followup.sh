@@ -33,14 +33,9 @@
 #       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
 OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|mqar [MODELS LR_GRID]}
-MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|mqar [MODELS LR_GRID]}
-R=$OUT/res
-mkdir -p "$R"
-DEADLINE=${DEADLINE_S:-570}
+MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|mqar [MODELS LR_GRID]}
 . benchmarks/gpu_lib.sh
-use_wheels
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-shared
-record_env
+begin_call "$OUT" 570
 M="deltanet.cli bench model"
 
 if [ "$MODE" = measure ]; then

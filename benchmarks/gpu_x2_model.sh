@@ -10,13 +10,8 @@
 #   bash benchmarks/gpu_x2_model.sh OUT_DIR        (repo root, fla wheels in .whl/; ~5 minutes)
 set -u
 OUT=${1:?usage: gpu_x2_model.sh OUT_DIR}
-R=$OUT/res
-mkdir -p "$R"
-DEADLINE=${DEADLINE_S:-400}
 . benchmarks/gpu_lib.sh
-use_wheels
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-shared
-record_env
+begin_call "$OUT" 400
 M="deltanet.cli bench model --warmup 3 --steps 8"
 
 lane0() {

@@ -18,14 +18,9 @@
 # printed last. Env: DEADLINE_S (default 575: every part is cut to end before it).
 set -u
 OUT=${1:?usage: gpu_x2_session.sh OUT_DIR}
-R=$OUT/res
-mkdir -p "$R"
-DEADLINE=${DEADLINE_S:-575}
 . benchmarks/gpu_lib.sh
-use_wheels
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export TRITON_CACHE_DIR=/tmp/triton-shared  # shared by both lanes (fla compiled once)
-record_env
+export TOKENIZERS_PARALLELISM=false
+begin_call "$OUT" 575
 
 # Launch variants for the sweep (benchmarks/tune_kernels.py VARIANTS).
 VARIANTS=${VARIANTS:-old,o_wy8,o_wyb8,o_dqkw8,o_saveai,o_split8,o_addr,o_bvmax32,o_dense8,new,new_wy4}
