@@ -190,7 +190,7 @@ def _keeps_vnew() -> bool:
     return bool(_overrides().get("SAVE_VNEW", 1))
 
 
-def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int = 2) -> dict[str, int]:
+def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int) -> dict[str, int]:
     """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels) and input
     element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones)."""
     p2 = triton.next_power_of_2
@@ -233,8 +233,9 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         # 1: dq, dk, dv, dbeta by one kernel per chunk (kernels/grads.py; it holds all of K);
         # 0: dqkw_bwd + wy_bwd, with dW and a partial dK through memory. Measured: fused 17%
         # faster at K = 64 (with 32-wide V-blocks), 2-5% slower at K = 128 (8 warps, one CTA per
-        # SM by registers and shared memory); never for fp32 inputs (K = 128: 311 KB of shared memory).
-        GRADS_FUSED=int(BKF <= 64), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 32),
+        # SM by registers and shared memory). Not for fp32 inputs by default (its fp32 tiles need up
+        # to 311 KB of shared memory at K = 128); set explicitly, it runs (with narrow V-blocks).
+        GRADS_FUSED=int(BKF <= 64 and itemsize <= 2), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 32),
         STAGES_GRADS=3,
         WY_SPLIT_WU=0,  # 1: the UT-transform kernel writes only Ai, W and U come from wu_fwd
         # 1: the block merge of the UT transform in tf32 for bf16/fp16 inputs (fp32: always
@@ -370,9 +371,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
         num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     del w, dv_local
     dq, dv, dbeta = _new(q), _new(v), _new(beta)
-    # The fused kernel's fp32 tiles need up to 311 KB of shared memory at K = 128: fp32 inputs
-    # take the two-kernel path unless GRADS_FUSED is set explicitly (with narrow V-blocks).
-    if cfg["GRADS_FUSED"] and (q.element_size() == 2 or "GRADS_FUSED" in _overrides()):
+    if cfg["GRADS_FUSED"]:
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
             q, k, v, beta, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
