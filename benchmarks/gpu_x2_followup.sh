@@ -23,7 +23,9 @@
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR profile_model
 #       Where the 340M models' step time goes (bench model --profile: kernel time per step by
 #       category, top kernels), ours and fla's at T = 2K / 4K / 8K, one model per GPU (fla's
-#       compile, ~250 s, on GPU 1 while ours runs on GPU 0), then ours vs fla interleaved again.
+#       compile, ~250 s, on GPU 1 while ours runs on GPU 0), then ours vs fla interleaved again;
+#       on GPU 0 after ours: decoding through generate (batch 1 and 32, 2K prompt, 256 new tokens),
+#       ours and fla's.
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -108,6 +110,8 @@ elif [ "$MODE" = profile_model ]; then
     export CUDA_VISIBLE_DEVICES=0
     run prof_ours 200 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
       --profile 3 --out "$R/prof_ours.md"
+    run decode 330 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
+      --prompt 2048 --new-tokens 256 --out "$R/decode.md"
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
