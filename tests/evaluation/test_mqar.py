@@ -131,6 +131,20 @@ def test_layer_patterns():
     assert layer_types_for("hybrid-global", 8).count("full_attention") == 2
     with pytest.raises(ValueError, match="pattern"):
         layer_types_for("mamba", 2)
+    with pytest.raises(ValueError, match="pattern"):
+        layer_types_for("full_attention-noconv", 2)
+
+
+def test_ablation_variants_configure_the_mixer():
+    kw = dict(width=32, num_layers=2, vocab_size=64, head_dim=16)
+    plain = build_model("linear_attention-plain", **kw).config
+    assert plain.layer_types == ["linear_attention"] * 2
+    assert (plain.use_short_conv, plain.qk_activation, plain.qk_norm) == (False, "elu", "sum")
+    noconv = build_model("delta_net-noconv", **kw).config
+    assert noconv.layer_types == ["delta_net"] * 2 and not noconv.use_short_conv
+    assert noconv.qk_norm == "l2"
+    # explicit overrides win over the variant's
+    assert build_model("delta_net-noconv", use_short_conv=True, **kw).config.use_short_conv
 
 
 @pytest.mark.parametrize("pattern", MODEL_PATTERNS)

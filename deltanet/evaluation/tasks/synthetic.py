@@ -45,7 +45,24 @@ _PRESET_PATTERN = {
     "hybrid-swa": "swa_alternate",
     "hybrid-global": "global_two",
 }
-MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention")
+# Ablations of the mixer, named "<pattern>-<variant>": the same layer pattern with config
+# overrides. "noconv" drops the short causal convolution on q, k, v (the paper's DeltaNet keeps
+# it; Zoology/Based show it is what lets linear attention recall), "plain" is the Katharopoulos
+# form of linear attention: no short conv, elu + 1 feature map, sum-normalised q and k.
+_VARIANTS: dict[str, dict] = {
+    "noconv": {"use_short_conv": False},
+    "plain": {"use_short_conv": False, "qk_activation": "elu", "qk_norm": "sum"},
+}
+_VARIANT_PATTERNS = ("delta_net-noconv", "linear_attention-noconv", "linear_attention-plain")
+MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention", *_VARIANT_PATTERNS)
+
+
+def _split_variant(pattern: str) -> tuple[str, dict]:
+    """``"linear_attention-plain"`` -> ``("linear_attention", {config overrides})``."""
+    if pattern in _VARIANT_PATTERNS:
+        base, _, variant = pattern.rpartition("-")
+        return base, dict(_VARIANTS[variant])
+    return pattern, {}
 
 
 def layer_types_for(pattern: str, num_layers: int) -> list[str]:
@@ -55,11 +72,14 @@ def layer_types_for(pattern: str, num_layers: int) -> list[str]:
     ['delta_net', 'sliding_attention', 'delta_net', 'sliding_attention']
     >>> layer_types_for("hybrid-global", 6)
     ['delta_net', 'full_attention', 'delta_net', 'full_attention', 'delta_net', 'delta_net']
+    >>> layer_types_for("linear_attention-plain", 2)
+    ['linear_attention', 'linear_attention']
     """
     from deltanet.models.presets import layer_types_for as preset_layer_types
 
     if pattern not in MODEL_PATTERNS:
         raise ValueError(f"pattern must be one of {list(MODEL_PATTERNS)}, got {pattern!r}")
+    pattern = _split_variant(pattern)[0]
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if pattern == "sliding_attention":
@@ -81,8 +101,9 @@ def build_model(
     """A freshly initialised ``DeltaNetForCausalLM`` of the given pattern and size.
 
     ``num_heads = max(1, width // head_dim)``. Extra keyword arguments go to
-    ``DeltaNetConfig`` (e.g. ``allow_neg_eigval=True``). Seed torch before calling for a
-    reproducible initialisation.
+    ``DeltaNetConfig`` (e.g. ``allow_neg_eigval=True``) and win over a variant's overrides
+    (``"linear_attention-plain"``: no short conv, elu + 1, sum norm). Seed torch before calling
+    for a reproducible initialisation.
     """
     from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM
 
@@ -101,6 +122,7 @@ def build_model(
     )
     if max_len is not None:
         kwargs["max_position_embeddings"] = max(max_len, 2048)
+    kwargs.update(_split_variant(pattern)[1])
     kwargs.update(config_overrides)
     return DeltaNetForCausalLM(DeltaNetConfig(**kwargs))
 
