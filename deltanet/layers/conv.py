@@ -6,14 +6,20 @@ keeps the ``[B, T, C]`` layout (no transposes), takes a cached prefix for decodi
 the terms that would reach across a document boundary of a packed batch by masking each shift.
 Accumulation is in float32 (at least).
 
-On CUDA, training calls go through ``torch.compile`` of the same function (``_fused.py``):
-eager PyTorch would run ~10 elementwise kernels per convolution (and keep their inputs for
-backward), the compiled version one fused kernel forward and one backward.
+On CUDA, training calls (autograd recording, or the no-grad forward of a recomputed region)
+run the Triton kernels of ``deltanet/ops/short_conv.py``: one pass over memory forward, one
+backward, keeping only the input for backward. Eager PyTorch would run ~10 elementwise kernels
+per convolution (and keep their inputs); ``torch.compile`` of this code (``_fused.py``), the path
+before, measured ~5x the memory-bound time on an H200. The compiled path stays where Triton is
+not installed, with ``DELTANET_CONV=torch`` (A/B benchmarks), for float64, and inside an outer
+``torch.compile``, which then traces the plain PyTorch code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -106,9 +112,45 @@ class _RecomputedConv(torch.autograd.Function):
         return dx, dw, None, None
 
 
+_BACKENDS = ("triton", "torch")
+# What the Triton kernels take (deltanet.ops.short_conv: DTYPES, MAX_W); the rest stays in PyTorch.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_W = 8
+
+
+def _conv_backend() -> str:
+    """``DELTANET_CONV``: ``triton`` (default) or ``torch`` (the compiled PyTorch code)."""
+    backend = os.environ.get("DELTANET_CONV", "") or "triton"
+    if backend not in _BACKENDS:
+        raise ValueError(f"DELTANET_CONV must be one of {_BACKENDS} (or unset), got {backend!r}")
+    return backend
+
+
+@functools.cache
+def _triton_short_conv():
+    """``deltanet.ops.short_conv.short_conv``, or None where Triton is not installed (macOS,
+    Windows): ``padded_conv`` then keeps the compiled path."""
+    try:
+        from ..ops.short_conv import short_conv
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "triton":
+            raise
+        return None
+    return short_conv
+
+
+def _triton_route(x, weight):
+    """The Triton ``short_conv`` if it takes this call, else None."""
+    if _conv_backend() != "triton" or weight.shape[1] > _TRITON_MAX_W:
+        return None
+    if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
+        return None  # float64: the PyTorch code keeps its float64 accumulation
+    return _triton_short_conv()
+
+
 def padded_conv(x, weight, doc_pos, silu: bool):
-    """``causal_conv`` of ``x`` after ``W - 1`` zeros, for training and scoring: compiled on CUDA
-    (Inductor picks what to keep), elsewhere with a backward that recomputes the conv.
+    """``causal_conv`` of ``x`` after ``W - 1`` zeros, for training and scoring: the Triton kernels
+    (or the compiled PyTorch code) on CUDA, elsewhere with a backward that recomputes the conv.
 
     Example::
 
@@ -116,7 +158,12 @@ def padded_conv(x, weight, doc_pos, silu: bool):
         >>> torch.allclose(padded_conv(x, torch.ones(2, 4), None, True), _padded_conv(x, torch.ones(2, 4), None, True))
         True
     """
-    if will_compile(x) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if will_compile(x):  # CUDA training (not inside an outer torch.compile)
+        short_conv = _triton_route(x, weight)
+        if short_conv is not None:
+            return short_conv(x, weight, doc_pos, silu)
+        return _padded_conv(x, weight, doc_pos, silu)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return _padded_conv(x, weight, doc_pos, silu)
     return _RecomputedConv.apply(x, weight, doc_pos, silu)
 
@@ -154,7 +201,7 @@ class ShortConvolution(nn.Module):
         silu = self.activation == "silu"
         doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None and not output_state:
-            # training / scoring (compiled on CUDA for training)
+            # training / scoring (Triton kernels on CUDA for training)
             return padded_conv(x, self.weight, doc_pos, silu), None
         if state is None:
             state = x.new_zeros(B, W - 1, C)

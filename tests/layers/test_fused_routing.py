@@ -1,10 +1,12 @@
-"""Which calls go through ``torch.compile`` on CUDA (``layers/_fused.py``), checked on CPU.
+"""Which calls go through ``torch.compile`` or the Triton short conv on CUDA, checked on CPU.
 
 On the H200 an eager fp32 elementwise chain in the training path cost deltanet-340m 45% of its
 speed (results/2026-11-30-h200-x2-model.md) while every CPU test passed. These tests pretend the
-tensors are on CUDA (``_fused._compiles_on`` patched to accept any device) and replace ``torch.compile``
-by a recorder, then check that a training step routes the elementwise glue -- including the
-no-autograd forward of the recomputed mixer input region -- through the compiled wrappers, and
+tensors are on CUDA (``_fused._compiles_on`` patched to accept any device), replace ``torch.compile``
+by a recorder and the Triton ``short_conv`` (``layers/conv.py``) by a recording stand-in, then check
+that a training step routes the elementwise glue -- including the no-autograd forward of the
+recomputed mixer input region -- through the compiled wrappers and the short conv through Triton
+(or, with ``DELTANET_CONV=torch`` or without Triton, through the compiled ``_padded_conv``), and
 that inference (decoding) stays eager.
 """
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import deltanet.layers._fused as fz
+import deltanet.layers.conv as conv_mod
 from deltanet.layers.delta_net import DeltaNetMixer
 from deltanet.models import DeltaNetForCausalLM, get_config
 
@@ -33,6 +36,13 @@ def compile_log(monkeypatch):
     for wrapper in fz.REGISTRY:  # compiled versions are made on first use: start without any
         monkeypatch.setattr(wrapper, "compiled", None)
     monkeypatch.setattr(fz, "_compiles_on", lambda x: True)  # every device counts as CUDA
+
+    def short_conv(x, weight, doc_pos, silu):  # stands in for the Triton kernels (CUDA only)
+        log.append(("short_conv", torch.is_grad_enabled()))
+        return conv_mod._padded_conv.eager(x, weight, doc_pos, silu)
+
+    monkeypatch.setattr(conv_mod, "_triton_short_conv", lambda: short_conv)
+    monkeypatch.delenv("DELTANET_CONV", raising=False)
     yield log
 
 
@@ -41,23 +51,43 @@ def _model():
     return DeltaNetForCausalLM(get_config("tiny", vocab_size=64, delta_backend="torch"))
 
 
+@pytest.mark.parametrize("conv", ["triton", "torch", "no-triton"])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recompute):
+def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recompute, conv):
     monkeypatch.setattr(DeltaNetMixer, "recompute_inputs", recompute)
+    if conv == "torch":
+        monkeypatch.setenv("DELTANET_CONV", "torch")
+    elif conv == "no-triton":
+        monkeypatch.setattr(conv_mod, "_triton_short_conv", lambda: None)
+    conv_name, other = ("short_conv", "_padded_conv") if conv == "triton" else ("_padded_conv", "short_conv")
     model = _model().train()
     ids = torch.randint(0, 64, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     names = {name for name, _ in compile_log}
-    assert {"rms_norm_linear", "_padded_conv", "l2_norm", "swiglu_linear", "rms_norm"} <= names, names
+    assert {"rms_norm_linear", conv_name, "l2_norm", "swiglu_linear", "rms_norm"} <= names, names
+    assert other not in names, names
     if recompute:
         # the input region's forward runs without autograd and must still be compiled ...
         no_grad = {name for name, grad in compile_log if not grad}
-        assert {"rms_norm_linear", "_padded_conv"} <= no_grad, compile_log
+        assert {"rms_norm_linear", conv_name} <= no_grad, compile_log
         # ... and its rerun in backward too
-        assert ("_padded_conv", True) in compile_log
+        assert (conv_name, True) in compile_log
     else:
         assert all(grad for _, grad in compile_log), compile_log
     assert fz._FORCE is False  # restored after the recomputing forward
+
+
+def test_conv_switch_rejects_unknown_values(compile_log, monkeypatch):
+    monkeypatch.setenv("DELTANET_CONV", "cuda")
+    x = torch.randn(1, 4, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="DELTANET_CONV"):
+        conv_mod.padded_conv(x, torch.ones(2, 4), None, True)
+
+
+def test_float64_conv_keeps_the_compiled_path(compile_log):
+    x = torch.randn(1, 4, 2, dtype=torch.float64, requires_grad=True)
+    conv_mod.padded_conv(x, torch.ones(2, 4, dtype=torch.float64), None, True)
+    assert compile_log == [("_padded_conv", True)]
 
 
 def test_inference_stays_eager(compile_log):
