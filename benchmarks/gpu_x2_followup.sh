@@ -26,6 +26,10 @@
 #       compile, ~250 s, on GPU 1 while ours runs on GPU 0), then ours vs fla interleaved again;
 #       on GPU 0 after ours: decoding through generate (batch 1 and 32, 2K prompt, 256 new tokens),
 #       ours and fla's.
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR conv
+#       The Triton short convolution: GPU 0 runs its tests and micro-benchmark, our 340M model's
+#       step profile, the hybrids and the Transformer, then decoding of ours and fla's;
+#       GPU 1 compiles fla's model (untimed), then times ours vs fla interleaved at 2K / 4K / 8K.
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -122,6 +126,27 @@ elif [ "$MODE" = profile_model ]; then
   ) &
   wait
   grep -h "^PROFILE\|^  top" "$R/prof_ours.log" "$R/prof_fla.log"
+elif [ "$MODE" = conv ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    run pytest_conv 90 python3 -m pytest -q -p no:cacheprovider tests/ops/test_short_conv.py tests/layers
+    run bench_conv 60 python3 benchmarks/bench_conv.py
+    run prof_ours 110 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+      --profile 3 --out "$R/prof_ours.md"
+    run others 100 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
+      --warmup 2 --steps 4 --out "$R/others.md"
+    run decode 260 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
+      --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run fla_warm_model 280 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
+    run ab 220 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+      --interleave 4 --out "$R/ab.md"
+  ) &
+  wait
+  grep -h "^PROFILE" "$R/prof_ours.log"
+  tail -3 "$R/pytest_conv.log"; cat "$R/bench_conv.log" | tail -12
 elif [ "$MODE" = final ]; then
   (
     export CUDA_VISIBLE_DEVICES=0

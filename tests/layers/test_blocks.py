@@ -202,15 +202,18 @@ def test_l2_norm_gradient_and_autocast_output_dtype():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_conv_on_cuda_matches_eager():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_conv_on_cuda_matches_eager(backend, monkeypatch):
     from deltanet.layers.conv import _padded_conv
+
+    monkeypatch.setenv("DELTANET_CONV", backend)  # the Triton kernels, or torch.compile of the code
 
     conv = ShortConvolution(64, kernel_size=4).cuda()
     x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
     cu = torch.tensor([0, 100, 300], device="cuda")
     for c in (None, cu):
         xs = x[:1] if c is not None else x
-        y, _ = conv(xs, cu_seqlens=c)  # grad enabled on CUDA: the compiled path
+        y, _ = conv(xs, cu_seqlens=c)  # grad enabled on CUDA: the training path
         pos = positions_in_documents(c, 300) if c is not None else None
         ref = _padded_conv.eager(xs, conv.weight, pos, True)
         assert_close("compiled conv", y, ref, rtol=1e-5)
