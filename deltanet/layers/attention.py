@@ -73,8 +73,11 @@ class AttentionMixer(nn.Module):
                 k = torch.cat([state["k"], k], dim=1)
                 v = torch.cat([state["v"], v], dim=1)
             # sliding layers keep only the window: older keys can never be seen again
-            keep = self.window if self.window is not None else k.shape[1]
-            state["k"], state["v"] = k[:, -keep:], v[:, -keep:]
+            # (copies when cut: a view would keep the whole prompt's keys alive)
+            if self.window is not None and k.shape[1] > self.window:
+                state["k"], state["v"] = k[:, -self.window:].clone(), v[:, -self.window:].clone()
+            else:
+                state["k"], state["v"] = k, v
         key_mask = None
         if full_mask is not None:
             key_mask = full_mask[:, -k.shape[1]:]

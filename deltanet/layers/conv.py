@@ -210,7 +210,9 @@ class ShortConvolution(nn.Module):
             y = conv_step(xe, self.weight, silu)
         else:
             y = causal_conv(xe, self.weight, doc_pos, silu)
-        return y, (xe[:, -(W - 1):] if output_state else None)
+        # a copy, not a view: a view of the prompt's [B, W-1+T, C] input would keep all of it
+        # alive in the cache (3 per layer: 9.7 GB after a 32 x 2K prefill of the 340M model)
+        return y, (xe[:, -(W - 1):].clone() if output_state else None)
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, activation={self.activation}"
