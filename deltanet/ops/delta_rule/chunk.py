@@ -66,13 +66,16 @@ def interpreted() -> bool:
 
 
 def _interpreter_compat() -> None:
-    """Work around two Triton 3.6 interpreter bugs the kernels would hit on CPU.
+    """Work around Triton interpreter bugs (3.6 – 3.9) the kernels would hit on CPU.
 
     1. Scalars are 1-element arrays converted with ``int(array)``, which numpy >= 2.4 rejects
        for ndim > 0: a tensor as a ``range`` bound (the chunk loops) fails. ``__index__`` is
        made to read the single element.
     2. ``tl.dot`` on bfloat16 operands multiplies their raw uint16 storage (garbage results);
        bfloat16 operands are widened to float32 first (exact: bf16 is truncated fp32).
+    3. (3.9) A comparison of two scalars holds int32 data, so ``vector_mask & (t >= 0)`` is an
+       int32 mask that loads and stores reject ("mask has unsupported dtype"); masks are made
+       boolean before the load or store.
     """
     import numpy as np
     from triton.runtime import interpreter
@@ -92,6 +95,23 @@ def _interpreter_compat() -> None:
         return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     interpreter.InterpreterBuilder.create_dot = create_dot
+
+    def boolean(mask):
+        if mask.data.dtype != np.bool_:
+            return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
+        return mask
+
+    original_load = interpreter.InterpreterBuilder.create_masked_load
+    original_store = interpreter.InterpreterBuilder.create_masked_store
+
+    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
+        return original_load(self, ptrs, boolean(mask), other, *args, **kwargs)
+
+    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
+        return original_store(self, ptrs, value, boolean(mask), *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_masked_load = create_masked_load
+    interpreter.InterpreterBuilder.create_masked_store = create_masked_store
 
     def patched(tensor, scope):
         original(tensor, scope)
