@@ -28,7 +28,8 @@
 #       ours and fla's.
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR conv
 #       The Triton short convolution: GPU 0 runs its tests and micro-benchmark, our 340M model's
-#       step profile, the hybrids and the Transformer, then decoding of ours and fla's;
+#       step profile, decoding of ours and fla's, then (time permitting) the hybrids and the
+#       Transformer;
 #       GPU 1 compiles fla's model (untimed), then times ours vs fla interleaved at 2K / 4K / 8K.
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
@@ -133,10 +134,10 @@ elif [ "$MODE" = conv ]; then
     run bench_conv 60 python3 benchmarks/bench_conv.py
     run prof_ours 110 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
       --profile 3 --out "$R/prof_ours.md"
-    run others 100 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
-      --warmup 2 --steps 4 --out "$R/others.md"
     run decode 260 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
       --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+    run others 100 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
+      --warmup 2 --steps 4 --out "$R/others.md"
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
