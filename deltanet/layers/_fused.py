@@ -33,10 +33,15 @@ def _compiles_on(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def _would_compile_outside(x: torch.Tensor) -> bool:
+    """``will_compile`` without the outer-compile test: a CUDA training call (inside an outer
+    ``torch.compile``, the layers use this to keep their Triton ops)."""
+    return _compiles_on(x) and (torch.is_grad_enabled() or _FORCE) and _enabled()
+
+
 def will_compile(x: torch.Tensor) -> bool:
     """Whether a ``fused`` function called with ``x`` first runs compiled."""
-    return (_compiles_on(x) and (torch.is_grad_enabled() or _FORCE) and _enabled()
-            and not torch.compiler.is_compiling())
+    return _would_compile_outside(x) and not torch.compiler.is_compiling()
 
 
 # Every ``fused`` wrapper, so that tests can drop their compiled versions.

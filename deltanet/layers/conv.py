@@ -11,8 +11,9 @@ run the Triton kernels of ``deltanet/ops/short_conv.py``: one pass over memory f
 backward, keeping only the input for backward. Eager PyTorch would run ~10 elementwise kernels
 per convolution (and keep their inputs); ``torch.compile`` of this code (``_fused.py``), the path
 before, measured ~5x the memory-bound time on an H200. The compiled path stays where Triton is
-not installed, with ``DELTANET_CONV=torch`` (A/B benchmarks), for float64, and inside an outer
-``torch.compile``, which then traces the plain PyTorch code.
+not installed, with ``DELTANET_CONV=torch`` (A/B benchmarks) and for float64. An outer
+``torch.compile`` of a CUDA training step traces through the Triton ops (``torch.library``);
+compiled inference traces the plain PyTorch code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _fused as _fused_mod
 from ._fused import fused, will_compile
 
 __all__ = ["ShortConvolution", "causal_conv", "conv_step", "positions_in_documents"]
@@ -126,17 +128,23 @@ def _conv_backend() -> str:
     return backend
 
 
-@functools.cache
+_SHORT_CONV = None  # the resolved import: the function, or False without Triton
+
+
 def _triton_short_conv():
     """``deltanet.ops.short_conv.short_conv``, or None where Triton is not installed (macOS,
-    Windows): ``padded_conv`` then keeps the compiled path."""
-    try:
-        from ..ops.short_conv import short_conv
-    except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] != "triton":
-            raise
-        return None
-    return short_conv
+    Windows): ``padded_conv`` then keeps the compiled path. (A module-level memo, not
+    ``functools.cache``, which torch.compile would trace around with a warning.)"""
+    global _SHORT_CONV
+    if _SHORT_CONV is None:
+        try:
+            from ..ops.short_conv import short_conv
+        except ModuleNotFoundError as e:
+            if e.name is None or e.name.split(".")[0] != "triton":
+                raise
+            short_conv = False
+        _SHORT_CONV = short_conv
+    return _SHORT_CONV or None
 
 
 def _triton_route(x, weight):
@@ -163,7 +171,14 @@ def padded_conv(x, weight, doc_pos, silu: bool):
         if short_conv is not None:
             return short_conv(x, weight, doc_pos, silu)
         return _padded_conv(x, weight, doc_pos, silu)
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # an outer torch.compile of a CUDA training step: the Triton kernels are torch.library
+        # ops, so it traces through them (Inductor's own code for this conv is ~4x slower)
+        short_conv = _triton_route(x, weight) if _fused_mod._would_compile_outside(x) else None
+        if short_conv is not None:
+            return short_conv(x, weight, doc_pos, silu)
+        return _padded_conv(x, weight, doc_pos, silu)
+    if not torch.is_grad_enabled():
         return _padded_conv(x, weight, doc_pos, silu)
     return _RecomputedConv.apply(x, weight, doc_pos, silu)
 

@@ -245,20 +245,42 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor 
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
-class ShortConvFunction(torch.autograd.Function):
-    """Keeps ``x``, ``weight`` and ``doc_pos`` for backward (not the pre-activation)."""
+# --- torch.library registration: an outer torch.compile traces through the op ----------------
 
-    @staticmethod
-    def forward(ctx, x, weight, doc_pos, silu: bool):
-        ctx.save_for_backward(x, weight, doc_pos)
-        ctx.silu = silu
-        return short_conv_fwd(x, weight, doc_pos, silu)
+@torch.library.custom_op("deltanet::short_conv_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    return short_conv_fwd(x, weight, doc_pos, silu)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, doc_pos = ctx.saved_tensors
-        dx, dw = short_conv_bwd(x, weight, doc_pos, dy, ctx.silu)
-        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None, None
+
+@_fwd_op.register_fake
+def _(x, weight, doc_pos, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("deltanet::short_conv_bwd", mutates_args=())
+def _bwd_op(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, dy: torch.Tensor,
+            silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return short_conv_bwd(x, weight, doc_pos, dy, silu)
+
+
+@_bwd_op.register_fake
+def _(x, weight, doc_pos, dy, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, doc_pos, silu = inputs
+    ctx.save_for_backward(x, weight, doc_pos)  # not the pre-activation: backward recomputes it
+    ctx.silu = silu
+
+
+def _backward(ctx, dy):
+    x, weight, doc_pos = ctx.saved_tensors
+    dx, dw = _bwd_op(x, weight, doc_pos, dy, ctx.silu)
+    return dx, dw, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, weight, doc_pos, silu) -> None:
@@ -318,4 +340,4 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | No
         (torch.Size([2, 100, 64]), torch.bfloat16, torch.float32)
     """
     _check(x, weight, doc_pos, silu)
-    return ShortConvFunction.apply(x, weight, doc_pos, silu)
+    return _fwd_op(x, weight, doc_pos, silu)
