@@ -45,17 +45,28 @@ MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|
 begin_call "$OUT" 570
 M="deltanet.cli bench model"
 
+# Parts several modes share (each mode gives its own time budgets, in seconds)
+fla_then_ab() {  # WARM AB: fla's 340M model compiled (untimed), then ours vs fla in alternation
+  run fla_warm_model "$1" python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
+  run ab "$2" python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
+    --interleave 4 --out "$R/ab.md"
+}
+decode_both() {  # BUDGET: generate after a 2K prompt, 256 new tokens, batch 1 and 32, ours and fla's
+  run decode "$1" python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
+    --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+}
+hybrids_and_transformer() {  # BUDGET WARMUP STEPS
+  run others "$1" python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
+    --warmup "$2" --steps "$3" --out "$R/others.md"
+}
+
 if [ "$MODE" = measure ]; then
   (
     export CUDA_VISIBLE_DEVICES=0
-    run fla_warm_model 300 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
-    run ab 150 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
-      --interleave 4 --out "$R/ab.md"
+    fla_then_ab 300 150
     run mem 90 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 8192 --warmup 2 --steps 2 --out "$R/mem.md"
-    run others 120 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
-      --warmup 3 --steps 6 --out "$R/others.md"
-    run decode 200 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
-      --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+    hybrids_and_transformer 120 3 6
+    decode_both 200
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
@@ -115,8 +126,7 @@ elif [ "$MODE" = profile_model ]; then
     export CUDA_VISIBLE_DEVICES=0
     run prof_ours 200 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
       --profile 3 --out "$R/prof_ours.md"
-    run decode 330 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
-      --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+    decode_both 330
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
@@ -134,16 +144,12 @@ elif [ "$MODE" = conv ]; then
     run bench_conv 60 python3 benchmarks/bench_conv.py
     run prof_ours 110 python3 -m $M --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 5 \
       --profile 3 --out "$R/prof_ours.md"
-    run decode 260 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --batch 1,32 \
-      --prompt 2048 --new-tokens 256 --out "$R/decode.md"
-    run others 100 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
-      --warmup 2 --steps 4 --out "$R/others.md"
+    decode_both 260
+    hybrids_and_transformer 100 2 4
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
-    run fla_warm_model 280 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
-    run ab 220 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
-      --interleave 4 --out "$R/ab.md"
+    fla_then_ab 280 220
   ) &
   wait
   grep -h "^PROFILE" "$R/prof_ours.log"
@@ -176,14 +182,11 @@ EOF2
     )
     run pytest_chunk 230 python3 -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests/ops/test_triton_chunk.py
     run pytest_rec 60 python3 -m pytest -q -n 6 -p no:cacheprovider --durations=5 tests/ops/test_recurrent.py
-    run others 150 python3 -m $M --models hybrid-swa-340m,hybrid-global-340m,transformer-340m --lengths 2048,8192 \
-      --warmup 3 --steps 6 --out "$R/others.md"
+    hybrids_and_transformer 150 3 6
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
-    run fla_warm_model 300 python3 -m $M --models fla-deltanet --lengths 2048,4096,8192 --warmup 1 --steps 1
-    run ab 200 python3 -m $M --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --warmup 3 --steps 5 \
-      --interleave 4 --out "$R/ab.md"
+    fla_then_ab 300 200
   ) &
   wait
 elif [ "$MODE" = mqar ]; then
@@ -197,7 +200,7 @@ elif [ "$MODE" = mqar ]; then
   mps_stop
   rm -f "$OUT/mqar/data.pt"
 else
-  echo "unknown mode $MODE (measure | mqar)"; exit 2
+  echo "unknown mode $MODE (measure | kernels | final | profile_model | conv | mqar)"; exit 2
 fi
 log "all done"
 tar -czf "$OUT/all.tgz" -C "$OUT" res $( [ -d "$OUT/mqar" ] && echo mqar ) 2>/dev/null
