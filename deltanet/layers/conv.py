@@ -115,9 +115,6 @@ class _RecomputedConv(torch.autograd.Function):
 
 
 _BACKENDS = ("triton", "torch")
-# What the Triton kernels take (deltanet.ops.short_conv: DTYPES, MAX_W); the rest stays in PyTorch.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_W = 8
 
 
 def _conv_backend() -> str:
@@ -128,30 +125,40 @@ def _conv_backend() -> str:
     return backend
 
 
-_SHORT_CONV = None  # the resolved import: the function, or False without Triton
+_KERNELS = None  # the resolved import: the module deltanet.ops.short_conv, or False without Triton
 
 
-def _triton_short_conv():
-    """``deltanet.ops.short_conv.short_conv``, or None where Triton is not installed (macOS,
+def _triton_kernels():
+    """The module ``deltanet.ops.short_conv``, or None where Triton is not installed (macOS,
     Windows): ``padded_conv`` then keeps the compiled path. (A module-level memo, not
     ``functools.cache``, which torch.compile would trace around with a warning.)"""
-    global _SHORT_CONV
-    if _SHORT_CONV is None:
+    global _KERNELS
+    if _KERNELS is None:
         try:
-            from ..ops.short_conv import short_conv
+            from ..ops import short_conv as kernels
         except ModuleNotFoundError as e:
             if e.name is None or e.name.split(".")[0] != "triton":
                 raise
-            short_conv = False
-        _SHORT_CONV = short_conv
-    return _SHORT_CONV or None
+            kernels = False
+        _KERNELS = kernels
+    return _KERNELS or None
+
+
+def _triton_short_conv():
+    """``deltanet.ops.short_conv.short_conv``, or None without Triton."""
+    kernels = _triton_kernels()
+    return kernels.short_conv if kernels is not None else None
 
 
 def _triton_route(x, weight):
-    """The Triton ``short_conv`` if it takes this call, else None."""
-    if _conv_backend() != "triton" or weight.shape[1] > _TRITON_MAX_W:
+    """The Triton ``short_conv`` if it takes this call (the dtypes and kernel sizes its kernels
+    take), else None."""
+    if _conv_backend() != "triton":
         return None
-    if x.dtype not in _TRITON_DTYPES or weight.dtype not in _TRITON_DTYPES:
+    kernels = _triton_kernels()
+    if kernels is None or weight.shape[1] > kernels.MAX_W:
+        return None
+    if x.dtype not in kernels.DTYPES or weight.dtype not in kernels.DTYPES:
         return None  # float64: the PyTorch code keeps its float64 accumulation
     return _triton_short_conv()
 

@@ -32,6 +32,10 @@ import torch
 import triton
 import triton.language as tl
 
+# interpreted(): whether the kernels run under TRITON_INTERPRET=1; importing chunk also applies
+# its interpreter fixes (tensor-valued loop bounds, boolean masks), which these kernels need too
+from .delta_rule.chunk import interpreted
+
 __all__ = ["short_conv", "short_conv_bwd", "short_conv_fwd"]
 
 MAX_W = 8  # the kernels unroll over the taps; 8 keeps the backward's register window small
@@ -187,16 +191,6 @@ def short_conv_bwd_kernel(x, w, doc_pos, dy, dx, dw, T, C, NT, stride_xb, stride
     for j in tl.static_range(W):
         tl.store(dw + j, dws[j], mask=m_c)
 
-
-def interpreted() -> bool:
-    """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(short_conv_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-if interpreted():  # the interpreter fixes of the chunk kernels (tensor-valued loop bounds) apply here too
-    from .delta_rule.chunk import _interpreter_compat
-
-    _interpreter_compat()
 
 
 def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
