@@ -49,11 +49,15 @@ def _graphed(fn, xr, wr, doc_pos):
     (``torch.cuda.make_graphed_callables``): called one at a time, a forward + backward of
     ~0.2 ms is bound by Python and launch overhead on some hosts. Plain ``fn`` if capture fails.
 
-    On an H200 (2026-11-30, torch 2.11) the first capture of the process failed ("operation failed
-    due to a previous error during capture") and the later ones succeeded: one retry."""
+    On an H200 (2026-11-30, torch 2.11) captures failed ("operation failed due to a previous error
+    during capture") after a warning that the inputs' AccumulateGrad nodes, created by earlier
+    backward passes on the default stream, did not match the capture's stream. Hence fresh leaf
+    tensors for the capture (no autograd history) and one retry."""
     for attempt in (1, 2):
         try:
-            return torch.cuda.make_graphed_callables(lambda a, b: fn(a, b, doc_pos, True), (xr, wr))
+            torch.cuda.synchronize()
+            xg, wg = xr.detach().requires_grad_(), wr.detach().requires_grad_()
+            return torch.cuda.make_graphed_callables(lambda a, b: fn(a, b, doc_pos, True), (xg, wg))
         except Exception as e:  # report, don't stop: the launched time is still printed
             print(f"  (CUDA graph capture {attempt} failed: {type(e).__name__}: {str(e).splitlines()[0]})")
             torch.cuda.synchronize()

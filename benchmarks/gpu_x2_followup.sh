@@ -31,6 +31,11 @@
 #       step profile, decoding of ours and fla's, then (time permitting) the hybrids and the
 #       Transformer;
 #       GPU 1 compiles fla's model (untimed), then times ours vs fla interleaved at 2K / 4K / 8K.
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR decode_graph
+#       GPU 0: the CUDA-graph decoding, short-conv, layer and model-backend tests; graph vs eager
+#              generate of the 340M model (same tokens?); decoding of ours (graph and eager) and
+#              fla's; the conv micro-benchmark with the capture fix
+#       GPU 1: fla's and our 340M model each alone at T = 2K / 8K: tokens/s and peak memory in one run
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -39,8 +44,8 @@
 #       narrow it, e.g. mqar "delta_net linear_attention" "64:1e-3,3e-3 128:5e-4,1.5e-3 ...".
 #       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
-OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|mqar [MODELS LR_GRID]}
-MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|mqar [MODELS LR_GRID]}
+OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|mqar [MODELS LR_GRID]}
+MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|mqar [MODELS LR_GRID]}
 . benchmarks/gpu_lib.sh
 begin_call "$OUT" 570
 M="deltanet.cli bench model"
@@ -154,6 +159,41 @@ elif [ "$MODE" = conv ]; then
   wait
   grep -h "^PROFILE" "$R/prof_ours.log"
   tail -3 "$R/pytest_conv.log"; cat "$R/bench_conv.log" | tail -12
+elif [ "$MODE" = decode_graph ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    run pytest_gpu 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/models/test_cuda_graph.py \
+      tests/ops/test_short_conv.py tests/layers tests/models/test_triton_backend.py
+    run graph_check 70 python3 - <<'EOF3'
+import time, torch
+from deltanet.bench.model import build_model
+torch.manual_seed(0)
+model = build_model("deltanet-340m").to("cuda", torch.bfloat16).eval()
+ids = torch.randint(3, 32000, (8, 1024), device="cuda")
+gen = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0, eos_token_id=None,
+           return_dict_in_generate=True, output_scores=True)
+out = {}
+for graph in (False, True, True):
+    model.cuda_graph_decoding = graph
+    torch.cuda.synchronize(); t = time.perf_counter()
+    out[graph] = model.generate(ids, **gen)
+    torch.cuda.synchronize()
+    print(f"cuda_graph={graph}: {time.perf_counter() - t:.2f} s", flush=True)
+same = torch.equal(out[True].sequences, out[False].sequences)
+diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out[True].scores, out[False].scores))
+print(f"deltanet-340m bf16, 8 x 1024 prompt, 128 new tokens: sequences equal {same}, max |score diff| {diff:.3g}")
+EOF3
+    run decode 260 python3 -m deltanet.cli bench decode --models deltanet-340m,fla-deltanet --cuda-graph both \
+      --batch 1,32 --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+    run bench_conv 60 python3 benchmarks/bench_conv.py
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run mem 480 python3 -m $M --models fla-deltanet,deltanet-340m --lengths 2048,8192 --warmup 3 --steps 5 \
+      --out "$R/mem.md"
+  ) &
+  wait
+  tail -3 "$R/pytest_gpu.log"; tail -4 "$R/graph_check.log"; tail -12 "$R/bench_conv.log"
 elif [ "$MODE" = final ]; then
   (
     export CUDA_VISIBLE_DEVICES=0

@@ -18,6 +18,7 @@ Examples::
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
     deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
+    deltanet bench decode --models deltanet-340m --cuda-graph both   # graph-replayed vs eager steps
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
 """
 
@@ -233,13 +234,20 @@ def bench_train_interleaved(names: list[str], T: int, *, tokens: int, steps: int
 
 
 def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device,
-                 smoke: bool = False, repeats: int = 1) -> dict:
-    """Greedy ``generate`` speed of one model at one batch size (after one warmup call)."""
+                 smoke: bool = False, repeats: int = 1, cuda_graph: bool = True) -> dict:
+    """Greedy ``generate`` speed of one model at one batch size (after one warmup call).
+    ``cuda_graph``: our models' ``cuda_graph_decoding`` (used where every layer is recurrent)."""
     row = dict(model=name, batch=batch, prompt=prompt, new_tokens=new_tokens)
     model = None
     try:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
+        if hasattr(model, "cuda_graph_decoding"):
+            from deltanet.models.cache import _RECURRENT
+
+            model.cuda_graph_decoding = cuda_graph
+            row["cuda_graph"] = cuda_graph and device.type == "cuda" and all(
+                t in _RECURRENT for t in model.config.layer_types)
         vocab = model.config.vocab_size
         g = torch.Generator(device=device).manual_seed(0)
         ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=g)
@@ -354,6 +362,9 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--prompt", type=int, default=2048)
         p.add_argument("--new-tokens", type=int, default=256)
         p.add_argument("--repeats", type=int, default=1, help="timed generate calls per point (best is kept)")
+        p.add_argument("--cuda-graph", choices=("on", "off", "both"), default="on",
+                       help="our models: decode steps replayed from a CUDA graph (where every layer is "
+                            "recurrent), launched eagerly, or both rows (default: on)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -410,13 +421,15 @@ def cli_main(argv: list[str]) -> int:
                 "compiled", "recompute"]
         title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
     else:
+        graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
         for m in args.models:
-            for B in args.batch:
-                r = bench_decode(m, B, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
-                                 smoke=args.smoke, repeats=args.repeats)
-                print(json.dumps(r), flush=True)
-                rows.append(r)
-        cols = ["model", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
+            for graph in graphs if m != FLA else [True]:
+                for B in args.batch:
+                    r = bench_decode(m, B, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
+                                     smoke=args.smoke, repeats=args.repeats, cuda_graph=graph)
+                    print(json.dumps(r), flush=True)
+                    rows.append(r)
+        cols = ["model", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
                 "decode_tokens_per_s", "peak_mem_GiB"]
         title = f"Decoding through generate ({args.prompt}-token prompt, {args.new_tokens} new tokens, greedy)"
     table = markdown(title, rows, cols, env)

@@ -52,6 +52,13 @@ class DeltaNetCache:
         """Number of positions (padding included) processed so far."""
         return self.seen_tokens
 
+    def batch_size(self) -> int | None:
+        """Rows of the cached states (None before the first forward)."""
+        for state in self.layers:
+            for value in state.values():
+                return (value[0] if isinstance(value, tuple) else value).shape[0]
+        return None
+
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1  # unbounded
 

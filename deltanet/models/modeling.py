@@ -28,6 +28,7 @@ from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNor
 from ..layers.conv import positions_in_documents
 from .cache import DeltaNetCache
 from .configuration import DeltaNetConfig
+from .cuda_graph import decode_step, graph_decodable
 from .loss import fused_linear_cross_entropy
 
 __all__ = ["DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel", "DeltaNetPreTrainedModel"]
@@ -211,6 +212,9 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         if past_key_values is not None and not isinstance(past_key_values, DeltaNetCache):
             raise TypeError(f"past_key_values must be a DeltaNetCache, got {type(past_key_values).__name__}")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is not None and past_key_values.batch_size() not in (None, B):
+            raise ValueError(f"the batch has {B} rows but the cache (past_key_values) holds states of "
+                             f"{past_key_values.batch_size()}; decode with the batch the cache was built from")
         mask, full_mask, position_ids = self._prepare(B, T, past, attention_mask, position_ids, cu_seqlens, x.device)
 
         hidden_states = (x,) if output_hidden_states else None
@@ -241,6 +245,11 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         >>> out.logits.shape, out.loss.shape
         (torch.Size([2, 10, 64]), torch.Size([]))
     """
+
+    # One-token decode steps of models whose layers all keep a fixed-size state (delta_net,
+    # linear_attention) replay a CUDA graph per generation (``cuda_graph.py``): one launch instead
+    # of ~25 per layer. Set to False on an instance (or the class) to decode eagerly.
+    cuda_graph_decoding: bool = True
 
     # transformers 5 maps tied parameters target -> source; 4.x listed the tied names
     _tied_weights_keys = (
@@ -283,10 +292,14 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> DeltaNetCausalLMOutput:
         """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored)."""
+        cache = past_key_values if past_key_values is not None else cache
+        if graph_decodable(self, input_ids, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+                           position_ids=position_ids, cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states):
+            logits = decode_step(self, input_ids, attention_mask, cache)
+            return _with_cache(DeltaNetCausalLMOutput(logits=logits), cache)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values if past_key_values is not None else cache,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+            past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
             output_hidden_states=output_hidden_states,
         )
         h = out.last_hidden_state
