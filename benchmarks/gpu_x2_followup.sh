@@ -36,6 +36,9 @@
 #              generate of the 340M model (same tokens?); decoding of ours (graph and eager) and
 #              fla's; the conv micro-benchmark with the capture fix
 #       GPU 1: fla's and our 340M model each alone at T = 2K / 8K: tokens/s and peak memory in one run
+#   bash benchmarks/gpu_x2_followup.sh OUT_DIR decode_alone
+#       GPU 0: decoding of fla's and ours (graph and eager), with no compilation on the other GPU
+#       GPU 1: the CUDA-graph decoding and short-conv tests, then the layer and model-backend tests
 #   bash benchmarks/gpu_x2_followup.sh OUT_DIR mqar ["MODELS"] ["LR_GRID"]
 #       MQAR at T = 512, 64 pairs on both GPUs, the whole grid in one round: 5 models x 4 widths
 #       x 2 lrs per width (gpu_mqar.py's DEFAULT_LR_GRID) = 40 jobs, 20 processes per GPU under
@@ -44,8 +47,8 @@
 #       narrow it, e.g. mqar "delta_net linear_attention" "64:1e-3,3e-3 128:5e-4,1.5e-3 ...".
 #       Results: OUT_DIR/mqar/ (results.jsonl per finished job, progress.jsonl per evaluation).
 set -u
-OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|mqar [MODELS LR_GRID]}
-MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|mqar [MODELS LR_GRID]}
+OUT=${1:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|decode_alone|mqar [MODELS LR_GRID]}
+MODE=${2:?usage: gpu_x2_followup.sh OUT_DIR measure|kernels|final|profile_model|conv|decode_graph|decode_alone|mqar [MODELS LR_GRID]}
 . benchmarks/gpu_lib.sh
 begin_call "$OUT" 570
 M="deltanet.cli bench model"
@@ -194,6 +197,20 @@ EOF3
   ) &
   wait
   tail -3 "$R/pytest_gpu.log"; tail -4 "$R/graph_check.log"; tail -12 "$R/bench_conv.log"
+elif [ "$MODE" = decode_alone ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    run decode 330 python3 -m deltanet.cli bench decode --models fla-deltanet,deltanet-340m --cuda-graph both \
+      --batch 1,32 --prompt 2048 --new-tokens 256 --out "$R/decode.md"
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    run pytest_graph_conv 200 python3 -m pytest -q -n 4 -p no:cacheprovider tests/models/test_cuda_graph.py \
+      tests/ops/test_short_conv.py
+    run pytest_layers 250 python3 -m pytest -q -n 4 -p no:cacheprovider tests/layers tests/models/test_triton_backend.py
+  ) &
+  wait
+  tail -2 "$R/pytest_graph_conv.log" "$R/pytest_layers.log"
 elif [ "$MODE" = final ]; then
   (
     export CUDA_VISIBLE_DEVICES=0
