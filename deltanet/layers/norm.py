@@ -31,6 +31,17 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, but ``t`` itself when it already has that dtype.
+
+    For the outputs of the ``autograd.Function`` forwards below: torch 2.11's ``torch.compile``
+    gives an ``autograd.Function`` whose forward returns a no-op conversion (``y.to(y.dtype)``,
+    ``y.float()`` of a float32 ``y``) zero input gradients (fixed by 2.13). That hit the float32
+    path (rms_norm without autocast, l2_norm of float32 q/k) on the GPU machine's stack:
+    ``tests/layers/test_compiled_grads.py``."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
@@ -38,7 +49,7 @@ class _RMSNormFn(torch.autograd.Function):
         xf = x.to(ct)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(ct)).to(_output_dtype(x))
+        return _cast(xf * rstd * weight.to(ct), _output_dtype(x))
 
     @staticmethod
     def backward(ctx, dy):
@@ -56,7 +67,7 @@ class _L2NormFn(torch.autograd.Function):
     def forward(ctx, x, eps: float):
         ct = _compute_dtype(x)
         rnorm = torch.rsqrt(x.to(ct).pow(2).sum(-1, keepdim=True) + eps)
-        y = (x.to(ct) * rnorm).to(x.dtype)
+        y = _cast(x.to(ct) * rnorm, x.dtype)
         ctx.save_for_backward(y, rnorm)  # y is kept by the delta rule anyway: no extra memory
         return y
 

@@ -1,0 +1,104 @@
+"""The ``fused`` functions under a real ``torch.compile`` give the eager values and gradients.
+
+On CUDA training calls run them compiled (``_fused.py``). torch 2.11 -- the GPU machine's stack --
+compiled an ``autograd.Function`` whose forward returned a no-op dtype conversion with zero input
+gradients: float32 training on the GPU got zero gradients below the final norm and through the
+q/k L2 norms while every CPU test (torch 2.13, and a recorder in place of ``torch.compile``)
+passed. Here every wrapper is compiled for real (Inductor on CPU) and checked against eager, in
+float32 and under bf16 autocast, and so is a whole model's training step. (CI runs torch 2.13,
+where the bug is fixed; the test fails on 2.11 without ``norm._cast``.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltanet.layers._fused as fz
+from deltanet.layers.conv import _padded_conv
+from deltanet.layers.mlp import swiglu_linear
+from deltanet.layers.norm import gated_rms_norm, l2_norm, rms_norm, rms_norm_linear
+from tests.utils import assert_close
+
+
+def _cases():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    return {
+        "l2_norm": (l2_norm, (x,), {}),
+        "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5), {}),
+        "rms_norm_linear": (rms_norm_linear, (x, torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)]), {}),
+        "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5), {}),
+        "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16)), {}),
+        "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True), {}),
+    }
+
+
+def _leaves(args):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a.detach().clone().requires_grad_())
+        elif isinstance(a, list):
+            out.append([t.detach().clone().requires_grad_() for t in a])
+        else:
+            out.append(a)
+    return out
+
+
+def _flat(args):
+    return [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+
+
+def _run(fn, args, autocast: bool):
+    leaves = _leaves(args)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(*leaves)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    torch.manual_seed(1)
+    loss = sum((o.float() * torch.randn(o.shape)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, _flat(leaves))
+    return [o.detach().float() for o in outs], grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", list(_cases()))
+def test_compiled_wrapper_matches_eager(name, autocast):
+    wrapper, args, _ = _cases()[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(wrapper.eager)
+    outs_c, grads_c = _run(compiled, args, autocast)
+    outs_e, grads_e = _run(wrapper.eager, args, autocast)
+    tol = dict(rtol=2e-2) if autocast else dict(rtol=1e-4)
+    for a, b in zip(outs_c, outs_e):
+        assert_close(f"{name} output", a, b, **tol)
+    for i, (a, b) in enumerate(zip(grads_c, grads_e)):
+        assert b.abs().max() > 0, f"{name}: eager gradient {i} is zero; the check would be vacuous"
+        assert_close(f"{name} grad {i}", a, b, **tol)
+
+
+def test_compiled_training_step_matches_eager(monkeypatch):
+    """A tiny DeltaNet model's float32 training step with the glue compiled as on CUDA
+    (``_compiles_on`` widened to the CPU; the PyTorch short conv) against the eager step."""
+    from deltanet.models import DeltaNetForCausalLM, get_config
+
+    monkeypatch.setenv("DELTANET_CONV", "torch")
+    torch.manual_seed(0)
+    model = DeltaNetForCausalLM(get_config("tiny", vocab_size=64, delta_backend="torch")).train()
+    ids = torch.randint(0, 64, (2, 24))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = grads()
+    for wrapper in fz.REGISTRY:
+        monkeypatch.setattr(wrapper, "compiled", None)
+    monkeypatch.setattr(fz, "_compiles_on", lambda x: True)
+    torch._dynamo.reset()
+    compiled = grads()
+    assert any(w.compiled is not None for w in fz.REGISTRY)  # the compiled path was taken
+    for n, g in eager.items():
+        assert g.abs().max() > 0, f"{n}: zero eager gradient"
+        assert_close(f"grad {n}", compiled[n], g, rtol=1e-3)
