@@ -44,7 +44,8 @@ def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, l
             and all(t in _RECURRENT for t in cache.layer_types) and all("recurrent" in s for s in cache.layers)):
         return False
     B, state = input_ids.shape[0], cache.layers[0]["recurrent"]
-    return (state.shape[0] == B and state.device == input_ids.device and inputs_embeds is None and input_ids.device.type in GRAPH_DEVICES and not input_ids.is_floating_point()
+    return (state.shape[0] == B and state.device == input_ids.device and input_ids.device.type in GRAPH_DEVICES
+            and inputs_embeds is None and not input_ids.is_floating_point()
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
                                             and attention_mask.shape[0] == B
                                             and attention_mask.shape[1] in (1, cache.seen_tokens + 1)))

@@ -293,8 +293,9 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
     ) -> DeltaNetCausalLMOutput:
         """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored)."""
         cache = past_key_values if past_key_values is not None else cache
-        if graph_decodable(self, input_ids, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-                           position_ids=position_ids, cu_seqlens=cu_seqlens, output_hidden_states=output_hidden_states):
+        if graph_decodable(self, input_ids, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                           output_hidden_states=output_hidden_states):
             logits = decode_step(self, input_ids, attention_mask, cache)
             return _with_cache(DeltaNetCausalLMOutput(logits=logits), cache)
         out = self.model(
