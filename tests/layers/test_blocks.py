@@ -127,6 +127,16 @@ def test_linear_attention_matches_recurrence():
     assert_close("state", S, Sr)
     for name, g, gr in zip(("dq", "dk", "dv", "dS0"), grads, grads_ref):
         assert_close(name, g, gr)
+    for t in (0, 69):  # one-token calls (decode steps) take their own path: one recurrence step
+        o1, S1 = linear_attention(*(x[:, t:t + 1] for x in inputs[:3]), initial_state=inputs[3])
+        S1r = ref[3] + torch.einsum("bhk,bhv->bhkv", ref[1][:, t], ref[2][:, t])
+        o1r = torch.einsum("bhk,bhkv->bhv", ref[0][:, t] * 4 ** -0.5, S1r)[:, None]
+        g1 = torch.autograd.grad((o1 * do[:, :1]).sum() + (S1 * dS).sum(), inputs, allow_unused=True)
+        g1r = torch.autograd.grad((o1r * do[:, :1]).sum() + (S1r * dS).sum(), ref, allow_unused=True)
+        assert_close("one-token o", o1, o1r)
+        assert_close("one-token state", S1, S1r)
+        for name, g, gr in zip(("dq", "dk", "dv", "dS0"), g1, g1r):
+            assert_close(f"one-token {name}", g, gr)
     q, k, v = q.detach(), k.detach(), v.detach()
     cu = torch.tensor([0, 30, 70])
     op, _ = linear_attention(q[:1], k[:1], v[:1], cu_seqlens=cu)
