@@ -243,11 +243,10 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
         if hasattr(model, "cuda_graph_decoding"):
-            from deltanet.models.cache import _RECURRENT
+            from deltanet.models.cuda_graph import recurrent_only
 
             model.cuda_graph_decoding = cuda_graph
-            row["cuda_graph"] = cuda_graph and device.type == "cuda" and all(
-                t in _RECURRENT for t in model.config.layer_types)
+            row["cuda_graph"] = cuda_graph and device.type == "cuda" and recurrent_only(model.config.layer_types)
         vocab = model.config.vocab_size
         g = torch.Generator(device=device).manual_seed(0)
         ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=g)

@@ -18,7 +18,6 @@ compiled inference traces the plain PyTorch code.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -173,14 +172,10 @@ def padded_conv(x, weight, doc_pos, silu: bool):
         >>> torch.allclose(padded_conv(x, torch.ones(2, 4), None, True), _padded_conv(x, torch.ones(2, 4), None, True))
         True
     """
-    if will_compile(x):  # CUDA training (not inside an outer torch.compile)
-        short_conv = _triton_route(x, weight)
-        if short_conv is not None:
-            return short_conv(x, weight, doc_pos, silu)
-        return _padded_conv(x, weight, doc_pos, silu)
-    if torch.compiler.is_compiling():
-        # an outer torch.compile of a CUDA training step: the Triton kernels are torch.library
-        # ops, so it traces through them (Inductor's own code for this conv is ~4x slower)
+    if will_compile(x) or torch.compiler.is_compiling():
+        # CUDA training takes the Triton kernels, also inside an outer torch.compile of the step:
+        # they are torch.library ops, so it traces through them (Inductor's own code for this
+        # conv is ~4x slower); compiled inference traces the PyTorch code
         short_conv = _triton_route(x, weight) if _fused_mod._would_compile_outside(x) else None
         if short_conv is not None:
             return short_conv(x, weight, doc_pos, silu)

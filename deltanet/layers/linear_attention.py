@@ -59,12 +59,11 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     out_dtype = v.dtype
     q, k, v = q.to(dtype) * scale, k.to(dtype), v.to(dtype)
-    if T == 1 and cu_seqlens is None:  # a decode step: the recurrence itself, not a padded chunk
-        S0 = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
-        S = S0 + torch.einsum("bhk,bhv->bhkv", k[:, 0], v[:, 0])
-        return torch.einsum("bhk,bhkv->bhv", q[:, 0], S)[:, None].to(out_dtype), S
     if cu_seqlens is None:
         S0 = initial_state.to(dtype) if initial_state is not None else q.new_zeros(B, H, K, V)
+        if T == 1:  # a decode step: the recurrence itself, not a token padded to a chunk
+            S = S0 + torch.einsum("bhk,bhv->bhkv", k[:, 0], v[:, 0])
+            return torch.einsum("bhk,bhkv->bhv", q[:, 0], S)[:, None].to(out_dtype), S
         o, S = _chunked(q, k, v, S0, chunk_size)
         return o.to(out_dtype), S
     # packed documents: one call per document (a baseline, not a fast path)

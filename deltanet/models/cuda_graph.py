@@ -28,11 +28,16 @@ import torch
 
 from .cache import _RECURRENT, DeltaNetCache
 
-__all__ = ["DecodeGraph", "graph_decodable"]
+__all__ = ["DecodeGraph", "graph_decodable", "recurrent_only"]
 
 # Devices on which the graph path is taken. Only CUDA captures; the tests add "cpu" to run the
 # same static-buffer step eagerly (the bookkeeping is device independent).
 GRAPH_DEVICES = ("cuda",)
+
+
+def recurrent_only(layer_types) -> bool:
+    """Whether every layer keeps a fixed-size state: the models whose decode steps are graphed."""
+    return all(t in _RECURRENT for t in layer_types)
 
 
 def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, labels, position_ids, cu_seqlens,
@@ -41,7 +46,7 @@ def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, l
     Anything else, malformed input included, goes the eager way (which validates it)."""
     if not (model.cuda_graph_decoding and isinstance(cache, DeltaNetCache) and cache.seen_tokens > 0
             and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[1] == 1
-            and all(t in _RECURRENT for t in cache.layer_types) and all("recurrent" in s for s in cache.layers)):
+            and recurrent_only(cache.layer_types) and all("recurrent" in s for s in cache.layers)):
         return False
     B, state = input_ids.shape[0], cache.layers[0]["recurrent"]
     return (state.shape[0] == B and state.device == input_ids.device and input_ids.device.type in GRAPH_DEVICES
@@ -65,21 +70,19 @@ class DecodeGraph:
         # a weak reference: the cache holds this object, and a cycle would keep the graph's
         # memory pool alive until the garbage collector runs
         self.model, self.cache_ref = model, weakref.ref(cache)
-        first = cache.layers[0]["recurrent"]
-        self.device = first.device
-        self.batch = first.shape[0]
-        self.ids = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
-        self.mask = torch.ones(self.batch, 1, dtype=torch.long, device=self.device)
+        self.device = cache.layers[0]["recurrent"].device
+        self.ids = torch.zeros(cache.batch_size(), 1, dtype=torch.long, device=self.device)
+        self.mask = torch.ones_like(self.ids)
         # the state tensors the graph reads and writes: the cache's own, from now on in place
         self.buffers = [dict(state) for state in cache.layers]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
 
-    def valid_for(self, model, cache, input_ids) -> bool:
-        """Still the same model, batch, and state tensors (nothing replaced them)."""
-        return (self.model is model and self.cache_ref() is cache and input_ids.shape[0] == self.batch
-                and input_ids.device == self.device
+    def valid_for(self, model, cache) -> bool:
+        """Still the same model and state tensors (nothing replaced them; the batch and device
+        are the states', which ``graph_decodable`` matched with the input)."""
+        return (self.model is model and self.cache_ref() is cache
                 and all(state.get(key) is buf for state, bufs in zip(cache.layers, self.buffers)
                         for key, buf in bufs.items()))
 
@@ -127,7 +130,7 @@ class DecodeGraph:
 def decode_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
     """Logits of one decode step through the cache's :class:`DecodeGraph` (built on demand)."""
     graph = getattr(cache, "_decode_graph", None)
-    if graph is None or not graph.valid_for(model, cache, input_ids):
+    if graph is None or not graph.valid_for(model, cache):
         graph = cache._decode_graph = DecodeGraph(model, cache)
     logits = graph(cache, input_ids, attention_mask)
     cache.seen_tokens += 1

@@ -25,12 +25,12 @@ def _cases():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 16)
     return {
-        "l2_norm": (l2_norm, (x,), {}),
-        "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5), {}),
-        "rms_norm_linear": (rms_norm_linear, (x, torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)]), {}),
-        "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5), {}),
-        "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16)), {}),
-        "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True), {}),
+        "l2_norm": (l2_norm, (x,)),
+        "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5)),
+        "rms_norm_linear": (rms_norm_linear, (x, torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)])),
+        "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5)),
+        "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16))),
+        "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True)),
     }
 
 
@@ -64,7 +64,7 @@ def _run(fn, args, autocast: bool):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("name", list(_cases()))
 def test_compiled_wrapper_matches_eager(name, autocast):
-    wrapper, args, _ = _cases()[name]
+    wrapper, args = _cases()[name]
     torch._dynamo.reset()
     compiled = torch.compile(wrapper.eager)
     outs_c, grads_c = _run(compiled, args, autocast)
