@@ -1,4 +1,4 @@
-"""The ``deltanet`` command line: ``train | generate | eval | bench``.
+"""The ``deltanet`` command line: ``train | data | generate | eval | bench``.
 
 Heavy modules (models, trainer, evaluation tasks, benchmarks) are imported only by the command
 that needs them, so ``deltanet --help`` stays fast. Mistakes in what the user typed (unknown
@@ -51,6 +51,7 @@ def build_parser() -> CliParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
     sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python stdlib)", add_help=False)
     sub.add_parser("generate", help="generate text from a checkpoint", add_help=False)
+    sub.add_parser("data", help="data prepare: tokenise a corpus into the cache ahead of training", add_help=False)
     ev = sub.add_parser("eval", help="evaluate: ppl | mqar | state-tracking | harness")
     ev.add_argument("task", choices=sorted(EVAL_TASKS))
     be = sub.add_parser("bench", help="benchmark: kernels | model | decode")
@@ -71,15 +72,7 @@ def train_parser() -> CliParser:
     a("--config", metavar="FILE", help="TOML / YAML / JSON file of settings (sections data, optim, train, model)")
     a("--preset", help="model preset (deltanet.models.presets), default tiny")
     a("--model", action="append", metavar="KEY=VALUE", help="override a model config field, e.g. --model num_hidden_layers=2")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="'stdlib' (default), 'stdlib-all' (with its tests), a file, directory, glob, "
-                   ".jsonl (a 'text' field per line), hf:NAME[:CONFIG] or hf:DIR (save_to_disk)")
-    g.add_argument("--tokenizer", help="'bpe' (default, trained on the data), 'bytes', a tokenizer.json, or an HF name")
-    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--val-fraction", type=float)
-    g.add_argument("--cache-dir", help="token cache directory (default $DELTANET_CACHE_DIR or ~/.cache/deltanet/tokens)")
-    g.add_argument("--no-doc-mask", dest="doc_mask", action="store_false", help="let packed documents see each other")
+    _add_data_flags(p.add_argument_group("data"))
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help="peak learning rate (default 0 = auto: 6e-3 * 128 / hidden_size)")
     g.add_argument("--warmup", type=int, help="warmup steps")
@@ -108,6 +101,19 @@ def train_parser() -> CliParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _add_defaults_to_help(p)
     return p
+
+
+def _add_data_flags(g) -> None:
+    # shared by `deltanet train` and `deltanet data prepare`: the same flags build the same cache
+    g.add_argument("--data", help="'stdlib' (default), 'stdlib-all' (with its tests), 'python-site' (stdlib + "
+                   "site-packages), a file, directory, glob, .jsonl (a 'text' field per line), hf:NAME[:CONFIG] or hf:DIR")
+    g.add_argument("--tokenizer", help="'bpe' (default, trained on the data), 'bytes', a tokenizer.json, or an HF name")
+    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--cache-dir", help="token cache directory (default $DELTANET_CACHE_DIR or ~/.cache/deltanet/tokens)")
+    g.add_argument("--data-workers", type=int, help="tokenising processes (default 0 = all cores)")
+    g.add_argument("--no-doc-mask", dest="doc_mask", action="store_false", help="let packed documents see each other")
 
 
 def _add_defaults_to_help(p: argparse.ArgumentParser) -> None:
@@ -182,6 +188,47 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+# -- data ------------------------------------------------------------------------------------
+def cmd_data(argv: list[str]) -> int:
+    """``deltanet data prepare``: build the tokenizer and token cache that ``deltanet train`` with
+    the same data flags will reuse (so torchrun jobs don't tokenise inside the job)."""
+    p = CliParser(prog="deltanet data prepare", argument_default=_S,
+                  description="Tokenise a corpus into the token cache ahead of training; takes deltanet train's data "
+                              "flags, and deltanet train with the same flags reuses the cache.")
+    p.add_argument("--config", metavar="FILE", help="config file (only its data settings are used)")
+    _add_data_flags(p.add_argument_group("data"))
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_defaults_to_help(p)
+    if not argv or argv[0] != "prepare":
+        raise UsageError("deltanet data: error: expected 'deltanet data prepare [flags]' (see deltanet data prepare --help)")
+    args = vars(p.parse_args(argv[1:]))
+    progress = args.pop("progress", True)
+    import dataclasses
+
+    from deltanet.training.config import DataConfig, RunConfig, load_config_file
+
+    cfg = RunConfig()
+    if "config" in args:
+        file_cfg = load_config_file(args.pop("config"))
+        data_keys = {"data"} | {f.name for f in dataclasses.fields(DataConfig)}
+        cfg.update({k: v for k, v in file_cfg.items() if k in data_keys}, source="the config file")
+    for key, value in args.items():
+        cfg.set(key, value, source="the command line")
+    cfg.data.validate()
+    from deltanet.training.data import build_token_cache, format_stats, open_corpus, prepare_tokenizer
+
+    dc = cfg.data
+    t0 = time.time()
+    corpus = open_corpus(dc.data, dc.val_fraction)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(corpus.describe())
+    tokenizer = prepare_tokenizer(dc, corpus, log=log)
+    cache = build_token_cache(corpus, tokenizer, dc.resolved_cache_dir(), progress=progress, workers=dc.data_workers)
+    print(f"token cache {'reused' if cache.reused else 'built'}: {cache.path}")
+    print(f"{dc.data}: {format_stats(cache.meta)} [{time.time() - t0:.1f}s]")
+    return 0
+
+
 # -- generate --------------------------------------------------------------------------------
 def cmd_generate(argv: list[str]) -> int:
     p = CliParser(prog="deltanet generate", description="Stream text from a checkpoint.")
@@ -234,6 +281,8 @@ def _dispatch(argv: list[str]) -> int:
         return cmd_train(argv[1:])
     if argv and argv[0] == "generate":
         return cmd_generate(argv[1:])
+    if argv and argv[0] == "data":
+        return cmd_data(argv[1:])
     if len(argv) >= 2 and argv[0] == "eval" and argv[1] in EVAL_TASKS:
         return _delegate("eval", EVAL_TASKS, argv[1], argv[2:])
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:

@@ -45,17 +45,19 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the text comes from and how it becomes token sequences."""
 
-    data: str = "stdlib"  # "stdlib", a file, a directory, a glob, a .jsonl, or "hf:NAME[:CONFIG]"
+    data: str = "stdlib"  # "stdlib", "python-site", a file, a directory, a glob, a .jsonl, or "hf:NAME[:CONFIG]"
     tokenizer: str = "bpe"  # "bpe" (trained on the train split), "bytes", a tokenizer.json, or an HF name
     vocab_size: int = 4096  # for "bpe" only
     seq_len: int = 256
     val_fraction: float = 0.05  # share of files (or lines of a single file) held out
     tokenizer_train_bytes: int = 16_000_000  # BPE is trained on at most this much training text
     cache_dir: str = ""  # token caches; "" -> $DELTANET_CACHE_DIR or ~/.cache/deltanet/tokens
+    data_workers: int = 0  # tokenising processes; 0 = all cores (the token ids don't depend on it)
     doc_mask: bool = True  # packed documents don't see each other (cu_seqlens)
 
     def validate(self) -> None:
         _positive(self, "seq_len", "vocab_size", "tokenizer_train_bytes")
+        _non_negative(self, "data_workers")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer == "bpe" and self.vocab_size < 300:

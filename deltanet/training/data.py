@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import site
 import sysconfig
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,10 +29,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["Corpus", "DataError", "PackedTokens", "TokenCache", "build_token_cache", "eval_positions", "make_batch",
-           "open_corpus"]
+from .pipeline import (SKIP_REASONS, Limits, check_document, default_workers, digest_of, glob_files, make_tasks,
+                       read_document, run_tasks, task_bytes, tokenizer_state, walk_files)
 
-CACHE_VERSION = 1
+__all__ = ["Corpus", "DataError", "PackedTokens", "TokenCache", "build_token_cache", "eval_positions", "format_stats",
+           "make_batch", "open_corpus", "prepare_tokenizer", "tokenizer_sample"]
+
+CACHE_VERSION = 2  # 2: duplicates dropped, hostile files skipped, parallel build
 
 
 class DataError(ValueError):
@@ -39,8 +44,12 @@ class DataError(ValueError):
 
 @dataclass
 class Corpus:
-    """Documents from one spec, split deterministically: document ``j`` is held out when
-    ``j % every == every - 1`` (whole files for file corpora; lines for a single text file).
+    """Documents from one spec, in a deterministic order, each sent to the train or val split.
+
+    ``split_by="index"`` (file, directory, glob, ``.jsonl``, ``hf:`` specs): document ``j`` is
+    held out when ``j % every == every - 1`` (whole files; lines for a single text file).
+    ``split_by="hash"`` (``python-site``): a document is held out when a hash of its content
+    falls below ``val_fraction``, so adding files never moves an existing file between splits.
 
     >>> import tempfile, pathlib
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -54,7 +63,11 @@ class Corpus:
     files: list[Path] = field(default_factory=list)
     val_fraction: float = 0.05
     hf: tuple[str, str | None] | None = None
-    skipped: dict[str, int] = field(default_factory=lambda: {"non_utf8": 0, "bad_json": 0, "empty": 0})
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    split_by: str = "index"
+    roots: list[tuple[str, Path]] = field(default_factory=list)  # (label, dir) for relative names
+    limits: Limits = field(default_factory=Limits)
+    _sizes: list[int] | None = field(default=None, repr=False)
 
     @property
     def every(self) -> int:
@@ -63,24 +76,58 @@ class Corpus:
             every = min(every, len(self.files))  # a few files: still hold one out
         return every
 
-    def _is_val(self, j: int) -> bool:
+    def is_val(self, j: int, digest: bytes = b"") -> bool:
+        if self.split_by == "hash":
+            return int.from_bytes(digest[:8], "big") < self.val_fraction * 2**64
         return j % self.every == self.every - 1
 
+    def parallel(self) -> bool:
+        """Whether the worker pool can tokenise this corpus (not ``hf:``, not one plain file)."""
+        return self.hf is None and not (len(self.files) == 1 and self.files[0].suffix != ".jsonl")
+
+    def sizes(self) -> list[int]:
+        if self._sizes is None:
+            self._sizes = [_stat(f)[0] for f in self.files]
+        return self._sizes
+
     def approx_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
+        return sum(max(0, s) for s in self.sizes())
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(f"v{CACHE_VERSION}|{self.val_fraction}|{self.hf}".encode())
+        """The cache key's corpus half: paths, sizes, mtimes, split and limits (this machine only)."""
+        h = hashlib.sha256(f"v{CACHE_VERSION}|{self.val_fraction}|{self.hf}|{self.split_by}|{self.limits.key()}".encode())
         files = self.files
         if self.hf is not None and Path(self.hf[0]).is_dir():  # a local dataset: key on its files too
             files = sorted(p for p in Path(self.hf[0]).rglob("*") if p.is_file())
         for f in files:
-            st = f.stat()
-            h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            h.update(f"|{os.path.realpath(f)}|{_stat(f)[0]}|{_stat(f)[1]}".encode())
         return h.hexdigest()[:16]
 
+    def list_fingerprint(self) -> str:
+        """Hash of the file list as names relative to the corpus roots + sizes: equal on two machines
+        (or two runs) that see the same files, wherever the files live."""
+        h = hashlib.sha256(self.spec.encode() if not self.files else b"files")
+        for f, size in zip(self.files, self.sizes()):
+            h.update(f"|{self._relative(f)}|{size}".encode())
+        return h.hexdigest()[:12]
+
+    def _relative(self, f: Path) -> str:
+        for label, root in self.roots:
+            try:
+                return f"{label}/{f.relative_to(root).as_posix()}"
+            except ValueError:
+                continue
+        return f.name
+
+    def describe(self) -> str:
+        if self.hf is not None:
+            return f"data {self.spec}: a Hugging Face dataset"
+        return (f"data {self.spec}: {len(self.files):,} files, {self.approx_bytes() / 1e6:,.1f} MB, "
+                f"file list fingerprint {self.list_fingerprint()}")
+
     def iter_texts(self, split: str) -> Iterator[str]:
-        """Yield the documents of ``split`` ("train" or "val") in a fixed order."""
+        """Yield the documents of ``split`` ("train" or "val") in a fixed order (one process;
+        :func:`build_token_cache` is the parallel path, which also drops duplicates)."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         want_val = split == "val"
@@ -95,25 +142,29 @@ class Corpus:
         for f in self.files:
             if f.suffix == ".jsonl":
                 for text in self._iter_jsonl(f, count_skips=not want_val):
-                    if self._is_val(j) == want_val:
+                    if self._is_val_text(j, text) == want_val:
                         yield text
                     j += 1
                 continue
-            if self._is_val(j) == want_val:  # decide before reading: the other split's files stay unread
+            if self.split_by == "hash":  # the split needs the content: read, count skips once
+                reason, digest, text = read_document(f, self.limits)
+                if reason is not None and not want_val:
+                    self.skipped[reason] += 1
+                if text is not None and self.is_val(j, digest) == want_val:
+                    yield text
+            elif self.is_val(j) == want_val:  # decide before reading: the other split's files stay unread
                 text = self._read(f)
                 if text:
                     yield text
             j += 1
 
+    def _is_val_text(self, j: int, text: str) -> bool:
+        return self.is_val(j, digest_of(text.encode("utf-8", errors="surrogatepass")) if self.split_by == "hash" else b"")
+
     def _read(self, f: Path) -> str | None:
-        try:
-            text = f.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            self.skipped["non_utf8"] += 1
-            return None
-        if not text.strip():
-            self.skipped["empty"] += 1
-            return None
+        reason, _, text = read_document(f, self.limits)
+        if reason is not None:
+            self.skipped[reason] += 1
         return text
 
     def _iter_single_file(self, f: Path, want_val: bool) -> Iterator[str]:
@@ -164,7 +215,7 @@ class Corpus:
             yield from (t for t in rows["text"] if t)
             return
         for j, text in enumerate(ds["train"]["text"]):
-            if text and self._is_val(j) == want_val:
+            if text and self.is_val(j) == want_val:
                 yield text
 
 
@@ -182,14 +233,44 @@ def stdlib_files(include_tests: bool = False) -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts) and p.is_file())
 
 
+def python_site_roots() -> list[tuple[str, Path]]:
+    """``(label, dir)``: the standard library, then each site-packages directory of this interpreter."""
+    paths = sysconfig.get_paths()
+    roots = [("stdlib", Path(paths["stdlib"]))]
+    sites = [paths["purelib"], paths["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        sites.append(site.getusersitepackages())
+    seen = {os.path.realpath(roots[0][1])}
+    for i, d in enumerate(sites):
+        if os.path.isdir(d) and os.path.realpath(d) not in seen:
+            seen.add(os.path.realpath(d))
+            roots.append((f"site{len(roots) - 1}", Path(d)))
+    return roots
+
+
+def python_site_files(roots: list[tuple[str, Path]]) -> list[Path]:
+    """Every ``.py`` file under ``roots`` (the stdlib with its tests; site-packages walked on their own)."""
+    out: list[Path] = []
+    for label, root in roots:
+        skip = {"__pycache__"} | ({"site-packages", "dist-packages"} if label == "stdlib" else set())
+        out.extend(walk_files(root, keep=lambda n: n.endswith(".py"), skip_dir=skip.__contains__))
+    return out
+
+
 def open_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:
-    """Resolve a data spec: ``stdlib`` / ``stdlib-all``, a file, a directory, a glob, a ``.jsonl``,
-    ``hf:NAME[:CONFIG]`` (Hugging Face hub) or ``hf:DIR`` (a dataset saved with ``save_to_disk``)."""
+    """Resolve a data spec: ``stdlib`` / ``stdlib-all`` / ``python-site``, a file, a directory, a
+    glob, a ``.jsonl``, ``hf:NAME[:CONFIG]`` (Hugging Face hub) or ``hf:DIR`` (``save_to_disk``)."""
     if spec in ("stdlib", "stdlib-all"):  # stdlib-all: with the stdlib's test suites (2.5x the text)
         files = stdlib_files(include_tests=spec == "stdlib-all")
         if not files:
             raise DataError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']}")
-        return Corpus(spec, files, val_fraction)
+        return Corpus(spec, files, val_fraction, roots=[("stdlib", Path(sysconfig.get_paths()["stdlib"]))])
+    if spec == "python-site":  # every .py of this interpreter: stdlib (with tests) + site-packages
+        roots = python_site_roots()
+        files = python_site_files(roots)
+        if not files:
+            raise DataError("no Python sources found in the standard library or site-packages")
+        return Corpus(spec, files, val_fraction, split_by="hash", roots=roots)
     if spec.startswith("hf:"):
         try:
             import datasets  # noqa: F401
@@ -199,22 +280,29 @@ def open_corpus(spec: str, val_fraction: float = 0.05) -> Corpus:
         return Corpus(spec, [], val_fraction, hf=(name, config or None))
     path = Path(spec).expanduser()
     if any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        files = glob_files(str(path))
         if not files:
             raise DataError(f"no files match {spec}")
+        root = Path(*path.parts[:next(i for i, p in enumerate(path.parts) if glob.has_magic(p))])
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = walk_files(path, keep=lambda n: not n.startswith("."),
+                           skip_dir=lambda d: d.startswith(".") or d == "__pycache__")
         if not files:
             raise DataError(f"data directory {spec} holds no files")
+        root = path
     elif path.is_file():
-        files = [path]
+        files, root = [path], path.parent
     else:
         raise DataError(f"data path not found: {spec}")
-    return Corpus(spec, files, val_fraction)
+    return Corpus(spec, files, val_fraction, roots=[("data", root)])
 
 
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") or part == "__pycache__" for part in rel.parts)
+def _stat(f: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(f)
+        return st.st_size, st.st_mtime_ns
+    except OSError:  # dangling symlink, loop, no permission: listed, skipped when read
+        return -1, -1
 
 
 @dataclass
@@ -223,6 +311,7 @@ class TokenCache:
 
     path: Path
     meta: dict
+    reused: bool = False  # found on disk, not built by this call
 
     def tokens(self, split: str) -> np.memmap:
         n = self.meta[f"{split}_tokens"]
@@ -231,52 +320,129 @@ class TokenCache:
         return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
 
 
-def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: bool = True) -> TokenCache:
-    """Tokenise ``corpus`` once; later calls with the same corpus + tokenizer reuse the files.
+def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: bool = True, workers: int = 0) -> TokenCache:
+    """Tokenise ``corpus`` once (``workers`` processes, 0 = all cores); later calls with the same
+    corpus + tokenizer reuse the files. The token ids don't depend on ``workers``.
 
-    Written into a temp directory and renamed, so a crash never leaves a half cache behind.
+    Written into ``.tmp-<key>-<pid>`` and renamed, so an interrupted build never leaves a half
+    cache behind; a temp directory whose process is gone is removed by the next build.
     """
     key = hashlib.sha256(f"{corpus.fingerprint()}|{tokenizer.fingerprint()}".encode()).hexdigest()[:20]
     final = Path(cache_root) / key
     if (final / "meta.json").is_file():
-        return TokenCache(final, json.loads((final / "meta.json").read_text()))
+        return TokenCache(final, json.loads((final / "meta.json").read_text()), reused=True)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final.parent, key)
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    byte_len = tokenizer.token_bytes()
-    meta: dict = {"spec": corpus.spec, "dtype": np.dtype(dtype).name, "eos_id": tokenizer.eos_id,
-                  "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint()}
-    bar = None
-    if progress and corpus.approx_bytes() > 4_000_000:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=corpus.approx_bytes(), unit="B", unit_scale=True, desc="tokenising", leave=False)
-    for split in ("train", "val"):
-        n_tok = n_doc = n_bytes = 0
-        with open(tmp / f"{split}.bin", "wb") as fh:
-            for batch in _batched(corpus.iter_texts(split), max_chars=2_000_000):
-                for ids in tokenizer.encode_batch(batch):
-                    arr = np.asarray([tokenizer.eos_id, *ids], dtype=dtype)
-                    arr.tofile(fh)
-                    n_tok += arr.size
-                    n_bytes += int(byte_len[arr].sum())
-                n_doc += len(batch)
-                if bar is not None:
-                    bar.update(sum(len(t) for t in batch))
-            fh.flush()
-            os.fsync(fh.fileno())
-        meta.update({f"{split}_tokens": n_tok, f"{split}_docs": n_doc, f"{split}_bytes": n_bytes})
-    if bar is not None:
-        bar.close()
-    meta["skipped"] = dict(corpus.skipped)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     try:
+        meta = _write_cache(corpus, tokenizer, tmp, progress, workers or default_workers())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)
-    except OSError:  # another process (rank) finished the same cache first: use theirs
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        # another process (rank) finished the same cache first: use theirs
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenCache(final, json.loads((final / "meta.json").read_text()))
+
+
+def _remove_stale_temps(root: Path, key: str) -> None:
+    for d in root.glob(f".tmp-{key}-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:  # its builder died (SIGKILL, power loss): never reused, just removed
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+class _Sink:
+    """Appends documents to ``train.bin`` / ``val.bin``, dropping exact duplicates (first copy wins)."""
+
+    def __init__(self, tmp: Path, corpus: Corpus):
+        self.fh = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}
+        self.n = {f"{s}_{k}": 0 for s in ("train", "val") for k in ("tokens", "docs", "bytes")}
+        self.seen: set[int] = set()
+        self.skipped = corpus.skipped
+
+    def add(self, digest: bytes, arr: np.ndarray, n_bytes: int, val: bool) -> None:
+        h = int.from_bytes(digest[:8], "big")
+        if h in self.seen:
+            self.skipped["duplicate"] += 1
+            return
+        self.seen.add(h)
+        split = "val" if val else "train"
+        arr.tofile(self.fh[split])
+        self.n[f"{split}_tokens"] += arr.size
+        self.n[f"{split}_docs"] += 1
+        self.n[f"{split}_bytes"] += n_bytes
+
+    def close(self) -> None:
+        for fh in self.fh.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+
+def _write_cache(corpus: Corpus, tokenizer, tmp: Path, progress: bool, workers: int) -> dict:
+    t0 = time.time()
+    total = corpus.approx_bytes()
+    bar = None
+    if progress and total > 4_000_000:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising ({workers} workers)", leave=False)
+    sink = _Sink(tmp, corpus)
+    try:
+        if corpus.parallel():
+            tasks = make_tasks(corpus.files, corpus.sizes())
+            done = (lambda i: bar.update(task_bytes(tasks[i]))) if bar is not None else None
+            j = 0
+            for _, records in run_tasks(tasks, workers, tokenizer_state(tokenizer), corpus.limits, done):
+                for reason, digest, arr, n_bytes, indexed in records:
+                    if reason is not None:
+                        corpus.skipped[reason] += 1
+                    else:
+                        sink.add(digest, arr, n_bytes, corpus.is_val(j, digest))
+                    j += indexed
+        else:  # hf: datasets / one plain file: in this process (the tokenizer itself is multi-threaded)
+            workers = 1
+            _write_serial(corpus, tokenizer, sink, bar)
+    finally:
+        sink.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.time() - t0
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    return {"spec": corpus.spec, "dtype": np.dtype(dtype).name, "eos_id": tokenizer.eos_id,
+            "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.fingerprint(), **sink.n,
+            "skipped": dict(corpus.skipped), "files": len(corpus.files), "input_bytes": total,
+            "file_list": corpus.list_fingerprint(), "split_by": corpus.split_by,
+            "build": {"workers": workers, "seconds": round(seconds, 2),
+                      "mb_per_s": round(total / 1e6 / max(seconds, 1e-9), 2)}}
+
+
+def _write_serial(corpus: Corpus, tokenizer, sink: _Sink, bar) -> None:
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    byte_len = tokenizer.token_bytes()
+    for split in ("train", "val"):
+        for batch in _batched(corpus.iter_texts(split), max_chars=2_000_000):
+            keep = []
+            for text in batch:
+                data = text.encode("utf-8", errors="surrogatepass")
+                reason, _ = check_document(data, corpus.limits)
+                if reason in (None, "empty"):
+                    keep.append((text, digest_of(data)))
+                else:
+                    corpus.skipped[reason] += 1
+            for (_, digest), ids in zip(keep, tokenizer.encode_batch([t for t, _ in keep])):
+                arr = np.asarray([tokenizer.eos_id, *ids], dtype=dtype)
+                sink.add(digest, arr, int(byte_len[arr].sum()), split == "val")
+            if bar is not None:
+                bar.update(sum(len(t) for t in batch))
 
 
 def _batched(texts: Iterator[str], max_chars: int) -> Iterator[list[str]]:
@@ -290,6 +456,84 @@ def _batched(texts: Iterator[str], max_chars: int) -> Iterator[list[str]]:
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def tokenizer_sample(corpus: Corpus, max_bytes: int, workers: int = 0) -> list[str]:
+    """Up to ``max_bytes`` of training documents for the BPE, spread over the whole corpus.
+
+    File corpora: files in a fixed pseudo-random order (a hash of their names), read in parallel,
+    skipping held-out, unusable and duplicate documents. Other corpora: the first training texts.
+    """
+    if not corpus.parallel() or any(f.suffix == ".jsonl" for f in corpus.files):
+        out, total = [], 0
+        for text in corpus.iter_texts("train"):
+            out.append(text)
+            total += len(text.encode("utf-8", errors="surrogatepass"))
+            if total >= max_bytes:
+                break
+        return out
+    order = sorted(range(len(corpus.files)), key=lambda i: digest_of(corpus._relative(corpus.files[i]).encode()))
+    sizes = corpus.sizes()
+    tasks = make_tasks([corpus.files[i] for i in order], [sizes[i] for i in order])
+    out, total, seen, k = [], 0, set(), 0
+    gen = run_tasks(tasks, workers or default_workers(), None, corpus.limits)
+    try:
+        for _, records in gen:
+            for reason, digest, text, n_bytes, _ in records:
+                j = order[k]
+                k += 1
+                if reason is not None or digest in seen or corpus.is_val(j, digest) or total >= max_bytes:
+                    continue
+                seen.add(digest)
+                out.append(text)
+                total += n_bytes
+            if total >= max_bytes:
+                break
+    finally:
+        gen.close()
+    return out
+
+
+def prepare_tokenizer(dc, corpus: Corpus, log=print):
+    """The tokenizer ``dc`` (a DataConfig) asks for. A BPE is trained on :func:`tokenizer_sample`
+    and kept next to the token caches (keyed by corpus, vocabulary and sample size), so
+    ``deltanet data prepare`` and a later ``deltanet train`` share it, and with it the token cache."""
+    from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
+
+    if dc.tokenizer != "bpe":
+        return make_tokenizer(dc.tokenizer)
+    key = hashlib.sha256(f"bpe-v1|{corpus.fingerprint()}|{dc.vocab_size}|{dc.tokenizer_train_bytes}".encode())
+    where = dc.resolved_cache_dir() / "tokenizers" / key.hexdigest()[:20]
+    if (where / "tokenizer_meta.json").is_file():
+        log(f"BPE tokenizer: reused {where}")
+        return load_tokenizer(where)
+    t0 = time.time()
+    sample = tokenizer_sample(corpus, dc.tokenizer_train_bytes, dc.data_workers)
+    n_bytes = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in sample)
+    t1 = time.time()
+    tok = train_bpe(iter(sample), dc.vocab_size)
+    log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) on a {n_bytes / 1e6:.1f} MB sample "
+        f"({len(sample):,} documents; read in {t1 - t0:.1f}s, trained in {time.time() - t1:.1f}s)")
+    tmp = where.parent / f".tmp-{where.name}-{os.getpid()}"
+    try:
+        tok.save(tmp)
+        os.replace(tmp, where)
+    except OSError:
+        pass  # another process saved the same tokenizer first, or the cache dir is read-only
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def format_stats(meta: dict) -> str:
+    """One line of corpus statistics from a cache's meta.json."""
+    skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items() if v) or "none"
+    b = meta.get("build", {})
+    rate = f"; tokenised {meta.get('input_bytes', 0) / 1e6:,.1f} MB in {b['seconds']:.1f}s = {b['mb_per_s']:.1f} MB/s " \
+           f"with {b['workers']} workers" if b else ""
+    return (f"{meta.get('files', 0):,} files, {meta['train_docs']:,} train / {meta['val_docs']:,} val documents, "
+            f"{meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
+            f"{meta['train_bytes'] + meta['val_bytes']:,} bytes (skipped: {skipped}){rate}")
 
 
 class PackedTokens:

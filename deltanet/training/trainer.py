@@ -29,10 +29,11 @@ import torch
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
                          load_training_state, restore_rng, save_checkpoint)
 from .config import ConfigError, RunConfig, auto_lr
-from .data import DataError, PackedTokens, build_token_cache, eval_positions, make_batch, open_corpus
+from .data import (DataError, PackedTokens, build_token_cache, eval_positions, format_stats, make_batch, open_corpus,
+                   prepare_tokenizer)
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
 from .metrics import MetricsLog, plot_losses
-from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
+from .tokenizer import load_tokenizer
 
 __all__ = ["TrainResult", "lr_at", "train"]
 
@@ -171,26 +172,20 @@ class _Run:
         # decided on the main process only: another rank looking later would see its file
         if self.d.broadcast_object(not (run_dir / "tokenizer_meta.json").is_file()):
             if self.d.is_main:
-                if self.dc.tokenizer == "bpe":
-                    t0 = time.time()
-                    tok = train_bpe(_capped(corpus.iter_texts("train"), self.dc.tokenizer_train_bytes), self.dc.vocab_size)
-                    self.log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) in {time.time() - t0:.1f}s")
-                else:
-                    tok = make_tokenizer(self.dc.tokenizer)
-                tok.save(run_dir)
+                prepare_tokenizer(self.dc, corpus, log=self.log).save(run_dir)
             self.d.barrier()
         return load_tokenizer(run_dir)
 
     def _data(self, corpus, tokenizer):
         if self.d.is_main:
             t0 = time.time()
-            cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=self.tc.progress)
+            cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=self.tc.progress,
+                                      workers=self.dc.data_workers)
             m = cache.meta
-            skipped = ", ".join(f"{v} {k}" for k, v in m["skipped"].items() if v) or "none"
             if m["train_docs"] == 0:
-                raise DataError(f"no usable training text in {self.dc.data} (skipped files/records: {skipped})")
-            self.log(f"data {self.dc.data}: {m['train_docs']:,} train / {m['val_docs']:,} val documents, "
-                     f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens (skipped: {skipped}) [{time.time() - t0:.1f}s]")
+                raise DataError(f"no usable training text in {self.dc.data} ({format_stats(m)})")
+            self.log(f"token cache {'reused' if cache.reused else 'built'}: {cache.path} [{time.time() - t0:.1f}s]\n"
+                     f"data {self.dc.data}: {format_stats(m)}")
         self.d.barrier()
         cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=False)
         train = PackedTokens(cache.tokens("train"), self.dc.seq_len, seed=self.tc.seed)
@@ -237,6 +232,7 @@ class _Run:
         self._model_config(256)  # a bad preset / override fails now, not after tokenising
         run_dir = self._run_dir()
         corpus = open_corpus(self.dc.data, self.dc.val_fraction)
+        self.log(corpus.describe())  # the file-list fingerprint: did two runs see the same data?
         tokenizer = self._tokenizer(run_dir, corpus)
         train_rows, val_rows = self._data(corpus, tokenizer)
         ckpt = find_checkpoint(run_dir) if tc.resume else None
@@ -440,15 +436,6 @@ class _Run:
             return ""
         return generate_text(raw, tokenizer, self.tc.sample_prompt, max_new_tokens=self.tc.sample_tokens,
                              temperature=0.8, top_p=0.95, seed=self.tc.seed)
-
-
-def _capped(texts, max_bytes: int):
-    total = 0
-    for t in texts:
-        yield t
-        total += len(t)
-        if total >= max_bytes:
-            return
 
 
 def _peak_flops(device: torch.device) -> float | None:
