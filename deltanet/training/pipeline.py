@@ -233,8 +233,6 @@ def _init_worker(tok_state: tuple | None, limits: Limits, child: bool = True) ->
         tok = tokenizer_from_state(tok_state)
         _W.update(tok=tok, token_bytes=tok.token_bytes(),
                   dtype=np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
-    if os.environ.get("DELTANET_TEST_FAIL_TASK"):  # tests: make one task fail inside a worker
-        _W["fail"] = int(os.environ["DELTANET_TEST_FAIL_TASK"])
 
 
 def tokenizer_state(tok) -> tuple:
@@ -257,9 +255,7 @@ def tokenizer_from_state(state: tuple):
 def _run_task(arg: tuple[int, tuple]) -> list[tuple]:
     """One task -> records ``(reason, digest, payload, n_bytes, indexed)``; ``payload`` is the token
     array (tokenising) or the text (sampling), None for a skipped document."""
-    index, task = arg
-    if _W.get("fail") == index:
-        raise RuntimeError(f"injected failure in task {index}")
+    _, task = arg
     limits = _W["limits"]
     if task[0] == "files":
         docs = [(*read_document(p, limits), True) for p in task[1]]

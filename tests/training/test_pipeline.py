@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from deltanet.training import pipeline
@@ -153,11 +152,19 @@ def test_worker_failure_leaves_no_cache_and_rebuild_matches(tmp_path, monkeypatc
     monkeypatch.setattr(pipeline, "TASK_FILES", 2)
     data = make_corpus(tmp_path / "data", n_files=12)
     tok = ByteTokenizer()
-    monkeypatch.setenv("DELTANET_TEST_FAIL_TASK", "3")
-    with pytest.raises(RuntimeError, match="injected failure in task 3"):
+    read = pipeline.read_document
+    monkeypatch.delenv("DELTANET_DATA_START_METHOD", raising=False)  # forked workers inherit the patch below
+
+    def failing(path, limits):  # forked workers inherit the patch
+        if Path(path).name == "m07.py":
+            raise RuntimeError("injected failure reading m07.py")
+        return read(path, limits)
+
+    monkeypatch.setattr(pipeline, "read_document", failing)
+    with pytest.raises(RuntimeError, match="injected failure reading m07.py"):
         build_token_cache(open_corpus(str(data)), tok, tmp_path / "cache", progress=False, workers=2)
     assert list((tmp_path / "cache").iterdir()) == []  # no final cache, no temp directory
-    monkeypatch.delenv("DELTANET_TEST_FAIL_TASK")
+    monkeypatch.setattr(pipeline, "read_document", read)
     again = build_token_cache(open_corpus(str(data)), tok, tmp_path / "cache", progress=False, workers=2)
     ref = build_token_cache(open_corpus(str(data)), tok, tmp_path / "ref", progress=False, workers=1)
     assert not again.reused and _tokens(again) == _tokens(ref)
