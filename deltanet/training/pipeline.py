@@ -19,11 +19,11 @@ leaves no orphans behind.
 from __future__ import annotations
 
 import collections
-import fnmatch
 import glob
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass
@@ -69,21 +69,27 @@ def walk_files(root: Path, keep: Callable[[str], bool] = lambda name: True,
                skip_dir: Callable[[str], bool] = lambda name: False) -> list[Path]:
     """Every non-directory entry under ``root`` whose name passes ``keep``, sorted.
 
-    Symlinked directories are followed once each (a visited set of real paths), so a symlink
+    Symlinked directories are followed once each (a visited set of device + inode), so a symlink
     loop ends the walk instead of recursing until ELOOP. Symlinked, dangling or special files
     are listed: the reader decides (and counts) what cannot be read.
     """
-    out: list[Path] = []
-    seen: set[str] = set()
+    return sorted(Path(d, f) for d, names in _walk(str(root), skip_dir) for f in names if keep(f))
+
+
+def _walk(root: str, skip_dir: Callable[[str], bool]) -> Iterator[tuple[str, list[str]]]:
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
+        try:
+            st = os.stat(dirpath)
+        except OSError:
             dirnames[:] = []
             continue
-        seen.add(real)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not skip_dir(d)]
-        out.extend(Path(dirpath, f) for f in filenames if keep(f))
-    return sorted(out)
+        yield dirpath, filenames
 
 
 def glob_files(pattern: str) -> list[Path]:
@@ -96,26 +102,43 @@ def glob_files(pattern: str) -> list[Path]:
         return sorted(Path(p) for p in glob.glob(pattern) if not os.path.isdir(p))
     n_lit = next(i for i, p in enumerate(parts) if glob.has_magic(p))
     root = Path(*parts[:n_lit]) if n_lit else Path(".")
-    pat = parts[n_lit:]
     if not root.is_dir():
         return []
+    rx = _pattern_regex(parts[n_lit:])
     hits = []
-    for f in walk_files(root, skip_dir=lambda d: d.startswith(".")):
-        rel = f.relative_to(root).parts
-        if _match(rel, pat):
-            hits.append(f)
-    return hits
+    for d, names in _walk(str(root), lambda name: name.startswith(".")):
+        rel = os.path.relpath(d, root).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        hits.extend(Path(d, f) for f in names if rx.fullmatch(prefix + f))
+    return sorted(hits)
 
 
-def _match(name: tuple[str, ...], pat: tuple[str, ...]) -> bool:
-    if not pat:
-        return not name
-    if pat[0] == "**":
-        return any(_match(name[i:], pat[1:]) for i in range(len(name) + 1)
-                   if not any(n.startswith(".") for n in name[:i]))
-    if not name or (name[0].startswith(".") and not pat[0].startswith(".")):
-        return False
-    return fnmatch.fnmatchcase(name[0], pat[0]) and _match(name[1:], pat[1:])
+def _pattern_regex(parts: tuple[str, ...]) -> re.Pattern:
+    # glob semantics per component: * and ? stay inside it, ** spans any number of components, and
+    # neither matches a leading dot (hidden names) unless the pattern's component starts with one
+    out = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(r"(?:(?!\.)[^/]+/)*(?!\.)[^/]+" if last else r"(?:(?!\.)[^/]+/)*")
+            continue
+        rx = "" if part.startswith(".") else r"(?!\.)"
+        j = 0
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif c == "[" and (k := part.find("]", j + 2)) != -1:  # a class: [abc], [!abc], []]
+                body = part[j + 1:k].replace("\\", "\\\\")
+                rx += "[^" + body[1:] + "]" if body.startswith("!") else "[" + body.replace("^", "\\^", 1) + "]"
+                j = k
+            else:
+                rx += re.escape(c)
+            j += 1
+        out.append(rx + ("" if last else "/"))
+    return re.compile("".join(out), re.DOTALL)
 
 
 # -- reading and checking documents ----------------------------------------------------------

@@ -285,9 +285,10 @@ def test_data_prepare_then_train_reuses_the_cache(tmp_path):
     assert meta["files"] == 8 and meta["build"]["workers"] == 2
 
 
-def test_data_command_needs_prepare():
-    res = run_cli(["data"])
-    assert res.returncode == 2 and "deltanet data prepare" in res.stderr
+def test_data_command_needs_prepare(capsys):
+    from deltanet.cli import main
+
+    assert main(["data"]) == 2 and "deltanet data prepare" in capsys.readouterr().err
 
 
 def test_digest_split_uses_content():
