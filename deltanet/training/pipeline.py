@@ -181,7 +181,13 @@ def read_document(path: str | Path, limits: Limits) -> tuple[str | None, bytes, 
 
 def _jsonl_records(path: str, start: int, end: int, limits: Limits) -> Iterator[tuple[str | None, bytes, str | None, bool]]:
     # A line belongs to the range that holds its first byte; (reason, digest, text, indexed).
-    with open(path, "rb") as fh:
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        if start == 0:
+            yield "unreadable", b"", None, False
+        return
+    with fh:
         if start > 0:
             fh.seek(start - 1)
             fh.readline()  # the rest of the line that started in the previous range
@@ -275,10 +281,9 @@ def tokenizer_from_state(state: tuple):
     return HFTokenizer(Tokenizer.from_str(state[1]), state[2], kind=state[0])
 
 
-def _run_task(arg: tuple[int, tuple]) -> list[tuple]:
+def _run_task(task: tuple) -> list[tuple]:
     """One task -> records ``(reason, digest, payload, n_bytes, indexed)``; ``payload`` is the token
     array (tokenising) or the text (sampling), None for a skipped document."""
-    _, task = arg
     limits = _W["limits"]
     if task[0] == "files":
         docs = [(*read_document(p, limits), True) for p in task[1]]
@@ -312,7 +317,7 @@ def run_tasks(tasks: list[tuple], workers: int, tok_state: tuple | None, limits:
         try:
             _init_worker(tok_state, limits, child=False)
             for i, task in enumerate(tasks):
-                yield i, _run_task((i, task))
+                yield i, _run_task(task)
                 if on_task_done:
                     on_task_done(i)
         finally:
@@ -337,7 +342,7 @@ def run_tasks(tasks: list[tuple], workers: int, tok_state: tuple | None, limits:
         nxt = 0
         while nxt < len(tasks) or pending:
             while nxt < len(tasks) and len(pending) < 4 * workers:
-                pending.append(pool.apply_async(_run_task, ((nxt, tasks[nxt]),)))
+                pending.append(pool.apply_async(_run_task, (tasks[nxt],)))
                 nxt += 1
             i = nxt - len(pending)
             yield i, pending.popleft().get()

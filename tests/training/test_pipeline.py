@@ -295,3 +295,24 @@ def test_digest_split_uses_content():
     c = Corpus("x", [], val_fraction=0.5, split_by="hash")
     d = digest_of(b"abc")
     assert c.is_val(0, d) == c.is_val(99, d)  # position plays no part
+
+
+def test_jsonl_split_into_byte_ranges_keeps_every_record_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "JSONL_TASK_BYTES", 37)  # ranges end mid-line
+    lines = []
+    for i in range(60):
+        lines.append(json.dumps({"text": f"record {i} " + "é" * (i % 5)}))
+        if i % 13 == 0:
+            lines += ["not json", "", json.dumps({"text": ""})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "record 3 ééé"}) + "\n")  # a duplicate
+    c = open_corpus(str(tmp_path / "*.jsonl"), val_fraction=0.2)
+    assert len(pipeline.make_tasks(c.files, c.sizes())) > 20
+    cache = build_token_cache(c, ByteTokenizer(), tmp_path / "cache", progress=False, workers=2)
+    want = open_corpus(str(tmp_path / "*.jsonl"), val_fraction=0.2)
+    train = list(want.iter_texts("train"))
+    assert train[-1] == train[3] == "record 3 ééé"  # b.jsonl's copy comes last: the one dropped
+    assert _byte_docs(cache, "train") == train[:-1]
+    assert _byte_docs(cache, "val") == list(want.iter_texts("val"))
+    sk = cache.meta["skipped"]
+    assert (sk["bad_json"], sk["empty"], sk["duplicate"]) == (5, 5, 1)
