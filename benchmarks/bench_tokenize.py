@@ -167,7 +167,6 @@ def main() -> int:
                                 "mb_per_s": round(corpus.approx_bytes() / 1e6 / dt, 2),
                                 "tokens": m["train_tokens"] + m["val_tokens"], "skipped": m["skipped"],
                                 "token_sha": digests[n], "load": load()})
-            corpus.skipped = {k: 0 for k in corpus.skipped}
         except Exception as e:  # noqa: BLE001
             res["errors"].append(f"ours-w{n}: {e!r}\n{traceback.format_exc()}")
         save()

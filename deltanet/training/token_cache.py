@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .pipeline import (check_document, default_workers, digest_of, make_tasks, run_tasks, task_bytes,
+from .pipeline import (SKIP_REASONS, check_document, default_workers, digest_of, make_tasks, run_tasks, task_bytes,
                        tokenizer_state)
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ def _write_cache(corpus: Corpus, tokenizer, tmp: Path, progress: bool, workers: 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenising ({workers} workers)", leave=False)
+    corpus.skipped = dict.fromkeys(SKIP_REASONS, 0)  # this pass's counts (a BPE sample may have read some)
     sink = _Sink(tmp, corpus)
     try:
         if corpus.parallel():
