@@ -248,10 +248,13 @@ _W: dict = {}
 def _init_worker(tok_state: tuple | None, limits: Limits, child: bool = True) -> None:
     if child:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no Rust pool in a child
+    if child:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool, once, quietly
     if child and sys.platform.startswith("linux"):
         try:  # die with the parent: a SIGKILLed build leaves no orphan workers
             import ctypes
-            import signal
 
             ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
         except Exception:
