@@ -223,7 +223,8 @@ def cmd_data(argv: list[str]) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log(corpus.describe())
     tokenizer = prepare_tokenizer(dc, corpus, log=log)
-    cache = build_token_cache(corpus, tokenizer, dc.resolved_cache_dir(), progress=progress, workers=dc.data_workers)
+    cache = build_token_cache(corpus, tokenizer, dc.resolved_cache_dir(), progress=progress, workers=dc.data_workers,
+                              log=log)
     print(f"token cache {'reused' if cache.reused else 'built'}: {cache.path}")
     print(f"{dc.data}: {format_stats(cache.meta)} [{time.time() - t0:.1f}s]")
     return 0

@@ -43,12 +43,14 @@ class TokenCache:
         return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(n,))
 
 
-def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: bool = True, workers: int = 0) -> TokenCache:
+def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: bool = True, workers: int = 0,
+                      log=None) -> TokenCache:
     """Tokenise ``corpus`` once (``workers`` processes, 0 = all cores); later calls with the same
     corpus + tokenizer reuse the files. The token ids don't depend on ``workers``.
 
     Written into ``.tmp-<key>-<pid>`` and renamed, so an interrupted build never leaves a half
     cache behind; a temp directory whose process is gone is removed by the next build.
+    ``log`` (a print-like callable) hears when a build starts, with or without a progress bar.
     """
     key = hashlib.sha256(f"{corpus.fingerprint()}|{tokenizer.fingerprint()}".encode()).hexdigest()[:20]
     final = Path(cache_root) / key
@@ -59,8 +61,11 @@ def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: boo
     tmp = final.parent / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    workers = workers or default_workers()
+    if log is not None:
+        log(f"tokenising {corpus.approx_bytes() / 1e6:,.1f} MB with {workers} worker{'s' * (workers > 1)} into {final}")
     try:
-        meta = _write_cache(corpus, tokenizer, tmp, progress, workers or default_workers())
+        meta = _write_cache(corpus, tokenizer, tmp, progress, workers)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)
     except OSError:

@@ -180,7 +180,7 @@ class _Run:
         if self.d.is_main:
             t0 = time.time()
             cache = build_token_cache(corpus, tokenizer, self.dc.resolved_cache_dir(), progress=self.tc.progress,
-                                      workers=self.dc.data_workers)
+                                      workers=self.dc.data_workers, log=self.log)
             m = cache.meta
             if m["train_docs"] == 0:
                 raise DataError(f"no usable training text in {self.dc.data} ({format_stats(m)})")

@@ -171,7 +171,8 @@ def test_worker_failure_leaves_no_cache_and_rebuild_matches(tmp_path, monkeypatc
 
 
 _KILL_CHILD = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may start with SIGINT ignored
 from deltanet.training.data import build_token_cache, open_corpus
 from deltanet.training.tokenizer import ByteTokenizer
 build_token_cache(open_corpus(sys.argv[1]), ByteTokenizer(), sys.argv[2], progress=False, workers=2)
@@ -186,13 +187,14 @@ def _children(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux")
-def test_sigkilled_build_leaves_nothing_half_written(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_interrupted_build_leaves_nothing_half_written(tmp_path, sig):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(400):  # ~48 MB of bytes-tokenised text: a few seconds of work
         (data / f"{i:03d}.txt").write_text(f"{i} " + "lorem ipsum dolor sit amet\n" * 4_500)
     cache_root = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(data), str(cache_root)],
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(data), str(cache_root)], stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     deadline = time.time() + 120
     workers: set[int] = set()
@@ -203,11 +205,12 @@ def test_sigkilled_build_leaves_nothing_half_written(tmp_path):
             break
         assert proc.poll() is None, "the build finished before it could be interrupted"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
     assert workers, "no worker processes seen"
     assert not [d for d in cache_root.iterdir() if not d.name.startswith(".tmp-")]  # no final cache
-    assert [d for d in cache_root.iterdir() if d.name.startswith(".tmp-")]  # the killed build's temp dir
+    # SIGKILL leaves the temp dir (removed by the next build); Ctrl-C removes it on the way out
+    assert len([d for d in cache_root.iterdir() if d.name.startswith(".tmp-")]) == (sig == signal.SIGKILL)
     for _ in range(100):  # the workers die with their parent
         if not any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
                    for w in workers):
@@ -273,6 +276,7 @@ def test_data_prepare_then_train_reuses_the_cache(tmp_path):
     prep = run_cli(["data", "prepare", *flags, "--no-progress"])
     assert prep.returncode == 0, prep.stderr
     assert "token cache built" in prep.stdout and "8 files" in prep.stdout and "file list fingerprint" in prep.stderr
+    assert "with 2 workers into" in prep.stderr and "BPE tokenizer" in prep.stderr
     built = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     from ._helpers import TINY_MODEL
 
