@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .pipeline import SKIP_REASONS, Limits, digest_of, glob_files, read_document, walk_files
+from .pipeline import SKIP_REASONS, Limits, digest_of, glob_files, human_bytes, read_document, walk_files
 from .token_cache import TokenCache, build_token_cache, format_stats, prepare_tokenizer, tokenizer_sample
 
 __all__ = ["Corpus", "DataError", "PackedTokens", "TokenCache", "build_token_cache", "eval_positions", "format_stats",
@@ -127,7 +127,7 @@ class Corpus:
     def describe(self) -> str:
         if self.hf is not None:
             return f"data {self.spec}: a Hugging Face dataset"
-        return (f"data {self.spec}: {len(self.files):,} files, {self.approx_bytes() / 1e6:,.1f} MB, "
+        return (f"data {self.spec}: {len(self.files):,} files, {human_bytes(self.approx_bytes())}, "
                 f"file list fingerprint {self.list_fingerprint()}")
 
     def iter_texts(self, split: str) -> Iterator[str]:

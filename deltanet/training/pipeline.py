@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["Limits", "SKIP_REASONS", "check_document", "default_workers", "glob_files", "run_tasks", "walk_files"]
+__all__ = ["Limits", "SKIP_REASONS", "check_document", "default_workers", "human_bytes", "glob_files", "run_tasks", "walk_files"]
 
 # Why a document was left out; every reason is counted in the cache's meta.json.
 SKIP_REASONS = ("non_utf8", "binary", "empty", "too_large", "long_line", "unreadable", "bad_json", "duplicate")
@@ -54,6 +54,11 @@ class Limits:
 
     def key(self) -> str:
         return f"{self.max_doc_bytes}/{self.max_line_bytes}"
+
+
+def human_bytes(n: int) -> str:
+    """``"423.1 MB"``, ``"17.9 kB"``: log lines for corpora of any size."""
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
 
 
 def default_workers() -> int:

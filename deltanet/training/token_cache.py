@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .pipeline import (SKIP_REASONS, check_document, default_workers, digest_of, make_tasks, run_tasks, task_bytes,
-                       tokenizer_state)
+from .pipeline import (SKIP_REASONS, check_document, default_workers, digest_of, human_bytes, make_tasks,
+                       run_tasks, task_bytes, tokenizer_state)
 
 if TYPE_CHECKING:
     from .data import Corpus
@@ -63,7 +63,7 @@ def build_token_cache(corpus: Corpus, tokenizer, cache_root: Path, progress: boo
     tmp.mkdir()
     workers = workers or default_workers()
     if log is not None:
-        log(f"tokenising {corpus.approx_bytes() / 1e6:,.1f} MB with {workers} worker{'s' * (workers > 1)} into {final}")
+        log(f"tokenising {human_bytes(corpus.approx_bytes())} with {workers} worker{'s' * (workers > 1)} into {final}")
     try:
         meta = _write_cache(corpus, tokenizer, tmp, progress, workers)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -241,7 +241,7 @@ def prepare_tokenizer(dc, corpus: Corpus, log=print):
     n_bytes = sum(len(t.encode("utf-8", errors="surrogatepass")) for t in sample)
     t1 = time.time()
     tok = train_bpe(iter(sample), dc.vocab_size)
-    log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) on a {n_bytes / 1e6:.1f} MB sample "
+    log(f"trained a byte-level BPE tokenizer ({tok.vocab_size} tokens) on a {human_bytes(n_bytes)} sample "
         f"({len(sample):,} documents; read in {t1 - t0:.1f}s, trained in {time.time() - t1:.1f}s)")
     tmp = where.parent / f".tmp-{where.name}-{os.getpid()}"
     try:
@@ -258,7 +258,7 @@ def format_stats(meta: dict) -> str:
     """One line of corpus statistics from a cache's meta.json."""
     skipped = ", ".join(f"{v:,} {k}" for k, v in meta["skipped"].items() if v) or "none"
     b = meta.get("build", {})
-    rate = f"; tokenised {meta.get('input_bytes', 0) / 1e6:,.1f} MB in {b['seconds']:.1f}s = {b['mb_per_s']:.1f} MB/s " \
+    rate = f"; tokenised {human_bytes(meta.get('input_bytes', 0))} in {b['seconds']:.1f}s = {b['mb_per_s']:.1f} MB/s " \
            f"with {b['workers']} workers" if b else ""
     return (f"{meta.get('files', 0):,} files, {meta['train_docs']:,} train / {meta['val_docs']:,} val documents, "
             f"{meta['train_tokens']:,} / {meta['val_tokens']:,} tokens, "
