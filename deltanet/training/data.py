@@ -105,7 +105,8 @@ class Corpus:
         if self.hf is not None and Path(self.hf[0]).is_dir():  # a local dataset: key on its files too
             files = sorted(p for p in Path(self.hf[0]).rglob("*") if p.is_file())
         for f in files:
-            h.update(f"|{os.path.realpath(f)}|{_stat(f)[0]}|{_stat(f)[1]}".encode())
+            size, mtime = _stat(f)
+            h.update(f"|{os.path.realpath(f)}|{size}|{mtime}".encode())
         return h.hexdigest()[:16]
 
     def list_fingerprint(self) -> str:
