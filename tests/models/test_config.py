@@ -104,10 +104,7 @@ def test_125m_comparison_presets_are_within_5_percent():
     counts within +-5% of deltanet-125m (counted on the meta device, no memory)."""
     names = ["deltanet-125m", "transformer-125m", "linear-attn-125m", "linear-attn-plain-125m",
              "hybrid-swa-125m", "hybrid-global-125m"]
-    counts = {}
-    for name in names:
-        with torch.device("meta"):
-            counts[name] = sum(p.numel() for p in DeltaNetForCausalLM(get_config(name)).parameters())
+    counts = {name: _count(name) for name in names}
     ref = counts["deltanet-125m"]
     print({k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
     assert 125e6 <= ref <= 140e6
