@@ -47,6 +47,7 @@ class ModelSpec:
     fla: str | None = None  # a yardstick from fla: "gla" or "mamba2"
     paper_ppl: float | None = None  # the paper's Table 1 (340M params, 15B tokens, WikiText)
     note: str = ""
+    doc_mask: bool = True  # packed documents kept apart (cu_seqlens); else rows of [B, T]
 
 
 MODELS: dict[str, ModelSpec] = {m.key: m for m in (
@@ -58,9 +59,12 @@ MODELS: dict[str, ModelSpec] = {m.key: m for m in (
     ModelSpec("hybrid-swa", "DeltaNet + sliding-window attention", "hybrid-swa-125m", paper_ppl=27.06),
     ModelSpec("hybrid-global", "DeltaNet + 2 global attention layers", "hybrid-global-125m", paper_ppl=27.51),
     ModelSpec("fla-gla", "GLA (fla 0.6)", fla="gla", paper_ppl=28.65),
-    ModelSpec("fla-mamba2", "Mamba2 (fla 0.6)", fla="mamba2",
-              note="packed documents are not separated (fla's Mamba2 ignores cu_seqlens); "
-                   "the paper's 28.39 is Mamba (1)"),
+    # fla's Mamba2 ignores cu_seqlens: fed [B, T] rows, so documents packed in a row see each other
+    # (one flattened row would carry its state across unrelated rows); without the mamba_ssm
+    # package it runs fla's plain PyTorch scan, many times slower than the others
+    ModelSpec("fla-mamba2", "Mamba2 (fla 0.6)", fla="mamba2", doc_mask=False,
+              note="documents in a packed row are not separated (fla's Mamba2 ignores cu_seqlens); "
+                   "not in the paper's table (its Mamba, 28.39, is Mamba 1)"),
 )}
 OURS = tuple(k for k, m in MODELS.items() if m.fla is None)
 
@@ -102,14 +106,19 @@ SCALES = {
 EVAL_MULTIPLES = (1, 2, 4)
 
 
-def fla_model(kind: str, shape: dict, vocab_size: int):
-    """fla's GLA or Mamba2 causal LM of the scale's shape (fla imported here, on demand)."""
+def _import_fla(kind: str):
     try:
         import fla.models as fm
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(f"fla is not installed (needed for fla-{kind}): pip install "
                                   "flash-linear-attention, or on the GPU machine install its wheels "
                                   f"[{e}]") from None
+    return fm
+
+
+def fla_model(kind: str, shape: dict, vocab_size: int):
+    """fla's GLA or Mamba2 causal LM of the scale's shape (fla imported here, on demand)."""
+    fm = _import_fla(kind)
     if kind == "gla":  # fla's GLA recipe: expand_k 0.5, expand_v 1, output gate, SwiGLU MLP
         cfg = fm.GLAConfig(hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
                            num_heads=shape["heads"], intermediate_size=shape["mlp"], vocab_size=vocab_size,
@@ -153,7 +162,8 @@ def _protocol(args, tokenizer, steps: int, tokens_per_step: int) -> dict:
         "type": "protocol",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "scale": args.scale,
-        "data": {"spec": args.data, "val_fraction": args.val_fraction, "doc_mask": True},
+        "data": {"spec": args.data, "val_fraction": args.val_fraction,
+                 "doc_mask": "packed documents kept apart, except models whose result says doc_mask false"},
         "tokenizer": {"kind": ("given by --tokenizer" if args.tokenizer else "byte-level BPE trained once on "
                                "the training split") + ", shared by every model",
                       "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()},
@@ -245,13 +255,13 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     run_dir = args.out / "runs" / _job_id(spec.key, lr)
     factory = None
     if spec.fla:
-        fla_model(spec.fla, scale.fla, 256)  # fail now (fla missing) rather than after start-up
+        _import_fla(spec.fla)  # fail now (fla missing) rather than after start-up
 
         def factory(vocab_size: int):
             return fla_model(spec.fla, scale.fla, vocab_size)
     cfg = RunConfig.from_dict({
         "data": {"data": args.data, "tokenizer": str(tok_dir), "seq_len": args.seq_len, "val_fraction": args.val_fraction,
-                 "cache_dir": str(args.cache_dir)},
+                 "cache_dir": str(args.cache_dir), "doc_mask": spec.doc_mask},
         "optim": {"lr": lr, "warmup": args.warmup, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9,
                   "beta2": 0.95, "grad_clip": 1.0},
         "train": {"preset": spec.preset or f"fla-{spec.fla}", "model": dict(scale.overrides) if spec.preset else {},
@@ -290,7 +300,7 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
         L = m * args.seq_len
         evals[str(L)] = evaluate(model, tokenizer, eval_tokens, seq_len=L,
                                  batch_size=max(1, args.eval_batch_tokens // L), device=device,
-                                 recall_split=True, autocast_dtype=amp)
+                                 doc_mask=spec.doc_mask, recall_split=True, autocast_dtype=amp)
     del model
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps_logged = [r for r in recs if "tok_per_s" in r]
@@ -298,7 +308,7 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     train_curve, val_curve = _curve(run_dir)
     return {
         "type": "result", "model": spec.key, "label": spec.label, "lr": lr, "preset": spec.preset,
-        "fla": spec.fla, "params": n_params, "params_without_input_embedding": n_body,
+        "fla": spec.fla, "doc_mask": spec.doc_mask, "params": n_params, "params_without_input_embedding": n_body,
         "steps": args.steps, "tokens": args.steps * args.batch_size * args.grad_accum * args.seq_len,
         "train_elapsed_s": round(max((r.get("elapsed_s", 0) for r in recs), default=0.0), 1),
         "tok_per_s_median": tps[len(tps) // 2] if tps else None, "eval_s": round(time.time() - t0 - train_s, 1),
@@ -401,7 +411,7 @@ def run_comparison(args) -> int:
                 return 0
             _append(results_path, rec)
             e = rec["eval"][str(args.seq_len)]
-            _log(f"[{job}] {rec['params'] / 1e6:.1f}M params: held-out loss {e['loss']:.4f}, ppl {e['ppl']:.2f}, "
+            _log(f"[{job}] {rec['params']:,} params: held-out loss {e['loss']:.4f}, ppl {e['ppl']:.2f}, "
                  f"{e['bpb']:.4f} bits/byte")
     render(out)
     return 1 if failures else 0
