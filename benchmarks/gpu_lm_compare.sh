@@ -14,6 +14,9 @@
 # root (ignored; name it in the call's `carry`): they seed /tmp/lmcmp, so finished models are
 # skipped and every model keeps the same tokenizer. fla's wheels in .whl/ (also carried) are
 # installed when present; fla-gla / fla-mamba2 need them.
+#
+# A two-minute check of every model (fla's included) through the whole path first:
+#   LMCMP_DIR=/tmp/lmsmoke bash benchmarks/gpu_lm_compare.sh "$OUT" all 150 stdlib -- --scale smoke
 set -u
 OUT=${1:?usage: gpu_lm_compare.sh OUT MODELS BUDGET_S [DATA] [-- flags]}
 MODELS=${2:?models, e.g. deltanet,transformer}
@@ -29,7 +32,7 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-W=/tmp/lmcmp
+W=${LMCMP_DIR:-/tmp/lmcmp}  # another folder for another protocol (e.g. a --scale smoke check)
 mkdir -p "$W/tokenizer"
 if [ -f lmcarry/results.jsonl ] && [ ! -f "$W/results.jsonl" ]; then cp lmcarry/results.jsonl "$W/"; fi
 if [ -f lmcarry/tokenizer_meta.json ] && [ ! -f "$W/tokenizer/tokenizer_meta.json" ]; then

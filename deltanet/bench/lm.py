@@ -99,7 +99,7 @@ SCALES = {
     # a few seconds on a CPU: checks the tool, not the models
     "smoke": Scale(overrides=dict(hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=64,
                                   sliding_window=16),
-                   fla=dict(hidden=32, layers=2, mamba2_layers=2, heads=2, mlp=64),
+                   fla=dict(hidden=64, layers=2, mamba2_layers=2, heads=2, mlp=128),  # fla kernels' minimum dims
                    tokens=6 * 4 * 64, seq_len=64, batch_size=4, grad_accum=1, vocab_size=300,
                    eval_tokens=2 * 4 * 64, eval_reserve_s=0.0),
 }

@@ -145,6 +145,11 @@ def render(out: Path) -> Path:
         devices = sorted({f"{r['device']}, torch {r['torch']}, {r['date']}" for r in res})
         text += [f"Runs: {'; '.join(devices)}.", ""]
         notes = sorted({f"{r['label']}: {r['note']}" for r in res if r.get("note")})
+        ref = best_per_model(res, seq_len).get("deltanet")
+        for r in res:  # the protocol asks for parameter counts within 5% of each other
+            if ref is not None and abs(r["params"] / ref["params"] - 1) > 0.05:
+                notes.append(f"{r['label']}: {r['params']:,} parameters, {100 * (r['params'] / ref['params'] - 1):+.1f}% "
+                             "from DeltaNet's (outside the 5% band)")
         text += [f"- {n}" for n in notes] + ([""] if notes else [])
         order = orderings(res, seq_len)
         if order:
