@@ -172,3 +172,53 @@ def test_report_best_lr_orderings_and_parameter_band(tmp_path):
     assert "| DeltaNet | 134.0M | 0.001 |" in md  # the other grid point is listed too
     assert "150,000,000 parameters, +11.9% from DeltaNet's (outside the 5% band)" in md
     assert (tmp_path / "loss_vs_tokens.png").is_file()
+
+
+def test_fla_yardsticks_go_through_the_same_loop(data, tmp_path, monkeypatch, capsys):
+    """fla's plumbing without fla: a stand-in ``fla.models`` whose GLA / Mamba2 classes build small
+    models of ours. Checks the factory path (fresh model, weights reloaded for evaluation), the
+    shape the tool asks for, and that Mamba2 gets [B, T] rows without cu_seqlens."""
+    import sys
+    import types
+
+    from deltanet.models import DeltaNetForCausalLM, get_config
+
+    seen = {"gla": [], "mamba2": []}
+
+    def make(kind):
+        def model(cfg):
+            m = DeltaNetForCausalLM(get_config("tiny", vocab_size=cfg["vocab_size"], hidden_size=32,
+                                               num_hidden_layers=1, num_heads=2, intermediate_size=64))
+            forward = m.forward
+
+            def recording_forward(*a, **k):
+                seen[kind].append(("cu_seqlens" in k, tuple(k["input_ids"].shape)))
+                return forward(*a, **k)
+            m.forward = recording_forward
+            return m
+        return model
+
+    fake = types.ModuleType("fla.models")
+    fake.GLAConfig = fake.Mamba2Config = lambda **kw: kw
+    fake.GLAForCausalLM, fake.Mamba2ForCausalLM = make("gla"), make("mamba2")
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setitem(sys.modules, "fla.models", fake)
+    shapes = []
+    real = fake.GLAConfig
+    fake.GLAConfig = lambda **kw: shapes.append(("gla", kw)) or real(**kw)
+    fake.Mamba2Config = lambda **kw: shapes.append(("mamba2", kw)) or real(**kw)
+
+    out = tmp_path / "fla"
+    assert main(_args(data, out, "--models", "fla-gla,fla-mamba2")) == 0
+    recs = _records(out)
+    assert [(r["type"], r.get("model")) for r in recs[1:]] == [("result", "fla-gla"), ("result", "fla-mamba2")]
+    gla, mamba = recs[1], recs[2]
+    assert gla["doc_mask"] and not mamba["doc_mask"] and "ignores cu_seqlens" in mamba["note"]
+    # GLA: packed rows flattened with cu_seqlens; Mamba2: [B, T] rows (training batch 4 x 64)
+    assert set(seen["gla"]) >= {(True, (1, 256))} and all(cu for cu, _ in seen["gla"])
+    assert (False, (4, 64)) in seen["mamba2"] and not any(cu for cu, _ in seen["mamba2"])
+    kinds = {k: kw for k, kw in shapes}
+    assert kinds["gla"]["hidden_size"] == 64 and kinds["mamba2"]["num_hidden_layers"] == 2
+    assert kinds["gla"]["vocab_size"] == 320  # the shared tokenizer's 300 tokens, padded to 64
+    for r in (gla, mamba):
+        assert r["eval"]["64"]["loss"] < 6.0 and r["train_curve"]
