@@ -29,6 +29,7 @@ BENCHES = {
     "kernels": ("deltanet.bench.kernels", False),
     "model": ("deltanet.bench.model", True),
     "decode": ("deltanet.bench.model", True),
+    "lm": ("deltanet.bench.lm", False),
 }
 
 
@@ -54,7 +55,7 @@ def build_parser() -> CliParser:
     sub.add_parser("data", help="data prepare: tokenise a corpus into the cache ahead of training", add_help=False)
     ev = sub.add_parser("eval", help="evaluate: ppl | mqar | state-tracking | harness")
     ev.add_argument("task", choices=sorted(EVAL_TASKS))
-    be = sub.add_parser("bench", help="benchmark: kernels | model | decode")
+    be = sub.add_parser("bench", help="benchmark: kernels | model | decode | lm")
     be.add_argument("what", choices=sorted(BENCHES))
     return p
 

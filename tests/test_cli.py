@@ -62,6 +62,27 @@ def test_eval_ppl_matches_training_validation(run, capsys):
     assert res["loss"] == pytest.approx(recs[-1]["val_loss"], rel=1e-5)
 
 
+def test_eval_ppl_longer_context_and_recall_split(run, capsys):
+    """``--seq-len`` (2x the run's 32) and ``--recall-split`` end to end on a trained run."""
+    ck = str(run / "run")
+    assert main(["eval", "ppl", "--checkpoint", ck, "--json", "--recall-split", "--batch-size", "4"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert base["seq_len"] == base["train_seq_len"] == 32
+    hit, other = base["recall"]["hit"], base["recall"]["other"]
+    # the corpus repeats "return x * j + i" in every function: plenty of recall hits
+    assert hit["tokens"] > 0 and other["tokens"] > 0 and hit["tokens"] + other["tokens"] == base["tokens"]
+    mean = (hit["loss"] * hit["tokens"] + other["loss"] * other["tokens"]) / base["tokens"]
+    assert base["loss"] == pytest.approx(mean, rel=1e-5)
+    assert main(["eval", "ppl", "--checkpoint", ck, "--json", "--seq-len", "64", "--batch-size", "2"]) == 0
+    long = json.loads(capsys.readouterr().out)
+    assert long["seq_len"] == 64 and "recall" not in long
+    # rows of 64 tokens: 63 targets each instead of 2 x 31
+    assert long["tokens"] == base["tokens"] // 62 * 63
+    assert main(["eval", "ppl", "--checkpoint", ck, "--recall-split", "--seq-len", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "seq_len 64 (trained at 32)" in text and "recall hit" in text and "recall other" in text
+
+
 @pytest.mark.parametrize("argv,code,needle", [
     (["train", "--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
     (["train", "--seq-len", "abc"], 2, "invalid int value"),

@@ -2,6 +2,14 @@
 
 Bits per byte divides the summed NLL (in bits) by the UTF-8 bytes of the predicted tokens
 (EOS counts zero bytes), so it compares models with different tokenizers.
+
+``--seq-len`` evaluates at another context length than the run trained with (length
+extrapolation). ``--recall-split`` also reports the loss on associative-recall "hit" tokens
+and on all others (Zoology, Arora et al. 2023): token ``x_i`` is a hit when the bigram
+``(x_{i-1}, x_i)`` already occurred earlier in the same document, i.e. the context holds the
+answer and a model that can look it up predicts it. Documents are the EOS-delimited segments
+of a packed row; earlier documents in the row, and the part of a document cut off before the
+row starts, don't count (the model cannot see them either).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cli_main", "evaluate_rows", "nll_sums"]
+__all__ = ["cli_main", "evaluate", "evaluate_rows", "nll_sums", "recall_hit_mask", "summarize"]
 
 
 def nll_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
@@ -33,16 +41,70 @@ def nll_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tens
     return torch.stack([nll.double(), valid.sum().double(), n_bytes.double()])
 
 
+def recall_hit_mask(rows: np.ndarray, eos_id: int) -> np.ndarray:
+    """Boolean ``[B, T]``: position ``i`` is an associative-recall hit when the bigram
+    ``(x_{i-1}, x_i)`` occurred at an earlier position of the same document in the same row.
+
+    Every document starts with EOS (see ``deltanet.training.data``), so an EOS at ``i - 1``
+    opens a new document and forgets the bigrams seen so far; position 0 (no context) is never a hit.
+
+    >>> recall_hit_mask(np.array([[0, 5, 6, 7, 5, 6, 0, 5, 6, 5, 6]]), eos_id=0).astype(int).tolist()
+    [[0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]]
+    """
+    rows = np.asarray(rows)
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be [B, T], got shape {rows.shape}")
+    B, T = rows.shape
+    hit = np.zeros((B, T), dtype=bool)
+    if T < 2:
+        return hit
+    x = rows.astype(np.int64)
+    prev, cur = x[:, :-1], x[:, 1:]
+    # document index of the context token x_{i-1}: the number of EOS at or before i - 1
+    doc = np.cumsum(x == eos_id, axis=1)[:, :-1]
+    width = int(x.max()) + 1
+    # one integer per (row, document, bigram); the first occurrence of each is not a hit
+    key = ((np.arange(B)[:, None] * (T + 1) + doc) * width + prev) * width + cur
+    if (B * (T + 1)) * width * width >= 2**63:
+        raise ValueError("rows too large for the bigram key (B * T * vocab^2 >= 2^63)")
+    _, first = np.unique(key.reshape(-1), return_index=True)
+    flat = np.ones(key.size, dtype=bool)
+    flat[first] = False
+    hit[:, 1:] = flat.reshape(B, T - 1)
+    return hit
+
+
+def _split_nll_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor,
+                    hit: torch.Tensor) -> torch.Tensor:
+    """``[[nll, targets, bytes] of hits, [nll, targets, bytes] of the other targets]``."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    valid = targets != -100
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                          reduction="none").view_as(targets).double()
+    nbytes = token_bytes[targets.clamp(min=0)].double()
+    out = []
+    for m in (valid & hit[:, 1:], valid & ~hit[:, 1:]):
+        out.append(torch.stack([(nll * m).sum(), m.sum().double(), (nbytes * m).sum()]))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def evaluate_rows(model, rows: Iterable[np.ndarray], *, eos_id: int, token_bytes: np.ndarray, device,
-                  doc_mask: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Summed ``[nll, targets, bytes]`` over batches of packed rows ``[B, T]`` (see :func:`nll_sums`)."""
+                  doc_mask: bool = True, autocast_dtype: torch.dtype | None = None,
+                  recall_split: bool = False) -> torch.Tensor:
+    """Summed ``[nll, targets, bytes]`` over batches of packed rows ``[B, T]`` (see :func:`nll_sums`).
+
+    With ``recall_split`` the result is ``[3, 3]``: all targets, recall hits, the other targets
+    (see :func:`recall_hit_mask`).
+    """
     from deltanet.training.data import make_batch
 
     was_training = model.training
     model.eval()
     tb = torch.as_tensor(token_bytes, device=device)
-    total = torch.zeros(3, dtype=torch.float64, device=device)
+    total = torch.zeros((3, 3) if recall_split else 3, dtype=torch.float64, device=device)
+
     def amp():
         if autocast_dtype is None:
             return contextlib.nullcontext()
@@ -54,7 +116,12 @@ def evaluate_rows(model, rows: Iterable[np.ndarray], *, eos_id: int, token_bytes
             labels = batch.pop("labels")
             with amp():
                 logits = model(**batch, use_cache=False).logits
-            total += nll_sums(logits, labels, tb)
+            all_ = nll_sums(logits, labels, tb)
+            if recall_split:
+                hit = torch.from_numpy(recall_hit_mask(r, eos_id)).to(device).reshape(labels.shape)
+                total += torch.cat([all_[None], _split_nll_sums(logits, labels, tb, hit)])
+            else:
+                total += all_
     finally:
         model.train(was_training)
     return total
@@ -70,17 +137,62 @@ def summarize(total: torch.Tensor) -> dict[str, float]:
             "tokens": int(n), "bytes": int(n_bytes)}
 
 
+def _summarize_split(part: torch.Tensor) -> dict:
+    # a split with no targets (e.g. no repeated bigram in a short text) reports its count only
+    return summarize(part) if float(part[1]) > 0 else {"tokens": 0, "bytes": 0}
+
+
+def evaluate(model, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_size: int = 8, max_tokens: int = 0,
+             device="cpu", doc_mask: bool = True, recall_split: bool = False, autocast_dtype=None,
+             progress: bool = False) -> dict:
+    """Loss, perplexity and bits per byte of ``model`` on a token stream cut into ``seq_len`` rows.
+
+    ``max_tokens`` (0 = all) evaluates that many tokens' worth of rows spread evenly over the
+    stream, as the trainer's validation does. With ``recall_split`` the result also holds
+    ``"recall": {"hit": {...}, "other": {...}, "hit_fraction": f}`` (see :func:`recall_hit_mask`).
+    """
+    from deltanet.training.data import PackedTokens, eval_positions
+
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    packed = PackedTokens(tokens, seq_len, shuffle=False)
+    if packed.n_rows == 0:
+        raise ValueError(f"the evaluation split has {len(tokens)} tokens, fewer than seq_len={seq_len}")
+    positions = eval_positions(packed.n_rows, max(1, max_tokens // seq_len) if max_tokens else packed.n_rows)
+    chunks = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
+    if progress and len(chunks) > 4:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"eval T={seq_len}", leave=False)
+    total = evaluate_rows(model, (packed.rows(c) for c in chunks), eos_id=tokenizer.eos_id,
+                          token_bytes=tokenizer.token_bytes(), device=device, doc_mask=doc_mask,
+                          autocast_dtype=autocast_dtype, recall_split=recall_split)
+    if not recall_split:
+        return {**summarize(total), "seq_len": seq_len}
+    res = {**summarize(total[0]), "seq_len": seq_len}
+    hit, other = _summarize_split(total[1]), _summarize_split(total[2])
+    res["recall"] = {"hit": hit, "other": other, "hit_fraction": hit["tokens"] / max(1, res["tokens"])}
+    return res
+
+
 def cli_main(argv: list[str]) -> int:
-    """``deltanet eval ppl --checkpoint DIR [--data SPEC] [--split val] [--max-tokens N]``."""
+    """``deltanet eval ppl --checkpoint DIR [--data SPEC] [--split val] [--seq-len N] [--recall-split]``."""
     from deltanet.cli import CliParser
 
     p = CliParser(prog="deltanet eval ppl", description="Loss, perplexity and bits per byte of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory (uses its latest) or checkpoint directory")
     p.add_argument("--data", help="data spec (default: the run's own data); its held-out split is used")
     p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--seq-len", type=int, help="default: the run's seq_len")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, help="context length of the evaluated rows (default: the run's "
+                   "seq_len; 2x or 4x of it measures length extrapolation)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     p.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0 = all)")
+    p.add_argument("--recall-split", action="store_true",
+                   help="also report loss on associative-recall hits (the bigram (x[i-1], x[i]) occurred "
+                        "earlier in the same document) and on all other tokens")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -89,7 +201,7 @@ def cli_main(argv: list[str]) -> int:
 
     from deltanet.training.checkpoint import find_checkpoint, load_model
     from deltanet.training.config import DataConfig
-    from deltanet.training.data import PackedTokens, build_token_cache, eval_positions, open_corpus
+    from deltanet.training.data import build_token_cache, open_corpus
     from deltanet.training.distributed import configure_cpu_threads
     from deltanet.training.tokenizer import load_tokenizer
 
@@ -100,7 +212,7 @@ def cli_main(argv: list[str]) -> int:
     data_cfg = DataConfig(**{k: v for k, v in run_data.items() if k in DataConfig.__dataclass_fields__})
     if args.data:
         data_cfg.data = args.data
-    seq_len = args.seq_len or data_cfg.seq_len
+    seq_len = data_cfg.seq_len if args.seq_len is None else args.seq_len
     if seq_len <= 0 or args.batch_size <= 0 or args.max_tokens < 0:
         raise ValueError("--seq-len and --batch-size must be > 0, --max-tokens >= 0")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -110,24 +222,26 @@ def cli_main(argv: list[str]) -> int:
     model = load_model(ckpt, device)
     corpus = open_corpus(data_cfg.data, data_cfg.val_fraction)
     cache = build_token_cache(corpus, tokenizer, data_cfg.resolved_cache_dir())
-    packed = PackedTokens(cache.tokens(args.split), seq_len, shuffle=False)
-    if packed.n_rows == 0:
+    tokens = cache.tokens(args.split)
+    if len(tokens) < seq_len:
         raise ValueError(f"the {args.split} split of {data_cfg.data} has fewer than seq_len={seq_len} tokens")
-    # all rows, or (--max-tokens) rows spread over the split, as the trainer's validation does
-    positions = eval_positions(packed.n_rows, max(1, args.max_tokens // seq_len) if args.max_tokens else packed.n_rows)
-    chunks = [positions[i:i + args.batch_size] for i in range(0, len(positions), args.batch_size)]
-    if len(chunks) > 4 and device.type == "cpu":
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="eval", leave=False)
-    rows = (packed.rows(c) for c in chunks)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    res = summarize(evaluate_rows(model, rows, eos_id=tokenizer.eos_id, token_bytes=tokenizer.token_bytes(),
-                                  device=device, doc_mask=data_cfg.doc_mask, autocast_dtype=amp))
-    res.update(checkpoint=str(ckpt), data=data_cfg.data, split=args.split)
+    res = evaluate(model, tokenizer, tokens, seq_len=seq_len, batch_size=args.batch_size,
+                   max_tokens=args.max_tokens, device=device, doc_mask=data_cfg.doc_mask,
+                   recall_split=args.recall_split, autocast_dtype=amp, progress=device.type == "cpu")
+    res.update(checkpoint=str(ckpt), data=data_cfg.data, split=args.split, train_seq_len=data_cfg.seq_len)
     if args.json:
         print(json.dumps(res))
-    else:
-        print(f"{ckpt}  {data_cfg.data} [{args.split}]  {res['tokens']:,} tokens, {res['bytes']:,} bytes")
-        print(f"loss {res['loss']:.4f} | perplexity {res['ppl']:.2f} | bits/byte {res['bpb']:.4f}")
+        return 0
+    print(f"{ckpt}  {data_cfg.data} [{args.split}]  seq_len {seq_len} (trained at {data_cfg.seq_len})  "
+          f"{res['tokens']:,} tokens, {res['bytes']:,} bytes")
+    print(f"loss {res['loss']:.4f} | perplexity {res['ppl']:.2f} | bits/byte {res['bpb']:.4f}")
+    if args.recall_split:
+        rec = res["recall"]
+        for name in ("hit", "other"):
+            r = rec[name]
+            line = (f"loss {r['loss']:.4f} | perplexity {r['ppl']:.2f} | bits/byte {r['bpb']:.4f}"
+                    if r["tokens"] else "no such tokens")
+            print(f"  recall {name:5s} {r['tokens']:>10,} tokens: {line}")
+        print(f"  hit fraction {rec['hit_fraction']:.3f}")
     return 0

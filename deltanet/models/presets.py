@@ -7,6 +7,12 @@ is a *pattern* (``layer_pattern``) turned into ``layer_types`` for the final lay
 The 340M-class presets follow flash-linear-attention's 340M DeltaNet shape (24 layers, hidden
 1024, 8 heads of 128, SwiGLU 2816, vocab 32000) with tied input/output embeddings: 341.6M
 parameters (untied it would be 374M, 10% above the name).
+
+The 125M-class presets share ``deltanet-125m``'s shape (12 layers, hidden 768, 6 heads of 128,
+SwiGLU 2048, vocab 32000, untied): the language-model comparison (``deltanet bench lm``) trains
+one of each. Every mixer has the same four d x d projections, so the counts stay within 0.2%
+of each other (``tests/models/test_config.py`` asserts the 5% band): 134.1-134.3M with the
+embeddings, 109.5-109.7M without.
 """
 
 from __future__ import annotations
@@ -41,12 +47,21 @@ def layer_types_for(pattern: str, n: int) -> list[str]:
 _340M = dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, intermediate_size=2816,
              vocab_size=32000, tie_word_embeddings=True)
 
+_125M = dict(hidden_size=768, num_hidden_layers=12, num_heads=6, intermediate_size=2048, vocab_size=32000,
+             tie_word_embeddings=False)
+# paper-style linear attention (Katharopoulos et al.): no short convolution, elu + 1, sum normalisation
+_PLAIN_LINEAR = dict(use_short_conv=False, qk_activation="elu", qk_norm="sum")
+
 PRESETS: dict[str, dict] = {
     # a few minutes of training on a 2-core CPU
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_heads=2, intermediate_size=384,
                  vocab_size=4096, tie_word_embeddings=True, layer_pattern="delta", sliding_window=64),
-    "deltanet-125m": dict(hidden_size=768, num_hidden_layers=12, num_heads=6, intermediate_size=2048,
-                          vocab_size=32000, tie_word_embeddings=False, layer_pattern="delta"),
+    "deltanet-125m": dict(_125M, layer_pattern="delta"),
+    "transformer-125m": dict(_125M, layer_pattern="attention"),  # Transformer++: RoPE + SwiGLU
+    "linear-attn-125m": dict(_125M, layer_pattern="linear"),  # our mixer (conv, silu, L2), additive update
+    "linear-attn-plain-125m": dict(_125M, layer_pattern="linear", **_PLAIN_LINEAR),
+    "hybrid-swa-125m": dict(_125M, layer_pattern="swa_alternate", sliding_window=2048),
+    "hybrid-global-125m": dict(_125M, layer_pattern="global_two"),
     "deltanet-340m": dict(_340M, layer_pattern="delta"),
     "deltanet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, intermediate_size=5632,
                           vocab_size=32000, tie_word_embeddings=True, layer_pattern="delta"),

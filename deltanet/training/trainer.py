@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def _flops_per_token(model, seq_len: int) -> float:
         n -= model.get_input_embeddings().weight.numel()
     flops = 6.0 * n
     d_head = cfg.hidden_size // cfg.num_heads
-    for kind in cfg.layer_types:
+    for kind in getattr(cfg, "layer_types", None) or ():  # another library's model: 6·N only
         if kind == "delta_net":  # chunkwise: 6·d² + 10·C·d per head forward (DESIGN §6), ×3 for fwd+bwd
             flops += 3 * cfg.num_heads * (6 * d_head * d_head + 10 * 64 * d_head)
         elif kind in ("full_attention", "sliding_attention"):
@@ -114,23 +115,35 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, *, model_factory: Callable[[int], Any] | None = None,
+          stop_at: float | None = None) -> TrainResult:
     """Train as configured (see :class:`RunConfig`); returns the final validation and sample.
+
+    ``model_factory`` trains a model that is not a preset (e.g. another library's Hugging Face
+    causal LM, as a yardstick): called with the (padded) vocabulary size, it returns a fresh
+    model taking ``input_ids``, ``labels``, ``cu_seqlens`` and ``use_cache`` and returning
+    ``.loss`` / ``.logits``; on resume its weights are loaded from the checkpoint. ``preset`` and
+    ``model`` of the config are then only labels.
+
+    ``stop_at`` (a ``time.time()`` value) pauses the run like SIGTERM: checkpoint, then return
+    with ``interrupted=True``; unlike ``max_time_s`` it leaves the learning-rate schedule alone,
+    so a run paused and resumed follows the same schedule as one run straight through.
 
     >>> # cfg = RunConfig.from_dict({"max_steps": 50, "tokenizer": "bytes", "out": "runs/x"}); train(cfg)
     """
     cfg.validate()
     d = setup(cfg.train.device)
     try:
-        return _Run(cfg, d).run()
+        return _Run(cfg, d, model_factory, stop_at).run()
     finally:
         d.close()
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, d: Dist):
+    def __init__(self, cfg: RunConfig, d: Dist, model_factory=None, stop_at: float | None = None):
         self.cfg, self.d = cfg, d
         self.tc, self.dc, self.oc = cfg.train, cfg.data, cfg.optim
+        self.model_factory, self.stop_at = model_factory, stop_at
 
     def log(self, msg: str) -> None:
         if self.d.is_main:
@@ -205,6 +218,14 @@ class _Run:
             raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
 
     def _model(self, vocab_size: int, ckpt: Path | None):
+        if self.model_factory is not None:
+            torch.manual_seed(self.tc.seed)
+            model = self.model_factory(vocab_size)
+            if ckpt is not None:
+                from safetensors.torch import load_model as load_weights
+
+                load_weights(model, str(ckpt / "model.safetensors"))
+            return model
         config = self._model_config(vocab_size)
         if ckpt is None:
             from deltanet.models import DeltaNetForCausalLM
@@ -229,7 +250,8 @@ class _Run:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         tc, d = self.tc, self.d
-        self._model_config(256)  # a bad preset / override fails now, not after tokenising
+        if self.model_factory is None:
+            self._model_config(256)  # a bad preset / override fails now, not after tokenising
         run_dir = self._run_dir()
         corpus = open_corpus(self.dc.data, self.dc.val_fraction)
         self.log(corpus.describe())  # the file-list fingerprint: did two runs see the same data?
@@ -269,7 +291,8 @@ class _Run:
         with _StopFlag() as stop:
             while step < tc.max_steps:
                 elapsed = elapsed0 + time.time() - t_start
-                flags = d.all_reduce_(torch.tensor([float(stop.signum), elapsed], device=d.device), op=torch.distributed.ReduceOp.MAX)
+                halt = float(stop.signum or (self.stop_at is not None and time.time() >= self.stop_at))
+                flags = d.all_reduce_(torch.tensor([halt, elapsed], device=d.device), op=torch.distributed.ReduceOp.MAX)
                 if flags[0] > 0:
                     interrupted = True
                     break
@@ -317,7 +340,8 @@ class _Run:
         self._save(run_dir, step, raw, model, opt, tokenizer, elapsed0 + time.time() - t_start)
         if interrupted:
             metrics.close()
-            self.log(f"interrupted by signal {stop.signum} at step {step}: checkpoint saved; "
+            why = f"interrupted by signal {stop.signum}" if stop.signum else "paused at the stop_at deadline"
+            self.log(f"{why} at step {step}: checkpoint saved; "
                      f"continue with: deltanet train --out {run_dir} --resume")
             return TrainResult(run_dir, step, None, "", True, tps_ema)
         if not metrics.has_val(step):  # stopped by the time budget: validate the final weights

@@ -97,3 +97,23 @@ def test_340m_shape_matches_fla():
 
 def test_tiny_preset_is_small():
     assert _count("tiny") < 3e6
+
+
+def test_125m_comparison_presets_are_within_5_percent():
+    """The language-model comparison's models (``deltanet bench lm``): one shape, parameter
+    counts within +-5% of deltanet-125m (counted on the meta device, no memory)."""
+    names = ["deltanet-125m", "transformer-125m", "linear-attn-125m", "linear-attn-plain-125m",
+             "hybrid-swa-125m", "hybrid-global-125m"]
+    counts = {name: _count(name) for name in names}
+    ref = counts["deltanet-125m"]
+    print({k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
+    assert 125e6 <= ref <= 140e6
+    for name, n in counts.items():
+        assert abs(n / ref - 1) <= 0.05, (name, n, ref)
+    assert get_config("transformer-125m").layer_types == ["full_attention"] * 12
+    plain = get_config("linear-attn-plain-125m")
+    assert (plain.use_short_conv, plain.qk_activation, plain.qk_norm) == (False, "elu", "sum")
+    assert plain.layer_types == ["linear_attention"] * 12 and get_config("linear-attn-125m").use_short_conv
+    assert get_config("hybrid-swa-125m").layer_types[:4] == ["delta_net", "sliding_attention"] * 2
+    glob = get_config("hybrid-global-125m").layer_types
+    assert [i for i, t in enumerate(glob) if t == "full_attention"] == [1, 6]
