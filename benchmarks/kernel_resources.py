@@ -409,7 +409,6 @@ def main() -> None:
     todo = []  # (label, kernel, tuning that launches it so, warps)
     for w in _ints(args.warps):
         todo += [(f"wy_fwd   warps {w}:", "wy_fwd", {}, w),
-                 (f"wy_fwd_dense warps {w}:", "wy_fwd_dense", dict(WY_DENSE=1), w),
                  (f"wy_bwd   warps {w}:", "wy_bwd", unfused, w)]
         todo.append((f"dqkw_bwd warps {w}:", "dqkw_bwd", unfused, w))
         for bv in (16, 64):
