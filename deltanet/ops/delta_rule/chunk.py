@@ -35,9 +35,11 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
+from ..registry import empty_state as _empty_state
+from ..registry import register_autograd_op
 from .gate import decay_terms
+from .interpreter import interpreted
 from .kernels.gate import chunk_cumsum_kernel
 from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
@@ -65,71 +67,6 @@ POISON = False
 def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     out = x.new_empty(shape if shape else x.shape, dtype=dtype if dtype is not None else x.dtype)
     return out.fill_(float("nan")) if POISON else out
-
-
-def interpreted() -> bool:
-    """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(wy_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _interpreter_compat() -> None:
-    """Work around Triton interpreter bugs (3.6 – 3.9) the kernels would hit on CPU.
-
-    1. Scalars are 1-element arrays converted with ``int(array)``, which numpy >= 2.4 rejects
-       for ndim > 0: a tensor as a ``range`` bound (the chunk loops) fails. ``__index__`` is
-       made to read the single element.
-    2. ``tl.dot`` on bfloat16 operands multiplies their raw uint16 storage (garbage results);
-       bfloat16 operands are widened to float32 first (exact: bf16 is truncated fp32).
-    3. (3.9) A comparison of two scalars holds int32 data, so ``vector_mask & (t >= 0)`` is an
-       int32 mask that loads and stores reject ("mask has unsupported dtype"); masks are made
-       boolean before the load or store.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_deltanet_compat", False):
-        return
-
-    original_dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        def widen(x):
-            if x.dtype.scalar == tl.bfloat16:
-                data = (x.data.astype(np.uint32) << 16).view(np.float32)
-                return interpreter.TensorHandle(data, tl.float32)
-            return x
-        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-    def boolean(mask):
-        if mask.data.dtype != np.bool_:
-            return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
-        return mask
-
-    original_load = interpreter.InterpreterBuilder.create_masked_load
-    original_store = interpreter.InterpreterBuilder.create_masked_store
-
-    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
-        return original_load(self, ptrs, boolean(mask), other, *args, **kwargs)
-
-    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
-        return original_store(self, ptrs, value, boolean(mask), *args, **kwargs)
-
-    interpreter.InterpreterBuilder.create_masked_load = create_masked_load
-    interpreter.InterpreterBuilder.create_masked_store = create_masked_store
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._deltanet_compat = True
-    interpreter._patch_lang_tensor = patched
-
-
-if interpreted():
-    _interpreter_compat()
 
 
 def check_device(x: torch.Tensor, name: str = "q") -> None:
@@ -488,13 +425,7 @@ def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx,
 
 # --- torch.library registration -------------------------------------------------------------
 
-def _empty_state(x: torch.Tensor) -> torch.Tensor:
-    # Custom ops return tensors, never None: an absent state is a 0-element tensor.
-    return x.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("deltanet::chunk_delta_rule_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
             cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -504,8 +435,7 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
-@_fwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
@@ -514,8 +444,7 @@ def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=Non
     return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new
 
 
-@torch.library.custom_op("deltanet::chunk_delta_rule_bwd", mutates_args=())
-def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
             ht: torch.Tensor | None = None) -> tuple[
@@ -525,8 +454,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-@_bwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None):
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
@@ -548,16 +476,16 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, _dai, _dvn):
+def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
     q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dg = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g,
-                                      ht)
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht)
     dg = dg if g is not None else None
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
+                                        backward_fake=_bwd_fake, setup_context=_setup_context, grads=_grads)
 
 
 def chunk_delta_rule(

@@ -13,7 +13,10 @@ import functools
 import torch
 import triton
 
-from .chunk import _new, finish_outputs, incoming_grads, interpreted, prepare_inputs
+from .chunk import _new, finish_outputs, incoming_grads, prepare_inputs
+from .interpreter import interpreted
+from ..registry import empty_state as _empty_state
+from ..registry import register_autograd_op
 from .gate import decay_terms, gate_grad
 from .kernels.recurrent import recurrent_bwd_fwd_kernel, recurrent_bwd_rev_kernel, recurrent_fwd_kernel
 
@@ -103,12 +106,7 @@ def recurrent_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, g=None):
     return dq, dk, dv.to(v.dtype).view(*shape, V), dbeta, dh0, dG
 
 
-def _empty_state(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("deltanet::recurrent_delta_rule_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
             cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     o, ht, _ = recurrent_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, store_w=False,
@@ -116,16 +114,14 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     return o, ht if ht is not None else _empty_state(q)
 
 
-@_fwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
     return torch.empty_like(v, memory_format=torch.contiguous_format), ht
 
 
-@torch.library.custom_op("deltanet::recurrent_delta_rule_bwd", mutates_args=())
-def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,8 +129,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dG if dG is not None else _empty_state(q)
 
 
-@_bwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, g=None):
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, g=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
@@ -148,15 +143,16 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
+def _grads(ctx, bwd_op, do, dht):
     q, k, v, beta, initial_state, cu_seqlens, g, ht = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dG = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, g)
+    dq, dk, dv, db, dh0, dG = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, g)
     dg = gate_grad(dG, ht, dht, cu_seqlens, g.dtype) if g is not None else None
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op, _bwd_op = register_autograd_op("recurrent_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
+                                        backward_fake=_bwd_fake, setup_context=_setup_context, grads=_grads)
 
 
 def recurrent_delta_rule(
