@@ -65,7 +65,9 @@ PRESETS: dict[str, dict] = {
     # projection (8 outputs) and the output gate (1024 x 1024) per layer.
     "gated-deltanet-340m": dict(_340M, layer_pattern="gated_delta"),
     "gated-hybrid-swa-340m": dict(_340M, layer_pattern="gated_swa_alternate", sliding_window=2048),
-    "gated-deltaproduct-340m": dict(_340M, layer_pattern="gated_product", num_householder=2),
+    # n_h = 2 doubles the key / value projections and convs (+50M at this width): a narrower
+    # SwiGLU (1792) keeps the total at the name (342M).
+    "gated-deltaproduct-340m": dict(_340M, layer_pattern="gated_product", num_householder=2, intermediate_size=1792),
 }
 
 
