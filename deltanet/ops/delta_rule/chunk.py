@@ -317,7 +317,8 @@ def _state_terms(h, dh, idx):
     step = max(1, (1 << 24) // (h[0].numel() or 1))
     for a in range(0, NTT - 1, step):
         b = min(a + step, NTT - 1)
-        out[a:b] = (h[a + 1 : b + 1].float() * dh[a:b].float()).sum((-2, -1))
+        # products in the stored dtype (each rounded once), summed in fp32: one temporary slice
+        out[a:b] = (h[a + 1 : b + 1] * dh[a:b]).sum((-2, -1), dtype=torch.float32)
     seq, c = table[:, 0].long(), table[:, 1].long()
     last = cu[seq].long() + (c + 1) * BT >= cu[seq + 1].long()
     return out.masked_fill_(last[:, None], 0.0), last

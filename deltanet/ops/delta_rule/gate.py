@@ -24,7 +24,8 @@ __all__ = ["decay_terms", "gate_grad"]
 
 def decay_terms(q: torch.Tensor, dq: torch.Tensor, v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     """``q . dq - v . dv`` per token and head (fp32): ``[..., H, K]``, ``[..., H, V]`` -> ``[..., H]``."""
-    return (q.float() * dq.float()).sum(-1) - (v.float() * dv.float()).sum(-1)
+    # (fp32 dq, dv: the products promote to fp32 without an fp32 copy of q or v)
+    return (q * dq).sum(-1, dtype=torch.float32) - (v * dv).sum(-1, dtype=torch.float32)
 
 
 def gate_grad(dG: torch.Tensor, ht, dht, cu_seqlens, dtype: torch.dtype) -> torch.Tensor:
