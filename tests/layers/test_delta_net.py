@@ -150,7 +150,7 @@ def test_decode_step_uses_the_recurrent_form_and_matches():
     assert_close("decoded", torch.cat(outs, dim=1), full)
 
 
-@pytest.mark.parametrize("ablation", ["paper", "no_conv", "output_gate"])
+@pytest.mark.parametrize("ablation", ["paper", "no_conv", "output_gate", "gated_product3_neg"])
 def test_recomputed_inputs_and_fused_norm_give_the_same_gradients(ablation):
     from deltanet.layers import RMSNorm
 
