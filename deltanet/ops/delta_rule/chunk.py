@@ -311,7 +311,7 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
 def _state_terms(h, dh, idx):
     """``<S after chunk c, its gradient>`` per chunk and head (fp32 ``[chunks, H]``), 0 for the last
     chunk of each sequence (whose term comes from the final state). ``h[c + 1]`` is the state after
-    chunk ``c`` when both are chunks of one sequence; slices bound the fp32 temporaries."""
+    chunk ``c`` when both are chunks of one sequence; slices bound the temporaries."""
     cu, table, _, NTT = idx
     out = torch.zeros(NTT, h.shape[1], dtype=torch.float32, device=h.device)
     step = max(1, (1 << 24) // (h[0].numel() or 1))

@@ -10,9 +10,10 @@ Hence (README.md, §7 "The gradient of g")
 
 with ``dq``, ``dv`` the gradients of the gated op itself. The kernels therefore never form dg:
 the launchers keep dq and dv in fp32 when ``g`` is given (before rounding them to the input
-dtype, whose rounding error the cancellation between the two dot products would amplify),
-call :func:`decay_terms`, and the autograd backward finishes with :func:`gate_grad`. Nothing
-here reads ``exp(-G)``: it is exact for any decay.
+dtype, whose rounding error the cancellation between the two dot products would amplify) and
+call :func:`decay_terms`. The recurrent op finishes with :func:`gate_grad` (whole sequences);
+the chunk op applies the same identity per chunk (``chunk._gate_grad``: at most 64 terms per
+sum, plus each chunk's state term). Nothing here reads ``exp(-G)``: it is exact for any decay.
 """
 
 from __future__ import annotations
