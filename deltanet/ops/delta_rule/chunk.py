@@ -156,9 +156,11 @@ def _keeps_vnew() -> bool:
     return bool(_overrides().get("SAVE_VNEW", 1))
 
 
-def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int) -> dict[str, int]:
-    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels) and input
-    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones)."""
+def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int,
+             gated: bool = False) -> dict[str, int]:
+    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels), input
+    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones) and rule
+    (``gated``: the plain rule's settings are never changed by it)."""
     p2 = triton.next_power_of_2
     BKF = max(16, p2(K))
     BVF = max(16, p2(V))
@@ -216,6 +218,10 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         cfg["BV_O"] = BVF
     if BKF > 128:
         cfg["GRADS_FUSED"] = 0  # three [64, K] fp32 accumulators do not fit in registers
+    if gated and BKF > 128 and itemsize > 2 and "STAGES_STATE" not in over:
+        # the gated dh_bwd with fp32 inputs at K = 256 needs 283,648 B of shared memory at 2
+        # stages (sm_90: 232,448), 135,168 B at 1 (benchmarks/kernel_resources.py --gated)
+        cfg["STAGES_STATE"] = 1
     return cfg
 
 
@@ -291,7 +297,7 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     N = idx[0].numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size())
+    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
     gc = _gate(_flat(g) if g is not None else None, idx)
     h0 = h0.contiguous() if h0 is not None else None
@@ -351,7 +357,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
     idx = chunk_index(cu_seqlens, B, T, q.device)
     cu, table, offsets, NTT = idx
     N = cu.numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size())
+    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
     q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
