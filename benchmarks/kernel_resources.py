@@ -146,13 +146,14 @@ def _recording(chunk, tuning: dict, sms: int, log: list):
 
 
 def launches(D: int, T: int, tuning: dict | None = None, dtype: str = "bf16", *, H: int = 16,
-             tokens: int = 32768, sms: int = 132, states: bool = False) -> list[Launch]:
+             tokens: int = 32768, sms: int = 132, states: bool = False, gated: bool = False) -> list[Launch]:
     """Every kernel launch of one forward + backward of ``chunk_delta_rule`` (``chunk_fwd``, then
     ``chunk_bwd`` as the autograd op calls it: with the forward's ``ai``, and its ``v_new``
     when ``SAVE_VNEW``) for ``tokens`` tokens in sequences of length ``T``, ``H`` heads, K = V =
     ``D``, inputs (q, k, v, beta, do) in ``dtype``, on a GPU with ``sms`` SMs (H200: 132), in
     launch order. ``tuning``: overrides as ``chunk.TUNING``. ``states``: with an initial state
     and the final state in the loss (USE_H0, STORE_HT, USE_DHT, STORE_DH0); else none (training).
+    ``gated``: the gated rule (a log decay ``g``: the ``USE_G`` variants).
     Nothing runs: the launchers get meta tensors and the kernels are recorded."""
     import torch
 
@@ -164,11 +165,13 @@ def launches(D: int, T: int, tuning: dict | None = None, dtype: str = "bf16", *,
     beta = torch.empty(B, T, H, dtype=tdtype, **meta)  # the layers cast beta to q's dtype
     h0 = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if states else None
     dht = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if states else None
+    g = torch.empty(B, T, H, dtype=torch.float32, **meta) if gated else None
+    ht = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if gated and states else None
     scale = D ** -0.5
     log: list[Launch] = []
     with _recording(chunk, dict(tuning or {}), sms, log):
-        _, _, ai, v_new = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None)
-        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new if chunk._keeps_vnew() else None)
+        _, _, ai, v_new = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g)
+        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new if chunk._keeps_vnew() else None, g, ht)
     return log
 
 
@@ -299,11 +302,12 @@ def _label(launch: Launch) -> str:
     out += " (merge tf32)" if c.get("MERGE_PREC") == "tf32" else ""
     if any(c.get(f) for f in ("USE_H0", "STORE_HT", "USE_DHT", "STORE_DH0")):
         out += " (states)"
+    out += " (gated)" if c.get("USE_G") else ""
     return out
 
 
 def report_defaults(dims, lengths, tuning, dtypes=("bf16",), sms=132, states=False, jobs=1,
-                    smem_limit=SMEM_LIMIT, H=16, tokens=32768, smem_only=False) -> list[str]:
+                    smem_limit=SMEM_LIMIT, H=16, tokens=32768, smem_only=False, gated=False) -> list[str]:
     """Print each kernel as chunk.py launches it at ``tokens`` tokens x ``H`` heads on ``sms`` SMs
     (H200: 132). Returns the launches that would not fit on an sm_90 GPU, one line each
     (``smem_only``: shared memory only, no ptxas; see ``shared_memory``)."""
@@ -313,8 +317,10 @@ def report_defaults(dims, lengths, tuning, dtypes=("bf16",), sms=132, states=Fal
             for T in lengths:
                 here = {}
                 for with_states in ([False, True] if states else [False]):
-                    for ln in launches(D, T, tuning, dtype, H=H, tokens=tokens, sms=sms, states=with_states):
-                        here.setdefault(ln.key(), ln)
+                    for with_g in ([False, True] if gated else [False]):
+                        for ln in launches(D, T, tuning, dtype, H=H, tokens=tokens, sms=sms, states=with_states,
+                                           gated=with_g):
+                            here.setdefault(ln.key(), ln)
                 rows += [(D, T, dtype, ln) for ln in here.values()]
     pool, futures = compile_all([ln.key() for *_, ln in rows], jobs, smem_only)
     env = os.environ.get("DELTANET_CHUNK_TUNING")
@@ -332,7 +338,8 @@ def report_defaults(dims, lengths, tuning, dtypes=("bf16",), sms=132, states=Fal
                   flush=True)
             if why:
                 bv = f", BV {ln.consts['BV']}" if "BV" in ln.consts else ""
-                states = ", with states" if "(states)" in _label(ln) else ""
+                states = (", with states" if "(states)" in _label(ln) else "") + (
+                    ", gated" if "(gated)" in _label(ln) else "")
                 failures.append(f"{ln.name}_kernel (D={D}, T={T}, {dtype}, warps {ln.warps}, stages {ln.stages}{bv}"
                                 f"{states}): " + "; ".join(why))
     finally:
@@ -366,6 +373,8 @@ def main() -> None:
                                                           "the state V-block depends on them)")
     p.add_argument("--dtypes", default="bf16", help="with --defaults: input dtypes, of " + ", ".join(DTYPES))
     p.add_argument("--tuning", default="{}", help="with --defaults: JSON overrides, as DELTANET_CHUNK_TUNING")
+    p.add_argument("--gated", action="store_true",
+                   help="with --defaults: also the gated rule's launches (a log decay g: the USE_G variants)")
     p.add_argument("--states", action="store_true",
                    help="with --defaults: also the launches with an initial state and the final state in the loss")
     p.add_argument("--heads", type=int, default=16, help="with --defaults")
@@ -392,7 +401,7 @@ def main() -> None:
             p.error(f"unknown dtype(s) {sorted(set(dtypes) - set(DTYPES))}; choose from {', '.join(DTYPES)}")
         failures = report_defaults(_ints(args.dims), _ints(args.lengths), json.loads(args.tuning), dtypes,
                                    sms=args.sms, states=args.states, jobs=args.jobs, smem_limit=args.smem_limit,
-                                   H=args.heads, smem_only=args.smem_only)
+                                   H=args.heads, smem_only=args.smem_only, gated=args.gated)
         if failures:
             print(f"\n{len(failures)} launch(es) would fail on an sm_90 GPU (OutOfResources at launch):", flush=True)
             for f in failures:
@@ -409,7 +418,6 @@ def main() -> None:
     todo = []  # (label, kernel, tuning that launches it so, warps)
     for w in _ints(args.warps):
         todo += [(f"wy_fwd   warps {w}:", "wy_fwd", {}, w),
-                 (f"wy_fwd_dense warps {w}:", "wy_fwd_dense", dict(WY_DENSE=1), w),
                  (f"wy_bwd   warps {w}:", "wy_bwd", unfused, w)]
         todo.append((f"dqkw_bwd warps {w}:", "dqkw_bwd", unfused, w))
         for bv in (16, 64):

@@ -47,7 +47,6 @@ VARIANTS = {
     "o_dqkw8": {"WARPS_DQKW": 8, "GRADS_FUSED": 0},
     "o_addr": {"STATE_ADDR64": -1},                  # scalar base + int32 offsets in the state kernels at K > 64
     "o_ss3": {"STAGES_STATE": 3},
-    "o_dvlocal": {"DV_LOCAL": 1},
     # the state kernels' V-block (sequential over chunks; fewer, wider programs vs more, narrower)
     "bvs16": {"BV_STATE": 16},
     "bvs32": {"BV_STATE": 32},

@@ -1,10 +1,19 @@
-"""The DeltaNet token mixer (Yang et al., NeurIPS 2024, §3 and Fig. 2).
+"""The DeltaNet token mixer (Yang et al., NeurIPS 2024, §3 and Fig. 2) and its gated family.
 
     q, k, v = SiLU(ShortConv(W x))           (causal depthwise conv, kernel 4)
     q, k    = q / |q|, k / |k|                (L2 norm; keys must be unit length for the rule)
     beta    = sigmoid(W_b x)                  (per head; 2*sigmoid with negative eigenvalues)
     o       = delta_rule(q, k, v, beta)
     y       = W_o RMSNorm_head(o)             (optionally * SiLU(W_g x))
+
+Layer types (``config.layer_types``):
+
+- ``"delta_net"``: the above.
+- ``"gated_delta_net"`` (Gated DeltaNet): plus a per-head decay
+  ``g = -exp(A_log) * softplus(W_a x + dt_bias)`` (``delta_rule(..., g=g)``) and the output
+  gate always on.
+- ``"gated_delta_product"`` (gated DeltaProduct): as ``gated_delta_net`` with
+  ``config.num_householder`` keys, values and betas per token (``delta_product``).
 
 Ablation switches (config): no short conv, q/k activation silu / relu / elu+1 / identity,
 q/k norm l2 / sum, no beta (beta = 1).
@@ -19,12 +28,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import delta_rule
+import math
+
+from ..ops import delta_product, delta_rule
 from ._fused import recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
-__all__ = ["DeltaNetMixer", "qk_feature"]
+__all__ = ["DeltaNetMixer", "GATED_TYPES", "qk_feature"]
+
+GATED_TYPES = ("gated_delta_net", "gated_delta_product")
 
 
 def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
@@ -82,31 +95,64 @@ class DeltaNetMixer(nn.Module):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
+        kind = config.layer_types[layer_idx] if layer_idx < len(config.layer_types) else "delta_net"
+        # The gated family: a decay per token and head, the output gate always on, and (product)
+        # n_h Householder steps per token.
+        self.gated = kind in GATED_TYPES
+        self.num_householder = config.num_householder if kind == "gated_delta_product" else 1
         self.qk_activation, self.qk_norm = config.qk_activation, config.qk_norm
         self.use_beta, self.allow_neg_eigval = config.use_beta, config.allow_neg_eigval
-        self.use_short_conv, self.use_output_gate = config.use_short_conv, config.use_output_gate
+        self.use_short_conv = config.use_short_conv
+        self.use_output_gate = config.use_output_gate or self.gated
         self.backend = config.delta_backend
         inner = self.num_heads * self.head_dim
+        n_h = self.num_householder
 
         self.q_proj = nn.Linear(self.hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, n_h * inner, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, n_h * inner, bias=False)
         if self.use_beta:
-            self.b_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+            self.b_proj = nn.Linear(self.hidden_size, n_h * self.num_heads, bias=False)
+        if self.gated:
+            self.a_proj = nn.Linear(self.hidden_size, self.num_heads, bias=False)
+            self.A_log = nn.Parameter(torch.empty(self.num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+            self.reset_decay_parameters()
         if self.use_short_conv:
             qk_act = "silu" if self.qk_activation == "silu" else None
             self.q_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
-            self.k_conv = ShortConvolution(inner, config.conv_size, activation=qk_act)
-            self.v_conv = ShortConvolution(inner, config.conv_size, activation="silu")
+            self.k_conv = ShortConvolution(n_h * inner, config.conv_size, activation=qk_act)
+            self.v_conv = ShortConvolution(n_h * inner, config.conv_size, activation="silu")
         if self.use_output_gate:
             self.g_proj = nn.Linear(self.hidden_size, inner, bias=False)
         self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
 
+    @torch.no_grad()
+    def reset_decay_parameters(self, init=nn.init) -> None:
+        """The usual (Mamba-2 / Gated DeltaNet) initialisation of the decay: ``A ~ U(0, 16)``,
+        ``dt`` log-uniform in ``[1e-3, 0.1]`` (floor 1e-4) with ``dt_bias = softplus^-1(dt)``,
+        so that ``softplus(W_a x + dt_bias)`` starts near ``dt``. ``init``: the module providing
+        ``copy_`` (Hugging Face's skips tensors loaded from a checkpoint)."""
+        H = self.num_heads
+        A = torch.empty(H).uniform_(0, 16).clamp_min(1e-4)
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
+        copy_ = getattr(init, "copy_", torch.Tensor.copy_)  # torch.nn.init has none
+        copy_(self.A_log, A.log())
+        copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+
+    def _decay(self, a: torch.Tensor) -> torch.Tensor:
+        """``g = -exp(A_log) * softplus(a + dt_bias)``, ``[B, T, H]`` in float32 (float64 in a
+        float64 model); always <= 0."""
+        dt = torch.promote_types(a.dtype, torch.float32)
+        return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
+
     def _input_projections(self, x, norm):
-        """``(q, k, v, b or None, g or None)`` of ``norm(x)`` (or of ``x`` without a norm)."""
+        """``(q, k, v, b or None, a or None, g or None)`` of ``norm(x)`` (or of ``x`` without a
+        norm): ``a`` feeds the decay, ``g`` the output gate."""
         layers = [self.q_proj, self.k_proj, self.v_proj]
         layers += [self.b_proj] if self.use_beta else []
+        layers += [self.a_proj] if self.gated else []
         layers += [self.g_proj] if self.use_output_gate else []
         if norm is not None:  # one function: backward recomputes norm(x) instead of keeping it
             out = list(rms_norm_linear(x, norm.weight, [lin.weight for lin in layers], norm.eps))
@@ -114,13 +160,14 @@ class DeltaNetMixer(nn.Module):
             out = [lin(x) for lin in layers]
         q, k, v = out[:3]
         b = out[3] if self.use_beta else None
+        a = out[3 + self.use_beta] if self.gated else None
         g = out[-1] if self.use_output_gate else None
-        return q, k, v, b, g
+        return q, k, v, b, a, g
 
     def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool):
-        """``(q, k, v, b, g, conv_states)``: projections of ``norm(x)``, then the short conv (or
-        the bare activation); q, k, v are ``[B, T, H*D]``, before the q/k norm."""
-        q, k, v, b, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, H])
+        """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then the short conv (or
+        the bare activation); q is ``[B, T, H*D]``, k and v ``[B, T, n_h*H*D]``, before the q/k norm."""
+        q, k, v, b, a, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, n_h*H], a: [B, T, H])
         conv_out = None
         if self.use_short_conv:
             if mask is not None:  # zero conv inputs on padding: the next real token sees a fresh start
@@ -134,7 +181,7 @@ class DeltaNetMixer(nn.Module):
             if self.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
             v = F.silu(v)
-        return q, k, v, b, g, conv_out
+        return q, k, v, b, a, g, conv_out
 
     def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
@@ -150,38 +197,43 @@ class DeltaNetMixer(nn.Module):
                 and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
             feats = recompute_in_backward(
-                lambda xx, mm, cs: [t for t in self._features(xx, norm, mm, cs, conv_in, False)[:5] if t is not None],
+                lambda xx, mm, cs: [t for t in self._features(xx, norm, mm, cs, conv_in, False)[:6] if t is not None],
                 (x, mask, cu_seqlens), [p for mod in (self, norm) if mod is not None for p in mod.parameters()])
             feats = iter(feats)
             q, k, v = next(feats), next(feats), next(feats)
             b = next(feats) if self.use_beta else None
+            a = next(feats) if self.gated else None
             g = next(feats) if self.use_output_gate else None
         else:
-            q, k, v, b, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None)
+            q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None)
+        n_h = self.num_householder
         m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
-        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))  # [B, T, H, D]
+        q = q.view(B, T, H, D)
+        k, v = (t.view(B, T, n_h, H, D) for t in (k, v))  # [B, T, n_h, H, D]
         q = qk_feature(q, self.qk_activation, self.qk_norm)
         k = qk_feature(k, self.qk_activation, self.qk_norm)
 
         if self.use_beta:
-            beta = b.to(torch.promote_types(b.dtype, torch.float32)).sigmoid()  # [B, T, H]
+            beta = b.to(torch.promote_types(b.dtype, torch.float32)).sigmoid().view(B, T, n_h, H)
             if self.allow_neg_eigval:
                 beta = beta * 2.0
         else:
-            beta = q.new_ones(B, T, H)
+            beta = q.new_ones(B, T, n_h, H)
+        decay = self._decay(a) if self.gated else None  # [B, T, H] fp32
         if m is not None:
-            beta = beta * m.to(beta.dtype)  # beta = 0: padded tokens neither erase nor write
-            k = k * m[..., None]
+            beta = beta * m[..., None].to(beta.dtype)  # beta = 0: padded tokens neither erase nor write
+            k = k * m[..., None, None]
+            if decay is not None:
+                decay = decay * m.to(decay.dtype)  # nor decay the state
         beta = beta.to(q.dtype)
 
         backend = resolve_backend(self.backend, T, x.device, decoding)
-        o, final = delta_rule(
-            q, k, v, beta,
-            initial_state=state["recurrent"] if decoding else None,
-            output_final_state=state is not None,
-            cu_seqlens=cu_seqlens,
-            backend=backend,
-        )  # o: [B, T, H, D]
+        kw = dict(g=decay, initial_state=state["recurrent"] if decoding else None,
+                  output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
+        if n_h == 1:
+            o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]
+        else:
+            o, final = delta_product(q, k, v, beta, **kw)
         if state is not None:
             state["recurrent"] = final
             if self.use_short_conv:

@@ -12,7 +12,8 @@ from transformers import PretrainedConfig
 
 __all__ = ["DeltaNetConfig", "LAYER_TYPES"]
 
-LAYER_TYPES = ("delta_net", "sliding_attention", "full_attention", "linear_attention")
+LAYER_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "sliding_attention", "full_attention",
+               "linear_attention")
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
 DELTA_BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
@@ -37,7 +38,9 @@ class DeltaNetConfig(PretrainedConfig):
         qk_activation: ``"silu" | "relu" | "elu" | "identity"`` (elu means elu + 1).
         qk_norm: ``"l2" | "sum"``.
         use_beta: learn beta (else beta = 1); allow_neg_eigval: beta in (0, 2).
-        use_output_gate: ``RMSNorm(o) * silu(W_g x)`` instead of ``RMSNorm(o)``.
+        use_output_gate: ``RMSNorm(o) * silu(W_g x)`` instead of ``RMSNorm(o)`` (always on in
+            the gated layer types).
+        num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` layers.
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
         fuse_linear_cross_entropy: with ``labels``, compute the loss in token chunks fused with
             the output projection (saves ~12 GB at 32K tokens x 32K vocab); ``logits`` is then None.
@@ -71,6 +74,7 @@ class DeltaNetConfig(PretrainedConfig):
         use_beta: bool = True,
         allow_neg_eigval: bool = False,
         use_output_gate: bool = False,
+        num_householder: int = 2,
         norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 8192,
@@ -86,7 +90,8 @@ class DeltaNetConfig(PretrainedConfig):
     ):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                             ("num_hidden_layers", num_hidden_layers), ("num_heads", num_heads),
-                            ("conv_size", conv_size), ("max_position_embeddings", max_position_embeddings)):
+                            ("conv_size", conv_size), ("max_position_embeddings", max_position_embeddings),
+                            ("num_householder", num_householder)):
             _positive_int(name, value)
         if head_dim is None:
             if hidden_size % num_heads:
@@ -149,6 +154,7 @@ class DeltaNetConfig(PretrainedConfig):
         self.use_beta = bool(use_beta)
         self.allow_neg_eigval = bool(allow_neg_eigval)
         self.use_output_gate = bool(use_output_gate)
+        self.num_householder = num_householder
         self.norm_eps = norm_eps
         self.rope_theta = float(rope_theta)
         self.max_position_embeddings = max_position_embeddings

@@ -76,7 +76,7 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
 
 def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
     kind = config.layer_types[layer_idx]
-    if kind == "delta_net":
+    if kind in ("delta_net", "gated_delta_net", "gated_delta_product"):
         return DeltaNetMixer(config, layer_idx)
     if kind == "linear_attention":
         return LinearAttentionMixer(config, layer_idx)
@@ -129,6 +129,8 @@ class DeltaNetPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ShortConvolution):
             bound = module.kernel_size ** -0.5
             init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, DeltaNetMixer) and module.gated:
+            module.reset_decay_parameters(init)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -38,10 +38,17 @@ def layer_types_for(pattern: str, n: int) -> list[str]:
         return ["linear_attention"] * n
     if pattern == "swa_alternate":  # the paper's sliding-window hybrid: every other layer
         return ["sliding_attention" if i % 2 else "delta_net" for i in range(n)]
+    if pattern == "gated_delta":
+        return ["gated_delta_net"] * n
+    if pattern == "gated_product":
+        return ["gated_delta_product"] * n
+    if pattern == "gated_swa_alternate":  # the sliding-window hybrid with Gated DeltaNet layers
+        return ["sliding_attention" if i % 2 else "gated_delta_net" for i in range(n)]
     if pattern == "global_two":  # the paper's global hybrid: second layer and middle of the stack
         full = {1, n // 2} if n > 1 else {0}
         return ["full_attention" if i in full else "delta_net" for i in range(n)]
-    raise ValueError(f"unknown layer_pattern {pattern!r}; valid: delta, attention, linear, swa_alternate, global_two")
+    raise ValueError(f"unknown layer_pattern {pattern!r}; valid: delta, attention, linear, swa_alternate, global_two, "
+                     "gated_delta, gated_product, gated_swa_alternate")
 
 
 _340M = dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, intermediate_size=2816,
@@ -69,6 +76,13 @@ PRESETS: dict[str, dict] = {
     "hybrid-global-340m": dict(_340M, layer_pattern="global_two"),
     "transformer-340m": dict(_340M, layer_pattern="attention"),
     "linear-attn-340m": dict(_340M, layer_pattern="linear"),
+    # The gated family at the same width (8 heads of 128): Gated DeltaNet adds a decay
+    # projection (8 outputs) and the output gate (1024 x 1024) per layer.
+    "gated-deltanet-340m": dict(_340M, layer_pattern="gated_delta"),
+    "gated-hybrid-swa-340m": dict(_340M, layer_pattern="gated_swa_alternate", sliding_window=2048),
+    # n_h = 2 doubles the key / value projections and convs (+50M at this width): a narrower
+    # SwiGLU (1792) keeps the total at the name (342M).
+    "gated-deltaproduct-340m": dict(_340M, layer_pattern="gated_product", num_householder=2, intermediate_size=1792),
 }
 
 

@@ -1,4 +1,5 @@
-"""Sequence-mixing operators. ``delta_rule`` is the entry point; it dispatches to a backend.
+"""Sequence-mixing operators. ``delta_rule`` (plain or gated) and ``delta_product`` are the entry
+points; they dispatch to a backend.
 
 Backends (DESIGN.md §4):
 
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from .delta_rule import delta_rule_chunkwise_torch, delta_rule_reference
+from .delta_rule import delta_product_reference, delta_rule_chunkwise_torch, delta_rule_reference
+from .delta_rule.product import interleave_product, take_last_step
 
 BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
 
 __all__ = [
     "BACKENDS",
     "chunk_delta_rule",
+    "delta_product",
+    "delta_product_reference",
     "delta_rule",
     "delta_rule_chunkwise_torch",
     "delta_rule_reference",
@@ -33,7 +37,8 @@ __all__ = [
 _NO_TRITON = "{} needs Triton (Linux: pip install triton); on other platforms use backend='torch'"
 
 
-def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def chunk_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None):
     """Chunkwise delta rule in Triton (backend ``"triton"``). Same contract as :func:`delta_rule`."""
     try:
         from .delta_rule.chunk import chunk_delta_rule as impl
@@ -41,11 +46,12 @@ def chunk_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_fi
         if e.name != "triton":
             raise
         raise ImportError(_NO_TRITON.format("chunk_delta_rule")) from e
-    return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
+    return impl(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+def recurrent_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
+                         cu_seqlens=None):
     """Fused recurrent delta rule in Triton (backend ``"recurrent"``). Same contract as :func:`delta_rule`."""
     try:
         from .delta_rule.recurrent import recurrent_delta_rule as impl
@@ -53,7 +59,7 @@ def recurrent_delta_rule(q, k, v, beta, *, scale=None, initial_state=None, outpu
         if e.name != "triton":
             raise
         raise ImportError(_NO_TRITON.format("recurrent_delta_rule")) from e
-    return impl(q, k, v, beta, scale=scale, initial_state=initial_state,
+    return impl(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
@@ -71,18 +77,23 @@ def delta_rule(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
+    g: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The delta rule ``S_t = (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T``, ``o_t = scale * S_t^T q_t``.
+    """The (gated) delta rule ``S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T``,
+    ``o_t = scale * S_t^T q_t``.
 
     Args:
         q, k: ``[B, T, H, K]``; keys are expected L2-normalised (the layer does it).
         v: ``[B, T, H, V]``; ``V`` may differ from ``K``.
         beta: ``[B, T, H]``, in (0, 1) (or (0, 2) when negative eigenvalues are allowed).
+        g: ``[B, T, H]`` log decay per token and head (any float dtype, computed in fp32), or
+            None for the plain rule. The contract is ``g <= 0`` (decay); ``g > 0`` (growth) is
+            outside it (the chunk forms assume ``exp(G_i - G_j) <= 1`` for ``i >= j``).
         scale: multiplies the queries; defaults to ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` (``N = B``, or ``len(cu_seqlens) - 1``).
         output_final_state: also return the state after the last token, ``[N, H, K, V]`` float32.
@@ -107,5 +118,46 @@ def delta_rule(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
-    return _IMPLS[backend](q, k, v, beta, scale=scale, initial_state=initial_state,
+    return _IMPLS[backend](q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DeltaProduct: ``n_h`` Householder steps per token. For each token t, ``S <- exp(g_t) S``
+    (if gated), then for ``j = 0 .. n_h - 1``: ``S <- (I - b_tj k_tj k_tj^T) S + b_tj k_tj v_tj^T``;
+    ``o_t = scale * S^T q_t``. ``n_h = 1`` is :func:`delta_rule`.
+
+    Args:
+        q: ``[B, T, H, K]``.
+        k: ``[B, T, n_h, H, K]`` (L2-normalised), v: ``[B, T, n_h, H, V]``, beta: ``[B, T, n_h, H]``.
+        g: ``[B, T, H]`` or None. Other arguments as :func:`delta_rule` (``cu_seqlens`` counts tokens).
+
+    Computed as the delta rule over the interleaved sequence of ``T * n_h`` steps (see
+    ``delta_rule/product.py``), on any backend.
+
+    Example::
+
+        >>> B, T, n_h, H, K, V = 2, 50, 2, 4, 32, 16
+        >>> q = torch.randn(B, T, H, K)
+        >>> k = torch.nn.functional.normalize(torch.randn(B, T, n_h, H, K), dim=-1)
+        >>> v, beta = torch.randn(B, T, n_h, H, V), torch.rand(B, T, n_h, H) * 2
+        >>> o, S = delta_product(q, k, v, beta, g=-torch.rand(B, T, H), output_final_state=True)
+        >>> o.shape, S.shape
+        (torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 32, 16]))
+    """
+    q, k, v, beta, g, cu_seqlens, n_h = interleave_product(q, k, v, beta, g, cu_seqlens)
+    o, S = delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+    return take_last_step(o, n_h), S

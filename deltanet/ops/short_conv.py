@@ -35,6 +35,7 @@ import triton.language as tl
 # interpreted(): whether the kernels run under TRITON_INTERPRET=1; importing chunk also applies
 # its interpreter fixes (tensor-valued loop bounds, boolean masks), which these kernels need too
 from .delta_rule.chunk import interpreted
+from .registry import register_autograd_op
 
 __all__ = ["short_conv", "short_conv_bwd", "short_conv_fwd"]
 
@@ -241,24 +242,20 @@ def short_conv_bwd(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor 
 
 # --- torch.library registration: an outer torch.compile traces through the op ----------------
 
-@torch.library.custom_op("deltanet::short_conv_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, silu: bool) -> torch.Tensor:
+def _fwd(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, silu: bool) -> torch.Tensor:
     return short_conv_fwd(x, weight, doc_pos, silu)
 
 
-@_fwd_op.register_fake
-def _(x, weight, doc_pos, silu):
+def _fwd_fake(x, weight, doc_pos, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("deltanet::short_conv_bwd", mutates_args=())
-def _bwd_op(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, dy: torch.Tensor,
+def _bwd(x: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, dy: torch.Tensor,
             silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return short_conv_bwd(x, weight, doc_pos, dy, silu)
 
 
-@_bwd_op.register_fake
-def _(x, weight, doc_pos, dy, silu):
+def _bwd_fake(x, weight, doc_pos, dy, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
@@ -268,13 +265,14 @@ def _setup_context(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _backward(ctx, dy):
+def _grads(ctx, bwd_op, dy):
     x, weight, doc_pos = ctx.saved_tensors
-    dx, dw = _bwd_op(x, weight, doc_pos, dy, ctx.silu)
+    dx, dw = bwd_op(x, weight, doc_pos, dy, ctx.silu)
     return dx, dw, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op, _bwd_op = register_autograd_op("short_conv", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
+                                        backward_fake=_bwd_fake, setup_context=_setup_context, grads=_grads)
 
 
 def _check(x, weight, doc_pos, silu) -> None:

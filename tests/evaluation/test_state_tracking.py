@@ -10,6 +10,7 @@ from deltanet.evaluation.tasks.state_tracking import (
     cli_main,
     make_modular_sum,
     make_parity,
+    make_permutation_composition,
     make_task,
     results_table,
     run_state_tracking,
@@ -35,8 +36,27 @@ def test_parity_and_task_names():
     assert torch.equal(y, x.cumsum(1) % 2)
     assert torch.equal(make_task("parity", 8, 12, seed=0)[0], x)
     assert int(make_task("mod5", 8, 12, seed=0)[0].max()) <= 4
+    assert int(make_task("mod3", 8, 12, seed=0)[0].max()) <= 2
     with pytest.raises(ValueError, match="task"):
-        make_task("mod3", 8, 12)
+        make_task("mod7", 8, 12)
+
+
+def test_s3_targets_are_running_compositions():
+    """Recompute with explicit permutation arrays: target_t = x_t o ... o x_1 (x_1 applied first)."""
+    import itertools
+
+    perms = [torch.tensor(p) for p in itertools.permutations(range(3))]
+    x, y = make_permutation_composition(32, 25, seed=4)
+    assert torch.equal(make_task("s3", 32, 25, seed=4)[1], y)
+    assert int(x.min()) == 0 and int(x.max()) == 5 and int(y.max()) <= 5
+    for b in range(0, 32, 5):
+        state = torch.arange(3)  # identity: where each position is mapped so far
+        for t in range(25):
+            state = perms[int(x[b, t])][state]  # apply x_t after what came before
+            assert torch.equal(perms[int(y[b, t])], state)
+    # S3 is not abelian: for some token pairs the order changes the composition (a running sum's
+    # never does), so the task needs more than a commuting (diagonal) state update
+    assert not torch.equal(perms[1][perms[3]], perms[3][perms[1]])
 
 
 def test_deterministic_by_seed():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from deltanet.layers import DeltaNetMixer
 from deltanet.models import DeltaNetCache, DeltaNetConfig
-from deltanet.ops import delta_rule_reference
+from deltanet.ops import delta_product_reference, delta_rule_reference
 from tests.utils import assert_close
 
 ABLATIONS = {
@@ -18,6 +18,8 @@ ABLATIONS = {
     "no_beta": dict(use_beta=False),
     "neg_eigval": dict(allow_neg_eigval=True),
     "output_gate": dict(use_output_gate=True),
+    "gated": dict(layer_types=["gated_delta_net"]),
+    "gated_product3_neg": dict(layer_types=["gated_delta_product"], num_householder=3, allow_neg_eigval=True),
 }
 
 
@@ -46,7 +48,9 @@ def _direct(layer: DeltaNetMixer, x: torch.Tensor) -> torch.Tensor:
     if not layer.use_short_conv:  # the paper's activations, applied after the projections
         q, k = (F.silu(q), F.silu(k)) if silu_qk else (q, k)
         v = F.silu(v)
-    q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
+    n = layer.num_householder
+    q = q.view(B, T, H, D)
+    k, v = (t.view(B, T, n, H, D) for t in (k, v))  # the projections hold the n steps outermost
     act = {"relu": F.relu, "elu": lambda t: F.elu(t) + 1}.get(layer.qk_activation, lambda t: t)
     q, k = act(q), act(k)
     if layer.qk_norm == "l2":
@@ -54,10 +58,14 @@ def _direct(layer: DeltaNetMixer, x: torch.Tensor) -> torch.Tensor:
     else:
         # relu features can be all zero: they stay zero (no division by zero)
         q, k = (torch.where(t.sum(-1, keepdim=True) > 0, t / t.sum(-1, keepdim=True), 0.0) for t in (q, k))
-    beta = torch.sigmoid(layer.b_proj(x)) if layer.use_beta else torch.ones(B, T, H, dtype=x.dtype)
+    beta = torch.sigmoid(layer.b_proj(x)).view(B, T, n, H) if layer.use_beta else torch.ones(B, T, n, H, dtype=x.dtype)
     if layer.allow_neg_eigval:
         beta = 2 * beta
-    o, _ = delta_rule_reference(q, k, v, beta)
+    if layer.gated:  # Gated DeltaNet's decay: g = -exp(A_log) softplus(W_a x + dt_bias)
+        g = -layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias)
+        o, _ = delta_product_reference(q, k, v, beta, g=g)
+    else:
+        o, _ = delta_rule_reference(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0])
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
     if layer.use_output_gate:
         o = o * F.silu(layer.g_proj(x).view(B, T, H, D))
@@ -84,6 +92,34 @@ def test_mixer_gradients_match_direct_implementation():
     theirs = [x.grad] + [p.grad for p in layer.parameters()]
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert_close(f"grad {i}", a, b, rtol=1e-9)
+
+
+def test_gated_decay_initialisation():
+    """A ~ U(0, 16), softplus(dt_bias) = dt log-uniform in [1e-3, 0.1]: decays in (-1.6, 0]."""
+    layer = DeltaNetMixer(_config(num_heads=64, head_dim=2, hidden_size=128, layer_types=["gated_delta_net"]), 0)
+    A, dt = layer.A_log.exp(), F.softplus(layer.dt_bias)
+    assert 0 < A.min() and A.max() <= 16 and A.std() > 2
+    assert 1e-3 * 0.999 <= dt.min() and dt.max() <= 0.1 * 1.001
+    g = layer._decay(torch.randn(2, 5, 64))
+    assert g.dtype == torch.float32 and (g <= 0).all()
+    assert layer.use_output_gate and not hasattr(DeltaNetMixer(_config(), 0), "A_log")
+
+
+@pytest.mark.parametrize("kind", ["gated_delta_net", "gated_delta_product"])
+def test_gated_padding_and_decoding(kind):
+    """Padded tokens neither write nor decay the state; decode steps match the full forward."""
+    cfg = _config(layer_types=[kind])
+    layer = DeltaNetMixer(cfg, layer_idx=0).double()
+    x = torch.randn(1, 9, 24, dtype=torch.float64)
+    padded = torch.cat([torch.randn(1, 5, 24, dtype=torch.float64) * 100, x], dim=1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 9)], dim=1)
+    c1, c2 = DeltaNetCache(cfg), DeltaNetCache(cfg)
+    y = layer(x, cache=c1)
+    assert_close("padded", layer(padded, mask=mask, cache=c2)[:, 5:], y)
+    assert_close("state", c2.layers[0]["recurrent"], c1.layers[0]["recurrent"])
+    cache = DeltaNetCache(cfg)
+    outs = [layer(x[:, :4], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(4, 9)]
+    assert_close("decoded", torch.cat(outs, 1), y)
 
 
 def test_padding_leaves_the_state_untouched():
@@ -114,7 +150,7 @@ def test_decode_step_uses_the_recurrent_form_and_matches():
     assert_close("decoded", torch.cat(outs, dim=1), full)
 
 
-@pytest.mark.parametrize("ablation", ["paper", "no_conv", "output_gate"])
+@pytest.mark.parametrize("ablation", ["paper", "no_conv", "output_gate", "gated_product3_neg"])
 def test_recomputed_inputs_and_fused_norm_give_the_same_gradients(ablation):
     from deltanet.layers import RMSNorm
 

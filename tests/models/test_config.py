@@ -28,9 +28,10 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_heads=2)
         (dict(head_dim=7), "head_dim must be even"),
         (dict(hidden_size=0), "hidden_size must be a positive int"),
         (dict(vocab_size=2.5), "vocab_size must be a positive int"),
+        (dict(num_householder=0, layer_types=["gated_delta_product"] * 2), "num_householder must be a positive int"),
     ],
     ids=["unknown_type", "swa_no_window", "len_mismatch", "heads", "kv_heads", "window0", "activation",
-         "sum_norm_silu", "norm", "backend", "odd_head_dim", "hidden0", "vocab_float"],
+         "sum_norm_silu", "norm", "backend", "odd_head_dim", "hidden0", "vocab_float", "householder0"],
 )
 def test_invalid_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

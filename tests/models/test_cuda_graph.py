@@ -12,7 +12,7 @@ from deltanet.models import cuda_graph
 from tests.models.test_modeling import VOCAB, make_model
 from tests.utils import assert_close
 
-RECURRENT_MIXES = ["delta", "linear"]
+RECURRENT_MIXES = ["delta", "linear", "gated", "gated_product"]
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ MIXES = {
     "transformer": ["full_attention"] * 2,
     "linear": ["linear_attention"] * 2,
     "all": ["delta_net", "sliding_attention", "linear_attention", "full_attention"],
+    "gated": ["gated_delta_net"] * 2,
+    "gated_product": ["gated_delta_product", "gated_delta_product"],
+    "gated_swa_hybrid": ["gated_delta_net", "sliding_attention", "gated_delta_product"],
 }
 
 

@@ -44,10 +44,11 @@ def run_with_grads(fn, inp: dict, do: torch.Tensor, dS: torch.Tensor | None, **k
 
 
 def recurrence_low_precision(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
-                             cu_seqlens=None):
+                             cu_seqlens=None, g=None):
     """The delta rule as PyTorch would compute it in ``q.dtype``: the token-level products in
     that dtype, the state carried in fp32 (the contract's state dtype). This is the "same
-    computation in the same low precision" of DESIGN.md §5; fixed-length batches only."""
+    computation in the same low precision" of DESIGN.md §5; fixed-length batches only. ``g``:
+    the gated rule."""
     assert cu_seqlens is None
     B, T, H, K = q.shape
     dt = q.dtype
@@ -56,6 +57,8 @@ def recurrence_low_precision(q, k, v, beta, *, scale=None, initial_state=None, o
     outs = []
     for t in range(T):
         k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t].to(dt)
+        if g is not None:  # the decay in fp32, on the fp32 state
+            S = S * g[:, t].float().exp()[..., None, None]
         v_old = torch.einsum("bhk,bhkv->bhv", k_t, S.to(dt))
         u = (b_t[..., None] * (v_t - v_old)).to(dt)
         S = S + torch.einsum("bhk,bhv->bhkv", k_t, u).float()

@@ -4,7 +4,7 @@ A launch that needs more shared memory than the GPU has per block (232,448 B on 
 with ``triton.runtime.errors.OutOfResources``; the CPU tests run the kernels in the Triton
 interpreter and cannot see it. benchmarks/kernel_resources.py records the launches chunk.py
 makes (32K tokens x 16 heads, K = V = 64 / 128 / 256, sequences of 1K and 16K tokens, bf16 and
-fp32 inputs), compiles each distinct one for sm_90 with Triton's own compiler (no GPU), and
+fp32 inputs, the plain and the gated rule), compiles each distinct one for sm_90 with Triton's own compiler (no GPU), and
 exits 1 listing those over the limit.
 
 ``--smem-only`` stops each compile at LLVM IR, where Triton fixes the shared memory (the rest,
@@ -27,7 +27,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 MISSING = [tool for tool in ("ptxas", "cuobjdump") if not os.access(BIN / tool, os.X_OK)]
 
 CMD = ["benchmarks/kernel_resources.py", "--defaults", "--check-limits", "--smem-only", "--dims", "64,128,256",
-       "--lengths", "1024,16384", "--dtypes", "bf16,fp32"]
+       "--lengths", "1024,16384", "--dtypes", "bf16,fp32", "--gated"]
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"Triton's bundled {' / '.join(MISSING)} not found in {BIN}: "

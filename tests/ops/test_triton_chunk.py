@@ -201,7 +201,6 @@ VARIANTS = {
     # chunk_grads_kernel in fp32 (by default only 16-bit inputs take it), several V-blocks
     "fused-grads-bv16": {"GRADS_FUSED": 1, "BV_GRADS": 16},
     "o-full-v": {"BV_O": -1},
-    "dense-wy": {"WY_DENSE": 1},
     "state-int32-offsets": {"STATE_ADDR64": 0},  # the K > 64 default, here at small K
     "state-int64-offsets": {"STATE_ADDR64": 1},
 }

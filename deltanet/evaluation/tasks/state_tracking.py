@@ -1,14 +1,18 @@
-"""State tracking with length generalisation: parity and addition mod 5.
+"""State tracking with length generalisation: parity, addition mod 3 / mod 5, and S3.
 
 After Grazzi et al. 2024, "Unlocking state-tracking in linear RNNs through negative
 eigenvalues": a DeltaNet layer's transition ``I − β k kᵀ`` has eigenvalues in ``[0, 1]`` when
 ``β ∈ (0, 1)``, so a finite-precision model cannot flip a sign per input token and cannot
 keep the running parity of arbitrarily long sequences; with ``β ∈ (0, 2)``
 (``allow_neg_eigval=True``) the transition can be a reflection (eigenvalue −1) and one layer
-can. Addition mod m needs rotations (products of reflections), so it is harder.
+can. Addition mod m needs rotations (products of reflections), so it is harder. ``s3``
+composes permutations of three elements (the non-abelian group S3, 6 tokens): the DeltaProduct
+paper (Siems et al. 2025) reports that with β ∈ (0, 2) two Householder steps per token
+(``gated_delta_product-nh2``) learn it where one step does not.
 
 Inputs are uniform tokens in ``[0, m)``; the target at every position is the running sum of
-the inputs so far, mod ``m`` (parity is ``m = 2``). Models train on length ``L`` (which
+the inputs so far, mod ``m`` (parity is ``m = 2``); for ``s3`` the tokens are the 6 permutations
+and the target the running composition. Models train on length ``L`` (which
 covers all prefixes up to ``L``) and are tested on fresh sequences of length ``2L`` and ``4L``.
 
 Example::
@@ -21,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -40,11 +45,13 @@ from .synthetic import (
 )
 
 __all__ = [
-    "TASKS", "BETA_RANGES", "StateTrackingConfig", "make_modular_sum", "make_parity", "make_task",
+    "TASKS", "BETA_RANGES", "StateTrackingConfig", "make_modular_sum", "make_parity", "make_permutation_composition",
+    "make_task",
     "run_state_tracking", "results_table", "cli_main",
 ]
 
-TASKS = {"parity": 2, "mod5": 5}  # task name -> modulus
+TASKS = {"parity": 2, "mod3": 3, "mod5": 5, "s3": 6}  # task name -> vocabulary size (modulus, or |S3|)
+S3 = tuple(itertools.permutations(range(3)))  # token i is the permutation S3[i]
 BETA_RANGES = {"(0,1)": False, "(0,2)": True}  # label -> allow_neg_eigval
 
 
@@ -75,10 +82,40 @@ def make_parity(num_examples: int, seq_len: int, *, seed: int = 0) -> tuple[torc
     return make_modular_sum(num_examples, seq_len, 2, seed=seed)
 
 
+def make_permutation_composition(num_examples: int, seq_len: int, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running composition in S3: ``(inputs, targets)``, int64 ``[num_examples, seq_len]`` in ``[0, 6)``.
+
+    Token ``i`` is the permutation ``S3[i]`` (a tuple mapping position -> image);
+    ``targets[b, t]`` is the token of ``x_t ∘ … ∘ x_1`` (apply ``x_1`` first).
+
+    >>> x, y = make_permutation_composition(1, seq_len=3, seed=0)
+    >>> p = lambda i: S3[i]
+    >>> comp = lambda a, b: tuple(a[b[j]] for j in range(3))  # a after b
+    >>> S3.index(comp(p(x[0, 2]), comp(p(x[0, 1]), p(x[0, 0])))) == int(y[0, 2])
+    True
+    """
+    for name, val in (("num_examples", num_examples), ("seq_len", seq_len)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    # table[a, b] = token of S3[a] ∘ S3[b]
+    table = torch.tensor([[S3.index(tuple(a[b[j]] for j in range(3))) for b in S3] for a in S3])
+    gen = torch.Generator().manual_seed(int(seed))
+    inputs = torch.randint(0, 6, (num_examples, seq_len), generator=gen, dtype=torch.int64)
+    targets = torch.empty_like(inputs)
+    acc = inputs[:, 0]
+    targets[:, 0] = acc
+    for t in range(1, seq_len):
+        acc = table[inputs[:, t], acc]
+        targets[:, t] = acc
+    return inputs, targets
+
+
 def make_task(task: str, num_examples: int, seq_len: int, *, seed: int = 0):
-    """Generator by task name (``"parity"`` or ``"mod5"``)."""
+    """Generator by task name (``"parity"``, ``"mod3"``, ``"mod5"`` or ``"s3"``)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if task == "s3":
+        return make_permutation_composition(num_examples, seq_len, seed=seed)
     return make_modular_sum(num_examples, seq_len, TASKS[task], seed=seed)
 
 
@@ -201,8 +238,9 @@ def results_table(results: list[dict], test_multiples: list[int]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltanet eval state-tracking",
-        description="Parity and addition mod 5, trained at one length and tested at 2x and 4x "
-        "it, comparing DeltaNet with beta in (0,1) and in (0,2) (allow_neg_eigval). Table "
+        description="Parity, addition mod 3 / mod 5 and S3 permutation composition, trained at one "
+        "length and tested at 2x and 4x it, comparing DeltaNet with beta in (0,1) and in (0,2) "
+        "(allow_neg_eigval); models such as gated_delta_product-nh2 run DeltaProduct. Table "
         "cells: accuracy over all positions / over positions beyond the training length / "
         "at the last position.",
     )

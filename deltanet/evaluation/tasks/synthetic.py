@@ -44,6 +44,8 @@ _PRESET_PATTERN = {
     "full_attention": "attention",
     "hybrid-swa": "swa_alternate",
     "hybrid-global": "global_two",
+    "gated_delta_net": "gated_delta",
+    "gated_delta_product": "gated_product",
 }
 # Ablations of the mixer, named "<pattern>-<variant>": the same layer pattern with config
 # overrides. "noconv" drops the short causal convolution on q, k, v (the paper's DeltaNet keeps
@@ -52,8 +54,11 @@ _PRESET_PATTERN = {
 _VARIANTS: dict[str, dict] = {
     "noconv": {"use_short_conv": False},
     "plain": {"use_short_conv": False, "qk_activation": "elu", "qk_norm": "sum"},
+    # DeltaProduct with n_h Householder steps per token ("gated_delta_product-nh2", ...)
+    **{f"nh{n}": {"num_householder": n} for n in (1, 2, 3, 4)},
 }
-_VARIANT_PATTERNS = ("delta_net-noconv", "linear_attention-noconv", "linear_attention-plain")
+_VARIANT_PATTERNS = ("delta_net-noconv", "linear_attention-noconv", "linear_attention-plain",
+                     *(f"gated_delta_product-nh{n}" for n in (1, 2, 3, 4)))
 MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention", *_VARIANT_PATTERNS)
 
 

@@ -1,4 +1,9 @@
-"""Chunkwise delta rule in Triton: launchers, the autograd op, and the public function.
+"""Chunkwise (gated) delta rule in Triton: launchers, the autograd op, and the public function.
+
+The gate is one optional input through every stage: with ``g`` given, ``chunk_cumsum_kernel``
+forms G (the within-chunk cumulative log decay, fp32) once and each kernel takes it with
+``USE_G``; without it the kernels compile exactly as before. The gradient of ``g`` is not a
+kernel output: ``_gate_grad`` derives it from dq, dv and the chunk states (README.md §7).
 
 Forward, three kernels (``kernels/``):
 
@@ -9,7 +14,7 @@ Forward, three kernels (``kernels/``):
 Backward: the forward hands over ``Ai`` and ``v_new`` (``SAVE_AI``, ``SAVE_VNEW``); W comes
 from one product per chunk (``wu_fwd_kernel``), the states again from ``h_fwd_kernel`` as a
 prefix sum of ``K^T v_new`` (no solve, no ``W S`` on the sequential path), then the reverse
-recurrence (``dh_bwd_kernel``) and the per-chunk gradients: one kernel (``chunk_grads_kernel``)
+recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the per-chunk gradients: one kernel (``chunk_grads_kernel``)
 at K <= 64 with 16-bit inputs, otherwise ``dqkw_bwd_kernel`` and the way back through the UT
 transform, ``wy_bwd_kernel`` (``GRADS_FUSED`` overrides the choice). With ``SAVE_VNEW=0`` /
 ``SAVE_AI=0`` the backward recomputes those from the inputs. Launch settings: ``_configs``
@@ -30,12 +35,16 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 
+from ..registry import empty_state as _empty_state
+from ..registry import register_autograd_op
+from .gate import decay_terms
+from .interpreter import interpreted
+from .kernels.gate import chunk_cumsum_kernel
 from .kernels.grads import chunk_grads_kernel
-from .kernels.output import dqkw_bwd_kernel, dv_local_kernel, o_fwd_kernel
+from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
-from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_dense_kernel, wy_fwd_kernel
+from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
 __all__ = ["chunk_delta_rule"]
@@ -60,71 +69,6 @@ def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torc
     return out.fill_(float("nan")) if POISON else out
 
 
-def interpreted() -> bool:
-    """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1``)."""
-    return type(wy_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-def _interpreter_compat() -> None:
-    """Work around Triton interpreter bugs (3.6 – 3.9) the kernels would hit on CPU.
-
-    1. Scalars are 1-element arrays converted with ``int(array)``, which numpy >= 2.4 rejects
-       for ndim > 0: a tensor as a ``range`` bound (the chunk loops) fails. ``__index__`` is
-       made to read the single element.
-    2. ``tl.dot`` on bfloat16 operands multiplies their raw uint16 storage (garbage results);
-       bfloat16 operands are widened to float32 first (exact: bf16 is truncated fp32).
-    3. (3.9) A comparison of two scalars holds int32 data, so ``vector_mask & (t >= 0)`` is an
-       int32 mask that loads and stores reject ("mask has unsupported dtype"); masks are made
-       boolean before the load or store.
-    """
-    import numpy as np
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_deltanet_compat", False):
-        return
-
-    original_dot = interpreter.InterpreterBuilder.create_dot
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        def widen(x):
-            if x.dtype.scalar == tl.bfloat16:
-                data = (x.data.astype(np.uint32) << 16).view(np.float32)
-                return interpreter.TensorHandle(data, tl.float32)
-            return x
-        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-    def boolean(mask):
-        if mask.data.dtype != np.bool_:
-            return interpreter.TensorHandle(mask.data.astype(np.bool_), mask.dtype)
-        return mask
-
-    original_load = interpreter.InterpreterBuilder.create_masked_load
-    original_store = interpreter.InterpreterBuilder.create_masked_store
-
-    def create_masked_load(self, ptrs, mask, other, *args, **kwargs):
-        return original_load(self, ptrs, boolean(mask), other, *args, **kwargs)
-
-    def create_masked_store(self, ptrs, value, mask, *args, **kwargs):
-        return original_store(self, ptrs, value, boolean(mask), *args, **kwargs)
-
-    interpreter.InterpreterBuilder.create_masked_load = create_masked_load
-    interpreter.InterpreterBuilder.create_masked_store = create_masked_store
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._deltanet_compat = True
-    interpreter._patch_lang_tensor = patched
-
-
-if interpreted():
-    _interpreter_compat()
-
-
 def check_device(x: torch.Tensor, name: str = "q") -> None:
     if not x.is_cuda and not interpreted():
         raise ValueError(
@@ -140,10 +84,11 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     """Entry checks shared by the Triton ops: validation, head-dim limit, device. float64 inputs
-    are computed in float32 (no fp64 tensor-core path). Returns ``(scale, q, k, v, beta, h0)``."""
-    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    are computed in float32 (no fp64 tensor-core path); ``g`` always in float32. Returns
+    ``(scale, q, k, v, beta, h0, g)``."""
+    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
     if max(shape.K, shape.V) > MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
                          f"V={shape.V}; use backend='torch'")
@@ -151,7 +96,8 @@ def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_s
     if v.dtype == torch.float64:
         q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     h0 = initial_state.float() if initial_state is not None else None
-    return shape.scale, q, k, v, beta, h0
+    g = g.float() if g is not None else None
+    return shape.scale, q, k, v, beta, h0, g
 
 
 def finish_outputs(o, ht, out_dtype, output_final_state):
@@ -210,9 +156,11 @@ def _keeps_vnew() -> bool:
     return bool(_overrides().get("SAVE_VNEW", 1))
 
 
-def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int) -> dict[str, int]:
-    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels) and input
-    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones)."""
+def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int,
+             gated: bool = False) -> dict[str, int]:
+    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels), input
+    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones) and rule
+    (``gated``: the plain rule's settings are never changed by it)."""
     p2 = triton.next_power_of_2
     BKF = max(16, p2(K))
     BVF = max(16, p2(V))
@@ -241,9 +189,8 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         # (3 stages at K = 256, or with fp32 inputs at K = 128, need 262-313 KB of shared memory: 2 there.)
         WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3 if BKF <= 128 and itemsize <= 2 else 2,
         STATE_ADDR64=-1,
-        WARPS_WY=4, WY_BATCHED=1, WY_DENSE=0, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
+        WARPS_WY=4, WY_BATCHED=1, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
         BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
-        DV_LOCAL=0,  # 1: intra-chunk dv term in its own parallel kernel; 0: on the sequential path (faster, measured)
         WARPS_WYB=None,  # warps of wy_bwd (None: WARPS_WY)
         SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
         # (1 measured 15% faster fwd+bwd: results/2026-11-30-h200-x2-kernels.md)
@@ -271,41 +218,53 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
         cfg["BV_O"] = BVF
     if BKF > 128:
         cfg["GRADS_FUSED"] = 0  # three [64, K] fp32 accumulators do not fit in registers
+    if gated and BKF > 128 and itemsize > 2 and "STAGES_STATE" not in over:
+        # the gated dh_bwd with fp32 inputs at K = 256 needs 283,648 B of shared memory at 2
+        # stages (sm_90: 232,448), 135,168 B at 1 (benchmarks/kernel_resources.py --gated)
+        cfg["STAGES_STATE"] = 1
     return cfg
 
 
-def _wy(k, v, beta, idx, cfg):
+def _gate(g, idx):
+    """G, the within-chunk cumulative log decay (fp32 ``[TT, H]``), or None for the plain rule."""
+    if g is None:
+        return None
+    cu, table, _, NTT = idx
+    gc = _new(g, dtype=torch.float32)
+    chunk_cumsum_kernel[(NTT, g.shape[1])](g, gc, cu, table, H=g.shape[1], BT=BT)
+    return gc
+
+
+def _wy(k, v, beta, gc, idx, cfg):
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
-    split = bool(cfg["WY_SPLIT_WU"]) and not cfg["WY_DENSE"]
+    split = bool(cfg["WY_SPLIT_WU"])
     w, u = (k, v) if split else (_new(k), _new(v))
     ai = _new(k, TT, H, BT, dtype=torch.float32)  # fp32: also the scratch of the in-kernel solve
-    if cfg["WY_DENSE"]:  # candidate, not yet measured on the GPU (benchmarks/NOTES-kernels.md)
-        wy_fwd_dense_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-                                      BV=cfg["BV"], PREC=_prec(k.dtype), num_warps=cfg["WARPS_WY"])
-    else:
-        prec = _prec(k.dtype)
-        wy_fwd_kernel[(NTT, H)](k, v, beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-                                BV=cfg["BV"], PREC=prec, BATCHED_INV=bool(cfg["WY_BATCHED"]), STORE_WU=not split,
-                                MERGE_PREC=prec if cfg["WY_MERGE_TF32"] else "ieee", num_warps=cfg["WARPS_WY"])
-        if split:
-            w, u = _wu(k, v, beta, ai, idx, cfg)
+    prec = _prec(k.dtype)
+    wy_fwd_kernel[(NTT, H)](k, v, beta, gc if gc is not None else beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT,
+                            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, BATCHED_INV=bool(cfg["WY_BATCHED"]),
+                            STORE_WU=not split, MERGE_PREC=prec if cfg["WY_MERGE_TF32"] else "ieee",
+                            USE_G=gc is not None, num_warps=cfg["WARPS_WY"])
+    if split:
+        w, u = _wu(k, v, beta, gc, ai, idx, cfg)
     return w, u, ai
 
 
-def _wu(k, v, beta, ai, idx, cfg, store_u: bool = True):
+def _wu(k, v, beta, gc, ai, idx, cfg, store_u: bool = True):
     """W, U from a stored ``ai`` (no solve); ``u`` is None without ``store_u``."""
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
     w, u = _new(k), (_new(v) if store_u else None)
-    wu_fwd_kernel[(NTT, H)](k, v, beta, w, u if store_u else w, ai, cu, table, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-                            BV=cfg["BV"], PREC=_prec(k.dtype), STORE_U=store_u, num_warps=cfg["WARPS_WY"])
+    wu_fwd_kernel[(NTT, H)](k, v, beta, gc if gc is not None else beta, w, u if store_u else w, ai, cu, table,
+                            H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"], PREC=_prec(k.dtype), STORE_U=store_u,
+                            USE_G=gc is not None, num_warps=cfg["WARPS_WY"])
     return w, u
 
 
-def _states(k, w, u, h0, ht, idx, N, cfg, v_new=None):
+def _states(k, w, u, gc, h0, ht, idx, N, cfg, v_new=None):
     """Chunk states ``h`` and (unless given) ``v_new``. With ``v_new`` given, ``w`` and ``u`` are
     not read: the states are the prefix sums of ``K^T v_new``."""
     cu, _, offsets, NTT = idx
@@ -317,11 +276,11 @@ def _states(k, w, u, h0, ht, idx, N, cfg, v_new=None):
         v_new = _new(u)
     BV = cfg["BV_STATE"]
     h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, k if known else w, v_new if known else u, v_new, h, h0 if h0 is not None else k,
-        ht if ht is not None else k, cu, offsets,
+        k, k if known else w, v_new if known else u, v_new, gc if gc is not None else k, h,
+        h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
         H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), KNOWN_VNEW=known, num_warps=cfg["WARPS_STATE"],
-        num_stages=cfg["STAGES_STATE"])
+        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), KNOWN_VNEW=known, USE_G=gc is not None,
+        num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
     return h, v_new
 
 
@@ -330,7 +289,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().flatten(0, 1)
 
 
-def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens):
+def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, g=None):
     """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
     ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
     pseudo-values ``v_new`` are what the backward may reuse."""
@@ -338,74 +297,115 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     N = idx[0].numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size())
+    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
+    gc = _gate(_flat(g) if g is not None else None, idx)
     h0 = h0.contiguous() if h0 is not None else None
     ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
-    w, u, ai = _wy(k, v, beta, idx, cfg)
-    h, v_new = _states(k, w, u, h0, ht, idx, N, cfg)
+    w, u, ai = _wy(k, v, beta, gc, idx, cfg)
+    h, v_new = _states(k, w, u, gc, h0, ht, idx, N, cfg)
     del w, u
     o = _new(v)
     cu, table, _, NTT = idx
     o_fwd_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
-        q, k, v_new, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
-        PREC=_prec(q.dtype), num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
+        q, k, v_new, gc if gc is not None else q, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
+        BV=cfg["BV_O"], PREC=_prec(q.dtype), USE_G=gc is not None, num_warps=cfg["WARPS_O"],
+        num_stages=cfg["STAGES_O"])
     return o.view(B, T, H, V), ht, ai, v_new
 
 
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_new=None):
+def _state_terms(h, dh, idx):
+    """``<S after chunk c, its gradient>`` per chunk and head (fp32 ``[chunks, H]``), 0 for the last
+    chunk of each sequence (whose term comes from the final state). ``h[c + 1]`` is the state after
+    chunk ``c`` when both are chunks of one sequence; slices bound the temporaries."""
+    cu, table, _, NTT = idx
+    out = torch.zeros(NTT, h.shape[1], dtype=torch.float32, device=h.device)
+    step = max(1, (1 << 24) // (h[0].numel() or 1))
+    for a in range(0, NTT - 1, step):
+        b = min(a + step, NTT - 1)
+        # products in the stored dtype (each rounded once), summed in fp32: one temporary slice
+        out[a:b] = (h[a + 1 : b + 1] * dh[a:b]).sum((-2, -1), dtype=torch.float32)
+    seq, c = table[:, 0].long(), table[:, 1].long()
+    last = cu[seq].long() + (c + 1) * BT >= cu[seq + 1].long()
+    return out.masked_fill_(last[:, None], 0.0), last
+
+
+def _gate_grad(dG, state_terms, last_chunk, ht, dht, idx):
+    """dg (fp32 ``[TT, H]``) from the per-token terms ``dG`` (``gate.decay_terms``): plus each
+    chunk's state term at its last token and ``<S_T, dS_T>`` at each sequence's last token, then
+    the reverse cumulative sum within each chunk (README.md §7: the rescaling argument applied to
+    one chunk, whose incoming state does not depend on its own decays)."""
+    cu, table, _, NTT = idx
+    seq, c = table[:, 0].long(), table[:, 1].long()
+    chunk_last_tok = torch.minimum(cu[seq].long() + (c + 1) * BT, cu[seq + 1].long()) - 1
+    terms = state_terms
+    if dht is not None:
+        fin = (ht * dht).sum((-2, -1))  # [N, H]
+        terms = terms + torch.where(last_chunk[:, None], fin[seq], 0.0)
+    dG.index_add_(0, chunk_last_tok, terms)
+    dg = torch.empty_like(dG)
+    chunk_cumsum_kernel[(NTT, dG.shape[1])](dG, dg, cu, table, H=dG.shape[1], BT=BT, REVERSE=True)
+    return dg
+
+
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_new=None, g=None, ht=None):
     """Launch the backward (``ai``, ``v_new``: the forward's, or None to recompute them).
-    Returns ``(dq, dk, dv, dbeta, dh0 or None)``."""
+    Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``; with ``g``, ``ht`` is the forward's
+    final state (read only with ``dht``) and ``dg [B, T, H]`` fp32 the gradient of ``g``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     cu, table, offsets, NTT = idx
     N = cu.numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size())
+    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
     q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
     prec = _prec(q.dtype)
+    gc = _gate(_flat(g) if g is not None else None, idx)
+    gp = gc if gc is not None else q  # (a pointer the kernels ignore without USE_G)
 
     if ai is not None and cfg["SAVE_AI"]:
-        w, u = _wu(k, v, beta, ai, idx, cfg, store_u=v_new is None)
+        w, u = _wu(k, v, beta, gc, ai, idx, cfg, store_u=v_new is None)
     else:
-        w, u, ai = _wy(k, v, beta, idx, cfg)
-    h, v_new = _states(k, w, u, h0, None, idx, N, cfg, v_new=v_new)
+        w, u, ai = _wy(k, v, beta, gc, idx, cfg)
+    h, v_new = _states(k, w, u, gc, h0, None, idx, N, cfg, v_new=v_new)
     del u
     dh = _new(h)
     dvn = _new(v)
     dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
-    dv_local = None
-    if cfg["DV_LOCAL"]:
-        dv_local = _new(v, dtype=torch.float32)
-        dv_local_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
-            q, k, do, dv_local, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV_O"],
-            PREC=prec, num_warps=cfg["WARPS_O"], num_stages=cfg["STAGES_O"])
     BV = cfg["BV_STATE"]
     dh_bwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, w, do, dv_local if dv_local is not None else do, dvn, dh, dht if dht is not None else q,
+        q, k, w, gp, do, dvn, dh, dht if dht is not None else q,
         dh0 if dh0 is not None else q, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, USE_DV_LOCAL=dv_local is not None, PREC=prec,
-        ADDR64=bool(cfg["STATE_ADDR64"]),
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+        ADDR64=bool(cfg["STATE_ADDR64"]), USE_G=gc is not None,
         num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
-    del w, dv_local
-    dq, dv, dbeta = _new(q), _new(v), _new(beta)
+    del w
+    if g is not None:
+        state_terms, last_chunk = _state_terms(h, dh, idx)
+    # Gated: dq and dv in fp32 until the terms of dg are taken from them (gate.py).
+    gdt = torch.float32 if g is not None else None
+    dq, dv, dbeta = _new(q, dtype=gdt), _new(v, dtype=gdt), _new(beta)
     if cfg["GRADS_FUSED"]:
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
-            q, k, v, beta, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
-            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec,
+            q, k, v, beta, gp, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
+            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec, USE_G=gc is not None,
             num_warps=cfg["WARPS_GRADS"], num_stages=cfg["STAGES_GRADS"])
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
-        dk = _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
+        dk = _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
     shape = (B, T, H)
-    return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0
+    dg = None
+    if g is not None:
+        dg = _gate_grad(decay_terms(q, dq, v, dv), state_terms, last_chunk, ht, dht, idx).view(shape)
+        dq, dv = dq.to(q.dtype), dv.to(v.dtype)
+    return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0, dg
 
 
-def _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg):
+def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg):
     """The two-kernel form of ``chunk_grads_kernel``: ``dqkw_bwd`` (writes dq, dW and a partial
     dK) and the way back through the UT transform. ``states = [h, v_new, dh]`` is emptied after
     its use, so those buffers are freed before the second kernel's. Writes dq, dv, dbeta; returns dk."""
@@ -417,36 +417,32 @@ def _wy_grads(q, k, v, beta, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg
     prec = _prec(q.dtype)
     dk_part = _new(k, dtype=torch.float32)
     dw = _new(k)
+    gp = gc if gc is not None else q
     dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK_DQKW"]), NTT, H)](
-        q, k, v_new, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_DQKW"], num_stages=cfg["STAGES_DQKW"])
+        q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
+        BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, USE_G=gc is not None, num_warps=cfg["WARPS_DQKW"],
+        num_stages=cfg["STAGES_DQKW"])
     del h, dh, v_new
     dk = _new(k)
     wy_bwd_kernel[(NTT, H)](
-        k, v, beta, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, num_warps=cfg["WARPS_WYB"])
+        k, v, beta, gp, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
+        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, USE_G=gc is not None, num_warps=cfg["WARPS_WYB"])
     return dk
 
 
 # --- torch.library registration -------------------------------------------------------------
 
-def _empty_state(x: torch.Tensor) -> torch.Tensor:
-    # Custom ops return tensors, never None: an absent state is a 0-element tensor.
-    return x.new_empty(0, dtype=torch.float32)
-
-
-@torch.library.custom_op("deltanet::chunk_delta_rule_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
-            cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+            cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
     if not _keeps_vnew():
         v_new = v.new_empty(0)
     return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
-@_fwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
@@ -455,43 +451,48 @@ def _(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new
 
 
-@torch.library.custom_op("deltanet::chunk_delta_rule_bwd", mutates_args=())
-def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor) -> tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0 = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai,
-                                    v_new if v_new.numel() > 0 else None)
-    return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q)
+            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
+            ht: torch.Tensor | None = None) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai,
+                                        v_new if v_new.numel() > 0 else None, g, ht)
+    return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-@_bwd_op.register_fake
-def _(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new):
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
-    return e(q), e(k), e(v), e(beta), dh0
+    dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
+    return e(q), e(k), e(v), e(beta), dh0, dG
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs
+    q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
+    g = inputs[8] if len(inputs) > 8 else None
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v (or empty, see
     # SAVE_VNEW). The backward would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
-    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3])
+    # g and the final state (read by the gradient of g) are saved only for the gated rule.
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,
+                          output[1] if g is not None else None)
     ctx.scale = scale
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
     # zeros buffer (32K tokens x 16 heads) alive through the whole backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dht, _dai, _dvn):
-    q, k, v, beta, initial_state, cu_seqlens, ai, v_new = ctx.saved_tensors
+def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0 = _bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new)
-    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht)
+    dg = dg if g is not None else None
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
+                                        backward_fake=_bwd_fake, setup_context=_setup_context, grads=_grads)
 
 
 def chunk_delta_rule(
@@ -504,8 +505,9 @@ def chunk_delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
+    """Chunkwise (gated) delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
 
     bf16 / fp16 / fp32 inputs, fp32 accumulation; float64 inputs are computed in float32 and
     cast back. Head dims up to 256. Differentiable in q, k, v, beta and initial_state.
@@ -522,7 +524,8 @@ def chunk_delta_rule(
         (torch.Size([2, 100, 4, 32]), torch.float32)
     """
     out_dtype = v.dtype
-    scale, q, k, v, beta, h0 = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens)
+    scale, q, k, v, beta, h0, g = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
+                                                 cu_seqlens, g)
+    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 

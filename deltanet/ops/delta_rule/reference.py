@@ -1,6 +1,8 @@
-"""The delta rule, one token at a time: the oracle every other backend is tested against.
+"""The (gated) delta rule, one token at a time: the oracle every other backend is tested against.
 
-    S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        o_t = scale * S_t^T q_t
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        o_t = scale * S_t^T q_t
+
+(``g = None``: no decay, the plain delta rule.)
 
 Written for clarity, not speed: a Python loop over tokens, plain autograd. Computes in float32,
 or float64 when given float64 inputs.
@@ -12,14 +14,17 @@ import torch
 
 from .utils import check_inputs, seq_lengths
 
-__all__ = ["delta_rule_reference"]
+__all__ = ["delta_product_reference", "delta_rule_reference"]
 
 
-def _recurrence(q, k, v, beta, S):
-    """One sequence. ``q, k: [T, H, K]``, ``v: [T, H, V]``, ``beta: [T, H]``, ``S: [H, K, V]``."""
+def _recurrence(q, k, v, beta, g, S):
+    """One sequence. ``q, k: [T, H, K]``, ``v: [T, H, V]``, ``beta, g: [T, H]`` (g or None),
+    ``S: [H, K, V]``."""
     outs = []
     for t in range(q.shape[0]):
         k_t, v_t, b_t = k[t], v[t], beta[t]  # [H, K], [H, V], [H]
+        if g is not None:  # decay first: exp(g) (I - b k k^T) S = (I - b k k^T) (exp(g) S)
+            S = S * g[t].exp()[:, None, None]
         v_old = torch.einsum("hk,hkv->hv", k_t, S)  # what the memory returns for k_t
         S = S + torch.einsum("hk,hv->hkv", b_t[:, None] * k_t, v_t - v_old)
         outs.append(torch.einsum("hk,hkv->hv", q[t], S))
@@ -36,8 +41,9 @@ def delta_rule_reference(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step-by-step delta rule. Same contract as :func:`deltanet.ops.delta_rule`.
+    """Step-by-step (gated) delta rule. Same contract as :func:`deltanet.ops.delta_rule`.
 
     Example::
 
@@ -48,11 +54,12 @@ def delta_rule_reference(
         >>> o.shape, S.shape
         (torch.Size([1, 10, 1, 3]), torch.Size([1, 1, 4, 3]))
     """
-    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
     H, K, V = shape.H, shape.K, shape.V
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     qf, kf, vf, bf = (x.to(dtype) for x in (q, k, v, beta))
     qf = qf * shape.scale
+    gf = g.to(dtype) if g is not None else None
 
     outs, finals = [], []
     for i, (b, s, e) in enumerate(seq_lengths(shape)):
@@ -60,7 +67,7 @@ def delta_rule_reference(
             S0 = initial_state[i].to(dtype)
         else:
             S0 = q.new_zeros((H, K, V), dtype=dtype)
-        o, S = _recurrence(qf[b, s:e], kf[b, s:e], vf[b, s:e], bf[b, s:e], S0)
+        o, S = _recurrence(qf[b, s:e], kf[b, s:e], vf[b, s:e], bf[b, s:e], gf[b, s:e] if gf is not None else None, S0)
         outs.append(o)
         finals.append(S)
     if cu_seqlens is None:
@@ -69,3 +76,34 @@ def delta_rule_reference(
         o = torch.cat(outs)[None]  # [1, T, H, V]
     final_state = torch.stack(finals).to(torch.float32 if dtype != torch.float64 else dtype) if output_final_state else None
     return o.to(v.dtype), final_state
+
+
+def delta_product_reference(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
+                            cu_seqlens=None):
+    """DeltaProduct written out step by step, straight from its definition (the oracle of
+    :func:`deltanet.ops.delta_product`, which runs the interleaved delta rule instead):
+    per token, ``S <- exp(g_t) S``, then ``n_h`` Householder steps in order, then the output.
+    Shapes as :func:`deltanet.ops.delta_product`; computes in float64 for float64 inputs."""
+    from .product import interleave_product  # validation only
+
+    _, _, _, _, _, _, n_h = interleave_product(q, k, v, beta, g, cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    check_inputs(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], scale, initial_state, output_final_state, cu_seqlens, g)
+    scale = K ** -0.5 if scale is None else scale
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
+        [(0, s, e) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    outs, finals = [], []
+    for i, (b, s, e) in enumerate(bounds):
+        S = initial_state[i].to(dtype) if initial_state is not None else q.new_zeros((H, K, V), dtype=dtype)
+        for t in range(s, e):
+            if g is not None:
+                S = S * g[b, t].to(dtype).exp()[:, None, None]
+            for j in range(n_h):
+                k_j, v_j, b_j = k[b, t, j].to(dtype), v[b, t, j].to(dtype), beta[b, t, j].to(dtype)
+                S = S - torch.einsum("hk,hv->hkv", b_j[:, None] * k_j, torch.einsum("hk,hkv->hv", k_j, S) - v_j)
+            outs.append(scale * torch.einsum("hk,hkv->hv", q[b, t].to(dtype), S))
+        finals.append(S)
+    o = torch.stack(outs).view(B, T, H, V) if cu_seqlens is None else torch.stack(outs)[None]
+    return o.to(v.dtype), (torch.stack(finals) if output_final_state else None)

@@ -47,8 +47,11 @@ def check_inputs(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    g: torch.Tensor | None = None,
 ) -> DeltaRuleShape:
-    """Validate a delta-rule call and return its sizes. Raises ValueError / TypeError."""
+    """Validate a delta-rule call and return its sizes. Raises ValueError / TypeError.
+
+    ``g`` (optional, ``[B, T, H]`` float): the per-token log decay of the gated rule."""
     _check_tensor("q", q, 4, "[B, T, H, K]")
     B, T, H, K = q.shape
     _check_tensor("k", k, 4, "[B, T, H, K]")
@@ -65,8 +68,12 @@ def check_inputs(
         raise ValueError(f"all sizes must be >= 1, got B={B}, T={T}, H={H}, K={K}, V={V}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got q: {q.dtype}, k: {k.dtype}, v: {v.dtype}")
-    for name, x in (("k", k), ("v", v), ("beta", beta)):
-        if x.device != q.device:
+    if g is not None:
+        _check_tensor("g", g, 3, "[B, T, H]")
+        if tuple(g.shape) != (B, T, H):
+            raise ValueError(f"g must have shape [B, T, H] = {(B, T, H)}, got {tuple(g.shape)}")
+    for name, x in (("k", k), ("v", v), ("beta", beta), ("g", g)):
+        if x is not None and x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state must be a bool, got {type(output_final_state).__name__}")

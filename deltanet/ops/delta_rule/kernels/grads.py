@@ -16,20 +16,23 @@ recurrence; ``v_new = U - W S``, so it is also U's gradient), ``Kb = diag(beta) 
 Split in two kernels, ``dW`` (bf16) and the first two terms of ``dK`` (fp32) go through memory
 and K, dU, Ai are read twice; here they stay in registers. One program holds all of K
 (``BK >= K``, so K <= 128 at 8 warps) and walks V in blocks.
+
+Gated (``USE_G``): the decay factors of ``gate_chunk_grads`` (kernels/output.py) on dQ, dK and
+dP; ``Kb = diag(beta exp(G)) K`` in the W terms (``dKb`` gains exp(G)); dA is taken through E.
 """
 
 import triton
 import triton.language as tl
 
-from .output import _state_grads_block
-from .wy import _chunk_base, _du_terms
+from .output import _state_grads_block, gate_chunk_grads
+from .wy import _chunk_base, _du_terms, decay, gate_rows
 
 
 @triton.jit
 def chunk_grads_kernel(
-    q, k, v, beta, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, cu_seqlens, chunk_table, scale,
+    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
@@ -63,6 +66,12 @@ def chunk_grads_kernel(
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)
     b_k = tl.load(k + off, mask=mk, other=0.0)
+    if USE_G:
+        b_dq, b_dk, b_dp = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
+        b_gc = gate_rows(g + row, rt, n, H)
+        bw = b * tl.exp(b_gc)
+    else:
+        bw = b
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
@@ -70,13 +79,16 @@ def chunk_grads_kernel(
 
     # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
     b_dwl = b_dw.to(b_k.dtype)
-    b_dai += tl.dot(b_dwl, tl.trans((b_k * b[:, None]).to(b_k.dtype)), input_precision=PREC)
+    b_dai += tl.dot(b_dwl, tl.trans((b_k * bw[:, None]).to(b_k.dtype)), input_precision=PREC)
     b_ai = tl.load(p_ai, mask=mt[:, None], other=0.0)
     b_da = tl.dot(b_dai, tl.trans(b_ai), input_precision=PREC)
     b_da = -tl.dot(tl.trans(b_ai), b_da, input_precision=PREC)
     b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
     b_kf = b_k.to(tl.float32)
     b_dkb = tl.dot(tl.trans(b_ail), b_dwl, input_precision=PREC)
+    if USE_G:
+        b_da = b_da * decay(b_gc, b_gc, (rt[:, None] > rt[None, :]) & mt[:, None])
+        b_dkb = b_dkb * tl.exp(b_gc)[:, None]
     b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
     b_dk += b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
     b_db += tl.sum(b_dkb * b_kf, 1)

@@ -9,19 +9,23 @@ gradient from the reverse recurrence:
     dQ = scale * dO S^T + dP K
     dK = dP^T Q + v_new G^T                 (the WY terms are added by ``wy_bwd_kernel``)
     dW = -dv S^T
+
+Gated (``USE_G``, G the within-chunk cumulative log decay, E_ij = exp(G_i - G_j)): the Q S
+term gains exp(G_i) and tril(Q K^T) the factor E; in the backward dP gains E, the ``dO S^T``
+part of dQ exp(G_i), the ``v_new G^T`` part of dK exp(G_last - G_i).
 """
 
 import triton
 import triton.language as tl
 
-from .wy import _chunk_base
+from .wy import _chunk_base, decay, gate_rows
 
 
 @triton.jit
 def o_fwd_kernel(
-    q, k, v_new, h, o, cu_seqlens, chunk_table, scale,
+    q, k, v_new, g, h, o, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), chunks, H)``."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -44,39 +48,14 @@ def o_fwd_kernel(
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_a += tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     b_a = tl.where(rt[:, None] >= rt[None, :], b_a, 0.0)
+    if USE_G:
+        b_gc = gate_rows(g + row, rt, n, H)
+        b_o = b_o * tl.exp(b_gc)[:, None]
+        b_a = b_a * decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & mt[:, None])
     off = rt[:, None] * (H * V) + rv[None, :]
     b_vn = tl.load(v_new + off, mask=mv, other=0.0)
     b_o += tl.dot(b_a.to(b_vn.dtype), b_vn, input_precision=PREC)
     tl.store(o + off, (b_o * scale).to(o.dtype.element_ty), mask=mv)
-
-
-@triton.jit
-def dv_local_kernel(
-    q, k, do, dv_local, cu_seqlens, chunk_table, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Grid ``(cdiv(V, BV), chunks, H)``: ``dv_local = scale * triu(K Q^T) dO`` (fp32), the
-    intra-chunk part of the pseudo-value gradient, off the sequential path."""
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
-    q, k, do, dv_local = q + row * K, k + row * K, do + row * V, dv_local + row * V
-    rt = tl.arange(0, BT)
-    mt = rt < n
-    rv = i_v * BV + tl.arange(0, BV)
-    mv = mt[:, None] & (rv[None, :] < V)
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        mk = mt[:, None] & (ck[None, :] < K)
-        b_q = tl.load(q + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
-        b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mk, other=0.0)
-        b_a += tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-    b_a = tl.where(rt[:, None] <= rt[None, :], b_a * scale, 0.0)
-    off = rt[:, None] * (H * V) + rv[None, :]
-    b_do = tl.load(do + off, mask=mv, other=0.0)
-    b_dv = tl.dot(b_a.to(b_do.dtype), b_do, input_precision=PREC)
-    tl.store(dv_local + off, b_dv.to(dv_local.dtype.element_ty), mask=mv)
 
 
 @triton.jit
@@ -104,10 +83,22 @@ def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b
 
 
 @triton.jit
+def gate_chunk_grads(g, rt, n, b_dq, b_dk, b_dp, H: tl.constexpr):
+    """The decay factors of one chunk's state and intra-chunk gradient sums (gated rule):
+    ``dO S^T`` rows by exp(G_i), ``v_new G^T`` rows by exp(G_last - G_i), dP by E."""
+    b_gc = gate_rows(g, rt, n, H)
+    b_gl = tl.sum(tl.where(rt == n - 1, b_gc, 0.0), 0)
+    b_dq = b_dq * tl.exp(b_gc)[:, None]
+    b_dk = b_dk * tl.exp(b_gl - b_gc)[:, None]
+    b_dp = b_dp * decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None])
+    return b_dq, b_dk, b_dp
+
+
+@triton.jit
 def dqkw_bwd_kernel(
-    q, k, v_new, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
+    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,6 +121,8 @@ def dqkw_bwd_kernel(
     for v0 in range(0, V, BV):
         b_dq, b_dk, b_dw, b_dp, _, _, _ = _state_grads_block(
             do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
+    if USE_G:
+        b_dq, b_dk, b_dp = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)

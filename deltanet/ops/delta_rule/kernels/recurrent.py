@@ -14,6 +14,10 @@ across programs while each holds all of K. Backward is two passes over the seque
 ``w`` (fp32, one V-vector per token, written by the forward when gradients are needed) keeps
 the backward exact for beta = 0 (no division by beta). Per-V-block partial sums of dq, dk and
 dbeta are reduced on the host.
+
+Gated (``USE_G``): each step first decays the state, ``S <- exp(g_t) S``; the reverse pass
+carries ``G <- exp(g_t) (G - beta k du^T)`` and the forward pass of the backward uses the decayed
+state in the dk term. dg is not formed here (``gate.gate_grad``).
 """
 
 import triton
@@ -39,9 +43,9 @@ def _program(cu_seqlens, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: 
 
 @triton.jit
 def recurrent_fwd_kernel(
-    q, k, v, beta, o, w, h0, ht, cu_seqlens, scale,
+    q, k, v, beta, g, o, w, h0, ht, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_W: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_W: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``."""
     i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
@@ -54,6 +58,8 @@ def recurrent_fwd_kernel(
         b_q = tl.load(q + (t * H + i_h) * K + rk, mask=mk, other=0.0).to(tl.float32)
         b_v = tl.load(v + (t * H + i_h) * V + rv, mask=mv, other=0.0).to(tl.float32)
         b_b = tl.load(beta + t * H + i_h).to(tl.float32)
+        if USE_G:
+            b_s = b_s * tl.exp(tl.load(g + t * H + i_h).to(tl.float32))
         b_w = b_v - tl.sum(b_k[:, None] * b_s, 0)
         if STORE_W:
             tl.store(w + (t * H + i_h) * V + rv, b_w, mask=mv)
@@ -66,9 +72,9 @@ def recurrent_fwd_kernel(
 
 @triton.jit
 def recurrent_bwd_rev_kernel(
-    q, k, beta, w, do, dht, du, dv, dk_part, db_part, dh0, cu_seqlens, scale,
+    q, k, beta, g, w, do, dht, du, dv, dk_part, db_part, dh0, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    TT, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    TT, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. ``dk_part: [NV, TT, H, K]``, ``db_part: [NV, TT, H]``."""
     i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
@@ -92,15 +98,17 @@ def recurrent_bwd_rev_kernel(
         tl.store(dk_part + (part + t * H + i_h) * K + rk, b_dk, mask=mk)
         tl.store(db_part + part + t * H + i_h, tl.sum(b_du * b_w, 0))
         b_g -= b_b * b_k[:, None] * b_du[None, :]
+        if USE_G:
+            b_g = b_g * tl.exp(tl.load(g + t * H + i_h).to(tl.float32))
     if STORE_DH0:
         tl.store(dh0 + s_off, b_g, mask=mkv)
 
 
 @triton.jit
 def recurrent_bwd_fwd_kernel(
-    k, beta, w, do, du, h0, dk_part, dq_part, cu_seqlens, scale,
+    k, beta, g, w, do, du, h0, dk_part, dq_part, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    TT, USE_H0: tl.constexpr,
+    TT, USE_H0: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. Adds ``-beta S_{t-1} du`` to ``dk_part``, writes ``dq_part``."""
     i_v, i_h, bos, eos, rk, rv, mk, mv, mkv, s_off = _program(cu_seqlens, H, K, V, BK, BV)
@@ -115,6 +123,8 @@ def recurrent_bwd_fwd_kernel(
         b_w = tl.load(w + (t * H + i_h) * V + rv, mask=mv, other=0.0)
         b_du = tl.load(du + (t * H + i_h) * V + rv, mask=mv, other=0.0)
         b_b = tl.load(beta + t * H + i_h).to(tl.float32)
+        if USE_G:
+            b_s = b_s * tl.exp(tl.load(g + t * H + i_h).to(tl.float32))
         p_dk = dk_part + (part + t * H + i_h) * K + rk
         tl.store(p_dk, tl.load(p_dk, mask=mk, other=0.0) - b_b * tl.sum(b_s * b_du[None, :], 1), mask=mk)
         b_s += b_k[:, None] * (b_b * b_w)[None, :]

@@ -7,7 +7,10 @@ its ``[K, BV]`` slice of the state in fp32 registers:
     (backward, with the forward's v_new kept: h[c] = S;  S <- S + K^T v_new, a prefix sum)
     reverse:  dh[c] = G; dv = scale * triu(K Q^T) dO + K G;  G <- G + scale Q^T dO - W^T dv
 
-``G`` is the gradient of the loss with respect to the state at the end of the chunk. The
+``G`` is the gradient of the loss with respect to the state at the end of the chunk.
+Gated (``USE_G``, ``g`` the within-chunk cumulative log decay, ``gl`` its value at the chunk's
+last token): ``S <- exp(gl) S + (exp(gl - g) K)^T v_new``; in reverse ``dv`` sees
+``triu(K Q^T * E^T)`` and ``exp(gl - g) K``, and ``G <- exp(gl) G + scale (exp(g) Q)^T dO - W^T dv``. The
 V-blocks are independent (every product contracts over K or over tokens), which is what
 lets the state be split across programs. ``h`` / ``dh`` are written in the input dtype
 (they feed tensor-core products), the carried state stays fp32.
@@ -15,6 +18,8 @@ lets the state be split across programs. ``h`` / ``dh`` are written in the input
 
 import triton
 import triton.language as tl
+
+from .wy import decay
 
 
 @triton.jit
@@ -50,12 +55,20 @@ def _chunk_tiles(bos, eos, c, i_h, rt, rk, rv, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
+def _chunk_gate(g, bos, eos, c, i_h, rt, H: tl.constexpr, BT: tl.constexpr):
+    """``(G of chunk c's rows (0 past the end), G at its last token, valid rows)``."""
+    n = tl.minimum(eos - bos - c * BT, BT).to(tl.int32)
+    b_g = tl.load(g + (bos + c * BT + rt) * H + i_h, mask=rt < n, other=0.0)
+    return b_g, tl.sum(tl.where(rt == n - 1, b_g, 0.0), 0), n
+
+
+@triton.jit
 def h_fwd_kernel(
-    k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets,
+    k, w, u, v_new, g, h, h0, ht, cu_seqlens, chunk_offsets,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, ADDR64: tl.constexpr = False,
-    KNOWN_VNEW: tl.constexpr = False,
+    KNOWN_VNEW: tl.constexpr = False, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``; ``BK`` covers all of K (a power of two >= K).
 
@@ -92,6 +105,10 @@ def h_fwd_kernel(
             b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype), input_precision=PREC)
             b_vn = b_vn.to(v_new.dtype.element_ty)
             tl.store(v_new + xv + tv, b_vn, mask=mv)
+        if USE_G:
+            b_gc, b_gl, _ = _chunk_gate(g, bos, eos, c, i_h, rt, H, BT)
+            b_k = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(b_k.dtype)
+            b_s = b_s * tl.exp(b_gl)
         b_s += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + s_off, b_s, mask=mkv)
@@ -99,18 +116,16 @@ def h_fwd_kernel(
 
 @triton.jit
 def dh_bwd_kernel(
-    q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
+    q, k, w, g, do, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, USE_DV_LOCAL: tl.constexpr, PREC: tl.constexpr,
-    ADDR64: tl.constexpr = False,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    ADDR64: tl.constexpr = False, USE_G: tl.constexpr = False,
 ):
     """Grid ``(cdiv(V, BV), N * H)``. Writes ``dh[c]`` (state grad after chunk c), ``dv``
-    (the gradient of the pseudo-values ``v_new``) and ``dh0``.
-
-    With ``USE_DV_LOCAL`` the intra-chunk term ``scale * triu(K Q^T) dO`` comes precomputed
-    (``dv_local_kernel``, parallel over chunks) instead of being formed on the sequential path.
-    """
+    (the gradient of the pseudo-values ``v_new``) and ``dh0``. The intra-chunk term
+    ``scale * triu(K Q^T) dO`` is formed here, on the sequential path (as its own parallel
+    kernel it measured slower: results/2026-11-30-h200-kernels-session3.md)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh, NT = _sequence(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
@@ -132,16 +147,22 @@ def dh_bwd_kernel(
         b_k = tl.load(k + xk + tk, mask=mk, other=0.0)
         b_w = tl.load(w + xk + tk, mask=mk, other=0.0)
         b_do = tl.load(do + xv + tv, mask=mv, other=0.0)
-        if USE_DV_LOCAL:
-            b_dv = tl.load(dv_local + xv + tv, mask=mv, other=0.0).to(tl.float32)
+        # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
+        b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
+        b_kq = tl.where(upper, b_kq * scale, 0.0)
+        if USE_G:  # entry (j, i) decays by exp(G_i - G_j); the state sees exp(G_last - G_j) K
+            b_gc, b_gl, n = _chunk_gate(g, bos, eos, c, i_h, rt, H, BT)
+            b_kq = b_kq * tl.trans(decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None]))
+            b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(b_k.dtype)
+            b_q = (b_q * tl.exp(b_gc)[:, None]).to(b_q.dtype)
         else:
-            # (tril(Q K^T))^T = triu(K Q^T): the intra-chunk term of the pseudo-value gradient.
-            b_kq = tl.dot(b_k, tl.trans(b_q), input_precision=PREC)
-            b_kq = tl.where(upper, b_kq * scale, 0.0)
-            b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dv += tl.dot(b_k, b_g.to(b_k.dtype), input_precision=PREC)
+            b_kd = b_k
+        b_dv = tl.dot(b_kq.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dv += tl.dot(b_kd, b_g.to(b_k.dtype), input_precision=PREC)
         b_dv = b_dv.to(dv.dtype.element_ty)
         tl.store(dv + xv + tv, b_dv, mask=mv)
+        if USE_G:
+            b_g = b_g * tl.exp(b_gl)
         b_g += scale * tl.dot(tl.trans(b_q), b_do, input_precision=PREC)
         b_g -= tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype), input_precision=PREC)
     if STORE_DH0:

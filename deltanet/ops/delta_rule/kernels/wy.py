@@ -5,6 +5,9 @@ Per chunk of ``BT = 64`` tokens and one head (README.md in the parent folder der
     A  = tril(diag(beta) K K^T, -1)          Ai = (I + A)^-1
     W  = Ai diag(beta) K                     U  = Ai diag(beta) V
 
+Gated (``USE_G``; ``g`` holds G, the within-chunk cumulative log decay, fp32 ``[TT, H]``):
+``A_ij`` gains the factor ``exp(G_i - G_j)`` and ``W = Ai diag(beta exp(G)) K``; U is unchanged.
+
 Layout: tokens of all sequences packed along one axis, ``k: [TT, H, K]``, ``v: [TT, H, V]``,
 ``beta: [TT, H]``; ``ai: [TT, H, BT]`` holds row ``t`` of its chunk's ``Ai``. A chunk is row
 ``chunk_table[i] = (sequence n, chunk c of n)``; rows past the sequence end are masked to zero
@@ -39,6 +42,19 @@ def _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H: tl.constexpr, BT: tl.const
 
 
 @triton.jit
+def gate_rows(g, rt, n, H: tl.constexpr):
+    """G of one chunk's rows (0 past its end); ``g`` points at the chunk's first row."""
+    return tl.load(g + rt * H, mask=rt < n, other=0.0)
+
+
+@triton.jit
+def decay(gi, gj, mask):
+    """``exp(G_i - G_j)`` where ``mask``, else 0. The difference is masked before the exponential:
+    above the diagonal (and on rows past the chunk's end) it can be large and positive."""
+    return tl.exp(tl.where(mask, gi[:, None] - gj[None, :], float("-inf")))
+
+
+@triton.jit
 def _load_rows16(k, r, n, ck, H: tl.constexpr, K: tl.constexpr):
     return tl.load(k + r[:, None] * (H * K) + ck[None, :], mask=(r[:, None] < n) & (ck[None, :] < K), other=0.0)
 
@@ -70,10 +86,14 @@ def _kkt_blocks(k, n, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: 
 
 
 @triton.jit
-def _scale_rows(a, beta, n, ri, rj, H: tl.constexpr, DIAG: tl.constexpr):
-    """beta scales the rows of A; diagonal blocks keep their strictly lower part."""
+def _scale_rows(a, beta, g, n, ri, rj, H: tl.constexpr, DIAG: tl.constexpr, USE_G: tl.constexpr):
+    """beta scales the rows of A (and exp(G_i - G_j) its entries, gated); diagonal blocks keep
+    their strictly lower part."""
     b = tl.load(beta + ri * H, mask=ri < n, other=0.0).to(tl.float32)
     a = a * b[:, None]
+    if USE_G:
+        a = a * decay(gate_rows(g, ri, n, H), gate_rows(g, rj, n, H),
+                      (ri[:, None] > rj[None, :]) & (ri < n)[:, None])
     if DIAG:
         a = tl.where(ri[:, None] > rj[None, :], a, 0.0)
     return a
@@ -155,20 +175,21 @@ def _scaled_product_store(b_x, src, dst, b, mt, rt, H: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _wu_store(k, v, w, u, b_x, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wu_store(k, v, w, u, b_x, bw, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True):
-    """W = X diag(beta) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision)."""
-    _scaled_product_store(b_x, k, w, b, mt, rt, H, K, BK, PREC)
+    """W = X diag(bw) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision;
+    ``bw`` = beta, or beta exp(G) gated)."""
+    _scaled_product_store(b_x, k, w, bw, mt, rt, H, K, BK, PREC)
     if STORE_U:
         _scaled_product_store(b_x, v, u, b, mt, rt, H, V, BV, PREC)
 
 
 @triton.jit
 def wy_fwd_kernel(
-    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
+    k, v, beta, g, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, BATCHED_INV: tl.constexpr,
-    STORE_WU: tl.constexpr = True, MERGE_PREC: tl.constexpr = "ieee",
+    STORE_WU: tl.constexpr = True, MERGE_PREC: tl.constexpr = "ieee", USE_G: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``.
 
@@ -180,20 +201,21 @@ def wy_fwd_kernel(
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
+    g = g + row  # (a dummy pointer without USE_G)
     r = tl.arange(0, 16)
 
     # A in 16x16 blocks (lower triangle only): the inverse works block-wise.
     a00, a11, a22, a33, a10, a21, a32, a20, a31, a30 = _kkt_blocks(k, n, H, K, BK, PREC)
-    a00 = _scale_rows(a00, beta, n, r, r, H, True)
-    a11 = _scale_rows(a11, beta, n, r + 16, r + 16, H, True)
-    a22 = _scale_rows(a22, beta, n, r + 32, r + 32, H, True)
-    a33 = _scale_rows(a33, beta, n, r + 48, r + 48, H, True)
-    a10 = _scale_rows(a10, beta, n, r + 16, r, H, False)
-    a21 = _scale_rows(a21, beta, n, r + 32, r + 16, H, False)
-    a32 = _scale_rows(a32, beta, n, r + 48, r + 32, H, False)
-    a20 = _scale_rows(a20, beta, n, r + 32, r, H, False)
-    a31 = _scale_rows(a31, beta, n, r + 48, r + 16, H, False)
-    a30 = _scale_rows(a30, beta, n, r + 48, r, H, False)
+    a00 = _scale_rows(a00, beta, g, n, r, r, H, True, USE_G)
+    a11 = _scale_rows(a11, beta, g, n, r + 16, r + 16, H, True, USE_G)
+    a22 = _scale_rows(a22, beta, g, n, r + 32, r + 32, H, True, USE_G)
+    a33 = _scale_rows(a33, beta, g, n, r + 48, r + 48, H, True, USE_G)
+    a10 = _scale_rows(a10, beta, g, n, r + 16, r, H, False, USE_G)
+    a21 = _scale_rows(a21, beta, g, n, r + 32, r + 16, H, False, USE_G)
+    a32 = _scale_rows(a32, beta, g, n, r + 48, r + 32, H, False, USE_G)
+    a20 = _scale_rows(a20, beta, g, n, r + 32, r, H, False, USE_G)
+    a31 = _scale_rows(a31, beta, g, n, r + 48, r + 16, H, False, USE_G)
+    a30 = _scale_rows(a30, beta, g, n, r + 48, r, H, False, USE_G)
 
     # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
     # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj in MERGE_PREC: the launcher passes
@@ -250,51 +272,8 @@ def wy_fwd_kernel(
         mt = rt < n
         b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
         b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-        _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
-
-
-@triton.jit
-def wy_fwd_dense_kernel(
-    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Same contract as ``wy_fwd_kernel``, with the merge done as four 64x64 products.
-
-    With D = blockdiag((I + A_bb)^-1) and M = D A_off (A_off: the blocks below the diagonal,
-    so M^4 = 0): (I + A)^-1 = (I + M)^-1 D = (I - M + M^2 - M^3) D. A is one 64x64 product per
-    K-block instead of ten 16x16 ones, and the merge uses full-size tensor-core products
-    instead of sixteen 16x16 fp32 ones. Only the diagonal blocks are solved by substitution.
-    """
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
-    k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
-    rt = tl.arange(0, BT)
-    mt = rt < n
-    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-    b_a = tl.zeros([BT, BT], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        b_k = tl.load(k + rt[:, None] * (H * K) + ck[None, :], mask=mt[:, None] & (ck[None, :] < K), other=0.0)
-        b_a += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-    b_a = tl.where(rt[:, None] > rt[None, :], b_a * b[:, None], 0.0)
-
-    p_ai = ai + rt[:, None] * (H * BT) + rt[None, :]
-    tl.store(p_ai, b_a, mask=mt[:, None])
-    tl.debug_barrier()  # the substitution reads rows of A written by other threads
-    x3 = _inv_diag_blocks(ai, n, H, BT)
-    tl.debug_barrier()
-    _store_diag_blocks(ai, x3, n, H, BT)
-    tl.debug_barrier()
-    blk = rt // 16
-    b_d = tl.load(p_ai, mask=mt[:, None] & (blk[:, None] == blk[None, :]), other=0.0)
-    b_m = tl.dot(b_d, tl.where(blk[:, None] > blk[None, :], b_a, 0.0), input_precision=PREC)
-    b_m2 = tl.dot(b_m, b_m, input_precision=PREC)
-    b_p = tl.where(rt[:, None] == rt[None, :], 1.0, 0.0) - b_m + b_m2 - tl.dot(b_m2, b_m, input_precision=PREC)
-    b_x = tl.dot(b_p, b_d, input_precision=PREC)
-    tl.debug_barrier()  # every read of the scratch is done before Ai overwrites it
-    tl.store(p_ai, b_x, mask=mt[:, None])
-    _wu_store(k, v, w, u, b_x.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC)
+        bw = b * tl.exp(gate_rows(g, rt, n, H)) if USE_G else b
+        _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), bw, b, mt, rt, H, K, V, BK, BV, PREC)
 
 
 @triton.jit
@@ -310,14 +289,15 @@ def _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC: tl.constexpr):
 
 @triton.jit
 def wy_bwd_kernel(
-    k, v, beta, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
+    k, v, beta, g, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Back through W = Ai diag(beta) K, U = Ai diag(beta) V.
 
     ``dk_in`` (fp32) holds the key gradient from the output and state terms; this kernel
-    adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``.
+    adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``. Gated: ``dA`` is taken through
+    the factor ``exp(G_i - G_j)`` and ``d(beta K)`` from W gains ``exp(G)`` (README.md).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
@@ -329,6 +309,12 @@ def wy_bwd_kernel(
     b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
     b_ail = b_ai.to(k.dtype.element_ty)
     b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+    if USE_G:
+        b_gc = gate_rows(g + row, rt, n, H)
+        b_gam = tl.exp(b_gc)
+        bw = b * b_gam
+    else:
+        bw = b
 
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -345,12 +331,14 @@ def wy_bwd_kernel(
         off = rt[:, None] * (H * K) + ck[None, :]
         b_k = tl.load(k + off, mask=m, other=0.0)
         b_dw = tl.load(dw + off, mask=m, other=0.0)
-        b_dai += tl.dot(b_dw, tl.trans((b_k * b[:, None]).to(b_k.dtype)), input_precision=PREC)
+        b_dai += tl.dot(b_dw, tl.trans((b_k * bw[:, None]).to(b_k.dtype)), input_precision=PREC)
 
     # Through the inverse: dA = -Ai^T dAi Ai^T, restricted to A's strictly lower support.
     b_da = tl.dot(b_dai, tl.trans(b_ai), input_precision=PREC)
     b_da = -tl.dot(tl.trans(b_ai), b_da, input_precision=PREC)
     b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
+    if USE_G:  # A = diag(beta) (K K^T * E): the K K^T part sees dA * E
+        b_da = b_da * decay(b_gc, b_gc, (rt[:, None] > rt[None, :]) & mt[:, None])
 
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
@@ -361,6 +349,8 @@ def wy_bwd_kernel(
         b_kf = b_k.to(tl.float32)
         # d(beta K) from W = Ai (beta K) and from A = (beta K) K^T.
         b_dkb = tl.dot(tl.trans(b_ail), b_dw, input_precision=PREC)
+        if USE_G:
+            b_dkb = b_dkb * b_gam[:, None]
         b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
         b_dk = b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
         b_dk += tl.load(dk_in + off, mask=m, other=0.0)
@@ -371,9 +361,10 @@ def wy_bwd_kernel(
 
 @triton.jit
 def wu_fwd_kernel(
-    k, v, beta, w, u, ai, cu_seqlens, chunk_table,
+    k, v, beta, g, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True,
+    USE_G: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``: W and U again from a stored ``ai`` (the backward's recompute
     without the solve: two products per chunk instead of the whole UT transform). ``STORE_U``
@@ -385,4 +376,5 @@ def wu_fwd_kernel(
     mt = rt < n
     b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
     b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), b, mt, rt, H, K, V, BK, BV, PREC, STORE_U)
+    bw = b * tl.exp(gate_rows(g + row, rt, n, H)) if USE_G else b
+    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), bw, b, mt, rt, H, K, V, BK, BV, PREC, STORE_U)
