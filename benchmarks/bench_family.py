@@ -148,7 +148,8 @@ def part_cold(record, deadline):
                 rows.append(dict(op=op, lib=lib, skipped="time budget"))
                 continue
             with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TRITON_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+                env = {**os.environ, "TRITON_CACHE_DIR": cache,
+                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
                 try:
                     p = subprocess.run([sys.executable, __file__, "--cold-one", op, lib], env=env, capture_output=True,
                                        text=True, timeout=max(10, min(60, deadline - time.time())))
