@@ -11,7 +11,8 @@ Layout of a run directory::
 
 A checkpoint is written into ``.tmp-step_…``, every file fsynced, then renamed into place;
 only after that is ``latest`` replaced (write temp file, fsync, ``os.replace``). A crash at
-any point therefore leaves ``latest`` pointing at a complete checkpoint.
+any point therefore leaves ``latest`` pointing at a complete checkpoint, and every
+``step_*`` folder is complete: without ``latest`` (deleted, or a copied run) the newest one is used.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "capture_rng", "find_checkpoint", "list_checkpoints", "load_training_state",
-           "restore_rng", "save_checkpoint"]
+           "read_trainer_state", "restore_rng", "save_checkpoint"]
 
 LATEST = "latest"
 
@@ -105,6 +106,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, model_state: dict[
     torch.save({"ranks": rng_states}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
     tokenizer.save(tmp)
+    # safetensors' writer creates its file with mode 0600; give every file the mode a plain
+    # write gets here (umask applied), like the run's other files
+    mode = (tmp / "trainer_state.json").stat().st_mode & 0o777
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            p.chmod(mode)
     _fsync_tree(tmp)
     final = ckpt_root / name
     if final.exists():  # re-saving the same step (e.g. interrupted right after a resume)
@@ -141,11 +148,15 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint path not found: {path}")
     for root in (path / "checkpoints", path):
         latest = root / LATEST
+        steps = list_checkpoints(root.parent) if root.name == "checkpoints" else []
         if latest.is_file():
             target = root / latest.read_text().strip()
-            if not target.is_dir():
+            if target.is_dir():
+                return target
+            if not steps:
                 raise CheckpointError(f"{latest} points to a missing checkpoint {target.name}")
-            return target
+        if steps:  # no (or a dangling) ``latest``: step_* folders only appear complete, take the newest
+            return steps[-1]
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     raise CheckpointError(f"no checkpoint in {path} (expected a run directory or a checkpoint with "
@@ -183,6 +194,16 @@ def _check_safetensors(ckpt: Path) -> None:
         json.loads((ckpt / "config.json").read_text())
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint {ckpt / 'config.json'}: {_one_line(e)}") from None
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (step, elapsed time, threads, ...)."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"incomplete checkpoint {ckpt}: missing trainer_state.json") from None
+    except ValueError as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt / 'trainer_state.json'}: {_one_line(e)}") from None
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "plot_losses"]
+__all__ = ["MetricsLog", "last_validation", "plot_losses"]
 
 
 class MetricsLog:
@@ -60,7 +60,7 @@ def plot_losses(run_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    tr = [(r["step"], r["loss"]) for r in recs if math.isfinite(r.get("loss", float("nan")))]
+    tr = [(r["step"], r["loss"]) for r in recs if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if tr:
@@ -75,3 +75,13 @@ def plot_losses(run_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=120)
     plt.close(fig)
+
+
+def last_validation(run_dir: Path) -> dict | None:
+    """The last validation in ``metrics.jsonl`` as ``{"loss", "bpb", "ppl"}``, or None."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+    vals = [r for r in recs if "val_loss" in r]
+    return {k: vals[-1][f"val_{k}"] for k in ("loss", "bpb", "ppl")} if vals else None
