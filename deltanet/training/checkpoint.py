@@ -17,6 +17,7 @@ any point therefore leaves ``latest`` pointing at a complete checkpoint, and eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "capture_rng", "find_checkpoint", "list_checkpoints", "load_training_state",
-           "read_trainer_state", "restore_rng", "save_checkpoint"]
+           "read_trainer_state", "removing_new_files_on_failure", "restore_rng", "save_checkpoint"]
 
 LATEST = "latest"
 
@@ -222,3 +223,35 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def removing_new_files_on_failure(run_dir: Path, enabled: bool = True):
+    """Create ``run_dir``; if the block raises, remove what was not there before.
+
+    A run that fails before it starts (missing or unusable data, ...) must not leave a
+    half-made run folder behind: it would clutter the working directory and block the next
+    attempt with the same ``--out``. Parents created for it (``runs/``) go too.
+    """
+    if not enabled:
+        yield
+        return
+    top = run_dir
+    while not top.parent.exists():
+        top = top.parent
+    existed = run_dir.exists()
+    before = set(os.listdir(run_dir)) if existed else set()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for name in set(os.listdir(run_dir)) - before:
+                p = run_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "last_validation", "plot_losses"]
+__all__ = ["MetricsLog", "last_validation", "plot_losses", "time_left"]
 
 
 class MetricsLog:
@@ -85,3 +85,13 @@ def last_validation(run_dir: Path) -> dict | None:
     recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
     vals = [r for r in recs if "val_loss" in r]
     return {k: vals[-1][f"val_{k}"] for k in ("loss", "bpb", "ppl")} if vals else None
+
+
+def time_left(steps_done: int, seconds: float, steps_left: int, budget_left: float) -> float:
+    """Seconds until the run ends: by steps at this session's pace, or by the time budget if sooner.
+
+    >>> time_left(10, 5.0, 20, 100.0), time_left(10, 5.0, 20, 3.0), time_left(10, 5.0, 0, 76.0)
+    (10.0, 3.0, 0.0)
+    """
+    by_steps = seconds / max(1, steps_done) * steps_left
+    return max(0.0, min(by_steps, budget_left))

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -29,11 +27,12 @@ import numpy as np
 import torch
 
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
-                         load_training_state, read_trainer_state, restore_rng, save_checkpoint)
+                         load_training_state, read_trainer_state, removing_new_files_on_failure, restore_rng,
+                         save_checkpoint)
 from .config import ConfigError, RunConfig, auto_lr
 from .data import DataError, PackedTokens, build_token_cache, eval_positions, make_batch, open_corpus
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
-from .metrics import MetricsLog, last_validation, plot_losses
+from .metrics import MetricsLog, last_validation, plot_losses, time_left
 from .tokenizer import load_tokenizer, make_tokenizer, train_bpe
 
 __all__ = ["TrainResult", "lr_at", "train"]
@@ -153,33 +152,6 @@ class _Run:
             raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         return run_dir
 
-    @contextlib.contextmanager
-    def _undo_on_failure(self, run_dir: Path):
-        """Create ``run_dir``; if setup then fails (missing or unusable data, ...), remove what it added.
-
-        A failed start must not leave a half-made run folder (it would also block the next
-        attempt with the same --out). Only what did not exist before is removed.
-        """
-        top = run_dir
-        while not top.parent.exists():  # e.g. runs/ itself when this is the first run
-            top = top.parent
-        existed = run_dir.exists()
-        before = set(os.listdir(run_dir)) if existed else set()
-        if self.d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        self.d.barrier()
-        try:
-            yield
-        except BaseException:
-            if self.d.is_main:
-                if not existed:
-                    shutil.rmtree(top, ignore_errors=True)
-                else:
-                    for name in set(os.listdir(run_dir)) - before:
-                        p = run_dir / name
-                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            raise
-
     def _write_config(self, run_dir: Path) -> None:
         if self.d.is_main:
             conf = {**self.cfg.to_dict(), "world_size": self.d.world_size, "threads": self.threads}
@@ -293,7 +265,9 @@ class _Run:
             if recorded and not tc.threads:
                 note += " as recorded by the run"
             self.threads = torch.get_num_threads()
-        with self._undo_on_failure(run_dir):
+        # creates run_dir; a failed start (missing or unusable data, ...) leaves no half-made run folder
+        with removing_new_files_on_failure(run_dir, enabled=d.is_main):
+            d.barrier()
             corpus = open_corpus(self.dc.data, self.dc.val_fraction)
             tokenizer = self._tokenizer(run_dir, corpus)
             train_rows, val_rows = self._data(corpus, tokenizer)
@@ -369,7 +343,9 @@ class _Run:
                     if last_val:
                         post["val"] = f"{last_val['loss']:.3f}"
                     if tc.max_time_s:  # the bar's own ETA counts steps; the time budget may end the run first
-                        post["left"] = f"{time_left(step - step0, time.time() - t_start, tc.max_steps - step, tc.max_time_s - rec['elapsed_s']):.0f}s"
+                        left = time_left(step - step0, time.time() - t_start, tc.max_steps - step,
+                                         tc.max_time_s - rec["elapsed_s"])
+                        post["left"] = f"{left:.0f}s"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
@@ -498,16 +474,6 @@ class _Run:
             return ""
         return generate_text(raw, tokenizer, self.tc.sample_prompt, max_new_tokens=self.tc.sample_tokens,
                              temperature=0.8, top_p=0.95, seed=self.tc.seed)
-
-
-def time_left(steps_done: int, seconds: float, steps_left: int, budget_left: float) -> float:
-    """Seconds until the run ends: by steps at this session's pace, or by the time budget if sooner.
-
-    >>> time_left(10, 5.0, 20, 100.0), time_left(10, 5.0, 20, 3.0), time_left(10, 5.0, 0, 76.0)
-    (10.0, 3.0, 0.0)
-    """
-    by_steps = seconds / max(1, steps_done) * steps_left
-    return max(0.0, min(by_steps, budget_left))
 
 
 def _capped(texts, max_bytes: int):

@@ -41,6 +41,7 @@ from .synthetic import (
     plot_accuracy_vs_width,
     plot_learning_curves,
     resolve_device,
+    show_defaults,
     train_and_evaluate,
 )
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("runs/mqar"),
                    help="directory for results.json, accuracy_vs_width.png, learning_curves.png")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    return p
+    return show_defaults(p)
 
 
 def _settings(seq_lens: list[int], pairs: list[int]) -> list[tuple[int, int]]:

@@ -36,6 +36,7 @@ from .synthetic import (
     format_table,
     masked_accuracy,
     resolve_device,
+    show_defaults,
     train_and_evaluate,
 )
 
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("runs/state_tracking"),
                    help="directory for results.json")
     p.add_argument("--no-progress", action="store_true")
-    return p
+    return show_defaults(p)
 
 
 def cli_main(argv: list[str]) -> int:

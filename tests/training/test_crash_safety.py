@@ -1,0 +1,125 @@
+"""Crash safety: SIGKILL a CPU training run at random moments, resume each time, get the same run.
+
+Also: resuming a run that already reached its end reports it and exits 0 (it used to crash),
+and the thread count a run started with is reused on resume (exactness on CPU depends on it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deltanet.training.checkpoint import find_checkpoint, list_checkpoints
+from deltanet.training.metrics import time_left
+
+from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("baseline")
+    r = run_cli(train_args(corpus, root / "run", root / "cache", steps=STEPS))
+    assert r.returncode == 0, r.stderr
+    return root / "run"
+
+
+def _env_default_threads() -> dict:
+    # torch's own default (all cores): auto would pick more than the 1 thread the run started
+    # with whenever the machine is idle enough, so a resume must use the recorded count.
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def _newest_step(out: Path) -> int:
+    ckpts = list_checkpoints(out)
+    return int(ckpts[-1].name.split("_")[1]) if ckpts else 0
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(baseline, corpus, tmp_path):
+    """Kill -9 at seeded-random moments (checkpoints every 2 steps), resume each time: the
+    losses equal the uninterrupted run's step for step, each logged once."""
+    rng = random.Random(20261206)
+    # kill once checkpoint `target` exists, then a random fraction of a second later: inside a
+    # step, a validation, a checkpoint write, or (target 12) after the last checkpoint
+    targets = sorted(rng.sample(range(2, STEPS + 1, 2), 3))
+    out = tmp_path / "run"
+    fresh = train_args(corpus, out, tmp_path / "cache", "--save-every", "2", steps=STEPS)
+    resume = ["train", "--out", str(out), "--resume", "--no-progress"]
+    killed_at, resumed_logs = [], []
+    for target in targets:
+        started = bool(list_checkpoints(out))
+        cmd = [sys.executable, "-m", "deltanet.cli", *(resume if started else fresh)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=_env_default_threads() if started else env_1thread())
+        deadline = time.time() + 240
+        while proc.poll() is None and _newest_step(out) < target and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            proc.kill()
+            killed_at.append(_newest_step(out))
+        log = proc.communicate(timeout=240)[1]
+        assert proc.returncode in (0, -9), log
+        if started and "already complete" not in log:
+            resumed_logs.append(log)
+    print(f"kill targets {targets}, killed after checkpoints {killed_at}")
+    assert len(killed_at) >= 2, f"too few kills landed (targets {targets}, killed at {killed_at})"
+    r = subprocess.run([sys.executable, "-m", "deltanet.cli", *resume], capture_output=True, text=True,
+                       timeout=300, env=_env_default_threads())
+    assert r.returncode == 0, r.stderr
+
+    assert losses(out) == losses(baseline), f"killed after checkpoints {killed_at}"  # exact
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    assert [r["step"] for r in recs if not r.get("final")] == list(range(1, STEPS + 1))  # no step twice
+    assert (out / "loss.png").is_file()
+
+    # the thread count the run started with (1) is recorded and reused by every resume
+    assert json.loads((find_checkpoint(out) / "trainer_state.json").read_text())["threads"] == 1
+    assert json.loads((out / "config.json").read_text())["threads"] == 1
+    for log in resumed_logs + [r.stderr]:
+        if "already complete" not in log:
+            assert "1 thread(s) as recorded by the run" in log, log
+
+    # once more, without the `latest` pointer: the run is complete, nothing to do, exit 0
+    (out / "checkpoints" / "latest").unlink()
+    r = run_cli(resume)
+    assert r.returncode == 0, r.stderr
+    assert f"is already complete: step_{STEPS:08d}" in r.stderr and f"already complete at step {STEPS}" in r.stdout
+    assert losses(out) == losses(baseline)
+
+
+def test_resume_of_a_finished_run_killed_before_it_exited(baseline, tmp_path):
+    """Killed after its last checkpoint (no loss.png yet): --resume says it is complete, exits 0."""
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    (out / "loss.png").unlink()
+    before = (out / "metrics.jsonl").read_text()
+    r = run_cli(["train", "--out", str(out), "--resume", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"is already complete: step_{STEPS:08d} reached max_steps={STEPS}" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing re-done, nothing logged twice
+    assert (out / "loss.png").is_file()
+
+
+def test_progress_time_left_is_an_estimate_not_the_budget():
+    # 100% of the steps done with 76 s of budget left: nothing is left
+    assert time_left(steps_done=30, seconds=15.0, steps_left=0, budget_left=76.0) == 0.0
+    assert time_left(steps_done=10, seconds=5.0, steps_left=20, budget_left=76.0) == 10.0
+    assert time_left(steps_done=10, seconds=5.0, steps_left=200, budget_left=76.0) == 76.0
+    assert time_left(steps_done=0, seconds=0.0, steps_left=5, budget_left=-3.0) == 0.0
