@@ -194,7 +194,7 @@ def cmd_generate(argv: list[str]) -> int:
     p = CliParser(prog="deltanet generate", description="Stream text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory (uses its latest) or checkpoint directory")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, in (0, 1] (default 0.95)")
     p.add_argument("--seed", type=int, default=0)

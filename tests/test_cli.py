@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -200,3 +201,13 @@ def test_delegation_passes_argv(monkeypatch):
     monkeypatch.setitem(cli.BENCHES, "decode", ("fake_bench", True))
     assert main(["bench", "decode", "--batch", "4"]) == 0
     assert seen["argv"] == ["decode", "--batch", "4"]
+
+
+@pytest.mark.parametrize("task,flags", [("mqar", ["--vocab-size", "--lr", "--train-size", "--widths"]),
+                                        ("state-tracking", ["--train-len", "--lr", "--width", "--train-size"])])
+def test_eval_task_help_shows_defaults(capsys, task, flags):
+    with pytest.raises(SystemExit):
+        main(["eval", task, "--help"])
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n  (?=-)", capsys.readouterr().out)}
+    for flag in flags:
+        assert "(default: " in blocks[flag], blocks[flag]

@@ -248,9 +248,14 @@ def cli_main(argv: list[str]) -> int:
             eval_every=args.eval_every, weight_decay=args.weight_decay, seed=args.seed,
             device=args.device,
         )
+        cpu = resolve_device(args.device).type == "cpu"
     except ValueError as e:
         print(f"deltanet eval state-tracking: error: {e}", file=sys.stderr)
         return 2
+    if cpu:  # as deltanet train does: two spinning OpenMP threads on a busy 2-core box are 10x slower
+        from deltanet.training.distributed import configure_cpu_threads
+
+        print(f"deltanet eval state-tracking: {configure_cpu_threads()}", file=sys.stderr)
     payload = {"command": "deltanet eval state-tracking " + " ".join(argv), "config": asdict(cfg),
                "train": asdict(train), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
