@@ -1,9 +1,11 @@
 """The training loop behind ``deltanet train``: one process or many (torchrun), CPU or GPU.
 
-Order of events: run directory → tokenizer (trained BPE, or given) → token cache → model
-(fresh, or from the latest checkpoint) → DDP / FSDP2 → AdamW → loop (micro-batches with
+Order of events: run directory (a ``--resume`` of a finished run stops here) → tokenizer
+(trained BPE, or given) → token cache → config.json (a failed start leaves no run folder) →
+model (fresh, or from the latest checkpoint) → DDP / FSDP2 → AdamW → loop (micro-batches with
 gradient accumulation, clipping, cosine schedule, logging, periodic validation and
-checkpoints) → final validation, sample, loss plot.
+checkpoints) → final validation → last checkpoint → loss plot → sample. A run killed after
+its last checkpoint is therefore complete on disk.
 
 Determinism: the rows of global step ``s``, micro-step ``m`` are positions
 ``[(s*A + m) * W*B, (s*A + m + 1) * W*B)`` of a seeded per-epoch permutation, rank ``r``
