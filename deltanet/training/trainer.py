@@ -280,13 +280,14 @@ class _Run:
         self.peak_lr = self.oc.lr or auto_lr(raw.config.hidden_size)
         opt = self._optimizer(model)
         n_params = sum(p.numel() for p in raw.parameters())
-        step, elapsed0 = 0, 0.0
+        step, elapsed0, self.saved_step = 0, 0.0, None
         if ckpt is not None:
             state = load_training_state(ckpt)
             self._load_optimizer(model, opt, state["optimizer"])
             step, elapsed0 = state["trainer"]["step"], state["trainer"].get("elapsed_s", 0.0)
             ranks = state["rng"]
             restore_rng(ranks[d.rank] if d.rank < len(ranks) else ranks[0])
+            self.saved_step = step
             self.log(f"resumed {run_dir} from {ckpt.name}")
         threads = f", {note}" if d.device.type == "cpu" else ""
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
@@ -448,6 +449,11 @@ class _Run:
 
     def _save(self, run_dir, step, raw, model, opt, tokenizer, elapsed) -> None:
         d = self.d
+        if step == self.saved_step:
+            # Interrupted before its first step after a resume: the checkpoint it resumed from is
+            # this state. Re-saving it would briefly leave `latest` pointing at a moved folder.
+            return
+        self.saved_step = step
         if d.enabled and self.tc.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)

@@ -123,3 +123,34 @@ def test_progress_time_left_is_an_estimate_not_the_budget():
     assert time_left(steps_done=10, seconds=5.0, steps_left=20, budget_left=76.0) == 10.0
     assert time_left(steps_done=10, seconds=5.0, steps_left=200, budget_left=76.0) == 76.0
     assert time_left(steps_done=0, seconds=0.0, steps_left=5, budget_left=-3.0) == 0.0
+
+
+def test_interrupt_before_the_first_resumed_step_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
+    """Re-saving the step it resumed from would move the checkpoint aside for a moment (a kill
+    then would leave `latest` dangling): an interrupt before any new step saves nothing."""
+    import signal
+
+    import torch
+
+    from deltanet.cli import build_train_config
+    from deltanet.training import trainer
+
+    n_threads = torch.get_num_threads()
+    args = train_args(corpus, tmp_path / "run", tmp_path / "cache", "--threads", "1", steps=2)[1:]
+    try:
+        assert trainer.train(build_train_config(args)).step == 2
+        ckpt = find_checkpoint(tmp_path / "run")
+        inode = ckpt.stat().st_ino
+
+        def stop_at_once(self):
+            self.signum = signal.SIGTERM
+            return self
+
+        monkeypatch.setattr(trainer._StopFlag, "__enter__", stop_at_once)
+        res = trainer.train(build_train_config(["--out", str(tmp_path / "run"), "--resume", "--max-steps", "4",
+                                                "--no-progress"]))
+    finally:
+        torch.set_num_threads(n_threads)
+    assert res.interrupted and res.signum == signal.SIGTERM and res.step == 2
+    assert find_checkpoint(tmp_path / "run") == ckpt and ckpt.stat().st_ino == inode
+    assert not list((tmp_path / "run" / "checkpoints").glob(".old-*"))
