@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "capture_rng", "find_checkpoint", "list_checkpoints", "load_training_state",
-           "read_trainer_state", "removing_new_files_on_failure", "restore_rng", "save_checkpoint"]
+           "read_trainer_state", "removing_new_files_on_failure", "restore_rng", "save_checkpoint",
+           "write_text_atomic"]
 
 LATEST = "latest"
 
@@ -53,7 +54,8 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -121,7 +123,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, model_state: dict[
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / LATEST, name + "\n")
+    write_text_atomic(ckpt_root / LATEST, name + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

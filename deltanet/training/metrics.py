@@ -21,7 +21,9 @@ class MetricsLog:
             return
         if self.path.exists():  # drop records past the checkpoint we resume from (logged, then lost)
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            from .checkpoint import write_text_atomic  # a kill mid-rewrite must not lose the kept records
+
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is not None:

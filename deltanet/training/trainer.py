@@ -30,7 +30,7 @@ import torch
 
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
                          load_training_state, read_trainer_state, removing_new_files_on_failure, restore_rng,
-                         save_checkpoint)
+                         save_checkpoint, write_text_atomic)
 from .config import ConfigError, RunConfig, auto_lr
 from .data import DataError, PackedTokens, build_token_cache, eval_positions, make_batch, open_corpus
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
@@ -157,7 +157,8 @@ class _Run:
     def _write_config(self, run_dir: Path) -> None:
         if self.d.is_main:
             conf = {**self.cfg.to_dict(), "world_size": self.d.world_size, "threads": self.threads}
-            (run_dir / "config.json").write_text(json.dumps(conf, indent=1) + "\n")
+            # atomic: each resume rewrites it, and a kill mid-write must not leave half a file
+            write_text_atomic(run_dir / "config.json", json.dumps(conf, indent=1) + "\n")
         self.d.barrier()
 
     def _already_complete(self, run_dir: Path, ckpt: Path, state: dict) -> TrainResult | None:

@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(baseline, corpus, tmp_pa
             killed_at.append(_newest_step(out))
         log = proc.communicate(timeout=240)[1]
         assert proc.returncode in (0, -9), log
-        if started and "already complete" not in log:
+        if started:
             resumed_logs.append(log)
     print(f"kill targets {targets}, killed after checkpoints {killed_at}")
     assert len(killed_at) >= 3, f"too few kills landed (targets {targets}, killed at {killed_at})"
@@ -91,9 +91,8 @@ def test_sigkill_at_random_moments_then_resume_is_exact(baseline, corpus, tmp_pa
     # the thread count the run started with (1) is recorded and reused by every resume
     assert json.loads((find_checkpoint(out) / "trainer_state.json").read_text())["threads"] == 1
     assert json.loads((out / "config.json").read_text())["threads"] == 1
-    for log in resumed_logs + [r.stderr]:
-        if "already complete" not in log:
-            assert "1 thread(s) as recorded by the run" in log, log
+    trained = [log for log in resumed_logs + [r.stderr] if "model tiny" in log]  # not killed while starting
+    assert trained and all("1 thread(s) as recorded by the run" in log for log in trained), trained
 
     # once more, without the `latest` pointer: the run is complete, nothing to do, exit 0
     (out / "checkpoints" / "latest").unlink()
