@@ -95,7 +95,8 @@ def train_parser() -> CliParser:
     g.add_argument("--sample-tokens", type=int, help="tokens of the sample generated at the end (0: none)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", help="auto | cpu | cuda")
-    g.add_argument("--threads", type=int, help="CPU threads per process (0 = auto: fewer when the machine is busy)")
+    g.add_argument("--threads", type=int, help="CPU threads per process (0 = auto: the cores idle at start; "
+                   "--resume reuses the run's count)")
     g.add_argument("--dtype", help="auto (bf16 autocast on GPU) | float32 | bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
@@ -178,10 +179,16 @@ def cmd_train(argv: list[str]) -> int:
 
     t0 = time.time()
     res = train(cfg)
-    if res.interrupted or res.val is None or os.environ.get("RANK", "0") != "0":
+    if res.interrupted:  # 128 + signal, as a shell reports it: `deltanet train && next` stops here
+        return 128 + res.signum
+    if res.val is None or os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun only rank 0 reports
     v = res.val
     print(f"run directory: {res.run_dir}")
+    if res.already_complete:
+        print(f"already complete at step {res.step}: nothing trained; last validation loss {v['loss']:.4f} | "
+              f"bits/byte {v['bpb']:.4f} | perplexity {v['ppl']:.2f}")
+        return 0
     print(f"step {res.step}: validation loss {v['loss']:.4f} | bits/byte {v['bpb']:.4f} | perplexity {v['ppl']:.2f} "
           f"| {res.tokens_per_s:,.0f} tok/s | {time.time() - t0:.0f}s")
     if res.sample:
@@ -236,12 +243,19 @@ def cmd_generate(argv: list[str]) -> int:
     p = CliParser(prog="deltanet generate", description="Stream text from a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="run directory (uses its latest) or checkpoint directory")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, in (0, 1] (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    # checked before the model loads and the prompt is printed
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature:g}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p:g}")
 
     import torch
 

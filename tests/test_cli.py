@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -86,7 +89,7 @@ def test_eval_ppl_longer_context_and_recall_split(run, capsys):
 @pytest.mark.parametrize("argv,code,needle", [
     (["train", "--bogus-flag"], 2, "unrecognized arguments: --bogus-flag"),
     (["train", "--seq-len", "abc"], 2, "invalid int value"),
-    (["train", "--data", "/no/such/dir", "--max-steps", "1"], 1, "data path not found: /no/such/dir"),
+    (["train", "--data", "/no/such/dir", "--max-steps", "1", "--out", "OUT"], 1, "data path not found: /no/such/dir"),
     (["train", "--lr", "-1"], 2, "lr must be >= 0"),
     (["train", "--preset", "nope", "--tokenizer", "bytes", "--data", "EMPTY"], 2, "unknown preset"),
     (["frobnicate"], 2, "invalid choice"),
@@ -97,7 +100,73 @@ def test_one_line_errors(capsys, tmp_path, argv, code, needle):
     if "EMPTY" in argv:
         make_corpus(tmp_path / "d", n_files=3)
         argv = [*argv[:-1], str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
     _one_line_error(capsys, argv, code, needle)
+    assert not (tmp_path / "o").exists(), "a run that failed to start left its folder behind"
+
+
+def test_failed_start_leaves_no_run_folder(capsys, tmp_path, monkeypatch):
+    """Without --out the run folder is runs/<preset>-<time> in the working directory: not even runs/ stays."""
+    monkeypatch.chdir(tmp_path)
+    make_corpus(tmp_path / "d", n_files=1)  # one file: no validation split's worth of text
+    _one_line_error(capsys, ["train", "--data", "/no/such/dir", "--max-steps", "1"], 1, "data path not found")
+    _one_line_error(capsys, ["train", "--data", str(tmp_path / "d"), "--tokenizer", "bytes", "--seq-len", "4096",
+                             "--cache-dir", str(tmp_path / "c"), "--no-progress"], 1, "fewer than seq_len=4096")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "d"]
+
+
+@pytest.mark.parametrize("how", ["flag", "config-file"])
+def test_misspelt_model_field_is_an_error(capsys, tmp_path, how):
+    if how == "flag":
+        argv, needle = ["--model", "nosuchfield=1"], "unknown model field 'nosuchfield'"
+    else:
+        (tmp_path / "c.toml").write_text("[model]\nnum_hidden_layer = 2\n")
+        argv, needle = ["--config", str(tmp_path / "c.toml")], "'num_hidden_layer' (did you mean 'num_hidden_layers'?)"
+    _one_line_error(capsys, ["train", *argv, "--out", str(tmp_path / "o"), "--max-steps", "1"], 2, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_config_section_names_the_valid_ones(capsys, tmp_path):
+    (tmp_path / "c.toml").write_text("[trian]\nmax_steps = 2\n")
+    _one_line_error(capsys, ["train", "--config", str(tmp_path / "c.toml")], 2,
+                    "unknown section [trian] in the config file (valid sections: data, optim, train, model)")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-new-tokens", "-3", "--max-new-tokens must be >= 1"),
+    ("--temperature", "-1", "--temperature must be >= 0"),
+    ("--top-p", "0", "--top-p must be in (0, 1]"),
+], ids=["max-new-tokens", "temperature", "top-p"])
+def test_generate_checks_arguments_before_loading(capsys, run, flag, value, needle):
+    rc = main(["generate", "--checkpoint", str(run / "run"), "--prompt", "hello", flag, value])
+    out, err = capsys.readouterr()
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert out == ""  # the prompt was not echoed: nothing was loaded
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_import_does_not_load_torch_or_transformers():
+    """`deltanet --help` and `deltanet train --help` must not pay for torch + transformers (~4 s)."""
+    code = ("import sys\nfrom deltanet.cli import main\n"
+            "for argv in (['--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = _fresh_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_import_deltanet_still_registers_auto_classes():
+    code = ("import deltanet\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            "c = AutoConfig.for_model('deltanet', vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2)\n"
+            "m = AutoModelForCausalLM.from_config(c)\n"
+            "print(type(c).__name__, type(m).__name__, deltanet.DeltaNetForCausalLM is type(m))")
+    r = _fresh_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["DeltaNetConfig", "DeltaNetForCausalLM", "True"]
 
 
 def test_unknown_config_key(capsys, tmp_path):
@@ -153,3 +222,13 @@ def test_delegation_passes_argv(monkeypatch):
     monkeypatch.setitem(cli.BENCHES, "decode", ("fake_bench", True))
     assert main(["bench", "decode", "--batch", "4"]) == 0
     assert seen["argv"] == ["decode", "--batch", "4"]
+
+
+@pytest.mark.parametrize("task,flags", [("mqar", ["--vocab-size", "--lr", "--train-size", "--widths"]),
+                                        ("state-tracking", ["--train-len", "--lr", "--width", "--train-size"])])
+def test_eval_task_help_shows_defaults(capsys, task, flags):
+    with pytest.raises(SystemExit):
+        main(["eval", task, "--help"])
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n  (?=-)", capsys.readouterr().out)}
+    for flag in flags:
+        assert "(default: " in blocks[flag], blocks[flag]

@@ -162,7 +162,9 @@ def cli_main(argv: list[str]) -> int:
                         "recurrent methods at these batch sizes, e.g. 1,8,32,128,256")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("deltanet bench kernels needs a CUDA GPU", file=sys.stderr)
+        print("deltanet bench kernels: no CUDA device (it times the Triton GPU kernels); on a CPU, "
+              "`python benchmarks/bench_cpu.py` in a checkout times the PyTorch chunkwise op against the "
+              "reference, and `deltanet bench model --smoke` checks the model benchmark", file=sys.stderr)
         return 2
     dims = [int(x) for x in args.dims.split(",")]
     lengths = [int(x) for x in args.lengths.split(",")]

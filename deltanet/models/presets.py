@@ -17,9 +17,12 @@ embeddings, 109.5-109.7M without.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from .configuration import DeltaNetConfig
 
-__all__ = ["PRESETS", "get_config", "layer_types_for"]
+__all__ = ["PRESETS", "check_fields", "get_config", "layer_types_for", "model_fields"]
 
 
 def layer_types_for(pattern: str, n: int) -> list[str]:
@@ -97,8 +100,41 @@ def get_config(name: str, **overrides) -> DeltaNetConfig:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+    check_fields(overrides)
     kwargs = {**PRESETS[name], **overrides}
     pattern = kwargs.pop("layer_pattern", "delta")
     if "layer_types" not in overrides:
         kwargs["layer_types"] = layer_types_for(pattern, kwargs["num_hidden_layers"])
     return DeltaNetConfig(**kwargs)
+
+
+def check_fields(overrides: dict) -> None:
+    """Raise ``ValueError`` naming any key of ``overrides`` that is not a model config field.
+
+    ``PretrainedConfig`` keeps unknown keyword arguments as attributes, so a misspelt field
+    (``num_hidden_layer=2``) would otherwise be stored and silently ignored.
+
+        >>> check_fields({"num_hidden_layer": 2})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown model field 'num_hidden_layer' (did you mean 'num_hidden_layers'?)
+    """
+    valid = model_fields()
+    for key in overrides:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            own = _own_fields() | {"layer_pattern"}
+            hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(sorted(own))}, ..."
+            raise ValueError(f"unknown model field {key!r} ({hint})")
+
+
+def model_fields() -> set[str]:
+    """Names ``get_config`` accepts: DeltaNetConfig's arguments, the base config's attributes
+    (``tie_word_embeddings``, token ids, ...) and ``layer_pattern``."""
+    base = set(DeltaNetConfig(hidden_size=64, num_hidden_layers=1, num_heads=1).to_dict())
+    return (_own_fields() | base | {"layer_pattern"}) - {"model_type", "transformers_version", "architectures"}
+
+
+def _own_fields() -> set[str]:
+    params = inspect.signature(DeltaNetConfig.__init__).parameters
+    return {n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}

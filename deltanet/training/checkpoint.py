@@ -11,11 +11,13 @@ Layout of a run directory::
 
 A checkpoint is written into ``.tmp-step_…``, every file fsynced, then renamed into place;
 only after that is ``latest`` replaced (write temp file, fsync, ``os.replace``). A crash at
-any point therefore leaves ``latest`` pointing at a complete checkpoint.
+any point therefore leaves ``latest`` pointing at a complete checkpoint, and every
+``step_*`` folder is complete: without ``latest`` (deleted, or a copied run) the newest one is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "capture_rng", "find_checkpoint", "list_checkpoints", "load_training_state",
-           "restore_rng", "save_checkpoint"]
+           "read_trainer_state", "removing_new_files_on_failure", "restore_rng", "save_checkpoint",
+           "write_text_atomic"]
 
 LATEST = "latest"
 
@@ -51,7 +54,8 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -105,6 +109,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, model_state: dict[
     torch.save({"ranks": rng_states}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1) + "\n")
     tokenizer.save(tmp)
+    # safetensors' writer creates its file with mode 0600; give every file the mode a plain
+    # write gets here (umask applied), like the run's other files
+    mode = (tmp / "trainer_state.json").stat().st_mode & 0o777
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            p.chmod(mode)
     _fsync_tree(tmp)
     final = ckpt_root / name
     if final.exists():  # re-saving the same step (e.g. interrupted right after a resume)
@@ -113,7 +123,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, model_state: dict[
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    _write_atomic(ckpt_root / LATEST, name + "\n")
+    write_text_atomic(ckpt_root / LATEST, name + "\n")
     for old in list_checkpoints(run_dir)[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -141,11 +151,15 @@ def find_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint path not found: {path}")
     for root in (path / "checkpoints", path):
         latest = root / LATEST
+        steps = list_checkpoints(root.parent) if root.name == "checkpoints" else []
         if latest.is_file():
             target = root / latest.read_text().strip()
-            if not target.is_dir():
+            if target.is_dir():
+                return target
+            if not steps:
                 raise CheckpointError(f"{latest} points to a missing checkpoint {target.name}")
-            return target
+        if steps:  # no (or a dangling) ``latest``: step_* folders only appear complete, take the newest
+            return steps[-1]
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return path
     raise CheckpointError(f"no checkpoint in {path} (expected a run directory or a checkpoint with "
@@ -185,6 +199,16 @@ def _check_safetensors(ckpt: Path) -> None:
         raise CheckpointError(f"corrupt checkpoint {ckpt / 'config.json'}: {_one_line(e)}") from None
 
 
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (step, elapsed time, threads, ...)."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"incomplete checkpoint {ckpt}: missing trainer_state.json") from None
+    except ValueError as e:
+        raise CheckpointError(f"corrupt checkpoint {ckpt / 'trainer_state.json'}: {_one_line(e)}") from None
+
+
 def load_training_state(ckpt: Path) -> dict[str, Any]:
     """Optimizer state, trainer state and RNG states of a checkpoint (not the weights)."""
     try:
@@ -201,3 +225,35 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+@contextlib.contextmanager
+def removing_new_files_on_failure(run_dir: Path, enabled: bool = True):
+    """Create ``run_dir``; if the block raises, remove what was not there before.
+
+    A run that fails before it starts (missing or unusable data, ...) must not leave a
+    half-made run folder behind: it would clutter the working directory and block the next
+    attempt with the same ``--out``. Parents created for it (``runs/``) go too.
+    """
+    if not enabled:
+        yield
+        return
+    top = run_dir
+    while not top.parent.exists():
+        top = top.parent
+    existed = run_dir.exists()
+    before = set(os.listdir(run_dir)) if existed else set()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for name in set(os.listdir(run_dir)) - before:
+                p = run_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise

@@ -181,6 +181,9 @@ class RunConfig:
                     self.set(sub_key, sub_value, source)
             elif key in owners:
                 self.set(key, value, source)
+            elif isinstance(value, dict):  # a [section] of a TOML / YAML file
+                raise ConfigError(f"unknown section [{key}] in {source} (valid sections: "
+                                  f"{', '.join([*self.SECTIONS, 'model'])})")
             else:
                 raise ConfigError(f"unknown key '{key}' in {source} (valid: {', '.join(sorted(owners))})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -107,16 +108,38 @@ def configure_cpu_threads(requested: int = 0, procs_per_host: int = 1) -> str:
     """Set torch's intra-op threads for CPU work; returns a note for the log.
 
     ``requested > 0`` pins it. Auto (0): torch's default split over this host's processes,
-    cut to the cores the 1-minute load average leaves free. With more busy threads than cores,
-    OpenMP's spin-waiting made a 2-thread training step 10-30x slower than a 1-thread one on a
-    busy 2-core box. Bit-exact resume on CPU needs the same thread count: pin it to rely on that.
+    cut to the cores that are idle right now. With more busy threads than cores, OpenMP's
+    spin-waiting made a 2-thread training step 10-30x slower than a 1-thread one on a busy
+    2-core box. "Right now" is a 0.2 s sample of /proc/stat where there is one: the 1-minute
+    load average still counts a pip install that just finished. The trainer records the count
+    so that a resumed run (bit-exact on CPU only with the same count) uses it again.
     """
     if requested:
         torch.set_num_threads(requested)
         return f"{requested} thread(s)"
     cores = os.cpu_count() or 1
     share = max(1, min(torch.get_num_threads(), cores // max(1, procs_per_host)))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    n = max(1, min(share, round(cores - load)))
+    busy, how = _busy_cores(cores)
+    n = max(1, min(share, round(cores - busy)))
     torch.set_num_threads(n)
-    return f"{n} thread(s) (auto: load average {load:.1f} on {cores} cores)"
+    return f"{n} thread(s) (auto: {busy:.1f} of {cores} cores busy, {how})"
+
+
+def _busy_cores(cores: int, interval: float = 0.2) -> tuple[float, str]:
+    """Cores in use by other processes: measured over ``interval`` on Linux, else the load average."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+        if total1 > total0:
+            return cores * (1.0 - (idle1 - idle0) / (total1 - total0)), f"measured over {interval:g}s"
+    except (OSError, ValueError, IndexError):
+        pass
+    if hasattr(os, "getloadavg"):
+        return os.getloadavg()[0], "1-minute load average"
+    return 0.0, "no load information"

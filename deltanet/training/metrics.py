@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "plot_losses"]
+__all__ = ["MetricsLog", "last_validation", "plot_losses", "time_left"]
 
 
 class MetricsLog:
@@ -21,7 +21,9 @@ class MetricsLog:
             return
         if self.path.exists():  # drop records past the checkpoint we resume from (logged, then lost)
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            from .checkpoint import write_text_atomic  # a kill mid-rewrite must not lose the kept records
+
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is not None:
@@ -60,7 +62,7 @@ def plot_losses(run_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    tr = [(r["step"], r["loss"]) for r in recs if math.isfinite(r.get("loss", float("nan")))]
+    tr = [(r["step"], r["loss"]) for r in recs if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if tr:
@@ -75,3 +77,23 @@ def plot_losses(run_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=120)
     plt.close(fig)
+
+
+def last_validation(run_dir: Path) -> dict | None:
+    """The last validation in ``metrics.jsonl`` as ``{"loss", "bpb", "ppl"}``, or None."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+    vals = [r for r in recs if "val_loss" in r]
+    return {k: vals[-1][f"val_{k}"] for k in ("loss", "bpb", "ppl")} if vals else None
+
+
+def time_left(steps_done: int, seconds: float, steps_left: int, budget_left: float) -> float:
+    """Seconds until the run ends: by steps at this session's pace, or by the time budget if sooner.
+
+    >>> time_left(10, 5.0, 20, 100.0), time_left(10, 5.0, 20, 3.0), time_left(10, 5.0, 0, 76.0)
+    (10.0, 3.0, 0.0)
+    """
+    by_steps = seconds / max(1, steps_done) * steps_left
+    return max(0.0, min(by_steps, budget_left))

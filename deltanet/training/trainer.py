@@ -1,9 +1,11 @@
 """The training loop behind ``deltanet train``: one process or many (torchrun), CPU or GPU.
 
-Order of events: run directory → tokenizer (trained BPE, or given) → token cache → model
-(fresh, or from the latest checkpoint) → DDP / FSDP2 → AdamW → loop (micro-batches with
+Order of events: run directory (a ``--resume`` of a finished run stops here) → tokenizer
+(trained BPE, or given) → token cache → config.json (a failed start leaves no run folder) →
+model (fresh, or from the latest checkpoint) → DDP / FSDP2 → AdamW → loop (micro-batches with
 gradient accumulation, clipping, cosine schedule, logging, periodic validation and
-checkpoints) → final validation, sample, loss plot.
+checkpoints) → final validation → last checkpoint → loss plot → sample. A run killed after
+its last checkpoint is therefore complete on disk.
 
 Determinism: the rows of global step ``s``, micro-step ``m`` are positions
 ``[(s*A + m) * W*B, (s*A + m + 1) * W*B)`` of a seeded per-epoch permutation, rank ``r``
@@ -28,12 +30,13 @@ import numpy as np
 import torch
 
 from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_checkpoints, load_model,
-                         load_training_state, restore_rng, save_checkpoint)
+                         load_training_state, read_trainer_state, removing_new_files_on_failure, restore_rng,
+                         save_checkpoint, write_text_atomic)
 from .config import ConfigError, RunConfig, auto_lr
 from .data import (DataError, PackedTokens, build_token_cache, eval_positions, format_stats, make_batch, open_corpus,
                    prepare_tokenizer)
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
-from .metrics import MetricsLog, plot_losses
+from .metrics import MetricsLog, last_validation, plot_losses, time_left
 from .tokenizer import load_tokenizer
 
 __all__ = ["TrainResult", "lr_at", "train"]
@@ -54,6 +57,8 @@ class TrainResult:
     sample: str
     interrupted: bool
     tokens_per_s: float
+    signum: int = 0  # the signal that interrupted the run (SIGINT / SIGTERM), else 0
+    already_complete: bool = False  # --resume of a run that had reached its end: nothing was trained
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float, progress: float | None = None) -> float:
@@ -161,12 +166,26 @@ class _Run:
             self._check_compatible(saved)
         elif has_ckpt:
             raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if self.d.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            conf = {**self.cfg.to_dict(), "world_size": self.d.world_size}
-            (run_dir / "config.json").write_text(json.dumps(conf, indent=1) + "\n")
-        self.d.barrier()
         return run_dir
+
+    def _write_config(self, run_dir: Path) -> None:
+        if self.d.is_main:
+            conf = {**self.cfg.to_dict(), "world_size": self.d.world_size, "threads": self.threads}
+            # atomic: each resume rewrites it, and a kill mid-write must not leave half a file
+            write_text_atomic(run_dir / "config.json", json.dumps(conf, indent=1) + "\n")
+        self.d.barrier()
+
+    def _already_complete(self, run_dir: Path, ckpt: Path, state: dict) -> TrainResult | None:
+        """``--resume`` of a run whose checkpoint is its end: report it, train nothing."""
+        tc, step, elapsed = self.tc, state["step"], state.get("elapsed_s", 0.0)
+        if step < tc.max_steps and not (tc.max_time_s and elapsed >= tc.max_time_s):
+            return None
+        why = (f"max_steps={tc.max_steps}" if step >= tc.max_steps else f"its time budget of {tc.max_time_s:g}s")
+        self.log(f"{run_dir} is already complete: {ckpt.name} reached {why}; nothing to train "
+                 f"(pass a larger --max-steps or --max-time-s with --resume to continue it)")
+        if self.d.is_main and (run_dir / "metrics.jsonl").is_file():
+            plot_losses(run_dir)  # a run killed after its last checkpoint may not have written it
+        return TrainResult(run_dir, step, last_validation(run_dir), "", False, 0.0, already_complete=True)
 
     def _check_compatible(self, saved: dict) -> None:
         now = self.cfg.to_dict()
@@ -253,26 +272,43 @@ class _Run:
         if self.model_factory is None:
             self._model_config(256)  # a bad preset / override fails now, not after tokenising
         run_dir = self._run_dir()
-        corpus = open_corpus(self.dc.data, self.dc.val_fraction)
-        self.log(corpus.describe())  # the file-list fingerprint: did two runs see the same data?
-        tokenizer = self._tokenizer(run_dir, corpus)
-        train_rows, val_rows = self._data(corpus, tokenizer)
         ckpt = find_checkpoint(run_dir) if tc.resume else None
+        ckpt_state = read_trainer_state(ckpt) if ckpt is not None else {}
+        if ckpt is not None and (done := self._already_complete(run_dir, ckpt, ckpt_state)) is not None:
+            return done
+        self.threads = None
+        if d.device.type == "cpu":
+            # Bit-exact resume on CPU needs the thread count the run started with (float sums
+            # are split differently otherwise): reuse the recorded one unless --threads is given.
+            recorded = ckpt_state.get("threads")
+            note = configure_cpu_threads(tc.threads or recorded or 0, d.world_size)
+            if recorded and not tc.threads:
+                note += " as recorded by the run"
+            self.threads = torch.get_num_threads()
+        # creates run_dir; a failed start (missing or unusable data, ...) leaves no half-made run folder
+        with removing_new_files_on_failure(run_dir, enabled=d.is_main):
+            d.barrier()
+            corpus = open_corpus(self.dc.data, self.dc.val_fraction)
+            self.log(corpus.describe())  # the file-list fingerprint: did two runs see the same data?
+            tokenizer = self._tokenizer(run_dir, corpus)
+            train_rows, val_rows = self._data(corpus, tokenizer)
+            self._write_config(run_dir)
         raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
         self.peak_lr = self.oc.lr or auto_lr(raw.config.hidden_size)
         opt = self._optimizer(model)
         n_params = sum(p.numel() for p in raw.parameters())
-        step, elapsed0 = 0, 0.0
+        step, elapsed0, self.saved_step = 0, 0.0, None
         if ckpt is not None:
             state = load_training_state(ckpt)
             self._load_optimizer(model, opt, state["optimizer"])
             step, elapsed0 = state["trainer"]["step"], state["trainer"].get("elapsed_s", 0.0)
             ranks = state["rng"]
             restore_rng(ranks[d.rank] if d.rank < len(ranks) else ranks[0])
+            self.saved_step = step
             self.log(f"resumed {run_dir} from {ckpt.name}")
-        threads = f", {configure_cpu_threads(tc.threads, d.world_size)}" if d.device.type == "cpu" else ""
+        threads = f", {note}" if d.device.type == "cpu" else ""
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
                  f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process, "
                  f"peak lr {self.peak_lr:g}{'' if self.oc.lr else ' (auto)'}")
@@ -286,7 +322,7 @@ class _Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=tc.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
-        t_start = time.time()
+        t_start, step0 = time.time(), step
         tps_ema, last_val, last_loss, interrupted = 0.0, None, None, False
         with _StopFlag() as stop:
             while step < tc.max_steps:
@@ -329,29 +365,31 @@ class _Run:
                         post["mfu"] = f"{100 * mfu:.1f}%"
                     if last_val:
                         post["val"] = f"{last_val['loss']:.3f}"
-                    if tc.max_time_s:  # the bar's ETA counts steps; this is the clock that decides
-                        post["left"] = f"{max(0.0, tc.max_time_s - rec['elapsed_s']):.0f}s"
+                    if tc.max_time_s:  # the bar's own ETA counts steps; the time budget may end the run first
+                        left = time_left(step - step0, time.time() - t_start, tc.max_steps - step,
+                                         tc.max_time_s - rec["elapsed_s"])
+                        post["left"] = f"{left:.0f}s"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
                     self._save(run_dir, step, raw, model, opt, tokenizer, elapsed0 + time.time() - t_start)
         if bar is not None:
             bar.close()
+        if not interrupted and not metrics.has_val(step):  # stopped by the time budget: validate the final weights
+            # before the last checkpoint, so that a run killed after it is complete on disk
+            last_val = self._validate(model, val_rows, tokenizer, amp)
+            metrics.write({"step": step, **({"loss": last_loss} if last_loss is not None else {}), "final": True,
+                           **{f"val_{k}": last_val[k] for k in ("loss", "bpb", "ppl")}})
+        metrics.close()
         self._save(run_dir, step, raw, model, opt, tokenizer, elapsed0 + time.time() - t_start)
+        if d.is_main:
+            plot_losses(run_dir)
         if interrupted:
-            metrics.close()
             why = f"interrupted by signal {stop.signum}" if stop.signum else "paused at the stop_at deadline"
             self.log(f"{why} at step {step}: checkpoint saved; "
                      f"continue with: deltanet train --out {run_dir} --resume")
-            return TrainResult(run_dir, step, None, "", True, tps_ema)
-        if not metrics.has_val(step):  # stopped by the time budget: validate the final weights
-            last_val = self._validate(model, val_rows, tokenizer, amp)
-            metrics.write({"step": step, "loss": last_loss, "final": True,
-                           **{f"val_{k}": last_val[k] for k in ("loss", "bpb", "ppl")}})
-        metrics.close()
+            return TrainResult(run_dir, step, None, "", True, tps_ema, signum=stop.signum)
         sample = self._sample(raw, tokenizer)
-        if d.is_main:
-            plot_losses(run_dir)
         return TrainResult(run_dir, step, last_val, sample, False, tps_ema)
 
     def _autocast(self):
@@ -432,6 +470,11 @@ class _Run:
 
     def _save(self, run_dir, step, raw, model, opt, tokenizer, elapsed) -> None:
         d = self.d
+        if step == self.saved_step:
+            # Interrupted before its first step after a resume: the checkpoint it resumed from is
+            # this state. Re-saving it would briefly leave `latest` pointing at a moved folder.
+            return
+        self.saved_step = step
         if d.enabled and self.tc.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                                  get_optimizer_state_dict)
@@ -445,7 +488,7 @@ class _Run:
             trainer_state = {"step": step, "elapsed_s": elapsed,
                              "data_position": step * self.tc.grad_accum * self.tc.batch_size * d.world_size,
                              "schedule": {"step": step, "max_steps": self.tc.max_steps},
-                             "world_size": d.world_size, "config": self.cfg.to_dict()}
+                             "world_size": d.world_size, "threads": self.threads, "config": self.cfg.to_dict()}
             save_checkpoint(run_dir, step, model=raw, model_state=model_state, optimizer_state=opt_state,
                             trainer_state=trainer_state, rng_states=rngs, tokenizer=tokenizer,
                             keep=self.tc.keep_checkpoints)

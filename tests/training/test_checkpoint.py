@@ -82,3 +82,48 @@ def test_rng_roundtrip():
     restore_rng(state)
     assert torch.equal(torch.rand(3), a)
     json.dumps(state["python"])  # plain lists, loadable with weights_only
+
+
+def test_missing_or_dangling_latest_falls_back_to_newest_step(tmp_path, model):
+    """step_* folders only appear complete (renamed into place), so without ``latest`` the newest is the checkpoint."""
+    for step in (2, 4):
+        _save(tmp_path, step, model)
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert find_checkpoint(tmp_path).name == "step_00000004"
+    assert find_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000009\n")  # points at a deleted folder
+    assert find_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_checkpoint_files_get_the_default_file_mode(tmp_path, model):
+    """model.safetensors used to be 0600 while every other file was 0644 (umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ckpt = _save(tmp_path, 1, model)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ckpt.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+
+
+def test_failed_start_removes_only_what_it_added(tmp_path):
+    from deltanet.training.checkpoint import removing_new_files_on_failure
+
+    new = tmp_path / "runs" / "r1"  # runs/ does not exist yet: it goes too
+    with pytest.raises(RuntimeError), removing_new_files_on_failure(new):
+        (new / "config.json").write_text("{}")
+        raise RuntimeError("bad data")
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"  # a folder the user made, with their own file in it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(RuntimeError), removing_new_files_on_failure(mine):
+        (mine / "tokenizer_meta.json").write_text("{}")
+        (mine / "checkpoints").mkdir()
+        raise RuntimeError("bad data")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with removing_new_files_on_failure(new):  # success keeps everything
+        (new / "config.json").write_text("{}")
+    assert (new / "config.json").is_file()

@@ -41,6 +41,7 @@ from .synthetic import (
     plot_accuracy_vs_width,
     plot_learning_curves,
     resolve_device,
+    show_defaults,
     train_and_evaluate,
 )
 
@@ -310,23 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models", nargs="+", default=["delta_net", "linear_attention"],
                    help=f"model patterns, from {', '.join(MODEL_PATTERNS)}")
-    p.add_argument("--widths", nargs="+", type=int, default=[64, 128], help="hidden sizes")
+    # Defaults: a CPU-sized sweep (a few minutes on 2 cores) in which both models learn; the
+    # paper's scale (T 512, 64 pairs, vocab 8192) is benchmarks/gpu_mqar.py, for GPUs.
+    p.add_argument("--widths", nargs="+", type=int, default=[64], help="hidden sizes")
     p.add_argument("--seq-len", nargs="+", type=int, default=[64],
                    help="sequence length(s); zipped with --num-pairs (one value broadcasts)")
-    p.add_argument("--num-pairs", nargs="+", type=int, default=[4], help="key-value pairs")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--num-pairs", nargs="+", type=int, default=[16], help="key-value pairs")
+    p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64,
                    help="head dimension; heads = max(1, width // head_dim)")
     p.add_argument("--sliding-window", type=int, default=64, help="window of hybrid-swa layers")
-    p.add_argument("--lr", nargs="+", type=float, default=[1e-3], help="learning-rate grid")
-    p.add_argument("--train-size", type=int, default=100_000)
-    p.add_argument("--test-size", type=int, default=3_000)
+    p.add_argument("--lr", nargs="+", type=float, default=[3e-3], help="learning-rate grid")
+    p.add_argument("--train-size", type=int, default=20_000)
+    p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps")
     p.add_argument("--time-budget", type=float, default=None,
                    help="wall-clock seconds of training per run (evaluation not counted)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     p.add_argument("--stop-accuracy", type=float, default=None,
                    help="stop a run once held-out accuracy reaches this value")
@@ -341,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("runs/mqar"),
                    help="directory for results.json, accuracy_vs_width.png, learning_curves.png")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    return p
+    return show_defaults(p)
 
 
 def _settings(seq_lens: list[int], pairs: list[int]) -> list[tuple[int, int]]:
@@ -392,9 +395,14 @@ def cli_main(argv: list[str]) -> int:
             stop_accuracy=args.stop_accuracy, schedule=args.schedule, warmup_steps=args.warmup_steps,
             weight_decay=args.weight_decay, seed=args.seed, device=args.device,
         )
+        cpu = resolve_device(args.device).type == "cpu"
     except ValueError as e:
         print(f"deltanet eval mqar: error: {e}", file=sys.stderr)
         return 2
+    if cpu:  # as deltanet train does: two spinning OpenMP threads on a busy 2-core box are 10x slower
+        from deltanet.training.distributed import configure_cpu_threads
+
+        print(f"deltanet eval mqar: {configure_cpu_threads()}", file=sys.stderr)
     payload = {"command": "deltanet eval mqar " + " ".join(argv), "sweep": asdict(sweep),
                "train": asdict(train), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     results = run_sweep(

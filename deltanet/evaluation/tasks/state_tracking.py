@@ -41,6 +41,7 @@ from .synthetic import (
     format_table,
     masked_accuracy,
     resolve_device,
+    show_defaults,
     train_and_evaluate,
 )
 
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("runs/state_tracking"),
                    help="directory for results.json")
     p.add_argument("--no-progress", action="store_true")
-    return p
+    return show_defaults(p)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -285,9 +286,14 @@ def cli_main(argv: list[str]) -> int:
             eval_every=args.eval_every, weight_decay=args.weight_decay, seed=args.seed,
             device=args.device,
         )
+        cpu = resolve_device(args.device).type == "cpu"
     except ValueError as e:
         print(f"deltanet eval state-tracking: error: {e}", file=sys.stderr)
         return 2
+    if cpu:  # as deltanet train does: two spinning OpenMP threads on a busy 2-core box are 10x slower
+        from deltanet.training.distributed import configure_cpu_threads
+
+        print(f"deltanet eval state-tracking: {configure_cpu_threads()}", file=sys.stderr)
     payload = {"command": "deltanet eval state-tracking " + " ".join(argv), "config": asdict(cfg),
                "train": asdict(train), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
