@@ -27,6 +27,7 @@ Examples::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -256,9 +257,7 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     factory = None
     if spec.fla:
         _import_fla(spec.fla)  # fail now (fla missing) rather than after start-up
-
-        def factory(vocab_size: int):
-            return fla_model(spec.fla, scale.fla, vocab_size)
+        factory = functools.partial(fla_model, spec.fla, scale.fla)  # called with the vocabulary size
     cfg = RunConfig.from_dict({
         "data": {"data": args.data, "tokenizer": str(tok_dir), "seq_len": args.seq_len, "val_fraction": args.val_fraction,
                  "cache_dir": str(args.cache_dir), "doc_mask": spec.doc_mask},

@@ -4,7 +4,6 @@ checked against ours) and ``loss_vs_tokens.png`` (every model's training curve),
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
