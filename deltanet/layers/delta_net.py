@@ -14,6 +14,9 @@ Layer types (``config.layer_types``):
   gate always on.
 - ``"gated_delta_product"`` (gated DeltaProduct): as ``gated_delta_net`` with
   ``config.num_householder`` keys, values and betas per token (``delta_product``).
+- ``"delta_product"`` (DeltaProduct without a forget gate): as ``delta_net`` with
+  ``config.num_householder`` keys, values and betas per token, no decay; the output gate follows
+  ``config.use_output_gate``. With ``num_householder = 1`` it computes exactly ``delta_net``.
 
 Ablation switches (config): no short conv, q/k activation silu / relu / elu+1 / identity,
 q/k norm l2 / sum, no beta (beta = 1).
@@ -35,9 +38,10 @@ from ._fused import recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
-__all__ = ["DeltaNetMixer", "GATED_TYPES", "qk_feature"]
+__all__ = ["DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
 
 GATED_TYPES = ("gated_delta_net", "gated_delta_product")
+PRODUCT_TYPES = ("gated_delta_product", "delta_product")  # n_h = config.num_householder
 
 
 def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
@@ -96,10 +100,10 @@ class DeltaNetMixer(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         kind = config.layer_types[layer_idx] if layer_idx < len(config.layer_types) else "delta_net"
-        # The gated family: a decay per token and head, the output gate always on, and (product)
-        # n_h Householder steps per token.
+        # The gated family: a decay per token and head, the output gate always on; the product
+        # types (gated or not): n_h Householder steps per token.
         self.gated = kind in GATED_TYPES
-        self.num_householder = config.num_householder if kind == "gated_delta_product" else 1
+        self.num_householder = config.num_householder if kind in PRODUCT_TYPES else 1
         self.qk_activation, self.qk_norm = config.qk_activation, config.qk_norm
         self.use_beta, self.allow_neg_eigval = config.use_beta, config.allow_neg_eigval
         self.use_short_conv = config.use_short_conv

@@ -2,7 +2,8 @@
 
 Per layer (``cache.layers[i]``, a dict the layer updates in place):
 
-- ``"delta_net"`` / ``"gated_delta_net"`` / ``"gated_delta_product"`` / ``"linear_attention"``: ``"recurrent"`` ``[B, H, K, V]`` float32 and
+- ``"delta_net"`` / ``"gated_delta_net"`` / ``"gated_delta_product"`` / ``"delta_product"`` /
+  ``"linear_attention"``: ``"recurrent"`` ``[B, H, K, V]`` float32 and
   ``"conv"`` = (q, k, v) conv inputs of the last ``conv_size - 1`` tokens, ``[B, W-1, C]``;
 - ``"full_attention"``: ``"k"``, ``"v"`` ``[B, S, Hkv, D]`` for every position so far;
 - ``"sliding_attention"``: the same, but only the last ``sliding_window`` positions.
@@ -18,7 +19,7 @@ import torch
 
 __all__ = ["DeltaNetCache"]
 
-_RECURRENT = ("delta_net", "gated_delta_net", "gated_delta_product", "linear_attention")
+_RECURRENT = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product", "linear_attention")
 
 
 class DeltaNetCache:

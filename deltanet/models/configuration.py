@@ -12,8 +12,8 @@ from transformers import PretrainedConfig
 
 __all__ = ["DeltaNetConfig", "LAYER_TYPES"]
 
-LAYER_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "sliding_attention", "full_attention",
-               "linear_attention")
+LAYER_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product", "sliding_attention",
+               "full_attention", "linear_attention")
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
 DELTA_BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
@@ -40,7 +40,8 @@ class DeltaNetConfig(PretrainedConfig):
         use_beta: learn beta (else beta = 1); allow_neg_eigval: beta in (0, 2).
         use_output_gate: ``RMSNorm(o) * silu(W_g x)`` instead of ``RMSNorm(o)`` (always on in
             the gated layer types).
-        num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` layers.
+        num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` and
+            ``"delta_product"`` layers.
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
         fuse_linear_cross_entropy: with ``labels``, compute the loss in token chunks fused with
             the output projection (saves ~12 GB at 32K tokens x 32K vocab); ``logits`` is then None.

@@ -76,7 +76,7 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
 
 def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
     kind = config.layer_types[layer_idx]
-    if kind in ("delta_net", "gated_delta_net", "gated_delta_product"):
+    if kind in ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product"):
         return DeltaNetMixer(config, layer_idx)
     if kind == "linear_attention":
         return LinearAttentionMixer(config, layer_idx)

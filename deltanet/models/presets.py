@@ -45,13 +45,15 @@ def layer_types_for(pattern: str, n: int) -> list[str]:
         return ["gated_delta_net"] * n
     if pattern == "gated_product":
         return ["gated_delta_product"] * n
+    if pattern == "product":  # DeltaProduct without a forget gate
+        return ["delta_product"] * n
     if pattern == "gated_swa_alternate":  # the sliding-window hybrid with Gated DeltaNet layers
         return ["sliding_attention" if i % 2 else "gated_delta_net" for i in range(n)]
     if pattern == "global_two":  # the paper's global hybrid: second layer and middle of the stack
         full = {1, n // 2} if n > 1 else {0}
         return ["full_attention" if i in full else "delta_net" for i in range(n)]
     raise ValueError(f"unknown layer_pattern {pattern!r}; valid: delta, attention, linear, swa_alternate, global_two, "
-                     "gated_delta, gated_product, gated_swa_alternate")
+                     "gated_delta, gated_product, product, gated_swa_alternate")
 
 
 _340M = dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, intermediate_size=2816,

@@ -126,3 +126,20 @@ def test_cli(tmp_path, capsys, one_thread):
     assert set(data["results"][0]["lengths"]) == {"8", "16"}
     with pytest.raises(SystemExit):
         cli_main(["--bogus"])
+
+
+def test_ungated_delta_product_patterns():
+    """``delta_product-nhN``: N Householder steps per token, no forget gate (no decay parameters);
+    ``gated_delta_product-nhN`` keeps the gate."""
+    from deltanet.evaluation.tasks.synthetic import MODEL_PATTERNS, build_model, layer_types_for
+
+    assert {"delta_product", "delta_product-nh1", "delta_product-nh2", "delta_product-nh3"} <= set(MODEL_PATTERNS)
+    assert layer_types_for("delta_product-nh2", 2) == ["delta_product"] * 2
+    kw = dict(width=32, num_layers=1, vocab_size=6, head_dim=16)
+    cfg = build_model("delta_product-nh3", allow_neg_eigval=True, **kw).config
+    assert cfg.layer_types == ["delta_product"] and cfg.num_householder == 3 and cfg.allow_neg_eigval
+    ungated = build_model("delta_product-nh2", **kw).model.layers[0].attn
+    gated = build_model("gated_delta_product-nh2", **kw).model.layers[0].attn
+    assert ungated.num_householder == gated.num_householder == 2
+    assert not ungated.gated and not any("A_log" in n for n, _ in ungated.named_parameters())
+    assert gated.gated and hasattr(gated, "A_log")

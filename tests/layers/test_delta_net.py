@@ -20,6 +20,8 @@ ABLATIONS = {
     "output_gate": dict(use_output_gate=True),
     "gated": dict(layer_types=["gated_delta_net"]),
     "gated_product3_neg": dict(layer_types=["gated_delta_product"], num_householder=3, allow_neg_eigval=True),
+    "product2": dict(layer_types=["delta_product"], num_householder=2),
+    "product3_neg": dict(layer_types=["delta_product"], num_householder=3, allow_neg_eigval=True),
 }
 
 
@@ -64,6 +66,8 @@ def _direct(layer: DeltaNetMixer, x: torch.Tensor) -> torch.Tensor:
     if layer.gated:  # Gated DeltaNet's decay: g = -exp(A_log) softplus(W_a x + dt_bias)
         g = -layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias)
         o, _ = delta_product_reference(q, k, v, beta, g=g)
+    elif n > 1:  # DeltaProduct without a forget gate: n Householder steps per token, no decay
+        o, _ = delta_product_reference(q, k, v, beta)
     else:
         o, _ = delta_rule_reference(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0])
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
@@ -105,7 +109,21 @@ def test_gated_decay_initialisation():
     assert layer.use_output_gate and not hasattr(DeltaNetMixer(_config(), 0), "A_log")
 
 
-@pytest.mark.parametrize("kind", ["gated_delta_net", "gated_delta_product"])
+def test_ungated_product_layer():
+    """``delta_product`` has no decay parameters, n_h keys / values / betas per token, and with
+    n_h = 1 computes exactly ``delta_net`` (same weights, same outputs)."""
+    prod = DeltaNetMixer(_config(layer_types=["delta_product"], num_householder=3), 0)
+    assert not prod.gated and not hasattr(prod, "A_log") and not hasattr(prod, "a_proj")
+    assert prod.num_householder == 3 and prod.k_proj.out_features == 3 * 18 and prod.b_proj.out_features == 9
+    for extra in ({}, dict(allow_neg_eigval=True, use_output_gate=True)):
+        one = DeltaNetMixer(_config(layer_types=["delta_product"], num_householder=1, **extra), 0).double()
+        plain = DeltaNetMixer(_config(**extra), 0).double()
+        plain.load_state_dict(one.state_dict())  # strict: the same parameters
+        x = torch.randn(2, 30, 24, dtype=torch.float64)
+        assert_close("n_h = 1 vs delta_net", one(x), plain(x))
+
+
+@pytest.mark.parametrize("kind", ["gated_delta_net", "gated_delta_product", "delta_product"])
 def test_gated_padding_and_decoding(kind):
     """Padded tokens neither write nor decay the state; decode steps match the full forward."""
     cfg = _config(layer_types=[kind])

@@ -8,7 +8,8 @@ keep the running parity of arbitrarily long sequences; with ``β ∈ (0, 2)``
 can. Addition mod m needs rotations (products of reflections), so it is harder. ``s3``
 composes permutations of three elements (the non-abelian group S3, 6 tokens): the DeltaProduct
 paper (Siems et al. 2025) reports that with β ∈ (0, 2) two Householder steps per token
-(``gated_delta_product-nh2``) learn it where one step does not.
+learn it where one step does not (their experiments, as far as we know, use DeltaProduct
+without a forget gate: ``delta_product-nh2``; ``gated_delta_product-nh2`` adds the decay).
 
 Inputs are uniform tokens in ``[0, m)``; the target at every position is the running sum of
 the inputs so far, mod ``m`` (parity is ``m = 2``); for ``s3`` the tokens are the 6 permutations
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deltanet eval state-tracking",
         description="Parity, addition mod 3 / mod 5 and S3 permutation composition, trained at one "
         "length and tested at 2x and 4x it, comparing DeltaNet with beta in (0,1) and in (0,2) "
-        "(allow_neg_eigval); models such as gated_delta_product-nh2 run DeltaProduct. Table "
+        "(allow_neg_eigval); models such as delta_product-nh2 (no forget gate) and "
+        "gated_delta_product-nh2 run DeltaProduct. Table "
         "cells: accuracy over all positions / over positions beyond the training length / "
         "at the last position.",
     )

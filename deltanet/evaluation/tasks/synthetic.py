@@ -47,6 +47,7 @@ _PRESET_PATTERN = {
     "hybrid-global": "global_two",
     "gated_delta_net": "gated_delta",
     "gated_delta_product": "gated_product",
+    "delta_product": "product",
 }
 # Ablations of the mixer, named "<pattern>-<variant>": the same layer pattern with config
 # overrides. "noconv" drops the short causal convolution on q, k, v (the paper's DeltaNet keeps
@@ -55,11 +56,12 @@ _PRESET_PATTERN = {
 _VARIANTS: dict[str, dict] = {
     "noconv": {"use_short_conv": False},
     "plain": {"use_short_conv": False, "qk_activation": "elu", "qk_norm": "sum"},
-    # DeltaProduct with n_h Householder steps per token ("gated_delta_product-nh2", ...)
+    # DeltaProduct with n_h Householder steps per token ("gated_delta_product-nh2", ...; without
+    # the forget gate: "delta_product-nh2", ...)
     **{f"nh{n}": {"num_householder": n} for n in (1, 2, 3, 4)},
 }
 _VARIANT_PATTERNS = ("delta_net-noconv", "linear_attention-noconv", "linear_attention-plain",
-                     *(f"gated_delta_product-nh{n}" for n in (1, 2, 3, 4)))
+                     *(f"{base}-nh{n}" for base in ("gated_delta_product", "delta_product") for n in (1, 2, 3, 4)))
 MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention", *_VARIANT_PATTERNS)
 
 
