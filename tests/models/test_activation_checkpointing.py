@@ -151,3 +151,26 @@ def test_train_cli_flag_sets_the_model_field():
         build_train_config(["--model", "activation_checkpointing=mixer", "--activation-checkpointing", "block"])
     with pytest.raises(UsageError, match="invalid choice"):
         build_train_config(["--activation-checkpointing", "all"])
+
+
+def test_bench_model_sweeps_the_modes(tmp_path):
+    """``deltanet bench model --activation-checkpointing none,mixer,block``: one row per mode and
+    length, the mode set on each model, and the same losses (same seed) in every mode."""
+    import json
+
+    from deltanet.bench.model import build_model, cli_main
+
+    model = build_model("deltanet-340m", smoke=True, activation_checkpointing="block")
+    assert model.config.activation_checkpointing == "block"
+    out = tmp_path / "ckpt.md"
+    assert cli_main(["model", "--smoke", "--models", "transformer-340m", "--activation-checkpointing",
+                     "none,mixer,block", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "ckpt.json").read_text())["rows"]
+    assert [(r["T"], r["activation_checkpointing"]) for r in rows] == [
+        (T, m) for T in (32, 64) for m in ("none", "mixer", "block")]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
+    for T in (32, 64):  # same initial weights and batches: recomputing changes no training step
+        assert len({r["loss"] for r in rows if r["T"] == T}) == 1, rows
+    assert "| transformer-340m | 32 | 4 | mixer |" in out.read_text()
+    with pytest.raises(SystemExit):
+        cli_main(["model", "--smoke", "--models", "deltanet-340m", "--activation-checkpointing", "all"])
