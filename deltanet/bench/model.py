@@ -17,6 +17,7 @@ Examples::
 
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
+    deltanet bench model --models deltanet-340m --lengths 2048,8192 --activation-checkpointing none,mixer,block
     deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
     deltanet bench decode --models deltanet-340m --cuda-graph both   # graph-replayed vs eager steps
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
