@@ -3,6 +3,12 @@
     python benchmarks/bench_model.py model --lengths 2048,4096,8192 --out benchmarks/results/model.md
     python benchmarks/bench_model.py decode --batch 1,32 --out benchmarks/results/decode.md
 
+Activation checkpointing, memory vs speed (deltanet-340m, 32K tokens per step, bf16 autocast,
+one row per mode and length: tokens/s and peak memory; run on one H100)::
+
+    python benchmarks/bench_model.py model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
+        --activation-checkpointing none,mixer,block --out benchmarks/results/DATE-h100-activation-checkpointing.md
+
 Same as ``deltanet bench model|decode``; see ``deltanet/bench/model.py`` for the options.
 """
 

@@ -99,6 +99,10 @@ def train_parser() -> CliParser:
                    "--resume reuses the run's count)")
     g.add_argument("--dtype", help="auto (bf16 autocast on GPU) | float32 | bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--activation-checkpointing", choices=("none", "mixer", "block"),
+                   help="recompute in backward instead of keeping activations: each token mixer or each whole "
+                        "block (less memory, slower steps); sets the model field activation_checkpointing "
+                        "(default: the preset's, none)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     _add_defaults_to_help(p)
@@ -162,8 +166,14 @@ def build_train_config(argv: list[str]):
         file_cfg = load_config_file(args.pop("config"))
         cfg.update(file_cfg, source="the config file")
         explicit |= set(file_cfg) | {k for v in file_cfg.values() if isinstance(v, dict) for k in v}
-    if "model" in args:
-        cfg.train.model = {**cfg.train.model, **_model_overrides(args.pop("model"))}
+    typed_model = _model_overrides(args.pop("model")) if "model" in args else {}
+    if "activation_checkpointing" in args:  # a model field with a flag of its own
+        mode = args.pop("activation_checkpointing")
+        if typed_model.get("activation_checkpointing", mode) != mode:
+            raise UsageError(f"deltanet train: error: --activation-checkpointing {mode} contradicts --model "
+                             f"activation_checkpointing={typed_model['activation_checkpointing']}; give one")
+        typed_model["activation_checkpointing"] = mode
+    cfg.train.model = {**cfg.train.model, **typed_model}
     for key, value in args.items():
         cfg.set(key, value, source="the command line")
     if not explicit & {"max_steps", "max_time_s", "resume"}:

@@ -202,6 +202,20 @@ def test_mismatched_resume(capsys, run, tmp_path):
     _one_line_error(capsys, ["train", "--out", str(out), "--max-steps", "1"], 1, "already holds a run")
 
 
+def test_resume_may_change_activation_checkpointing(run, tmp_path):
+    """Recomputing changes no step's result, only its memory and time: a run that ran out of
+    memory can resume with ``--activation-checkpointing block`` (other model fields may not change)."""
+    out = tmp_path / "run"
+    shutil.copytree(run / "run", out)
+    r = run_cli(["train", "--out", str(out), "--resume", "--max-steps", "7", "--activation-checkpointing", "block",
+                 "--sample-tokens", "0", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    latest = out / "checkpoints" / (out / "checkpoints/latest").read_text().strip()
+    assert latest.name.endswith("7")
+    assert json.loads((latest / "config.json").read_text())["activation_checkpointing"] == "block"
+    assert json.loads((out / "config.json").read_text())["train"]["model"]["activation_checkpointing"] == "block"
+
+
 def test_missing_delegate_is_a_clear_error(capsys, monkeypatch):
     import deltanet.cli as cli
 

@@ -17,6 +17,7 @@ Examples::
 
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
+    deltanet bench model --models deltanet-340m --lengths 2048,8192 --activation-checkpointing none,mixer,block
     deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
     deltanet bench decode --models deltanet-340m --cuda-graph both   # graph-replayed vs eager steps
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
@@ -56,8 +57,9 @@ def _fla_model(shape: dict):
     return FlaModel(cfg)
 
 
-def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True):
-    """A freshly initialised model by name (a preset or ``fla-deltanet``), on the CPU."""
+def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True, activation_checkpointing: str = "none"):
+    """A freshly initialised model by name (a preset or ``fla-deltanet``), on the CPU.
+    ``activation_checkpointing``: our models' config field (fla's models ignore it)."""
     from deltanet.models import DeltaNetForCausalLM, get_config
 
     overrides = dict(SMOKE) if smoke else {}
@@ -67,7 +69,8 @@ def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True):
                                num_heads=cfg.num_heads, vocab_size=cfg.vocab_size,
                                intermediate_size=cfg.intermediate_size,
                                tie_word_embeddings=cfg.tie_word_embeddings))
-    return DeltaNetForCausalLM(get_config(name, fuse_linear_cross_entropy=fused_loss, **overrides))
+    return DeltaNetForCausalLM(get_config(name, fuse_linear_cross_entropy=fused_loss,
+                                          activation_checkpointing=activation_checkpointing, **overrides))
 
 
 def _free() -> None:
@@ -101,8 +104,10 @@ def _train_step(model, opt, ids, device: torch.device):
 
 
 def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, fused_loss: bool,
-           compile_model: bool = False):
-    model = build_model(name, smoke=smoke, fused_loss=fused_loss).to(device).train()
+           compile_model: bool = False, activation_checkpointing: str = "none"):
+    torch.manual_seed(0)  # the same initial weights for every run of a model (e.g. each checkpointing mode)
+    model = build_model(name, smoke=smoke, fused_loss=fused_loss,
+                        activation_checkpointing=activation_checkpointing).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if compile_model and name != FLA else model
     g = torch.Generator(device=device).manual_seed(0)
@@ -154,14 +159,15 @@ def profile_step(step, device: torch.device, steps: int = 3, top: int = 15) -> d
 
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
                 smoke: bool = False, fused_loss: bool = True, compile_model: bool = False,
-                profile_steps: int = 0) -> dict:
+                profile_steps: int = 0, activation_checkpointing: str = "none") -> dict:
     """Training tokens/s and peak memory of one model at one sequence length (and, with
     ``profile_steps``, where a step's time goes: :func:`profile_step`)."""
-    row = dict(model=name, T=T, batch=max(1, tokens // T))
+    row = dict(model=name, T=T, batch=max(1, tokens // T),
+               activation_checkpointing=activation_checkpointing if name != FLA else "-")
     model = opt = None
     try:
         model, opt, step = _setup(name, T, row["batch"], device, smoke=smoke, fused_loss=fused_loss,
-                                  compile_model=compile_model)
+                                  compile_model=compile_model, activation_checkpointing=activation_checkpointing)
         row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -353,6 +359,9 @@ def cli_main(argv: list[str]) -> int:
                             "top kernels, printed and in the JSON (not with --interleave)")
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
+        p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
+                       metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
+                                             "each (recompute each token mixer / each whole block in backward)")
         p.add_argument("--recompute", action="store_true",
                        help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
                             "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
@@ -375,6 +384,12 @@ def cli_main(argv: list[str]) -> int:
     for m in args.models:
         if m != FLA and m not in PRESETS:
             p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {FLA}")
+    if what == "model":
+        bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
+        if bad or not args.activation_checkpointing:
+            p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
+        if args.interleave and args.activation_checkpointing != ["none"]:
+            p.error("--activation-checkpointing is not supported with --interleave")
     if args.smoke:
         if what == "model":
             args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
@@ -401,23 +416,24 @@ def cli_main(argv: list[str]) -> int:
         title = (f"Training throughput, interleaved ({args.tokens} tokens/step, bf16 autocast, fused AdamW, "
                  f"{args.interleave} rounds x {args.steps} steps per model)")
     elif what == "model":
-        for m in args.models:
-            for T in args.lengths:
-                r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
-                                smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile,
-                                profile_steps=args.profile)
-                if "profile" in r:
-                    pr = r["profile"]
-                    print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
-                          + ", ".join(f"{g} {t}" for g, t in pr["groups"].items()), flush=True)
-                    print("  top: " + ", ".join(f"{n} {t}" for n, t in pr["top"]), flush=True)
-                r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
-                r["compiled"] = bool(args.compile and m != FLA)
-                r["recompute"] = m != FLA and args.recompute
-                print(json.dumps(r), flush=True)
-                rows.append(r)
-        cols = ["model", "T", "batch", "params_M", "tokens_per_s", "peak_mem_GiB", "warmup_s", "loss", "loss_impl",
-                "compiled", "recompute"]
+        runs = [(m, T, mode) for m in args.models for T in args.lengths
+                for mode in (args.activation_checkpointing if m != FLA else ["none"])]
+        for m, T, mode in runs:
+            r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
+                            smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile,
+                            profile_steps=args.profile, activation_checkpointing=mode)
+            if "profile" in r:
+                pr = r["profile"]
+                print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
+                      + ", ".join(f"{g} {t}" for g, t in pr["groups"].items()), flush=True)
+                print("  top: " + ", ".join(f"{n} {t}" for n, t in pr["top"]), flush=True)
+            r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
+            r["compiled"] = bool(args.compile and m != FLA)
+            r["recompute"] = m != FLA and args.recompute
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
+                "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
         title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
     else:
         graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-__all__ = ["DeltaNetConfig", "LAYER_TYPES"]
+__all__ = ["ACTIVATION_CHECKPOINTING", "DeltaNetConfig", "LAYER_TYPES"]
 
 LAYER_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product", "sliding_attention",
                "full_attention", "linear_attention")
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
 DELTA_BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
+# What training recomputes in backward instead of keeping: nothing, each token mixer, or each
+# whole block (norms + mixer + MLP). Inference and cached decoding never recompute.
+ACTIVATION_CHECKPOINTING = ("none", "mixer", "block")
 
 
 def _positive_int(name: str, value) -> None:
@@ -45,6 +48,10 @@ class DeltaNetConfig(PretrainedConfig):
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
         fuse_linear_cross_entropy: with ``labels``, compute the loss in token chunks fused with
             the output projection (saves ~12 GB at 32K tokens x 32K vocab); ``logits`` is then None.
+        activation_checkpointing: ``"none" | "mixer" | "block"``: in training, recompute each
+            token mixer (``"mixer"``: its activations are not kept, the MLP's are) or each whole
+            block (``"block"``: only the block inputs are kept) during backward, trading time
+            for memory. No effect in eval mode, under ``torch.no_grad`` or with a cache.
 
     Example::
 
@@ -82,6 +89,7 @@ class DeltaNetConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         delta_backend: str = "auto",
         fuse_linear_cross_entropy: bool = False,
+        activation_checkpointing: str = "none",
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
         bos_token_id: int | None = 1,
@@ -129,7 +137,8 @@ class DeltaNetConfig(PretrainedConfig):
         elif sliding_window is not None:
             _positive_int("sliding_window", sliding_window)
         for name, value, valid in (("qk_activation", qk_activation, QK_ACTIVATIONS), ("qk_norm", qk_norm, QK_NORMS),
-                                   ("delta_backend", delta_backend, DELTA_BACKENDS)):
+                                   ("delta_backend", delta_backend, DELTA_BACKENDS),
+                                   ("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
         if qk_norm == "sum" and qk_activation not in ("relu", "elu"):
@@ -162,6 +171,7 @@ class DeltaNetConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.delta_backend = delta_backend
         self.fuse_linear_cross_entropy = bool(fuse_linear_cross_entropy)
+        self.activation_checkpointing = activation_checkpointing
         self.use_cache = use_cache
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,

@@ -10,6 +10,10 @@ path:
 - packed documents: ``cu_seqlens = [0, ..., T]`` with ``B == 1`` — no state, conv tap or
   attention score crosses a document boundary, and positions restart at each document;
 - cached decoding: ``past_key_values`` (a :class:`DeltaNetCache`).
+
+``config.activation_checkpointing`` ("none" | "mixer" | "block") recomputes each token mixer
+or each whole block in backward during training (non-reentrant ``torch.utils.checkpoint``,
+which also replays the RNG state); inference and cached forwards never recompute.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from transformers.utils import ModelOutput
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
 from ..layers.conv import positions_in_documents
 from .cache import DeltaNetCache
-from .configuration import DeltaNetConfig
+from .configuration import ACTIVATION_CHECKPOINTING, DeltaNetConfig
 from .cuda_graph import decode_step, graph_decodable
 from .loss import fused_linear_cross_entropy
 
@@ -95,14 +99,21 @@ class DeltaNetBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, **mixer_kwargs):
+    def forward(self, x, checkpoint_mixer: bool = False, **mixer_kwargs):
+        """``checkpoint_mixer``: keep none of the mixer's activations, rerun it in backward
+        (``activation_checkpointing="mixer"``; the model only sets it in training, cache-free)."""
+        if checkpoint_mixer:
+            x = x + checkpoint(self._mix, x, use_reentrant=False, **mixer_kwargs)
+        else:
+            x = x + self._mix(x, **mixer_kwargs)
+        return x + self.mlp(x, norm=self.mlp_norm)
+
+    def _mix(self, x, **mixer_kwargs):
         # The DeltaNet mixer and the MLP take the pre-norm and fuse it with their input
         # projections: the normalised activations are recomputed in backward, not kept.
         if isinstance(self.attn, DeltaNetMixer):
-            x = x + self.attn(x, norm=self.attn_norm, **mixer_kwargs)
-        else:
-            x = x + self.attn(self.attn_norm(x), **mixer_kwargs)
-        return x + self.mlp(x, norm=self.mlp_norm)
+            return self.attn(x, norm=self.attn_norm, **mixer_kwargs)
+        return self.attn(self.attn_norm(x), **mixer_kwargs)
 
 
 class DeltaNetPreTrainedModel(PreTrainedModel):
@@ -178,6 +189,20 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         mask = full_mask[:, -T:] if full_mask is not None else None
         return mask, full_mask, position_ids
 
+    def _checkpointing(self, cache: DeltaNetCache | None) -> str:
+        """What this forward recomputes in backward: ``config.activation_checkpointing`` (or
+        "block" after Hugging Face's ``gradient_checkpointing_enable()``) while training, else
+        "none". Never with a cache: a rerun block would advance the cached states twice."""
+        mode = getattr(self.config, "activation_checkpointing", "none")
+        if mode not in ACTIVATION_CHECKPOINTING:  # the config validates it; this catches later assignment
+            raise ValueError(f"activation_checkpointing must be one of {list(ACTIVATION_CHECKPOINTING)}, "
+                             f"got {mode!r}")
+        if self.gradient_checkpointing:
+            mode = "block"
+        if not (self.training and torch.is_grad_enabled()) or cache is not None:
+            return "none"
+        return mode
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -222,11 +247,12 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         hidden_states = (x,) if output_hidden_states else None
         kw = dict(mask=mask, full_mask=full_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
                   cache=past_key_values)
+        mode = self._checkpointing(past_key_values)
         for block in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if mode == "block":
                 x = checkpoint(block, x, use_reentrant=False, **kw)
             else:
-                x = block(x, **kw)
+                x = block(x, checkpoint_mixer=mode == "mixer", **kw)
             if output_hidden_states:
                 hidden_states += (x,)
         x = self.norm(x)

@@ -47,6 +47,8 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # value would silently train something else.
 _INCOMPATIBLE = ("preset", "model", "data", "tokenizer", "vocab_size", "seq_len", "val_fraction", "doc_mask",
                  "grad_accum", "seed")
+# Model fields that change how a step is computed, not what it computes: a run may resume with others.
+_RUNTIME_MODEL_FIELDS = ("activation_checkpointing",)
 
 
 @dataclass
@@ -192,6 +194,8 @@ class _Run:
         for key in _INCOMPATIBLE:
             sec = next(s for s in RunConfig.SECTIONS if key in now[s])
             old, new = saved.get(sec, {}).get(key), now[sec][key]
+            if key == "model" and isinstance(old, dict):
+                old, new = ({k: v for k, v in d.items() if k not in _RUNTIME_MODEL_FIELDS} for d in (old, new))
             if old != new:
                 raise CheckpointError(f"cannot resume: {key} is {new!r} but the run was started with {old!r}")
         old_global = saved["train"]["batch_size"] * saved.get("world_size", 1)
@@ -252,11 +256,14 @@ class _Run:
             torch.manual_seed(self.tc.seed)
             return DeltaNetForCausalLM(config)
         model = load_model(ckpt)
-        ignore = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"}
+        ignore = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
+                  *_RUNTIME_MODEL_FIELDS}
         a, b = config.to_dict(), model.config.to_dict()
         for k in sorted(set(a) | set(b)):
             if k not in ignore and a.get(k) != b.get(k):
                 raise CheckpointError(f"cannot resume: model {k} is {a.get(k)!r} but the checkpoint has {b.get(k)!r}")
+        for k in _RUNTIME_MODEL_FIELDS:  # this run's setting, not the checkpoint's
+            setattr(model.config, k, getattr(config, k))
         return model
 
     def _optimizer(self, model):

@@ -1,0 +1,193 @@
+"""``activation_checkpointing = "none" | "mixer" | "block"``: same loss and gradients, really
+recomputed in backward, a no-op for inference / no_grad / cached forwards, validated, and set
+by ``deltanet train --activation-checkpointing``."""
+
+import pytest
+import torch
+
+import deltanet.models  # noqa: F401  (registers the Auto classes)
+from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM, get_config
+from tests.utils import assert_close
+
+VOCAB = 61
+MIXES = {
+    "delta": ["delta_net"] * 2,
+    "gated": ["gated_delta_net"] * 2,
+    "gated_product": ["gated_delta_product"] * 2,
+    "linear": ["linear_attention"] * 2,
+    "swa_hybrid": ["delta_net", "sliding_attention"],
+    "global_hybrid": ["gated_delta_net", "full_attention"],
+    "all": ["delta_net", "sliding_attention", "linear_attention", "full_attention"],
+}
+MODES = ("mixer", "block")
+
+
+def make_model(mix: str, mode: str = "none", dtype=torch.float32, backend: str = "torch", **kw) -> DeltaNetForCausalLM:
+    types = MIXES[mix]
+    cfg = DeltaNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=len(types), num_heads=2,
+                         num_kv_heads=1, intermediate_size=64, layer_types=types, sliding_window=5,
+                         delta_backend=backend, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+                         activation_checkpointing=mode, **kw)
+    torch.manual_seed(0)
+    return DeltaNetForCausalLM(cfg).to(dtype)
+
+
+def count_calls(model) -> dict[str, int]:
+    """Forward calls of every layer's mixer and MLP, summed (forward and backward recompute).
+    Pre-hooks: a recompute stops early once every saved tensor is back, before post-hooks run."""
+    calls = {"attn": 0, "mlp": 0}
+    for block in model.model.layers:
+        for name in calls:
+            getattr(block, name).register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_same_loss_and_gradients_on_packed_documents(mix, mode):
+    ref, ckpt = make_model(mix).train(), make_model(mix, mode).train()
+    calls = count_calls(ckpt)
+    torch.manual_seed(1)
+    ids = torch.randint(1, VOCAB, (1, 23))
+    labels = ids.clone()
+    labels[0, 9] = -100
+    # documents shorter than the conv kernel and the window: the boundary handling is replayed too
+    cu = torch.tensor([0, 3, 11, 23])
+    a, b = ref(ids, labels=labels, cu_seqlens=cu), ckpt(ids, labels=labels, cu_seqlens=cu)
+    assert_close("loss", b.loss, a.loss, rtol=1e-6)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        assert q.grad is not None, name
+        assert_close(name, q.grad, p.grad, rtol=1e-5)
+    n = len(MIXES[mix])
+    assert calls == {"attn": 2 * n, "mlp": (2 if mode == "block" else 1) * n}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_backend_same_gradients(mode):
+    """The Triton chunk kernels (autograd Functions with their own saved tensors; the Triton
+    interpreter on CPU, see conftest) under recompute: gradients equal the unrecomputed run's."""
+    ref, ckpt = make_model("gated", backend="triton").train(), make_model("gated", mode, backend="triton").train()
+    calls = count_calls(ckpt)
+    ids = torch.randint(1, VOCAB, (1, 20))
+    cu = torch.tensor([0, 7, 20])
+    a, b = ref(ids, labels=ids, cu_seqlens=cu), ckpt(ids, labels=ids, cu_seqlens=cu)
+    a.loss.backward()
+    b.loss.backward()
+    assert_close("loss", b.loss, a.loss, rtol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        assert_close(name, q.grad, p.grad, rtol=1e-5)
+    assert calls["attn"] == 4
+
+
+@pytest.mark.parametrize("mode", ("none", *MODES))
+def test_recompute_counts_on_a_padded_batch(mode):
+    """none keeps everything (one forward call each); mixer reruns only the mixers in backward;
+    block reruns the mixers and the MLPs. Gradients equal the none mode's with padding too."""
+    ref, model = make_model("all").train(), make_model("all", mode).train()
+    calls = count_calls(model)
+    ids = torch.randint(1, VOCAB, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(ids, attention_mask=mask, labels=labels).loss.backward()
+    expected = {"none": (1, 1), "mixer": (2, 1), "block": (2, 2)}[mode]
+    assert (calls["attn"], calls["mlp"]) == tuple(4 * e for e in expected)
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert_close(name, q.grad, p.grad, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_recompute_in_eval_no_grad_or_with_a_cache(mode):
+    ref, model = make_model("all"), make_model("all", mode)
+    calls = count_calls(model)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = ref.eval()(ids, use_cache=False).logits
+        assert torch.equal(model.eval()(ids, use_cache=False).logits, want)
+        assert torch.equal(model.train()(ids, use_cache=False).logits, want)  # train mode, no grad
+    assert calls == {"attn": 4 * 2, "mlp": 4 * 2}
+    # With grad and a cache (training mode): a rerun block would advance the cached states twice.
+    out = model.train()(ids, use_cache=True)
+    assert out.past_key_values.get_seq_length() == 9
+    out.logits.sum().backward()
+    assert calls == {"attn": 4 * 3, "mlp": 4 * 3}
+    assert_close("logits with cache", out.logits.detach(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mix", ["delta", "all"])
+def test_generate_unchanged(mix):
+    ref, model = make_model(mix).eval(), make_model(mix, "block").train()  # generate runs under no_grad
+    ids = torch.randint(1, VOCAB, (2, 6))
+    kw = dict(max_new_tokens=7, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_hf_gradient_checkpointing_still_checkpoints_whole_blocks():
+    model = make_model("delta", "mixer").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    calls = count_calls(model)
+    ids = torch.randint(1, VOCAB, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    assert calls == {"attn": 4, "mlp": 4}  # block recompute wins over the config's "mixer"
+
+
+def test_bad_value_raises():
+    with pytest.raises(ValueError, match=r"activation_checkpointing must be one of \['none', 'mixer', 'block'\]"):
+        DeltaNetConfig(hidden_size=32, num_heads=2, num_hidden_layers=1, activation_checkpointing="all")
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        get_config("tiny", activation_checkpointing=True)
+    model = make_model("delta").train()
+    model.config.activation_checkpointing = "blocks"  # assigned after validation: caught at forward
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        model(torch.randint(1, VOCAB, (1, 5)))
+
+
+def test_config_round_trip(tmp_path):
+    cfg = get_config("tiny", vocab_size=64, activation_checkpointing="mixer")
+    cfg.save_pretrained(tmp_path)
+    assert DeltaNetConfig.from_pretrained(tmp_path).activation_checkpointing == "mixer"
+    assert get_config("tiny").activation_checkpointing == "none"
+
+
+def test_train_cli_flag_sets_the_model_field():
+    from deltanet.cli import UsageError, build_train_config
+
+    assert build_train_config(["--activation-checkpointing", "block"]).train.model == {
+        "activation_checkpointing": "block"}
+    cfg = build_train_config(["--model", "activation_checkpointing=mixer", "--model", "num_hidden_layers=2"])
+    assert cfg.train.model == {"activation_checkpointing": "mixer", "num_hidden_layers": 2}
+    assert "activation_checkpointing" not in build_train_config([]).train.model
+    # agreeing spellings are fine; contradicting ones are a usage error, not a silent pick
+    assert build_train_config(["--model", "activation_checkpointing=block", "--activation-checkpointing",
+                               "block"]).train.model == {"activation_checkpointing": "block"}
+    with pytest.raises(UsageError, match="contradicts --model activation_checkpointing=mixer"):
+        build_train_config(["--model", "activation_checkpointing=mixer", "--activation-checkpointing", "block"])
+    with pytest.raises(UsageError, match="invalid choice"):
+        build_train_config(["--activation-checkpointing", "all"])
+
+
+def test_bench_model_sweeps_the_modes(tmp_path):
+    """``deltanet bench model --activation-checkpointing none,mixer,block``: one row per mode and
+    length, the mode set on each model, and the same losses (same seed) in every mode."""
+    import json
+
+    from deltanet.bench.model import build_model, cli_main
+
+    model = build_model("deltanet-340m", smoke=True, activation_checkpointing="block")
+    assert model.config.activation_checkpointing == "block"
+    out = tmp_path / "ckpt.md"
+    assert cli_main(["model", "--smoke", "--models", "transformer-340m", "--activation-checkpointing",
+                     "none,mixer,block", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "ckpt.json").read_text())["rows"]
+    assert [(r["T"], r["activation_checkpointing"]) for r in rows] == [
+        (T, m) for T in (32, 64) for m in ("none", "mixer", "block")]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
+    for T in (32, 64):  # same initial weights and batches: recomputing changes no training step
+        assert len({r["loss"] for r in rows if r["T"] == T}) == 1, rows
+    assert "| transformer-340m | 32 | 4 | mixer |" in out.read_text()
+    with pytest.raises(SystemExit):
+        cli_main(["model", "--smoke", "--models", "deltanet-340m", "--activation-checkpointing", "all"])
