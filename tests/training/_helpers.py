@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+BASELINE_STEPS = 12  # length of the shared uninterrupted run (the ``baseline`` fixture)
+
 # A tiny model that trains in a second per few steps on one CPU thread.
 TINY_MODEL = ["--model", "hidden_size=64", "--model", "num_hidden_layers=2", "--model", "num_heads=2",
               "--model", "intermediate_size=128"]

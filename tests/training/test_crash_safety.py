@@ -15,27 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from deltanet.training.checkpoint import find_checkpoint, list_checkpoints
 from deltanet.training.metrics import time_left
 
-from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
-
-STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def baseline(corpus, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("baseline")
-    r = run_cli(train_args(corpus, root / "run", root / "cache", steps=STEPS))
-    assert r.returncode == 0, r.stderr
-    return root / "run"
+from ._helpers import BASELINE_STEPS as STEPS
+from ._helpers import env_1thread, losses, run_cli, train_args
 
 
 def _env_default_threads() -> dict:

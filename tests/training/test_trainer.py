@@ -8,25 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def baseline(corpus, tmp_path_factory) -> Path:
-    """One uninterrupted 12-step run, shared by the tests that compare against it."""
-    root = tmp_path_factory.mktemp("baseline")
-    r = run_cli(train_args(corpus, root / "run", root / "cache", steps=12))
-    assert r.returncode == 0, r.stderr
-    return root / "run"
+from ._helpers import env_1thread, losses, run_cli, train_args
 
 
 def test_loss_falls_and_artifacts(baseline):
