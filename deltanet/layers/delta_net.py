@@ -38,10 +38,11 @@ from ._fused import recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
-__all__ = ["DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
+__all__ = ["DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
 
 GATED_TYPES = ("gated_delta_net", "gated_delta_product")
 PRODUCT_TYPES = ("gated_delta_product", "delta_product")  # n_h = config.num_householder
+DELTA_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product")  # all run by DeltaNetMixer
 
 
 def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.delta_net import DELTA_TYPES
+
 __all__ = ["DeltaNetCache"]
 
-_RECURRENT = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product", "linear_attention")
+_RECURRENT = (*DELTA_TYPES, "linear_attention")  # layers that keep a fixed-size state
 
 
 class DeltaNetCache:

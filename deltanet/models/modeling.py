@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
 from ..layers.conv import positions_in_documents
+from ..layers.delta_net import DELTA_TYPES
 from .cache import DeltaNetCache
 from .configuration import ACTIVATION_CHECKPOINTING, DeltaNetConfig
 from .cuda_graph import decode_step, graph_decodable
@@ -80,7 +81,7 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
 
 def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
     kind = config.layer_types[layer_idx]
-    if kind in ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product"):
+    if kind in DELTA_TYPES:
         return DeltaNetMixer(config, layer_idx)
     if kind == "linear_attention":
         return LinearAttentionMixer(config, layer_idx)

@@ -247,7 +247,7 @@ def python_site_roots() -> list[tuple[str, Path]]:
     if site.ENABLE_USER_SITE:
         sites.append(site.getusersitepackages())
     seen = {os.path.realpath(roots[0][1])}
-    for i, d in enumerate(sites):
+    for d in sites:
         if os.path.isdir(d) and os.path.realpath(d) not in seen:
             seen.add(os.path.realpath(d))
             roots.append((f"site{len(roots) - 1}", Path(d)))
