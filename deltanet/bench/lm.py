@@ -59,6 +59,7 @@ MODELS: dict[str, ModelSpec] = {m.key: m for m in (
     ModelSpec("linear-attn", "linear attention, our mixer (conv, SiLU, L2 norm)", "linear-attn-125m"),
     ModelSpec("hybrid-swa", "DeltaNet + sliding-window attention", "hybrid-swa-125m", paper_ppl=27.06),
     ModelSpec("hybrid-global", "DeltaNet + 2 global attention layers", "hybrid-global-125m", paper_ppl=27.51),
+    ModelSpec("gated-deltanet", "Gated DeltaNet (gated delta rule)", "gated-deltanet-125m"),
     ModelSpec("fla-gla", "GLA (fla 0.6)", fla="gla", paper_ppl=28.65),
     # fla's Mamba2 ignores cu_seqlens: fed [B, T] rows, so documents packed in a row see each other
     # (one flattened row would carry its state across unrelated rows); without the mamba_ssm

@@ -72,8 +72,13 @@ PRESETS: dict[str, dict] = {
     "transformer-125m": dict(_125M, layer_pattern="attention"),  # Transformer++: RoPE + SwiGLU
     "linear-attn-125m": dict(_125M, layer_pattern="linear"),  # our mixer (conv, silu, L2), additive update
     "linear-attn-plain-125m": dict(_125M, layer_pattern="linear", **_PLAIN_LINEAR),
-    "hybrid-swa-125m": dict(_125M, layer_pattern="swa_alternate", sliding_window=2048),
+    # window 512, not the 340M presets' 2048: the comparison trains at T = 2048, where a 2048-token
+    # window would make every attention layer a full one
+    "hybrid-swa-125m": dict(_125M, layer_pattern="swa_alternate", sliding_window=512),
     "hybrid-global-125m": dict(_125M, layer_pattern="global_two"),
+    # Gated DeltaNet adds the decay projection and a d x d output gate per layer (+7.1M); a narrower
+    # SwiGLU (1792) keeps it within 0.5% of the others
+    "gated-deltanet-125m": dict(_125M, layer_pattern="gated_delta", intermediate_size=1792),
     "deltanet-340m": dict(_340M, layer_pattern="delta"),
     "deltanet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, intermediate_size=5632,
                           vocab_size=32000, tie_word_embeddings=True, layer_pattern="delta"),

@@ -104,7 +104,7 @@ def test_125m_comparison_presets_are_within_5_percent():
     """The language-model comparison's models (``deltanet bench lm``): one shape, parameter
     counts within +-5% of deltanet-125m (counted on the meta device, no memory)."""
     names = ["deltanet-125m", "transformer-125m", "linear-attn-125m", "linear-attn-plain-125m",
-             "hybrid-swa-125m", "hybrid-global-125m"]
+             "hybrid-swa-125m", "hybrid-global-125m", "gated-deltanet-125m"]
     counts = {name: _count(name) for name in names}
     ref = counts["deltanet-125m"]
     print({k: f"{v / 1e6:.2f}M" for k, v in counts.items()})
@@ -116,5 +116,7 @@ def test_125m_comparison_presets_are_within_5_percent():
     assert (plain.use_short_conv, plain.qk_activation, plain.qk_norm) == (False, "elu", "sum")
     assert plain.layer_types == ["linear_attention"] * 12 and get_config("linear-attn-125m").use_short_conv
     assert get_config("hybrid-swa-125m").layer_types[:4] == ["delta_net", "sliding_attention"] * 2
+    assert get_config("hybrid-swa-125m").sliding_window == 512  # < the comparison's T = 2048
+    assert get_config("gated-deltanet-125m").layer_types == ["gated_delta_net"] * 12
     glob = get_config("hybrid-global-125m").layer_types
     assert [i for i, t in enumerate(glob) if t == "full_attention"] == [1, 6]
