@@ -13,8 +13,9 @@ smaller rates; Zoology sweeps 1e-4 ... 1e-2 for every width).
 
 Why it looks like this: MQAR needs thousands of steps before accuracy jumps, and these models
 are far too small to fill an H200, so each GPU runs several processes side by side (start the
-CUDA MPS daemon first, as ``gpu_x2_followup.sh mqar`` does, so that they run concurrently
-instead of time-sliced), each pulling (model, width, lr) jobs from a shared queue and training
+CUDA MPS daemon first, so that they run concurrently instead of time-sliced:
+``nvidia-cuda-mps-control -d`` before, ``echo quit | nvidia-cuda-mps-control`` after; the
+2026-11-30 runs used 12-20 processes per H200), each pulling (model, width, lr) jobs from a shared queue and training
 each for at most ``--budget`` seconds (stopping early at ``--stop-accuracy``). By default
 (``--workers 0``) every job gets a worker, so the whole grid runs in one round. Each training
 step is one CUDA-graph replay (``--cuda-graph``, on by default): checked against an eager step

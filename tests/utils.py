@@ -1,5 +1,5 @@
 """Shared test helpers: input factories and the one ``assert_close`` of the tolerance rule
-(deltanet/ops/delta_rule/README.md §6)."""
+(docs/numerics.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def assert_close(
     floor: float = 1e-5,
     rtol: float | None = None,
 ) -> float:
-    """Compare ``actual`` with the float64 oracle ``expected`` (the rule: deltanet/ops/delta_rule/README.md §6).
+    """Compare ``actual`` with the float64 oracle ``expected`` (the rule: docs/numerics.md).
 
     - With ``baseline`` (the same computation done by PyTorch in the same low precision):
       ``rel_err(actual) <= ratio * rel_err(baseline) + floor`` (FlashAttention's scheme).

@@ -262,7 +262,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         model.generation_config.eos_token_id = None  # always exactly new_tokens tokens
         with torch.no_grad():
             # warmup at the timed shapes: kernels that compile or autotune per sequence length
-            # (fla's prefill) would otherwise be timed (session 4: fla's first 2K prefill 18.6 s)
+            # (fla's prefill) would otherwise be timed (H200, 2026-11-30: fla's first 2K prefill 18.6 s)
             model.generate(ids, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
             _sync(device)
             t0 = time.perf_counter()

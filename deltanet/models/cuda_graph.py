@@ -2,10 +2,11 @@
 
 A decode step of the 340M model is ~600 small kernels (24 layers of projections, convs, norms
 and the recurrent update on a batch of one token) whose launch cost, not their work, sets the
-speed: eager decoding ran at 19–26 tokens/s at batch 1 on an H200 (results/2026-11-30-h200-
-model-session*.md). A model whose layers all keep a fixed-size state (``delta_net``,
-``linear_attention``) has the same shapes and the same state tensors at every step, so one
-captured graph per generation replays the whole step with a single launch.
+speed: eager decoding ran at 19–26 tokens/s at batch 1 on an H200 (2026-11-30; benchmarks/results/
+2026-11-30-h200-model-profile-compiled-conv.md and ...-model-triton-conv-cuda-graph.md). A model
+whose layers all keep a fixed-size state (``delta_net``, ``linear_attention``) has the same
+shapes and the same state tensors at every step, so one captured graph per generation replays
+the whole step with a single launch.
 
 How: the cache's state tensors become the graph's static inputs. The first decode step of a
 cache runs eagerly through :meth:`DecodeGraph._step`, which computes the step from the state

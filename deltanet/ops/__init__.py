@@ -1,7 +1,7 @@
 """Sequence-mixing operators. ``delta_rule`` (plain or gated) and ``delta_product`` are the entry
 points; they dispatch to a backend.
 
-Backends (the contract: README.md, "The op"):
+Backends (the contract: docs/contracts.md):
 
 - ``"triton"``    chunkwise WY algorithm in Triton (GPU; CPU under ``TRITON_INTERPRET=1``)
 - ``"recurrent"`` fused recurrent Triton kernel, the decode path

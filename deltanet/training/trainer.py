@@ -91,7 +91,7 @@ def _flops_per_token(model, seq_len: int) -> float:
     flops = 6.0 * n
     d_head = cfg.hidden_size // cfg.num_heads
     for kind in getattr(cfg, "layer_types", None) or ():  # another library's model: 6·N only
-        if kind == "delta_net":  # chunkwise: 6·d² + 10·C·d per head forward (DESIGN §6), ×3 for fwd+bwd
+        if kind == "delta_net":  # chunkwise: 6·d² + 10·C·d per head forward (delta_rule/README.md §5), ×3 fwd+bwd
             flops += 3 * cfg.num_heads * (6 * d_head * d_head + 10 * 64 * d_head)
         elif kind in ("full_attention", "sliding_attention"):
             ctx = seq_len if kind == "full_attention" else min(seq_len, cfg.sliding_window or seq_len)

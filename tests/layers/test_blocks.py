@@ -301,7 +301,7 @@ def test_recompute_in_backward_matches_plain_autograd():
 
 def test_cached_states_do_not_hold_the_prompt():
     """Conv states and sliding-window keys are copies: a view would keep the prefill's whole
-    input alive in the cache (session 4: 11.7 GiB peak decoding the 340M model at batch 32)."""
+    input alive in the cache (H200, 2026-11-30: 11.7 GiB peak decoding the 340M model at batch 32)."""
     from deltanet.layers.attention import AttentionMixer
     from deltanet.models.cache import DeltaNetCache
     from deltanet.models.presets import get_config

@@ -48,7 +48,7 @@ def recurrence_low_precision(q, k, v, beta, *, scale=None, initial_state=None, o
     """The delta rule as PyTorch would compute it in ``q.dtype``: the token-level products in
     that dtype, the state carried in fp32 (the contract's state dtype). This is the "same
     computation in the same low precision" of the tolerance rule
-    (deltanet/ops/delta_rule/README.md §6); fixed-length batches only. ``g``:
+    (docs/numerics.md); fixed-length batches only. ``g``:
     the gated rule."""
     assert cu_seqlens is None
     B, T, H, K = q.shape

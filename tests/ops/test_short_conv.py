@@ -138,7 +138,7 @@ def _bf16_ulp_check(name, got, ref32):
 @pytest.mark.usefixtures("_bf16_rounds_to_nearest")
 def test_bf16_within_rounding(case, w_dtype):
     """bf16 ``x`` (fp32 weight as under autocast, or bf16): vs float64 at most 2x as far as
-    PyTorch's own bf16 computation (DESIGN §5), and within 2 ulps of fp32 math on the same inputs."""
+    PyTorch's own bf16 computation (docs/numerics.md), and within 2 ulps of fp32 math on the same inputs."""
     B, T, C, W, docs, layout = case
     x, w, dy, doc_pos = _inputs(B, T, C, W, docs, seed=7 + T)
     xb, wb, dyb = x.bfloat16(), w.to(w_dtype), dy.bfloat16()

@@ -70,7 +70,7 @@ def test_fp32_matches_reference(shape, initial_state):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=SHAPE_IDS[1:])
 def test_low_precision_within_twice_the_pytorch_floor(shape, dtype):
-    """DESIGN §5: error vs float64 <= 2x that of the same computation in PyTorch in ``dtype``."""
+    """docs/numerics.md: error vs float64 <= 2x that of the same computation in PyTorch in ``dtype``."""
     inp64 = make_inputs(*shape, initial_state=True, seed=3 + shape[1], device=DEVICE)
     do, dS = _cotangents(inp64)
     ref = run_with_grads(delta_rule_reference, inp64, do, dS)

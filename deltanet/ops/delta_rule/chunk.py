@@ -175,14 +175,14 @@ def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int
     if interpreted():  # programs run one after another there: fewer, larger ones are faster
         bv_state = BVF
     # "Fill" = programs >= 0.95 x SMs: at 128 programs on 132 SMs (D = 128, T = 8K) halving the
-    # V-block to reach 1.0 measured 7-12% slower fwd+bwd (results/2026-11-30-h200-kernels-session3.md).
+    # V-block to reach 1.0 measured 7-12% slower fwd+bwd (results/2026-11-30-h200-kernels-tuned-vs-fla.md).
     while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 0.95) * _num_sms(device):
         bv_state //= 2
     cfg = dict(
         BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
         # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweeps on an
         # otherwise idle GPU, benchmarks/results/2026-11-30-h200-x2-kernels.md and
-        # 2026-11-30-h200-kernels-session3.md): 4 warps everywhere; the spill-free 8-warp /
+        # 2026-11-30-h200-kernels-tuned-vs-fla.md): 4 warps everywhere; the spill-free 8-warp /
         # split-backward settings of the offline register report measured 3-53% slower, SAVE_AI
         # 15% faster; 3 pipeline stages in the state kernels 9% faster (mean over D = 64, 128 x
         # T = 1K, 8K, 16K), int32 tile offsets above K = 64 2% faster.

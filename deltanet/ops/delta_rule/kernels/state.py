@@ -125,7 +125,7 @@ def dh_bwd_kernel(
     """Grid ``(cdiv(V, BV), N * H)``. Writes ``dh[c]`` (state grad after chunk c), ``dv``
     (the gradient of the pseudo-values ``v_new``) and ``dh0``. The intra-chunk term
     ``scale * triu(K Q^T) dO`` is formed here, on the sequential path (as its own parallel
-    kernel it measured slower: results/2026-11-30-h200-kernels-session3.md)."""
+    kernel it measured slower: results/2026-11-30-h200-kernels-tuned-vs-fla.md)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, boh, NT = _sequence(cu_seqlens, chunk_offsets, i_nh, H, BT)
 

@@ -220,7 +220,7 @@ def wy_fwd_kernel(
     # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
     # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj in MERGE_PREC: the launcher passes
     # full fp32 ("ieee") for fp32 inputs and tf32 for bf16/fp16 ones, whose W, U are rounded to 16
-    # bits anyway (error vs the fp32 oracle +0.06%, results/2026-11-30-h200-kernels-session3.md).
+    # bits anyway (error vs the fp32 oracle +0.06%, results/2026-11-30-h200-kernels-tuned-vs-fla.md).
     if BATCHED_INV:
         _store_block(ai, a00, n, r, r, H, BT)
         _store_block(ai, a11, n, r + 16, r + 16, H, BT)
