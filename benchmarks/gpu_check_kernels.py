@@ -115,7 +115,7 @@ for r in rows:
 
 BENCH_COMPARE = r"""
 import sys, shlex
-from deltanet.bench.kernels import cli_main
+from deltanet.cli.bench_kernels import cli_main
 for a in sys.argv[1].split(";"):
     cli_main(shlex.split(a))
 SHAPES = [(2, 1000, 4, 64, 64), (1, 1024, 4, 128, 128)]

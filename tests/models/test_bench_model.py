@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltanet.bench.model import cli_main
+from deltanet.cli.bench_model import cli_main
 
 
 def test_train_benchmark_smoke(tmp_path):
