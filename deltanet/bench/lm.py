@@ -324,7 +324,7 @@ def _run_job(spec: ModelSpec, lr: float, cfg: ComparisonConfig, scale: Scale, to
     if spec.fla:
         _import_fla(spec.fla)  # fail now (fla missing) rather than after start-up
         factory = functools.partial(fla_model, spec.fla, scale.fla)  # called with the vocabulary size
-    cfg = RunConfig.from_dict({
+    run_cfg = RunConfig.from_dict({
         "data": {"data": cfg.data, "tokenizer": str(tok_dir), "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
                  "cache_dir": str(cfg.cache_dir), "doc_mask": spec.doc_mask},
         "optim": {"lr": lr, "warmup": cfg.warmup, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9,
@@ -343,7 +343,7 @@ def _run_job(spec: ModelSpec, lr: float, cfg: ComparisonConfig, scale: Scale, to
     if done < cfg.steps:
         _log(f"[{_job_id(spec.key, lr)}] {'resuming at step ' + str(done) if done else 'training'} "
              f"({cfg.steps} steps)")
-        res = train(cfg, model_factory=factory, stop_at=stop_at)
+        res = train(run_cfg, model_factory=factory, stop_at=stop_at)
         if res.interrupted:
             _log(f"[{_job_id(spec.key, lr)}] paused at step {res.step}/{cfg.steps} (budget); run again to resume")
             return None
