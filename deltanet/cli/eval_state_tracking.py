@@ -1,5 +1,7 @@
-"""``deltanet eval state-tracking``: flags -> :class:`~deltanet.evaluation.tasks.state_tracking.StateTrackingConfig`
-and :class:`~deltanet.evaluation.tasks.synthetic.TrainConfig` -> :func:`~deltanet.evaluation.tasks.state_tracking.run_state_tracking`."""
+"""``deltanet eval state-tracking``: flags ->
+:class:`~deltanet.evaluation.tasks.state_tracking.StateTrackingConfig` and
+:class:`~deltanet.evaluation.tasks.synthetic.TrainConfig` ->
+:func:`~deltanet.evaluation.tasks.state_tracking.run_state_tracking`."""
 
 from __future__ import annotations
 
