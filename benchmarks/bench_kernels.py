@@ -3,7 +3,7 @@
 
 import sys
 
-from deltanet.bench.kernels import cli_main
+from deltanet.cli.bench_kernels import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))

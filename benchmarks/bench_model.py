@@ -9,12 +9,12 @@ one row per mode and length: tokens/s and peak memory; run on one H100)::
     python benchmarks/bench_model.py model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
         --activation-checkpointing none,mixer,block --out benchmarks/results/DATE-h100-activation-checkpointing.md
 
-Same as ``deltanet bench model|decode``; see ``deltanet/bench/model.py`` for the options.
+Same as ``deltanet bench model|decode``; ``deltanet bench model --help`` lists the options.
 """
 
 import sys
 
-from deltanet.bench.model import cli_main
+from deltanet.cli.bench_model import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))

@@ -246,3 +246,22 @@ def test_eval_task_help_shows_defaults(capsys, task, flags):
     blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n  (?=-)", capsys.readouterr().out)}
     for flag in flags:
         assert "(default: " in blocks[flag], blocks[flag]
+
+
+def test_data_prepare_reads_data_settings_as_train_does(tmp_path):
+    """`deltanet data prepare` and `deltanet train` share the data flags and the config-file merge:
+    the same flags and file give the same DataConfig (so train reuses the cache prepare built)."""
+    from deltanet.cli.data import build_data_config, data_parser
+    from deltanet.cli.train import build_train_config, train_parser
+
+    def data_flags(p):
+        return {a.option_strings[0]: (a.dest, a.type, a.help) for a in p._actions
+                if a.option_strings and a.dest not in ("help", "config", "progress")}
+
+    assert data_flags(data_parser()).items() <= data_flags(train_parser()).items()
+    (tmp_path / "c.toml").write_text('tokenizer = "bytes"\n[data]\nseq_len = 64\nval_fraction = 0.2\n'
+                                     '[optim]\nlr = 0.5\n[train]\nmax_steps = 3\n')
+    flags = ["--config", str(tmp_path / "c.toml"), "--data", str(tmp_path), "--vocab-size", "300", "--no-doc-mask"]
+    data_cfg, progress = build_data_config([*flags, "--no-progress"])
+    assert data_cfg == build_train_config(flags).data and progress is False
+    assert (data_cfg.tokenizer, data_cfg.seq_len, data_cfg.val_fraction, data_cfg.doc_mask) == ("bytes", 64, 0.2, False)

@@ -12,9 +12,7 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 
 import torch
@@ -145,73 +143,62 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="deltanet bench kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", default="64,128,256", help="head dims (K = V), comma-separated")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384", help="sequence lengths T")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / T)")
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"from {METHODS}")
-    p.add_argument("--max-recurrent-T", type=int, default=4096, help="skip recurrent methods above this T")
-    p.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up (ms)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
-    p.add_argument("--decode-batches", default=None,
-                   help="instead of the sweep: time one decoding step (T = 1, state in and out) of the "
-                        "recurrent methods at these batch sizes, e.g. 1,8,32,128,256")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("deltanet bench kernels: no CUDA device (it times the Triton GPU kernels); on a CPU, "
-              "`python benchmarks/bench_cpu.py` in a checkout times the PyTorch chunkwise op against the "
-              "reference, and `deltanet bench model --smoke` checks the model benchmark", file=sys.stderr)
-        return 2
-    dims = [int(x) for x in args.dims.split(",")]
-    lengths = [int(x) for x in args.lengths.split(",")]
-    methods = args.methods.split(",")
+def format_decode_table(rows: list[dict]) -> str:
+    """One line per decoding-step measurement (:func:`bench_decode_step` rows)."""
+    lines = ["| D | batch | method | step us | tokens/s | state GB/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "step_us" in r:
+            lines.append(f"| {r['D']} | {r['B']} | {r['method']} | {r['step_us']:.1f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['state_GBps']:.0f} |")
+        else:
+            lines.append(f"| {r['D']} | {r['B']} | {r['method']} | {r['error'][:60]} | | |")
+    return "\n".join(lines)
+
+
+def _record(row: dict, json_path: str | None) -> None:
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def run_sweep(dims: list[int], lengths: list[int], methods: list[str], *, tokens: int = 32768, heads: int = 16,
+              max_recurrent_T: int = 4096, warmup: int = 25, rep: int = 100,
+              json_path: str | None = None) -> list[dict]:
+    """:func:`bench_one` for every (head dim, length, method), recurrent methods only up to
+    ``max_recurrent_T``; a failing measurement is a row with its error and the sweep goes on.
+    Prints each row as a JSON line (and appends it to ``json_path``); returns the rows."""
     for m in methods:
         if m not in METHODS:
-            p.error(f"unknown method {m!r}; choose from {METHODS}")
+            raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
     rows = []
-    if args.decode_batches:
-        for D in dims:
-            for B in (int(x) for x in args.decode_batches.split(",")):
-                for m in (m for m in methods if "recurrent" in m):
-                    try:
-                        r = bench_decode_step(m, B, D, H=args.heads, warmup=args.warmup, rep=args.rep)
-                    except Exception as e:
-                        r = dict(method=m, kind="decode_step", B=B, D=D, error=f"{type(e).__name__}: {e}"[:300])
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                    if args.json:
-                        with open(args.json, "a") as fh:
-                            fh.write(json.dumps(r) + "\n")
-        print("| D | batch | method | step us | tokens/s | state GB/s |\n|---|---|---|---|---|---|")
-        for r in rows:
-            if "step_us" in r:
-                print(f"| {r['D']} | {r['B']} | {r['method']} | {r['step_us']:.1f} | {r['tokens_per_s']:.0f} | "
-                      f"{r['state_GBps']:.0f} |")
-            else:
-                print(f"| {r['D']} | {r['B']} | {r['method']} | {r['error'][:60]} | | |")
-        return 0
     for D in dims:
         for T in lengths:
             for m in methods:
-                if "recurrent" in m and T > args.max_recurrent_T:
+                if "recurrent" in m and T > max_recurrent_T:
                     continue
                 try:
-                    r = bench_one(m, T, D, tokens=args.tokens, H=args.heads, warmup=args.warmup, rep=args.rep)
+                    r = bench_one(m, T, D, tokens=tokens, H=heads, warmup=warmup, rep=rep)
                 except Exception as e:  # one failing method must not end the sweep
                     r = dict(method=m, D=D, T=T, error=f"{type(e).__name__}: {e}"[:300])
                 torch.cuda.empty_cache()
                 rows.append(r)
-                print(json.dumps(r), flush=True)
-                if args.json:
-                    with open(args.json, "a") as fh:
-                        fh.write(json.dumps(r) + "\n")
-    print(format_table(rows))
-    return 0
+                _record(r, json_path)
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+def run_decode_steps(dims: list[int], batches: list[int], methods: list[str], *, heads: int = 16, warmup: int = 25,
+                     rep: int = 100, json_path: str | None = None) -> list[dict]:
+    """:func:`bench_decode_step` for every (head dim, batch, recurrent method in ``methods``);
+    rows printed and recorded as in :func:`run_sweep`."""
+    rows = []
+    for D in dims:
+        for B in batches:
+            for m in (m for m in methods if "recurrent" in m):
+                try:
+                    r = bench_decode_step(m, B, D, H=heads, warmup=warmup, rep=rep)
+                except Exception as e:
+                    r = dict(method=m, kind="decode_step", B=B, D=D, error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(r)
+                _record(r, json_path)
+    return rows

@@ -33,11 +33,12 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["MODELS", "SCALES", "cli_main", "run_comparison"]
+__all__ = ["MODELS", "SCALES", "ComparisonConfig", "run_comparison"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,70 @@ SCALES = {
 }
 EVAL_MULTIPLES = (1, 2, 4)
 
+# ComparisonConfig fields that default to the scale's value
+_SCALE_FIELDS = ("tokens", "seq_len", "batch_size", "grad_accum", "vocab_size", "eval_tokens", "eval_reserve_s")
+
+
+@dataclass
+class ComparisonConfig:
+    """One call of the comparison (``deltanet bench lm``'s flags); ``None`` sizes take the scale's
+    value (:data:`SCALES`), see :meth:`resolve`."""
+
+    out: Path  # work directory: tokenizer, runs, results, figure
+    data: str = "stdlib"
+    models: list[str] = field(default_factory=lambda: list(OURS))
+    scale: str = "125m"
+    tokens: int | None = None  # training tokens per model (rounded up to whole steps)
+    seq_len: int | None = None
+    batch_size: int | None = None  # sequences per micro-step
+    grad_accum: int | None = None
+    lr_grid: list[float] | None = None  # peak learning rates, one job each (None: DEFAULT_LR)
+    warmup: int | None = None  # warmup steps (None: 5% of the steps)
+    vocab_size: int | None = None  # of the shared BPE tokenizer
+    tokenizer: str | None = None  # a tokenizer.json or directory instead of training one
+    val_fraction: float = 0.05
+    eval_tokens: int | None = None  # held-out tokens per evaluation length
+    eval_batch_tokens: int = 32768  # tokens per evaluation forward
+    budget_s: float = 0.0  # wall-clock budget of this call (0 = none)
+    eval_reserve_s: float | None = None  # kept for evaluation when pausing for the budget
+    min_train_s: float = 30.0  # don't start a job with less training time left
+    seed: int = 0
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads (0 = auto)
+    cache_dir: Path | None = None  # token cache (None: OUT/tokens)
+    render_only: bool = False  # only render results.md and the figure
+    # derived by run_comparison
+    steps: int = 0
+    device_type: str = ""
+
+    def filled(self) -> "ComparisonConfig":
+        """A copy with the scale's sizes where ``None``, ``cache_dir`` set and ``tokens`` an int."""
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {sorted(SCALES)}, got {self.scale!r}")
+        scale = SCALES[self.scale]
+        cfg = dataclasses.replace(self, **{k: getattr(scale, k) for k in _SCALE_FIELDS if getattr(self, k) is None})
+        cfg.out, cfg.tokens = Path(cfg.out), int(cfg.tokens)
+        cfg.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else cfg.out / "tokens"
+        cfg.models = list(cfg.models)
+        cfg.lr_grid = sorted(set(cfg.lr_grid)) if cfg.lr_grid else None
+        return cfg
+
+    def resolve(self) -> "ComparisonConfig":
+        """:meth:`filled`, checked: ValueError naming the field."""
+        cfg = self.filled()
+        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "vocab_size", "eval_tokens", "eval_batch_tokens"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+        unknown = [m for m in cfg.models if m not in MODELS]
+        if unknown or not cfg.models:
+            raise ValueError(f"models: unknown {unknown or 'empty list'}; valid: {', '.join(MODELS)}")
+        if cfg.lr_grid and min(cfg.lr_grid) <= 0:
+            raise ValueError(f"lr_grid values must be > 0, got {cfg.lr_grid}")
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+        return cfg
+
 
 def _import_fla(kind: str):
     try:
@@ -159,27 +224,27 @@ _PROTOCOL_KEYS = ("scale", "data", "tokenizer", "seq_len", "tokens_per_step", "s
                   "seed", "precision", "eval")
 
 
-def _protocol(args, tokenizer, steps: int, tokens_per_step: int) -> dict:
+def _protocol(cfg: ComparisonConfig, tokenizer, steps: int, tokens_per_step: int) -> dict:
     return {
         "type": "protocol",
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "scale": args.scale,
-        "data": {"spec": args.data, "val_fraction": args.val_fraction,
+        "scale": cfg.scale,
+        "data": {"spec": cfg.data, "val_fraction": cfg.val_fraction,
                  "doc_mask": "packed documents kept apart, except models whose result says doc_mask false"},
-        "tokenizer": {"kind": ("given by --tokenizer" if args.tokenizer else "byte-level BPE trained once on "
+        "tokenizer": {"kind": ("given by --tokenizer" if cfg.tokenizer else "byte-level BPE trained once on "
                                "the training split") + ", shared by every model",
                       "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint()},
-        "seq_len": args.seq_len,
+        "seq_len": cfg.seq_len,
         "tokens_per_step": tokens_per_step,
-        "batch": f"{args.batch_size} x {args.grad_accum} accumulation x {args.seq_len} tokens",
+        "batch": f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {cfg.seq_len} tokens",
         "steps": steps,
         "tokens_per_model": steps * tokens_per_step,
         "optimizer": "AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 (matrices), grad clip 1.0",
-        "schedule": f"linear warmup {args.warmup} steps, cosine to 0.1 x peak at step {steps}",
-        "lr": {"default": DEFAULT_LR, "grid": args.lr_grid},
-        "seed": args.seed,
-        "precision": "bf16 autocast on CUDA, fp32 weights" if args.device_type == "cuda" else "fp32",
-        "eval": {"tokens": args.eval_tokens, "lengths": [m * args.seq_len for m in EVAL_MULTIPLES],
+        "schedule": f"linear warmup {cfg.warmup} steps, cosine to 0.1 x peak at step {steps}",
+        "lr": {"default": DEFAULT_LR, "grid": cfg.lr_grid},
+        "seed": cfg.seed,
+        "precision": "bf16 autocast on CUDA, fp32 weights" if cfg.device_type == "cuda" else "fp32",
+        "eval": {"tokens": cfg.eval_tokens, "lengths": [m * cfg.seq_len for m in EVAL_MULTIPLES],
                  "same_tokens_at_every_length": True,
                  "recall_hit": "target x_i whose bigram (x_{i-1}, x_i) occurred earlier in the same document"},
         "paper": "Yang et al. 2024, Table 1: 340M params / 15B tokens, WikiText perplexity",
@@ -194,12 +259,12 @@ def _check_protocol(old: dict, new: dict, path: Path) -> None:
 
 
 # -- the jobs --------------------------------------------------------------------------------
-def _tokenizer(args, out: Path, corpus):
+def _tokenizer(cfg: ComparisonConfig, out: Path, corpus):
     from deltanet.training.tokenizer import load_tokenizer, make_tokenizer, train_bpe
 
     tok_dir = out / "tokenizer"
-    if args.tokenizer:
-        tok = make_tokenizer(args.tokenizer)
+    if cfg.tokenizer:
+        tok = make_tokenizer(cfg.tokenizer)
         tok.save(tok_dir)
     elif not (tok_dir / "tokenizer_meta.json").is_file():
         t0 = time.time()
@@ -209,23 +274,23 @@ def _tokenizer(args, out: Path, corpus):
             total += len(t)
             if total >= 16_000_000:
                 break
-        train_bpe(iter(texts), args.vocab_size).save(tok_dir)
-        _log(f"trained the shared BPE tokenizer ({args.vocab_size} tokens) in {time.time() - t0:.1f}s -> {tok_dir}")
+        train_bpe(iter(texts), cfg.vocab_size).save(tok_dir)
+        _log(f"trained the shared BPE tokenizer ({cfg.vocab_size} tokens) in {time.time() - t0:.1f}s -> {tok_dir}")
     return load_tokenizer(tok_dir), tok_dir
 
 
-def _eval_tokens(val, args):
+def _eval_tokens(val, cfg: ComparisonConfig):
     """``eval_tokens`` of held-out text as whole blocks of 4 x seq_len tokens spread over the split,
     so every evaluation length sees exactly the same tokens (only the context length differs)."""
     import numpy as np
 
     from deltanet.training.data import eval_positions
 
-    block = max(EVAL_MULTIPLES) * args.seq_len
+    block = max(EVAL_MULTIPLES) * cfg.seq_len
     n_blocks = len(val) // block
     if n_blocks == 0:
         raise ValueError(f"the held-out split has {len(val)} tokens, fewer than {block} (4 x seq_len)")
-    picks = eval_positions(n_blocks, max(1, args.eval_tokens // block))
+    picks = eval_positions(n_blocks, max(1, cfg.eval_tokens // block))
     return np.concatenate([np.asarray(val[i * block:(i + 1) * block]) for i in picks])
 
 
@@ -244,7 +309,7 @@ def _curve(run_dir: Path) -> tuple[list, list]:
     return train, val
 
 
-def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, tokenizer, eval_tokens,
+def _run_job(spec: ModelSpec, lr: float, cfg: ComparisonConfig, scale: Scale, tok_dir: Path, tokenizer, eval_tokens,
              stop_at: float | None) -> dict | None:
     """Train (or resume) one job, evaluate it, return its result record; None if paused."""
     import torch
@@ -254,36 +319,36 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     from deltanet.training.config import RunConfig
     from deltanet.training.trainer import train
 
-    run_dir = args.out / "runs" / _job_id(spec.key, lr)
+    run_dir = cfg.out / "runs" / _job_id(spec.key, lr)
     factory = None
     if spec.fla:
         _import_fla(spec.fla)  # fail now (fla missing) rather than after start-up
         factory = functools.partial(fla_model, spec.fla, scale.fla)  # called with the vocabulary size
-    cfg = RunConfig.from_dict({
-        "data": {"data": args.data, "tokenizer": str(tok_dir), "seq_len": args.seq_len, "val_fraction": args.val_fraction,
-                 "cache_dir": str(args.cache_dir), "doc_mask": spec.doc_mask},
-        "optim": {"lr": lr, "warmup": args.warmup, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9,
+    run_cfg = RunConfig.from_dict({
+        "data": {"data": cfg.data, "tokenizer": str(tok_dir), "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+                 "cache_dir": str(cfg.cache_dir), "doc_mask": spec.doc_mask},
+        "optim": {"lr": lr, "warmup": cfg.warmup, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta1": 0.9,
                   "beta2": 0.95, "grad_clip": 1.0},
         "train": {"preset": spec.preset or f"fla-{spec.fla}", "model": dict(scale.overrides) if spec.preset else {},
-                  "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_steps": args.steps,
-                  "eval_every": max(1, args.steps // 10), "eval_batches": 4, "log_every": max(1, args.steps // 400),
-                  "out": str(run_dir), "resume": bool(list_checkpoints(run_dir)), "seed": args.seed,
-                  "compile": args.compile, "device": args.device, "sample_tokens": 0, "progress": False,
-                  "threads": args.threads},
+                  "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "max_steps": cfg.steps,
+                  "eval_every": max(1, cfg.steps // 10), "eval_batches": 4, "log_every": max(1, cfg.steps // 400),
+                  "out": str(run_dir), "resume": bool(list_checkpoints(run_dir)), "seed": cfg.seed,
+                  "compile": cfg.compile, "device": cfg.device, "sample_tokens": 0, "progress": False,
+                  "threads": cfg.threads},
     })
     done = 0
     if list_checkpoints(run_dir):
         done = json.loads((find_checkpoint(run_dir) / "trainer_state.json").read_text())["step"]
     t0 = time.time()
-    if done < args.steps:
+    if done < cfg.steps:
         _log(f"[{_job_id(spec.key, lr)}] {'resuming at step ' + str(done) if done else 'training'} "
-             f"({args.steps} steps)")
-        res = train(cfg, model_factory=factory, stop_at=stop_at)
+             f"({cfg.steps} steps)")
+        res = train(run_cfg, model_factory=factory, stop_at=stop_at)
         if res.interrupted:
-            _log(f"[{_job_id(spec.key, lr)}] paused at step {res.step}/{args.steps} (budget); run again to resume")
+            _log(f"[{_job_id(spec.key, lr)}] paused at step {res.step}/{cfg.steps} (budget); run again to resume")
             return None
     train_s = time.time() - t0
-    device = torch.device("cuda" if args.device_type == "cuda" else "cpu")
+    device = torch.device("cuda" if cfg.device_type == "cuda" else "cpu")
     ckpt = find_checkpoint(run_dir)
     if factory is None:
         model = load_model(ckpt, device)
@@ -297,9 +362,9 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     amp = torch.bfloat16 if device.type == "cuda" else None
     evals = {}
     for m in EVAL_MULTIPLES:
-        L = m * args.seq_len
+        L = m * cfg.seq_len
         evals[str(L)] = evaluate(model, tokenizer, eval_tokens, seq_len=L,
-                                 batch_size=max(1, args.eval_batch_tokens // L), device=device,
+                                 batch_size=max(1, cfg.eval_batch_tokens // L), device=device,
                                  doc_mask=spec.doc_mask, recall_split=True, autocast_dtype=amp)
     del model
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -309,7 +374,7 @@ def _run_job(spec: ModelSpec, lr: float, args, scale: Scale, tok_dir: Path, toke
     return {
         "type": "result", "model": spec.key, "label": spec.label, "lr": lr, "preset": spec.preset,
         "fla": spec.fla, "doc_mask": spec.doc_mask, "params": n_params, "params_without_input_embedding": n_body,
-        "steps": args.steps, "tokens": args.steps * args.batch_size * args.grad_accum * args.seq_len,
+        "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "train_elapsed_s": round(max((r.get("elapsed_s", 0) for r in recs), default=0.0), 1),
         "tok_per_s_median": tps[len(tps) // 2] if tps else None, "eval_s": round(time.time() - t0 - train_s, 1),
         "eval": evals, "train_curve": train_curve, "val_curve": val_curve, "note": spec.note,
@@ -335,15 +400,18 @@ def _log(msg: str) -> None:
     print(f"[bench lm] {msg}", file=sys.stderr, flush=True)
 
 
-def run_comparison(args) -> int:
-    """Run the jobs that fit the budget, append their results, render the table and figure."""
+def run_comparison(cfg: ComparisonConfig) -> int:
+    """Run the jobs that fit the budget, append their results, render the table and figure.
+
+    Returns 0, or 1 when a job failed (recorded in the results file; the others went on)."""
     from deltanet.bench.lm_report import render
 
     t_start = time.time()
-    out: Path = args.out
+    cfg = cfg.resolve()  # a copy: the steps and device derived below don't touch the caller's
+    out: Path = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
-    if args.render_only:
+    if cfg.render_only:
         render(out)
         return 0
     import torch
@@ -351,48 +419,48 @@ def run_comparison(args) -> int:
     from deltanet.training.data import build_token_cache, open_corpus
     from deltanet.training.distributed import configure_cpu_threads
 
-    args.device_type = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    if args.device_type == "cpu":
-        configure_cpu_threads(args.threads)
-    corpus = open_corpus(args.data, args.val_fraction)
-    tokenizer, tok_dir = _tokenizer(args, out, corpus)
+    cfg.device_type = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    if cfg.device_type == "cpu":
+        configure_cpu_threads(cfg.threads)
+    corpus = open_corpus(cfg.data, cfg.val_fraction)
+    tokenizer, tok_dir = _tokenizer(cfg, out, corpus)
     t0 = time.time()
-    cache = build_token_cache(corpus, tokenizer, args.cache_dir)
+    cache = build_token_cache(corpus, tokenizer, cfg.cache_dir)
     m = cache.meta
-    _log(f"data {args.data}: {m['train_tokens']:,} train / {m['val_tokens']:,} held-out tokens "
+    _log(f"data {cfg.data}: {m['train_tokens']:,} train / {m['val_tokens']:,} held-out tokens "
          f"[{time.time() - t0:.1f}s]")
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
-    args.steps = math.ceil(args.tokens / tokens_per_step)
-    if args.warmup is None:
-        args.warmup = max(1, round(0.05 * args.steps))
-    if m["train_tokens"] < args.steps * tokens_per_step:
-        _log(f"note: {args.steps * tokens_per_step:,} tokens per model is "
-             f"{args.steps * tokens_per_step / max(1, m['train_tokens']):.1f} epochs of the training split")
-    eval_tokens = _eval_tokens(cache.tokens("val"), args)
-    header = _protocol(args, tokenizer, args.steps, tokens_per_step)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    cfg.steps = math.ceil(cfg.tokens / tokens_per_step)
+    if cfg.warmup is None:
+        cfg.warmup = max(1, round(0.05 * cfg.steps))
+    if m["train_tokens"] < cfg.steps * tokens_per_step:
+        _log(f"note: {cfg.steps * tokens_per_step:,} tokens per model is "
+             f"{cfg.steps * tokens_per_step / max(1, m['train_tokens']):.1f} epochs of the training split")
+    eval_tokens = _eval_tokens(cache.tokens("val"), cfg)
+    header = _protocol(cfg, tokenizer, cfg.steps, tokens_per_step)
     old, records = read_results(results_path)
     if old is None:
         _append(results_path, header)
     else:
         _check_protocol(old, header, results_path)
     finished = {(r["model"], r["lr"]) for r in records if r.get("type") == "result"}
-    deadline = t_start + args.budget_s if args.budget_s else None
+    deadline = t_start + cfg.budget_s if cfg.budget_s else None
     failures = 0
-    for key in args.models:
+    for key in cfg.models:
         spec = MODELS[key]
-        for lr in args.lr_grid or [DEFAULT_LR]:
+        for lr in cfg.lr_grid or [DEFAULT_LR]:
             job = _job_id(key, lr)
             if (key, lr) in finished:
                 _log(f"[{job}] done already: skipped")
                 continue
             left = deadline - time.time() if deadline else math.inf
-            if left < args.eval_reserve_s + args.min_train_s:
+            if left < cfg.eval_reserve_s + cfg.min_train_s:
                 _log(f"[{job}] not started: {left:.0f}s of the budget left")
                 render(out)
                 return 0
-            stop_at = deadline - args.eval_reserve_s if deadline else None
+            stop_at = deadline - cfg.eval_reserve_s if deadline else None
             try:
-                rec = _run_job(spec, lr, args, SCALES[args.scale], tok_dir, tokenizer, eval_tokens, stop_at)
+                rec = _run_job(spec, lr, cfg, SCALES[cfg.scale], tok_dir, tokenizer, eval_tokens, stop_at)
             except ModuleNotFoundError as e:
                 _log(f"[{job}] skipped: {e}")
                 failures += 1
@@ -410,62 +478,8 @@ def run_comparison(args) -> int:
                 render(out)
                 return 0
             _append(results_path, rec)
-            e = rec["eval"][str(args.seq_len)]
+            e = rec["eval"][str(cfg.seq_len)]
             _log(f"[{job}] {rec['params']:,} params: held-out loss {e['loss']:.4f}, ppl {e['ppl']:.2f}, "
                  f"{e['bpb']:.4f} bits/byte")
     render(out)
     return 1 if failures else 0
-
-
-def cli_main(argv: list[str]) -> int:
-    from deltanet.cli import CliParser
-
-    p = CliParser(prog="deltanet bench lm", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="work directory: tokenizer, runs, results, figure")
-    p.add_argument("--data", default="stdlib", help="data spec, as deltanet train --data (e.g. python-site)")
-    p.add_argument("--models", default=",".join(OURS),
-                   help=f"comma list from {', '.join(MODELS)}, or 'all' (default: ours, without fla)")
-    p.add_argument("--scale", choices=sorted(SCALES), default="125m")
-    p.add_argument("--tokens", type=float, help="training tokens per model (rounded up to whole steps)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch-size", type=int, help="sequences per micro-step")
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--lr-grid", help=f"comma list of peak learning rates, one job each (default {DEFAULT_LR:g})")
-    p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
-    p.add_argument("--vocab-size", type=int, help="size of the shared BPE tokenizer")
-    p.add_argument("--tokenizer", help="use this tokenizer (a tokenizer.json or a directory) instead of training one")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--eval-tokens", type=int, help="held-out tokens per evaluation length")
-    p.add_argument("--eval-batch-tokens", type=int, default=32768, help="tokens per evaluation forward")
-    p.add_argument("--budget-s", type=float, default=0.0, help="wall-clock budget of this call (0 = none)")
-    p.add_argument("--eval-reserve-s", type=float, help="seconds kept for evaluation when pausing for the budget")
-    p.add_argument("--min-train-s", type=float, default=30.0, help="don't start a job with less training time left")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="torch.compile each model")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = auto)")
-    p.add_argument("--cache-dir", type=Path, help="token cache (default OUT/tokens)")
-    p.add_argument("--render-only", action="store_true", help="only render results.md and the figure")
-    args = p.parse_args(argv)
-
-    scale = SCALES[args.scale]
-    for name in ("tokens", "seq_len", "batch_size", "grad_accum", "vocab_size", "eval_tokens", "eval_reserve_s"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(scale, name))
-    args.tokens = int(args.tokens)
-    for name in ("tokens", "seq_len", "batch_size", "grad_accum", "vocab_size", "eval_tokens", "eval_batch_tokens"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    models = list(MODELS) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown or not models:
-        raise ValueError(f"--models: unknown {unknown or 'empty list'}; valid: {', '.join(MODELS)}, all")
-    args.models = models
-    try:
-        args.lr_grid = sorted({float(x) for x in args.lr_grid.split(",")}) if args.lr_grid else None
-    except ValueError:
-        raise ValueError(f"--lr-grid must be a comma list of numbers, got {args.lr_grid!r}") from None
-    if args.lr_grid and min(args.lr_grid) <= 0:
-        raise ValueError(f"--lr-grid values must be > 0, got {args.lr_grid}")
-    args.cache_dir = args.cache_dir or args.out / "tokens"
-    return run_comparison(args)

@@ -25,17 +25,16 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 
 import torch
 
-__all__ = ["bench_decode", "bench_train", "build_model", "cli_main"]
+__all__ = ["bench_decode", "bench_train", "build_model", "decode_sweep", "environment", "markdown", "train_sweep",
+           "write_results"]
 
 FLA = "fla-deltanet"
 TRAIN_MODELS = ("deltanet-340m", "hybrid-swa-340m", "hybrid-global-340m", "transformer-340m", FLA)
@@ -323,140 +322,80 @@ def markdown(title: str, rows: list[dict], columns: list[str], env: dict) -> str
     return "\n".join(lines) + "\n"
 
 
-def _csv(kind, text):
-    try:
-        return [kind(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+def train_sweep(models: list[str], lengths: list[int], *, tokens: int, steps: int, warmup: int,
+                device: torch.device, smoke: bool = False, compile_model: bool = False, interleave: int = 0,
+                profile: int = 0, plain_loss: bool = False, activation_checkpointing: list[str] = ("none",),
+                recompute: bool = False) -> tuple[str, list[str], list[dict]]:
+    """Training throughput of ``models`` at each length: :func:`bench_train` per (model, length,
+    activation-checkpointing mode), or :func:`bench_train_interleaved` rounds with ``interleave``.
+    Prints each row as a JSON line; returns ``(title, columns, rows)`` for :func:`markdown`.
 
-
-def cli_main(argv: list[str]) -> int:
-    """``deltanet bench model|decode [options]``; ``argv[0]`` names the benchmark."""
-    if not argv or argv[0] not in ("model", "decode"):
-        print("usage: deltanet bench model|decode [options]", file=sys.stderr)
-        return 2
-    what, argv = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog=f"deltanet bench {what}", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_models = TRAIN_MODELS if what == "model" else DECODE_MODELS
-    p.add_argument("--models", type=lambda s: _csv(str, s), default=list(default_models),
-                   help=f"comma-separated presets and/or {FLA} (default: {','.join(default_models)})")
-    p.add_argument("--smoke", action="store_true", help="tiny models, short runs, CPU if no GPU: checks the script")
-    p.add_argument("--out", help="write the markdown table to this file (and JSON next to it, .json)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    if what == "model":
-        p.add_argument("--lengths", type=lambda s: _csv(int, s), default=[2048, 4096, 8192])
-        p.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens / T)")
-        p.add_argument("--steps", type=int, default=10, help="timed steps")
-        p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
-        p.add_argument("--compile", action="store_true", help="our models: torch.compile the whole model")
-        p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                       help="time the models in alternation, ROUNDS rounds of --steps steps each, all "
-                            "resident in one process (throughput only; compares e.g. ours and fla fairly)")
-        p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                       help="after timing, profile STEPS more steps per model and length: kernel time per "
-                            "step by category (matmul, delta rule, attention, Inductor-fused, ...) and the "
-                            "top kernels, printed and in the JSON (not with --interleave)")
-        p.add_argument("--plain-loss", action="store_true",
-                       help="our models: materialise the logits (default: fused linear cross-entropy)")
-        p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
-                       metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
-                                             "each (recompute each token mixer / each whole block in backward)")
-        p.add_argument("--recompute", action="store_true",
-                       help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
-                            "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
-    else:
-        p.add_argument("--batch", type=lambda s: _csv(int, s), default=[1, 32])
-        p.add_argument("--prompt", type=int, default=2048)
-        p.add_argument("--new-tokens", type=int, default=256)
-        p.add_argument("--repeats", type=int, default=1, help="timed generate calls per point (best is kept)")
-        p.add_argument("--cuda-graph", choices=("on", "off", "both"), default="on",
-                       help="our models: decode steps replayed from a CUDA graph (where every layer is "
-                            "recurrent), launched eagerly, or both rows (default: on)")
-    args = p.parse_args(argv)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.smoke:
-        print(f"deltanet bench {what}: no CUDA device; use --smoke for a CPU check of the script", file=sys.stderr)
-        return 2
-    from deltanet.models import PRESETS  # noqa: F401  (validates names below)
-
-    for m in args.models:
-        if m != FLA and m not in PRESETS:
-            p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {FLA}")
-    if what == "model":
-        bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
-        if bad or not args.activation_checkpointing:
-            p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
-        if args.interleave and args.activation_checkpointing != ["none"]:
-            p.error("--activation-checkpointing is not supported with --interleave")
-    if args.smoke:
-        if what == "model":
-            args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
-        else:
-            args.batch, args.prompt, args.new_tokens = [1, 2], 16, 8
-
-    env = environment(device, " ".join(["deltanet", "bench", what, *argv]))
-    if args.smoke:
-        env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
+    ``recompute`` sets ``DeltaNetMixer.recompute_inputs`` (class-wide, for the rest of the process).
+    """
     rows = []
-    if what == "model" and args.recompute:
+    if recompute:
         from deltanet.layers.delta_net import DeltaNetMixer
 
         DeltaNetMixer.recompute_inputs = True
-    if what == "model" and args.interleave:
-        for T in args.lengths:
-            for r in bench_train_interleaved(args.models, T, tokens=args.tokens, steps=args.steps,
-                                             warmup=args.warmup, rounds=args.interleave, device=device,
-                                             smoke=args.smoke, fused_loss=not args.plain_loss):
+    if interleave:
+        for T in lengths:
+            for r in bench_train_interleaved(models, T, tokens=tokens, steps=steps, warmup=warmup, rounds=interleave,
+                                             device=device, smoke=smoke, fused_loss=not plain_loss):
                 print(json.dumps(r), flush=True)
                 rows.append(r)
         cols = ["model", "T", "batch", "rounds", "steps_per_round", "tokens_per_s", "min_tokens_per_s",
                 "max_tokens_per_s", "vs_first"]
-        title = (f"Training throughput, interleaved ({args.tokens} tokens/step, bf16 autocast, fused AdamW, "
-                 f"{args.interleave} rounds x {args.steps} steps per model)")
-    elif what == "model":
-        runs = [(m, T, mode) for m in args.models for T in args.lengths
-                for mode in (args.activation_checkpointing if m != FLA else ["none"])]
-        for m, T, mode in runs:
-            r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
-                            smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile,
-                            profile_steps=args.profile, activation_checkpointing=mode)
-            if "profile" in r:
-                pr = r["profile"]
-                print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
-                      + ", ".join(f"{g} {t}" for g, t in pr["groups"].items()), flush=True)
-                print("  top: " + ", ".join(f"{n} {t}" for n, t in pr["top"]), flush=True)
-            r["loss_impl"] = "fla default" if m == FLA else ("plain" if args.plain_loss else "fused linear CE")
-            r["compiled"] = bool(args.compile and m != FLA)
-            r["recompute"] = m != FLA and args.recompute
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-        cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
-                "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
-        title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
-    else:
-        graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
-        for m in args.models:
-            for graph in graphs if m != FLA else [True]:
-                for B in args.batch:
-                    r = bench_decode(m, B, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
-                                     smoke=args.smoke, repeats=args.repeats, cuda_graph=graph)
-                    print(json.dumps(r), flush=True)
-                    rows.append(r)
-        cols = ["model", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
-                "decode_tokens_per_s", "peak_mem_GiB"]
-        title = f"Decoding through generate ({args.prompt}-token prompt, {args.new_tokens} new tokens, greedy)"
-    table = markdown(title, rows, cols, env)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
-        json_path = args.out.rsplit(".", 1)[0] + ".json" if args.out.endswith(".md") else args.out + ".json"
-        with open(json_path, "w") as f:
-            json.dump(dict(environment=env, rows=rows), f, indent=1)
-    return 0
+        title = (f"Training throughput, interleaved ({tokens} tokens/step, bf16 autocast, fused AdamW, "
+                 f"{interleave} rounds x {steps} steps per model)")
+        return title, cols, rows
+    runs = [(m, T, mode) for m in models for T in lengths
+            for mode in (activation_checkpointing if m != FLA else ["none"])]
+    for m, T, mode in runs:
+        r = bench_train(m, T, tokens=tokens, steps=steps, warmup=warmup, device=device, smoke=smoke,
+                        fused_loss=not plain_loss, compile_model=compile_model, profile_steps=profile,
+                        activation_checkpointing=mode)
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
+                  + ", ".join(f"{g} {t}" for g, t in pr["groups"].items()), flush=True)
+            print("  top: " + ", ".join(f"{n} {t}" for n, t in pr["top"]), flush=True)
+        r["loss_impl"] = "fla default" if m == FLA else ("plain" if plain_loss else "fused linear CE")
+        r["compiled"] = bool(compile_model and m != FLA)
+        r["recompute"] = m != FLA and recompute
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
+            "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
+    title = f"Training throughput ({tokens} tokens/step, bf16 autocast, fused AdamW, {steps} steps)"
+    return title, cols, rows
 
 
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+def decode_sweep(models: list[str], batches: list[int], *, prompt: int, new_tokens: int, device: torch.device,
+                 smoke: bool = False, repeats: int = 1, cuda_graph: str = "on") -> tuple[str, list[str], list[dict]]:
+    """Decoding speed through ``generate``: :func:`bench_decode` per (model, graph mode, batch);
+    ``cuda_graph`` is ``"on"``, ``"off"`` or ``"both"`` (our models; fla's runs once). Prints each
+    row as a JSON line; returns ``(title, columns, rows)`` for :func:`markdown`."""
+    if cuda_graph not in ("on", "off", "both"):
+        raise ValueError(f"cuda_graph must be 'on', 'off' or 'both', got {cuda_graph!r}")
+    rows = []
+    graphs = {"on": [True], "off": [False], "both": [True, False]}[cuda_graph]
+    for m in models:
+        for graph in graphs if m != FLA else [True]:
+            for B in batches:
+                r = bench_decode(m, B, prompt=prompt, new_tokens=new_tokens, device=device, smoke=smoke,
+                                 repeats=repeats, cuda_graph=graph)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    cols = ["model", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
+            "decode_tokens_per_s", "peak_mem_GiB"]
+    title = f"Decoding through generate ({prompt}-token prompt, {new_tokens} new tokens, greedy)"
+    return title, cols, rows
+
+
+def write_results(out: str, table: str, env: dict, rows: list[dict]) -> None:
+    """The markdown ``table`` to ``out`` and ``{environment, rows}`` as JSON next to it (``.json``)."""
+    with open(out, "w") as f:
+        f.write(table)
+    json_path = out.rsplit(".", 1)[0] + ".json" if out.endswith(".md") else out + ".json"
+    with open(json_path, "w") as f:
+        json.dump(dict(environment=env, rows=rows), f, indent=1)

@@ -1,10 +1,10 @@
-"""Perplexity and bits per byte of a model on packed held-out text; ``deltanet eval ppl``.
+"""Perplexity and bits per byte of a model on packed held-out text (behind ``deltanet eval ppl``).
 
 Bits per byte divides the summed NLL (in bits) by the UTF-8 bytes of the predicted tokens
 (EOS counts zero bytes), so it compares models with different tokenizers.
 
-``--seq-len`` evaluates at another context length than the run trained with (length
-extrapolation). ``--recall-split`` also reports the loss on associative-recall "hit" tokens
+``seq_len`` evaluates at another context length than the run trained with (length
+extrapolation). ``recall_split`` also reports the loss on associative-recall "hit" tokens
 and on all others (Zoology, Arora et al. 2023): token ``x_i`` is a hit when the bigram
 ``(x_{i-1}, x_i)`` already occurred earlier in the same document, i.e. the context holds the
 answer and a model that can look it up predicts it. Documents are the EOS-delimited segments
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cli_main", "evaluate", "evaluate_rows", "nll_sums", "recall_hit_mask", "summarize"]
+__all__ = ["evaluate", "evaluate_checkpoint", "evaluate_rows", "nll_sums", "recall_hit_mask", "summarize"]
 
 
 def nll_sums(logits: torch.Tensor, labels: torch.Tensor, token_bytes: torch.Tensor) -> torch.Tensor:
@@ -178,25 +178,16 @@ def evaluate(model, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_size: 
     return res
 
 
-def cli_main(argv: list[str]) -> int:
-    """``deltanet eval ppl --checkpoint DIR [--data SPEC] [--split val] [--seq-len N] [--recall-split]``."""
-    from deltanet.cli import CliParser
+def evaluate_checkpoint(checkpoint, *, data: str | None = None, split: str = "val", seq_len: int | None = None,
+                        batch_size: int = 8, max_tokens: int = 0, recall_split: bool = False,
+                        device: str = "auto", progress: bool | None = None) -> dict:
+    """:func:`evaluate` on a saved run: its model and tokenizer, on a split of its own data (or of
+    ``data``), at its training length (or ``seq_len``).
 
-    p = CliParser(prog="deltanet eval ppl", description="Loss, perplexity and bits per byte of a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="run directory (uses its latest) or checkpoint directory")
-    p.add_argument("--data", help="data spec (default: the run's own data); its held-out split is used")
-    p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--seq-len", type=int, help="context length of the evaluated rows (default: the run's "
-                   "seq_len; 2x or 4x of it measures length extrapolation)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward")
-    p.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0 = all)")
-    p.add_argument("--recall-split", action="store_true",
-                   help="also report loss on associative-recall hits (the bigram (x[i-1], x[i]) occurred "
-                        "earlier in the same document) and on all other tokens")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-
+    ``checkpoint`` is a run directory (its latest checkpoint) or a checkpoint directory. The
+    result is :func:`evaluate`'s plus ``checkpoint``, ``data``, ``split`` and ``train_seq_len``.
+    ``progress`` (default: on CPU) shows a progress bar.
+    """
     import json
 
     from deltanet.training.checkpoint import find_checkpoint, load_model
@@ -205,43 +196,32 @@ def cli_main(argv: list[str]) -> int:
     from deltanet.training.distributed import configure_cpu_threads
     from deltanet.training.tokenizer import load_tokenizer
 
-    ckpt = find_checkpoint(args.checkpoint)
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    ckpt = find_checkpoint(checkpoint)
     tokenizer = load_tokenizer(ckpt)
     state_path = ckpt / "trainer_state.json"
     run_data = json.loads(state_path.read_text())["config"]["data"] if state_path.is_file() else {}
     data_cfg = DataConfig(**{k: v for k, v in run_data.items() if k in DataConfig.__dataclass_fields__})
-    if args.data:
-        data_cfg.data = args.data
-    seq_len = data_cfg.seq_len if args.seq_len is None else args.seq_len
-    if seq_len <= 0 or args.batch_size <= 0 or args.max_tokens < 0:
-        raise ValueError("--seq-len and --batch-size must be > 0, --max-tokens >= 0")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    if data:
+        data_cfg.data = data
+    seq_len = data_cfg.seq_len if seq_len is None else seq_len
+    if seq_len <= 0 or batch_size <= 0 or max_tokens < 0:
+        raise ValueError(f"seq_len and batch_size must be > 0, max_tokens >= 0; got {seq_len}, {batch_size}, "
+                         f"{max_tokens}")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
     if device.type == "cpu":
         configure_cpu_threads()
     model = load_model(ckpt, device)
     corpus = open_corpus(data_cfg.data, data_cfg.val_fraction)
     cache = build_token_cache(corpus, tokenizer, data_cfg.resolved_cache_dir())
-    tokens = cache.tokens(args.split)
+    tokens = cache.tokens(split)
     if len(tokens) < seq_len:
-        raise ValueError(f"the {args.split} split of {data_cfg.data} has fewer than seq_len={seq_len} tokens")
+        raise ValueError(f"the {split} split of {data_cfg.data} has fewer than seq_len={seq_len} tokens")
     amp = torch.bfloat16 if device.type == "cuda" else None
-    res = evaluate(model, tokenizer, tokens, seq_len=seq_len, batch_size=args.batch_size,
-                   max_tokens=args.max_tokens, device=device, doc_mask=data_cfg.doc_mask,
-                   recall_split=args.recall_split, autocast_dtype=amp, progress=device.type == "cpu")
-    res.update(checkpoint=str(ckpt), data=data_cfg.data, split=args.split, train_seq_len=data_cfg.seq_len)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    print(f"{ckpt}  {data_cfg.data} [{args.split}]  seq_len {seq_len} (trained at {data_cfg.seq_len})  "
-          f"{res['tokens']:,} tokens, {res['bytes']:,} bytes")
-    print(f"loss {res['loss']:.4f} | perplexity {res['ppl']:.2f} | bits/byte {res['bpb']:.4f}")
-    if args.recall_split:
-        rec = res["recall"]
-        for name in ("hit", "other"):
-            r = rec[name]
-            line = (f"loss {r['loss']:.4f} | perplexity {r['ppl']:.2f} | bits/byte {r['bpb']:.4f}"
-                    if r["tokens"] else "no such tokens")
-            print(f"  recall {name:5s} {r['tokens']:>10,} tokens: {line}")
-        print(f"  hit fraction {rec['hit_fraction']:.3f}")
-    return 0
+    res = evaluate(model, tokenizer, tokens, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                   device=device, doc_mask=data_cfg.doc_mask, recall_split=recall_split, autocast_dtype=amp,
+                   progress=device.type == "cpu" if progress is None else progress)
+    res.update(checkpoint=str(ckpt), data=data_cfg.data, split=split, train_seq_len=data_cfg.seq_len)
+    return res

@@ -9,7 +9,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install
 pytest.importorskip("accelerate", reason="lm-eval's HF backend needs accelerate")
 
 import deltanet.models  # noqa: E402,F401  (registers the Auto classes)
-from deltanet.evaluation.harness import cli_main, evaluate, hf_tokenizer  # noqa: E402
+from deltanet.cli.eval_harness import cli_main  # noqa: E402
+from deltanet.evaluation.harness import evaluate, hf_tokenizer  # noqa: E402
 from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM  # noqa: E402
 from deltanet.training.tokenizer import ByteTokenizer, train_bpe  # noqa: E402
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from deltanet.cli.eval_mqar import cli_main
 from deltanet.evaluation.tasks.mqar import (
     IGNORE_INDEX,
     MQARSpec,
     _uniform_distinct,
-    cli_main,
     make_mqar,
     power_law_probs,
 )

@@ -7,7 +7,6 @@ import torch
 
 from deltanet.evaluation.tasks.state_tracking import (
     StateTrackingConfig,
-    cli_main,
     make_modular_sum,
     make_parity,
     make_permutation_composition,
@@ -15,6 +14,7 @@ from deltanet.evaluation.tasks.state_tracking import (
     results_table,
     run_state_tracking,
 )
+from deltanet.cli.eval_state_tracking import cli_main
 from deltanet.evaluation.tasks.synthetic import TrainConfig
 
 

@@ -154,7 +154,8 @@ def test_config_round_trip(tmp_path):
 
 
 def test_train_cli_flag_sets_the_model_field():
-    from deltanet.cli import UsageError, build_train_config
+    from deltanet.cli import UsageError
+    from deltanet.cli.train import build_train_config
 
     assert build_train_config(["--activation-checkpointing", "block"]).train.model == {
         "activation_checkpointing": "block"}
@@ -175,7 +176,8 @@ def test_bench_model_sweeps_the_modes(tmp_path):
     length, the mode set on each model, and the same losses (same seed) in every mode."""
     import json
 
-    from deltanet.bench.model import build_model, cli_main
+    from deltanet.bench.model import build_model
+    from deltanet.cli.bench_model import cli_main
 
     model = build_model("deltanet-340m", smoke=True, activation_checkpointing="block")
     assert model.config.activation_checkpointing == "block"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from deltanet.bench.model import cli_main
+from deltanet.cli.bench_model import cli_main
 
 
 def test_train_benchmark_smoke(tmp_path):
@@ -58,3 +58,35 @@ def test_step_profile_groups_kernels(tmp_path):
     assert prof["total_us"] > 0 and prof["groups"]["matmul"] > 0
     assert abs(sum(prof["groups"].values()) - prof["total_us"]) <= len(prof["groups"])  # rounding only
     assert 0 < len(prof["top"]) <= 15 and prof["top"][0][1] >= prof["top"][-1][1]
+
+
+def test_kernel_sweep_records_failures_and_skips_long_recurrent(tmp_path, monkeypatch, capsys):
+    """``deltanet bench kernels``' loops (library functions since the parser moved to deltanet.cli):
+    one failing method is a row with its error, recurrent methods stop at max_recurrent_T, every
+    row is printed and appended to the JSON-lines file. The timing itself needs a GPU."""
+    from deltanet.bench import kernels
+
+    def fake_one(name, T, D, **kw):
+        if name == "fla":
+            raise ModuleNotFoundError("No module named 'fla'")
+        return dict(method=name, D=D, T=T, fwd_ms=1.0, fwdbwd_ms=3.0, fwd_mtok_s=1.0, fwdbwd_mtok_s=0.5,
+                    peak_gib=0.1, kw=kw)
+
+    monkeypatch.setattr(kernels, "bench_one", fake_one)
+    out = tmp_path / "rows.jsonl"
+    rows = kernels.run_sweep([64], [1024, 8192], ["ours", "fla", "ours_recurrent"], tokens=4096, heads=2,
+                             max_recurrent_T=4096, json_path=str(out))
+    assert [(r["method"], r["T"]) for r in rows] == [("ours", 1024), ("fla", 1024), ("ours_recurrent", 1024),
+                                                    ("ours", 8192), ("fla", 8192)]
+    assert rows[1]["error"].startswith("ModuleNotFoundError") and rows[0]["kw"]["tokens"] == 4096
+    assert [json.loads(x) for x in out.read_text().splitlines()] == rows
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert "| 64 | 1024 | 1.0 / 0.5 | ModuleNotFoundError:" in kernels.format_table(rows)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        kernels.run_sweep([64], [1024], ["nope"])
+
+    monkeypatch.setattr(kernels, "bench_decode_step", lambda m, B, D, **kw: dict(
+        method=m, kind="decode_step", B=B, D=D, step_us=10.0, tokens_per_s=B * 1e5, state_GBps=1.0))
+    rows = kernels.run_decode_steps([64], [1, 8], ["ours", "ours_recurrent"])
+    assert [(r["method"], r["B"]) for r in rows] == [("ours_recurrent", 1), ("ours_recurrent", 8)]
+    assert kernels.format_decode_table(rows).splitlines()[2] == "| 64 | 1 | ours_recurrent | 10.0 | 100000 | 1 |"

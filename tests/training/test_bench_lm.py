@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time as real_time
 
 import pytest
@@ -222,3 +223,23 @@ def test_fla_yardsticks_go_through_the_same_loop(data, tmp_path, monkeypatch, ca
     assert kinds["gla"]["vocab_size"] == 320  # the shared tokenizer's 300 tokens, padded to 64
     for r in (gla, mamba):
         assert r["eval"]["64"]["loss"] < 6.0 and r["train_curve"]
+
+
+def test_comparison_config_takes_the_scale_and_checks_fields(tmp_path):
+    """The typed config behind ``deltanet bench lm`` (the flags map onto it one to one)."""
+    from deltanet.bench.lm import SCALES, ComparisonConfig
+    from deltanet.cli.bench_lm import build_comparison_config
+
+    cfg = ComparisonConfig(out=str(tmp_path), scale="smoke", seq_len=32, lr_grid=[2e-3, 1e-3, 2e-3]).resolve()
+    s = SCALES["smoke"]
+    assert (cfg.tokens, cfg.seq_len, cfg.batch_size, cfg.eval_reserve_s) == (s.tokens, 32, s.batch_size, 0.0)
+    assert cfg.cache_dir == tmp_path / "tokens" and cfg.lr_grid == [1e-3, 2e-3]
+    for bad, needle in [({"tokens": 0}, "tokens must be > 0"), ({"models": ["gpt"]}, "models: unknown ['gpt']"),
+                        ({"lr_grid": [-1.0]}, "lr_grid values must be > 0"), ({"scale": "1b"}, "scale must be one of")]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            ComparisonConfig(out=tmp_path, **bad).resolve()
+    flags = build_comparison_config(["--out", str(tmp_path), "--scale", "smoke", "--seq-len", "32", "--lr-grid",
+                                     "2e-3,1e-3", "--tokens", "1e3", "--models", "all"])
+    assert flags.tokens == 1000 and flags.models[:2] == ["transformer", "deltanet"] and flags.lr_grid == [1e-3, 2e-3]
+    assert flags == ComparisonConfig(out=tmp_path, scale="smoke", seq_len=32, lr_grid=[1e-3, 2e-3], tokens=1000,
+                                     models=flags.models).resolve()

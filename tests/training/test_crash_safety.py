@@ -115,7 +115,7 @@ def test_interrupt_before_the_first_resumed_step_keeps_the_checkpoint(corpus, tm
 
     import torch
 
-    from deltanet.cli import build_train_config
+    from deltanet.cli.train import build_train_config
     from deltanet.training import trainer
 
     n_threads = torch.get_num_threads()

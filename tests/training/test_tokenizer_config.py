@@ -87,7 +87,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_cli_precedence(tmp_path):
-    from deltanet.cli import build_train_config
+    from deltanet.cli.train import build_train_config
 
     (tmp_path / "c.toml").write_text("seq_len = 48\nlr = 0.01\n")
     cfg = build_train_config(["--config", str(tmp_path / "c.toml"), "--lr", "0.02", "--model", "num_heads=4"])

@@ -96,7 +96,7 @@ def test_model_factory_and_stop_at_pause_then_resume_match_the_preset_run(baseli
     schedule ignores the pause."""
     import time as real_time
 
-    from deltanet.cli import build_train_config
+    from deltanet.cli.train import build_train_config
     from deltanet.models import DeltaNetForCausalLM, get_config
     from deltanet.training import trainer
 

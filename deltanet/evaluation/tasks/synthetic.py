@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 __all__ = [
     "IGNORE_INDEX", "MODEL_PATTERNS", "TrainConfig", "RunResult", "layer_types_for",
     "build_model", "masked_accuracy", "train_and_evaluate", "fixed_target_positions", "format_table",
-    "plot_accuracy_vs_width", "plot_learning_curves", "resolve_device", "show_defaults",
+    "plot_accuracy_vs_width", "plot_learning_curves", "resolve_device",
 ]
 
 IGNORE_INDEX = -100
@@ -664,19 +663,3 @@ def plot_learning_curves(results: Iterable[dict], path: Path, *, label: Callable
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Append ``(default: X)`` to the help of every option that has a default.
-
-    Unlike ``ArgumentDefaultsHelpFormatter`` this also covers options without a help text and
-    leaves out ``None`` / ``False`` defaults (unset, off) and help that already names its default.
-    """
-    for action in parser._actions:
-        d = action.default
-        if not action.option_strings or d is None or d is False or d == argparse.SUPPRESS \
-                or "default" in (action.help or ""):
-            continue
-        shown = " ".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
-        action.help = f"{action.help or ''} (default: {shown.replace('%', '%%')})".strip()
-    return parser

@@ -1,0 +1,114 @@
+"""``deltanet bench model`` and ``deltanet bench decode``: flags -> :func:`deltanet.bench.model.train_sweep`
+/ :func:`~deltanet.bench.model.decode_sweep`; the help text is that module's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["build_parser", "cli_main"]
+
+
+def _csv(kind, text):
+    try:
+        return [kind(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+
+
+def build_parser(what: str) -> argparse.ArgumentParser:
+    """The parser of ``deltanet bench model`` (``what="model"``) or ``deltanet bench decode``."""
+    from deltanet.bench import model as bench
+
+    p = argparse.ArgumentParser(prog=f"deltanet bench {what}", description=bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_models = bench.TRAIN_MODELS if what == "model" else bench.DECODE_MODELS
+    p.add_argument("--models", type=lambda s: _csv(str, s), default=list(default_models),
+                   help=f"comma-separated presets and/or {bench.FLA} (default: {','.join(default_models)})")
+    p.add_argument("--smoke", action="store_true", help="tiny models, short runs, CPU if no GPU: checks the script")
+    p.add_argument("--out", help="write the markdown table to this file (and JSON next to it, .json)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if what == "model":
+        p.add_argument("--lengths", type=lambda s: _csv(int, s), default=[2048, 4096, 8192])
+        p.add_argument("--tokens", type=int, default=32768, help="tokens per step (batch = tokens / T)")
+        p.add_argument("--steps", type=int, default=10, help="timed steps")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+        p.add_argument("--compile", action="store_true", help="our models: torch.compile the whole model")
+        p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                       help="time the models in alternation, ROUNDS rounds of --steps steps each, all "
+                            "resident in one process (throughput only; compares e.g. ours and fla fairly)")
+        p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                       help="after timing, profile STEPS more steps per model and length: kernel time per "
+                            "step by category (matmul, delta rule, attention, Inductor-fused, ...) and the "
+                            "top kernels, printed and in the JSON (not with --interleave)")
+        p.add_argument("--plain-loss", action="store_true",
+                       help="our models: materialise the logits (default: fused linear cross-entropy)")
+        p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
+                       metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
+                                             "each (recompute each token mixer / each whole block in backward)")
+        p.add_argument("--recompute", action="store_true",
+                       help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
+                            "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
+    else:
+        p.add_argument("--batch", type=lambda s: _csv(int, s), default=[1, 32])
+        p.add_argument("--prompt", type=int, default=2048)
+        p.add_argument("--new-tokens", type=int, default=256)
+        p.add_argument("--repeats", type=int, default=1, help="timed generate calls per point (best is kept)")
+        p.add_argument("--cuda-graph", choices=("on", "off", "both"), default="on",
+                       help="our models: decode steps replayed from a CUDA graph (where every layer is "
+                            "recurrent), launched eagerly, or both rows (default: on)")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    """``deltanet bench model|decode [options]``; ``argv[0]`` names the benchmark."""
+    if not argv or argv[0] not in ("model", "decode"):
+        print("usage: deltanet bench model|decode [options]", file=sys.stderr)
+        return 2
+    what, argv = argv[0], argv[1:]
+    import torch
+
+    from deltanet.bench import model as bench
+
+    p = build_parser(what)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.smoke:
+        print(f"deltanet bench {what}: no CUDA device; use --smoke for a CPU check of the script", file=sys.stderr)
+        return 2
+    from deltanet.models import PRESETS
+
+    for m in args.models:
+        if m != bench.FLA and m not in PRESETS:
+            p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {bench.FLA}")
+    if what == "model":
+        bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
+        if bad or not args.activation_checkpointing:
+            p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
+        if args.interleave and args.activation_checkpointing != ["none"]:
+            p.error("--activation-checkpointing is not supported with --interleave")
+    if args.smoke:
+        if what == "model":
+            args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
+        else:
+            args.batch, args.prompt, args.new_tokens = [1, 2], 16, 8
+
+    env = bench.environment(device, " ".join(["deltanet", "bench", what, *argv]))
+    if args.smoke:
+        env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
+    if what == "model":
+        title, cols, rows = bench.train_sweep(
+            args.models, args.lengths, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
+            smoke=args.smoke, compile_model=args.compile, interleave=args.interleave, profile=args.profile,
+            plain_loss=args.plain_loss, activation_checkpointing=args.activation_checkpointing,
+            recompute=args.recompute)
+    else:
+        title, cols, rows = bench.decode_sweep(
+            args.models, args.batch, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
+            smoke=args.smoke, repeats=args.repeats, cuda_graph=args.cuda_graph)
+    table = bench.markdown(title, rows, cols, env)
+    print(table)
+    if args.out:
+        bench.write_results(args.out, table, env, rows)
+    return 0
