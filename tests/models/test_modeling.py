@@ -50,9 +50,9 @@ def test_cached_decoding_matches_full_forward(mix):
     assert_close(mix, torch.cat(steps, 1), full)
     for layer, kind in zip(cache.layers, MIXES[mix]):
         if kind == "sliding_attention":
-            assert layer["k"].shape[1] == 5  # only the window is kept
+            assert layer.k.shape[1] == 5  # only the window is kept
         elif kind == "full_attention":
-            assert layer["k"].shape[1] == 19
+            assert layer.k.shape[1] == 19
 
 
 @pytest.mark.parametrize("mix", list(MIXES))
