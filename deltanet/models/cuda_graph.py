@@ -78,6 +78,7 @@ class DecodeGraph:
         self.device = cache.counters.next.device
         self.ids = torch.zeros(cache.batch_size(), 1, dtype=torch.long, device=self.device)
         self.mask = torch.ones_like(self.ids)
+        self.mask_is_ones = True  # skip refilling it (one launch per token saved)
         # the tensors the graph reads and writes: the cache's own, from now on in place
         self.buffers = cache.tensors()
         self.recurrent = [(entry, entry.recurrent, entry.conv) for entry in cache.layers
@@ -129,9 +130,12 @@ class DecodeGraph:
         if input_ids is not None:
             self.ids.copy_(input_ids)
         if mask is None:
-            self.mask.fill_(1)
+            if not self.mask_is_ones:
+                self.mask.fill_(1)
+            self.mask_is_ones = True
         else:
             self.mask.copy_(mask)
+            self.mask_is_ones = False
         self.steps += 1
         if self.graph is None and self.steps >= 2 and self.device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
