@@ -32,13 +32,14 @@ __all__ = ["DecodeResult", "TokenChooser", "decode"]
 class DecodeResult:
     """``tokens [B, n]``: the new tokens (``pad_token_id`` after a row's EOS; ``n <= max_new_tokens``,
     fewer when every row finished); timings in seconds (CUDA-synchronised); ``graph``: whether the
-    captured step was used."""
+    captured step was used; ``cache``: the cache after the last step."""
 
     tokens: torch.Tensor
     prefill_s: float
     decode_s: float
     graph: bool
     stats: dict = field(default_factory=dict)
+    cache: object = None  # the DeltaNetCache after the last step (sizes, benchmarks)
 
     @property
     def tokens_per_s(self) -> float:
@@ -163,7 +164,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         model.train(was_training)
     tokens = chooser.out[:, :steps]
     return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, graph=graph is not None,
-                        stats=dict(batch=B, prompt=S, steps=steps))
+                        stats=dict(batch=B, prompt=S, steps=steps), cache=cache)
 
 
 class _Streamer:
