@@ -155,3 +155,19 @@ def test_bad_decode_calls_raise():
         decode(model, torch.ones(3, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):
         decode(model, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4), max_new_tokens=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mix", ["delta", "swa_hybrid", "global_hybrid", "transformer", "all", "gated_swa_hybrid"])
+def test_captured_loop_on_cuda_equals_eager_loop(mix):
+    """float32 on the GPU: the captured loop (one replay per token, token choice inside) gives the
+    eager loop's greedy and sampled tokens."""
+    model = make_model(mix, dtype=torch.float32).cuda()
+    for layer in model.model.layers:
+        if hasattr(layer.attn, "backend"):
+            layer.attn.backend = "auto"
+    ids, mask = (t.cuda() for t in _padded_batch())
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=1.0, top_k=10, top_p=0.9, seed=1)):
+        graph = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=True)
+        eager = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=False)
+        assert graph.graph and torch.equal(graph.tokens, eager.tokens), (mix, cfg)
