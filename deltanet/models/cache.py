@@ -285,9 +285,7 @@ class DeltaNetCache:
             self.layers[i] = KVCache(entry.k[:, :, slots].transpose(1, 2).contiguous(),
                                      entry.v[:, :, slots].transpose(1, 2).contiguous())
         self.counters = None
-        for attr in ("_decode_graph",):
-            if hasattr(self, attr):
-                delattr(self, attr)
+        self.__dict__.pop("_decode_graph", None)  # its buffers are gone
 
     def __repr__(self) -> str:
         return f"DeltaNetCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, static={self.is_static})"
