@@ -188,6 +188,7 @@ def test_captured_graph_matches_eager_decoding_on_cuda(dtype, mix):
     if dtype == torch.float32:
         assert torch.equal(graph.sequences, eager.sequences)
         assert_close("scores", scores_g, scores_e, rtol=1e-4)
-    else:  # bf16: the decode attention rounds scores differently from SDPA; compare the first steps
+    else:  # bf16: the decode attention rounds differently from SDPA; compare the first steps (scores[0]
+        # is the prefill's, scores[1] the eager warm-up step's, scores[2] the first replay's)
         assert torch.equal(graph.sequences[:, :36], eager.sequences[:, :36])
-        assert (scores_g[0] - scores_e[0]).abs().max() < 0.05 * scores_e[0].abs().max()
+        assert (scores_g[1:3] - scores_e[1:3]).abs().max() < 0.05 * scores_e[1:3].abs().max()
