@@ -19,8 +19,11 @@ def test_decode_benchmark_smoke(tmp_path):
                                                           ("generate", 2), ("loop", 1), ("loop", 2)]
     for r in ours:
         assert "error" not in r, r
-        assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["cache_MiB"] > 0
-        assert 0 < r["bw_floor_frac"] and r["step_floor_ms"] > 0
+        assert r["tokens_per_s"] > 0 and r["cache_MiB"] > 0 and r["step_floor_ms"] > 0
+        # the loop times its steps; generate's are its time less a separately timed prefill, which
+        # a loaded CPU can make meaningless (then no decode figure rather than a wrong one)
+        if r["path"] == "loop" or "decode_tokens_per_s" in r:
+            assert r["decode_tokens_per_s"] > 0 and r["bw_floor_frac"] > 0
         assert r["cuda_graph"] is False  # graphs are taken on CUDA only
     fla = [r for r in rows if r["model"] == "fla-deltanet"]
     assert [r["path"] for r in fla] == ["generate", "generate"]  # no loop row for fla
