@@ -106,7 +106,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    eos_token_id=None, attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
 
-        def run(n: int):
+        def run(n: int, model=model):
             if path == "loop":
                 from deltanet.models.decoding import decode
 

@@ -35,7 +35,6 @@ from ..layers.delta_net import DELTA_TYPES
 __all__ = ["DecodeCounters", "DeltaNetCache", "KVCache", "RecurrentState", "StaticKVCache", "RECURRENT_TYPES"]
 
 RECURRENT_TYPES = (*DELTA_TYPES, "linear_attention")  # layers that keep a fixed-size state
-ATTENTION_TYPES = ("sliding_attention", "full_attention")
 
 # Full-attention slots added beyond the current length when a static cache is made or grows and
 # nobody said how many tokens are coming (``generate`` of Hugging Face does not tell the model).
