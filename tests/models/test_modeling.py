@@ -18,6 +18,7 @@ MIXES = {
     "gated": ["gated_delta_net"] * 2,
     "gated_product": ["gated_delta_product", "gated_delta_product"],
     "gated_swa_hybrid": ["gated_delta_net", "sliding_attention", "gated_delta_product"],
+    "product_global_hybrid": ["delta_product", "full_attention"],
 }
 
 
