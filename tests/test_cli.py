@@ -54,6 +54,15 @@ def test_generate_streams_text(run, capsys):
     assert capsys.readouterr().out == first
 
 
+def test_generate_batch_file_and_speed_report(run, capsys, tmp_path):
+    (tmp_path / "p.txt").write_text("def \nclass \n")
+    assert main(["generate", "--checkpoint", str(run / "run"), "--batch-file", str(tmp_path / "p.txt"),
+                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("### 0\ndef ") and "### 1\nclass " in out
+    assert "tokens/s" in err and "(2 x " in err
+
+
 def test_eval_ppl_matches_training_validation(run, capsys):
     assert main(["eval", "ppl", "--checkpoint", str(run / "run"), "--json", "--max-tokens", "256",
                  "--batch-size", "4"]) == 0
@@ -136,7 +145,8 @@ def test_unknown_config_section_names_the_valid_ones(capsys, tmp_path):
     ("--max-new-tokens", "-3", "--max-new-tokens must be >= 1"),
     ("--temperature", "-1", "--temperature must be >= 0"),
     ("--top-p", "0", "--top-p must be in (0, 1]"),
-], ids=["max-new-tokens", "temperature", "top-p"])
+    ("--top-k", "-1", "--top-k must be >= 0"),
+], ids=["max-new-tokens", "temperature", "top-p", "top-k"])
 def test_generate_checks_arguments_before_loading(capsys, run, flag, value, needle):
     rc = main(["generate", "--checkpoint", str(run / "run"), "--prompt", "hello", flag, value])
     out, err = capsys.readouterr()

@@ -1,12 +1,9 @@
-"""Model benchmarks: training throughput / peak memory (``deltanet bench model``) and decoding
-speed through ``generate`` (``deltanet bench decode``), ours next to fla's DeltaNet.
+"""Model benchmarks: training throughput / peak memory (``deltanet bench model``), ours next to
+fla's DeltaNet; ``deltanet bench decode`` lives in :mod:`deltanet.bench.decode`.
 
 Training: bf16 autocast, fused AdamW, a fixed number of tokens per step (``B = tokens / T``),
 random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
 ``--steps`` timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
-Decoding: bf16 weights, a random ``--prompt``-token prompt, exactly ``--new-tokens`` greedy
-tokens (EOS disabled); tokens/s counts generated tokens over the whole ``generate`` call, and
-the prefill alone is timed separately.
 
 Models are preset names (``deltanet.models.presets``) or ``fla-deltanet`` (fla's
 ``DeltaNetForCausalLM`` with the shape of ``deltanet-340m``: 24 layers, hidden 1024, 8 heads,
@@ -18,8 +15,6 @@ Examples::
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
     deltanet bench model --models deltanet-340m --lengths 2048,8192 --activation-checkpointing none,mixer,block
-    deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
-    deltanet bench decode --models deltanet-340m --cuda-graph both   # graph-replayed vs eager steps
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
 """
 
@@ -33,12 +28,10 @@ from datetime import datetime, timezone
 
 import torch
 
-__all__ = ["bench_decode", "bench_train", "build_model", "decode_sweep", "environment", "markdown", "train_sweep",
-           "write_results"]
+__all__ = ["bench_train", "build_model", "environment", "markdown", "train_sweep", "write_results"]
 
 FLA = "fla-deltanet"
 TRAIN_MODELS = ("deltanet-340m", "hybrid-swa-340m", "hybrid-global-340m", "transformer-340m", FLA)
-DECODE_MODELS = ("deltanet-340m", FLA)
 # --smoke: the same presets shrunk to a few hundred thousand parameters
 SMOKE = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, intermediate_size=128, vocab_size=256,
              sliding_window=32)
@@ -238,62 +231,6 @@ def bench_train_interleaved(names: list[str], T: int, *, tokens: int, steps: int
     return rows
 
 
-def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device,
-                 smoke: bool = False, repeats: int = 1, cuda_graph: bool = True) -> dict:
-    """Greedy ``generate`` speed of one model at one batch size (after one warmup call).
-    ``cuda_graph``: our models' ``cuda_graph_decoding`` (used where every layer is recurrent)."""
-    row = dict(model=name, batch=batch, prompt=prompt, new_tokens=new_tokens)
-    model = None
-    try:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
-        if hasattr(model, "cuda_graph_decoding"):
-            from deltanet.models.cuda_graph import recurrent_only
-
-            model.cuda_graph_decoding = cuda_graph
-            row["cuda_graph"] = cuda_graph and device.type == "cuda" and recurrent_only(model.config.layer_types)
-        vocab = model.config.vocab_size
-        g = torch.Generator(device=device).manual_seed(0)
-        ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=g)
-        mask = torch.ones_like(ids)
-        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   eos_token_id=None, attention_mask=mask)
-        model.generation_config.eos_token_id = None  # always exactly new_tokens tokens
-        with torch.no_grad():
-            # warmup at the timed shapes: kernels that compile or autotune per sequence length
-            # (fla's prefill) would otherwise be timed (H200, 2026-11-30: fla's first 2K prefill 18.6 s)
-            model.generate(ids, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
-            _sync(device)
-            t0 = time.perf_counter()
-            model.model(input_ids=ids, use_cache=True)  # the backbone: no [B, T, vocab] logits
-            _sync(device)
-            row["prefill_s"] = round(time.perf_counter() - t0, 3)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                out = model.generate(ids, **gen)
-                _sync(device)
-                best = min(best, time.perf_counter() - t0)
-        produced = out.shape[1] - prompt
-        if produced != new_tokens:
-            raise RuntimeError(f"generate produced {produced} tokens, expected {new_tokens}")
-        row["generate_s"] = round(best, 3)
-        row["tokens_per_s"] = round(batch * new_tokens / best, 1)
-        # generate's time less one prefill; undefined when the two timings disagree that much
-        decode_s = best - row["prefill_s"]
-        row["decode_tokens_per_s"] = round(batch * new_tokens / decode_s, 1) if decode_s > 0.05 * best else None
-        if device.type == "cuda":
-            row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    except Exception as e:
-        row["error"] = _error(e)
-    finally:
-        del model
-        _free()
-    return row
-
-
 def environment(device: torch.device, command: str) -> dict:
     """Versions and hardware for the results file."""
     import transformers
@@ -367,28 +304,6 @@ def train_sweep(models: list[str], lengths: list[int], *, tokens: int, steps: in
     cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
             "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
     title = f"Training throughput ({tokens} tokens/step, bf16 autocast, fused AdamW, {steps} steps)"
-    return title, cols, rows
-
-
-def decode_sweep(models: list[str], batches: list[int], *, prompt: int, new_tokens: int, device: torch.device,
-                 smoke: bool = False, repeats: int = 1, cuda_graph: str = "on") -> tuple[str, list[str], list[dict]]:
-    """Decoding speed through ``generate``: :func:`bench_decode` per (model, graph mode, batch);
-    ``cuda_graph`` is ``"on"``, ``"off"`` or ``"both"`` (our models; fla's runs once). Prints each
-    row as a JSON line; returns ``(title, columns, rows)`` for :func:`markdown`."""
-    if cuda_graph not in ("on", "off", "both"):
-        raise ValueError(f"cuda_graph must be 'on', 'off' or 'both', got {cuda_graph!r}")
-    rows = []
-    graphs = {"on": [True], "off": [False], "both": [True, False]}[cuda_graph]
-    for m in models:
-        for graph in graphs if m != FLA else [True]:
-            for B in batches:
-                r = bench_decode(m, B, prompt=prompt, new_tokens=new_tokens, device=device, smoke=smoke,
-                                 repeats=repeats, cuda_graph=graph)
-                print(json.dumps(r), flush=True)
-                rows.append(r)
-    cols = ["model", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "generate_s", "tokens_per_s",
-            "decode_tokens_per_s", "peak_mem_GiB"]
-    title = f"Decoding through generate ({prompt}-token prompt, {new_tokens} new tokens, greedy)"
     return title, cols, rows
 
 

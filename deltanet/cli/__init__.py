@@ -35,7 +35,7 @@ EVAL_TASKS = {
 BENCHES = {
     "kernels": ("deltanet.cli.bench_kernels", False),
     "model": ("deltanet.cli.bench_model", True),
-    "decode": ("deltanet.cli.bench_model", True),
+    "decode": ("deltanet.cli.bench_decode", False),
     "lm": ("deltanet.cli.bench_lm", False),
 }
 

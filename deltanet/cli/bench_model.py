@@ -1,5 +1,5 @@
-"""``deltanet bench model`` and ``deltanet bench decode``: flags -> :func:`deltanet.bench.model.train_sweep`
-/ :func:`~deltanet.bench.model.decode_sweep`; the help text is that module's docstring."""
+"""``deltanet bench model``: flags -> :func:`deltanet.bench.model.train_sweep`; the help text is that
+module's docstring (``deltanet bench decode``: :mod:`deltanet.cli.bench_decode`)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def _csv(kind, text):
 
 
 def build_parser(what: str) -> argparse.ArgumentParser:
-    """The parser of ``deltanet bench model`` (``what="model"``) or ``deltanet bench decode``."""
+    """The parser of ``deltanet bench model``."""
     from deltanet.bench import model as bench
 
     p = argparse.ArgumentParser(prog=f"deltanet bench {what}", description=bench.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_models = bench.TRAIN_MODELS if what == "model" else bench.DECODE_MODELS
+    default_models = bench.TRAIN_MODELS
     p.add_argument("--models", type=lambda s: _csv(str, s), default=list(default_models),
                    help=f"comma-separated presets and/or {bench.FLA} (default: {','.join(default_models)})")
     p.add_argument("--smoke", action="store_true", help="tiny models, short runs, CPU if no GPU: checks the script")
@@ -49,21 +49,13 @@ def build_parser(what: str) -> argparse.ArgumentParser:
         p.add_argument("--recompute", action="store_true",
                        help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
                             "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
-    else:
-        p.add_argument("--batch", type=lambda s: _csv(int, s), default=[1, 32])
-        p.add_argument("--prompt", type=int, default=2048)
-        p.add_argument("--new-tokens", type=int, default=256)
-        p.add_argument("--repeats", type=int, default=1, help="timed generate calls per point (best is kept)")
-        p.add_argument("--cuda-graph", choices=("on", "off", "both"), default="on",
-                       help="our models: decode steps replayed from a CUDA graph (where every layer is "
-                            "recurrent), launched eagerly, or both rows (default: on)")
     return p
 
 
 def cli_main(argv: list[str]) -> int:
-    """``deltanet bench model|decode [options]``; ``argv[0]`` names the benchmark."""
-    if not argv or argv[0] not in ("model", "decode"):
-        print("usage: deltanet bench model|decode [options]", file=sys.stderr)
+    """``deltanet bench model [options]``; ``argv[0]`` names the benchmark."""
+    if not argv or argv[0] != "model":
+        print("usage: deltanet bench model [options]", file=sys.stderr)
         return 2
     what, argv = argv[0], argv[1:]
     import torch
@@ -82,31 +74,22 @@ def cli_main(argv: list[str]) -> int:
     for m in args.models:
         if m != bench.FLA and m not in PRESETS:
             p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {bench.FLA}")
-    if what == "model":
-        bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
-        if bad or not args.activation_checkpointing:
-            p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
-        if args.interleave and args.activation_checkpointing != ["none"]:
-            p.error("--activation-checkpointing is not supported with --interleave")
+    bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
+    if bad or not args.activation_checkpointing:
+        p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
+    if args.interleave and args.activation_checkpointing != ["none"]:
+        p.error("--activation-checkpointing is not supported with --interleave")
     if args.smoke:
-        if what == "model":
-            args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
-        else:
-            args.batch, args.prompt, args.new_tokens = [1, 2], 16, 8
+        args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
 
     env = bench.environment(device, " ".join(["deltanet", "bench", what, *argv]))
     if args.smoke:
         env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
-    if what == "model":
-        title, cols, rows = bench.train_sweep(
-            args.models, args.lengths, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
-            smoke=args.smoke, compile_model=args.compile, interleave=args.interleave, profile=args.profile,
-            plain_loss=args.plain_loss, activation_checkpointing=args.activation_checkpointing,
-            recompute=args.recompute)
-    else:
-        title, cols, rows = bench.decode_sweep(
-            args.models, args.batch, prompt=args.prompt, new_tokens=args.new_tokens, device=device,
-            smoke=args.smoke, repeats=args.repeats, cuda_graph=args.cuda_graph)
+    title, cols, rows = bench.train_sweep(
+        args.models, args.lengths, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
+        smoke=args.smoke, compile_model=args.compile, interleave=args.interleave, profile=args.profile,
+        plain_loss=args.plain_loss, activation_checkpointing=args.activation_checkpointing,
+        recompute=args.recompute)
     table = bench.markdown(title, rows, cols, env)
     print(table)
     if args.out:

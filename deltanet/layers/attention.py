@@ -3,7 +3,9 @@
 Rotary position embeddings use per-token ``position_ids`` (the model derives them from the
 padding mask or the packed-document boundaries), so a left-padded row and a packed document
 see the same positions as the sequence alone. The cache keeps all keys/values for full
-attention and only the last ``sliding_window`` positions for sliding attention.
+attention and only the last ``sliding_window`` positions for sliding attention: growing tensors
+(:class:`~deltanet.models.cache.KVCache`) in eager decoding, preallocated / ring buffers written
+in place (:class:`~deltanet.models.cache.StaticKVCache`) under a decode graph.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..ops.attention import causal_attention
+from ..ops.attention import causal_attention, decode_attention
 
 __all__ = ["AttentionMixer", "apply_rope"]
 
@@ -68,16 +70,21 @@ class AttentionMixer(nn.Module):
         k = apply_rope(k, position_ids, self.rope_theta)
 
         state = cache.layers[self.layer_idx] if cache is not None else None
+        if state is not None and not hasattr(state, "k"):
+            raise TypeError(f"layer {self.layer_idx}: an attention layer needs a K/V cache entry, got {type(state).__name__}")
+        if state is not None and hasattr(state, "valid"):  # a StaticKVCache: one token, in place
+            o = self._static_step(q, k, v, state, cache.counters, mask)
+            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
         if state is not None:
-            if "k" in state:
-                k = torch.cat([state["k"], k], dim=1)
-                v = torch.cat([state["v"], v], dim=1)
+            if state.k is not None:
+                k = torch.cat([state.k, k], dim=1)
+                v = torch.cat([state.v, v], dim=1)
             # sliding layers keep only the window: older keys can never be seen again
             # (copies when cut: a view would keep the whole prompt's keys alive)
             if self.window is not None and k.shape[1] > self.window:
-                state["k"], state["v"] = k[:, -self.window:].clone(), v[:, -self.window:].clone()
+                state.k, state.v = k[:, -self.window:].clone(), v[:, -self.window:].clone()
             else:
-                state["k"], state["v"] = k, v
+                state.k, state.v = k, v
         key_mask = None
         if full_mask is not None:
             key_mask = full_mask[:, -k.shape[1]:]
@@ -85,3 +92,19 @@ class AttentionMixer(nn.Module):
                 key_mask = None  # no padding: keep the fast path
         o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, key_mask=key_mask)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+
+    def _static_step(self, q, k, v, state, counters, mask):
+        """One decode token against a preallocated cache: write its key/value into the slot of
+        position ``counters.next`` (mod the window for a ring), then attend over every slot that
+        holds a real token, plus the token itself (as the eager mask: a padded query still sees
+        itself, so no row is all masked). Shapes never change; the position is a device tensor."""
+        if q.shape[1] != 1:
+            raise ValueError(f"a static K/V cache takes one token per step, got {q.shape[1]}")
+        L = state.capacity
+        slot = (counters.next % L if state.ring else counters.next).reshape(1)  # [1] long, on the device
+        state.k.index_copy_(2, slot, k.transpose(1, 2).to(state.k.dtype))  # [B, Hkv, 1, D] into [B, Hkv, L, D]
+        state.v.index_copy_(2, slot, v.transpose(1, 2).to(state.v.dtype))
+        real = mask.bool() if mask is not None else torch.ones_like(state.valid[:, :1])  # [B, 1]
+        state.valid.index_copy_(1, slot, real)
+        allow = state.valid | (torch.arange(L, device=slot.device) == slot)  # [B, L]
+        return decode_attention(q, state.k, state.v, allow)

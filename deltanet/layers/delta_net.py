@@ -195,9 +195,9 @@ class DeltaNetMixer(nn.Module):
         projections so that its output is not kept for backward)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        state = cache.layers[self.layer_idx] if cache is not None else None
-        decoding = state is not None and "recurrent" in state
-        conv_in = state.get("conv") if decoding else (None, None, None)
+        state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
+        decoding = state is not None and state.recurrent is not None
+        conv_in = state.conv if decoding and state.conv is not None else (None, None, None)
         if (self.recompute_inputs and state is None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
@@ -233,16 +233,16 @@ class DeltaNetMixer(nn.Module):
         beta = beta.to(q.dtype)
 
         backend = resolve_backend(self.backend, T, x.device, decoding)
-        kw = dict(g=decay, initial_state=state["recurrent"] if decoding else None,
+        kw = dict(g=decay, initial_state=state.recurrent if decoding else None,
                   output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
         if n_h == 1:
             o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]
         else:
             o, final = delta_product(q, k, v, beta, **kw)
         if state is not None:
-            state["recurrent"] = final
+            state.recurrent = final
             if self.use_short_conv:
-                state["conv"] = conv_out
+                state.conv = conv_out
 
         if self.use_output_gate:
             o = self.o_norm(o, g.view(B, T, H, D))

@@ -109,15 +109,15 @@ class LinearAttentionMixer(nn.Module):
     def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, **_):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        state = cache.layers[self.layer_idx] if cache is not None else None
-        decoding = state is not None and "recurrent" in state
+        state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
+        decoding = state is not None and state.recurrent is not None
         m = mask[..., None].to(x.dtype) if mask is not None else None
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             if m is not None:
                 q, k, v = q * m, k * m, v * m
-            conv_in = state["conv"] if decoding else (None, None, None)
+            conv_in = state.conv if decoding else (None, None, None)
             want = state is not None
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
@@ -132,11 +132,11 @@ class LinearAttentionMixer(nn.Module):
         if m is not None:
             k = k * m[..., None]  # padded tokens write nothing into the state
 
-        o, final = linear_attention(q, k, v, initial_state=state["recurrent"] if decoding else None,
+        o, final = linear_attention(q, k, v, initial_state=state.recurrent if decoding else None,
                                     cu_seqlens=cu_seqlens)
         if state is not None:
-            state["recurrent"] = final
+            state.recurrent = final
             if self.use_short_conv:
-                state["conv"] = (cq, ck, cv)
+                state.conv = (cq, ck, cv)
         o = self.o_norm(o)
         return self.o_proj(o.reshape(B, T, H * D))

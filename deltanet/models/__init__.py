@@ -10,8 +10,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import DeltaNetCache
 from .configuration import LAYER_TYPES, DeltaNetConfig
+from .decoding import DecodeResult, decode
 from .modeling import DeltaNetForCausalLM, DeltaNetModel, DeltaNetPreTrainedModel
 from .presets import PRESETS, get_config
+from .sampling import SamplingConfig
 
 AutoConfig.register(DeltaNetConfig.model_type, DeltaNetConfig, exist_ok=True)
 AutoModel.register(DeltaNetConfig, DeltaNetModel, exist_ok=True)
@@ -20,10 +22,13 @@ AutoModelForCausalLM.register(DeltaNetConfig, DeltaNetForCausalLM, exist_ok=True
 __all__ = [
     "LAYER_TYPES",
     "PRESETS",
+    "DecodeResult",
     "DeltaNetCache",
     "DeltaNetConfig",
     "DeltaNetForCausalLM",
     "DeltaNetModel",
     "DeltaNetPreTrainedModel",
+    "SamplingConfig",
+    "decode",
     "get_config",
 ]

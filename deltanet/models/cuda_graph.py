@@ -1,44 +1,43 @@
-"""One-token decode steps replayed as a CUDA graph.
+"""One-token decode steps replayed as a CUDA graph, for every layer mix.
 
-A decode step of the 340M model is ~600 small kernels (24 layers of projections, convs, norms
-and the recurrent update on a batch of one token) whose launch cost, not their work, sets the
-speed: eager decoding ran at 19–26 tokens/s at batch 1 on an H200 (2026-11-30; benchmarks/results/
-2026-11-30-h200-model-profile-compiled-conv.md and ...-model-triton-conv-cuda-graph.md). A model
-whose layers all keep a fixed-size state (``delta_net``, ``linear_attention``) has the same
-shapes and the same state tensors at every step, so one captured graph per generation replays
-the whole step with a single launch.
+A decode step of the 340M model is ~600 small kernels (24 layers of projections, convs, norms,
+the recurrent update or attention on a batch of one token) whose launch cost, not their work,
+sets the speed: eager decoding ran at 19–26 tokens/s at batch 1 on an H200. A captured step has
+the same shapes and the same tensors every time, so one graph per generation replays the whole
+step with a single launch.
 
-How: the cache's state tensors become the graph's static inputs. The first decode step of a
-cache runs eagerly through :meth:`DecodeGraph._step`, which computes the step from the state
-tensors, then copies the new states back into them (in place) and keeps them in the cache. That
-step compiles/warms every kernel; the second step captures the same function and replays it,
-later steps only replay. Each replay reads the token ids and the new token's padding mask from
-two static buffers and updates the cache in place. Anything that swaps a state tensor
-(``reorder_cache`` in beam search, a user assigning a state) is noticed by identity and rebuilds
-the graph.
+How: the cache is put in its static form (:meth:`DeltaNetCache.make_static`): recurrent and conv
+states are already fixed-size; attention layers get preallocated K/V (full attention, prompt +
+reserve slots, grown by doubling when full) or a ring of ``sliding_window`` slots (sliding
+attention), written in place at a device-side position, with a per-slot validity mask for left
+padding; RoPE positions come from a device counter of real tokens per row. The first decode step
+of a cache runs :meth:`DecodeGraph._step` eagerly (it compiles / warms every kernel and copies the
+new recurrent states back into the cache's tensors, in place); the second step captures the same
+function and replays it; later steps only replay. :meth:`DecodeGraph._step` is the one step
+function: on the CPU (tests) it runs eagerly, on CUDA it is what the graph holds.
 
-Models with attention layers (K/V growing by one position per step) decode eagerly.
+Each replay reads the token ids and the new token's padding mask from two static buffers (a
+``head`` given to the graph, e.g. the token chooser of :mod:`deltanet.models.decoding`, writes the
+next ids into the first inside the graph). Anything that swaps a cache tensor (a user assigning a
+state, a full-attention cache growing) is noticed by identity and rebuilds the graph; beam
+search's ``reorder_cache`` works in place and keeps it.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
+from typing import Callable
 
 import torch
 
-from .cache import _RECURRENT, DeltaNetCache
+from .cache import DeltaNetCache, RecurrentState
 
-__all__ = ["DecodeGraph", "graph_decodable", "recurrent_only"]
+__all__ = ["DecodeGraph", "decode_step", "graph_decodable"]
 
 # Devices on which the graph path is taken. Only CUDA captures; the tests add "cpu" to run the
 # same static-buffer step eagerly (the bookkeeping is device independent).
 GRAPH_DEVICES = ("cuda",)
-
-
-def recurrent_only(layer_types) -> bool:
-    """Whether every layer keeps a fixed-size state: the models whose decode steps are graphed."""
-    return all(t in _RECURRENT for t in layer_types)
 
 
 def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, labels, position_ids, cu_seqlens,
@@ -47,9 +46,10 @@ def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, l
     Anything else, malformed input included, goes the eager way (which validates it)."""
     if not (model.cuda_graph_decoding and isinstance(cache, DeltaNetCache) and cache.seen_tokens > 0
             and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[1] == 1
-            and recurrent_only(cache.layer_types) and all("recurrent" in s for s in cache.layers)):
+            and cache.ready):
         return False
-    B, state = input_ids.shape[0], cache.layers[0]["recurrent"]
+    state = cache.tensors()[0]
+    B = input_ids.shape[0]
     return (state.shape[0] == B and state.device == input_ids.device and input_ids.device.type in GRAPH_DEVICES
             and inputs_embeds is None and not input_ids.is_floating_point()
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
@@ -61,78 +61,109 @@ def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, l
 
 
 class DecodeGraph:
-    """The decode step of one model on one cache: eager once, then captured and replayed.
+    """The decode step of one model on one (static) cache: eager once, then captured and replayed.
 
-    ``__call__(cache, input_ids [B, 1], attention_mask [B, S] or None) -> logits [B, 1, vocab]`` (a
-    fresh tensor), advancing the cache by one token exactly as the eager forward does.
+    ``__call__(input_ids [B, 1] or None, mask [B, 1] or None) -> logits [B, 1, vocab]`` (the static
+    output: read or copy it before the next call), advancing the cache by one token exactly as the
+    eager forward does. ``head(logits, ids)``, if given, runs inside the step after the LM head
+    (e.g. choosing the next tokens and writing them into ``ids``, the next step's input buffer).
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache: DeltaNetCache, head: Callable | None = None,
+                 past_mask: torch.Tensor | None = None):
         # a weak reference: the cache holds this object, and a cycle would keep the graph's
         # memory pool alive until the garbage collector runs
-        self.model, self.cache_ref = model, weakref.ref(cache)
-        self.device = cache.layers[0]["recurrent"].device
+        self.model, self.cache_ref, self.head = model, weakref.ref(cache), head
+        cache.make_static(past_mask)
+        self.device = cache.counters.next.device
         self.ids = torch.zeros(cache.batch_size(), 1, dtype=torch.long, device=self.device)
         self.mask = torch.ones_like(self.ids)
-        # the state tensors the graph reads and writes: the cache's own, from now on in place
-        self.buffers = [dict(state) for state in cache.layers]
+        self.mask_is_ones = True  # skip refilling it (one launch per token saved)
+        # the tensors the graph reads and writes: the cache's own, from now on in place
+        self.buffers = cache.tensors()
+        self.recurrent = [(entry, entry.recurrent, entry.conv) for entry in cache.layers
+                          if isinstance(entry, RecurrentState)]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
 
-    def valid_for(self, model, cache) -> bool:
-        """Still the same model and state tensors (nothing replaced them; the batch and device
+    def valid_for(self, model, cache, head=None) -> bool:
+        """Still the same model, head and cache tensors (nothing replaced them; the batch and device
         are the states', which ``graph_decodable`` matched with the input)."""
-        return (self.model is model and self.cache_ref() is cache
-                and all(state.get(key) is buf for state, bufs in zip(cache.layers, self.buffers)
-                        for key, buf in bufs.items()))
+        tensors = cache.tensors()
+        return (self.model is model and self.cache_ref() is cache and self.head is head
+                and len(tensors) == len(self.buffers) and all(a is b for a, b in zip(tensors, self.buffers)))
 
-    def _step(self, cache) -> torch.Tensor:
-        backbone = self.model.model
+    def _step(self) -> torch.Tensor:
+        """The step function (run eagerly, or captured): embed, blocks against the static cache,
+        final norm, LM head, ``head``; then the new recurrent states go into the cache's tensors
+        and the device counters advance."""
+        cache = self.cache_ref()
+        backbone, counters = self.model.model, cache.counters
+        real = self.mask[:, 0]
+        # the eager forward's RoPE positions, cumsum(mask) - 1 clamped at 0, from the running count
+        position_ids = (counters.real + real - 1).clamp_min(0)[:, None]
         x = backbone.embed_tokens(self.ids)
-        kw = dict(mask=self.mask, full_mask=None, position_ids=None, cu_seqlens=None, cache=cache)
+        kw = dict(mask=self.mask, full_mask=None, position_ids=position_ids, cu_seqlens=None, cache=cache)
         for block in backbone.layers:
             x = block(x, **kw)
         logits = self.model.lm_head(backbone.norm(x))
-        for state, bufs in zip(cache.layers, self.buffers):  # new states -> the static tensors
-            for key, buf in bufs.items():
-                new = state[key]
-                for b, n in zip(buf, new) if isinstance(buf, tuple) else ((buf, new),):
+        for entry, rec, conv in self.recurrent:  # new states -> the static tensors
+            if entry.recurrent is not rec:
+                rec.copy_(entry.recurrent)
+                entry.recurrent = rec
+            if conv is not None and entry.conv is not conv:
+                for b, n in zip(conv, entry.conv):
                     b.copy_(n)
-                state[key] = buf
+                entry.conv = conv
+        counters.real.add_(real)
+        counters.next.add_(1)
+        if self.head is not None:
+            self.head(logits, self.ids)
         return logits
 
-    def __call__(self, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self.ids.copy_(input_ids)
-        if attention_mask is None:
-            self.mask.fill_(1)
+    def _restore(self) -> None:
+        for entry, rec, conv in self.recurrent:
+            entry.recurrent, entry.conv = rec, conv
+
+    def __call__(self, input_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids is not None:
+            self.ids.copy_(input_ids)
+        if mask is None:
+            if not self.mask_is_ones:
+                self.mask.fill_(1)
+            self.mask_is_ones = True
         else:
-            self.mask.copy_(attention_mask[:, -1:])
+            self.mask.copy_(mask)
+            self.mask_is_ones = False
         self.steps += 1
         if self.graph is None and self.steps >= 2 and self.device.type == "cuda":
             graph = torch.cuda.CUDAGraph()
-            try:
+            try:  # capture records the step's kernels without running them: nothing advances here
                 with torch.cuda.graph(graph):
-                    self.logits = self._step(cache)
+                    self.logits = self._step()
             except Exception as e:  # an op that cannot be captured: decode eagerly from now on
                 self.model.cuda_graph_decoding = False
-                for state, bufs in zip(cache.layers, self.buffers):
-                    state.update(bufs)
+                self._restore()  # the capture's Python side pointed the entries at its own tensors
                 warnings.warn(f"CUDA-graph decoding disabled for this model: capture failed ({type(e).__name__}: "
                               f"{e}); decoding eagerly", RuntimeWarning, stacklevel=3)
-                return self._step(cache)
+                return self._step()
             self.graph = graph
         if self.graph is None:
-            return self._step(cache)
+            return self._step()
         self.graph.replay()
-        return self.logits.clone()  # the static output is overwritten by the next replay
+        return self.logits
 
 
 def decode_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
-    """Logits of one decode step through the cache's :class:`DecodeGraph` (built on demand)."""
+    """Logits of one decode step (``forward`` on the graph path, e.g. inside Hugging Face's
+    ``generate``) through the cache's :class:`DecodeGraph` (built on demand)."""
     graph = getattr(cache, "_decode_graph", None)
+    past_mask = attention_mask[:, :-1] if attention_mask is not None and attention_mask.shape[1] > 1 else None
+    if cache.is_static and cache.ensure_capacity(cache.seen_tokens + 1):
+        graph = None  # a full-attention cache grew: new tensors, new graph
     if graph is None or not graph.valid_for(model, cache):
-        graph = cache._decode_graph = DecodeGraph(model, cache)
-    logits = graph(cache, input_ids, attention_mask)
+        graph = cache._decode_graph = DecodeGraph(model, cache, past_mask=past_mask)
+    logits = graph(input_ids, attention_mask[:, -1:] if attention_mask is not None else None)
     cache.seen_tokens += 1
-    return logits
+    return logits.clone()  # the static output is overwritten by the next replay

@@ -239,6 +239,8 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
             past_key_values = DeltaNetCache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, DeltaNetCache):
             raise TypeError(f"past_key_values must be a DeltaNetCache, got {type(past_key_values).__name__}")
+        if past_key_values is not None and past_key_values.is_static:
+            past_key_values.make_dynamic()  # left by graph decoding: eager forwards grow K/V along T
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past_key_values is not None and past_key_values.batch_size() not in (None, B):
             raise ValueError(f"the batch has {B} rows but the cache (past_key_values) holds states of "
@@ -275,8 +277,8 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         (torch.Size([2, 10, 64]), torch.Size([]))
     """
 
-    # One-token decode steps of models whose layers all keep a fixed-size state (delta_net,
-    # linear_attention) replay a CUDA graph per generation (``cuda_graph.py``): one launch instead
+    # One-token decode steps on CUDA replay a CUDA graph per generation (``cuda_graph.py``; every
+    # layer mix: attention layers decode from a preallocated / ring K/V cache): one launch instead
     # of ~25 per layer. Set to False on an instance (or the class) to decode eagerly.
     cuda_graph_decoding: bool = True
 

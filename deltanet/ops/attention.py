@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_attention"]
+__all__ = ["causal_attention", "decode_attention"]
 
 
 def _check(q, k, v, window, cu_seqlens, key_mask) -> None:
@@ -180,3 +180,38 @@ def causal_attention(
         mask = _dense_mask(B, Tq, Tk, window, cu_seqlens, key_mask, q.device)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allow: torch.Tensor,
+                     *, scale: float | None = None) -> torch.Tensor:
+    """One query per row against a static (preallocated or ring) K/V cache.
+
+    Args:
+        q: ``[B, 1, H, D]``; k: ``[B, Hkv, L, D]``, v: ``[B, Hkv, L, Dv]`` (head-major cache
+            layout, ``H % Hkv == 0``; query head ``h`` reads key/value head ``h // (H / Hkv)``).
+        allow: ``[B, L]`` bool, the slots this query attends to (slot order is irrelevant:
+            softmax attention is a set operation once RoPE is inside the keys).
+
+    Returns ``[B, 1, H, Dv]`` in ``q.dtype``. Grouped heads are a batched matmul over
+    ``[B, Hkv]`` (no repeated keys), scores and softmax in float32
+    (float64 for float64 inputs).
+
+    Example::
+
+        >>> q, k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+        >>> decode_attention(q, k, v, torch.ones(2, 5, dtype=torch.bool)).shape
+        torch.Size([2, 1, 4, 8])
+    """
+    B, Tq, H, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    if Tq != 1 or H % Hkv or k.shape[0] != B or tuple(allow.shape) != (B, L):
+        raise ValueError(f"decode_attention: q [B, 1, H, D], k/v [B, Hkv, L, D] with H % Hkv == 0 and allow "
+                         f"[B, L]; got q {tuple(q.shape)}, k {tuple(k.shape)}, allow {tuple(allow.shape)}")
+    scale = D ** -0.5 if scale is None else scale
+    qg = q.reshape(B, Hkv, H // Hkv, D).to(k.dtype)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [B, Hkv, G, L]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+    scores = scores.masked_fill(~allow[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    o = torch.matmul(p, v)  # [B, Hkv, G, Dv]
+    return o.reshape(B, 1, H, v.shape[-1]).to(q.dtype)

@@ -316,5 +316,5 @@ def test_cached_states_do_not_hold_the_prompt():
     x = torch.randn(1, 300, cfg.hidden_size)
     layer(x, position_ids=torch.arange(300)[None], cache=cache)
     for name in ("k", "v"):
-        t = cache.layers[0][name]
+        t = getattr(cache.layers[0], name)
         assert t.shape[1] == 16 and t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -134,7 +134,7 @@ def test_gated_padding_and_decoding(kind):
     c1, c2 = DeltaNetCache(cfg), DeltaNetCache(cfg)
     y = layer(x, cache=c1)
     assert_close("padded", layer(padded, mask=mask, cache=c2)[:, 5:], y)
-    assert_close("state", c2.layers[0]["recurrent"], c1.layers[0]["recurrent"])
+    assert_close("state", c2.layers[0].recurrent, c1.layers[0].recurrent)
     cache = DeltaNetCache(cfg)
     outs = [layer(x[:, :4], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(4, 9)]
     assert_close("decoded", torch.cat(outs, 1), y)
@@ -151,8 +151,8 @@ def test_padding_leaves_the_state_untouched():
     y = layer(x, cache=c1)
     yp = layer(padded, mask=mask, cache=c2)
     assert_close("outputs", yp[:, 5:], y)
-    assert_close("state", c2.layers[0]["recurrent"], c1.layers[0]["recurrent"])
-    for a, b in zip(c2.layers[0]["conv"], c1.layers[0]["conv"]):
+    assert_close("state", c2.layers[0].recurrent, c1.layers[0].recurrent)
+    for a, b in zip(c2.layers[0].conv, c1.layers[0].conv):
         assert_close("conv state", a, b)
 
 

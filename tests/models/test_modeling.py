@@ -18,6 +18,7 @@ MIXES = {
     "gated": ["gated_delta_net"] * 2,
     "gated_product": ["gated_delta_product", "gated_delta_product"],
     "gated_swa_hybrid": ["gated_delta_net", "sliding_attention", "gated_delta_product"],
+    "product_global_hybrid": ["delta_product", "full_attention"],
 }
 
 
@@ -50,9 +51,9 @@ def test_cached_decoding_matches_full_forward(mix):
     assert_close(mix, torch.cat(steps, 1), full)
     for layer, kind in zip(cache.layers, MIXES[mix]):
         if kind == "sliding_attention":
-            assert layer["k"].shape[1] == 5  # only the window is kept
+            assert layer.k.shape[1] == 5  # only the window is kept
         elif kind == "full_attention":
-            assert layer["k"].shape[1] == 19
+            assert layer.k.shape[1] == 19
 
 
 @pytest.mark.parametrize("mix", list(MIXES))

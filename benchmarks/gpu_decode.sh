@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Decoding on one GPU (H100): the CUDA-graph capture tests, then `deltanet bench decode` in parts,
+# most important first. Every part writes its own files under OUT (markdown + JSON after every
+# row, a log per part, env.txt, timeline.txt); a part that fails or runs out of time does not
+# stop the others.
+#
+#   bash benchmarks/gpu_decode.sh OUT [BUDGET_S=560] [PARTS=tests,loop,graph,eager,context]
+#
+# parts:  tests    GPU tests: captured step == eager decoding for every layer mix (fp32 / bf16),
+#                  captured loop == eager loop (greedy and sampled)
+#         loop     our captured decode loop: deltanet-340m, hybrid-swa-340m, hybrid-global-340m,
+#                  transformer-340m; batch 1 and 32; 2K prompt, 256 new tokens
+#         graph    HF generate with CUDA-graph steps, the same models + fla's DeltaNet side by side
+#         eager    HF generate with eager steps (the "before" of the 5x target), the same models
+#         context  deltanet-340m, captured loop, batch 1, prompt 2K vs 32K (cache and peak memory)
+# Two calls within a 10-minute limit: PARTS=tests,loop,graph then PARTS=eager,context.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_decode.sh OUT [BUDGET_S] [PARTS]}
+R=$OUT
+mkdir -p "$R"
+# shellcheck source=benchmarks/gpu_lib.sh
+source benchmarks/gpu_lib.sh
+DEADLINE=${2:-560}
+PARTS=${3:-tests,loop,graph,eager,context}
+use_wheels
+export PYTHONUNBUFFERED=1
+record_env
+OURS=deltanet-340m,hybrid-swa-340m,hybrid-global-340m,transformer-340m
+COMMON="--batch 1,32 --prompt 2048 --new-tokens 256"
+budget() { echo $(( $(left) - ${1:-10} )); }   # a part's --budget-s: stop starting points near the deadline
+for part in ${PARTS//,/ }; do
+  case $part in
+    tests) run tests 200 python3 -m pytest -q -rs tests/models/test_cuda_graph.py tests/models/test_decoding.py \
+             -k "on_cuda" ;;
+    loop) run loop 240 python3 -m deltanet.cli bench decode --models $OURS --paths loop $COMMON \
+            --budget-s "$(budget 30)" --out "$R/decode_loop.md" ;;
+    graph) run graph 300 python3 -m deltanet.cli bench decode --models $OURS,fla-deltanet --paths generate \
+             --cuda-graph on $COMMON --budget-s "$(budget 40)" --out "$R/decode_generate_graph.md" ;;
+    eager) run eager 420 python3 -m deltanet.cli bench decode --models $OURS --paths generate --cuda-graph off \
+             $COMMON --budget-s "$(budget 40)" --out "$R/decode_generate_eager.md" ;;
+    context) run context 150 python3 -m deltanet.cli bench decode --models deltanet-340m --paths loop --batch 1 \
+               --prompt 2048,32768 --new-tokens 256 --budget-s "$(budget 30)" --out "$R/decode_context.md" ;;
+    *) log "unknown part $part" ;;
+  esac
+done
+log "done"

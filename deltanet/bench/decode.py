@@ -1,0 +1,206 @@
+"""Decoding benchmark (``deltanet bench decode``): tokens/s, memory and the bandwidth floor.
+
+Two paths per model and batch size, after a random ``--prompt``-token prompt (bf16 weights on
+CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
+
+- ``generate``: Hugging Face's ``generate`` (our models' one-token steps replay a CUDA graph with
+  ``--cuda-graph on``, launch eagerly with ``off``; fla's DeltaNet runs its own way);
+- ``loop``: :func:`deltanet.models.decoding.decode`, one captured step per token with the LM
+  head and the token choice inside (our models only).
+
+Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
+``generate``), decode-only tokens/s and ms per step, peak memory, the cache's size after the
+last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
+the bandwidth floor: per step the weights are read once (all parameters but the input embedding
+table, of which only B rows are gathered) and the cache traffic is counted (recurrent and conv
+states read and written, K/V read; the static full-attention cache is read over its whole
+capacity, as the step does); floor = bytes / HBM bandwidth, measured by a device copy
+(``--hbm-gbps`` overrides), and ``bw_floor_frac`` = floor / measured step time.
+
+Each point is isolated (an error or out-of-memory is recorded and the sweep goes on), results
+are written after every row, and ``--budget-s`` skips the points that no longer fit.
+
+Examples::
+
+    deltanet bench decode --out decode.md                                  # defaults below
+    deltanet bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m,transformer-340m,fla-deltanet \\
+        --paths generate,loop --cuda-graph both --batch 1,32 --prompt 2048 --new-tokens 256
+    deltanet bench decode --models deltanet-340m --paths loop --batch 1 --prompt 2048,32768   # memory vs context
+    deltanet bench decode --smoke          # tiny models on CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from .model import FLA, _error, _free, _sync, build_model, markdown, write_results
+
+__all__ = ["COLUMNS", "DECODE_MODELS", "PATHS", "bench_decode", "copy_bandwidth", "decode_sweep"]
+
+DECODE_MODELS = ("deltanet-340m", "hybrid-swa-340m", "hybrid-global-340m", "transformer-340m", FLA)
+PATHS = ("generate", "loop")
+
+
+def copy_bandwidth(device: torch.device, mib: int = 512, iters: int = 10) -> float:
+    """Device memory bandwidth in bytes/s from a tensor copy (bytes read + written per second)."""
+    x = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        y.copy_(x)
+    _sync(device)
+    return 2 * x.numel() * iters / (time.perf_counter() - t0)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Parameter bytes a decode step reads: all but the input embedding table (B rows of it are
+    gathered), unless it is tied to the LM head (then read in full by the head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if emb.data_ptr() == head.data_ptr() else total - emb.numel() * emb.element_size()
+
+
+def cache_traffic(cache) -> tuple[int, int]:
+    """``(bytes held, bytes moved per step)`` of one of our caches (None for others)."""
+    from deltanet.models.cache import DeltaNetCache, RecurrentState
+
+    if not isinstance(cache, DeltaNetCache):
+        return None, None
+    held = moved = 0
+    for entry in cache.layers:
+        b = sum(t.numel() * t.element_size() for t in entry.tensors())
+        held += b
+        moved += 2 * b if isinstance(entry, RecurrentState) else b
+    return held, moved
+
+
+def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device, path: str = "generate",
+                 cuda_graph: bool = True, smoke: bool = False, repeats: int = 1, bandwidth: float | None = None) -> dict:
+    """One row: greedy decoding speed of one model at one batch size along one path."""
+    row = dict(model=name, path=path, batch=batch, prompt=prompt, new_tokens=new_tokens)
+    model = None
+    try:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
+        ours = hasattr(model, "cuda_graph_decoding")
+        if path == "loop" and not ours:
+            raise ValueError(f"{name}: the captured loop runs our models only (use path generate)")
+        if ours:
+            from deltanet.models import cuda_graph as cg
+
+            model.cuda_graph_decoding = cuda_graph
+            row["cuda_graph"] = cuda_graph and device.type in cg.GRAPH_DEVICES
+        vocab = model.config.vocab_size
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(3, vocab, (batch, prompt), device=device, generator=g)
+        model.generation_config.eos_token_id = None  # always exactly new_tokens tokens
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   eos_token_id=None, attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
+
+        def run(n: int, model=model):
+            if path == "loop":
+                from deltanet.models.decoding import decode
+
+                res = decode(model, ids, max_new_tokens=n, cuda_graph=cuda_graph)
+                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(ids, **{**gen, "max_new_tokens": n, "min_new_tokens": n})
+            _sync(device)
+            cache = out.get("cache", out.get("past_key_values"))  # transformers renamed the field
+            return out.sequences.shape[1] - prompt, None, time.perf_counter() - t0, cache
+
+        with torch.no_grad():
+            # warm-up at the timed shapes: kernels that compile or autotune per sequence length
+            # (fla's prefill) would otherwise be timed
+            run(4)
+            _sync(device)
+            t0 = time.perf_counter()
+            model.model(input_ids=ids, use_cache=True)  # the backbone: no [B, T, vocab] logits
+            _sync(device)
+            prefill_alone = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            best = None
+            for _ in range(repeats):
+                produced, prefill_s, decode_s, cache = run(new_tokens)
+                total = decode_s + (prefill_s or 0.0)
+                if best is None or total < best[0]:
+                    best = (total, prefill_s, decode_s, cache)
+        if produced != new_tokens:
+            raise RuntimeError(f"produced {produced} tokens, expected {new_tokens}")
+        total, prefill_s, decode_s, cache = best
+        row["prefill_s"] = round(prefill_s if prefill_s is not None else prefill_alone, 4)
+        row["total_s"] = round(total, 3)
+        row["tokens_per_s"] = round(batch * new_tokens / total, 1)
+        # decode alone: the loop times it; for generate, its time less one prefill
+        step_s = (decode_s / (new_tokens - 1) if prefill_s is not None
+                  else (total - prefill_alone) / max(new_tokens - 1, 1))
+        if new_tokens > 1 and step_s > 0:
+            row["step_ms"] = round(step_s * 1e3, 3)
+            row["decode_tokens_per_s"] = round(batch / step_s, 1)
+        held, moved = cache_traffic(cache)
+        if held is not None:
+            row["cache_MiB"] = round(held / 2**20, 2)
+            floor_bytes = weight_bytes_per_step(model) + moved
+            row["step_floor_ms"] = round(floor_bytes / bandwidth * 1e3, 3) if bandwidth else None
+            if bandwidth and "step_ms" in row:
+                row["bw_floor_frac"] = round(floor_bytes / bandwidth / step_s, 3)
+        if device.type == "cuda":
+            row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
+        row["error"] = _error(e)
+    finally:
+        del model
+        _free()
+    return row
+
+
+COLUMNS = ["model", "path", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
+           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB"]
+
+
+def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompts: list[int], *, new_tokens: int,
+                 device: torch.device, cuda_graph: str = "on", smoke: bool = False, repeats: int = 1,
+                 hbm_gbps: float | None = None, budget_s: float | None = None, out: str | None = None,
+                 env: dict | None = None) -> tuple[str, list[dict]]:
+    """:func:`bench_decode` for every (model, path, graph mode, prompt length, batch); ``cuda_graph``
+    is ``"on"``, ``"off"`` or ``"both"`` (our models on the generate path). Prints each row as a JSON
+    line and, with ``out``, rewrites the markdown table (and its JSON) after every row; points that
+    start after ``budget_s`` seconds are recorded as skipped. Returns ``(table, rows)``."""
+    if cuda_graph not in ("on", "off", "both"):
+        raise ValueError(f"cuda_graph must be 'on', 'off' or 'both', got {cuda_graph!r}")
+    bad = [x for x in paths if x not in PATHS]
+    if bad or not paths:
+        raise ValueError(f"paths must be from {PATHS}, got {bad or 'nothing'}")
+    start = time.perf_counter()
+    env = dict(env or {})
+    bandwidth = hbm_gbps * 1e9 if hbm_gbps else None
+    if bandwidth is None and device.type == "cuda":
+        bandwidth = copy_bandwidth(device)
+    env["hbm_GBps"] = round(bandwidth / 1e9, 1) if bandwidth else None
+
+    graphs = {"on": [True], "off": [False], "both": [True, False]}[cuda_graph]
+    points = [(m, path, graph, S, B) for m in models for path in paths
+              for graph in (graphs if path == "generate" and m != FLA else [True])
+              for S in prompts for B in batches if not (m == FLA and path == "loop")]
+    title = f"Decoding ({new_tokens} new tokens, greedy, random prompts)"
+    rows: list[dict] = []
+    for m, path, graph, S, B in points:
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            r = dict(model=m, path=path, batch=B, prompt=S, error="skipped: budget spent")
+        else:
+            r = bench_decode(m, B, prompt=S, new_tokens=new_tokens, device=device, path=path,
+                             cuda_graph=graph, smoke=smoke, repeats=repeats, bandwidth=bandwidth)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        if out:
+            write_results(out, markdown(title, rows, COLUMNS, env), env, rows)
+    return markdown(title, rows, COLUMNS, env), rows

@@ -1,0 +1,203 @@
+"""The decode loop: prefill, then one captured step per token with the token choice inside.
+
+:func:`decode` is the fast path behind ``deltanet generate`` and ``deltanet bench decode``. After
+the prefill (an ordinary forward), each token is one replay of a :class:`DecodeGraph` whose step
+runs the model on the previous token, the LM head, and :class:`TokenChooser` (greedy / sampled
+choice, EOS bookkeeping, the output buffer, the next input), all on the device: no host sync per
+token unless the caller streams tokens (then the host reads each token one step behind the GPU).
+Full-attention caches are preallocated for exactly prompt + ``max_new_tokens`` positions.
+
+``cuda_graph=False`` (and the CPU) run the plain eager forward with growing K/V and the same token
+choice: the reference the captured loop is tested against. Greedy output equals Hugging Face's
+``generate(do_sample=False)``; sampled output follows the same distribution as its sampling, but
+not the same draws (see :mod:`deltanet.models.sampling`). Beam search and the rest of
+``generate``'s options stay on Hugging Face's ``generate``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import cuda_graph as _cg
+from .sampling import SamplingConfig, choose_tokens
+
+__all__ = ["DecodeResult", "TokenChooser", "decode"]
+
+
+@dataclass
+class DecodeResult:
+    """``tokens [B, n]``: the new tokens (``pad_token_id`` after a row's EOS; ``n <= max_new_tokens``,
+    fewer when every row finished); timings in seconds (CUDA-synchronised); ``graph``: whether the
+    captured step was used; ``cache``: the cache after the last step."""
+
+    tokens: torch.Tensor
+    prefill_s: float
+    decode_s: float
+    graph: bool
+    stats: dict = field(default_factory=dict)
+    cache: object = None  # the DeltaNetCache after the last step (sizes, benchmarks)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (all rows, EOS padding included) per second of prefill + decode."""
+        total = self.prefill_s + self.decode_s
+        return self.tokens.numel() / total if total > 0 else float("inf")
+
+
+class TokenChooser:
+    """The head of the decode step: choose the next tokens from the last logits, mask finished
+    rows with ``pad``, record them in ``out [B, max_new_tokens]`` at the device counter ``n``, and
+    write them into the step's input buffer. Every operation is in place on fixed tensors."""
+
+    def __init__(self, cfg: SamplingConfig, batch: int, max_new_tokens: int, device, *, eos: int | None,
+                 pad: int):
+        self.cfg, self.eos, self.pad = cfg, eos, pad
+        # inside a captured step: the position the chosen tokens take (a device counter)
+        self.position: Callable[[], torch.Tensor] | None = None
+        self.out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.n = torch.zeros((), dtype=torch.long, device=device)
+
+    def choose(self, logits: torch.Tensor, position) -> torch.Tensor:
+        """``logits [B, 1 or T, V]`` -> the recorded tokens ``[B]``."""
+        tok = choose_tokens(logits[:, -1], self.cfg, position)
+        tok = torch.where(self.finished, torch.full_like(tok, self.pad), tok)
+        self.out.index_copy_(1, self.n.reshape(1), tok[:, None])
+        if self.eos is not None:
+            self.finished |= tok == self.eos
+        self.n.add_(1)
+        return tok
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> None:  # inside the captured step
+        ids.copy_(self.choose(logits, self.position())[:, None])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
+           sampling: SamplingConfig | None = None, eos_token_id: int | None = None, pad_token_id: int = 0,
+           on_tokens: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool | None = None,
+           check_every: int = 16) -> DecodeResult:
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids [B, S]`` (left padding marked by
+    ``attention_mask``, 1 = token).
+
+    ``on_tokens(ids)``: called with each step's tokens ``[B]`` on the CPU as they are made
+    (streaming). ``cuda_graph``: use the captured step (default: ``model.cuda_graph_decoding`` on
+    a device that captures); False: the eager reference loop. Generation stops early once every
+    row has produced ``eos_token_id`` (checked every ``check_every`` steps without streaming).
+
+    Example::
+
+        >>> from deltanet.models import DeltaNetForCausalLM, get_config
+        >>> model = DeltaNetForCausalLM(get_config("tiny", vocab_size=64)).eval()
+        >>> decode(model, torch.randint(0, 64, (2, 5)), max_new_tokens=3).tokens.shape
+        torch.Size([2, 3])
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [B, S], got {getattr(input_ids, 'shape', input_ids)!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    sampling = sampling or SamplingConfig()
+    device = input_ids.device
+    B, S = input_ids.shape
+    if cuda_graph is None:
+        cuda_graph = bool(getattr(model, "cuda_graph_decoding", False))
+    cuda_graph = cuda_graph and device.type in _cg.GRAPH_DEVICES
+    mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(input_ids)
+
+    was_training, graph_flag = model.training, model.cuda_graph_decoding
+    model.eval()
+    model.cuda_graph_decoding = False  # the eager forwards below never take the graph path themselves
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.reserve = max_new_tokens  # full-attention slots beyond the prompt: exactly what is coming
+        graph = None
+        chooser = TokenChooser(sampling, B, max_new_tokens, device, eos=eos_token_id, pad=pad_token_id)
+        tok = chooser.choose(out.logits, S)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+
+        if cuda_graph:
+            graph = _cg.DecodeGraph(model, cache, head=chooser, past_mask=mask)
+            # the head runs after the step advanced the counter: the position of the token being chosen
+            chooser.position = lambda: cache.counters.next
+            graph.ids.copy_(tok[:, None])
+        else:
+            full_mask = mask
+        stream = _Streamer(on_tokens, device, eos_token_id)
+        stream.push(tok)
+        t0 = time.perf_counter()
+        steps = 1
+        while steps < max_new_tokens:
+            if graph is not None:
+                graph()
+                cache.seen_tokens += 1
+                tok = graph.ids[:, 0]
+            else:
+                full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], 1)
+                logits = model(tok[:, None], attention_mask=full_mask, past_key_values=cache).logits
+                tok = chooser.choose(logits, cache.seen_tokens)
+            steps += 1
+            stream.push(tok)
+            if eos_token_id is not None and (bool(stream.finished.all()) if on_tokens is not None
+                                             else steps % check_every == 0 and bool(chooser.finished.all())):
+                break
+        stream.flush()
+        _sync(device)
+        decode_s = time.perf_counter() - t0
+    finally:
+        model.cuda_graph_decoding = graph_flag
+        model.train(was_training)
+    tokens = chooser.out[:, :steps]
+    return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, graph=graph is not None,
+                        stats=dict(batch=B, prompt=S, steps=steps), cache=cache)
+
+
+class _Streamer:
+    """Hands each step's tokens to the host callback one step late on CUDA (the copy is queued
+    behind the step; the host waits for step t only after step t + 1 is launched), so streaming
+    costs no GPU idle time. ``finished``: the rows whose EOS the host has seen."""
+
+    def __init__(self, fn, device: torch.device, eos: int | None):
+        self.fn, self.device, self.eos, self.pending = fn, device, eos, None
+        self.finished = torch.zeros(1, dtype=torch.bool)
+
+    def push(self, tok: torch.Tensor) -> None:
+        if self.fn is None:
+            return
+        if self.device.type != "cuda":
+            self._emit(tok.to("cpu", copy=True))  # a copy: the step overwrites its ids buffer
+            return
+        host = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+        host.copy_(tok, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self.pending = self.pending, (host, event)
+        if previous is not None:
+            previous[1].synchronize()
+            self._emit(previous[0])
+
+    def _emit(self, host: torch.Tensor) -> None:
+        if self.eos is not None:
+            self.finished = self.finished | (host == self.eos)
+        self.fn(host)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self.pending[1].synchronize()
+            self._emit(self.pending[0])
+            self.pending = None
