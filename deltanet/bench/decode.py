@@ -195,7 +195,7 @@ def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompt
     rows: list[dict] = []
     for m, path, graph, S, B in points:
         if budget_s is not None and time.perf_counter() - start > budget_s:
-            r = dict(model=m, path=path, batch=B, prompt=S, error="skipped: budget spent")
+            r = dict(model=m, path=path, batch=B, prompt=S, error="skipped: --budget-s spent")
         else:
             r = bench_decode(m, B, prompt=S, new_tokens=new_tokens, device=device, path=path,
                              cuda_graph=graph, smoke=smoke, repeats=repeats, bandwidth=bandwidth)
