@@ -2,7 +2,11 @@
 both were moved onto one training core (``deltanet.training.core``).
 
 The expected numbers were recorded on 2026-12-06 with the code at commit e93a914 (before the
-move), CPU (x86-64, torch 2.13), one thread; 2 threads gave the same digits.
+move), CPU (x86-64, torch 2.13), one thread; 2 threads gave the same digits. The trainer's warm-up
+learning rate is now ``peak * ((step + 1) / warmup)`` rather than ``peak * (step + 1) / warmup``
+(at most one ulp apart: at step 3 of 3 it is now exactly 3e-3, it was 0.0030000000000000005); the
+losses and gradient norms still came out bit for bit. The comparison allows 1e-6 relative so that
+another CPU's vector kernels do not fail it.
 """
 
 from __future__ import annotations
@@ -89,4 +93,7 @@ def test_mqar_sweep_losses_match_the_recorded_run():
     results = run_sweep(sweep, train, progress=False)
     got = {(r["model"], r["lr"]): ([c["loss"] for c in r["curve"]], [c["accuracy"] for c in r["curve"]])
            for r in results}
-    assert got == MQAR_GOLDEN  # bit for bit
+    assert sorted(got) == sorted(MQAR_GOLDEN)
+    for key, (want_loss, want_acc) in MQAR_GOLDEN.items():
+        assert got[key][0] == pytest.approx(want_loss, rel=1e-6, abs=0), key
+        assert got[key][1] == want_acc, key
