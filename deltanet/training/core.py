@@ -224,11 +224,13 @@ def train_step(
     ``None`` on entry.
 
     ``sync(last)`` wraps each micro-batch's forward (distributed training: no gradient
-    all-reduce before the last one).
+    all-reduce before the last one). ``params`` is read after the backward passes: FSDP2 swaps
+    a module's sharded parameters for unsharded ones around forward and backward (and leaves the
+    root unsharded after a no-grad forward), so ``model.parameters()`` read before the forward
+    can name tensors that end the step without gradients.
     """
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"accum must be a positive int, got {accum!r}")
-    params = list(params)
     total = None
     for m in range(accum):
         with sync(m == accum - 1) if sync is not None else contextlib.nullcontext():

@@ -397,6 +397,7 @@ class _Run:
             with autocast(d.device, self.amp_dtype):
                 return fwd(**batch, use_cache=False).loss
 
+        # model.parameters() is read after the backward: FSDP2 swaps the module's parameters
         out = train_step(opt, model.parameters(), micro_loss, accum=A, grad_clip=self.oc.grad_clip,
                          sync=lambda last: self._no_sync(model, last))
         d.all_reduce_(out.loss)

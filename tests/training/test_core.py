@@ -228,6 +228,29 @@ def test_step_updates_zeroes_and_syncs_only_the_last_micro_batch():
             train_step(opt, model.parameters(), lambda m: model(x).sum(), accum=bad)
 
 
+def test_params_are_read_after_the_backward():
+    """FSDP2 registers other tensors as the module's parameters between forward and backward
+    (and leaves the root unsharded after a no-grad forward): the list to clip is taken when the
+    gradients exist, not before the forward."""
+    model, x, y = _model_and_data()
+    opt = _Recorder(model.parameters())
+    events = []
+
+    class LateParams:
+        def __iter__(self):
+            events.append("params")
+            return iter(model.parameters())
+
+    def loss(m):
+        events.append("forward")
+        return 100 * torch.nn.functional.mse_loss(model(x), y)
+
+    out = train_step(opt, LateParams(), loss, accum=2, grad_clip=1.0)
+    assert events == ["forward", "forward", "params"]
+    assert float(torch.cat([g.flatten() for g in opt.seen[-1]]).norm()) == pytest.approx(1.0, rel=1e-6)
+    assert float(out.grad_norm) > 1.0
+
+
 def test_eager_captured_step_zeroes_then_runs_the_body():
     model, x, y = _model_and_data()
     opt = build_adamw(model.parameters(), AdamWConfig(lr=1e-2), device=CPU)
