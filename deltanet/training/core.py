@@ -169,11 +169,11 @@ def amp_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, *, cache: bool = True) -> ContextManager:
-    """Autocast to ``dtype`` on ``device`` (``None``: a no-op context). ``cache=False`` turns off
-    the cast cache: a CUDA-graph capture needs that, and a model that uses each weight once per
-    forward loses nothing."""
+    """Autocast to ``dtype`` on ``device``; ``None`` runs in the tensors' own dtype, even inside
+    an enclosing autocast. ``cache=False`` turns off the cast cache: a CUDA-graph capture needs
+    that, and a model that uses each weight once per forward loses nothing."""
     if dtype is None:
-        return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 

@@ -132,6 +132,8 @@ def test_autocast_context():
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     with autocast(CPU, None):
         assert (a @ b).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast(CPU, None):  # float32 means float32
+        assert (a @ b).dtype == torch.float32
     with autocast(CPU, torch.bfloat16, cache=False):
         assert (a @ b).dtype == torch.bfloat16 and not torch.is_autocast_cache_enabled()
     with autocast(CPU, torch.bfloat16):
