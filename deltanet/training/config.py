@@ -85,6 +85,8 @@ class OptimConfig:
 
     def validate(self) -> None:
         _non_negative(self, "lr", "warmup", "weight_decay", "grad_clip", "min_lr_ratio")
+        if self.min_lr_ratio > 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")

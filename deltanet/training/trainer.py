@@ -33,6 +33,7 @@ from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_che
                          load_training_state, read_trainer_state, removing_new_files_on_failure, restore_rng,
                          save_checkpoint, write_text_atomic)
 from .config import ConfigError, RunConfig, auto_lr
+from .core import AdamWConfig, LRSchedule, amp_dtype, autocast, build_adamw, lr_at, set_lr, train_step
 from .data import (DataError, PackedTokens, build_token_cache, eval_positions, format_stats, make_batch, open_corpus,
                    prepare_tokenizer)
 from .distributed import Dist, configure_cpu_threads, setup, wrap_model
@@ -61,21 +62,6 @@ class TrainResult:
     tokens_per_s: float
     signum: int = 0  # the signal that interrupted the run (SIGINT / SIGTERM), else 0
     already_complete: bool = False  # --resume of a run that had reached its end: nothing was trained
-
-
-def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float, progress: float | None = None) -> float:
-    """Linear warmup for ``warmup`` steps, then cosine to ``min_ratio * lr`` at ``max_steps``.
-
-    ``progress`` (0..1) overrides the step-based position after warmup (wall-clock budgets).
-
-    >>> [round(lr_at(s, 10, 1.0, 2, 0.1), 3) for s in (0, 1, 2, 6, 10)]
-    [0.5, 1.0, 1.0, 0.55, 0.1]
-    """
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, max_steps - warmup) if progress is None else progress
-    frac = min(max(frac, 0.0), 1.0)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def _pad_vocab(n: int, multiple: int = 64) -> int:
@@ -267,11 +253,10 @@ class _Run:
         return model
 
     def _optimizer(self, model):
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms, biases, scalars
-        groups = [{"params": decay, "weight_decay": self.oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=(self.oc.beta1, self.oc.beta2), eps=self.oc.eps,
-                                 fused=self.d.device.type == "cuda")
+        oc = self.oc
+        return build_adamw(model.parameters(), AdamWConfig(lr=self.peak_lr, weight_decay=oc.weight_decay,
+                                                           betas=(oc.beta1, oc.beta2), eps=oc.eps),
+                           device=self.d.device)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -319,7 +304,8 @@ class _Run:
         self.log(f"model {tc.preset}: {n_params / 1e6:.2f}M parameters, {d.world_size} process(es) on {d.device}{threads}, "
                  f"{tc.batch_size}x{self.dc.seq_len} tokens x {tc.grad_accum} accum per process, "
                  f"peak lr {self.peak_lr:g}{'' if self.oc.lr else ' (auto)'}")
-        amp = self._autocast()
+        self.amp_dtype = amp_dtype(d.device, tc.dtype)
+        schedule = LRSchedule(self.peak_lr, tc.max_steps, self.oc.warmup, self.oc.min_lr_ratio)
         metrics = MetricsLog(run_dir, d.is_main, resume_step=step)
         tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
         flops_tok = _flops_per_token(raw, self.dc.seq_len)
@@ -346,9 +332,9 @@ class _Run:
                 if tc.max_time_s:
                     frac = max(float(flags[1]) / tc.max_time_s,
                                (step - self.oc.warmup) / max(1, tc.max_steps - self.oc.warmup))
-                lr = lr_at(step, tc.max_steps, self.peak_lr, self.oc.warmup, self.oc.min_lr_ratio, frac)
+                lr = schedule.lr(step, frac)
                 t0 = time.time()
-                loss, gnorm = self._step(fwd, model, opt, train_rows, tokenizer.eos_id, step, lr, amp)
+                loss, gnorm = self._step(fwd, model, opt, train_rows, tokenizer.eos_id, step, lr)
                 if d.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.time() - t0
@@ -362,7 +348,7 @@ class _Run:
                 if mfu is not None:
                     rec["mfu"] = round(mfu, 4)
                 if step % tc.eval_every == 0 or step == tc.max_steps:
-                    last_val = self._validate(model, val_rows, tokenizer, amp)
+                    last_val = self._validate(model, val_rows, tokenizer)
                     rec.update({f"val_{k}": v for k, v in last_val.items() if k in ("loss", "bpb", "ppl")})
                 if step % tc.log_every == 0 or "val_loss" in rec or step == 1:
                     metrics.write(rec)
@@ -384,7 +370,7 @@ class _Run:
             bar.close()
         if not interrupted and not metrics.has_val(step):  # stopped by the time budget: validate the final weights
             # before the last checkpoint, so that a run killed after it is complete on disk
-            last_val = self._validate(model, val_rows, tokenizer, amp)
+            last_val = self._validate(model, val_rows, tokenizer)
             metrics.write({"step": step, **({"loss": last_loss} if last_loss is not None else {}), "final": True,
                            **{f"val_{k}": last_val[k] for k in ("loss", "bpb", "ppl")}})
         metrics.close()
@@ -399,38 +385,23 @@ class _Run:
         sample = self._sample(raw, tokenizer)
         return TrainResult(run_dir, step, last_val, sample, False, tps_ema)
 
-    def _autocast(self):
-        kind = self.d.device.type
-        want = self.tc.dtype if self.tc.dtype != "auto" else ("bfloat16" if kind == "cuda" else "float32")
-        if want == "bfloat16":
-            return lambda: torch.autocast(device_type=kind, dtype=torch.bfloat16)
-        return contextlib.nullcontext
-
-    def _step(self, fwd, model, opt, rows: PackedTokens, eos_id: int, step: int, lr: float, amp):
+    def _step(self, fwd, model, opt, rows: PackedTokens, eos_id: int, step: int, lr: float):
         tc, d = self.tc, self.d
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         W, B, A = d.world_size, tc.batch_size, tc.grad_accum
-        total = torch.zeros((), device=d.device)
-        for m in range(A):
+
+        def micro_loss(m: int) -> torch.Tensor:
             start = (step * A + m) * W * B + d.rank * B
             batch = make_batch(rows.rows(np.arange(start, start + B)), eos_id, self.dc.doc_mask)
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-            with self._no_sync(model, last=m == A - 1), amp():
-                loss = fwd(**batch, use_cache=False).loss / A
-            loss.backward()
-            total += loss.detach()
-        params = [p for p in model.parameters() if p.grad is not None]
-        if self.oc.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.oc.grad_clip)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(gnorm, "full_tensor"):  # FSDP2 DTensor
-            gnorm = gnorm.full_tensor()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        d.all_reduce_(total)
-        return float(total) / W, float(gnorm)
+            with autocast(d.device, self.amp_dtype):
+                return fwd(**batch, use_cache=False).loss
+
+        # model.parameters() is read after the backward: FSDP2 swaps the module's parameters
+        out = train_step(opt, model.parameters(), micro_loss, accum=A, grad_clip=self.oc.grad_clip,
+                         sync=lambda last: self._no_sync(model, last))
+        d.all_reduce_(out.loss)
+        return float(out.loss) / W, float(out.grad_norm)
 
     @contextlib.contextmanager
     def _no_sync(self, model, last: bool):
@@ -447,7 +418,7 @@ class _Run:
             with model.no_sync():
                 yield
 
-    def _validate(self, model, val: PackedTokens, tokenizer, amp) -> dict:
+    def _validate(self, model, val: PackedTokens, tokenizer) -> dict:
         from deltanet.evaluation.perplexity import evaluate_rows, summarize
 
         d, B = self.d, self.tc.batch_size
@@ -457,12 +428,11 @@ class _Run:
         mine = rows[d.rank::d.world_size]
         n_batches = math.ceil(math.ceil(n / d.world_size) / B)
         batches = [mine[i * B:(i + 1) * B] for i in range(n_batches)]
-        dtype = torch.bfloat16 if amp is not contextlib.nullcontext else None
         total = torch.zeros(3, dtype=torch.float64, device=d.device)
         for b in batches:
             part = evaluate_rows(model, [val.rows(b if len(b) else np.arange(1))], eos_id=tokenizer.eos_id,
                                  token_bytes=tokenizer.token_bytes(), device=d.device, doc_mask=self.dc.doc_mask,
-                                 autocast_dtype=dtype)
+                                 autocast_dtype=self.amp_dtype)
             if len(b):  # an empty slice is only a stand-in so every rank runs the same forwards
                 total += part
         return summarize(d.all_reduce_(total))

@@ -1,7 +1,7 @@
 """The synthetic-task training step: fixed-shape target gather and the CUDA-graph path.
 
-A CUDA graph cannot be captured on CPU, so these tests run the graph machinery on CPU with a
-stand-in for ``_capture`` (replaying the step eagerly) and check what the CPU can check: the
+A CUDA graph cannot be captured on CPU, so these tests run the graph machinery of the training
+core (``deltanet.training.core``) on CPU with a stand-in for ``_capture`` (replaying the step eagerly) and check what the CPU can check: the
 warm-up / capture / verify / replay sequence, the learning-rate schedule through a tensor
 learning rate, and every fallback to eager training with its reason.
 """
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltanet.evaluation.tasks import synthetic
+from deltanet.training import core
 from deltanet.evaluation.tasks.mqar import make_mqar
 from deltanet.evaluation.tasks.synthetic import (
     IGNORE_INDEX,
@@ -44,7 +45,7 @@ def graphs_on_cpu(monkeypatch):
     """Let ``cuda_graph=True`` run its machinery on CPU; ``capture.mode`` picks the stand-in:
     "eager" replays the step eagerly (a correct graph), "raise" fails the capture, "stale"
     replays nothing (a broken graph that the check must catch)."""
-    monkeypatch.setattr(synthetic, "_GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(core, "_GRAPH_DEVICES", ("cuda", "cpu"))
     calls = []
 
     def capture(fn, device):
@@ -62,7 +63,7 @@ def graphs_on_cpu(monkeypatch):
         return replay, static
 
     capture.mode, capture.calls, capture.params = "eager", calls, lambda: []
-    monkeypatch.setattr(synthetic, "_capture", capture)
+    monkeypatch.setattr(core, "_capture", capture)
     return capture
 
 

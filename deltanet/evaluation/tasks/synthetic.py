@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from deltanet.training.core import (AdamWConfig, CapturedStep, LRSchedule, amp_dtype, autocast, build_adamw,
+                                    cuda_graph_unsupported, set_lr, train_step)
+
 __all__ = [
     "IGNORE_INDEX", "MODEL_PATTERNS", "TrainConfig", "RunResult", "layer_types_for",
     "build_model", "masked_accuracy", "train_and_evaluate", "fixed_target_positions", "format_table",
@@ -181,6 +184,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         if self.schedule not in ("cosine", "constant"):
@@ -261,21 +266,14 @@ def _autocast(device: torch.device):
     # bf16 autocast on CUDA (what the GPU runs use); plain fp32 on CPU, where bf16 matmuls are
     # slow and the tests want exact reproducibility. No cast cache: CUDA graph capture needs
     # that, and these small models use each weight once per forward anyway.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return torch.autocast("cpu", enabled=False)
+    return autocast(device, amp_dtype(device), cache=False)
 
 
-def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+# AdamW betas of the synthetic-task runs (``deltanet train`` uses (0.9, 0.95)); kept as they were
+# when the sweeps' published numbers were made.
+_BETAS = (0.9, 0.98)
+# A graph is captured after this many eager steps (compilation, autotuning, optimizer state).
+_GRAPH_WARMUP = 3
 
 
 def fixed_target_positions(targets: torch.Tensor) -> torch.Tensor | None:
@@ -300,22 +298,6 @@ def fixed_target_positions(targets: torch.Tensor) -> torch.Tensor | None:
     if p == 0 or not bool((counts == p).all()):
         return None
     return mask.nonzero()[:, 1].view(targets.shape[0], p)
-
-
-# Devices where ``cuda_graph=True`` captures (tests widen it to run the machinery on CPU with a
-# stand-in for the capture).
-_GRAPH_DEVICES: tuple[str, ...] = ("cuda",)
-
-
-def _capture(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
-    """Capture ``fn()`` (one whole training step) as a CUDA graph -> (replay, static output).
-
-    The caller has already run ``fn`` eagerly a few times (compilation, autotuning and lazy
-    optimizer state happen outside the capture)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph.replay, out
 
 
 def train_and_evaluate(
@@ -353,42 +335,23 @@ def train_and_evaluate(
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(500, max(1, total // 10))
-    lr_factor = _lr_lambda(cfg.schedule, warmup, total)
+    schedule = LRSchedule(cfg.lr, total, warmup, min_ratio=0.0, shape=cfg.schedule)
 
     # Why a CUDA graph cannot be used here (None: it can be tried).
     tpos = fixed_target_positions(ytr)  # lives with the data, like the permutation below
     why_not = None
     if cfg.cuda_graph:
-        if device.type not in _GRAPH_DEVICES:
-            why_not = f"cuda_graph needs CUDA, device is {device.type}"
-        elif xtr.device != device:
+        why_not = cuda_graph_unsupported(device)
+        if why_not is None and xtr.device != device:
             why_not = "cuda_graph needs the training data on the device"
-        elif tpos is None:
+        elif why_not is None and tpos is None:
             why_not = "cuda_graph needs the same number of targets in every row"
     graph = cfg.cuda_graph and why_not is None
 
-    # No weight decay on biases, norms and embeddings' 1-D companions (usual transformer recipe).
-    # Under a graph the learning rate is a device tensor that the schedule fills in place.
-    def lr0() -> float | torch.Tensor:
-        return torch.tensor(cfg.lr * lr_factor(0), device=device) if graph else cfg.lr * lr_factor(0)
-
+    # Under a graph the learning rate is a device tensor that set_lr fills in place.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay, "lr": lr0()},
-         {"params": no_decay, "weight_decay": 0.0, "lr": lr0()}],
-        lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda" or graph,
-        **({"capturable": True} if graph else {}),
-    )
-
-    def set_lr(step: int) -> None:
-        lr = cfg.lr * lr_factor(step)
-        for g in opt.param_groups:
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+    opt = build_adamw(params, AdamWConfig(lr=schedule.lr(0), weight_decay=cfg.weight_decay, betas=_BETAS),
+                      device=device, capturable=graph)
 
     gen = torch.Generator().manual_seed(cfg.seed)
     # The permutation lives with the data: indexing device-resident data with a CPU index
@@ -405,7 +368,7 @@ def train_and_evaluate(
         idx_buf.copy_(perm[pos : pos + bs])
         pos += bs
 
-    def batch_loss() -> torch.Tensor:
+    def batch_loss(_: int) -> torch.Tensor:
         # .long(): callers may keep the data compact (int16 on the GPU for 100k x 512 MQAR).
         x = xtr[idx_buf].to(device, non_blocking=True).long()
         y = ytr[idx_buf].to(device, non_blocking=True).long()
@@ -421,30 +384,14 @@ def train_and_evaluate(
             logits = model.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.float().flatten(0, 1), y.gather(1, at).flatten())
 
-    def update(loss: torch.Tensor) -> None:
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+    def body() -> torch.Tensor:  # the step; CapturedStep zeroes the gradients before eager ones
+        return train_step(opt, params, batch_loss, grad_clip=cfg.grad_clip, measure_norm=False, zero_grad=False).loss
 
-    def eager_step() -> torch.Tensor:
-        loss = batch_loss()
-        # set_to_none=False once a graph exists: its gradients are static buffers
-        opt.zero_grad(set_to_none=not graph_ready)
-        update(loss)
-        return loss
-
-    def graph_body() -> torch.Tensor:
-        loss = batch_loss()
-        update(loss)
-        return loss
-
+    run_step = CapturedStep(body, opt=opt, params=params, device=device, graph=graph, warmup=_GRAPH_WARMUP)
     curve: list[dict] = []
     best, steps_to_99, seconds_to_99 = 0.0, None, None
     train_seconds, step, stopped_by = 0.0, 0, "steps"
     loss_acc, loss_n = 0.0, 0
-    step_mode = "eager" if not cfg.cuda_graph else f"eager ({why_not})" if why_not else "cuda_graph"
-    replay, static_loss, graph_ready = None, None, False
 
     def evaluate() -> float:
         nonlocal best, steps_to_99, seconds_to_99
@@ -459,40 +406,11 @@ def train_and_evaluate(
             steps_to_99, seconds_to_99 = step, round(train_seconds, 3)
         return acc
 
-    # A graph is captured after this many eager steps (compilation, autotuning, optimizer state).
-    graph_warmup = 3
     t0 = time.perf_counter()
     while step < total:
-        set_lr(step)
+        set_lr(opt, schedule.lr(step))
         next_batch()
-        if replay is not None:
-            replay()
-            loss = static_loss
-        elif graph and step == graph_warmup:
-            graph_ready = True  # from here on the gradients are the graph's static buffers
-            try:
-                replay, static_loss, loss, why = _capture_checked(
-                    graph_body, eager_step_fn=eager_step, params=params, opt=opt, device=device)
-            except Exception as e:  # noqa: BLE001 - any capture failure: train eagerly, say why
-                replay, loss, why = None, None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-            if replay is None:
-                graph = graph_ready = False
-                static_loss = None
-                step_mode = f"eager (cuda graph failed: {why})"
-                opt.zero_grad(set_to_none=True)
-                if loss is None:  # the capture itself failed: this step is an eager one
-                    loss = eager_step()
-        elif graph and device.type == "cuda":
-            # eager warm-up steps before the capture, on a side stream (PyTorch's graph recipe)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                loss = eager_step()
-            torch.cuda.current_stream(device).wait_stream(side)
-        else:
-            loss = eager_step()
+        loss = run_step()
         step += 1
         # Accumulate on the device: a float() per step would synchronise CUDA every step.
         # (The sum is a new tensor: the graph's static loss is overwritten by the next replay.)
@@ -522,64 +440,9 @@ def train_and_evaluate(
     return RunResult(
         best_accuracy=best, final_accuracy=curve[-1]["accuracy"], steps=step,
         seconds=round(train_seconds, 3), steps_to_99=steps_to_99, seconds_to_99=seconds_to_99,
-        stopped_by=stopped_by, curve=curve, step_mode=step_mode,
+        stopped_by=stopped_by, curve=curve,
+        step_mode=f"eager ({why_not})" if why_not else run_step.mode,
     )
-
-
-def _capture_checked(
-    body: Callable[[], torch.Tensor],
-    *,
-    eager_step_fn: Callable[[], torch.Tensor],
-    params: list[torch.Tensor],
-    opt: torch.optim.Optimizer,
-    device: torch.device,
-    loss_rtol: float = 1e-2,
-    update_rtol: float = 0.1,
-) -> tuple[Callable[[], None] | None, torch.Tensor | None, torch.Tensor, str]:
-    """Capture ``body`` (the step without ``zero_grad``) and check one replay against one eager
-    step from the same state on the current batch.
-
-    -> ``(replay, static loss, this step's loss, "")`` when they agree: same loss (``loss_rtol``)
-    and the same parameter update (relative norm of the difference <= ``update_rtol``; bf16 and
-    atomics make it inexact); the replay's update is kept as this step. When they disagree:
-    ``(None, None, eager loss, why)`` with the parameters and optimizer state of the eager step.
-    A failing capture raises (nothing has been updated then).
-    """
-    opt.zero_grad(set_to_none=True)  # gradients are allocated inside the capture: static
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    replay, static_loss = _capture(body, device)
-
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    with torch.no_grad():
-        p0, s0 = [p.detach().clone() for p in params], [t.clone() for t in state]
-    loss_e = eager_step_fn().detach().float().clone()
-    with torch.no_grad():
-        p1, s1 = [p.detach().clone() for p in params], [t.clone() for t in state]
-        for p, q in zip(params, p0):
-            p.copy_(q)
-        for t, u in zip(state, s0):
-            t.copy_(u)
-    replay()
-    with torch.no_grad():
-        loss_g = static_loss.detach().float().clone()
-        num = sum(float((p.detach().float() - e.float()).pow(2).sum()) for p, e in zip(params, p1))
-        den = sum(float((e.float() - q.float()).pow(2).sum()) for e, q in zip(p1, p0))
-    le, lg = float(loss_e), float(loss_g)
-    why = ""
-    if not (math.isfinite(lg) and abs(lg - le) <= loss_rtol * abs(le) + 1e-4):
-        why = f"replayed loss {lg:.6g} != eager loss {le:.6g}"
-    elif not (den > 0 and math.sqrt(num) <= update_rtol * math.sqrt(den)):
-        rel = math.sqrt(num / den) if den > 0 else float("inf")
-        why = f"replayed update differs from the eager one by {rel:.3g} (relative norm)"
-    if why:
-        with torch.no_grad():
-            for p, e in zip(params, p1):
-                p.copy_(e)
-            for t, u in zip(state, s1):
-                t.copy_(u)
-        return None, None, loss_e, why
-    return replay, static_loss, loss_g, ""
 
 
 # --------------------------------------------------------------------------------------------
