@@ -1,5 +1,4 @@
-"""One GPU session for the delta-rule kernels: a preflight (checks and times the two WY-solve
-variants, keeps the faster correct one), cold start, the full-size kernel tests, and the
+"""One GPU session for the delta-rule kernels: cold start, the full-size kernel tests, and the
 benchmark followed, in the same process (fla's autotuning is paid once), by the errors vs
 float64 of ours, fla and the PyTorch low-precision floor. Each part runs in its own
 subprocess with a time limit, so one failure does not stop the others; logs go to ``--out``;
@@ -37,37 +36,6 @@ o.sum().backward()
 torch.cuda.synchronize()
 t2 = time.perf_counter()
 print(f"COLD first fwd+bwd {t2 - t1:.1f} s (imports + inputs {t1 - t0:.1f} s)")
-"""
-
-PREFLIGHT = r"""
-import importlib, json, os, torch
-from triton.testing import do_bench
-from deltanet.bench.kernels import _inputs
-chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
-res, outs = {}, {}
-small = [x.detach().float() for x in _inputs(2, 1000, 4, 128, torch.float32, "cuda", seed=1)]
-for wb in (1, 0):
-    chunk.TUNING.clear(); chunk.TUNING["WY_BATCHED"] = wb
-    try:
-        outs[wb] = chunk.chunk_delta_rule(*small)[0]
-        q, k, v, b = _inputs(32, 1024, 16, 128, torch.bfloat16, "cuda")
-        do = torch.randn_like(v)
-        fb = lambda: chunk.chunk_delta_rule(q, k, v, b)[0].backward(do)
-        fb()
-        res[wb] = do_bench(fb, warmup=5, rep=30, grad_to_none=[q, k, v, b], return_mode="median")
-    except Exception as e:
-        res[wb] = repr(e)[:300]
-ok = {wb: t for wb, t in res.items() if isinstance(t, float)}
-if 1 in ok and 0 in outs:  # the batched solve must agree with the register one
-    diff = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
-    print("PREFLIGHT batched-vs-register rel diff", diff)
-    if not diff < 1e-5:
-        ok.pop(1)
-print("PREFLIGHT fwd+bwd ms (D=128, T=1K) by WY_BATCHED:", json.dumps(res))
-best = min(ok, key=ok.get)
-print("PREFLIGHT choose WY_BATCHED =", best)
-with open(os.path.join(os.environ["OUT_DIR"], "tuning.json"), "w") as fh:
-    json.dump({"WY_BATCHED": best}, fh)
 """
 
 COMPARE = r"""
@@ -140,23 +108,17 @@ def run_part(name: str, cmd: list[str], out: str, timeout: int, env: dict | None
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="gpu_out")
-    p.add_argument("--parts", default="preflight,cold,pytest,bench")
+    p.add_argument("--parts", default="cold,pytest,bench")
     p.add_argument("--bench-args", default="--dims 64,128 --lengths 1024,2048,4096,8192,16384",
                    help="';'-separated argument sets for deltanet bench kernels (one process)")
-    p.add_argument("--timeouts", default="preflight=90,cold=120,pytest=200,bench=300")
+    p.add_argument("--timeouts", default="cold=120,pytest=200,bench=300")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     limits = {k: int(v) for k, v in (x.split("=") for x in args.timeouts.split(","))}
     py = sys.executable
     results = []
     for part in args.parts.split(","):
-        if part == "preflight":
-            results.append(run_part("preflight", [py, "-c", PREFLIGHT], args.out, limits.get("preflight", 90),
-                                    {"OUT_DIR": args.out}))
-            tfile = os.path.join(args.out, "tuning.json")
-            if os.path.exists(tfile):
-                os.environ["DELTANET_CHUNK_TUNING"] = open(tfile).read()
-        elif part == "cold":
+        if part == "cold":
             cache = tempfile.mkdtemp(prefix="triton-cold-")
             results.append(run_part("cold", [py, "-c", COLD], args.out, limits["cold"], {"TRITON_CACHE_DIR": cache}))
         elif part == "pytest":
@@ -170,13 +132,12 @@ def main() -> int:
             jl = os.path.join(args.out, "bench.jsonl")
             runs = ";".join(f"{a} --json {jl}" for a in args.bench_args.split(";"))
             results.append(run_part("bench", [py, "-c", BENCH_COMPARE, runs], args.out, limits["bench"]))
-    print("DELTANET_CHUNK_TUNING =", os.environ.get("DELTANET_CHUNK_TUNING", "{}"))
     # Summary last (the device tool returns the tail of the output).
     for r in results:
         with open(r["log"]) as fh:
             lines = fh.read().splitlines()
         keep = [ln for ln in lines if ln.startswith(("|", "COLD", "=", "FAILED", "ERROR"))
-                or " passed" in ln or " failed" in ln or "Error" in ln or "PREFLIGHT" in ln][-60:]
+                or " passed" in ln or " failed" in ln or "Error" in ln][-60:]
         print(f"\n### {r['part']} rc={r['rc']} {r['seconds']} s")
         print("\n".join(keep))
     with open(os.path.join(args.out, "summary.json"), "w") as fh:

@@ -25,12 +25,7 @@ part() {  # part NAME TIMEOUT CMD...
 }
 for p in $PARTS; do
   case $p in
-    kernels) part kernels "${KERNELS_TIMEOUT:-210}" bash benchmarks/gpu_kernels_final.sh "$OUT/res/kernels"
-             # Later parts use the launch settings the kernel sweep picked.
-             if [ -s "$OUT/res/kernels/tune_choice.json" ]; then
-               export DELTANET_CHUNK_TUNING="$(cat "$OUT/res/kernels/tune_choice.json")"
-               echo "DELTANET_CHUNK_TUNING=$DELTANET_CHUNK_TUNING"
-             fi ;;
+    kernels) part kernels "${KERNELS_TIMEOUT:-210}" bash benchmarks/gpu_kernels_final.sh "$OUT/res/kernels" ;;
     model-ours) part model-ours "${MODEL_TIMEOUT:-110}" python3 -m deltanet.cli bench model \
              --models deltanet-340m,transformer-340m,hybrid-swa-340m --lengths 2048,8192 --warmup 3 --steps 5 \
              --out "$OUT/res/model-ours.md" ;;

@@ -84,8 +84,8 @@ lane0_phase2() {
   export CUDA_VISIBLE_DEVICES=0
   run tune 120 python3 benchmarks/tune_kernels.py --no-profile --check --combine --variants "$VARIANTS" $SWEEP \
     --warmup 5 --rep 25 --json "$R/tune.jsonl" --choose "$R/tune_choice.json"
-  if [ -s "$R/tune_choice.json" ]; then export DELTANET_CHUNK_TUNING="$(cat "$R/tune_choice.json")"; fi
-  log "DELTANET_CHUNK_TUNING=${DELTANET_CHUNK_TUNING:-}"
+  # the benchmark runs the defaults (select_config); the sweep's choice is reported in tune_choice.json
+  log "tune choice (not applied): $(cat "$R/tune_choice.json" 2>/dev/null)"
   run bench 150 python3 -m deltanet.bench.kernels --dims 128,64 --lengths 1024,2048,4096,8192,16384 \
     --methods ours,fla,sdpa,ours_recurrent,fla_recurrent --max-recurrent-T 2048 --warmup 10 --rep 40 \
     --json "$R/bench.jsonl"
@@ -104,13 +104,6 @@ lane1_phase2() {
     --warmup 3 --steps 6 --out "$R/model_fla.md"
   run decode_fla 120 python3 -m deltanet.cli bench decode --models fla-deltanet --batch 1,32 \
     --prompt 2048 --new-tokens 256 --out "$R/decode_fla.md"
-  # our deltanet-340m again with the launch settings lane 0's sweep chose (if it chose by now)
-  local n=0
-  while [ ! -s "$R/tune_choice.json" ] && [ $n -lt 60 ]; do sleep 2; n=$((n + 2)); done
-  if [ -s "$R/tune_choice.json" ] && [ "$(cat "$R/tune_choice.json")" != "{}" ]; then
-    DELTANET_CHUNK_TUNING="$(cat "$R/tune_choice.json")" run model_ours_tuned 150 python3 -m deltanet.cli bench model \
-      --models deltanet-340m --lengths 2048,4096,8192 --warmup 3 --steps 6 --out "$R/model_ours_tuned.md"
-  fi
   log "lane 1 phase 2 done"
 }
 
