@@ -263,3 +263,21 @@ def test_auto_backend_on_cpu_accepts_a_config():
     o, _ = delta_rule(inp["q"], inp["k"], inp["v"], inp["beta"], kernel_config=cfg)
     ref, _ = delta_rule(inp["q"], inp["k"], inp["v"], inp["beta"], backend="torch")
     assert torch.equal(o, ref)
+
+
+def test_torch_compile_fullgraph_with_a_kernel_config():
+    """The config crosses the custom op as ints: no graph break, same values and gradients."""
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(_default_small(), bv_o=16, grads_fused=True)
+    inp = make_inputs(2, 40, 2, 16, 32, dtype=torch.float32, seed=9, device=DEVICE)
+    args = [inp[n].clone().requires_grad_() for n in ("q", "k", "v", "beta")]
+
+    def f(q, k, v, beta):
+        return (chunk_delta_rule(q, k, v, beta, kernel_config=cfg)[0] ** 2).sum()
+
+    loss_c = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    grads_c = torch.autograd.grad(loss_c, args)
+    grads_e = torch.autograd.grad(f(*args), args)
+    assert_close("loss", loss_c, f(*args), rtol=1e-6)
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close("grad", gc, ge, rtol=1e-6)
