@@ -15,7 +15,8 @@ cannot see.
 (as the autograd op calls it, with the forward's ``ai`` and ``v_new``) run on meta tensors
 with every kernel replaced by a recorder, so the launch table follows chunk.py's rules
 (``select_config`` for the shape and ``--sms``, changed by ``--override``, passed as the
-launchers' ``config``; ``PREC``, ``KNOWN_VNEW``, ``num_stages`` or Triton's default). Each recorded launch is specialized by Triton's own launcher code (argument types,
+launchers' ``config``; ``PREC``, ``KNOWN_VNEW``, ``num_stages`` or Triton's default). Each
+recorded launch is specialized by Triton's own launcher code (argument types,
 ``tt.divisibility`` of aligned pointers: it decides the vectorized, pipelined loads and so the
 shared memory) and compiled for sm_90. Identical compiles are done once, ``--jobs`` at a time;
 Triton's on-disk cache makes a second run fast. ``--smem-only`` stops each compile at LLVM IR,

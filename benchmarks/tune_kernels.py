@@ -26,7 +26,7 @@ import torch
 from triton.testing import do_bench
 
 from deltanet.bench.kernels import _inputs
-from deltanet.ops import ChunkKernelConfig, chunk_delta_rule, select_config
+from deltanet.ops import ChunkKernelConfig, chunk_delta_rule, device_sms, select_config
 
 # "old" = the defaults (select_config); each "o_*" variant changes one setting on top of them, so
 # a sweep shows which changes help one at a time (``--combine`` then times the union of the
@@ -55,7 +55,7 @@ VARIANTS = {
 def config_for(settings: dict, B: int, H: int, D: int, dtype=torch.bfloat16) -> ChunkKernelConfig:
     """``select_config``'s choice for ``B`` sequences x ``H`` heads at K = V = ``D`` on this GPU,
     with ``settings`` (ChunkKernelConfig fields; "all" = all of D) changed."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = device_sms("cuda")
     full = max(16, 1 << (D - 1).bit_length())
     changes = {k: (full if v == "all" else v) for k, v in settings.items()}
     return dataclasses.replace(select_config(B, H, D, D, dtype, num_sms=sms), **changes)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .delta_rule import delta_product_reference, delta_rule_chunkwise_torch, delta_rule_reference
-from .delta_rule.config import ChunkKernelConfig, select_config
+from .delta_rule.config import ChunkKernelConfig, device_sms, select_config
 from .delta_rule.product import interleave_product, take_last_step
 
 BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
@@ -32,6 +32,7 @@ __all__ = [
     "delta_rule",
     "delta_rule_chunkwise_torch",
     "delta_rule_reference",
+    "device_sms",
     "recurrent_delta_rule",
     "select_config",
 ]

@@ -17,7 +17,7 @@ from tests.ops.family_cases import (ORACLE_PRODUCT, ORACLE_RULE, check, cotangen
                                     rule, run)
 from tests.utils import assert_close
 
-from deltanet.ops import chunk_delta_rule, recurrent_delta_rule, select_config
+from deltanet.ops import chunk_delta_rule, device_sms, recurrent_delta_rule, select_config
 
 if ON_GPU:
     SHAPES = [(1, 1, 2, 128, 128), (2, 63, 3, 64, 128), (1, 65, 2, 100, 100), (2, 1000, 4, 128, 64),
@@ -141,7 +141,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gated_launch_variants_match_reference(variant):
-    cfg = select_config(2, 3, 32, 48, torch.float32, num_sms=chunk_module._num_sms(torch.device(DEVICE)), gated=True,
+    cfg = select_config(2, 3, 32, 48, torch.float32, num_sms=device_sms(DEVICE), gated=True,
                         interpreter=chunk_module.interpreted())
     cfg = dataclasses.replace(cfg, **VARIANTS[variant])
     inp = gated_inputs(2, 63, 3, 32, 48, seed=16, strong=True, device=DEVICE)

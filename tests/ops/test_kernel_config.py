@@ -21,7 +21,7 @@ from tests.ops._triton_common import DEVICE, chunk_module, run_with_grads
 from tests.utils import assert_close, make_inputs
 
 from deltanet.ops import (ChunkKernelConfig, chunk_delta_rule, delta_product, delta_rule, delta_rule_reference,
-                          select_config)
+                          device_sms, select_config)
 
 DATA = Path(__file__).parent / "data"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -132,7 +132,7 @@ def _check_against_reference(name, kernel_config):
 
 
 def _default_small():
-    return select_config(2, 3, 32, 48, torch.float32, num_sms=chunk_module._num_sms(torch.device(DEVICE)),
+    return select_config(2, 3, 32, 48, torch.float32, num_sms=device_sms(DEVICE),
                          interpreter=chunk_module.interpreted())
 
 

@@ -16,7 +16,7 @@ from tests.ops._triton_common import (DEVICE, ON_GPU, chunk_module, recurrence_l
                                       run_with_grads)
 from tests.utils import DEGENERATE_CASES, assert_close, degenerate_inputs, make_inputs
 
-from deltanet.ops import chunk_delta_rule, delta_rule, delta_rule_reference, select_config
+from deltanet.ops import chunk_delta_rule, delta_rule, delta_rule_reference, device_sms, select_config
 
 if ON_GPU:
     # Few distinct (K, V): each one is a separate compilation of every kernel.
@@ -211,7 +211,7 @@ VARIANTS = {
 def test_launch_variants_match_reference(variant):
     shape = (2, 63, 3, 32, 48) if not ON_GPU else (2, 1000, 4, 128, 128)
     B, T, H, K, V = shape
-    cfg = select_config(B, H, K, V, torch.float32, num_sms=chunk_module._num_sms(torch.device(DEVICE)),
+    cfg = select_config(B, H, K, V, torch.float32, num_sms=device_sms(DEVICE),
                         interpreter=chunk_module.interpreted())
     cfg = dataclasses.replace(cfg, **VARIANTS[variant])
     inp64 = make_inputs(*shape, initial_state=True, beta_max=2.0, seed=11, device=DEVICE)

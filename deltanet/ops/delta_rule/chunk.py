@@ -12,9 +12,9 @@ Forward, three kernels (``kernels/``):
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
 Backward: the forward hands over ``Ai`` and ``v_new`` (keeping them measured 15% and 3% faster
-fwd+bwd than recomputing them, H200 2026-11-30); W comes from one product per chunk (``w_fwd_kernel``), the states again from
-``h_fwd_kernel`` as a prefix sum of ``K^T v_new`` (no solve, no ``W S`` on the sequential path),
-then the reverse recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the
+fwd+bwd than recomputing them, H200 2026-11-30); W comes from one product per chunk
+(``w_fwd_kernel``), the states again from ``h_fwd_kernel`` as a prefix sum of ``K^T v_new`` (no
+solve, no ``W S`` on the sequential path), then the reverse recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the
 per-chunk gradients: one kernel (``chunk_grads_kernel``) at K <= 64 with 16-bit inputs, otherwise
 ``dqkw_bwd_kernel`` and the way back through the UT transform, ``wy_bwd_kernel``.
 
@@ -37,7 +37,7 @@ import triton
 
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
-from .config import ChunkKernelConfig, select_config
+from .config import ChunkKernelConfig, device_sms, select_config
 from .gate import decay_terms
 from .interpreter import interpreted
 from .kernels.gate import chunk_cumsum_kernel
@@ -112,13 +112,6 @@ def incoming_grads(do, dht, v):
 
 
 @functools.lru_cache(maxsize=64)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-@functools.lru_cache(maxsize=64)
 def _fixed_index(B: int, T: int, device: torch.device):
     NT = triton.cdiv(T, BT)
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
@@ -148,7 +141,7 @@ def launch_config(kernel_config: ChunkKernelConfig | None, N: int, H: int, K: in
     if kernel_config is not None:
         kernel_config.check_shape(K)
         return kernel_config
-    return select_config(N, H, K, V, x.dtype, num_sms=_num_sms(x.device), gated=gated, interpreter=interpreted())
+    return select_config(N, H, K, V, x.dtype, num_sms=device_sms(x.device), gated=gated, interpreter=interpreted())
 
 
 def _full(D: int) -> int:
@@ -216,9 +209,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, g=None, *,
               config: ChunkKernelConfig | None = None):
-    """Launch the forward (``config``: the launch settings, or None for ``select_config``'s). Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
+    """Launch the forward (``config``: the launch settings, or None for ``select_config``'s).
+    Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
     ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
-    pseudo-values ``v_new`` are what the backward may reuse."""
+    pseudo-values ``v_new`` are what the backward reuses."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -400,7 +394,8 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
     g = inputs[8] if len(inputs) > 8 else None
-    # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward would rebuild both and hold them until its end, so keeping them
+    # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
+    # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # g and the final state (read by the gradient of g) are saved only for the gated rule.
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,

@@ -9,7 +9,7 @@ on an otherwise idle GPU). A call can override them::
     import dataclasses, torch
     from deltanet.ops import ChunkKernelConfig, delta_rule, select_config
 
-    cfg = select_config(N=32, H=16, K=128, V=128, dtype=torch.bfloat16, num_sms=132)
+    cfg = select_config(N=32, H=16, K=128, V=128, dtype=torch.bfloat16, num_sms=device_sms(q.device))
     o, _ = delta_rule(q, k, v, beta, kernel_config=dataclasses.replace(cfg, warps_wy=8))
 
 A config is not tied to a shape, but the defaults are: ``select_config`` for the shape you run,
@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-__all__ = ["ChunkKernelConfig", "select_config"]
+__all__ = ["ChunkKernelConfig", "device_sms", "select_config"]
 
 _BLOCKS = (16, 32, 64, 128, 256)  # tl.dot needs >= 16; the kernels hold at most all of K or V (<= 256)
 _WARPS = (1, 2, 4, 8, 16, 32)
@@ -136,6 +136,15 @@ class ChunkKernelConfig:
         return cls(**{f.name: (bool(x) if f.type in (bool, "bool") else int(x)) for f, x in zip(fields, values)})
 
 
+@functools.lru_cache(maxsize=64)
+def device_sms(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA device (``select_config``'s ``num_sms``); 1 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 @functools.lru_cache(maxsize=512)
 def select_config(N: int, H: int, K: int, V: int, dtype: torch.dtype, *, num_sms: int, gated: bool = False,
                   interpreter: bool = False) -> ChunkKernelConfig:
@@ -164,6 +173,11 @@ def select_config(N: int, H: int, K: int, V: int, dtype: torch.dtype, *, num_sms
     bv_state = bvf if interpreter else min(bvf, 64 if bkf <= 128 else (32 if narrow else 16))
     while bv_state > 16 and N * H * -(-V // bv_state) < 0.95 * num_sms:
         bv_state //= 2
+    # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweeps on an
+    # otherwise idle GPU, results/2026-11-30-h200-x2-kernels.md and 2026-11-30-h200-kernels-session3.md):
+    # 4 warps everywhere but the K = 256 state kernels and the fused gradients at K = 128; 3 pipeline
+    # stages in the state kernels (9% faster than 2), except at K = 256 or with fp32 inputs, where 3
+    # need 262-313 KB of shared memory.
     stages_state = 3 if bkf <= 128 and narrow else 2
     if gated and bkf > 128 and not narrow:
         # the gated dh_bwd with fp32 inputs at K = 256 needs 283,648 B of shared memory at 2 stages
