@@ -7,7 +7,7 @@ settings measured fastest on the H100 / H200 (benchmarks/NOTES-kernels.md, one s
 on an otherwise idle GPU). A call can override them::
 
     import dataclasses, torch
-    from deltanet.ops import ChunkKernelConfig, delta_rule, select_config
+    from deltanet.ops import delta_rule, device_sms, select_config
 
     cfg = select_config(N=32, H=16, K=128, V=128, dtype=torch.bfloat16, num_sms=device_sms(q.device))
     o, _ = delta_rule(q, k, v, beta, kernel_config=dataclasses.replace(cfg, warps_wy=8))
