@@ -6,16 +6,17 @@ fails with ``triton.runtime.errors.OutOfResources``, which the CPU tests (Triton
 cannot see.
 
     python benchmarks/kernel_resources.py --dim 128
-    python benchmarks/kernel_resources.py --defaults --dims 64,128,256   # as chunk._configs launches them
+    python benchmarks/kernel_resources.py --defaults --dims 64,128,256   # as select_config chooses
+    python benchmarks/kernel_resources.py --defaults --override '{"warps_wy": 8}'   # one setting changed
     python benchmarks/kernel_resources.py --defaults --dtypes bf16,fp32 --check-limits   # exit 1 if over
     python benchmarks/kernel_resources.py --defaults --dtypes bf16,fp32 --check-limits --smem-only   # ~1 min cold
 
 ``--defaults`` takes the launches from chunk.py itself: ``chunk_fwd`` and then ``chunk_bwd``
 (as the autograd op calls it, with the forward's ``ai`` and ``v_new``) run on meta tensors
 with every kernel replaced by a recorder, so the launch table follows chunk.py's rules
-(``_configs`` and the overrides, the dtype rule for ``chunk_grads_kernel``, ``PREC`` /
-``MERGE_PREC``, ``STORE_WU`` / ``STORE_U`` / ``KNOWN_VNEW``, ``num_stages`` or Triton's
-default). Each recorded launch is specialized by Triton's own launcher code (argument types,
+(``select_config`` for the shape and ``--sms``, changed by ``--override``, passed as the
+launchers' ``config``; ``PREC``, ``KNOWN_VNEW``, ``num_stages`` or Triton's default). Each
+recorded launch is specialized by Triton's own launcher code (argument types,
 ``tt.divisibility`` of aligned pointers: it decides the vectorized, pipelined loads and so the
 shared memory) and compiled for sm_90. Identical compiles are done once, ``--jobs`` at a time;
 Triton's on-disk cache makes a second run fast. ``--smem-only`` stops each compile at LLVM IR,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -120,19 +122,14 @@ def _chunk():
 
 
 @contextlib.contextmanager
-def _recording(chunk, tuning: dict, sms: int, log: list):
-    """Inside: ``chunk.TUNING = tuning`` (``DELTANET_CHUNK_TUNING`` applies too, as in a real call),
-    ``sms`` SMs, and every kernel chunk.py launches recorded into ``log`` instead of run."""
+def _recording(chunk, log: list):
+    """Inside: every kernel chunk.py launches is recorded into ``log`` instead of run."""
     ks = kernels()
     # every kernel chunk.py can launch (one it launched unpatched would fail loudly: no GPU driver)
     patched = {attr: fn for attr, fn in vars(chunk).items() if isinstance(fn, JITFunction)}
     unknown = [a for a in patched if ks.get(a[: -len("_kernel")] if a.endswith("_kernel") else a) is not patched[a]]
     if unknown:
         raise LookupError(f"chunk.py launches kernels not found as {KERNEL_PACKAGE}.*.<name>_kernel: {unknown}")
-    saved_tuning, saved_sms = dict(chunk.TUNING), chunk._num_sms
-    chunk.TUNING.clear()
-    chunk.TUNING.update(tuning)
-    chunk._num_sms = lambda device: sms
     for attr, fn in patched.items():
         setattr(chunk, attr, _Recorder(attr[: -len("_kernel")], fn, log))
     try:
@@ -140,22 +137,22 @@ def _recording(chunk, tuning: dict, sms: int, log: list):
     finally:
         for attr, fn in patched.items():
             setattr(chunk, attr, fn)
-        chunk.TUNING.clear()
-        chunk.TUNING.update(saved_tuning)
-        chunk._num_sms = saved_sms
 
 
-def launches(D: int, T: int, tuning: dict | None = None, dtype: str = "bf16", *, H: int = 16,
+def launches(D: int, T: int, override: dict | None = None, dtype: str = "bf16", *, H: int = 16,
              tokens: int = 32768, sms: int = 132, states: bool = False, gated: bool = False) -> list[Launch]:
     """Every kernel launch of one forward + backward of ``chunk_delta_rule`` (``chunk_fwd``, then
-    ``chunk_bwd`` as the autograd op calls it: with the forward's ``ai``, and its ``v_new``
-    when ``SAVE_VNEW``) for ``tokens`` tokens in sequences of length ``T``, ``H`` heads, K = V =
-    ``D``, inputs (q, k, v, beta, do) in ``dtype``, on a GPU with ``sms`` SMs (H200: 132), in
-    launch order. ``tuning``: overrides as ``chunk.TUNING``. ``states``: with an initial state
+    ``chunk_bwd`` as the autograd op calls it: with the forward's ``ai`` and ``v_new``) for
+    ``tokens`` tokens in sequences of length ``T``, ``H`` heads, K = V = ``D``, inputs (q, k, v,
+    beta, do) in ``dtype``, on a GPU with ``sms`` SMs (H100 SXM / H200: 132), in launch order.
+    ``override``: ChunkKernelConfig fields changed from ``select_config``'s choice (e.g.
+    ``{"warps_wy": 8}``), as ``kernel_config=`` would pass them. ``states``: with an initial state
     and the final state in the loss (USE_H0, STORE_HT, USE_DHT, STORE_DH0); else none (training).
     ``gated``: the gated rule (a log decay ``g``: the ``USE_G`` variants).
     Nothing runs: the launchers get meta tensors and the kernels are recorded."""
     import torch
+
+    from deltanet.ops import select_config
 
     chunk = _chunk()
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -168,10 +165,11 @@ def launches(D: int, T: int, tuning: dict | None = None, dtype: str = "bf16", *,
     g = torch.empty(B, T, H, dtype=torch.float32, **meta) if gated else None
     ht = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if gated and states else None
     scale = D ** -0.5
+    config = dataclasses.replace(select_config(B, H, D, D, tdtype, num_sms=sms, gated=gated), **(override or {}))
     log: list[Launch] = []
-    with _recording(chunk, dict(tuning or {}), sms, log):
-        _, _, ai, v_new = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g)
-        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new if chunk._keeps_vnew() else None, g, ht)
+    with _recording(chunk, log):
+        _, _, ai, v_new = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g, config=config)
+        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new, g, ht, config=config)
     return log
 
 
@@ -297,16 +295,13 @@ def _label(launch: Launch) -> str:
     if launch.name in ("h_fwd", "dh_bwd"):
         out += f" BV {c['BV']} addr64 {c['ADDR64']:d}"
     out += " (from v_new)" if c.get("KNOWN_VNEW") else ""
-    out += " (W only)" if c.get("STORE_U") is False else ""
-    out += " (Ai only)" if c.get("STORE_WU") is False else ""
-    out += " (merge tf32)" if c.get("MERGE_PREC") == "tf32" else ""
     if any(c.get(f) for f in ("USE_H0", "STORE_HT", "USE_DHT", "STORE_DH0")):
         out += " (states)"
     out += " (gated)" if c.get("USE_G") else ""
     return out
 
 
-def report_defaults(dims, lengths, tuning, dtypes=("bf16",), sms=132, states=False, jobs=1,
+def report_defaults(dims, lengths, override, dtypes=("bf16",), sms=132, states=False, jobs=1,
                     smem_limit=SMEM_LIMIT, H=16, tokens=32768, smem_only=False, gated=False) -> list[str]:
     """Print each kernel as chunk.py launches it at ``tokens`` tokens x ``H`` heads on ``sms`` SMs
     (H200: 132). Returns the launches that would not fit on an sm_90 GPU, one line each
@@ -318,14 +313,13 @@ def report_defaults(dims, lengths, tuning, dtypes=("bf16",), sms=132, states=Fal
                 here = {}
                 for with_states in ([False, True] if states else [False]):
                     for with_g in ([False, True] if gated else [False]):
-                        for ln in launches(D, T, tuning, dtype, H=H, tokens=tokens, sms=sms, states=with_states,
+                        for ln in launches(D, T, override, dtype, H=H, tokens=tokens, sms=sms, states=with_states,
                                            gated=with_g):
                             here.setdefault(ln.key(), ln)
                 rows += [(D, T, dtype, ln) for ln in here.values()]
     pool, futures = compile_all([ln.key() for *_, ln in rows], jobs, smem_only)
-    env = os.environ.get("DELTANET_CHUNK_TUNING")
-    if tuning or env:
-        print(f"overrides: DELTANET_CHUNK_TUNING={env or '{}'}, then {json.dumps(tuning)}", flush=True)
+    if override:
+        print(f"override: {json.dumps(override)}", flush=True)
     print(f"{len(rows)} launches, {len(futures)} distinct compiles for sm_90{' (to LLVM IR)' if smem_only else ''}, "
           f"shared memory limit {smem_limit} B", flush=True)
     failures = []
@@ -352,13 +346,13 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def _single(D: int, name: str, tuning: dict, warps: int, stages: int) -> Launch:
-    """The first launch of kernel ``name`` in a bf16 forward + backward at D under ``tuning``,
+def _single(D: int, name: str, override: dict, warps: int, stages: int) -> Launch:
+    """The first launch of kernel ``name`` in a bf16 forward + backward at D with ``override``,
     compiled for ``warps`` / ``stages`` instead of its own."""
-    for ln in launches(D, 1024, tuning, "bf16"):
+    for ln in launches(D, 1024, override, "bf16"):
         if ln.name == name:
             return ln._replace(warps=warps, stages=stages)
-    raise LookupError(f"{name} is not launched with {tuning}")
+    raise LookupError(f"{name} is not launched with {override}")
 
 
 def main() -> None:
@@ -372,7 +366,8 @@ def main() -> None:
     p.add_argument("--lengths", default="1024,16384", help="with --defaults: sequence lengths (32K tokens in all; "
                                                           "the state V-block depends on them)")
     p.add_argument("--dtypes", default="bf16", help="with --defaults: input dtypes, of " + ", ".join(DTYPES))
-    p.add_argument("--tuning", default="{}", help="with --defaults: JSON overrides, as DELTANET_CHUNK_TUNING")
+    p.add_argument("--override", default="{}",
+                   help="with --defaults: JSON of ChunkKernelConfig fields to change, e.g. '{\"warps_wy\": 8}'")
     p.add_argument("--gated", action="store_true",
                    help="with --defaults: also the gated rule's launches (a log decay g: the USE_G variants)")
     p.add_argument("--states", action="store_true",
@@ -399,7 +394,12 @@ def main() -> None:
         dtypes = [d for d in args.dtypes.split(",") if d]
         if set(dtypes) - set(DTYPES):
             p.error(f"unknown dtype(s) {sorted(set(dtypes) - set(DTYPES))}; choose from {', '.join(DTYPES)}")
-        failures = report_defaults(_ints(args.dims), _ints(args.lengths), json.loads(args.tuning), dtypes,
+        override = json.loads(args.override)
+        from deltanet.ops import ChunkKernelConfig
+        unknown = set(override) - {f.name for f in dataclasses.fields(ChunkKernelConfig)}
+        if unknown:
+            p.error(f"--override: unknown ChunkKernelConfig field(s) {sorted(unknown)}")
+        failures = report_defaults(_ints(args.dims), _ints(args.lengths), override, dtypes,
                                    sms=args.sms, states=args.states, jobs=args.jobs, smem_limit=args.smem_limit,
                                    H=args.heads, smem_only=args.smem_only, gated=args.gated)
         if failures:
@@ -414,17 +414,17 @@ def main() -> None:
 
     # One kernel at a time at D = --dim, for each of --warps (bf16, --stages).
     D = args.dim
-    unfused = dict(GRADS_FUSED=0)
-    todo = []  # (label, kernel, tuning that launches it so, warps)
+    unfused = dict(grads_fused=False)
+    todo = []  # (label, kernel, config fields that launch it so, warps)
     for w in _ints(args.warps):
         todo += [(f"wy_fwd   warps {w}:", "wy_fwd", {}, w),
                  (f"wy_bwd   warps {w}:", "wy_bwd", unfused, w)]
         todo.append((f"dqkw_bwd warps {w}:", "dqkw_bwd", unfused, w))
         for bv in (16, 64):
-            todo += [(f"h_fwd BV {bv} warps {w}:", "h_fwd", dict(BV_STATE_MAX=bv), w),
-                     (f"dh_bwd BV {bv} warps {w}:", "dh_bwd", dict(BV_STATE_MAX=bv), w)]
+            todo += [(f"h_fwd BV {bv} warps {w}:", "h_fwd", dict(bv_state=bv), w),
+                     (f"dh_bwd BV {bv} warps {w}:", "dh_bwd", dict(bv_state=bv), w)]
         todo.append((f"o_fwd    warps {w}:", "o_fwd", {}, w))
-    lns = [(label, _single(D, name, tuning, w, args.stages)) for label, name, tuning, w in todo]
+    lns = [(label, _single(D, name, override, w, args.stages)) for label, name, override, w in todo]
     pool, futures = compile_all([ln.key() for _, ln in lns], args.jobs, args.smem_only)
     try:
         for label, ln in lns:

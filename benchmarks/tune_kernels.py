@@ -1,13 +1,16 @@
 """Per-kernel profile and launch-setting sweep for the chunk kernels (GPU). Prints, for a few
 (D, T) at 32K tokens x 16 heads in bf16: each kernel's time in one fwd+bwd, then fwd and
-fwd+bwd medians for each variant of ``chunk.TUNING``. Used to pick the defaults in
-``chunk._configs``; results in benchmarks/NOTES-kernels.md.
+fwd+bwd medians for each variant: ``ChunkKernelConfig`` fields changed from
+``select_config``'s choice for the shape, passed as ``kernel_config=`` (the public argument).
+Used to pick the defaults in ``deltanet/ops/delta_rule/config.py``; results in
+benchmarks/NOTES-kernels.md.
 
     python benchmarks/tune_kernels.py --dims 64,128 --lengths 1024,16384
 
 ``--compile-only`` runs one fwd+bwd per shape and variant (fills the Triton cache; several such
 processes can compile in parallel), ``--choose FILE`` writes the variant with the lowest mean
-fwd+bwd time relative to the first variant as JSON (what ``DELTANET_CHUNK_TUNING`` takes), and
+fwd+bwd time relative to the first variant as JSON (the changed fields: put them into
+``select_config`` if they should become the defaults), and
 ``--check`` drops a variant whose outputs/gradients differ from the first variant's, or (at
 B = 2, T = 1000) from the PyTorch chunkwise version in fp32, by more than a relative 5e-2 (a
 wrong launch setting must not win; bf16 vs float64 is ~6e-3, results/2026-11-29-h200-kernels.md).
@@ -16,50 +19,52 @@ wrong launch setting must not win; bf16 vs float64 is ~6e-3, results/2026-11-29-
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import json
 
 import torch
 from triton.testing import do_bench
 
 from deltanet.bench.kernels import _inputs
+from deltanet.ops import ChunkKernelConfig, chunk_delta_rule, device_sms, select_config
 
-chunk = importlib.import_module("deltanet.ops.delta_rule.chunk")
-
-# "old" = the committed defaults of chunk._configs; each "o_*" variant changes one setting on
-# top of it, so a sweep shows which changes help one at a time (``--combine`` then times the
-# union of the helpful ones). 2026-11-30 (session 3): the defaults keep the forward's v_new and
-# fuse the backward's per-chunk kernels; "prev" is the defaults before that.
+# "old" = the defaults (select_config); each "o_*" variant changes one setting on top of them, so
+# a sweep shows which changes help one at a time (``--combine`` then times the union of the
+# helpful ones). A value "all" means all of the head dim (e.g. o_fwd with one V-block).
 OLD: dict = {}
 VARIANTS = {
     "old": OLD,
-    "prev": {"SAVE_VNEW": 0, "GRADS_FUSED": 0},      # the defaults of commit b0dc2a8
-    "o_nofuse": {"GRADS_FUSED": 0},                  # dqkw_bwd + wy_bwd instead of chunk_grads
-    "o_novnew": {"SAVE_VNEW": 0},                    # backward recomputes v_new (h_fwd with W, U)
-    "o_g4": {"WARPS_GRADS": 4},
-    "o_g8": {"WARPS_GRADS": 8},
-    "o_gbv32": {"BV_GRADS": 32},
-    "o_wysplit": {"WY_SPLIT_WU": 1},                 # UT transform writes Ai only, W/U by wu_fwd
-    "o_wytf32": {"WY_MERGE_TF32": 1},                # block merge of the UT transform in tf32
-    "o_wyreg": {"WY_BATCHED": 0},                    # diagonal-block inverses in registers
-    "o_ofull": {"BV_O": -1, "WARPS_O": 8},           # o_fwd: all of V per program, 8 warps
-    "o_wy8": {"WARPS_WY": 8, "WARPS_WYB": 4},        # UT-transform forward at 8 warps
-    "o_dqkw8": {"WARPS_DQKW": 8, "GRADS_FUSED": 0},
-    "o_addr": {"STATE_ADDR64": -1},                  # scalar base + int32 offsets in the state kernels at K > 64
-    "o_ss3": {"STAGES_STATE": 3},
+    "o_nofuse": {"grads_fused": False},              # dqkw_bwd + wy_bwd instead of chunk_grads (K <= 64)
+    "o_fuse": {"grads_fused": True},                 # chunk_grads at K = 128 too (slower there, 2026-11-30)
+    "o_g4": {"warps_grads": 4},
+    "o_g8": {"warps_grads": 8},
+    "o_gbv64": {"bv_grads": 64},
+    "o_ofull": {"bv_o": "all", "warps_o": 8},        # o_fwd: all of V per program, 8 warps
+    "o_wy8": {"warps_wy": 8},                        # UT-transform forward at 8 warps
+    "o_wyb8": {"warps_wyb": 8},
+    "o_dqkw8": {"warps_dqkw": 8, "grads_fused": False},
+    "o_addr64": {"state_addr64": True},              # int64 token offsets in the state kernels at K > 64
+    "o_ss2": {"stages_state": 2},
     # the state kernels' V-block (sequential over chunks; fewer, wider programs vs more, narrower)
-    "bvs16": {"BV_STATE": 16},
-    "bvs32": {"BV_STATE": 32},
-    "bvs64": {"BV_STATE": 64},
-    "ppsm2": {"STATE_PROGRAMS_PER_SM": 2},
-    "ppsm095": {"STATE_PROGRAMS_PER_SM": 0.95},     # keep a wider V-block when 95% of the SMs have a program
+    "bvs16": {"bv_state": 16},
+    "bvs32": {"bv_state": 32},
+    "bvs64": {"bv_state": 64},
 }
 
 
-def oracle_err(D, B=2, T=1000, H=16, device="cuda"):
-    """Largest relative error of o, dq, dk, dv, dbeta (bf16, current TUNING) against the PyTorch
-    chunkwise version in fp32 on the same bf16 inputs (H = 16 and N * H < 2 x SMs: the launch
-    settings, hence the compiled kernels, are those of the T = 16K benchmark shape)."""
+def config_for(settings: dict, B: int, H: int, D: int, dtype=torch.bfloat16) -> ChunkKernelConfig:
+    """``select_config``'s choice for ``B`` sequences x ``H`` heads at K = V = ``D`` on this GPU,
+    with ``settings`` (ChunkKernelConfig fields; "all" = all of D) changed."""
+    sms = device_sms("cuda")
+    full = max(16, 1 << (D - 1).bit_length())
+    changes = {k: (full if v == "all" else v) for k, v in settings.items()}
+    return dataclasses.replace(select_config(B, H, D, D, dtype, num_sms=sms), **changes)
+
+
+def oracle_err(D, settings, B=2, T=1000, H=16, device="cuda"):
+    """Largest relative error of o, dq, dk, dv, dbeta (bf16, the variant's ``settings``) against
+    the PyTorch chunkwise version in fp32 on the same bf16 inputs (H = 16 and N * H < 2 x SMs:
+    the launch settings, hence the compiled kernels, are those of the T = 16K benchmark shape)."""
     from deltanet.ops import delta_rule_chunkwise_torch
 
     xs = _inputs(B, T, H, D, torch.bfloat16, device, seed=5)
@@ -67,7 +72,7 @@ def oracle_err(D, B=2, T=1000, H=16, device="cuda"):
     ref32 = [x.detach().float().requires_grad_() for x in xs]
     o_ref = delta_rule_chunkwise_torch(*ref32)[0]
     o_ref.backward(do)
-    o = chunk.chunk_delta_rule(*xs)[0]
+    o = chunk_delta_rule(*xs, kernel_config=config_for(settings, B, H, D))[0]
     o.backward(do.to(o.dtype))
     pairs = [(o.detach().float(), o_ref.detach())] + [(x.grad.float(), r.grad) for x, r in zip(xs, ref32)]
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs)
@@ -122,20 +127,16 @@ def main():
     if args.compile_only:
         for name in names:
             for D, T in shapes:
-                chunk.TUNING.clear()
-                chunk.TUNING.update(VARIANTS[name])
                 q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
-                chunk.chunk_delta_rule(q, k, v, beta)[0].backward(torch.randn_like(v))
+                cfg = config_for(VARIANTS[name], 32768 // T, 16, D)
+                chunk_delta_rule(q, k, v, beta, kernel_config=cfg)[0].backward(torch.randn_like(v))
                 torch.cuda.synchronize()
                 print(f"compiled {name} D={D} T={T}", flush=True)
             if args.check:
                 for D in sorted({D for D, _ in shapes}):
-                    chunk.TUNING.clear()
-                    chunk.TUNING.update(VARIANTS[name])
-                    print(f"{name} D={D} error vs fp32 PyTorch: {oracle_err(D):.2e}", flush=True)
+                    print(f"{name} D={D} error vs fp32 PyTorch: {oracle_err(D, VARIANTS[name]):.2e}", flush=True)
         return
     for D, T in ([] if args.no_profile else shapes):
-        chunk.TUNING.clear()
         for method in args.profile_methods.split(","):
             prof = profile(D, T, method=method)
             total = sum(t for _, t in prof)
@@ -153,7 +154,6 @@ def main():
             names.append("combo")
             print(f"COMBO: {json.dumps(combo)}", flush=True)
             rows += time_variant("combo", combo, shapes, args, refs)
-    chunk.TUNING.clear()
     if args.choose:
         choose(rows, names, shapes, args.choose)
     print("| variant | " + " | ".join(f"D{D} T{T} fwd/fb ms" for D, T in shapes) + " |")
@@ -171,16 +171,15 @@ def time_variant(name, settings, shapes, args, refs):
     largest relative difference from the first variant timed, and from the fp32 oracle)."""
     rows = []
     for D, T in shapes:
-        chunk.TUNING.clear()
-        chunk.TUNING.update(settings)
         try:
             q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
             do = torch.randn(v.shape, device=v.device, dtype=v.dtype, generator=torch.Generator("cuda").manual_seed(1))
-            f = lambda: chunk.chunk_delta_rule(q, k, v, beta)[0]
+            cfg = config_for(settings, 32768 // T, 16, D)
+            f = lambda: chunk_delta_rule(q, k, v, beta, kernel_config=cfg)[0]
             fb = lambda: f().backward(do)
             row = dict(variant=name, D=D, T=T)
             if args.check and T == shapes[0][1]:
-                row["oracle_err"] = oracle_err(D)
+                row["oracle_err"] = oracle_err(D, settings)
             if args.check:
                 o = f()
                 o.backward(do)
@@ -249,7 +248,7 @@ def choose(rows, names, shapes, path):
     settings = dict(VARIANTS[best])
     with open(path, "w") as fh:
         json.dump(settings, fh)
-    print(f"CHOICE: {best} -> DELTANET_CHUNK_TUNING='{json.dumps(settings)}'", flush=True)
+    print(f"CHOICE: {best} -> ChunkKernelConfig fields {json.dumps(settings)} (on top of select_config)", flush=True)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, 
 PROFILE_GROUPS = (
     ("cross entropy", ("cross_entropy", "crossentropy", "logsumexp", "nll")),  # before "linear" (fused linear CE)
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "addmm", "aten::mm", "aten::bmm", "linear")),
-    ("delta rule", ("wy_", "wu_fwd", "h_fwd", "dh_bwd", "o_fwd", "dqkw", "chunk_grads", "dv_local",
+    ("delta rule", ("wy_", "w_fwd_kernel", "h_fwd", "dh_bwd", "o_fwd", "dqkw", "chunk_grads", "dv_local",
                     "chunk_gated_delta", "chunk_fwd_kernel_o", "chunk_bwd_kernel", "prepare_wy", "merge_16x16",
                     "recompute_w_u", "chunk_scaled_dot_kkt", "solve_tril", "delta_rule")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),

@@ -8,6 +8,9 @@ Backends (the contract: docs/contracts.md):
 - ``"torch"``     chunkwise WY algorithm in plain PyTorch, any device
 - ``"reference"`` step-by-step recurrence, the oracle
 - ``"auto"``      ``"triton"`` for CUDA tensors, ``"torch"`` otherwise
+
+The Triton chunk kernels' launch settings are a :class:`ChunkKernelConfig`, chosen per shape by
+:func:`select_config`; ``kernel_config=`` overrides them for one call.
 """
 
 from __future__ import annotations
@@ -15,19 +18,23 @@ from __future__ import annotations
 import torch
 
 from .delta_rule import delta_product_reference, delta_rule_chunkwise_torch, delta_rule_reference
+from .delta_rule.config import ChunkKernelConfig, device_sms, select_config
 from .delta_rule.product import interleave_product, take_last_step
 
 BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
 
 __all__ = [
     "BACKENDS",
+    "ChunkKernelConfig",
     "chunk_delta_rule",
     "delta_product",
     "delta_product_reference",
     "delta_rule",
     "delta_rule_chunkwise_torch",
     "delta_rule_reference",
+    "device_sms",
     "recurrent_delta_rule",
+    "select_config",
 ]
 
 
@@ -38,7 +45,7 @@ _NO_TRITON = "{} needs Triton (Linux: pip install triton); on other platforms us
 
 
 def chunk_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None):
+                     cu_seqlens=None, kernel_config=None):
     """Chunkwise delta rule in Triton (backend ``"triton"``). Same contract as :func:`delta_rule`."""
     try:
         from .delta_rule.chunk import chunk_delta_rule as impl
@@ -47,7 +54,7 @@ def chunk_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, o
             raise
         raise ImportError(_NO_TRITON.format("chunk_delta_rule")) from e
     return impl(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, kernel_config=kernel_config)
 
 
 def recurrent_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
@@ -83,6 +90,7 @@ def delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (gated) delta rule ``S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T``,
     ``o_t = scale * S_t^T q_t``.
@@ -99,6 +107,10 @@ def delta_rule(
         output_final_state: also return the state after the last token, ``[N, H, K, V]`` float32.
         cu_seqlens: int tensor of sequence boundaries ``[0, ..., T]`` for packed sequences (B == 1).
         backend: one of ``BACKENDS``.
+        kernel_config: launch settings of the Triton chunk kernels for this call (a
+            :class:`ChunkKernelConfig`, e.g. ``dataclasses.replace(select_config(...), warps_wy=8)``),
+            or None for the shape's defaults. Only for ``backend="triton"``, or ``"auto"``, where it
+            applies when auto picks Triton (CUDA tensors); another backend raises ``ValueError``.
 
     Returns:
         ``(o, final_state)`` with ``o: [B, T, H, V]`` in ``v.dtype``; ``final_state`` is None
@@ -116,10 +128,18 @@ def delta_rule(
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if kernel_config is not None:
+        if not isinstance(kernel_config, ChunkKernelConfig):
+            raise TypeError(f"kernel_config must be a deltanet.ops.ChunkKernelConfig or None, got "
+                            f"{type(kernel_config).__name__}")
+        if backend not in ("triton", "auto"):
+            raise ValueError(f"kernel_config sets the Triton chunk kernels' launches: it needs backend='triton' "
+                             f"(or 'auto'), got backend={backend!r}")
     if backend == "auto":
         backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
+    extra = {"kernel_config": kernel_config} if backend == "triton" and kernel_config is not None else {}
     return _IMPLS[backend](q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, **extra)
 
 
 def delta_product(
@@ -134,6 +154,7 @@ def delta_product(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DeltaProduct: ``n_h`` Householder steps per token. For each token t, ``S <- exp(g_t) S``
     (if gated), then for ``j = 0 .. n_h - 1``: ``S <- (I - b_tj k_tj k_tj^T) S + b_tj k_tj v_tj^T``;
@@ -142,7 +163,8 @@ def delta_product(
     Args:
         q: ``[B, T, H, K]``.
         k: ``[B, T, n_h, H, K]`` (L2-normalised), v: ``[B, T, n_h, H, V]``, beta: ``[B, T, n_h, H]``.
-        g: ``[B, T, H]`` or None. Other arguments as :func:`delta_rule` (``cu_seqlens`` counts tokens).
+        g: ``[B, T, H]`` or None. Other arguments as :func:`delta_rule` (``cu_seqlens`` counts tokens;
+            ``kernel_config`` applies to the rule over the ``T * n_h`` interleaved steps).
 
     Computed as the delta rule over the interleaved sequence of ``T * n_h`` steps (see
     ``delta_rule/product.py``), on any backend.
@@ -159,5 +181,6 @@ def delta_product(
     """
     q, k, v, beta, g, cu_seqlens, n_h = interleave_product(q, k, v, beta, g, cu_seqlens)
     o, S = delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend,
+                      kernel_config=kernel_config)
     return take_last_step(o, n_h), S

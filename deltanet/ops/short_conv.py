@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-# interpreted(): whether the kernels run under TRITON_INTERPRET=1; importing chunk also applies
-# its interpreter fixes (tensor-valued loop bounds, boolean masks), which these kernels need too
-from .delta_rule.chunk import interpreted
+# interpreted(): whether the kernels run under TRITON_INTERPRET=1; importing the module applies
+# the interpreter fixes (tensor-valued loop bounds, boolean masks), which these kernels need too
+from .delta_rule.interpreter import interpreted
 from .registry import register_autograd_op
 
 __all__ = ["short_conv", "short_conv_bwd", "short_conv_fwd"]

@@ -7,6 +7,8 @@ Every buffer the chunk launchers allocate starts as NaN (an unwritten element fa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from tests.ops.family_cases import (ORACLE_PRODUCT, ORACLE_RULE, check, cotangen
                                     rule, run)
 from tests.utils import assert_close
 
-from deltanet.ops import chunk_delta_rule, recurrent_delta_rule
+from deltanet.ops import chunk_delta_rule, device_sms, recurrent_delta_rule, select_config
 
 if ON_GPU:
     SHAPES = [(1, 1, 2, 128, 128), (2, 63, 3, 64, 128), (1, 65, 2, 100, 100), (2, 1000, 4, 128, 64),
@@ -128,24 +130,24 @@ def test_product_three_steps_varlen_strong_decay():
     check("product varlen", got, ref, rtol=2e-5, inp=inp)
 
 
-# Launch settings the tuning sweep may pick: the gate path must hold in each.
+# Launch settings a tuning sweep may pick: the gate path must hold in each.
 VARIANTS = {
-    "two-kernel-grads": {"GRADS_FUSED": 0},
-    "fused-grads": {"GRADS_FUSED": 1, "BV_GRADS": 16},
-    "recompute-vnew-and-ai": {"SAVE_AI": 0, "SAVE_VNEW": 0},
-    "wy-split-wu": {"WY_SPLIT_WU": 1},
-    "register-inverse": {"WY_BATCHED": 0},
-    "state-int32-offsets": {"STATE_ADDR64": 0},
+    "two-kernel-grads": dict(grads_fused=False),
+    "fused-grads": dict(grads_fused=True, bv_grads=16),
+    "state-int32-offsets": dict(state_addr64=False),
+    "narrow-blocks": dict(bk=16, bv=16, bv_state=16, bv_o=16, bk_dqkw=16),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gated_launch_variants_match_reference(variant, monkeypatch):
-    monkeypatch.setattr(chunk_module, "TUNING", dict(VARIANTS[variant]))
+def test_gated_launch_variants_match_reference(variant):
+    cfg = select_config(2, 3, 32, 48, torch.float32, num_sms=device_sms(DEVICE), gated=True,
+                        interpreter=chunk_module.interpreted())
+    cfg = dataclasses.replace(cfg, **VARIANTS[variant])
     inp = gated_inputs(2, 63, 3, 32, 48, seed=16, strong=True, device=DEVICE)
     do, dS = cotangents(inp)
     ref = run(ORACLE_RULE, inp, do, dS)
-    got = run(chunk_delta_rule, inp, do, dS, cast=torch.float32)
+    got = run(chunk_delta_rule, inp, do, dS, cast=torch.float32, kernel_config=cfg)
     check(variant, got, ref, rtol=2e-5, inp=inp)
 
 

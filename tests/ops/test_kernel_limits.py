@@ -34,9 +34,8 @@ CMD = ["benchmarks/kernel_resources.py", "--defaults", "--check-limits", "--smem
                                           "no offline sm_90 compile")
 def test_default_launches_fit_sm90_shared_memory():
     # TRITON_INTERPRET=1 (set for this process by conftest / _triton_common) would make triton.jit
-    # return interpreted functions, which cannot be compiled; the check is of the committed
-    # defaults, so no DELTANET_CHUNK_TUNING either.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DELTANET_CHUNK_TUNING")}
+    # return interpreted functions, which cannot be compiled.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     r = subprocess.run([sys.executable, *CMD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (f"python {' '.join(CMD)} exited with {r.returncode}\n--- stdout\n{r.stdout}"

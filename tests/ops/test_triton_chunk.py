@@ -7,6 +7,8 @@ Every buffer the launchers allocate starts as NaN, so an unwritten element fails
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from tests.ops._triton_common import (DEVICE, ON_GPU, chunk_module, recurrence_l
                                       run_with_grads)
 from tests.utils import DEGENERATE_CASES, assert_close, degenerate_inputs, make_inputs
 
-from deltanet.ops import chunk_delta_rule, delta_rule, delta_rule_reference
+from deltanet.ops import chunk_delta_rule, delta_rule, delta_rule_reference, device_sms, select_config
 
 if ON_GPU:
     # Few distinct (K, V): each one is a separate compilation of every kernel.
@@ -181,37 +183,39 @@ def test_torch_compile_fullgraph_traces_through_the_op():
         assert_close("grad", gc, ge, rtol=1e-6)
 
 
-@pytest.mark.parametrize("save_vnew", [1, 0], ids=["v_new-kept", "v_new-recomputed"])
-def test_custom_op_registration_passes_opcheck(save_vnew, monkeypatch):
-    # The fake implementation must agree with the real one on the kept v_new (empty or not).
-    monkeypatch.setattr(chunk_module, "TUNING", {"SAVE_VNEW": save_vnew})
+@pytest.mark.parametrize("with_config", [False, True], ids=["defaults", "kernel_config"])
+def test_custom_op_registration_passes_opcheck(with_config):
     inp = make_inputs(1, 20, 1, 16, 16, initial_state=True, dtype=torch.float32, device=DEVICE)
     args = (inp["q"], inp["k"], inp["v"], inp["beta"], 16 ** -0.5, inp["initial_state"], True, None)
+    if with_config:  # the launch settings cross the op as a list of ints
+        cfg = dataclasses.replace(select_config(1, 1, 16, 16, torch.float32, num_sms=1), grads_fused=True, bv_o=16)
+        args = args + (None, cfg.to_list())
     torch.library.opcheck(torch.ops.deltanet.chunk_delta_rule_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
 
-# Launch settings the GPU sweep (benchmarks/tune_kernels.py) may pick: each must stay exact.
+# Launch settings a tuning sweep (benchmarks/tune_kernels.py) may pick: each must stay exact.
+# (tests/ops/test_kernel_config.py checks that each reaches the kernels.)
 VARIANTS = {
-    "old-path": {"SAVE_AI": 0, "SAVE_VNEW": 0, "GRADS_FUSED": 0},
-    "two-kernel-grads": {"GRADS_FUSED": 0},
-    "recompute-vnew": {"SAVE_VNEW": 0},
-    "wy-split-wu": {"WY_SPLIT_WU": 1, "WY_MERGE_TF32": 1},
-    "register-inverse": {"WY_BATCHED": 0},
+    "two-kernel-grads": dict(grads_fused=False),
     # chunk_grads_kernel in fp32 (by default only 16-bit inputs take it), several V-blocks
-    "fused-grads-bv16": {"GRADS_FUSED": 1, "BV_GRADS": 16},
-    "o-full-v": {"BV_O": -1},
-    "state-int32-offsets": {"STATE_ADDR64": 0},  # the K > 64 default, here at small K
-    "state-int64-offsets": {"STATE_ADDR64": 1},
+    "fused-grads-bv16": dict(grads_fused=True, bv_grads=16),
+    "o-full-v": dict(bv_o=64),
+    "state-int32-offsets": dict(state_addr64=False),  # the K > 64 default, here at small K
+    "state-int64-offsets": dict(state_addr64=True),
+    "narrow-state-blocks": dict(bv_state=16, stages_state=1),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_launch_variants_match_reference(variant, monkeypatch):
-    monkeypatch.setattr(chunk_module, "TUNING", dict(VARIANTS[variant]))
+def test_launch_variants_match_reference(variant):
     shape = (2, 63, 3, 32, 48) if not ON_GPU else (2, 1000, 4, 128, 128)
+    B, T, H, K, V = shape
+    cfg = select_config(B, H, K, V, torch.float32, num_sms=device_sms(DEVICE),
+                        interpreter=chunk_module.interpreted())
+    cfg = dataclasses.replace(cfg, **VARIANTS[variant])
     inp64 = make_inputs(*shape, initial_state=True, beta_max=2.0, seed=11, device=DEVICE)
     do, dS = _cotangents(inp64)
     ref = run_with_grads(delta_rule_reference, inp64, do, dS)
-    got = run_with_grads(chunk_delta_rule, _cast(inp64, torch.float32), do.float(), dS.float())
+    got = run_with_grads(chunk_delta_rule, _cast(inp64, torch.float32), do.float(), dS.float(), kernel_config=cfg)
     _check_all(variant, got, ref, rtol=1e-5)

@@ -11,15 +11,16 @@ Forward, three kernels (``kernels/``):
 2. ``h_fwd_kernel``   (sequences x heads x V-blocks): chunk states h, v_new = U - W S
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
-Backward: the forward hands over ``Ai`` and ``v_new`` (``SAVE_AI``, ``SAVE_VNEW``); W comes
-from one product per chunk (``wu_fwd_kernel``), the states again from ``h_fwd_kernel`` as a
-prefix sum of ``K^T v_new`` (no solve, no ``W S`` on the sequential path), then the reverse
-recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the per-chunk gradients: one kernel (``chunk_grads_kernel``)
-at K <= 64 with 16-bit inputs, otherwise ``dqkw_bwd_kernel`` and the way back through the UT
-transform, ``wy_bwd_kernel`` (``GRADS_FUSED`` overrides the choice). With ``SAVE_VNEW=0`` /
-``SAVE_AI=0`` the backward recomputes those from the inputs. Launch settings: ``_configs``
-(overridable through ``DELTANET_CHUNK_TUNING`` / ``TUNING``); register use:
-benchmarks/kernel_resources.py.
+Backward: the forward hands over ``Ai`` and ``v_new`` (keeping them measured 15% and 3% faster
+fwd+bwd than recomputing them, H200 2026-11-30); W comes from one product per chunk
+(``w_fwd_kernel``), the states again from ``h_fwd_kernel`` as a prefix sum of ``K^T v_new`` (no
+solve, no ``W S`` on the sequential path), then the reverse recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the
+per-chunk gradients: one kernel (``chunk_grads_kernel``) at K <= 64 with 16-bit inputs, otherwise
+``dqkw_bwd_kernel`` and the way back through the UT transform, ``wy_bwd_kernel``.
+
+Launch settings: a :class:`~.config.ChunkKernelConfig`, from ``select_config`` once per shape or
+given by the caller (``kernel_config=``), passed to every launcher; register and shared-memory
+use: benchmarks/kernel_resources.py.
 
 Every tensor is viewed as packed tokens ``[B * T, H, D]``; a fixed-length batch is the packed
 case with ``cu_seqlens = [0, T, 2T, ...]``, so there is one code path, and a chunk never
@@ -30,33 +31,26 @@ implementations included) so that ``torch.compile`` traces through them.
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import torch
 import triton
 
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
+from .config import ChunkKernelConfig, device_sms, select_config
 from .gate import decay_terms
 from .interpreter import interpreted
 from .kernels.gate import chunk_cumsum_kernel
 from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
-from .kernels.wy import wu_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
+from .kernels.wy import w_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
 __all__ = ["chunk_delta_rule"]
 
 BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
 MAX_HEAD_DIM = 256
-# Launch settings. Fixed per shape (no autotuning) so that a cold start compiles each kernel
-# once. Overrides of ``_configs`` entries, applied in this order: the environment variable
-# ``DELTANET_CHUNK_TUNING`` (JSON, e.g. '{"WARPS_WY": 4, "SAVE_AI": 0}'; read at every call, so a
-# benchmark process can be started with the variant benchmarks/tune_kernels.py chose), then
-# this dict (tests and tune_kernels.py set it in-process).
-TUNING: dict[str, int] = {}
 
 
 # Tests set this: every buffer the launchers allocate starts as NaN, so that an element a
@@ -118,13 +112,6 @@ def incoming_grads(do, dht, v):
 
 
 @functools.lru_cache(maxsize=64)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-@functools.lru_cache(maxsize=64)
 def _fixed_index(B: int, T: int, device: torch.device):
     NT = triton.cdiv(T, BT)
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
@@ -147,82 +134,19 @@ def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.d
     return (cu_seqlens.to(torch.int32), torch.tensor(table, **i32), torch.tensor(offsets, **i32), len(table))
 
 
-def _overrides() -> dict[str, int]:
-    return {**json.loads(os.environ.get("DELTANET_CHUNK_TUNING", "{}")), **TUNING}
+def launch_config(kernel_config: ChunkKernelConfig | None, N: int, H: int, K: int, V: int, x: torch.Tensor,
+                  gated: bool) -> ChunkKernelConfig:
+    """The caller's config (checked against the shape), or the defaults for this shape and device.
+    Fixed per shape, no autotuning: a cold start compiles each kernel once."""
+    if kernel_config is not None:
+        kernel_config.check_shape(K)
+        return kernel_config
+    return select_config(N, H, K, V, x.dtype, num_sms=device_sms(x.device), gated=gated, interpreter=interpreted())
 
 
-def _keeps_vnew() -> bool:
-    """Whether the forward hands its pseudo-values ``v_new`` to the backward (``SAVE_VNEW``)."""
-    return bool(_overrides().get("SAVE_VNEW", 1))
-
-
-def _configs(N: int, H: int, K: int, V: int, device: torch.device, itemsize: int,
-             gated: bool = False) -> dict[str, int]:
-    """Block sizes and warps for one shape (``BKF``: all of K, for the state kernels), input
-    element size (``itemsize``: fp32 tiles need twice the shared memory of bf16 ones) and rule
-    (``gated``: the plain rule's settings are never changed by it)."""
-    p2 = triton.next_power_of_2
-    BKF = max(16, p2(K))
-    BVF = max(16, p2(V))
-    over = _overrides()
-    # The state recurrence is sequential over chunks: split V finely enough that the
-    # (sequence, head, V-block) programs fill the GPU (one per SM: two per SM measured up to 16%
-    # slower at D = 128, T = 4K-8K, where it forced 16-wide V-blocks), but keep the state tile
-    # in registers.
-    # fp32 inputs at K = 256: dh_bwd's [256, 32] tiles need 237,568 B of shared memory (sm_90
-    # allows 232,448; benchmarks/kernel_resources.py --check-limits), 16-wide ones 217,088 B.
-    bv_state = min(BVF, over.get("BV_STATE_MAX", 64 if BKF <= 128 else (32 if itemsize <= 2 else 16)))
-    if interpreted():  # programs run one after another there: fewer, larger ones are faster
-        bv_state = BVF
-    # "Fill" = programs >= 0.95 x SMs: at 128 programs on 132 SMs (D = 128, T = 8K) halving the
-    # V-block to reach 1.0 measured 7-12% slower fwd+bwd (results/2026-11-30-h200-kernels-tuned-vs-fla.md).
-    while bv_state > 16 and N * H * triton.cdiv(V, bv_state) < over.get("STATE_PROGRAMS_PER_SM", 0.95) * _num_sms(device):
-        bv_state //= 2
-    cfg = dict(
-        BKF=BKF, BK=min(BKF, 64), BV=min(BVF, 64), BV_STATE=bv_state,
-        # Defaults = the settings measured fastest on the H200 (one-setting-at-a-time sweeps on an
-        # otherwise idle GPU, benchmarks/results/2026-11-30-h200-x2-kernels.md and
-        # 2026-11-30-h200-kernels-tuned-vs-fla.md): 4 warps everywhere; the spill-free 8-warp /
-        # split-backward settings of the offline register report measured 3-53% slower, SAVE_AI
-        # 15% faster; 3 pipeline stages in the state kernels 9% faster (mean over D = 64, 128 x
-        # T = 1K, 8K, 16K), int32 tile offsets above K = 64 2% faster.
-        # (3 stages at K = 256, or with fp32 inputs at K = 128, need 262-313 KB of shared memory: 2 there.)
-        WARPS_STATE=4 if BKF <= 128 else 8, STAGES_STATE=3 if BKF <= 128 and itemsize <= 2 else 2,
-        STATE_ADDR64=-1,
-        WARPS_WY=4, WY_BATCHED=1, BV_O=min(BVF, 64), WARPS_O=4, STAGES_O=2,
-        BK_DQKW=min(BKF, 64), WARPS_DQKW=4, STAGES_DQKW=2,
-        WARPS_WYB=None,  # warps of wy_bwd (None: WARPS_WY)
-        SAVE_AI=1,  # 1: the backward reuses the forward's Ai (W, U by two products); 0: redo the UT transform
-        # (1 measured 15% faster fwd+bwd: results/2026-11-30-h200-x2-kernels.md)
-        # 1: the forward keeps v_new (one [tokens, H, V] tensor in the input dtype); the backward
-        # then rebuilds the states as a prefix sum of K^T v_new and needs W but not U.
-        SAVE_VNEW=1,
-        # 1: dq, dk, dv, dbeta by one kernel per chunk (kernels/grads.py; it holds all of K);
-        # 0: dqkw_bwd + wy_bwd, with dW and a partial dK through memory. Measured: fused 17%
-        # faster at K = 64 (with 32-wide V-blocks), 2-5% slower at K = 128 (8 warps, one CTA per
-        # SM by registers and shared memory). Not for fp32 inputs by default (its fp32 tiles need up
-        # to 311 KB of shared memory at K = 128); set explicitly, it runs (with narrow V-blocks).
-        GRADS_FUSED=int(BKF <= 64 and itemsize <= 2), WARPS_GRADS=8 if BKF >= 128 else 4, BV_GRADS=min(BVF, 32),
-        STAGES_GRADS=3,
-        WY_SPLIT_WU=0,  # 1: the UT-transform kernel writes only Ai, W and U come from wu_fwd
-        # 1: the block merge of the UT transform in tf32 for bf16/fp16 inputs (fp32: always
-        # full precision). 3.5% faster; error vs the fp32 oracle 5.250e-3 -> 5.254e-3 at D = 128.
-        WY_MERGE_TF32=1,
-    )
-    cfg.update(over)
-    if cfg["STATE_ADDR64"] < 0:  # auto: int64 token offsets at K <= 64, scalar base + int32 above
-        cfg["STATE_ADDR64"] = int(BKF <= 64)
-    if cfg["WARPS_WYB"] is None:
-        cfg["WARPS_WYB"] = cfg["WARPS_WY"]
-    if cfg["BV_O"] < 0:  # all of V in one program: Q K^T formed once per chunk, not per V-block
-        cfg["BV_O"] = BVF
-    if BKF > 128:
-        cfg["GRADS_FUSED"] = 0  # three [64, K] fp32 accumulators do not fit in registers
-    if gated and BKF > 128 and itemsize > 2 and "STAGES_STATE" not in over:
-        # the gated dh_bwd with fp32 inputs at K = 256 needs 283,648 B of shared memory at 2
-        # stages (sm_90: 232,448), 135,168 B at 1 (benchmarks/kernel_resources.py --gated)
-        cfg["STAGES_STATE"] = 1
-    return cfg
+def _full(D: int) -> int:
+    """A block holding all of a head dim (the state and fused-gradient kernels)."""
+    return max(16, triton.next_power_of_2(D))
 
 
 def _gate(g, idx):
@@ -235,36 +159,30 @@ def _gate(g, idx):
     return gc
 
 
-def _wy(k, v, beta, gc, idx, cfg):
+def _wy(k, v, beta, gc, idx, cfg: ChunkKernelConfig):
+    """The UT transform: ``(w, u, ai)``."""
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
-    split = bool(cfg["WY_SPLIT_WU"])
-    w, u = (k, v) if split else (_new(k), _new(v))
+    w, u = _new(k), _new(v)
     ai = _new(k, TT, H, BT, dtype=torch.float32)  # fp32: also the scratch of the in-kernel solve
-    prec = _prec(k.dtype)
     wy_fwd_kernel[(NTT, H)](k, v, beta, gc if gc is not None else beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT,
-                            BK=cfg["BK"], BV=cfg["BV"], PREC=prec, BATCHED_INV=bool(cfg["WY_BATCHED"]),
-                            STORE_WU=not split, MERGE_PREC=prec if cfg["WY_MERGE_TF32"] else "ieee",
-                            USE_G=gc is not None, num_warps=cfg["WARPS_WY"])
-    if split:
-        w, u = _wu(k, v, beta, gc, ai, idx, cfg)
+                            BK=cfg.bk, BV=cfg.bv, PREC=_prec(k.dtype), USE_G=gc is not None,
+                            num_warps=cfg.warps_wy)
     return w, u, ai
 
 
-def _wu(k, v, beta, gc, ai, idx, cfg, store_u: bool = True):
-    """W, U from a stored ``ai`` (no solve); ``u`` is None without ``store_u``."""
+def _w(k, beta, gc, ai, idx, cfg: ChunkKernelConfig):
+    """W from a stored ``ai`` (no solve)."""
     cu, table, _, NTT = idx
     TT, H, K = k.shape
-    V = v.shape[-1]
-    w, u = _new(k), (_new(v) if store_u else None)
-    wu_fwd_kernel[(NTT, H)](k, v, beta, gc if gc is not None else beta, w, u if store_u else w, ai, cu, table,
-                            H=H, K=K, V=V, BT=BT, BK=cfg["BK"], BV=cfg["BV"], PREC=_prec(k.dtype), STORE_U=store_u,
-                            USE_G=gc is not None, num_warps=cfg["WARPS_WY"])
-    return w, u
+    w = _new(k)
+    w_fwd_kernel[(NTT, H)](k, beta, gc if gc is not None else beta, w, ai, cu, table, H=H, K=K, BT=BT, BK=cfg.bk,
+                           PREC=_prec(k.dtype), USE_G=gc is not None, num_warps=cfg.warps_wy)
+    return w
 
 
-def _states(k, w, u, gc, h0, ht, idx, N, cfg, v_new=None):
+def _states(k, w, u, gc, h0, ht, idx, N, cfg: ChunkKernelConfig, v_new=None):
     """Chunk states ``h`` and (unless given) ``v_new``. With ``v_new`` given, ``w`` and ``u`` are
     not read: the states are the prefix sums of ``K^T v_new``."""
     cu, _, offsets, NTT = idx
@@ -274,13 +192,13 @@ def _states(k, w, u, gc, h0, ht, idx, N, cfg, v_new=None):
     h = _new(k, NTT, H, K, V)
     if not known:
         v_new = _new(u)
-    BV = cfg["BV_STATE"]
+    BV = cfg.bv_state
     h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         k, k if known else w, v_new if known else u, v_new, gc if gc is not None else k, h,
         h0 if h0 is not None else k, ht if ht is not None else k, cu, offsets,
-        H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        PREC=_prec(k.dtype), ADDR64=bool(cfg["STATE_ADDR64"]), KNOWN_VNEW=known, USE_G=gc is not None,
-        num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+        H=H, K=K, V=V, BT=BT, BK=_full(K), BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        PREC=_prec(k.dtype), ADDR64=cfg.state_addr64, KNOWN_VNEW=known, USE_G=gc is not None,
+        num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     return h, v_new
 
 
@@ -289,15 +207,17 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().flatten(0, 1)
 
 
-def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, g=None):
-    """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
+def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, g=None, *,
+              config: ChunkKernelConfig | None = None):
+    """Launch the forward (``config``: the launch settings, or None for ``select_config``'s).
+    Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
     ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
-    pseudo-values ``v_new`` are what the backward may reuse."""
+    pseudo-values ``v_new`` are what the backward reuses."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     N = idx[0].numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
+    cfg = launch_config(config, N, H, K, V, q, gated=g is not None)
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
     gc = _gate(_flat(g) if g is not None else None, idx)
     h0 = h0.contiguous() if h0 is not None else None
@@ -307,10 +227,10 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     del w, u
     o = _new(v)
     cu, table, _, NTT = idx
-    o_fwd_kernel[(triton.cdiv(V, cfg["BV_O"]), NTT, H)](
-        q, k, v_new, gc if gc is not None else q, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BK"],
-        BV=cfg["BV_O"], PREC=_prec(q.dtype), USE_G=gc is not None, num_warps=cfg["WARPS_O"],
-        num_stages=cfg["STAGES_O"])
+    o_fwd_kernel[(triton.cdiv(V, cfg.bv_o), NTT, H)](
+        q, k, v_new, gc if gc is not None else q, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg.bk,
+        BV=cfg.bv_o, PREC=_prec(q.dtype), USE_G=gc is not None, num_warps=cfg.warps_o,
+        num_stages=cfg.stages_o)
     return o.view(B, T, H, V), ht, ai, v_new
 
 
@@ -348,8 +268,9 @@ def _gate_grad(dG, state_terms, last_chunk, ht, dht, idx):
     return dg
 
 
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_new=None, g=None, ht=None):
-    """Launch the backward (``ai``, ``v_new``: the forward's, or None to recompute them).
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g=None, ht=None, *,
+              config: ChunkKernelConfig | None = None):
+    """Launch the backward (``ai``, ``v_new``: the forward's; ``config`` as in ``chunk_fwd``).
     Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``; with ``g``, ``ht`` is the forward's
     final state (read only with ``dht``) and ``dg [B, T, H]`` fp32 the gradient of ``g``."""
     B, T, H, K = q.shape
@@ -357,7 +278,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
     idx = chunk_index(cu_seqlens, B, T, q.device)
     cu, table, offsets, NTT = idx
     N = cu.numel() - 1
-    cfg = _configs(N, H, K, V, q.device, q.element_size(), gated=g is not None)
+    cfg = launch_config(config, N, H, K, V, q, gated=g is not None)
     q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
@@ -365,34 +286,30 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai=None, v_n
     gc = _gate(_flat(g) if g is not None else None, idx)
     gp = gc if gc is not None else q  # (a pointer the kernels ignore without USE_G)
 
-    if ai is not None and cfg["SAVE_AI"]:
-        w, u = _wu(k, v, beta, gc, ai, idx, cfg, store_u=v_new is None)
-    else:
-        w, u, ai = _wy(k, v, beta, gc, idx, cfg)
-    h, v_new = _states(k, w, u, gc, h0, None, idx, N, cfg, v_new=v_new)
-    del u
+    w = _w(k, beta, gc, ai, idx, cfg)
+    h, _ = _states(k, None, None, gc, h0, None, idx, N, cfg, v_new=v_new)
     dh = _new(h)
     dvn = _new(v)
     dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
-    BV = cfg["BV_STATE"]
+    BV = cfg.bv_state
     dh_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, w, gp, do, dvn, dh, dht if dht is not None else q,
-        dh0 if dh0 is not None else q, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=cfg["BKF"], BV=BV,
+        dh0 if dh0 is not None else q, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=_full(K), BV=BV,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-        ADDR64=bool(cfg["STATE_ADDR64"]), USE_G=gc is not None,
-        num_warps=cfg["WARPS_STATE"], num_stages=cfg["STAGES_STATE"])
+        ADDR64=cfg.state_addr64, USE_G=gc is not None,
+        num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     del w
     if g is not None:
         state_terms, last_chunk = _state_terms(h, dh, idx)
     # Gated: dq and dv in fp32 until the terms of dg are taken from them (gate.py).
     gdt = torch.float32 if g is not None else None
     dq, dv, dbeta = _new(q, dtype=gdt), _new(v, dtype=gdt), _new(beta)
-    if cfg["GRADS_FUSED"]:
+    if cfg.grads_fused:
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
             q, k, v, beta, gp, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
-            BT=BT, BK=cfg["BKF"], BV=cfg["BV_GRADS"], PREC=prec, USE_G=gc is not None,
-            num_warps=cfg["WARPS_GRADS"], num_stages=cfg["STAGES_GRADS"])
+            BT=BT, BK=_full(K), BV=cfg.bv_grads, PREC=prec, USE_G=gc is not None,
+            num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
@@ -418,50 +335,56 @@ def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx,
     dk_part = _new(k, dtype=torch.float32)
     dw = _new(k)
     gp = gc if gc is not None else q
-    dqkw_bwd_kernel[(triton.cdiv(K, cfg["BK_DQKW"]), NTT, H)](
+    dqkw_bwd_kernel[(triton.cdiv(K, cfg.bk_dqkw), NTT, H)](
         q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK_DQKW"], BV=cfg["BV"], PREC=prec, USE_G=gc is not None, num_warps=cfg["WARPS_DQKW"],
-        num_stages=cfg["STAGES_DQKW"])
+        BK=cfg.bk_dqkw, BV=cfg.bv, PREC=prec, USE_G=gc is not None, num_warps=cfg.warps_dqkw,
+        num_stages=cfg.stages_dqkw)
     del h, dh, v_new
     dk = _new(k)
     wy_bwd_kernel[(NTT, H)](
         k, v, beta, gp, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
-        BK=cfg["BK"], BV=cfg["BV"], PREC=prec, USE_G=gc is not None, num_warps=cfg["WARPS_WYB"])
+        BK=cfg.bk, BV=cfg.bv, PREC=prec, USE_G=gc is not None, num_warps=cfg.warps_wyb)
     return dk
 
 
 # --- torch.library registration -------------------------------------------------------------
+# ``kernel_config``: a ChunkKernelConfig as ``to_list()`` (the op schema takes ints, not objects),
+# or None for the shape's defaults.
+
+def _config(kernel_config: list[int] | None) -> ChunkKernelConfig | None:
+    return ChunkKernelConfig.from_list(kernel_config) if kernel_config is not None else None
+
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
-            cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
-    if not _keeps_vnew():
-        v_new = v.new_empty(0)
+            cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None,
+            kernel_config: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g,
+                                 config=_config(kernel_config))
     return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
-def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, kernel_config=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
     ai = q.new_empty(B * T, H, BT, dtype=torch.float32)
-    v_new = v.new_empty(B * T, H, v.shape[-1]) if _keeps_vnew() else v.new_empty(0)
+    v_new = v.new_empty(B * T, H, v.shape[-1])
     return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new
 
 
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
-            ht: torch.Tensor | None = None) -> tuple[
+            ht: torch.Tensor | None = None, kernel_config: list[int] | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai,
-                                        v_new if v_new.numel() > 0 else None, g, ht)
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
+                                        config=_config(kernel_config))
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None):
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None,
+              kernel_config=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
@@ -471,13 +394,14 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
     g = inputs[8] if len(inputs) > 8 else None
-    # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v (or empty, see
-    # SAVE_VNEW). The backward would rebuild both and hold them until its end, so keeping them
+    # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
+    # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # g and the final state (read by the gradient of g) are saved only for the gated rule.
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,
                           output[1] if g is not None else None)
     ctx.scale = scale
+    ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
     # zeros buffer (32K tokens x 16 heads) alive through the whole backward.
     ctx.set_materialize_grads(False)
@@ -486,9 +410,10 @@ def _setup_context(ctx, inputs, output):
 def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
     q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht)
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
+                                     ctx.kernel_config)
     dg = dg if g is not None else None
-    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None
 
 
 _fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
@@ -506,11 +431,14 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     g: torch.Tensor | None = None,
+    kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise (gated) delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
 
     bf16 / fp16 / fp32 inputs, fp32 accumulation; float64 inputs are computed in float32 and
     cast back. Head dims up to 256. Differentiable in q, k, v, beta and initial_state.
+    ``kernel_config``: launch settings for this call (forward and backward), or None for
+    ``select_config``'s defaults for the shape.
 
     Example (CUDA, or CPU with ``TRITON_INTERPRET=1`` set before importing triton)::
 
@@ -523,9 +451,15 @@ def chunk_delta_rule(
         >>> o.shape, S.dtype
         (torch.Size([2, 100, 4, 32]), torch.float32)
     """
+    if kernel_config is not None and not isinstance(kernel_config, ChunkKernelConfig):
+        raise TypeError(f"kernel_config must be a deltanet.ops.ChunkKernelConfig or None, got "
+                        f"{type(kernel_config).__name__}")
     out_dtype = v.dtype
     scale, q, k, v, beta, h0, g = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
                                                  cu_seqlens, g)
-    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g)
+    if kernel_config is not None:
+        kernel_config.check_shape(q.shape[-1])  # before any kernel, as the other input checks
+        kernel_config = kernel_config.to_list()
+    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g, kernel_config)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 

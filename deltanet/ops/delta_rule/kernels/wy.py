@@ -128,30 +128,6 @@ def _store_diag_blocks(ai, x3, n, H: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def _inv_unit_lower(a0, a1, a2, a3):
-    """(I + a)^-1 for four strictly lower 16x16 blocks at once, by forward substitution.
-
-    Row i of the inverse is e_i - sum_{j<i} a[i, j] inv[j, :]; the four blocks are
-    independent, so they share one loop (more independent work per step).
-    """
-    r = tl.arange(0, 16)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    x0, x1, x2, x3 = eye, eye, eye, eye
-    for i in range(1, 16):
-        sel = r[:, None] == i
-        e = tl.where(r == i, 1.0, 0.0)[None, :]
-        a0i = tl.sum(tl.where(sel, a0, 0.0), 0)
-        a1i = tl.sum(tl.where(sel, a1, 0.0), 0)
-        a2i = tl.sum(tl.where(sel, a2, 0.0), 0)
-        a3i = tl.sum(tl.where(sel, a3, 0.0), 0)
-        x0 = tl.where(sel, e - tl.sum(a0i[:, None] * x0, 0)[None, :], x0)
-        x1 = tl.where(sel, e - tl.sum(a1i[:, None] * x1, 0)[None, :], x1)
-        x2 = tl.where(sel, e - tl.sum(a2i[:, None] * x2, 0)[None, :], x2)
-        x3 = tl.where(sel, e - tl.sum(a3i[:, None] * x3, 0)[None, :], x3)
-    return x0, x1, x2, x3
-
-
-@triton.jit
 def _load_block(ai, n, ri, cj, H: tl.constexpr, BT: tl.constexpr):
     return tl.load(ai + ri[:, None] * (H * BT) + cj[None, :], mask=ri[:, None] < n, other=0.0)
 
@@ -175,28 +151,16 @@ def _scaled_product_store(b_x, src, dst, b, mt, rt, H: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def _wu_store(k, v, w, u, b_x, bw, b, mt, rt, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True):
-    """W = X diag(bw) K, U = X diag(beta) V for one chunk (X = (I + A)^-1, low precision;
-    ``bw`` = beta, or beta exp(G) gated)."""
-    _scaled_product_store(b_x, k, w, bw, mt, rt, H, K, BK, PREC)
-    if STORE_U:
-        _scaled_product_store(b_x, v, u, b, mt, rt, H, V, BV, PREC)
-
-
-@triton.jit
 def wy_fwd_kernel(
     k, v, beta, g, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, BATCHED_INV: tl.constexpr,
-    STORE_WU: tl.constexpr = True, MERGE_PREC: tl.constexpr = "ieee", USE_G: tl.constexpr = False,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``.
 
-    ``BATCHED_INV``: solve the four diagonal blocks as one [4, 16, 16] tile through the
-    scratch (fewer, wider steps); otherwise as four register tiles (``_inv_unit_lower``).
-    ``STORE_WU`` False: only ``ai`` (W and U then come from ``wu_fwd_kernel``, a lighter
-    second launch). ``MERGE_PREC``: precision of the 16x16 products of the block merge.
+    The four diagonal 16x16 blocks are solved as one [4, 16, 16] tile through the scratch
+    (fewer, wider steps than four register tiles, which measured 2.5-4.6% slower in the forward on
+    the H200, results/2026-11-30-h200-kernels-tuned-vs-fla.md).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
@@ -218,39 +182,32 @@ def wy_fwd_kernel(
     a30 = _scale_rows(a30, beta, g, n, r + 48, r, H, False, USE_G)
 
     # Diagonal blocks by substitution (through the fp32 scratch ``ai``), then the
-    # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj in MERGE_PREC: the launcher passes
-    # full fp32 ("ieee") for fp32 inputs and tf32 for bf16/fp16 ones, whose W, U are rounded to 16
-    # bits anyway (error vs the fp32 oracle +0.06%, results/2026-11-30-h200-kernels-tuned-vs-fla.md).
-    if BATCHED_INV:
-        _store_block(ai, a00, n, r, r, H, BT)
-        _store_block(ai, a11, n, r + 16, r + 16, H, BT)
-        _store_block(ai, a22, n, r + 32, r + 32, H, BT)
-        _store_block(ai, a33, n, r + 48, r + 48, H, BT)
-        # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
-        tl.debug_barrier()
-        x3 = _inv_diag_blocks(ai, n, H, BT)
-        tl.debug_barrier()  # all reads of A's diagonal blocks are done before they are overwritten
-        _store_diag_blocks(ai, x3, n, H, BT)
-        tl.debug_barrier()
-        x00 = _load_block(ai, n, r, r, H, BT)
-        x11 = _load_block(ai, n, r + 16, r + 16, H, BT)
-        x22 = _load_block(ai, n, r + 32, r + 32, H, BT)
-        x33 = _load_block(ai, n, r + 48, r + 48, H, BT)
-    else:
-        x00, x11, x22, x33 = _inv_unit_lower(a00, a11, a22, a33)
-        _store_block(ai, x00, n, r, r, H, BT)
-        _store_block(ai, x11, n, r + 16, r + 16, H, BT)
-        _store_block(ai, x22, n, r + 32, r + 32, H, BT)
-        _store_block(ai, x33, n, r + 48, r + 48, H, BT)
-    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
-    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
-    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
-    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision=MERGE_PREC)
-                  + tl.dot(a21, x10, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
-    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision=MERGE_PREC)
-                  + tl.dot(a32, x21, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
-    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision=MERGE_PREC) + tl.dot(a31, x10, input_precision=MERGE_PREC)
-                  + tl.dot(a32, x20, input_precision=MERGE_PREC), input_precision=MERGE_PREC)
+    # block-triangular merge X_ij = -X_ii sum_{j<=m<i} A_im X_mj in PREC: full fp32 ("ieee") for
+    # fp32 inputs, tf32 for bf16/fp16 ones, whose W, U are rounded to 16 bits anyway (3.5% faster
+    # than an fp32 merge; error vs the fp32 oracle +0.06%, results/2026-11-30-h200-kernels-tuned-vs-fla.md).
+    _store_block(ai, a00, n, r, r, H, BT)
+    _store_block(ai, a11, n, r + 16, r + 16, H, BT)
+    _store_block(ai, a22, n, r + 32, r + 32, H, BT)
+    _store_block(ai, a33, n, r + 48, r + 48, H, BT)
+    # The CTA re-reads what its own threads just wrote: a barrier makes those writes visible.
+    tl.debug_barrier()
+    x3 = _inv_diag_blocks(ai, n, H, BT)
+    tl.debug_barrier()  # all reads of A's diagonal blocks are done before they are overwritten
+    _store_diag_blocks(ai, x3, n, H, BT)
+    tl.debug_barrier()
+    x00 = _load_block(ai, n, r, r, H, BT)
+    x11 = _load_block(ai, n, r + 16, r + 16, H, BT)
+    x22 = _load_block(ai, n, r + 32, r + 32, H, BT)
+    x33 = _load_block(ai, n, r + 48, r + 48, H, BT)
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision=PREC), input_precision=PREC)
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision=PREC), input_precision=PREC)
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision=PREC), input_precision=PREC)
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision=PREC)
+                  + tl.dot(a21, x10, input_precision=PREC), input_precision=PREC)
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision=PREC)
+                  + tl.dot(a32, x21, input_precision=PREC), input_precision=PREC)
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision=PREC) + tl.dot(a31, x10, input_precision=PREC)
+                  + tl.dot(a32, x20, input_precision=PREC), input_precision=PREC)
 
     z = tl.zeros([16, 16], dtype=tl.float32)
     _store_block(ai, z, n, r, r + 16, H, BT)
@@ -266,14 +223,16 @@ def wy_fwd_kernel(
     _store_block(ai, x31, n, r + 48, r + 16, H, BT)
     _store_block(ai, x32, n, r + 48, r + 32, H, BT)
 
-    if STORE_WU:
-        tl.debug_barrier()  # Ai is read back as one tile, across threads
-        rt = tl.arange(0, BT)
-        mt = rt < n
-        b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
-        b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
-        bw = b * tl.exp(gate_rows(g, rt, n, H)) if USE_G else b
-        _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), bw, b, mt, rt, H, K, V, BK, BV, PREC)
+    # W = X diag(bw) K, U = X diag(beta) V (X = (I + A)^-1 in the input dtype; bw = beta, or
+    # beta exp(G) gated)
+    tl.debug_barrier()  # Ai is read back as one tile, across threads
+    rt = tl.arange(0, BT)
+    mt = rt < n
+    b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0).to(k.dtype.element_ty)
+    b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
+    bw = b * tl.exp(gate_rows(g, rt, n, H)) if USE_G else b
+    _scaled_product_store(b_ai, k, w, bw, mt, rt, H, K, BK, PREC)
+    _scaled_product_store(b_ai, v, u, b, mt, rt, H, V, BV, PREC)
 
 
 @triton.jit
@@ -360,21 +319,20 @@ def wy_bwd_kernel(
 
 
 @triton.jit
-def wu_fwd_kernel(
-    k, v, beta, g, w, u, ai, cu_seqlens, chunk_table,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr = True,
+def w_fwd_kernel(
+    k, beta, g, w, ai, cu_seqlens, chunk_table,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     USE_G: tl.constexpr = False,
 ):
-    """Grid ``(chunks, H)``: W and U again from a stored ``ai`` (the backward's recompute
-    without the solve: two products per chunk instead of the whole UT transform). ``STORE_U``
-    False: W only (the backward that kept the forward's ``v_new`` needs no U)."""
+    """Grid ``(chunks, H)``: W again from the forward's ``ai`` (the backward's recompute without
+    the solve: one product per chunk instead of the whole UT transform; the backward rebuilds the
+    states from the forward's ``v_new``, so it needs no U)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
-    k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
+    k, w, beta, ai = k + row * K, w + row * K, beta + row, ai + row * BT
     rt = tl.arange(0, BT)
     mt = rt < n
     b_ai = tl.load(ai + rt[:, None] * (H * BT) + rt[None, :], mask=mt[:, None], other=0.0)
     b = tl.load(beta + rt * H, mask=mt, other=0.0).to(tl.float32)
     bw = b * tl.exp(gate_rows(g + row, rt, n, H)) if USE_G else b
-    _wu_store(k, v, w, u, b_ai.to(k.dtype.element_ty), bw, b, mt, rt, H, K, V, BK, BV, PREC, STORE_U)
+    _scaled_product_store(b_ai.to(k.dtype.element_ty), k, w, bw, mt, rt, H, K, BK, PREC)
