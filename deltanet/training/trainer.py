@@ -35,7 +35,7 @@ from .checkpoint import (CheckpointError, capture_rng, find_checkpoint, list_che
 from .config import ConfigError, RunConfig, auto_lr
 from .data import (DataError, PackedTokens, build_token_cache, eval_positions, format_stats, make_batch, open_corpus,
                    prepare_tokenizer)
-from .distributed import Dist, configure_cpu_threads, setup, wrap_model
+from .distributed import Dist, configure_cpu_threads, context_parallel_batch, context_parallel_group, setup, wrap_model
 from .metrics import MetricsLog, last_validation, plot_losses, time_left
 from .tokenizer import load_tokenizer
 
@@ -198,8 +198,8 @@ class _Run:
                 old, new = ({k: v for k, v in d.items() if k not in _RUNTIME_MODEL_FIELDS} for d in (old, new))
             if old != new:
                 raise CheckpointError(f"cannot resume: {key} is {new!r} but the run was started with {old!r}")
-        old_global = saved["train"]["batch_size"] * saved.get("world_size", 1)
-        new_global = self.tc.batch_size * self.d.world_size
+        old_global = saved["train"]["batch_size"] * saved.get("world_size", 1) // saved["train"].get("context_parallel", 1)
+        new_global = self.tc.batch_size * self.d.world_size // self.tc.context_parallel
         if old_global != new_global:
             raise CheckpointError(f"cannot resume: global batch (batch_size x processes) is {new_global} "
                                   f"but the run was started with {old_global}")
@@ -300,6 +300,8 @@ class _Run:
             tokenizer = self._tokenizer(run_dir, corpus)
             train_rows, val_rows = self._data(corpus, tokenizer)
             self._write_config(run_dir)
+        # context parallelism: groups of consecutive ranks share rows; data-parallel rank = group index
+        self.cp, self.dp_rank, self.dp_size = context_parallel_group(d, tc.context_parallel)
         raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
@@ -321,7 +323,7 @@ class _Run:
                  f"peak lr {self.peak_lr:g}{'' if self.oc.lr else ' (auto)'}")
         amp = self._autocast()
         metrics = MetricsLog(run_dir, d.is_main, resume_step=step)
-        tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
+        tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * self.dp_size
         flops_tok = _flops_per_token(raw, self.dc.seq_len)
         peak = _peak_flops(d.device)
         bar = None
@@ -410,15 +412,18 @@ class _Run:
         tc, d = self.tc, self.d
         for g in opt.param_groups:
             g["lr"] = lr
-        W, B, A = d.world_size, tc.batch_size, tc.grad_accum
+        W, B, A = self.dp_size, tc.batch_size, tc.grad_accum
         total = torch.zeros((), device=d.device)
         for m in range(A):
-            start = (step * A + m) * W * B + d.rank * B
+            start = (step * A + m) * W * B + self.dp_rank * B
             batch = make_batch(rows.rows(np.arange(start, start + B)), eos_id, self.dc.doc_mask)
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+            if self.cp is not None:
+                batch = context_parallel_batch(batch, self.cp)
             with self._no_sync(model, last=m == A - 1), amp():
                 loss = fwd(**batch, use_cache=False).loss / A
-            loss.backward()
+            # DDP averages over all ranks; under context parallelism a group's loss shares add up
+            (loss * tc.context_parallel if self.cp is not None else loss).backward()
             total += loss.detach()
         params = [p for p in model.parameters() if p.grad is not None]
         if self.oc.grad_clip > 0:
@@ -493,7 +498,7 @@ class _Run:
         rngs = d.gather_objects(capture_rng())
         if d.is_main:
             trainer_state = {"step": step, "elapsed_s": elapsed,
-                             "data_position": step * self.tc.grad_accum * self.tc.batch_size * d.world_size,
+                             "data_position": step * self.tc.grad_accum * self.tc.batch_size * self.dp_size,
                              "schedule": {"step": step, "max_steps": self.tc.max_steps},
                              "world_size": d.world_size, "threads": self.threads, "config": self.cfg.to_dict()}
             save_checkpoint(run_dir, step, model=raw, model_state=model_state, optimizer_state=opt_state,
