@@ -32,6 +32,9 @@ import torch.distributed as dist
 
 from ..ops import BACKENDS, delta_rule
 
+# The Triton kernels take value widths up to 256 (K + V for head dims of 128).
+_MAX_COLUMNS = 256
+
 __all__ = ["context_parallel_delta_rule", "exchange_halo", "gather_segments", "split_segment"]
 
 
@@ -153,8 +156,13 @@ def context_parallel_delta_rule(
     v_aug = torch.cat([v.new_zeros(B, T, H, K), v], dim=-1)
     eye = torch.eye(K, dtype=sdtype, device=v.device).expand(B, H, K, K)
     s0_aug = torch.cat([eye, eye.new_zeros(B, H, K, V)], dim=-1)
-    o_aug, summary = delta_rule(q, k, v_aug, beta, g=g, scale=scale, initial_state=s0_aug,
-                                output_final_state=True, backend=backend)
+    if K + V <= _MAX_COLUMNS:
+        o_aug, summary = delta_rule(q, k, v_aug, beta, g=g, scale=scale, initial_state=s0_aug,
+                                    output_final_state=True, backend=backend)
+    else:  # value columns evolve independently: two calls ([0 | I] and [v | 0]) give the same
+        parts = [delta_rule(q, k, v_aug[..., c], beta, g=g, scale=scale, initial_state=s0_aug[..., c],
+                            output_final_state=True, backend=backend) for c in (slice(0, K), slice(K, K + V))]
+        o_aug, summary = (torch.cat(t, dim=-1) for t in zip(*parts))
     o_p, o_h = o_aug[..., :K], o_aug[..., K:]  # [B, T, H, K], [B, T, H, V]
     summary = summary.to(sdtype)  # [B, H, K, K + V] = [P_r | H_r]
 
