@@ -86,6 +86,51 @@ def _check_same_shape(x: torch.Tensor, group, what: str) -> None:
         raise ValueError(f"{what} differ across the context-parallel ranks: {[tuple(s.tolist()) for s in shapes]}")
 
 
+def _fold(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype):
+    """Exchange the summaries, fold those of the earlier ranks into the incoming state and
+    finish the local output: ``o = S_in^T o^P + o^H``. Returns ``(o, final_state or None)``.
+
+    Runs in the state dtype even under autocast: in bf16 the scan over ranks would round the
+    state once per rank, and the output correction would lose the state's precision."""
+    with torch.autocast(o_h.device.type, enabled=False):
+        return _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state,
+                          out_dtype, sdtype)
+
+
+def _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype):
+    s_first = None
+    if initial_state is not None:
+        s_first = initial_state.to(sdtype)
+        # Fold the global initial state into the first segment's offset: H_0 <- P_0 S_0 + H_0.
+        summary = torch.cat([summary[..., :K], summary[..., :K] @ s_first + summary[..., K:]], dim=-1)
+
+    if R == 1:
+        gathered = summary[None]
+    else:
+        _check_same_shape(summary, group, "summary shapes [B, H, K, K + V]")
+        gathered = _AllGather.apply(summary, group)  # [R, B, H, K, K + V]
+
+    # The scan: the state entering this rank (rank 0: the initial state, or zero).
+    s_in = s_first
+    for r in range(rank):
+        P, Hr = gathered[r][..., :K], gathered[r][..., K:]
+        s_in = Hr if s_in is None else P @ s_in + Hr
+    if s_in is None:
+        o = o_h
+    else:
+        # o_t = S_in^T o^P_t + o^H_t, in the state dtype (o^P is scale P_{<=t}^T q_t).
+        o = (torch.einsum("bhkv,bthk->bthv", s_in, o_p.to(sdtype)) + o_h.to(sdtype)).to(out_dtype)
+
+    if R > 1 and torch.is_grad_enabled() and gathered.requires_grad:
+        o = _Tie.apply(o, gathered)
+
+    final = None
+    if output_final_state and rank == R - 1:
+        P, Hr = summary[..., :K], summary[..., K:]
+        final = Hr if s_in is None else P @ s_in + Hr
+    return o, final
+
+
 def context_parallel_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,36 +211,8 @@ def context_parallel_delta_rule(
     o_p, o_h = o_aug[..., :K], o_aug[..., K:]  # [B, T, H, K], [B, T, H, V]
     summary = summary.to(sdtype)  # [B, H, K, K + V] = [P_r | H_r]
 
-    s_first = None
-    if rank == 0 and initial_state is not None:
-        s_first = initial_state.to(sdtype)
-        # Fold the global initial state into the first segment's offset: H_0 <- P_0 S_0 + H_0.
-        summary = torch.cat([summary[..., :K], summary[..., :K] @ s_first + summary[..., K:]], dim=-1)
-
-    if R == 1:
-        gathered = summary[None]
-    else:
-        _check_same_shape(summary, group, "summary shapes [B, H, K, K + V]")
-        gathered = _AllGather.apply(summary, group)  # [R, B, H, K, K + V]
-
-    # The scan: the state entering this rank (rank 0: the initial state, or zero).
-    s_in = s_first
-    for r in range(rank):
-        P, Hr = gathered[r][..., :K], gathered[r][..., K:]
-        s_in = Hr if s_in is None else P @ s_in + Hr
-    if s_in is None:
-        o = o_h
-    else:
-        # o_t = S_in^T o^P_t + o^H_t, in the state dtype (o^P is scale P_{<=t}^T q_t).
-        o = (torch.einsum("bhkv,bthk->bthv", s_in, o_p.to(sdtype)) + o_h.to(sdtype)).to(v.dtype)
-
-    if R > 1 and torch.is_grad_enabled() and gathered.requires_grad:
-        o = _Tie.apply(o, gathered)
-
-    final = None
-    if output_final_state and rank == R - 1:
-        P, Hr = summary[..., :K], summary[..., K:]
-        final = Hr if s_in is None else P @ s_in + Hr
+    o, final = _fold(summary, o_p, o_h, initial_state if rank == 0 else None, K, R, rank, group,
+                     output_final_state, v.dtype, sdtype)
     return o, final
 
 

@@ -115,3 +115,25 @@ def test_needs_process_group():
     q = torch.zeros(1, 4, 1, 3)
     with pytest.raises(ValueError, match="process group"):
         context_parallel_delta_rule(q, q, q, torch.zeros(1, 4, 1))
+
+
+def test_fold_ignores_autocast():
+    """The fold (initial state into the first summary, output correction) stays in float32 under
+    bf16 autocast; a bf16 fold would be ~1e-3 off."""
+    from deltanet.parallel.context import _fold
+
+    B, T, H, K, V = 1, 8, 2, 16, 8
+    summary, s0 = torch.randn(B, H, K, K + V), torch.randn(B, H, K, V)
+    o_p, o_h = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+    args = (summary, o_p, o_h, s0, K, 1, 0, None, True, torch.float32, torch.float32)
+    want_o, want_s = _fold(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = _fold(*args)
+    assert o.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(o, want_o, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s, want_s, rtol=1e-6, atol=1e-6)
+    from deltanet.parallel.context import _fold_impl
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # without the guard: a real failure
+        o_bad, _ = _fold_impl(*args)
+    assert (o_bad - want_o).abs().max() > 1e-3
