@@ -80,7 +80,7 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
 
 
 def _check_context_parallel(config, use_cache, cache, cu_seqlens, attention_mask) -> None:
-    others = sorted(set(config.layer_types) - {"delta_net", "gated_delta_net", "delta_product", "gated_delta_product"})
+    others = sorted(set(config.layer_types) - set(DELTA_TYPES))
     if others:
         # Attention layers would need the previous ranks' keys and values (a ring or a
         # sliding-window halo): not built; the delta layers need only state summaries.
@@ -249,7 +249,8 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if context_parallel is not None:
-            _check_context_parallel(self.config, use_cache, past_key_values or cache, cu_seqlens, attention_mask)
+            _check_context_parallel(self.config, use_cache, past_key_values if past_key_values is not None else cache,
+                                    cu_seqlens, attention_mask)
             use_cache = False
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
