@@ -62,6 +62,9 @@ def train_parser() -> CliParser:
                         "block (less memory, slower steps); sets the model field activation_checkpointing "
                         "(default: the preset's, none)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
+    g.add_argument("--context-parallel", type=int, metavar="N",
+                   help="under torchrun: split each sequence over N consecutive ranks (delta-rule layers only; "
+                        "needs --no-doc-mask and seq-len divisible by N); the world is N x data-parallel")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_defaults_to_help(p)
     return p

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import math
 
 from ..ops import delta_product, delta_rule
+from ..ops.delta_rule.product import interleave_product, take_last_step
+from ..parallel.context import context_parallel_delta_rule, exchange_halo
 from ._fused import recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
@@ -169,7 +171,7 @@ class DeltaNetMixer(nn.Module):
         g = out[-1] if self.use_output_gate else None
         return q, k, v, b, a, g
 
-    def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool):
+    def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None):
         """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then the short conv (or
         the bare activation); q is ``[B, T, H*D]``, k and v ``[B, T, n_h*H*D]``, before the q/k norm."""
         q, k, v, b, a, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, n_h*H], a: [B, T, H])
@@ -178,6 +180,9 @@ class DeltaNetMixer(nn.Module):
             if mask is not None:  # zero conv inputs on padding: the next real token sees a fresh start
                 m = mask[..., None].to(q.dtype)
                 q, k, v = q * m, k * m, v * m
+            if cp_group is not None and self.q_conv.kernel_size > 1:
+                # context parallelism: the conv's window reaches into the previous rank's segment
+                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, cp_group) for t in (q, k, v))
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want_state)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want_state)
             v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want_state)
@@ -188,17 +193,23 @@ class DeltaNetMixer(nn.Module):
             v = F.silu(v)
         return q, k, v, b, a, g, conv_out
 
-    def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, **_):
+    def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
         :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
         :class:`RMSNorm` applied to ``x`` first (the block's pre-norm, fused with the input
-        projections so that its output is not kept for backward)."""
+        projections so that its output is not kept for backward); ``context_parallel``: a
+        process group whose ranks hold consecutive segments of the same rows
+        (:mod:`deltanet.parallel.context`)."""
         B, T, _ = x.shape
+        cp = context_parallel
+        if cp is not None and (cache is not None or cu_seqlens is not None):
+            raise ValueError("context_parallel cannot be combined with a cache or cu_seqlens")
         H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
         conv_in = state.conv if decoding and state.conv is not None else (None, None, None)
-        if (self.recompute_inputs and state is None and torch.is_grad_enabled()
+        # (not under context parallelism: the halo exchange must not rerun inside backward)
+        if (self.recompute_inputs and state is None and cp is None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
             feats = recompute_in_backward(
@@ -210,7 +221,7 @@ class DeltaNetMixer(nn.Module):
             a = next(feats) if self.gated else None
             g = next(feats) if self.use_output_gate else None
         else:
-            q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None)
+            q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None, cp)
         n_h = self.num_householder
         m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
         q = q.view(B, T, H, D)
@@ -235,7 +246,12 @@ class DeltaNetMixer(nn.Module):
         backend = resolve_backend(self.backend, T, x.device, decoding)
         kw = dict(g=decay, initial_state=state.recurrent if decoding else None,
                   output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
-        if n_h == 1:
+        if cp is not None:
+            # DeltaProduct is the delta rule over the interleaved n_h steps per token (n_h = 1: as is)
+            qi, ki, vi, bi, gi, _, _ = interleave_product(q, k, v, beta, decay, None)
+            o, final = context_parallel_delta_rule(qi, ki, vi, bi, g=gi, group=cp, backend=backend)
+            o = take_last_step(o, n_h)
+        elif n_h == 1:
             o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]
         else:
             o, final = delta_product(q, k, v, beta, **kw)

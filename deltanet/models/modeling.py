@@ -79,6 +79,31 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
     return output
 
 
+def _check_context_parallel(config, use_cache, cache, cu_seqlens, attention_mask) -> None:
+    others = sorted(set(config.layer_types) - set(DELTA_TYPES))
+    if others:
+        # Attention layers would need the previous ranks' keys and values (a ring or a
+        # sliding-window halo): not built; the delta layers need only state summaries.
+        raise ValueError(f"context_parallel supports only the delta-rule layers, the config also has {others}")
+    if use_cache or cache is not None or cu_seqlens is not None or attention_mask is not None:
+        raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens or attention_mask")
+    if getattr(config, "activation_checkpointing", "none") != "none":
+        raise ValueError("context_parallel does not support activation_checkpointing yet "
+                         "(its recomputation would rerun the exchanges inside backward)")
+
+
+def _context_parallel_loss(logits, labels, group) -> torch.Tensor:
+    """This rank's token-loss sum over the whole group's count of labelled tokens."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be [B, T_r] = {tuple(logits.shape[:2])} (already shifted) under "
+                         f"context_parallel, got {tuple(labels.shape)}")
+    n = (labels != -100).sum().to(torch.float64)
+    torch.distributed.all_reduce(n, group=group)
+    total = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                            labels.flatten(), ignore_index=-100, reduction="sum")
+    return total / n.clamp(min=1).to(total.dtype)
+
+
 def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
     kind = config.layer_types[layer_idx]
     if kind in DELTA_TYPES:
@@ -216,10 +241,17 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: DeltaNetCache | None = None,
+        context_parallel=None,
         **kwargs,
     ) -> DeltaNetModelOutput:
+        """``context_parallel``: a process group whose ranks hold consecutive segments of the
+        same rows (``deltanet.parallel.split_segment``); delta-rule layers only, no cache."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if context_parallel is not None:
+            _check_context_parallel(self.config, use_cache, past_key_values if past_key_values is not None else cache,
+                                    cu_seqlens, attention_mask)
+            use_cache = False
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         past_key_values = past_key_values if past_key_values is not None else cache
@@ -250,6 +282,8 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         hidden_states = (x,) if output_hidden_states else None
         kw = dict(mask=mask, full_mask=full_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
                   cache=past_key_values)
+        if context_parallel is not None:
+            kw["context_parallel"] = context_parallel
         mode = self._checkpointing(past_key_values)
         for block in self.layers:
             if mode == "block":
@@ -320,10 +354,27 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         cache: DeltaNetCache | None = None,
+        context_parallel=None,
         **kwargs,
     ) -> DeltaNetCausalLMOutput:
-        """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored)."""
+        """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored).
+
+        ``context_parallel``: a process group whose ranks hold consecutive segments of the same
+        rows. ``labels`` are then this segment's targets already shifted (``labels[:, t]`` is the
+        token after position t: split ``row[:, 1:]`` as ``input_ids`` splits ``row[:, :-1]``),
+        and ``loss`` is this rank's share: the sum of its token losses over the group's count of
+        labelled tokens, so that the group's losses add up to the single-device mean."""
         cache = past_key_values if past_key_values is not None else cache
+        if context_parallel is not None:
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             past_key_values=cache, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             output_hidden_states=output_hidden_states, context_parallel=context_parallel)
+            h = out.last_hidden_state
+            logits = self.lm_head(h)
+            loss = None
+            if labels is not None:
+                loss = _context_parallel_loss(logits, labels.to(h.device), context_parallel)
+            return DeltaNetCausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
         if graph_decodable(self, input_ids, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                            labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens,
                            output_hidden_states=output_hidden_states):

@@ -127,13 +127,16 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # CPU threads per process; 0 = auto (fewer when the machine is already busy)
     fsdp: bool = False
+    context_parallel: int = 1  # ranks per context-parallel group: each holds a segment of the same rows
     sample_prompt: str = "def "
     sample_tokens: int = 80
     progress: bool = True
 
     def validate(self) -> None:
         _positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
-                  "log_every", "keep_checkpoints")
+                  "log_every", "keep_checkpoints", "context_parallel")
+        if self.context_parallel > 1 and self.fsdp:
+            raise ConfigError("context_parallel > 1 runs under DDP; it cannot be combined with fsdp")
         _non_negative(self, "max_time_s", "save_every", "sample_tokens", "threads")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be one of auto, float32, bfloat16; got {self.dtype!r}")
@@ -157,6 +160,12 @@ class RunConfig:
         self.data.validate()
         self.optim.validate()
         self.train.validate()
+        cp = self.train.context_parallel
+        if cp > 1 and self.data.doc_mask:
+            raise ConfigError("context_parallel > 1 needs doc_mask off (--no-doc-mask): packed documents "
+                              "(cu_seqlens) across rank boundaries are not supported")
+        if self.data.seq_len % cp:
+            raise ConfigError(f"seq_len ({self.data.seq_len}) must be divisible by context_parallel ({cp})")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Dist", "configure_cpu_threads", "setup", "wrap_model"]
+__all__ = ["Dist", "configure_cpu_threads", "context_parallel_batch", "context_parallel_group", "setup", "wrap_model"]
 
 
 @dataclass
@@ -80,6 +80,30 @@ def setup(device: str = "auto") -> Dist:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def context_parallel_group(d: Dist, size: int):
+    """``(group, dp_rank, dp_size)`` for context parallelism over ``size`` consecutive ranks:
+    ranks ``[i size, (i + 1) size)`` hold segments of the same rows (data-parallel rank ``i``).
+    ``size == 1``: ``(None, rank, world_size)``."""
+    if size == 1:
+        return None, d.rank, d.world_size
+    if d.world_size % size:
+        raise ValueError(f"context_parallel ({size}) must divide the number of processes ({d.world_size})")
+    groups = [dist.new_group(list(range(i, i + size))) for i in range(0, d.world_size, size)]  # all ranks make all
+    return groups[d.rank // size], d.rank // size, d.world_size // size
+
+
+def context_parallel_batch(batch: dict, group) -> dict:
+    """A ``make_batch`` batch (rows ``[B, T]``, no ``cu_seqlens``) -> this rank's segment: its
+    ``input_ids`` and its targets already shifted (the model cannot shift across ranks), plus the
+    group for the model's ``context_parallel`` argument."""
+    from deltanet.parallel import split_segment
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return {"input_ids": split_segment(ids, 1, group), "labels": split_segment(targets, 1, group),
+            "context_parallel": group}
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:

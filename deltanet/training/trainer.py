@@ -36,7 +36,7 @@ from .config import ConfigError, RunConfig, auto_lr
 from .core import AdamWConfig, LRSchedule, amp_dtype, autocast, build_adamw, lr_at, set_lr, train_step
 from .data import (DataError, PackedTokens, build_token_cache, eval_positions, format_stats, make_batch, open_corpus,
                    prepare_tokenizer)
-from .distributed import Dist, configure_cpu_threads, setup, wrap_model
+from .distributed import Dist, configure_cpu_threads, context_parallel_batch, context_parallel_group, setup, wrap_model
 from .metrics import MetricsLog, last_validation, plot_losses, time_left
 from .tokenizer import load_tokenizer
 
@@ -184,8 +184,8 @@ class _Run:
                 old, new = ({k: v for k, v in d.items() if k not in _RUNTIME_MODEL_FIELDS} for d in (old, new))
             if old != new:
                 raise CheckpointError(f"cannot resume: {key} is {new!r} but the run was started with {old!r}")
-        old_global = saved["train"]["batch_size"] * saved.get("world_size", 1)
-        new_global = self.tc.batch_size * self.d.world_size
+        old_global = saved["train"]["batch_size"] * saved.get("world_size", 1) // saved["train"].get("context_parallel", 1)
+        new_global = self.tc.batch_size * self.d.world_size // self.tc.context_parallel
         if old_global != new_global:
             raise CheckpointError(f"cannot resume: global batch (batch_size x processes) is {new_global} "
                                   f"but the run was started with {old_global}")
@@ -285,6 +285,8 @@ class _Run:
             tokenizer = self._tokenizer(run_dir, corpus)
             train_rows, val_rows = self._data(corpus, tokenizer)
             self._write_config(run_dir)
+        # context parallelism: groups of consecutive ranks share rows; data-parallel rank = group index
+        self.cp, self.dp_rank, self.dp_size = context_parallel_group(d, tc.context_parallel)
         raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
@@ -307,7 +309,7 @@ class _Run:
         self.amp_dtype = amp_dtype(d.device, tc.dtype)
         schedule = LRSchedule(self.peak_lr, tc.max_steps, self.oc.warmup, self.oc.min_lr_ratio)
         metrics = MetricsLog(run_dir, d.is_main, resume_step=step)
-        tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * d.world_size
+        tok_per_step = tc.batch_size * self.dc.seq_len * tc.grad_accum * self.dp_size
         flops_tok = _flops_per_token(raw, self.dc.seq_len)
         peak = _peak_flops(d.device)
         bar = None
@@ -388,20 +390,26 @@ class _Run:
     def _step(self, fwd, model, opt, rows: PackedTokens, eos_id: int, step: int, lr: float):
         tc, d = self.tc, self.d
         set_lr(opt, lr)
-        W, B, A = d.world_size, tc.batch_size, tc.grad_accum
+        W, B, A = self.dp_size, tc.batch_size, tc.grad_accum
+        # DDP averages gradients over all ranks; under context parallelism a group's loss shares
+        # add up to the group's mean, so each share is scaled by the group size for the backward
+        cp_scale = tc.context_parallel if self.cp is not None else 1
 
         def micro_loss(m: int) -> torch.Tensor:
-            start = (step * A + m) * W * B + d.rank * B
+            start = (step * A + m) * W * B + self.dp_rank * B
             batch = make_batch(rows.rows(np.arange(start, start + B)), eos_id, self.dc.doc_mask)
             batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+            if self.cp is not None:
+                batch = context_parallel_batch(batch, self.cp)
             with autocast(d.device, self.amp_dtype):
-                return fwd(**batch, use_cache=False).loss
+                loss = fwd(**batch, use_cache=False).loss
+            return loss * cp_scale if cp_scale != 1 else loss
 
         # model.parameters() is read after the backward: FSDP2 swaps the module's parameters
         out = train_step(opt, model.parameters(), micro_loss, accum=A, grad_clip=self.oc.grad_clip,
                          sync=lambda last: self._no_sync(model, last))
         d.all_reduce_(out.loss)
-        return float(out.loss) / W, float(out.grad_norm)
+        return float(out.loss) / (W * cp_scale), float(out.grad_norm)
 
     @contextlib.contextmanager
     def _no_sync(self, model, last: bool):
@@ -463,7 +471,7 @@ class _Run:
         rngs = d.gather_objects(capture_rng())
         if d.is_main:
             trainer_state = {"step": step, "elapsed_s": elapsed,
-                             "data_position": step * self.tc.grad_accum * self.tc.batch_size * d.world_size,
+                             "data_position": step * self.tc.grad_accum * self.tc.batch_size * self.dp_size,
                              "schedule": {"step": step, "max_steps": self.tc.max_steps},
                              "world_size": d.world_size, "threads": self.threads, "config": self.cfg.to_dict()}
             save_checkpoint(run_dir, step, model=raw, model_state=model_state, optimizer_state=opt_state,

@@ -1,0 +1,244 @@
+"""Context-parallel delta rule: throughput, peak memory and accuracy vs one device.
+
+Launched by torchrun, one process per GPU (NCCL), bf16. For each sequence length T:
+
+- ``single``: rank 0 alone runs ``delta_rule`` forward + backward on the whole ``[B, T, H, D]``
+  (the other ranks wait): time per step, tokens/s, peak memory (or the error, e.g. out of memory);
+- ``cp``: every rank runs ``context_parallel_delta_rule`` on its ``T / R`` segment: step time
+  (the slowest rank's), tokens/s of the whole sequence, peak memory per GPU (max over ranks);
+- ``accuracy`` (lengths up to ``--check-max-len``): the gathered CP output and the gathered
+  gradients of q, k, v, beta (and g) against a float32 single-device run, next to the error of
+  the plain single-device bf16 run against the same reference (ratio ~1 expected).
+
+Every part is in try/except (the failure is recorded and the script carries on); results are
+rewritten after each part to ``OUT/context_parallel.json`` and ``OUT/context_parallel.md``;
+``--budget-s`` stops starting new lengths once spent. A rank that fails inside a collective
+(e.g. out of memory on one GPU only) can stall the others until the process-group timeout
+(``--timeout-s``); the lengths run in increasing order so the earlier results are kept.
+
+GPU (H100 x 2/4/8)::
+
+    torchrun --nproc-per-node 4 benchmarks/bench_context_parallel.py --out results_cp \\
+        --lengths 32768,65536,131072 --heads 16 --head-dim 128 --gated
+
+CPU smoke run (gloo, float32, tiny; checks the script end to end)::
+
+    torchrun --nproc-per-node 2 benchmarks/bench_context_parallel.py --device cpu --out /tmp/cp \\
+        --lengths 128,256 --heads 2 --head-dim 16 --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from deltanet.ops import delta_rule  # noqa: E402
+from deltanet.parallel import context_parallel_delta_rule, gather_segments, split_segment  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for context_parallel.json / .md")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--lengths", default="32768,65536,131072", help="comma-separated sequence lengths T")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128, help="K = V")
+    p.add_argument("--gated", action="store_true", help="gated delta rule (g = log decay)")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) or float32 (default on cpu)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    p.add_argument("--check-max-len", type=int, default=65536, help="accuracy check up to this T")
+    p.add_argument("--budget-s", type=float, default=1500.0, help="no new length starts after this many seconds")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="process-group timeout")
+    return p.parse_args(argv)
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+        self.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+        self.out = Path(args.out)
+        self.results = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else platform.processor() or "cpu",
+            "world_size": self.world, "backend": dist.get_backend(), "torch": torch.__version__,
+            "python": platform.python_version(), "dtype": str(self.dtype).replace("torch.", ""),
+            "command": " ".join(sys.argv), "args": vars(args), "rows": [], "errors": [],
+        }
+
+    # -- helpers -------------------------------------------------------------------------------
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    def reset_peak(self):
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def peak_gib(self):
+        return torch.cuda.max_memory_allocated(self.dev) / GIB if self.dev.type == "cuda" else None
+
+    def inputs(self, T, dtype, seed=0):
+        """The same full inputs on every rank (same seed), ``[B, T, H, D]``."""
+        a = self.args
+        g = torch.Generator(device=self.dev).manual_seed(seed)
+        B, H, D = a.batch, a.heads, a.head_dim
+        kw = dict(device=self.dev, generator=g)
+        x = {"q": torch.randn(B, T, H, D, **kw), "k": F.normalize(torch.randn(B, T, H, D, **kw), dim=-1),
+             "v": torch.randn(B, T, H, D, **kw), "beta": torch.rand(B, T, H, **kw)}
+        if a.gated:
+            x["g"] = F.logsigmoid(torch.randn(B, T, H, **kw) + 4)  # mild decay, <= 0
+        return {n: t.to(dtype) if n not in ("g",) else t for n, t in x.items()}
+
+    def step(self, fn, x):
+        """One forward + backward of ``fn(**x)`` (output gradient of ones); returns (o, grads)."""
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+        o = fn(**leaves)
+        o.backward(torch.ones_like(o))
+        return o.detach(), {n: t.grad for n, t in leaves.items()}
+
+    def timed(self, fn, x):
+        for _ in range(2):  # warm-up: Triton compilation / autotuning
+            self.step(fn, x)
+        self.sync()
+        self.reset_peak()
+        t0 = time.perf_counter()
+        for _ in range(self.args.iters):
+            self.step(fn, x)
+        self.sync()
+        return (time.perf_counter() - t0) / self.args.iters, self.peak_gib()
+
+    def write(self):
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "context_parallel.json").write_text(json.dumps(self.results, indent=2))
+        r = self.results
+        lines = [f"# Context-parallel delta rule, {r['date'][:10]}, {r['world_size']} x {r['device']}", "",
+                 f"torch {r['torch']}, {r['backend']}, {r['dtype']}, B={self.args.batch}, H={self.args.heads}, "
+                 f"D={self.args.head_dim}, {'gated' if self.args.gated else 'plain'}; command: `{r['command']}`", "",
+                 "| T | part | step (ms) | tokens/s | peak GiB per GPU | notes |", "|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            ms = f"{row['step_s'] * 1e3:.1f}" if row.get("step_s") else "–"
+            tps = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else "–"
+            mem = f"{row['peak_gib']:.2f}" if row.get("peak_gib") is not None else "–"
+            lines.append(f"| {row['T']} | {row['part']} | {ms} | {tps} | {mem} | {row.get('notes', '')} |")
+        if r["errors"]:
+            lines += ["", "Errors:", ""] + [f"- T={e['T']} {e['part']}: {e['error']}" for e in r["errors"]]
+        (self.out / "context_parallel.md").write_text("\n".join(lines) + "\n")
+
+    def record(self, T, part, fn):
+        try:
+            row = fn()
+            if row is not None:
+                self.results["rows"].append({"T": T, "part": part, **row})
+        except Exception as e:  # recorded, the script carries on
+            self.results["errors"].append({"T": T, "part": part, "rank": self.rank,
+                                           "error": f"{type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()[-2000:]})
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+        self.write()
+
+    # -- parts ---------------------------------------------------------------------------------
+    def single(self, T):
+        row = None
+        if self.rank == 0:
+            x = self.inputs(T, self.dtype)
+            s, mem = self.timed(lambda **t: delta_rule(**t)[0], x)
+            row = {"step_s": s, "tokens_per_s": self.args.batch * T / s, "peak_gib": mem, "notes": "1 device"}
+        dist.barrier()
+        return row
+
+    def cp(self, T):
+        x = {n: split_segment(t, 1).contiguous() for n, t in self.inputs(T, self.dtype).items()}
+        s, mem = self.timed(lambda **t: context_parallel_delta_rule(**t)[0], x)
+        stats = torch.tensor([s, mem or 0.0], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        s, mem = stats.tolist()
+        single = [r for r in self.results["rows"] if r["T"] == T and r["part"] == "single"]
+        note = f"{self.world} ranks, T/R = {T // self.world}"
+        if single:
+            note += f"; {single[0]['step_s'] / s:.2f}x the 1-device speed"
+        return {"step_s": s, "tokens_per_s": self.args.batch * T / s,
+                "peak_gib": mem if self.dev.type == "cuda" else None, "notes": note}
+
+    def accuracy(self, T):
+        if T > self.args.check_max_len:
+            return None
+        full32 = self.inputs(T, torch.float32)
+        x = {n: t.to(self.dtype) if n != "g" else t for n, t in full32.items()}
+        o_cp, g_cp = self.step(lambda **t: context_parallel_delta_rule(**t)[0],
+                               {n: split_segment(t, 1).contiguous() for n, t in x.items()})
+        o_cp = gather_segments(o_cp, 1)
+        g_cp = {n: gather_segments(t.contiguous(), 1) for n, t in g_cp.items()}
+        errs = {}
+        if self.rank == 0:
+            ref_o, ref_g = self.step(lambda **t: delta_rule(**t)[0],
+                                     {n: t.to(torch.float32) for n, t in x.items()})  # fp32, same rounded inputs
+            one_o, one_g = self.step(lambda **t: delta_rule(**t)[0], x)
+
+            def rel(a, b):
+                return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+            for n, (a, b, ref) in {"o": (o_cp, one_o, ref_o),
+                                   **{f"d{k}": (g_cp[k], one_g[k], ref_g[k]) for k in ref_g}}.items():
+                errs[n] = {"cp": rel(a, ref), "one_device": rel(b, ref)}
+        dist.barrier()
+        if self.rank != 0:
+            return None
+        # floor 1e-6: in float32 the 1-device run IS the reference computation (error 0)
+        worst = max(e["cp"] / max(e["one_device"], 1e-6) for e in errs.values())
+        return {"errors_vs_fp32": errs, "notes": f"max error ratio cp / 1-device = {worst:.2f} "
+                + ", ".join(f"{n} {e['cp']:.1e}/{e['one_device']:.1e}" for n, e in errs.items())}
+
+    def main(self):
+        t_start = time.time()
+        for T in [int(t) for t in self.args.lengths.split(",")]:
+            if time.time() - t_start > self.args.budget_s:
+                self.results["errors"].append({"T": T, "part": "all", "error": "time budget spent; not run"})
+                self.write()
+                continue
+            if T % self.world:
+                self.results["errors"].append({"T": T, "part": "all", "error": f"T not divisible by {self.world}"})
+                self.write()
+                continue
+            self.record(T, "single", lambda: self.single(T))
+            self.record(T, "cp", lambda: self.cp(T))
+            self.record(T, "accuracy", lambda: self.accuracy(T))
+        self.results["total_s"] = time.time() - t_start
+        self.write()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=args.timeout_s))
+    try:
+        Run(args).main()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
