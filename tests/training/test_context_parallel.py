@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from deltanet.cli import build_train_config
+from deltanet.cli.train import build_train_config
 from deltanet.training.config import ConfigError
 
 from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
