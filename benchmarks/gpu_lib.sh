@@ -1,0 +1,40 @@
+# Shared by the GPU scripts (benchmarks/gpu_*.sh): source it from the repo root, then set R (the
+# results folder) and DEADLINE (seconds after the source line) for `run`.
+#
+#   now / left       seconds since sourcing / until DEADLINE
+#   log MSG          "[t s] MSG" to stdout and $R/timeline.txt
+#   run NAME T CMD   CMD with its output in $R/NAME.log, cut at min(T, time left); skipped when
+#                    5 s or less are left
+#   use_wheels       install .whl/*.whl (e.g. fla's wheels, for side-by-side runs) into /tmp/site;
+#                    PYTHONPATH = that + the repo
+#   record_env       date, GPUs, Python/torch/triton/transformers/fla versions and the commit
+#                    -> $R/env.txt (and stdout)
+START=$(date +%s)
+now() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE - $(now) )); }
+log() { echo "[$(now) s] $*" | tee -a "$R/timeline.txt"; }
+run() {
+  local name=$1 t=$2; shift 2
+  local l; l=$(left); [ "$t" -gt "$l" ] && t=$l
+  if [ "$t" -le 5 ]; then log "skip $name (no time left)"; return 0; fi
+  log "start $name (<= ${t}s)"
+  timeout "$t" "$@" >"$R/$name.log" 2>&1
+  log "end $name rc=$?"
+}
+use_wheels() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    export PYTHONPATH=$PWD
+  fi
+}
+record_env() {
+  {
+    date -u; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+    python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count())"
+    python3 -c "import fla; print('fla', fla.__version__)" || echo "fla not importable"
+    cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null
+  } >"$R/env.txt" 2>&1
+  cat "$R/env.txt"
+}
