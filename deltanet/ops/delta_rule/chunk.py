@@ -32,10 +32,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 
+from ..packing import PackedSequences
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
 from .gate import decay_terms
@@ -87,7 +89,8 @@ def _prec(dtype: torch.dtype) -> str:
 def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     """Entry checks shared by the Triton ops: validation, head-dim limit, device. float64 inputs
     are computed in float32 (no fp64 tensor-core path); ``g`` always in float32. Returns
-    ``(scale, q, k, v, beta, h0, g)``."""
+    ``(scale, q, k, v, beta, h0, g, packed)``; ``packed``: the validated
+    :class:`~deltanet.ops.packing.PackedSequences` (a raw ``cu_seqlens`` wrapped here), or None."""
     shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
     if max(shape.K, shape.V) > MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
@@ -97,7 +100,7 @@ def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_s
         q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     h0 = initial_state.float() if initial_state is not None else None
     g = g.float() if g is not None else None
-    return shape.scale, q, k, v, beta, h0, g
+    return shape.scale, q, k, v, beta, h0, g, shape.packed
 
 
 def finish_outputs(o, ht, out_dtype, output_final_state):
@@ -124,27 +127,47 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+class ChunkIndex(NamedTuple):
+    """Where the chunks are: ``cu`` int32 ``[N + 1]``, ``table [chunks, 2]`` int32 = (sequence,
+    chunk within it), ``offsets [N]`` int32 (each sequence's first chunk), ``chunks`` (a host int)."""
+
+    cu: torch.Tensor
+    table: torch.Tensor
+    offsets: torch.Tensor
+    chunks: int
+
+
 @functools.lru_cache(maxsize=64)
-def _fixed_index(B: int, T: int, device: torch.device):
+def _fixed_index(B: int, T: int, device: torch.device) -> ChunkIndex:
     NT = triton.cdiv(T, BT)
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
     table = torch.stack([torch.arange(B).repeat_interleave(NT), torch.arange(NT).repeat(B)], 1)
     offsets = torch.arange(0, B * NT, NT)
-    return cu, table.to(torch.int32).to(device), offsets.to(torch.int32).to(device), B * NT
+    return ChunkIndex(cu, table.to(torch.int32).to(device), offsets.to(torch.int32).to(device), B * NT)
 
 
-def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
-    """``(cu_seqlens int32, chunk_table [chunks, 2] = (seq, chunk), chunk_offsets [N], chunks)``."""
+def chunk_index(cu_seqlens: torch.Tensor | PackedSequences | ChunkIndex | None, B: int, T: int,
+                device: torch.device) -> ChunkIndex:
+    """The :class:`ChunkIndex` of a batch: built once per shape for fixed-length batches, taken
+    from a :class:`PackedSequences` (or an index already built) without reading anything back; a
+    raw ``cu_seqlens`` tensor is read to the host here (direct launcher calls only: the ops wrap
+    it once at their entry)."""
+    if isinstance(cu_seqlens, ChunkIndex):
+        return cu_seqlens
     if cu_seqlens is None:
         return _fixed_index(B, T, device)
-    bounds = cu_seqlens.tolist()
-    nts = [triton.cdiv(e - s, BT) for s, e in zip(bounds[:-1], bounds[1:])]
-    table = [(n, c) for n, nt in enumerate(nts) for c in range(nt)]
-    offsets = [0]
-    for nt in nts[:-1]:
-        offsets.append(offsets[-1] + nt)
-    i32 = dict(dtype=torch.int32, device=device)
-    return (cu_seqlens.to(torch.int32), torch.tensor(table, **i32), torch.tensor(offsets, **i32), len(table))
+    packed = PackedSequences.from_cu_seqlens(cu_seqlens, B * T)
+    table, offsets = packed.chunks(BT)
+    return ChunkIndex(packed.cu_seqlens, table, offsets, table.shape[0])
+
+
+def _op_index(cu_seqlens: torch.Tensor | None, chunk_table: torch.Tensor | None,
+              chunk_offsets: torch.Tensor | None) -> torch.Tensor | ChunkIndex | None:
+    """The registered ops' index arguments as ``chunk_fwd`` / ``chunk_bwd`` take them: the table
+    built before the op (no host read), else ``cu_seqlens`` as given (a direct call of the op)."""
+    if chunk_table is None:
+        return cu_seqlens
+    return ChunkIndex(cu_seqlens, chunk_table, chunk_offsets, chunk_table.shape[0])
 
 
 def _overrides() -> dict[str, int]:
@@ -434,15 +457,20 @@ def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx,
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
-            cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None) -> tuple[
+            cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None,
+            chunk_table: torch.Tensor | None = None, chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
+    # chunk_table / chunk_offsets: the PackedSequences' (chunk_delta_rule passes them, so neither
+    # this op nor its backward reads cu_seqlens back); None: built here from cu_seqlens
+    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state,
+                                 _op_index(cu_seqlens, chunk_table, chunk_offsets), g)
     if not _keeps_vnew():
         v_new = v.new_empty(0)
     return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
-def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, chunk_table=None,
+              chunk_offsets=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
@@ -454,14 +482,17 @@ def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlen
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
-            ht: torch.Tensor | None = None) -> tuple[
+            ht: torch.Tensor | None = None, chunk_table: torch.Tensor | None = None,
+            chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai,
+    idx = _op_index(cu_seqlens, chunk_table, chunk_offsets)
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai,
                                         v_new if v_new.numel() > 0 else None, g, ht)
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None):
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None,
+              chunk_table=None, chunk_offsets=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
@@ -470,13 +501,15 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
-    g = inputs[8] if len(inputs) > 8 else None
+    g, chunk_table, chunk_offsets = (tuple(inputs[8:]) + (None, None, None))[:3]
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v (or empty, see
     # SAVE_VNEW). The backward would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # g and the final state (read by the gradient of g) are saved only for the gated rule.
+    # The chunk index (cu_seqlens with its chunk table) is kept as it came in: backward reads
+    # nothing back from the device.
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,
-                          output[1] if g is not None else None)
+                          output[1] if g is not None else None, chunk_table, chunk_offsets)
     ctx.scale = scale
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
     # zeros buffer (32K tokens x 16 heads) alive through the whole backward.
@@ -484,11 +517,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
-    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht = ctx.saved_tensors
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht, chunk_table, chunk_offsets = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht)
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
+                                     chunk_table, chunk_offsets)
     dg = dg if g is not None else None
-    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None
 
 
 _fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
@@ -504,7 +538,7 @@ def chunk_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise (gated) delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
@@ -524,8 +558,11 @@ def chunk_delta_rule(
         (torch.Size([2, 100, 4, 32]), torch.float32)
     """
     out_dtype = v.dtype
-    scale, q, k, v, beta, h0, g = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
-                                                 cu_seqlens, g)
-    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g)
+    scale, q, k, v, beta, h0, g, packed = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
+                                                         cu_seqlens, g)
+    cu = table = firsts = None
+    if packed is not None:  # the chunk table built with it: the op and its backward read nothing back
+        cu, (table, firsts) = packed.cu_seqlens, packed.chunks(BT)
+    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, table, firsts)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 
