@@ -315,7 +315,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seqlens, g=None):
     """Launch the forward. Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
     ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
-    pseudo-values ``v_new`` are what the backward may reuse."""
+    pseudo-values ``v_new`` are what the backward may reuse. ``cu_seqlens``: None (fixed length), a
+    tensor, a ``PackedSequences`` or a ``ChunkIndex`` (see :func:`chunk_index`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
