@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import sys
 from collections import Counter
 
@@ -18,20 +20,24 @@ HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index_
 
 @contextlib.contextmanager
 def count_host_reads():
-    """Count host reads of integer and boolean tensors (index metadata such as ``cu_seqlens``, not
-    activations) while the block runs: yields a ``Counter`` of ``(method, caller file, line)``.
+    """Count the host reads that deltanet's own code makes of integer and boolean tensors (index
+    metadata such as ``cu_seqlens``, not activations) while the block runs: yields a ``Counter`` of
+    ``(method, caller file, line)``. Reads inside torch or triton (FlexAttention's block-mask
+    builder, the Triton interpreter) are theirs, not counted.
 
     Patches the methods of ``torch.Tensor`` itself (a ``TorchFunctionMode`` does not see the
     reads inside ``torch.library`` custom ops, where the kernel launchers run)."""
     reads = Counter()
     patched = {}
+    package = os.path.abspath(importlib.util.find_spec("deltanet").submodule_search_locations[0]) + os.sep
 
     def wrap(name, method):
         def counted(self, *args, **kwargs):
             if not (self.is_floating_point() or self.is_complex()):
                 frame = sys._getframe(1)
-                where = "/".join(frame.f_code.co_filename.split("/")[-3:])
-                reads[(name, where, frame.f_lineno)] += 1
+                if os.path.abspath(frame.f_code.co_filename).startswith(package):
+                    where = os.path.relpath(frame.f_code.co_filename, os.path.dirname(package.rstrip(os.sep)))
+                    reads[(name, where, frame.f_lineno)] += 1
             return method(self, *args, **kwargs)
         return counted
 
