@@ -220,6 +220,8 @@ class ShortConvolution(nn.Module):
         W = self.kernel_size
         silu = self.activation == "silu"
         if isinstance(cu_seqlens, PackedSequences):
+            if cu_seqlens.total_tokens != T:
+                raise ValueError(f"cu_seqlens must end at T = {T}, got {cu_seqlens.total_tokens}")
             doc_pos = cu_seqlens.positions
         else:
             doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None

@@ -93,6 +93,8 @@ def test_an_object_of_another_length_is_rejected():
         causal_attention(x, x, x, cu_seqlens=p)
     with pytest.raises(ValueError, match="cu_seqlens must end at T = 12, got 10"):
         linear_attention(x, x, x, cu_seqlens=p)
+    with pytest.raises(ValueError, match="cu_seqlens must end at T = 12, got 10"):
+        ShortConvolution(8)(x.flatten(2), cu_seqlens=p)
     with pytest.raises(ValueError, match="cu_seqlens requires B == 1"):
         delta_rule(x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1), x.expand(2, -1, -1, -1),
                    torch.rand(2, 12, 2), cu_seqlens=p, backend="torch")
