@@ -3,10 +3,55 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import sys
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["assert_close", "make_inputs", "rel_err"]
+__all__ = ["assert_close", "count_host_reads", "make_inputs", "rel_err"]
+
+# The Tensor methods that bring a tensor's values to the host (on CUDA: a synchronisation).
+HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__", "__iter__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count the host reads that deltanet's own code makes of integer and boolean tensors (index
+    metadata such as ``cu_seqlens``, not activations) while the block runs: yields a ``Counter`` of
+    ``(method, caller file, line)``. Reads inside torch or triton (FlexAttention's block-mask
+    builder, the Triton interpreter) are theirs, not counted.
+
+    Patches the methods of ``torch.Tensor`` itself (a ``TorchFunctionMode`` does not see the
+    reads inside ``torch.library`` custom ops, where the kernel launchers run)."""
+    reads = Counter()
+    patched = {}
+    package = os.path.abspath(importlib.util.find_spec("deltanet").submodule_search_locations[0]) + os.sep
+
+    def wrap(name, method):
+        def counted(self, *args, **kwargs):
+            if not (self.is_floating_point() or self.is_complex()):
+                frame = sys._getframe(1)
+                if os.path.abspath(frame.f_code.co_filename).startswith(package):
+                    where = os.path.relpath(frame.f_code.co_filename, os.path.dirname(package.rstrip(os.sep)))
+                    reads[(name, where, frame.f_lineno)] += 1
+            return method(self, *args, **kwargs)
+        return counted
+
+    for name in HOST_READS:
+        patched[name] = (name in vars(torch.Tensor), getattr(torch.Tensor, name))
+        setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    try:
+        yield reads
+    finally:
+        for name, (own, method) in patched.items():
+            if own:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.packing import PackedSequences
 from . import _fused as _fused_mod
 from ._fused import fused, will_compile
 
@@ -189,7 +190,9 @@ class ShortConvolution(nn.Module):
     """Depthwise causal conv over time, ``[B, T, C] -> [B, T, C]``, optional SiLU.
 
     ``forward(x, state=None, cu_seqlens=None, output_state=False)``; ``state`` is the previous
-    ``W - 1`` inputs ``[B, W-1, C]`` (decoding). Returns ``(y, new_state)``.
+    ``W - 1`` inputs ``[B, W-1, C]`` (decoding); ``cu_seqlens``: packed documents, a tensor or a
+    :class:`~deltanet.ops.packing.PackedSequences` (whose positions in documents are computed once
+    per batch, not once per conv). Returns ``(y, new_state)``.
 
     Example::
 
@@ -216,7 +219,12 @@ class ShortConvolution(nn.Module):
         B, T, C = x.shape
         W = self.kernel_size
         silu = self.activation == "silu"
-        doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
+        if isinstance(cu_seqlens, PackedSequences):
+            if cu_seqlens.total_tokens != T:
+                raise ValueError(f"cu_seqlens must end at T = {T}, got {cu_seqlens.total_tokens}")
+            doc_pos = cu_seqlens.positions
+        else:
+            doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None and not output_state:
             # training / scoring (Triton kernels on CUDA for training)
             return padded_conv(x, self.weight, doc_pos, silu), None

@@ -194,7 +194,8 @@ class DeltaNetMixer(nn.Module):
         return q, k, v, b, a, g, conv_out
 
     def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
-        """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cache``: a
+        """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cu_seqlens``: packed
+        documents (a :class:`~deltanet.ops.packing.PackedSequences` from the model); ``cache``: a
         :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
         :class:`RMSNorm` applied to ``x`` first (the block's pre-norm, fused with the input
         projections so that its output is not kept for backward); ``context_parallel``: a
@@ -212,9 +213,10 @@ class DeltaNetMixer(nn.Module):
         if (self.recompute_inputs and state is None and cp is None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
+            # (cu_seqlens, no gradient, rides in the closure: it may be a PackedSequences)
             feats = recompute_in_backward(
-                lambda xx, mm, cs: [t for t in self._features(xx, norm, mm, cs, conv_in, False)[:6] if t is not None],
-                (x, mask, cu_seqlens), [p for mod in (self, norm) if mod is not None for p in mod.parameters()])
+                lambda xx, mm: [t for t in self._features(xx, norm, mm, cu_seqlens, conv_in, False)[:6] if t is not None],
+                (x, mask), [p for mod in (self, norm) if mod is not None for p in mod.parameters()])
             feats = iter(feats)
             q, k, v = next(feats), next(feats), next(feats)
             b = next(feats) if self.use_beta else None

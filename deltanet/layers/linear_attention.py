@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.packing import as_packed
 from .conv import ShortConvolution
 from .delta_net import qk_feature
 from .norm import RMSNorm
@@ -44,7 +45,8 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
     """Causal additive linear attention, chunkwise in PyTorch (float32 inside).
 
     Layouts as :func:`deltanet.ops.delta_rule`: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``,
-    states ``[N, H, K, V]``. Returns ``(o [B, T, H, V] in v.dtype, final_state float32)``.
+    states ``[N, H, K, V]``; ``cu_seqlens`` a tensor or a
+    :class:`~deltanet.ops.packing.PackedSequences`. Returns ``(o [B, T, H, V] in v.dtype, final_state float32)``.
 
     Example::
 
@@ -67,7 +69,7 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
         o, S = _chunked(q, k, v, S0, chunk_size)
         return o.to(out_dtype), S
     # packed documents: one call per document (a baseline, not a fast path)
-    offsets = cu_seqlens.tolist()
+    offsets = as_packed(cu_seqlens, T).offsets  # a PackedSequences: no host read
     outs, finals = [], []
     for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
         S0 = initial_state[i:i + 1].to(dtype) if initial_state is not None else q.new_zeros(1, H, K, V)

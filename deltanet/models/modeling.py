@@ -8,7 +8,10 @@ path:
   leave recurrent states untouched and are invisible to attention, and RoPE positions count
   real tokens only, so a padded row computes what the row alone computes;
 - packed documents: ``cu_seqlens = [0, ..., T]`` with ``B == 1`` — no state, conv tap or
-  attention score crosses a document boundary, and positions restart at each document;
+  attention score crosses a document boundary, and positions restart at each document. The
+  forward wraps ``cu_seqlens`` once into a :class:`~deltanet.ops.packing.PackedSequences` (its one
+  host read; positions in documents and the kernels' chunk table computed once) and hands that
+  to every layer and op, forward and backward;
 - cached decoding: ``past_key_values`` (a :class:`DeltaNetCache`).
 
 ``config.activation_checkpointing`` ("none" | "mixer" | "block") recomputes each token mixer
@@ -29,8 +32,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
-from ..layers.conv import positions_in_documents
 from ..layers.delta_net import DELTA_TYPES
+from ..ops.packing import PackedSequences
 from .cache import DeltaNetCache
 from .configuration import ACTIVATION_CHECKPOINTING, DeltaNetConfig
 from .cuda_graph import decode_step, graph_decodable
@@ -191,7 +194,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _prepare(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
+    def _prepare(self, B, T, past, attention_mask, position_ids, packed: PackedSequences | None, device):
         """-> (mask of the new tokens or None, full key mask or None, position_ids [B, T])."""
         full_mask = None
         if attention_mask is not None:
@@ -208,8 +211,8 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         if position_ids is None:
             if full_mask is not None:
                 position_ids = (full_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
-            elif cu_seqlens is not None:
-                position_ids = positions_in_documents(cu_seqlens, T)[None]
+            elif packed is not None:
+                position_ids = packed.positions[None]
             else:
                 position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
         mask = full_mask[:, -T:] if full_mask is not None else None
@@ -237,7 +240,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         past_key_values: DeltaNetCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | PackedSequences | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: DeltaNetCache | None = None,
@@ -264,9 +267,15 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a cache (use_cache=True)")
             if attention_mask is not None:
                 raise ValueError("give either cu_seqlens (packed documents) or attention_mask (padding), not both")
-            cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
-            if cu_seqlens.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+            if isinstance(cu_seqlens, PackedSequences):
+                if cu_seqlens.device != x.device:
+                    raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {x.device}")
+            else:
+                cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
+                if cu_seqlens.dtype not in (torch.int32, torch.int64):
+                    raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+            # validated and derived once: every layer and op (and their backward) reads this
+            cu_seqlens = PackedSequences.from_cu_seqlens(cu_seqlens, T)
         if use_cache and past_key_values is None:
             past_key_values = DeltaNetCache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, DeltaNetCache):
@@ -349,7 +358,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | PackedSequences | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,

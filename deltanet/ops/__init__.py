@@ -20,12 +20,14 @@ import torch
 from .delta_rule import delta_product_reference, delta_rule_chunkwise_torch, delta_rule_reference
 from .delta_rule.config import ChunkKernelConfig, device_sms, select_config
 from .delta_rule.product import interleave_product, take_last_step
+from .packing import PackedSequences
 
 BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
 
 __all__ = [
     "BACKENDS",
     "ChunkKernelConfig",
+    "PackedSequences",
     "chunk_delta_rule",
     "delta_product",
     "delta_product_reference",
@@ -88,7 +90,7 @@ def delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     backend: str = "auto",
     kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -105,7 +107,9 @@ def delta_rule(
         scale: multiplies the queries; defaults to ``K ** -0.5``.
         initial_state: ``[N, H, K, V]`` (``N = B``, or ``len(cu_seqlens) - 1``).
         output_final_state: also return the state after the last token, ``[N, H, K, V]`` float32.
-        cu_seqlens: int tensor of sequence boundaries ``[0, ..., T]`` for packed sequences (B == 1).
+        cu_seqlens: int tensor of sequence boundaries ``[0, ..., T]`` for packed sequences (B == 1),
+            or a :class:`PackedSequences` built from it once per batch (``PackedSequences.from_cu_seqlens``:
+            the one host read of the boundaries; a raw tensor costs one read per call).
         backend: one of ``BACKENDS``.
         kernel_config: launch settings of the Triton chunk kernels for this call (a
             :class:`ChunkKernelConfig`, e.g. ``dataclasses.replace(select_config(...), warps_wy=8)``),
@@ -152,7 +156,7 @@ def delta_product(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     backend: str = "auto",
     kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -27,6 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .packing import PackedSequences, as_packed
+
 __all__ = ["causal_attention", "decode_attention"]
 
 
@@ -52,21 +54,15 @@ def _check(q, k, v, window, cu_seqlens, key_mask) -> None:
         raise ValueError(f"key_mask must have shape [B, Tk] = {(B, Tk)}, got {tuple(key_mask.shape)}")
 
 
-def _doc_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """Document index of each position of a packed sequence, ``[T]``."""
-    pos = torch.arange(T, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
-
-
-def _dense_mask(B, Tq, Tk, window, cu_seqlens, key_mask, device) -> torch.Tensor:
+def _dense_mask(B, Tq, Tk, window, packed: PackedSequences | None, key_mask, device) -> torch.Tensor:
     """Boolean ``[B, 1, Tq, Tk]`` (True = attend) implementing the rule in the module docstring."""
     qpos = torch.arange(Tk - Tq, Tk, device=device)[:, None]
     kpos = torch.arange(Tk, device=device)[None, :]
     allow = kpos <= qpos
     if window is not None:
         allow = allow & (qpos - kpos < window)
-    if cu_seqlens is not None:
-        doc = _doc_ids(cu_seqlens, Tk)
+    if packed is not None:
+        doc = packed.doc_ids
         allow = allow & (doc[Tk - Tq:, None] == doc[None, :])
     allow = allow[None, None].expand(B, 1, Tq, Tk)
     if key_mask is not None:
@@ -102,22 +98,29 @@ def _window_block_mask(T: int, window: int, device: torch.device):
     return _block_mask(T, window, None, device)
 
 
-@functools.lru_cache(maxsize=4)
-def _document_block_mask(T: int, window: int | None, bounds: tuple[int, ...], device: torch.device):
-    # built once per batch, shared by every attention layer of the forward (and its backward)
-    cu = torch.tensor(bounds, device=device)
-    return _block_mask(T, window, _doc_ids(cu, T), device)
+_DOCUMENT_BLOCK_MASKS: dict = {}  # (T, window, host boundaries, device) -> block mask, the last 4
 
 
-def _flex(q, k, v, scale, window, cu_seqlens, compiled: bool):
+def _document_block_mask(window: int | None, packed: PackedSequences):
+    # built once per batch, shared by every attention layer of the forward (and its backward);
+    # keyed by the host boundaries, so a later batch with the same documents reuses it
+    key = (packed.total_tokens, window, packed.offsets, packed.device)
+    if key not in _DOCUMENT_BLOCK_MASKS:
+        while len(_DOCUMENT_BLOCK_MASKS) >= 4:
+            _DOCUMENT_BLOCK_MASKS.pop(next(iter(_DOCUMENT_BLOCK_MASKS)))
+        _DOCUMENT_BLOCK_MASKS[key] = _block_mask(packed.total_tokens, window, packed.doc_ids, packed.device)
+    return _DOCUMENT_BLOCK_MASKS[key]
+
+
+def _flex(q, k, v, scale, window, packed: PackedSequences | None, compiled: bool):
     """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
     from torch.nn.attention.flex_attention import flex_attention
 
     T = q.shape[2]
-    if cu_seqlens is None:
+    if packed is None:
         block_mask = _window_block_mask(T, window, q.device)
     else:
-        block_mask = _document_block_mask(T, window, tuple(cu_seqlens.tolist()), q.device)
+        block_mask = _document_block_mask(window, packed)
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -129,7 +132,7 @@ def causal_attention(
     *,
     scale: float | None = None,
     window: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     key_mask: torch.Tensor | None = None,
     use_flex: bool | None = None,
 ) -> torch.Tensor:
@@ -140,7 +143,8 @@ def causal_attention(
             (grouped-query attention) and ``Tq <= Tk`` (the last query aligns with the last key).
         scale: softmax scale, default ``D ** -0.5``.
         window: each query sees at most the ``window`` most recent positions, itself included.
-        cu_seqlens: ``[0, ..., T]`` document starts of a packed batch (``B == 1``, ``Tq == Tk``).
+        cu_seqlens: ``[0, ..., T]`` document starts of a packed batch (``B == 1``, ``Tq == Tk``), a
+            tensor or a :class:`~deltanet.ops.packing.PackedSequences` (a tensor is read to the host here).
         key_mask: ``[B, Tk]``, 1 for real tokens and 0 for padding.
         use_flex: force (True) or forbid (False) the FlexAttention path; default: on CUDA when a
             window or ``cu_seqlens`` is given and there is no ``key_mask``.
@@ -159,15 +163,16 @@ def causal_attention(
     Tk, Hkv = k.shape[1], k.shape[2]
     if window is not None and window >= Tk:
         window = None  # the window covers everything: plain causal, which has the fast path
-    if cu_seqlens is not None and cu_seqlens.numel() == 2:
-        cu_seqlens = None  # one document
+    packed = as_packed(cu_seqlens, Tk)
+    if packed is not None and packed.num_seqs == 1:
+        packed = None  # one document
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
 
-    structured = window is not None or cu_seqlens is not None
+    structured = window is not None or packed is not None
     if use_flex is None:
         use_flex = q.is_cuda and structured and key_mask is None and Tq == Tk
     if use_flex:
-        o = _flex(qt, kt, vt, scale, window, cu_seqlens, compiled=q.is_cuda)
+        o = _flex(qt, kt, vt, scale, window, packed, compiled=q.is_cuda)
         return o.transpose(1, 2)
 
     if Hkv != H:
@@ -177,7 +182,7 @@ def causal_attention(
     elif not structured and key_mask is None and Tq == 1:
         o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)  # one new token sees all keys
     else:
-        mask = _dense_mask(B, Tq, Tk, window, cu_seqlens, key_mask, q.device)
+        mask = _dense_mask(B, Tq, Tk, window, packed, key_mask, q.device)
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
 

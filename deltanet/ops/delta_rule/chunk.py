@@ -31,10 +31,12 @@ implementations included) so that ``torch.compile`` traces through them.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 
+from ..packing import PackedSequences
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
 from .config import ChunkKernelConfig, device_sms, select_config
@@ -81,7 +83,8 @@ def _prec(dtype: torch.dtype) -> str:
 def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None):
     """Entry checks shared by the Triton ops: validation, head-dim limit, device. float64 inputs
     are computed in float32 (no fp64 tensor-core path); ``g`` always in float32. Returns
-    ``(scale, q, k, v, beta, h0, g)``."""
+    ``(scale, q, k, v, beta, h0, g, packed)``; ``packed``: the validated
+    :class:`~deltanet.ops.packing.PackedSequences` (a raw ``cu_seqlens`` wrapped here), or None."""
     shape = check_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g)
     if max(shape.K, shape.V) > MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels support head dims K, V <= {MAX_HEAD_DIM}, got K={shape.K}, "
@@ -91,7 +94,7 @@ def prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state, cu_s
         q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     h0 = initial_state.float() if initial_state is not None else None
     g = g.float() if g is not None else None
-    return shape.scale, q, k, v, beta, h0, g
+    return shape.scale, q, k, v, beta, h0, g, shape.packed
 
 
 def finish_outputs(o, ht, out_dtype, output_final_state):
@@ -112,26 +115,47 @@ def incoming_grads(do, dht, v):
 
 
 @functools.lru_cache(maxsize=64)
-def _fixed_index(B: int, T: int, device: torch.device):
+class ChunkIndex(NamedTuple):
+    """Where the chunks are: ``cu`` int32 ``[N + 1]``, ``table [chunks, 2]`` int32 = (sequence,
+    chunk within it), ``offsets [N]`` int32 (each sequence's first chunk), ``chunks`` (a host int)."""
+
+    cu: torch.Tensor
+    table: torch.Tensor
+    offsets: torch.Tensor
+    chunks: int
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_index(B: int, T: int, device: torch.device) -> ChunkIndex:
     NT = triton.cdiv(T, BT)
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
     table = torch.stack([torch.arange(B).repeat_interleave(NT), torch.arange(NT).repeat(B)], 1)
     offsets = torch.arange(0, B * NT, NT)
-    return cu, table.to(torch.int32).to(device), offsets.to(torch.int32).to(device), B * NT
+    return ChunkIndex(cu, table.to(torch.int32).to(device), offsets.to(torch.int32).to(device), B * NT)
 
 
-def chunk_index(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
-    """``(cu_seqlens int32, chunk_table [chunks, 2] = (seq, chunk), chunk_offsets [N], chunks)``."""
+def chunk_index(cu_seqlens: torch.Tensor | PackedSequences | ChunkIndex | None, B: int, T: int,
+                device: torch.device) -> ChunkIndex:
+    """The :class:`ChunkIndex` of a batch: built once per shape for fixed-length batches, taken
+    from a :class:`PackedSequences` (or an index already built) without reading anything back; a
+    raw ``cu_seqlens`` tensor is read to the host here (direct launcher calls only: the ops wrap
+    it once at their entry)."""
+    if isinstance(cu_seqlens, ChunkIndex):
+        return cu_seqlens
     if cu_seqlens is None:
         return _fixed_index(B, T, device)
-    bounds = cu_seqlens.tolist()
-    nts = [triton.cdiv(e - s, BT) for s, e in zip(bounds[:-1], bounds[1:])]
-    table = [(n, c) for n, nt in enumerate(nts) for c in range(nt)]
-    offsets = [0]
-    for nt in nts[:-1]:
-        offsets.append(offsets[-1] + nt)
-    i32 = dict(dtype=torch.int32, device=device)
-    return (cu_seqlens.to(torch.int32), torch.tensor(table, **i32), torch.tensor(offsets, **i32), len(table))
+    packed = PackedSequences.from_cu_seqlens(cu_seqlens, B * T)
+    table, offsets = packed.chunks(BT)
+    return ChunkIndex(packed.cu_seqlens, table, offsets, table.shape[0])
+
+
+def _op_index(cu_seqlens: torch.Tensor | None, chunk_table: torch.Tensor | None,
+              chunk_offsets: torch.Tensor | None) -> torch.Tensor | ChunkIndex | None:
+    """The registered ops' index arguments as ``chunk_fwd`` / ``chunk_bwd`` take them: the table
+    built before the op (no host read), else ``cu_seqlens`` as given (a direct call of the op)."""
+    if chunk_table is None:
+        return cu_seqlens
+    return ChunkIndex(cu_seqlens, chunk_table, chunk_offsets, chunk_table.shape[0])
 
 
 def launch_config(kernel_config: ChunkKernelConfig | None, N: int, H: int, K: int, V: int, x: torch.Tensor,
@@ -212,7 +236,8 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     """Launch the forward (``config``: the launch settings, or None for ``select_config``'s).
     Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
     ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
-    pseudo-values ``v_new`` are what the backward reuses."""
+    pseudo-values ``v_new`` are what the backward may reuse. ``cu_seqlens``: None (fixed length), a
+    tensor, a ``PackedSequences`` or a ``ChunkIndex`` (see :func:`chunk_index`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -358,13 +383,17 @@ def _config(kernel_config: list[int] | None) -> ChunkKernelConfig | None:
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, output_final_state: bool,
             cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None,
-            kernel_config: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g,
-                                 config=_config(kernel_config))
+            kernel_config: list[int] | None = None, chunk_table: torch.Tensor | None = None,
+            chunk_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # chunk_table / chunk_offsets: the PackedSequences' (chunk_delta_rule passes them, so neither
+    # this op nor its backward reads cu_seqlens back); None: built here from cu_seqlens
+    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state,
+                                 _op_index(cu_seqlens, chunk_table, chunk_offsets), g, config=_config(kernel_config))
     return o, ht if ht is not None else _empty_state(q), ai, v_new
 
 
-def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, kernel_config=None):
+def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, kernel_config=None,
+              chunk_table=None, chunk_offsets=None):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
@@ -376,15 +405,17 @@ def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlen
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
-            ht: torch.Tensor | None = None, kernel_config: list[int] | None = None) -> tuple[
+            ht: torch.Tensor | None = None, kernel_config: list[int] | None = None,
+            chunk_table: torch.Tensor | None = None, chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
+    idx = _op_index(cu_seqlens, chunk_table, chunk_offsets)
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, g, ht,
                                         config=_config(kernel_config))
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
 def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None,
-              kernel_config=None):
+              kernel_config=None, chunk_table=None, chunk_offsets=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
     dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
@@ -393,13 +424,15 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
-    g = inputs[8] if len(inputs) > 8 else None
+    g, kernel_config, chunk_table, chunk_offsets = (tuple(inputs[8:]) + (None,) * 4)[:4]
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
     # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # g and the final state (read by the gradient of g) are saved only for the gated rule.
+    # The chunk index (cu_seqlens with its chunk table) is kept as it came in: backward reads
+    # nothing back from the device.
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,
-                          output[1] if g is not None else None)
+                          output[1] if g is not None else None, chunk_table, chunk_offsets)
     ctx.scale = scale
     ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
@@ -408,12 +441,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
-    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht = ctx.saved_tensors
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht, chunk_table, chunk_offsets = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
     dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
-                                     ctx.kernel_config)
+                                     ctx.kernel_config, chunk_table, chunk_offsets)
     dg = dg if g is not None else None
-    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None, None
 
 
 _fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
@@ -429,7 +462,7 @@ def chunk_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     g: torch.Tensor | None = None,
     kernel_config: ChunkKernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -455,11 +488,14 @@ def chunk_delta_rule(
         raise TypeError(f"kernel_config must be a deltanet.ops.ChunkKernelConfig or None, got "
                         f"{type(kernel_config).__name__}")
     out_dtype = v.dtype
-    scale, q, k, v, beta, h0, g = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
-                                                 cu_seqlens, g)
+    scale, q, k, v, beta, h0, g, packed = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
+                                                         cu_seqlens, g)
     if kernel_config is not None:
         kernel_config.check_shape(q.shape[-1])  # before any kernel, as the other input checks
         kernel_config = kernel_config.to_list()
-    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g, kernel_config)
+    cu = table = firsts = None
+    if packed is not None:  # the chunk table built with it: the op and its backward read nothing back
+        cu, (table, firsts) = packed.cu_seqlens, packed.chunks(BT)
+    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..packing import PackedSequences
 from .utils import _check_tensor
 
 __all__ = ["interleave_product", "take_last_step"]
@@ -21,7 +22,8 @@ def interleave_product(q, k, v, beta, g, cu_seqlens):
     """Validate DeltaProduct inputs and map them to a delta-rule call of ``T * n_h`` steps.
 
     ``q: [B, T, H, K]``, ``k: [B, T, n_h, H, K]``, ``v: [B, T, n_h, H, V]``,
-    ``beta: [B, T, n_h, H]``, ``g: [B, T, H]`` or None. Returns ``(q, k, v, beta, g, cu_seqlens,
+    ``beta: [B, T, n_h, H]``, ``g: [B, T, H]`` or None; ``cu_seqlens`` a tensor, a
+    :class:`~deltanet.ops.packing.PackedSequences` or None. Returns ``(q, k, v, beta, g, cu_seqlens,
     n_h)`` in the delta rule's layout (the remaining checks are the delta rule's own)."""
     _check_tensor("q", q, 4, "[B, T, H, K]")
     _check_tensor("k", k, 5, "[B, T, n_h, H, K]")
@@ -53,7 +55,9 @@ def interleave_product(q, k, v, beta, g, cu_seqlens):
     gi = None
     if g is not None:
         gi = torch.cat([g[:, :, None], g.new_zeros(B, T, n_h - 1, H)], 2).reshape(B, T * n_h, H)
-    if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor):
+    if isinstance(cu_seqlens, PackedSequences):
+        cu_seqlens = cu_seqlens.interleaved(n_h)  # built once per batch and n_h, no host read
+    elif isinstance(cu_seqlens, torch.Tensor):
         cu_seqlens = cu_seqlens * n_h
     return qi, ki, vi, bi, gi, cu_seqlens, n_h
 

@@ -13,6 +13,7 @@ import functools
 import torch
 import triton
 
+from ..packing import PackedSequences
 from .chunk import _new, finish_outputs, incoming_grads, prepare_inputs
 from .interpreter import interpreted
 from ..registry import empty_state as _empty_state
@@ -164,7 +165,7 @@ def recurrent_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused recurrent (gated) delta rule in Triton. Same contract as :func:`deltanet.ops.delta_rule`.
@@ -185,7 +186,8 @@ def recurrent_delta_rule(
         torch.Size([8, 1, 4, 64])
     """
     out_dtype = v.dtype
-    scale, q, k, v, beta, h0, g = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
-                                                 cu_seqlens, g)
-    o, ht = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu_seqlens, g)
+    scale, q, k, v, beta, h0, g, packed = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
+                                                         cu_seqlens, g)
+    cu = packed.cu_seqlens if packed is not None else None  # int32, validated: the op reads nothing back
+    o, ht = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g)
     return finish_outputs(o, ht, out_dtype, output_final_state)

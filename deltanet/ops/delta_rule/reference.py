@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..packing import PackedSequences
 from .utils import check_inputs, seq_lengths
 
 __all__ = ["delta_product_reference", "delta_rule_reference"]
@@ -40,7 +41,7 @@ def delta_rule_reference(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step-by-step (gated) delta rule. Same contract as :func:`deltanet.ops.delta_rule`.
@@ -89,11 +90,11 @@ def delta_product_reference(q, k, v, beta, *, g=None, scale=None, initial_state=
     _, _, _, _, _, _, n_h = interleave_product(q, k, v, beta, g, cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    check_inputs(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], scale, initial_state, output_final_state, cu_seqlens, g)
-    scale = K ** -0.5 if scale is None else scale
+    shape = check_inputs(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], scale, initial_state, output_final_state,
+                         cu_seqlens, g)
+    scale = shape.scale
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    bounds = [(b, 0, T) for b in range(B)] if cu_seqlens is None else \
-        [(0, s, e) for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
+    bounds = seq_lengths(shape)
     outs, finals = [], []
     for i, (b, s, e) in enumerate(bounds):
         S = initial_state[i].to(dtype) if initial_state is not None else q.new_zeros((H, K, V), dtype=dtype)

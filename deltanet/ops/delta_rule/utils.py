@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..packing import PackedSequences, check_cu_seqlens
+
 __all__ = ["DeltaRuleShape", "check_inputs", "seq_lengths"]
 
 
@@ -26,7 +28,12 @@ class DeltaRuleShape:
     V: int
     N: int  # number of sequences: B, or len(cu_seqlens) - 1
     scale: float
-    offsets: tuple[int, ...] | None = None  # cu_seqlens on the host (read once: a device sync)
+    packed: PackedSequences | None = None  # cu_seqlens, validated, with its host copy and chunk table
+
+    @property
+    def offsets(self) -> tuple[int, ...] | None:
+        """``cu_seqlens`` on the host, or None for a fixed-length batch."""
+        return self.packed.offsets if self.packed is not None else None
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -46,12 +53,14 @@ def check_inputs(
     scale: float | None,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
-    cu_seqlens: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | PackedSequences | None,
     g: torch.Tensor | None = None,
 ) -> DeltaRuleShape:
     """Validate a delta-rule call and return its sizes. Raises ValueError / TypeError.
 
-    ``g`` (optional, ``[B, T, H]`` float): the per-token log decay of the gated rule."""
+    ``g`` (optional, ``[B, T, H]`` float): the per-token log decay of the gated rule.
+    ``cu_seqlens``: a raw tensor is validated and wrapped into a :class:`PackedSequences` here
+    (its one host read); a ``PackedSequences`` is taken as built (checked against T and q's device)."""
     _check_tensor("q", q, 4, "[B, T, H, K]")
     B, T, H, K = q.shape
     _check_tensor("k", k, 4, "[B, T, H, K]")
@@ -85,28 +94,16 @@ def check_inputs(
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    N, offsets = B, None
+    N, packed = B, None
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor):
-            raise TypeError(f"cu_seqlens must be a 1-D integer torch.Tensor, got {type(cu_seqlens).__name__}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(
-                f"cu_seqlens must be 1-D with at least 2 entries [0, ..., T], got shape {tuple(cu_seqlens.shape)}"
-            )
+        if not isinstance(cu_seqlens, PackedSequences):
+            check_cu_seqlens(cu_seqlens)
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
         if B != 1:
             raise ValueError(f"cu_seqlens requires B == 1 (sequences packed along T), got B = {B}")
-        offsets = tuple(cu_seqlens.tolist())
-        if offsets[0] != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
-        if offsets[-1] != T:
-            raise ValueError(f"cu_seqlens must end at T = {T}, got {offsets[-1]}")
-        if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {list(offsets)}")
-        N = len(offsets) - 1
+        packed = PackedSequences.from_cu_seqlens(cu_seqlens, T)  # a raw tensor: its one host read
+        N = packed.num_seqs
 
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
@@ -120,7 +117,7 @@ def check_inputs(
             )
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
-    return DeltaRuleShape(B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale), offsets=offsets)
+    return DeltaRuleShape(B=B, T=T, H=H, K=K, V=V, N=N, scale=float(scale), packed=packed)
 
 
 def seq_lengths(shape: DeltaRuleShape) -> list[tuple[int, int, int]]:
