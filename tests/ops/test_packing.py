@@ -197,6 +197,6 @@ def test_chunk_op_with_its_chunk_table_passes_opcheck():
     inp = make_inputs(1, 70, 1, 16, 16, initial_state=True, N=2, dtype=torch.float32, device=DEVICE)
     p = PackedSequences.from_cu_seqlens(torch.tensor([0, 5, 70], device=DEVICE), 70)
     args = (inp["q"], inp["k"], inp["v"], inp["beta"], 16 ** -0.5, inp["initial_state"], True, p.cu_seqlens,
-            None, p.chunk_table, p.chunk_offsets)
+            None, None, p.chunk_table, p.chunk_offsets)  # g, kernel_config, the chunk table
     torch.library.opcheck(torch.ops.deltanet.chunk_delta_rule_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -114,7 +114,6 @@ def incoming_grads(do, dht, v):
     return do, dht
 
 
-@functools.lru_cache(maxsize=64)
 class ChunkIndex(NamedTuple):
     """Where the chunks are: ``cu`` int32 ``[N + 1]``, ``table [chunks, 2]`` int32 = (sequence,
     chunk within it), ``offsets [N]`` int32 (each sequence's first chunk), ``chunks`` (a host int)."""
