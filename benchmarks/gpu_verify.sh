@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Check a checkout on one GPU in one call (<= 10 minutes): the GPU tests of the parts that change
+# most (chunk kernels and their launch config, packed sequences, captured decoding), then the
+# headline figures, most important first. Each part has its own time limit and log under OUT; a
+# part that fails or runs out of time does not stop the others.
+#
+#   bash benchmarks/gpu_verify.sh OUT [BUDGET_S=560] [PARTS=tests,kernels,memory,decode]
+#
+# parts:  tests    pytest on CUDA: chunk op (full-size cases), kernel config, packed sequences,
+#                  captured decode step / loop for every layer mix
+#         kernels  plain delta rule fwd+bwd vs fla 0.6.0 (32K tokens x 16 heads, bf16, D = 64, 128)
+#         memory   deltanet-340m vs fla's DeltaNet: peak memory and tokens/s, bf16 parameters and
+#                  fp32 parameters + autocast (benchmarks/gpu_memory_check.py)
+#         decode   deltanet bench decode, captured loop: deltanet-340m and the two hybrids,
+#                  batch 1 and 32, 2K prompt, 256 new tokens
+# fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_verify.sh OUT [BUDGET_S] [PARTS]}
+R=$OUT
+mkdir -p "$R"
+# shellcheck source=benchmarks/gpu_lib.sh
+source benchmarks/gpu_lib.sh
+DEADLINE=${2:-560}
+PARTS=${3:-tests,kernels,memory,decode}
+use_wheels
+export PYTHONUNBUFFERED=1
+record_env
+for part in ${PARTS//,/ }; do
+  case $part in
+    tests) run tests 170 python3 -m pytest -q -rs -n 4 -p no:cacheprovider tests/ops/test_triton_chunk.py \
+             tests/ops/test_kernel_config.py tests/ops/test_packing.py tests/models/test_packed_sequences.py \
+             tests/models/test_cuda_graph.py tests/models/test_decoding.py ;;
+    kernels) run kernels 100 python3 benchmarks/bench_family.py --out "$R/kernels" --parts env,speed --ops plain \
+               --dims 64,128 --lengths 1024,4096,16384 --budget 90 ;;
+    memory) run memory 160 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 150 --variants ours,fla ;;
+    decode) run decode 130 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
+              --paths loop --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 110 --out "$R/decode_loop.md" ;;
+    *) log "unknown part $part" ;;
+  esac
+done
+log "done"
