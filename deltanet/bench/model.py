@@ -1,8 +1,8 @@
 """Model benchmarks: training throughput / peak memory (``deltanet bench model``) and decoding
 speed through ``generate`` (``deltanet bench decode``), ours next to fla's DeltaNet.
 
-Training: bf16 autocast, fused AdamW, a fixed number of tokens per step (``B = tokens / T``),
-random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
+Training: bf16 autocast over float32 parameters (``--regimes bf16``: bf16 parameters, no
+autocast), fused AdamW, a fixed number of tokens per step (``B = tokens / T``), random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
 ``--steps`` timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
 Decoding: bf16 weights, a random ``--prompt``-token prompt, exactly ``--new-tokens`` greedy
 tokens (EOS disabled); tokens/s counts generated tokens over the whole ``generate`` call, and
@@ -57,12 +57,14 @@ def _fla_model(shape: dict):
     return FlaModel(cfg)
 
 
-def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True, activation_checkpointing: str = "none"):
+def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True, activation_checkpointing: str = "none",
+                **config_overrides):
     """A freshly initialised model by name (a preset or ``fla-deltanet``), on the CPU.
-    ``activation_checkpointing``: our models' config field (fla's models ignore it)."""
+    ``activation_checkpointing``: our models' config field (fla's models ignore it);
+    ``config_overrides``: preset fields (e.g. ``tie_word_embeddings``), applied to fla's shape too."""
     from deltanet.models import DeltaNetForCausalLM, get_config
 
-    overrides = dict(SMOKE) if smoke else {}
+    overrides = {**(dict(SMOKE) if smoke else {}), **config_overrides}
     if name == FLA:
         cfg = get_config("deltanet-340m", **overrides)
         return _fla_model(dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -88,9 +90,13 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
 
 
-def _train_step(model, opt, ids, device: torch.device):
-    """One optimiser step of ``model`` on ``ids`` (labels = inputs), bf16 autocast on CUDA."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+REGIMES = ("autocast", "bf16")  # float32 parameters + bf16 autocast; bf16 parameters, no autocast
+
+
+def _train_step(model, opt, ids, device: torch.device, regime: str = "autocast"):
+    """One optimiser step of ``model`` on ``ids`` (labels = inputs): bf16 autocast on CUDA over
+    float32 parameters (``regime="autocast"``), or plain bf16 parameters (``"bf16"``)."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and regime == "autocast")
 
     def step():
         with amp:
@@ -104,15 +110,19 @@ def _train_step(model, opt, ids, device: torch.device):
 
 
 def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, fused_loss: bool,
-           compile_model: bool = False, activation_checkpointing: str = "none"):
+           compile_model: bool = False, activation_checkpointing: str = "none", regime: str = "autocast",
+           **overrides):
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     torch.manual_seed(0)  # the same initial weights for every run of a model (e.g. each checkpointing mode)
     model = build_model(name, smoke=smoke, fused_loss=fused_loss,
-                        activation_checkpointing=activation_checkpointing).to(device).train()
+                        activation_checkpointing=activation_checkpointing, **overrides)
+    model = model.to(device=device, dtype=torch.bfloat16 if regime == "bf16" else None).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if compile_model and name != FLA else model
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, T), device=device, generator=g)
-    return model, opt, _train_step(fwd, opt, ids, device)
+    return model, opt, _train_step(fwd, opt, ids, device, regime)
 
 
 # Kernel-name patterns of the step profile's categories (first match wins; case-insensitive).
@@ -159,15 +169,18 @@ def profile_step(step, device: torch.device, steps: int = 3, top: int = 15) -> d
 
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
                 smoke: bool = False, fused_loss: bool = True, compile_model: bool = False,
-                profile_steps: int = 0, activation_checkpointing: str = "none") -> dict:
+                profile_steps: int = 0, activation_checkpointing: str = "none", regime: str = "autocast",
+                **overrides) -> dict:
     """Training tokens/s and peak memory of one model at one sequence length (and, with
-    ``profile_steps``, where a step's time goes: :func:`profile_step`)."""
-    row = dict(model=name, T=T, batch=max(1, tokens // T),
+    ``profile_steps``, where a step's time goes: :func:`profile_step`). ``regime``: "autocast"
+    (float32 parameters, bf16 autocast) or "bf16" (bf16 parameters); ``overrides``: preset fields."""
+    row = dict(model=name, T=T, batch=max(1, tokens // T), regime=regime,
                activation_checkpointing=activation_checkpointing if name != FLA else "-")
     model = opt = None
     try:
         model, opt, step = _setup(name, T, row["batch"], device, smoke=smoke, fused_loss=fused_loss,
-                                  compile_model=compile_model, activation_checkpointing=activation_checkpointing)
+                                  compile_model=compile_model, activation_checkpointing=activation_checkpointing,
+                                  regime=regime, **overrides)
         row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -362,6 +375,11 @@ def cli_main(argv: list[str]) -> int:
         p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
                        metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
                                              "each (recompute each token mixer / each whole block in backward)")
+        p.add_argument("--regimes", type=lambda s: _csv(str, s), default=["autocast"], metavar="REGIMES",
+                       help="comma-separated from autocast (float32 parameters, bf16 autocast) and bf16 "
+                            "(bf16 parameters, no autocast); one row each (not with --interleave)")
+        p.add_argument("--untied", action="store_true",
+                       help="untied input/output embeddings for every model (fla's 374M DeltaNet shape)")
         p.add_argument("--recompute", action="store_true",
                        help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
                             "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
@@ -390,6 +408,10 @@ def cli_main(argv: list[str]) -> int:
             p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
         if args.interleave and args.activation_checkpointing != ["none"]:
             p.error("--activation-checkpointing is not supported with --interleave")
+        if not args.regimes or any(r not in REGIMES for r in args.regimes):
+            p.error(f"--regimes takes values from {','.join(REGIMES)}; got {args.regimes}")
+        if args.interleave and (args.regimes != ["autocast"] or args.untied):
+            p.error("--regimes and --untied are not supported with --interleave")
     if args.smoke:
         if what == "model":
             args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
@@ -416,12 +438,13 @@ def cli_main(argv: list[str]) -> int:
         title = (f"Training throughput, interleaved ({args.tokens} tokens/step, bf16 autocast, fused AdamW, "
                  f"{args.interleave} rounds x {args.steps} steps per model)")
     elif what == "model":
-        runs = [(m, T, mode) for m in args.models for T in args.lengths
+        runs = [(m, T, mode, regime) for m in args.models for T in args.lengths for regime in args.regimes
                 for mode in (args.activation_checkpointing if m != FLA else ["none"])]
-        for m, T, mode in runs:
+        extra = dict(tie_word_embeddings=False) if args.untied else {}
+        for m, T, mode, regime in runs:
             r = bench_train(m, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
                             smoke=args.smoke, fused_loss=not args.plain_loss, compile_model=args.compile,
-                            profile_steps=args.profile, activation_checkpointing=mode)
+                            profile_steps=args.profile, activation_checkpointing=mode, regime=regime, **extra)
             if "profile" in r:
                 pr = r["profile"]
                 print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
@@ -432,9 +455,10 @@ def cli_main(argv: list[str]) -> int:
             r["recompute"] = m != FLA and args.recompute
             print(json.dumps(r), flush=True)
             rows.append(r)
-        cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
-                "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
-        title = f"Training throughput ({args.tokens} tokens/step, bf16 autocast, fused AdamW, {args.steps} steps)"
+        cols = ["model", "T", "batch", "regime", "activation_checkpointing", "params_M", "tokens_per_s",
+                "peak_mem_GiB", "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
+        title = (f"Training throughput ({args.tokens} tokens/step, fused AdamW, {args.steps} steps; regime autocast: "
+                 f"float32 parameters + bf16 autocast, bf16: bf16 parameters)")
     else:
         graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph]
         for m in args.models:

@@ -58,3 +58,17 @@ def test_step_profile_groups_kernels(tmp_path):
     assert prof["total_us"] > 0 and prof["groups"]["matmul"] > 0
     assert abs(sum(prof["groups"].values()) - prof["total_us"]) <= len(prof["groups"])  # rounding only
     assert 0 < len(prof["top"]) <= 15 and prof["top"][0][1] >= prof["top"][-1][1]
+
+
+def test_train_benchmark_regimes(tmp_path):
+    """``--regimes bf16,autocast --untied``: one row per regime; bf16 parameters really train in bf16."""
+    out = tmp_path / "reg.md"
+    assert cli_main(["model", "--smoke", "--models", "deltanet-340m", "--regimes", "bf16,autocast",
+                     "--untied", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "reg.json").read_text())["rows"]
+    assert [(r["regime"], r["T"]) for r in rows] == [("bf16", 32), ("autocast", 32), ("bf16", 64), ("autocast", 64)]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+    untied = 2 * 256 * 64 / 1e6  # embedding + lm_head of the smoke shape
+    assert rows[0]["params_M"] == rows[1]["params_M"] >= untied
+    with pytest.raises(SystemExit):
+        cli_main(["model", "--smoke", "--regimes", "fp8"])
