@@ -7,16 +7,20 @@ parameters under bf16 autocast) — it measures:
 
 1. ours (defaults: fused linear cross-entropy) and fla's DeltaNet (its defaults), the pairs the
    target is stated on (peak memory <= 0.8x fla's, tokens/s >= fla's);
-2. then, as the budget allows, our memory options: the plain (materialised-logits) loss, the
-   mixer's input recompute (``DeltaNetMixer.recompute_inputs``), and the chunk op without its
-   saved ``ai`` / ``v_new`` buffers (``DELTANET_CHUNK_TUNING='{"SAVE_AI": 0, "SAVE_VNEW": 0}'``);
+2. then, as the budget allows, our memory options, in this order: q, k, v of the delta rule
+   rerun from the conv inputs in backward (``DeltaNetMixer.recompute_features``), that plus the
+   chunk op without its saved ``ai`` / ``v_new`` buffers
+   (``DELTANET_CHUNK_TUNING='{"SAVE_AI": 0, "SAVE_VNEW": 0}'``), those buffers alone, the mixer's
+   input recompute (``DeltaNetMixer.recompute_inputs``), and the plain (materialised-logits) loss
+   (the state before the fused loss became the default);
 3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and
    float32 parameters; loss and gradients).
 
 Every row is appended to ``OUT_DIR/memory.jsonl`` as it finishes and ``memory.md`` /
 ``memory.json`` are rewritten, so a call cut short keeps what it measured. A run that would not
 fit in what is left of ``--budget-s`` (estimated from the runs before it) is recorded as
-skipped. Peak memory is ``torch.cuda.max_memory_allocated`` over warmup + timed steps.
+skipped; a second call into the same folder (e.g. ``--variants ours-recompute-features,...``) adds
+its rows to the same table. Peak memory is ``torch.cuda.max_memory_allocated`` over warmup + timed steps.
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ import torch
 from deltanet.bench.model import FLA, SMOKE, bench_train, environment
 
 NO_SAVED_BUFFERS = json.dumps({"SAVE_AI": 0, "SAVE_VNEW": 0})
-# label -> (model name, bench_train keyword arguments, DeltaNetMixer.recompute_inputs, DELTANET_CHUNK_TUNING)
+# label -> (model name, bench_train keyword arguments, DeltaNetMixer switches, DELTANET_CHUNK_TUNING)
 VARIANTS = {
-    "ours": ("deltanet-340m", {}, False, None),
-    "fla": (FLA, {}, False, None),
-    "ours-plain-loss": ("deltanet-340m", dict(fused_loss=False), False, None),
-    "ours-recompute-inputs": ("deltanet-340m", {}, True, None),
-    "ours-no-saved-ai-vnew": ("deltanet-340m", {}, False, NO_SAVED_BUFFERS),
+    "ours": ("deltanet-340m", {}, {}, None),
+    "fla": (FLA, {}, {}, None),
+    "ours-recompute-features": ("deltanet-340m", {}, dict(recompute_features=True), None),
+    "ours-recompute-features-no-saved-ai-vnew": ("deltanet-340m", {}, dict(recompute_features=True),
+                                                 NO_SAVED_BUFFERS),
+    "ours-no-saved-ai-vnew": ("deltanet-340m", {}, {}, NO_SAVED_BUFFERS),
+    "ours-recompute-inputs": ("deltanet-340m", {}, dict(recompute_inputs=True), None),
+    "ours-plain-loss": ("deltanet-340m", dict(fused_loss=False), {}, None),
 }
+SWITCHES = ("recompute_inputs", "recompute_features")
 
 
 def loss_check(device: torch.device, smoke: bool = False) -> list[dict]:
@@ -133,8 +141,10 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    jsonl = args.out / "memory.jsonl"
+    # rows of earlier calls into the same folder stay in the table (run the variants in a second call)
+    rows: list[dict] = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     checks = loss_check(device, args.smoke)
-    rows: list[dict] = []
     _render(args.out, env, checks, rows)
     # the target pairs first, then the options
     head = [v for v in variants if v in ("ours", "fla")]
@@ -144,14 +154,15 @@ def main(argv=None) -> int:
     from deltanet.layers.delta_net import DeltaNetMixer
 
     for label, regime, T in plan:
-        name, kw, recompute, tuning = VARIANTS[label]
+        name, kw, switches, tuning = VARIANTS[label]
         left = args.budget_s - (time.perf_counter() - t_start)
         need = durations.get(label, max(durations.values(), default=60.0))
         row = dict(variant=label, model=name, regime=regime, T=T)
         if left < need * 1.2:
             row["skipped"] = f"budget: {left:.0f} s left, ~{need:.0f} s needed"
         else:
-            DeltaNetMixer.recompute_inputs = recompute
+            for sw in SWITCHES:
+                setattr(DeltaNetMixer, sw, switches.get(sw, False))
             old = os.environ.pop("DELTANET_CHUNK_TUNING", None)
             if tuning is not None:
                 os.environ["DELTANET_CHUNK_TUNING"] = tuning
@@ -163,7 +174,8 @@ def main(argv=None) -> int:
             except Exception as e:  # bench_train reports its own errors; this catches the rest
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
-                DeltaNetMixer.recompute_inputs = False
+                for sw in SWITCHES:
+                    setattr(DeltaNetMixer, sw, False)
                 os.environ.pop("DELTANET_CHUNK_TUNING", None)
                 if old is not None:
                     os.environ["DELTANET_CHUNK_TUNING"] = old
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
             row["variant"] = label
         print(json.dumps(row), flush=True)
         rows.append(row)
-        with open(args.out / "memory.jsonl", "a") as f:
+        with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         _render(args.out, env, checks, rows)
     print((args.out / "memory.md").read_text())

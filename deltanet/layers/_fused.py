@@ -11,12 +11,14 @@ Set ``DELTANET_DISABLE_FUSION=1`` to run everything eagerly (debugging, bisectin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import weakref
 
 import torch
 
-__all__ = ["fused", "recompute_in_backward", "will_compile"]
+__all__ = ["RecomputedRegion", "fused", "recompute_in_backward", "will_compile"]
 
 
 def _enabled() -> bool:
@@ -114,3 +116,86 @@ def recompute_in_backward(fn, inputs: tuple, params) -> tuple:
         torch.Size([3])
     """
     return _Recompute.apply(fn, len(inputs), *inputs, *params)
+
+
+class RecomputedRegion:
+    """``fn(*inputs)`` whose outputs nobody keeps for backward: the region itself keeps only its
+    inputs (``recompute_in_backward``), and inside :meth:`consumers` every tensor a later op saves
+    that is (a view of) one of the outputs is replaced by a recipe, rerun on unpack.
+
+    For the DeltaNet mixer: q, k, v after the short conv and the q/k norm are saved by the delta
+    rule; this keeps the conv inputs instead and reruns conv + norm (memory-bound, one pass) in
+    backward. The rerun runs the same code under the same autocast state and compile routing as
+    the forward (``_FORCE``), so it reproduces the outputs exactly. The rerun outputs are shared
+    by the unpacks of one backward (weak references: freed when the consumer's backward ends).
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.randn(3))
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> region = RecomputedRegion(lambda a: ((a * w).sin(),), (x,), [w])
+        >>> (y,) = region.outputs
+        >>> with region.consumers():
+        ...     z = y.exp()            # exp saves its output, not y: unaffected
+        ...     u = y * y              # saves y twice: two recipes
+        >>> (z.sum() + u.sum()).backward(); x.grad.shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, fn, inputs: tuple, params):
+        self._fn, self._inputs = fn, inputs
+        dev = inputs[0].device.type
+        self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        outs = recompute_in_backward(fn, inputs, params)
+        self._keys = [(o.untyped_storage().data_ptr(), o.dtype) for o in outs]
+        self._rerun: list | None = None
+        self._outer = None  # saved-tensor hooks active outside consumers()
+        self.outputs = outs  # the caller's; the region drops them in consumers()
+
+    def _recompute(self) -> tuple:
+        outs = [r() for r in self._rerun] if self._rerun is not None else None
+        if outs is None or any(o is None for o in outs):
+            global _FORCE
+            dev, enabled, dtype = self._autocast
+            force, _FORCE = _FORCE, True
+            try:
+                with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                    outs = tuple(self._fn(*[t.detach() if isinstance(t, torch.Tensor) else t
+                                            for t in self._inputs]))
+            finally:
+                _FORCE = force
+            self._rerun = [weakref.ref(o) for o in outs]
+        return tuple(outs)
+
+    def _pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if t.numel() == 0 or key not in self._keys:
+            if self._outer is not None:  # hooks outside (e.g. a saved-bytes count) see the rest
+                return ("outer", self._outer[1], self._outer[0](t))
+            return t
+        return ("recipe", self, self._keys.index(key), tuple(t.shape), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        if packed[0] == "outer":
+            return packed[1](packed[2])
+        _, region, i, shape, stride, offset = packed
+        return region._recompute()[i].as_strided(shape, stride, offset)
+
+    @contextlib.contextmanager
+    def consumers(self):
+        """Ops run inside save recipes instead of the region's outputs. Inside an outer
+        ``torch.compile`` (which picks what to save itself) this does nothing."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        self.outputs = None  # the recipes must not keep the outputs alive
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self._outer = top(True) if top is not None else None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._outer = None

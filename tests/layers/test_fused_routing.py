@@ -97,3 +97,25 @@ def test_inference_stays_eager(compile_log):
         model(input_ids=ids)
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert compile_log == []
+
+
+def test_recomputed_features_run_compiled_forward_and_in_backward(compile_log, monkeypatch):
+    """``recompute_features``: the conv + q/k norm region runs compiled without autograd in the
+    forward, again (no autograd) when the delta rule's backward unpacks q, k, v, and with
+    autograd for its own backward."""
+    import deltanet.layers.delta_net as mixer_mod
+    from tests.layers.test_delta_net import delta_rule_saving_inputs
+
+    monkeypatch.setattr(DeltaNetMixer, "recompute_features", True)
+    monkeypatch.setattr(mixer_mod, "delta_rule", delta_rule_saving_inputs)  # keeps q, k, v as the Triton op
+    model = _model().train()
+    ids = torch.randint(0, 64, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    forward = list(compile_log)
+    assert ("short_conv", False) in forward and ("l2_norm", False) in forward, forward
+    assert ("short_conv", True) not in forward
+    loss.backward()
+    backward = compile_log[len(forward):]
+    assert backward.count(("short_conv", False)) >= 3 * model.config.num_hidden_layers, backward  # unpack reruns
+    assert ("short_conv", True) in backward and ("l2_norm", True) in backward, backward  # the region's backward
+    assert fz._FORCE is False
