@@ -12,8 +12,9 @@ Two training regimes (``--regime``):
 
 The delta rule runs with the "torch" backend on the CPU, but what is charged for it is what the
 Triton op (``deltanet/ops/delta_rule/chunk.py``) saves on the GPU: its inputs q, k, v, beta
-(counted through the hook, shared with whoever else saved them) plus its float32 ``ai`` buffer
-``[B*T, H, 64]`` (added analytically). The CPU run of the torch backend is hidden from autograd.
+(counted through the hook, shared with whoever else saved them) plus, added analytically, its
+float32 ``ai`` buffer ``[B*T, H, 64]`` (``SAVE_AI``) and ``v_new`` (the size of v, ``SAVE_VNEW``;
+``--no-saved-buffers``: neither). The CPU run of the torch backend is hidden from autograd.
 
 Besides bytes, the script flags float32 tensors of activation size (upcasts kept for backward)
 and tensors saved twice with the same values under another storage or dtype (duplicates).
@@ -29,6 +30,7 @@ Examples::
     python benchmarks/activation_memory.py                          # deltanet-340m, both regimes
     python benchmarks/activation_memory.py --regime bf16 --loss plain   # the materialised-logits loss
     python benchmarks/activation_memory.py --recompute              # rerun norm/projections/conv in backward
+    python benchmarks/activation_memory.py --recompute-features     # rerun conv + q/k norm for the delta rule
     python benchmarks/activation_memory.py --json saved.json        # the numbers, machine-readable
 """
 
@@ -47,6 +49,7 @@ from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops import delta_rule
 
 AI_CHUNK = 64  # the Triton op's ai buffer: fp32 [B*T, H, 64]
+SAVED_BUFFERS = True  # the Triton op's defaults SAVE_AI = SAVE_VNEW = 1
 GIB = 2 ** 30
 
 
@@ -185,9 +188,9 @@ def category(name: str, origin: str) -> str:
     return f"other ({leaf}: {inner})"
 
 
-def summarise(result: dict, tokens: int, layers: int, heads: int) -> dict:
+def summarise(result: dict, tokens: int, layers: int, heads: int, head_dim: int, itemsize: int) -> dict:
     """-> per-layer and outside-the-blocks bytes per token by category (fp32 share apart), the
-    Triton ``ai`` buffer added to the per-layer part."""
+    Triton op's ``ai`` and ``v_new`` buffers added to the per-layer part."""
     layer, outside = collections.defaultdict(float), collections.defaultdict(float)
     fp32 = collections.defaultdict(float)
     for (name, origin), (nbytes, _dtypes, _n, f32) in result["rows"].items():
@@ -198,9 +201,10 @@ def summarise(result: dict, tokens: int, layers: int, heads: int) -> dict:
         else:
             outside[cat] += nbytes / tokens
             fp32[cat] += f32 / tokens
-    ai = AI_CHUNK * 4 * heads  # fp32 [T, H, 64] per layer
-    layer["delta op ai (Triton, fp32)"] += ai
-    fp32["delta op ai (Triton, fp32)"] += ai
+    if SAVED_BUFFERS:
+        layer["delta op ai (Triton, fp32)"] += AI_CHUNK * 4 * heads  # fp32 [T, H, 64] per layer
+        fp32["delta op ai (Triton, fp32)"] += AI_CHUNK * 4 * heads
+        layer["delta op v_new (Triton)"] += heads * head_dim * itemsize
     return dict(per_layer=dict(layer), outside=dict(outside), fp32=dict(fp32),
                 per_layer_total=sum(layer.values()), outside_total=sum(outside.values()),
                 per_step_bytes=sum(result["per_step"].values()),
@@ -236,7 +240,7 @@ def analyse(preset: str, regime: str, loss: str, tokens: int, layers: int, verbo
         model = model.to(torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens))
     result = measure(model, lambda: model(ids, labels=ids).loss, tokens, autocast=regime == "autocast")
-    summary = summarise(result, tokens, layers, cfg.num_heads)
+    summary = summarise(result, tokens, layers, cfg.num_heads, cfg.head_dim, 2)  # v is bf16 in both regimes
     report(result, summary, f"{preset}, {regime}, {loss} loss", tokens, layers, verbose)
     return summary
 
@@ -271,10 +275,18 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", action="store_true",
                     help="DeltaNetMixer.recompute_inputs = True (rerun the mixer's input region in backward "
                          "instead of keeping the short conv inputs; the default keeps them)")
+    ap.add_argument("--recompute-features", action="store_true",
+                    help="DeltaNetMixer.recompute_features = True (q, k, v of the delta rule rerun from the "
+                         "conv inputs in backward)")
+    ap.add_argument("--no-saved-buffers", action="store_true",
+                    help="the chunk op without its saved ai / v_new (SAVE_AI = SAVE_VNEW = 0)")
     ap.add_argument("--verbose", action="store_true", help="every saving site, not only the categories")
     ap.add_argument("--json", help="write the summaries here")
     args = ap.parse_args(argv)
+    global SAVED_BUFFERS
     delta_net_mod.DeltaNetMixer.recompute_inputs = args.recompute
+    delta_net_mod.DeltaNetMixer.recompute_features = args.recompute_features
+    SAVED_BUFFERS = not args.no_saved_buffers
     loss = args.loss
     if loss == "default":
         loss = "fused" if get_config(args.preset).fuse_linear_cross_entropy else "plain"
@@ -287,7 +299,8 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(preset=args.preset, loss=loss, tokens=args.tokens, layers=args.layers,
-                           recompute=args.recompute, regimes=out), f, indent=1)
+                           recompute=args.recompute, recompute_features=args.recompute_features,
+                           saved_buffers=SAVED_BUFFERS, regimes=out), f, indent=1)
 
 
 if __name__ == "__main__":

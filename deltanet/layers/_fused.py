@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 
 import torch
 
@@ -118,16 +117,44 @@ def recompute_in_backward(fn, inputs: tuple, params) -> tuple:
     return _Recompute.apply(fn, len(inputs), *inputs, *params)
 
 
+class _RegionFn(torch.autograd.Function):
+    """The region's own autograd node: forward without autograd (compiled on CUDA, as in
+    ``_Recompute``), backward through the region's rerun (shared with the consumers' unpacks)."""
+
+    @staticmethod
+    def forward(ctx, region, n_inputs: int, *args):
+        ctx.region, ctx.n_inputs = region, n_inputs
+        global _FORCE
+        force, _FORCE = _FORCE, True
+        try:
+            return tuple(region._fn(*args[:n_inputs]))
+        finally:
+            _FORCE = force
+
+    @staticmethod
+    def backward(ctx, *douts):
+        region = ctx.region
+        inputs, outs = region._rerun()
+        region._graph = None  # consumed: a later backward (retain_graph) reruns
+        pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
+        wrt = [t for t in (*inputs, *region._params) if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
+                     if pairs else [None] * len(wrt))
+        return (None, None, *(next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None
+                              for t in (*inputs, *region._params)))
+
+
 class RecomputedRegion:
     """``fn(*inputs)`` whose outputs nobody keeps for backward: the region itself keeps only its
-    inputs (``recompute_in_backward``), and inside :meth:`consumers` every tensor a later op saves
-    that is (a view of) one of the outputs is replaced by a recipe, rerun on unpack.
+    inputs (as ``recompute_in_backward``), and inside :meth:`consumers` every tensor a later op
+    saves that is (a view of) one of the outputs is replaced by a recipe, rerun on unpack.
 
     For the DeltaNet mixer: q, k, v after the short conv and the q/k norm are saved by the delta
     rule; this keeps the conv inputs instead and reruns conv + norm (memory-bound, one pass) in
-    backward. The rerun runs the same code under the same autocast state and compile routing as
-    the forward (``_FORCE``), so it reproduces the outputs exactly. The rerun outputs are shared
-    by the unpacks of one backward (weak references: freed when the consumer's backward ends).
+    backward. The rerun runs the same code under the same autocast state (eagerly: the same
+    values; on CUDA the compiled training version of the code the forward ran compiled for
+    inference, equal up to rounding, as with ``recompute_in_backward``). One rerun, with autograd,
+    serves the consumers' unpacks and then the region's own backward, which frees it.
 
     Example::
 
@@ -143,29 +170,25 @@ class RecomputedRegion:
     """
 
     def __init__(self, fn, inputs: tuple, params):
-        self._fn, self._inputs = fn, inputs
+        self._fn, self._inputs, self._params = fn, inputs, list(params)
         dev = inputs[0].device.type
         self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        outs = recompute_in_backward(fn, inputs, params)
-        self._keys = [(o.untyped_storage().data_ptr(), o.dtype) for o in outs]
-        self._rerun: list | None = None
+        self._graph = None  # (inputs, outputs) of the rerun with autograd, between unpack and backward
         self._outer = None  # saved-tensor hooks active outside consumers()
+        outs = _RegionFn.apply(self, len(inputs), *inputs, *self._params)
+        self._keys = [(o.untyped_storage().data_ptr(), o.dtype) for o in outs]
         self.outputs = outs  # the caller's; the region drops them in consumers()
 
-    def _recompute(self) -> tuple:
-        outs = [r() for r in self._rerun] if self._rerun is not None else None
-        if outs is None or any(o is None for o in outs):
-            global _FORCE
+    def _rerun(self) -> tuple:
+        """``fn`` again on the saved inputs, with autograd (the region's backward differentiates
+        this graph; the consumers' unpacks read its outputs, so one rerun serves both)."""
+        if self._graph is None:
             dev, enabled, dtype = self._autocast
-            force, _FORCE = _FORCE, True
-            try:
-                with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                    outs = tuple(self._fn(*[t.detach() if isinstance(t, torch.Tensor) else t
-                                            for t in self._inputs]))
-            finally:
-                _FORCE = force
-            self._rerun = [weakref.ref(o) for o in outs]
-        return tuple(outs)
+            inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                      for t in self._inputs]
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                self._graph = (inputs, tuple(self._fn(*inputs)))
+        return self._graph
 
     def _pack(self, t):
         key = (t.untyped_storage().data_ptr(), t.dtype)
@@ -182,7 +205,7 @@ class RecomputedRegion:
         if packed[0] == "outer":
             return packed[1](packed[2])
         _, region, i, shape, stride, offset = packed
-        return region._recompute()[i].as_strided(shape, stride, offset)
+        return region._rerun()[1][i].detach().as_strided(shape, stride, offset)
 
     @contextlib.contextmanager
     def consumers(self):
