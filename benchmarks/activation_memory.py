@@ -101,7 +101,7 @@ def measure(model: torch.nn.Module, call, tokens: int, *, autocast: bool):
     bf16 weight copies, the fused loss's weight gradient) and ``duplicates`` (origin pairs that
     saved the same values twice, with the bytes of the second copy)."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {tuple(p.shape) for p in model.parameters()}
+    param_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
     seen: set[int] = set()
     prints: dict = {}
     rows: dict = collections.OrderedDict()
@@ -280,6 +280,9 @@ def main(argv=None) -> None:
                          "conv inputs in backward)")
     ap.add_argument("--no-saved-buffers", action="store_true",
                     help="the chunk op without its saved ai / v_new (SAVE_AI = SAVE_VNEW = 0)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="run the elementwise glue through torch.compile as on CUDA (Inductor's CPU backend; "
+                         "its partitioner picks what to keep; the short conv then runs as compiled PyTorch)")
     ap.add_argument("--verbose", action="store_true", help="every saving site, not only the categories")
     ap.add_argument("--json", help="write the summaries here")
     args = ap.parse_args(argv)
@@ -287,6 +290,11 @@ def main(argv=None) -> None:
     delta_net_mod.DeltaNetMixer.recompute_inputs = args.recompute
     delta_net_mod.DeltaNetMixer.recompute_features = args.recompute_features
     SAVED_BUFFERS = not args.no_saved_buffers
+    if args.compiled:
+        import deltanet.layers._fused as fz
+
+        fz._compiles_on = lambda x: True
+        os.environ["DELTANET_CONV"] = "torch"
     loss = args.loss
     if loss == "default":
         loss = "fused" if get_config(args.preset).fuse_linear_cross_entropy else "plain"
