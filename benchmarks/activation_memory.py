@@ -30,7 +30,7 @@ Examples::
     python benchmarks/activation_memory.py                          # deltanet-340m, both regimes
     python benchmarks/activation_memory.py --regime bf16 --loss plain   # the materialised-logits loss
     python benchmarks/activation_memory.py --recompute              # rerun norm/projections/conv in backward
-    python benchmarks/activation_memory.py --recompute-features     # rerun conv + q/k norm for the delta rule
+    python benchmarks/activation_memory.py --keep-features          # keep q, k, v for the delta rule
     python benchmarks/activation_memory.py --json saved.json        # the numbers, machine-readable
 """
 
@@ -275,9 +275,9 @@ def main(argv=None) -> None:
     ap.add_argument("--recompute", action="store_true",
                     help="DeltaNetMixer.recompute_inputs = True (rerun the mixer's input region in backward "
                          "instead of keeping the short conv inputs; the default keeps them)")
-    ap.add_argument("--recompute-features", action="store_true",
-                    help="DeltaNetMixer.recompute_features = True (q, k, v of the delta rule rerun from the "
-                         "conv inputs in backward)")
+    ap.add_argument("--keep-features", action="store_true",
+                    help="DeltaNetMixer.recompute_features = False (keep q, k, v of the delta rule for backward "
+                         "instead of rerunning conv + q/k norm from the conv inputs)")
     ap.add_argument("--no-saved-buffers", action="store_true",
                     help="the chunk op without its saved ai / v_new (SAVE_AI = SAVE_VNEW = 0)")
     ap.add_argument("--compiled", action="store_true",
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     global SAVED_BUFFERS
     delta_net_mod.DeltaNetMixer.recompute_inputs = args.recompute
-    delta_net_mod.DeltaNetMixer.recompute_features = args.recompute_features
+    delta_net_mod.DeltaNetMixer.recompute_features = not args.keep_features
     SAVED_BUFFERS = not args.no_saved_buffers
     if args.compiled:
         import deltanet.layers._fused as fz
@@ -307,7 +307,7 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(preset=args.preset, loss=loss, tokens=args.tokens, layers=args.layers,
-                           recompute=args.recompute, recompute_features=args.recompute_features,
+                           recompute=args.recompute, recompute_features=not args.keep_features,
                            saved_buffers=SAVED_BUFFERS, regimes=out), f, indent=1)
 
 

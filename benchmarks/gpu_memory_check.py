@@ -7,12 +7,12 @@ parameters under bf16 autocast) — it measures:
 
 1. ours (defaults: fused linear cross-entropy) and fla's DeltaNet (its defaults), the pairs the
    target is stated on (peak memory <= 0.8x fla's, tokens/s >= fla's);
-2. then, as the budget allows, our memory options, in this order: q, k, v of the delta rule
-   rerun from the conv inputs in backward (``DeltaNetMixer.recompute_features``), that plus the
-   chunk op without its saved ``ai`` / ``v_new`` buffers
-   (``DELTANET_CHUNK_TUNING='{"SAVE_AI": 0, "SAVE_VNEW": 0}'``), those buffers alone, the mixer's
-   input recompute (``DeltaNetMixer.recompute_inputs``), and the plain (materialised-logits) loss
-   (the state before the fused loss became the default);
+2. then, as the budget allows, the A/B of our memory choices, in this order: q, k, v of the
+   delta rule kept for backward (``DeltaNetMixer.recompute_features = False``; the default reruns
+   them from the conv inputs), the chunk op without its saved ``ai`` / ``v_new`` buffers
+   (``DELTANET_CHUNK_TUNING='{"SAVE_AI": 0, "SAVE_VNEW": 0}'``) on top of the defaults, the
+   mixer's input recompute (``DeltaNetMixer.recompute_inputs``), and ``ours-before``: the plain
+   (materialised-logits) loss with q, k, v kept, as before the memory changes;
 3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and
    float32 parameters; loss and gradients).
 
@@ -41,12 +41,10 @@ NO_SAVED_BUFFERS = json.dumps({"SAVE_AI": 0, "SAVE_VNEW": 0})
 VARIANTS = {
     "ours": ("deltanet-340m", {}, {}, None),
     "fla": (FLA, {}, {}, None),
-    "ours-recompute-features": ("deltanet-340m", {}, dict(recompute_features=True), None),
-    "ours-recompute-features-no-saved-ai-vnew": ("deltanet-340m", {}, dict(recompute_features=True),
-                                                 NO_SAVED_BUFFERS),
+    "ours-keep-features": ("deltanet-340m", {}, dict(recompute_features=False), None),
     "ours-no-saved-ai-vnew": ("deltanet-340m", {}, {}, NO_SAVED_BUFFERS),
     "ours-recompute-inputs": ("deltanet-340m", {}, dict(recompute_inputs=True), None),
-    "ours-plain-loss": ("deltanet-340m", dict(fused_loss=False), {}, None),
+    "ours-before": ("deltanet-340m", dict(fused_loss=False), dict(recompute_features=False), None),
 }
 SWITCHES = ("recompute_inputs", "recompute_features")
 
@@ -153,6 +151,7 @@ def main(argv=None) -> int:
     durations: dict[str, float] = {}
     from deltanet.layers.delta_net import DeltaNetMixer
 
+    DEFAULTS = {sw: getattr(DeltaNetMixer, sw) for sw in SWITCHES}
     for label, regime, T in plan:
         name, kw, switches, tuning = VARIANTS[label]
         left = args.budget_s - (time.perf_counter() - t_start)
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             row["skipped"] = f"budget: {left:.0f} s left, ~{need:.0f} s needed"
         else:
             for sw in SWITCHES:
-                setattr(DeltaNetMixer, sw, switches.get(sw, False))
+                setattr(DeltaNetMixer, sw, switches.get(sw, DEFAULTS[sw]))
             old = os.environ.pop("DELTANET_CHUNK_TUNING", None)
             if tuning is not None:
                 os.environ["DELTANET_CHUNK_TUNING"] = tuning
@@ -175,7 +174,7 @@ def main(argv=None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
                 for sw in SWITCHES:
-                    setattr(DeltaNetMixer, sw, False)
+                    setattr(DeltaNetMixer, sw, DEFAULTS[sw])
                 os.environ.pop("DELTANET_CHUNK_TUNING", None)
                 if old is not None:
                     os.environ["DELTANET_CHUNK_TUNING"] = old

@@ -94,13 +94,15 @@ class DeltaNetMixer(nn.Module):
     # an instance or the class when memory is the limit. (Skipped inside an outer torch.compile,
     # whose partitioner chooses what to keep.)
     recompute_inputs: bool = False
-    # Training memory option: the delta rule's q, k, v (after short conv + SiLU and the q/k norm,
-    # 3 x [tokens, H * D] per layer, the size of the conv inputs) are not kept; backward reruns
-    # conv + norm from the conv inputs, which are kept anyway (memory-bound passes, no GEMM).
-    # Same values and gradients (tests/layers/test_delta_net.py). (Skipped under an outer
-    # torch.compile, with a cache, with padding masks, and with recompute_inputs, which already
-    # keeps less.)
-    recompute_features: bool = False
+    # Training memory: the delta rule's q, k, v (after short conv + SiLU and the q/k norm, three
+    # [tokens, H * D] tensors per layer, 6 KB per token at the 340M width, ~4.5 GiB at 24 layers x
+    # 32K tokens) are not kept; backward reruns conv + norm from the conv inputs, which are kept
+    # anyway (memory-bound passes, no GEMM; one rerun serves the op and the region's backward).
+    # Same values and gradients (tests/layers/test_delta_net.py). Set it to False on an instance
+    # or the class to keep them (benchmarks/gpu_memory_check.py times both). (Not used under an
+    # outer torch.compile, with a cache, with padding masks, or with recompute_inputs, which
+    # already keeps less.)
+    recompute_features: bool = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()

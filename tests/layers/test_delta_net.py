@@ -287,3 +287,26 @@ def _check_recomputed_features(ablation, packed, all_of_qkv=False):
     n_h = layer.num_householder
     qkv = B * T * layer.num_heads * layer.head_dim * (1 + n_h + (n_h if all_of_qkv else 0)) * 8  # float64
     assert kept - kept_less >= qkv, (kept, kept_less, qkv)
+
+
+@pytest.mark.parametrize("mode", ["mixer", "block"])
+def test_recomputed_features_under_activation_checkpointing(mode, monkeypatch):
+    """The region's saved-tensor hooks nest inside torch.utils.checkpoint's: same loss and
+    gradients as without checkpointing, with the features kept or rerun."""
+    import deltanet.layers.delta_net as mod
+    from deltanet.models import DeltaNetForCausalLM
+
+    monkeypatch.setattr(mod, "delta_rule", delta_rule_saving_inputs)
+    ids = torch.randint(0, 32, (2, 12))
+
+    def grads(ckpt, features):
+        monkeypatch.setattr(DeltaNetMixer, "recompute_features", features)
+        torch.manual_seed(0)
+        model = DeltaNetForCausalLM(_config(num_hidden_layers=2, activation_checkpointing=ckpt)).double().train()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    want = grads("none", False)
+    for features in (False, True):
+        for a, b in zip(grads(mode, features), want):
+            assert torch.equal(a, b)
