@@ -17,7 +17,7 @@ import os
 
 import torch
 
-__all__ = ["RecomputedRegion", "fused", "recompute_in_backward", "will_compile"]
+__all__ = ["RecomputedRegion", "compiled_or_eager", "fused", "recompute_in_backward", "will_compile"]
 
 
 def _enabled() -> bool:
@@ -66,6 +66,18 @@ def fused(fn):
     wrapper.compiled = None
     REGISTRY.append(wrapper)
     return wrapper
+
+
+def compiled_or_eager(wrapper, compile: bool):
+    """The compiled (``compile``) or eager version of a ``fused`` function, whatever the autograd
+    state: for autograd-free parts called inside an ``autograd.Function``'s forward / backward,
+    which decides at its own call (``will_compile``) so that ``torch.compile`` never traces the
+    Function and its partitioner cannot add to what the Function saves."""
+    if not compile:
+        return wrapper.eager
+    if wrapper.compiled is None:
+        wrapper.compiled = torch.compile(wrapper.eager)
+    return wrapper.compiled
 
 
 class _Recompute(torch.autograd.Function):
