@@ -2,8 +2,9 @@
 speed through ``generate`` (``deltanet bench decode``), ours next to fla's DeltaNet.
 
 Training: bf16 autocast over float32 parameters (``--regimes bf16``: bf16 parameters, no
-autocast), fused AdamW, a fixed number of tokens per step (``B = tokens / T``), random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
-``--steps`` timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
+autocast), fused AdamW, a fixed number of tokens per step (``B = tokens / T``), random token
+ids; after ``--warmup`` steps (Triton compilation and autotuning happen there), ``--steps``
+timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
 Decoding: bf16 weights, a random ``--prompt``-token prompt, exactly ``--new-tokens`` greedy
 tokens (EOS disabled); tokens/s counts generated tokens over the whole ``generate`` call, and
 the prefill alone is timed separately.
@@ -18,6 +19,7 @@ Examples::
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
     deltanet bench model --models deltanet-340m --lengths 2048,8192 --activation-checkpointing none,mixer,block
+    deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,8192 --regimes bf16,autocast --untied
     deltanet bench decode --batch 1,32 --prompt 2048 --new-tokens 256
     deltanet bench decode --models deltanet-340m --cuda-graph both   # graph-replayed vs eager steps
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script

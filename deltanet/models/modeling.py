@@ -270,9 +270,11 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         >>> from deltanet.models.presets import get_config
         >>> model = DeltaNetForCausalLM(get_config("tiny", vocab_size=64))
         >>> ids = torch.randint(0, 64, (2, 10))
-        >>> out = model(ids, labels=ids)
+        >>> out = model.eval()(ids, labels=ids)
         >>> out.logits.shape, out.loss.shape
         (torch.Size([2, 10, 64]), torch.Size([]))
+        >>> model.train()(ids, labels=ids).logits is None   # training: fused loss, no logits
+        True
     """
 
     # One-token decode steps of models whose layers all keep a fixed-size state (delta_net,
