@@ -44,6 +44,7 @@ import traceback
 
 import torch
 
+import deltanet.layers._fused as fz
 import deltanet.layers.delta_net as delta_net_mod
 from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops import delta_rule
@@ -120,13 +121,15 @@ def measure(model: torch.nn.Module, call, tokens: int, *, autocast: bool):
         handles.append(m.register_forward_pre_hook(pre(name or "<root>")))
         handles.append(m.register_forward_hook(post))
 
+    region_origin = []  # set while a RecomputedRegion's inputs are charged
+
     def pack(t):
         s = t.untyped_storage()
         ptr = s.data_ptr()
         if ptr in param_ptrs or ptr in seen or s.nbytes() == 0:
             return t
         seen.add(ptr)
-        origin = _origin()
+        origin = region_origin[0] if region_origin else _origin()
         if tuple(t.shape) in param_shapes and tokens not in t.shape:
             per_step[origin] += s.nbytes()  # a weight-shaped tensor: per step, not per token
             return t
@@ -143,14 +146,29 @@ def measure(model: torch.nn.Module, call, tokens: int, *, autocast: bool):
         row[3] += s.nbytes() if t.dtype == torch.float32 else 0
         return t
 
+    region_init = fz.RecomputedRegion.__init__
+
+    def charged_init(region, fn, inputs, params):
+        # the region keeps its inputs itself (for its rerun), not through save_for_backward
+        region_origin.append("recomputed region inputs (RecomputedRegion)")
+        try:
+            for t in inputs:
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    pack(t)
+        finally:
+            region_origin.clear()
+        region_init(region, fn, inputs, params)
+
     old = delta_net_mod.delta_rule
     delta_net_mod.delta_rule = _delta_stand_in
+    fz.RecomputedRegion.__init__ = charged_init
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             call()
     finally:
         delta_net_mod.delta_rule = old
+        fz.RecomputedRegion.__init__ = region_init
         for h in handles:
             h.remove()
     return dict(rows=rows, per_step=dict(per_step), duplicates=dict(duplicates))
@@ -162,6 +180,8 @@ def category(name: str, origin: str) -> str:
     inner = origin.split(" <- ")[0]
     if "_delta_stand_in" in origin:
         return "delta op inputs (q, k, v, beta)"
+    if "RecomputedRegion" in origin:
+        return "short conv inputs (q/k/v projections)"
     if "[checkpoint]" in origin:
         return "recomputed region input (checkpoint)"
     if "loss.py" in inner or "cross_entropy" in inner or name.endswith("lm_head") or (
@@ -291,8 +311,6 @@ def main(argv=None) -> None:
     delta_net_mod.DeltaNetMixer.recompute_features = not args.keep_features
     SAVED_BUFFERS = not args.no_saved_buffers
     if args.compiled:
-        import deltanet.layers._fused as fz
-
         fz._compiles_on = lambda x: True
         os.environ["DELTANET_CONV"] = "torch"
     loss = args.loss
