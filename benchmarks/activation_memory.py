@@ -285,7 +285,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="deltanet-340m")
     ap.add_argument("--regime", choices=("bf16", "autocast", "both"), default="both")
-    ap.add_argument("--loss", choices=("fused", "plain", "default"), default="default",
+    ap.add_argument("--loss", choices=("fused", "plain", "default"), default="fused",
                     help="fused linear cross-entropy, the materialised-logits loss, or the config default")
     ap.add_argument("--tokens", type=int, default=512, help="T of the measured forward (B = 1)")
     ap.add_argument("--layers", type=int, default=2, help="layers of the measured model")

@@ -81,9 +81,8 @@ def _model(**kw):
     return DeltaNetForCausalLM(cfg).double().train()
 
 
-def test_model_default_is_the_fused_loss_in_training_only():
-    assert DeltaNetConfig().fuse_linear_cross_entropy
-    fused, plain = _model(), _model(fuse_linear_cross_entropy=False)
+def test_model_fused_loss_in_training_only():
+    fused, plain = _model(fuse_linear_cross_entropy=True), _model(fuse_linear_cross_entropy=False)
     ids = torch.randint(1, 71, (3, 11))
     labels = ids.clone()
     labels[0, :4] = -100
