@@ -9,7 +9,12 @@ one row per mode and length: tokens/s and peak memory; run on one H100)::
     python benchmarks/bench_model.py model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
         --activation-checkpointing none,mixer,block --out benchmarks/results/DATE-h100-activation-checkpointing.md
 
-Same as ``deltanet bench model|decode``; ``deltanet bench model --help`` lists the options.
+Peak memory and tokens/s against fla's DeltaNet in both training regimes (bf16 parameters;
+float32 parameters + bf16 autocast), with the A/B of our memory options, in one budgeted call::
+
+    python benchmarks/gpu_memory_check.py OUT_DIR --budget-s 540
+
+Same as ``deltanet bench model``; ``deltanet bench model --help`` lists the options.
 """
 
 import sys

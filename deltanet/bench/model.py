@@ -1,9 +1,10 @@
 """Model benchmarks: training throughput / peak memory (``deltanet bench model``), ours next to
 fla's DeltaNet; ``deltanet bench decode`` lives in :mod:`deltanet.bench.decode`.
 
-Training: bf16 autocast, fused AdamW, a fixed number of tokens per step (``B = tokens / T``),
-random token ids; after ``--warmup`` steps (Triton compilation and autotuning happen there),
-``--steps`` timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
+Training: bf16 autocast over float32 parameters (``--regimes bf16``: bf16 parameters, no
+autocast), fused AdamW, a fixed number of tokens per step (``B = tokens / T``), random token
+ids; after ``--warmup`` steps (Triton compilation and autotuning happen there), ``--steps``
+timed steps give tokens/s; peak memory is ``torch.cuda.max_memory_allocated``.
 
 Models are preset names (``deltanet.models.presets``) or ``fla-deltanet`` (fla's
 ``DeltaNetForCausalLM`` with the shape of ``deltanet-340m``: 24 layers, hidden 1024, 8 heads,
@@ -15,6 +16,7 @@ Examples::
     deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,4096,8192 --out results.md
     deltanet bench model --models deltanet-340m,fla-deltanet --interleave 5   # A/B/A/B..., one process
     deltanet bench model --models deltanet-340m --lengths 2048,8192 --activation-checkpointing none,mixer,block
+    deltanet bench model --models deltanet-340m,fla-deltanet --lengths 2048,8192 --regimes bf16,autocast --untied
     deltanet bench model --smoke        # tiny models on CPU, a few seconds: checks the script
 """
 
@@ -49,12 +51,14 @@ def _fla_model(shape: dict):
     return FlaModel(cfg)
 
 
-def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True, activation_checkpointing: str = "none"):
+def build_model(name: str, *, smoke: bool = False, fused_loss: bool = True, activation_checkpointing: str = "none",
+                **config_overrides):
     """A freshly initialised model by name (a preset or ``fla-deltanet``), on the CPU.
-    ``activation_checkpointing``: our models' config field (fla's models ignore it)."""
+    ``activation_checkpointing``: our models' config field (fla's models ignore it);
+    ``config_overrides``: preset fields (e.g. ``tie_word_embeddings``), applied to fla's shape too."""
     from deltanet.models import DeltaNetForCausalLM, get_config
 
-    overrides = dict(SMOKE) if smoke else {}
+    overrides = {**(dict(SMOKE) if smoke else {}), **config_overrides}
     if name == FLA:
         cfg = get_config("deltanet-340m", **overrides)
         return _fla_model(dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
@@ -80,9 +84,13 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
 
 
-def _train_step(model, opt, ids, device: torch.device):
-    """One optimiser step of ``model`` on ``ids`` (labels = inputs), bf16 autocast on CUDA."""
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+REGIMES = ("autocast", "bf16")  # float32 parameters + bf16 autocast; bf16 parameters, no autocast
+
+
+def _train_step(model, opt, ids, device: torch.device, regime: str = "autocast"):
+    """One optimiser step of ``model`` on ``ids`` (labels = inputs): bf16 autocast on CUDA over
+    float32 parameters (``regime="autocast"``), or plain bf16 parameters (``"bf16"``)."""
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and regime == "autocast")
 
     def step():
         with amp:
@@ -96,15 +104,19 @@ def _train_step(model, opt, ids, device: torch.device):
 
 
 def _setup(name: str, T: int, batch: int, device: torch.device, *, smoke: bool, fused_loss: bool,
-           compile_model: bool = False, activation_checkpointing: str = "none"):
+           compile_model: bool = False, activation_checkpointing: str = "none", regime: str = "autocast",
+           **overrides):
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
     torch.manual_seed(0)  # the same initial weights for every run of a model (e.g. each checkpointing mode)
     model = build_model(name, smoke=smoke, fused_loss=fused_loss,
-                        activation_checkpointing=activation_checkpointing).to(device).train()
+                        activation_checkpointing=activation_checkpointing, **overrides)
+    model = model.to(device=device, dtype=torch.bfloat16 if regime == "bf16" else None).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     fwd = torch.compile(model) if compile_model and name != FLA else model
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, T), device=device, generator=g)
-    return model, opt, _train_step(fwd, opt, ids, device)
+    return model, opt, _train_step(fwd, opt, ids, device, regime)
 
 
 # Kernel-name patterns of the step profile's categories (first match wins; case-insensitive).
@@ -151,15 +163,18 @@ def profile_step(step, device: torch.device, steps: int = 3, top: int = 15) -> d
 
 def bench_train(name: str, T: int, *, tokens: int, steps: int, warmup: int, device: torch.device,
                 smoke: bool = False, fused_loss: bool = True, compile_model: bool = False,
-                profile_steps: int = 0, activation_checkpointing: str = "none") -> dict:
+                profile_steps: int = 0, activation_checkpointing: str = "none", regime: str = "autocast",
+                **overrides) -> dict:
     """Training tokens/s and peak memory of one model at one sequence length (and, with
-    ``profile_steps``, where a step's time goes: :func:`profile_step`)."""
-    row = dict(model=name, T=T, batch=max(1, tokens // T),
+    ``profile_steps``, where a step's time goes: :func:`profile_step`). ``regime``: "autocast"
+    (float32 parameters, bf16 autocast) or "bf16" (bf16 parameters); ``overrides``: preset fields."""
+    row = dict(model=name, T=T, batch=max(1, tokens // T), regime=regime,
                activation_checkpointing=activation_checkpointing if name != FLA else "-")
     model = opt = None
     try:
         model, opt, step = _setup(name, T, row["batch"], device, smoke=smoke, fused_loss=fused_loss,
-                                  compile_model=compile_model, activation_checkpointing=activation_checkpointing)
+                                  compile_model=compile_model, activation_checkpointing=activation_checkpointing,
+                                  regime=regime, **overrides)
         row["params_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -262,13 +277,20 @@ def markdown(title: str, rows: list[dict], columns: list[str], env: dict) -> str
 def train_sweep(models: list[str], lengths: list[int], *, tokens: int, steps: int, warmup: int,
                 device: torch.device, smoke: bool = False, compile_model: bool = False, interleave: int = 0,
                 profile: int = 0, plain_loss: bool = False, activation_checkpointing: list[str] = ("none",),
-                recompute: bool = False) -> tuple[str, list[str], list[dict]]:
+                recompute: bool = False, regimes: list[str] = ("autocast",),
+                untied: bool = False) -> tuple[str, list[str], list[dict]]:
     """Training throughput of ``models`` at each length: :func:`bench_train` per (model, length,
     activation-checkpointing mode), or :func:`bench_train_interleaved` rounds with ``interleave``.
     Prints each row as a JSON line; returns ``(title, columns, rows)`` for :func:`markdown`.
 
     ``recompute`` sets ``DeltaNetMixer.recompute_inputs`` (class-wide, for the rest of the process).
+    ``regimes``: ``"autocast"`` (float32 parameters, bf16 autocast) and/or ``"bf16"`` (bf16
+    parameters); ``untied``: untied input/output embeddings for every model.
     """
+    if not regimes or any(r not in REGIMES for r in regimes):
+        raise ValueError(f"regimes must be from {REGIMES}, got {list(regimes)}")
+    if interleave and (list(regimes) != ["autocast"] or untied):
+        raise ValueError("regimes other than autocast and untied are not supported with interleave")
     rows = []
     if recompute:
         from deltanet.layers.delta_net import DeltaNetMixer
@@ -285,12 +307,13 @@ def train_sweep(models: list[str], lengths: list[int], *, tokens: int, steps: in
         title = (f"Training throughput, interleaved ({tokens} tokens/step, bf16 autocast, fused AdamW, "
                  f"{interleave} rounds x {steps} steps per model)")
         return title, cols, rows
-    runs = [(m, T, mode) for m in models for T in lengths
+    runs = [(m, T, mode, regime) for m in models for T in lengths for regime in regimes
             for mode in (activation_checkpointing if m != FLA else ["none"])]
-    for m, T, mode in runs:
+    extra = dict(tie_word_embeddings=False) if untied else {}
+    for m, T, mode, regime in runs:
         r = bench_train(m, T, tokens=tokens, steps=steps, warmup=warmup, device=device, smoke=smoke,
                         fused_loss=not plain_loss, compile_model=compile_model, profile_steps=profile,
-                        activation_checkpointing=mode)
+                        activation_checkpointing=mode, regime=regime, **extra)
         if "profile" in r:
             pr = r["profile"]
             print(f"PROFILE {m} T={T}: {pr['total_us']} us/step; "
@@ -301,9 +324,10 @@ def train_sweep(models: list[str], lengths: list[int], *, tokens: int, steps: in
         r["recompute"] = m != FLA and recompute
         print(json.dumps(r), flush=True)
         rows.append(r)
-    cols = ["model", "T", "batch", "activation_checkpointing", "params_M", "tokens_per_s", "peak_mem_GiB",
-            "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
-    title = f"Training throughput ({tokens} tokens/step, bf16 autocast, fused AdamW, {steps} steps)"
+    cols = ["model", "T", "batch", "regime", "activation_checkpointing", "params_M", "tokens_per_s",
+            "peak_mem_GiB", "warmup_s", "loss", "loss_impl", "compiled", "recompute"]
+    title = (f"Training throughput ({tokens} tokens/step, fused AdamW, {steps} steps; regime autocast: "
+             f"float32 parameters + bf16 autocast, bf16: bf16 parameters)")
     return title, cols, rows
 
 

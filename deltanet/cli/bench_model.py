@@ -46,6 +46,11 @@ def build_parser(what: str) -> argparse.ArgumentParser:
         p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
                        metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
                                              "each (recompute each token mixer / each whole block in backward)")
+        p.add_argument("--regimes", type=lambda s: _csv(str, s), default=["autocast"], metavar="REGIMES",
+                       help="comma-separated from autocast (float32 parameters, bf16 autocast) and bf16 "
+                            "(bf16 parameters, no autocast); one row each (not with --interleave)")
+        p.add_argument("--untied", action="store_true",
+                       help="untied input/output embeddings for every model (fla's 374M DeltaNet shape)")
         p.add_argument("--recompute", action="store_true",
                        help="our models: rerun the DeltaNet mixer's norm, projections and conv in backward "
                             "instead of keeping the conv inputs (DeltaNetMixer.recompute_inputs = True)")
@@ -79,6 +84,10 @@ def cli_main(argv: list[str]) -> int:
         p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
     if args.interleave and args.activation_checkpointing != ["none"]:
         p.error("--activation-checkpointing is not supported with --interleave")
+    if not args.regimes or any(r not in bench.REGIMES for r in args.regimes):
+        p.error(f"--regimes takes values from {','.join(bench.REGIMES)}; got {args.regimes}")
+    if args.interleave and (args.regimes != ["autocast"] or args.untied):
+        p.error("--regimes and --untied are not supported with --interleave")
     if args.smoke:
         args.lengths, args.tokens, args.steps, args.warmup = [32, 64], 128, 2, 1
 
@@ -89,7 +98,7 @@ def cli_main(argv: list[str]) -> int:
         args.models, args.lengths, tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device,
         smoke=args.smoke, compile_model=args.compile, interleave=args.interleave, profile=args.profile,
         plain_loss=args.plain_loss, activation_checkpointing=args.activation_checkpointing,
-        recompute=args.recompute)
+        recompute=args.recompute, regimes=args.regimes, untied=args.untied)
     table = bench.markdown(title, rows, cols, env)
     print(table)
     if args.out:

@@ -11,12 +11,13 @@ Set ``DELTANET_DISABLE_FUSION=1`` to run everything eagerly (debugging, bisectin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 
-__all__ = ["fused", "recompute_in_backward", "will_compile"]
+__all__ = ["RecomputedRegion", "compiled_or_eager", "fused", "recompute_in_backward", "will_compile"]
 
 
 def _enabled() -> bool:
@@ -67,6 +68,18 @@ def fused(fn):
     return wrapper
 
 
+def compiled_or_eager(wrapper, compile: bool):
+    """The compiled (``compile``) or eager version of a ``fused`` function, whatever the autograd
+    state: for autograd-free parts called inside an ``autograd.Function``'s forward / backward,
+    which decides at its own call (``will_compile``) so that ``torch.compile`` never traces the
+    Function and its partitioner cannot add to what the Function saves."""
+    if not compile:
+        return wrapper.eager
+    if wrapper.compiled is None:
+        wrapper.compiled = torch.compile(wrapper.eager)
+    return wrapper.compiled
+
+
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, n_inputs: int, *args):
@@ -114,3 +127,110 @@ def recompute_in_backward(fn, inputs: tuple, params) -> tuple:
         torch.Size([3])
     """
     return _Recompute.apply(fn, len(inputs), *inputs, *params)
+
+
+class _RegionFn(torch.autograd.Function):
+    """The region's own autograd node: forward without autograd (compiled on CUDA, as in
+    ``_Recompute``), backward through the region's rerun (shared with the consumers' unpacks)."""
+
+    @staticmethod
+    def forward(ctx, region, n_inputs: int, *args):
+        ctx.region, ctx.n_inputs = region, n_inputs
+        global _FORCE
+        force, _FORCE = _FORCE, True
+        try:
+            return tuple(region._fn(*args[:n_inputs]))
+        finally:
+            _FORCE = force
+
+    @staticmethod
+    def backward(ctx, *douts):
+        region = ctx.region
+        inputs, outs = region._rerun()
+        region._graph = None  # consumed: a later backward (retain_graph) reruns
+        pairs = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
+        wrt = [t for t in (*inputs, *region._params) if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [d for _, d in pairs], allow_unused=True)
+                     if pairs else [None] * len(wrt))
+        return (None, None, *(next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None
+                              for t in (*inputs, *region._params)))
+
+
+class RecomputedRegion:
+    """``fn(*inputs)`` whose outputs nobody keeps for backward: the region itself keeps only its
+    inputs (as ``recompute_in_backward``), and inside :meth:`consumers` every tensor a later op
+    saves that is (a view of) one of the outputs is replaced by a recipe, rerun on unpack.
+
+    For the DeltaNet mixer: q, k, v after the short conv and the q/k norm are saved by the delta
+    rule; this keeps the conv inputs instead and reruns conv + norm (memory-bound, one pass) in
+    backward. The rerun runs the same code under the same autocast state (eagerly: the same
+    values; on CUDA the compiled training version of the code the forward ran compiled for
+    inference, equal up to rounding, as with ``recompute_in_backward``). One rerun, with autograd,
+    serves the consumers' unpacks and then the region's own backward, which frees it.
+
+    Example::
+
+        >>> w = torch.nn.Parameter(torch.randn(3))
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> region = RecomputedRegion(lambda a: ((a * w).sin(),), (x,), [w])
+        >>> (y,) = region.outputs
+        >>> with region.consumers():
+        ...     z = y.exp()            # exp saves its output, not y: unaffected
+        ...     u = y * y              # saves y twice: two recipes
+        >>> (z.sum() + u.sum()).backward(); x.grad.shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(self, fn, inputs: tuple, params):
+        self._fn, self._inputs, self._params = fn, inputs, list(params)
+        dev = inputs[0].device.type
+        self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        self._graph = None  # (inputs, outputs) of the rerun with autograd, between unpack and backward
+        self._outer = None  # saved-tensor hooks active outside consumers()
+        outs = _RegionFn.apply(self, len(inputs), *inputs, *self._params)
+        self._keys = [(o.untyped_storage().data_ptr(), o.dtype) for o in outs]
+        self.outputs = outs  # the caller's; the region drops them in consumers()
+
+    def _rerun(self) -> tuple:
+        """``fn`` again on the saved inputs, with autograd (the region's backward differentiates
+        this graph; the consumers' unpacks read its outputs, so one rerun serves both)."""
+        if self._graph is None:
+            dev, enabled, dtype = self._autocast
+            inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                      for t in self._inputs]
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                self._graph = (inputs, tuple(self._fn(*inputs)))
+        return self._graph
+
+    def _pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if t.numel() == 0 or key not in self._keys:
+            if self._outer is not None:  # hooks outside (e.g. a saved-bytes count) see the rest
+                return ("outer", self._outer[1], self._outer[0](t))
+            return t
+        return ("recipe", self, self._keys.index(key), tuple(t.shape), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        if packed[0] == "outer":
+            return packed[1](packed[2])
+        _, region, i, shape, stride, offset = packed
+        return region._rerun()[1][i].detach().as_strided(shape, stride, offset)
+
+    @contextlib.contextmanager
+    def consumers(self):
+        """Ops run inside save recipes instead of the region's outputs. Inside an outer
+        ``torch.compile`` (which picks what to save itself) this does nothing."""
+        if torch.compiler.is_compiling():
+            yield
+            return
+        self.outputs = None  # the recipes must not keep the outputs alive
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self._outer = top(True) if top is not None else None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._outer = None

@@ -27,16 +27,17 @@ recurrent state untouched, so a left-padded row computes exactly what the unpadd
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import math
-
 from ..ops import delta_product, delta_rule
 from ..ops.delta_rule.product import interleave_product, take_last_step
 from ..parallel.context import context_parallel_delta_rule, exchange_halo
-from ._fused import recompute_in_backward
+from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
@@ -95,6 +96,15 @@ class DeltaNetMixer(nn.Module):
     # an instance or the class when memory is the limit. (Skipped inside an outer torch.compile,
     # whose partitioner chooses what to keep.)
     recompute_inputs: bool = False
+    # Training memory: the delta rule's q, k, v (after short conv + SiLU and the q/k norm, three
+    # [tokens, H * D] tensors per layer, 6 KB per token at the 340M width, ~4.5 GiB at 24 layers x
+    # 32K tokens) are not kept; backward reruns conv + norm from the conv inputs, which are kept
+    # anyway (memory-bound passes, no GEMM; one rerun serves the op and the region's backward).
+    # Same values and gradients (tests/layers/test_delta_net.py). Set it to False on an instance
+    # or the class to keep them (benchmarks/gpu_memory_check.py times both). (Not used under an
+    # outer torch.compile, with a cache, with padding masks, or with recompute_inputs, which
+    # already keeps less.)
+    recompute_features: bool = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -171,15 +181,24 @@ class DeltaNetMixer(nn.Module):
         g = out[-1] if self.use_output_gate else None
         return q, k, v, b, a, g
 
-    def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None):
-        """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then the short conv (or
-        the bare activation); q is ``[B, T, H*D]``, k and v ``[B, T, n_h*H*D]``, before the q/k norm."""
+    def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None, conv: bool = True):
+        """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then (``conv``) the
+        short conv (or the bare activation); q is ``[B, T, H*D]``, k and v ``[B, T, n_h*H*D]``,
+        before the q/k norm. ``cp_group``: context parallelism (the conv's halo comes from the
+        previous rank)."""
         q, k, v, b, a, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, n_h*H], a: [B, T, H])
+        if self.use_short_conv and mask is not None:  # zero conv inputs on padding: a fresh start
+            m = mask[..., None].to(q.dtype)
+            q, k, v = q * m, k * m, v * m
+        if not conv:
+            return q, k, v, b, a, g, None
+        q, k, v, conv_out = self._conv(q, k, v, cu_seqlens, conv_in, want_state, cp_group)
+        return q, k, v, b, a, g, conv_out
+
+    def _conv(self, q, k, v, cu_seqlens, conv_in, want_state: bool, cp_group=None):
+        """Short conv + activation of the projections (or the bare activation without a conv)."""
         conv_out = None
         if self.use_short_conv:
-            if mask is not None:  # zero conv inputs on padding: the next real token sees a fresh start
-                m = mask[..., None].to(q.dtype)
-                q, k, v = q * m, k * m, v * m
             if cp_group is not None and self.q_conv.kernel_size > 1:
                 # context parallelism: the conv's window reaches into the previous rank's segment
                 conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, cp_group) for t in (q, k, v))
@@ -191,7 +210,17 @@ class DeltaNetMixer(nn.Module):
             if self.qk_activation == "silu":
                 q, k = F.silu(q), F.silu(k)
             v = F.silu(v)
-        return q, k, v, b, a, g, conv_out
+        return q, k, v, conv_out
+
+    def _qkv(self, q, k, v, cu_seqlens):
+        """Training: conv + activation, then the q/k feature map; q ``[B, T, H, D]``, k and v
+        ``[B, T, n_h, H, D]`` (the recomputed region of ``recompute_features``)."""
+        B, T = q.shape[:2]
+        q, k, v, _ = self._conv(q, k, v, cu_seqlens, (None, None, None), False)
+        q = qk_feature(q.view(B, T, self.num_heads, self.head_dim), self.qk_activation, self.qk_norm)
+        k = qk_feature(k.view(B, T, self.num_householder, self.num_heads, self.head_dim),
+                       self.qk_activation, self.qk_norm)
+        return q, k, v.view(B, T, self.num_householder, self.num_heads, self.head_dim)
 
     def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cu_seqlens``: packed
@@ -209,8 +238,15 @@ class DeltaNetMixer(nn.Module):
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
         conv_in = state.conv if decoding and state.conv is not None else (None, None, None)
-        # (not under context parallelism: the halo exchange must not rerun inside backward)
-        if (self.recompute_inputs and state is None and cp is None and torch.is_grad_enabled()
+        region = None
+        # (neither recompute under context parallelism: the halo exchange must not rerun inside backward)
+        if (self.recompute_features and not self.recompute_inputs and state is None and mask is None and cp is None
+                and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            q, k, v, b, a, g, _ = self._features(x, norm, mask, cu_seqlens, conv_in, False, conv=False)
+            convs = [mod.weight for mod in (self.q_conv, self.k_conv, self.v_conv)] if self.use_short_conv else []
+            region = RecomputedRegion(lambda qi, ki, vi, cs: self._qkv(qi, ki, vi, cs), (q, k, v, cu_seqlens), convs)
+            q, k, v = region.outputs
+        elif (self.recompute_inputs and state is None and cp is None and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):  # an outer compile decides by itself
             # training: keep only x; norm, projections and conv are rerun in backward
             # (cu_seqlens, no gradient, rides in the closure: it may be a PackedSequences)
@@ -226,10 +262,11 @@ class DeltaNetMixer(nn.Module):
             q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None, cp)
         n_h = self.num_householder
         m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
-        q = q.view(B, T, H, D)
-        k, v = (t.view(B, T, n_h, H, D) for t in (k, v))  # [B, T, n_h, H, D]
-        q = qk_feature(q, self.qk_activation, self.qk_norm)
-        k = qk_feature(k, self.qk_activation, self.qk_norm)
+        if region is None:
+            q = q.view(B, T, H, D)
+            k, v = (t.view(B, T, n_h, H, D) for t in (k, v))  # [B, T, n_h, H, D]
+            q = qk_feature(q, self.qk_activation, self.qk_norm)
+            k = qk_feature(k, self.qk_activation, self.qk_norm)
 
         if self.use_beta:
             beta = b.to(torch.promote_types(b.dtype, torch.float32)).sigmoid().view(B, T, n_h, H)
@@ -248,15 +285,17 @@ class DeltaNetMixer(nn.Module):
         backend = resolve_backend(self.backend, T, x.device, decoding)
         kw = dict(g=decay, initial_state=state.recurrent if decoding else None,
                   output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
-        if cp is not None:
-            # DeltaProduct is the delta rule over the interleaved n_h steps per token (n_h = 1: as is)
-            qi, ki, vi, bi, gi, _, _ = interleave_product(q, k, v, beta, decay, None)
-            o, final = context_parallel_delta_rule(qi, ki, vi, bi, g=gi, group=cp, backend=backend)
-            o = take_last_step(o, n_h)
-        elif n_h == 1:
-            o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]
-        else:
-            o, final = delta_product(q, k, v, beta, **kw)
+        with region.consumers() if region is not None else contextlib.nullcontext():
+            if cp is not None:
+                # DeltaProduct is the delta rule over the interleaved n_h steps per token (n_h = 1: as is)
+                qi, ki, vi, bi, gi, _, _ = interleave_product(q, k, v, beta, decay, None)
+                o, final = context_parallel_delta_rule(qi, ki, vi, bi, g=gi, group=cp, backend=backend)
+                o = take_last_step(o, n_h)
+            elif n_h == 1:
+                o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]
+            else:
+                o, final = delta_product(q, k, v, beta, **kw)
+        del q, k, v
         if state is not None:
             state.recurrent = final
             if self.use_short_conv:

@@ -46,8 +46,13 @@ class DeltaNetConfig(PretrainedConfig):
         num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` and
             ``"delta_product"`` layers.
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
-        fuse_linear_cross_entropy: with ``labels``, compute the loss in token chunks fused with
-            the output projection (saves ~12 GB at 32K tokens x 32K vocab); ``logits`` is then None.
+        fuse_linear_cross_entropy: in training (train mode, autograd recording) with ``labels``,
+            compute the loss in token chunks fused with the output projection, never holding the
+            ``[tokens, vocab]`` logits (4 GiB in float32 at 32K tokens x 32K vocab, kept for
+            backward by the plain loss); ``logits`` is then None. Eval mode or ``torch.no_grad``
+            return logits and the plain loss either way. Off by default: on the CPU its GEMMs
+            made a resumed run's losses differ from the uninterrupted run's in the 7th digit;
+            ``deltanet bench model`` turns it on.
         activation_checkpointing: ``"none" | "mixer" | "block"``: in training, recompute each
             token mixer (``"mixer"``: its activations are not kept, the MLP's are) or each whole
             block (``"block"``: only the block inputs are kept) during backward, trading time

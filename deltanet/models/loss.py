@@ -27,16 +27,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least, float64 stays
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, N, chunk_size):
-            h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
+            h, m = hidden[s:s + chunk_size], valid[s:s + chunk_size]
+            y = labels[s:s + chunk_size].clamp_min(0)[:, None]
+            # One float32 [c, vocab] buffer turned into the gradient in place: this runs at the end
+            # of the forward, when every activation of the step is alive, so each extra buffer
+            # of this size would raise the step's peak memory.
             logits = (h @ weight.t()).to(acc)  # [c, vocab]
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, y.clamp_min(0)[:, None])[:, 0]
-            total += ((lse - target) * m).sum()
+            target = logits.gather(1, y)[:, 0]
+            mx = logits.amax(-1, keepdim=True)
+            p = logits.sub_(mx).exp_()
+            se = p.sum(-1, keepdim=True)
+            total += ((mx[:, 0] + se[:, 0].log() - target) * m).sum()  # logsumexp - target logit
             # d loss / d logits = (softmax - onehot) * valid / count
-            g = torch.softmax(logits, dim=-1)
-            g[torch.arange(len(y), device=y.device), y.clamp_min(0)] -= 1.0
-            g *= (m.to(acc) / count)[:, None]
-            g = g.to(hidden.dtype)
+            p.div_(se).scatter_add_(1, y, p.new_full(y.shape, -1.0))
+            g = p.mul_((m.to(acc) / count)[:, None]).to(hidden.dtype)
+            del logits, p
             if need_h:
                 grad_h[s:s + chunk_size] = g @ weight
             if need_w:
@@ -54,7 +59,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               *, chunk_size: int = 4096, ignore_index: int = -100) -> torch.Tensor:
+                               *, chunk_size: int = 2048, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, without storing the logits.
 
     Args:
@@ -72,4 +77,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"hidden [N, D] and weight [vocab, D] must share D, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must have shape [N] = {tuple(hidden.shape[:1])}, got {tuple(labels.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size, ignore_index)

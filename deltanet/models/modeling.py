@@ -315,9 +315,12 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         >>> from deltanet.models.presets import get_config
         >>> model = DeltaNetForCausalLM(get_config("tiny", vocab_size=64))
         >>> ids = torch.randint(0, 64, (2, 10))
-        >>> out = model(ids, labels=ids)
+        >>> out = model.eval()(ids, labels=ids)
         >>> out.logits.shape, out.loss.shape
         (torch.Size([2, 10, 64]), torch.Size([]))
+        >>> model.config.fuse_linear_cross_entropy = True   # training: fused loss, no logits
+        >>> model.train()(ids, labels=ids).logits is None
+        True
     """
 
     # One-token decode steps on CUDA replay a CUDA graph per generation (``cuda_graph.py``; every
@@ -395,9 +398,12 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         h = out.last_hidden_state
-        if labels is not None and self.config.fuse_linear_cross_entropy:
+        if labels is not None and self.config.fuse_linear_cross_entropy and self.training and torch.is_grad_enabled():
+            # every position against the next label (the last one against none): no [B, T-1, D]
+            # copy of the hidden states for the shift
             labels = labels.to(h.device)
-            loss = fused_linear_cross_entropy(h[:, :-1].flatten(0, 1), self.lm_head.weight, labels[:, 1:].flatten())
+            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            loss = fused_linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, shifted.flatten())
             return _with_cache(DeltaNetCausalLMOutput(loss=loss, hidden_states=out.hidden_states), getattr(out, CACHE_FIELD))
         if logits_to_keep and labels is None:
             h = h[:, -logits_to_keep:]  # generation only needs the last position's logits

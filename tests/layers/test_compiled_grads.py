@@ -27,7 +27,6 @@ def _cases():
     return {
         "l2_norm": (l2_norm, (x,)),
         "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5)),
-        "rms_norm_linear": (rms_norm_linear, (x, torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)])),
         "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5)),
         "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16))),
         "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True)),
@@ -102,3 +101,36 @@ def test_compiled_training_step_matches_eager(monkeypatch):
     for n, g in eager.items():
         assert g.abs().max() > 0, f"{n}: zero eager gradient"
         assert_close(f"grad {n}", compiled[n], g, rtol=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_rms_norm_linear_compiled_parts_match_eager_and_keep_only_x(autocast, monkeypatch):
+    """``rms_norm_linear`` with its elementwise parts compiled for real (as on CUDA): eager values
+    and gradients, and backward keeps x, 1/rms and nothing else of token size (compiling the
+    whole Function let Inductor's partitioner keep the normalised input too)."""
+    torch.manual_seed(0)
+    args = (torch.randn(2, 9, 16), torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)])
+    outs_e, grads_e = _run(rms_norm_linear, args, autocast)
+    for wrapper in fz.REGISTRY:
+        monkeypatch.setattr(wrapper, "compiled", None)
+    monkeypatch.setattr(fz, "_compiles_on", lambda x: True)
+    torch._dynamo.reset()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    def norm_linear_saving(*a):  # records what the norm + projections keep, not the test's loss
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return rms_norm_linear(*a)
+
+    outs_c, grads_c = _run(norm_linear_saving, args, autocast)
+    names = [w.__name__ for w in fz.REGISTRY if w.compiled is not None]
+    assert {"_norm_fwd", "_norm_apply", "_norm_bwd"} <= set(names), names
+    tol = dict(rtol=2e-2) if autocast else dict(rtol=1e-4)
+    for a, b in zip(outs_c + list(grads_c), outs_e + list(grads_e)):
+        assert_close("rms_norm_linear", a, b, **tol)
+    token_sized = [s for s in saved if s[0][:2] == (2, 9)]
+    assert sorted(token_sized, key=str) == sorted([((2, 9, 16), torch.float32), ((2, 9, 2, 1), torch.float32)],
+                                                  key=str), token_sized

@@ -197,3 +197,116 @@ def test_recomputed_inputs_and_fused_norm_give_the_same_gradients(ablation):
     for recompute in (False, True):
         for a, b in zip(grads(recompute, True), plain):
             assert_close(f"recompute={recompute}", a, b)
+
+
+class _SavesItsInputs(torch.autograd.Function):
+    """The delta rule as the Triton op keeps it for backward: its inputs q, k, v, beta as given
+    (the torch backend's autograd keeps products of them instead). Backward reruns the torch
+    backend with autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta):
+        ctx.save_for_backward(q, k, v, beta)
+        with torch.no_grad():
+            return delta_rule_torch(q, k, v, beta)[0]
+
+    @staticmethod
+    def backward(ctx, do):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            o = delta_rule_torch(*inputs)[0]
+        return torch.autograd.grad(o, inputs, do)
+
+
+def delta_rule_saving_inputs(q, k, v, beta, *, g=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, backend=None):
+    """Stand-in for ``deltanet.layers.delta_net.delta_rule`` (plain rule, training batches)."""
+    assert g is None and initial_state is None and cu_seqlens is None and not output_final_state
+    return _SavesItsInputs.apply(q, k, v, beta), None
+
+
+def delta_rule_torch(q, k, v, beta):
+    from deltanet.ops import delta_rule
+
+    return delta_rule(q, k, v, beta, backend="torch")
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("ablation", ["paper", "no_conv", "identity_l2", "gated", "gated_product3_neg", "product2"])
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
+def test_recomputed_features_keep_less_and_give_the_same_gradients(ablation, packed):
+    """``recompute_features``: q, k, v are not kept for the delta rule (rerun from the conv inputs
+    in backward); outputs and every gradient equal the default path's exactly (float64)."""
+    _check_recomputed_features(ablation, packed)
+
+
+@pytest.mark.parametrize("ablation", ["paper", "no_conv", "neg_eigval"])
+def test_recomputed_features_with_an_op_that_keeps_its_inputs(ablation, monkeypatch):
+    """As the Triton op does on the GPU: the op's saved q, k, v become recipes (rerun on
+    unpack), and nothing of q, k, v stays; same outputs and gradients."""
+    import deltanet.layers.delta_net as mod
+
+    monkeypatch.setattr(mod, "delta_rule", delta_rule_saving_inputs)
+    _check_recomputed_features(ablation, False, all_of_qkv=True)
+
+
+def _check_recomputed_features(ablation, packed, all_of_qkv=False):
+    torch.manual_seed(0)
+    cfg = _config(**ABLATIONS[ablation])
+    layer = DeltaNetMixer(cfg, layer_idx=0).double()
+    B, T = (1, 23) if packed else (2, 9)
+    cu = torch.tensor([0, 5, 6, 23]) if packed else None
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64)
+
+    def run(recompute):
+        layer.recompute_features = recompute
+        xi = x.clone().requires_grad_()
+        y, saved = _saved_bytes(lambda: layer(xi, cu_seqlens=cu))
+        y.pow(2).sum().backward()
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return out, saved
+
+    (want, kept), (got, kept_less) = run(False), run(True)
+    for name, a, b in zip(["y", "dx"] + [n for n, _ in layer.named_parameters()], got, want):
+        assert torch.equal(a, b), name
+    # at least q and k after the L2 norm are no longer kept (the torch backend saves products of v
+    # rather than v itself); with an op that keeps its inputs, v too
+    n_h = layer.num_householder
+    qkv = B * T * layer.num_heads * layer.head_dim * (1 + n_h + (n_h if all_of_qkv else 0)) * 8  # float64
+    assert kept - kept_less >= qkv, (kept, kept_less, qkv)
+
+
+@pytest.mark.parametrize("mode", ["mixer", "block"])
+def test_recomputed_features_under_activation_checkpointing(mode, monkeypatch):
+    """The region's saved-tensor hooks nest inside torch.utils.checkpoint's: same loss and
+    gradients as without checkpointing, with the features kept or rerun."""
+    import deltanet.layers.delta_net as mod
+    from deltanet.models import DeltaNetForCausalLM
+
+    monkeypatch.setattr(mod, "delta_rule", delta_rule_saving_inputs)
+    ids = torch.randint(0, 32, (2, 12))
+
+    def grads(ckpt, features):
+        monkeypatch.setattr(DeltaNetMixer, "recompute_features", features)
+        torch.manual_seed(0)
+        model = DeltaNetForCausalLM(_config(num_hidden_layers=2, activation_checkpointing=ckpt)).double().train()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    want = grads("none", False)
+    for features in (False, True):
+        for a, b in zip(grads(mode, features), want):
+            assert torch.equal(a, b)

@@ -55,6 +55,7 @@ def _model():
 @pytest.mark.parametrize("recompute", [False, True])
 def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recompute, conv):
     monkeypatch.setattr(DeltaNetMixer, "recompute_inputs", recompute)
+    monkeypatch.setattr(DeltaNetMixer, "recompute_features", False)  # its routing: the test below
     if conv == "torch":
         monkeypatch.setenv("DELTANET_CONV", "torch")
     elif conv == "no-triton":
@@ -64,16 +65,17 @@ def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recomput
     ids = torch.randint(0, 64, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     names = {name for name, _ in compile_log}
-    assert {"rms_norm_linear", conv_name, "l2_norm", "swiglu_linear", "rms_norm"} <= names, names
+    # the fused norm + projections: its elementwise parts (_norm_*) compiled, the Function eager
+    assert {"_norm_fwd", "_norm_apply", "_norm_bwd", conv_name, "l2_norm", "swiglu_linear", "rms_norm"} <= names, names
     assert other not in names, names
     if recompute:
         # the input region's forward runs without autograd and must still be compiled ...
         no_grad = {name for name, grad in compile_log if not grad}
-        assert {"rms_norm_linear", conv_name} <= no_grad, compile_log
+        assert {"_norm_fwd", conv_name} <= no_grad, compile_log
         # ... and its rerun in backward too
         assert (conv_name, True) in compile_log
-    else:
-        assert all(grad for _, grad in compile_log), compile_log
+    else:  # only the norm's autograd-free parts (inside its autograd.Function) run without autograd
+        assert all(grad or name.startswith("_norm_") for name, grad in compile_log), compile_log
     assert fz._FORCE is False  # restored after the recomputing forward
 
 
@@ -97,3 +99,26 @@ def test_inference_stays_eager(compile_log):
         model(input_ids=ids)
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert compile_log == []
+
+
+def test_recomputed_features_run_compiled_forward_and_in_backward(compile_log, monkeypatch):
+    """``recompute_features``: the conv + q/k norm region runs compiled without autograd in the
+    forward; in backward one compiled rerun with autograd serves both the delta rule's unpack of
+    q, k, v and the region's own backward (three convs per layer, not six)."""
+    import deltanet.layers.delta_net as mixer_mod
+    from tests.layers.test_delta_net import delta_rule_saving_inputs
+
+    monkeypatch.setattr(DeltaNetMixer, "recompute_features", True)
+    monkeypatch.setattr(mixer_mod, "delta_rule", delta_rule_saving_inputs)  # keeps q, k, v as the Triton op
+    model = _model().train()
+    ids = torch.randint(0, 64, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    forward = list(compile_log)
+    assert ("short_conv", False) in forward and ("l2_norm", False) in forward, forward
+    assert ("short_conv", True) not in forward
+    loss.backward()
+    backward = compile_log[len(forward):]
+    assert ("short_conv", False) not in backward, backward
+    assert backward.count(("short_conv", True)) == 3 * model.config.num_hidden_layers, backward
+    assert ("l2_norm", True) in backward, backward
+    assert fz._FORCE is False

@@ -190,6 +190,6 @@ def test_bench_model_sweeps_the_modes(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
     for T in (32, 64):  # same initial weights and batches: recomputing changes no training step
         assert len({r["loss"] for r in rows if r["T"] == T}) == 1, rows
-    assert "| transformer-340m | 32 | 4 | mixer |" in out.read_text()
+    assert "| transformer-340m | 32 | 4 | autocast | mixer |" in out.read_text()
     with pytest.raises(SystemExit):
         cli_main(["model", "--smoke", "--models", "deltanet-340m", "--activation-checkpointing", "all"])

@@ -81,3 +81,17 @@ def test_kernel_sweep_records_failures_and_skips_long_recurrent(tmp_path, monkey
     rows = kernels.run_decode_steps([64], [1, 8], ["ours", "ours_recurrent"])
     assert [(r["method"], r["B"]) for r in rows] == [("ours_recurrent", 1), ("ours_recurrent", 8)]
     assert kernels.format_decode_table(rows).splitlines()[2] == "| 64 | 1 | ours_recurrent | 10.0 | 100000 | 1 |"
+
+
+def test_train_benchmark_regimes(tmp_path):
+    """``--regimes bf16,autocast --untied``: one row per regime; bf16 parameters really train in bf16."""
+    out = tmp_path / "reg.md"
+    assert cli_main(["model", "--smoke", "--models", "deltanet-340m", "--regimes", "bf16,autocast",
+                     "--untied", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "reg.json").read_text())["rows"]
+    assert [(r["regime"], r["T"]) for r in rows] == [("bf16", 32), ("autocast", 32), ("bf16", 64), ("autocast", 64)]
+    assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+    untied = 2 * 256 * 64 / 1e6  # embedding + lm_head of the smoke shape
+    assert rows[0]["params_M"] == rows[1]["params_M"] >= untied
+    with pytest.raises(SystemExit):
+        cli_main(["model", "--smoke", "--regimes", "fp8"])

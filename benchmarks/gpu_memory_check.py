@@ -1,0 +1,183 @@
+"""Training peak memory and tokens/s, deltanet-340m vs fla 0.6.0's DeltaNet, in both regimes.
+
+One GPU call: ``python benchmarks/gpu_memory_check.py OUT_DIR --budget-s 540``. At T = 2048 and
+8192 (32K tokens per step, untied embeddings: fla's 374M DeltaNet shape, fused AdamW) and in both
+training regimes — ``bf16`` (``model.to(torch.bfloat16)``, no autocast) and ``autocast`` (float32
+parameters under bf16 autocast) — it measures:
+
+1. ours (defaults: fused linear cross-entropy) and fla's DeltaNet (its defaults), the pairs the
+   target is stated on (peak memory <= 0.8x fla's, tokens/s >= fla's);
+2. then, as the budget allows, the A/B of our memory choices, in this order: q, k, v of the
+   delta rule kept for backward (``DeltaNetMixer.recompute_features = False``; the default reruns
+   them from the conv inputs), the mixer's input recompute (``DeltaNetMixer.recompute_inputs``), and ``ours-before``: the plain
+   (materialised-logits) loss with q, k, v kept, as before the memory changes;
+3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and
+   float32 parameters; loss and gradients).
+
+Every row is appended to ``OUT_DIR/memory.jsonl`` as it finishes and ``memory.md`` /
+``memory.json`` are rewritten, so a call cut short keeps what it measured. A run that would not
+fit in what is left of ``--budget-s`` (estimated from the runs before it) is recorded as
+skipped; a second call into the same folder (e.g. ``--variants ours-recompute-features,...``) adds
+its rows to the same table. Peak memory is ``torch.cuda.max_memory_allocated`` over warmup + timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deltanet.bench.model import FLA, SMOKE, bench_train, environment
+
+# label -> (model name, bench_train keyword arguments, DeltaNetMixer switches)
+VARIANTS = {
+    "ours": ("deltanet-340m", {}, {}),
+    "fla": (FLA, {}, {}),
+    "ours-keep-features": ("deltanet-340m", {}, dict(recompute_features=False)),
+    "ours-recompute-inputs": ("deltanet-340m", {}, dict(recompute_inputs=True)),
+    "ours-before": ("deltanet-340m", dict(fused_loss=False), dict(recompute_features=False)),
+}
+SWITCHES = ("recompute_inputs", "recompute_features")
+
+
+def loss_check(device: torch.device, smoke: bool = False) -> list[dict]:
+    """Fused vs plain loss of a small deltanet model on the GPU: relative errors of the loss and
+    of every gradient (the plain loss in float32 is the reference)."""
+    from deltanet.models import DeltaNetForCausalLM, get_config
+
+    rows = []
+    for regime in ("bf16", "autocast"):
+        row = dict(check="fused vs plain loss", regime=regime)
+        try:
+            outs = []
+            for fused in (True, False):
+                torch.manual_seed(0)
+                shape = SMOKE if smoke else dict(num_hidden_layers=2)
+                cfg = get_config("deltanet-340m", fuse_linear_cross_entropy=fused, tie_word_embeddings=False,
+                                 **shape)
+                model = DeltaNetForCausalLM(cfg).to(device).train()
+                if regime == "bf16":
+                    model = model.bfloat16()
+                ids = torch.randint(0, cfg.vocab_size, (2, 64) if smoke else (4, 2048), device=device,
+                                    generator=torch.Generator(device=device).manual_seed(0))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=regime == "autocast"):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                outs.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+            (lf, gf), (lp, gp) = outs
+            row["loss_fused"], row["loss_plain"] = round(lf.item(), 5), round(lp.item(), 5)
+            errs = {n: ((gf[n] - gp[n]).norm() / gp[n].norm().clamp_min(1e-30)).item() for n in gp}
+            row["max_grad_rel_err"] = max(errs.values())
+            row["worst_param"] = max(errs, key=errs.get)
+            row["lm_head_grad_rel_err"] = errs["lm_head.weight"]
+        except Exception as e:  # record, carry on with the benchmark
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _render(out: Path, env: dict, checks: list[dict], rows: list[dict]) -> None:
+    lines = ["SMOKE RUN: tiny models, numbers meaningless", ""] if env.get("note") else []
+    lines += ["# Training memory and speed: deltanet-340m vs fla DeltaNet (untied, 32K tokens/step)", "",
+             "  ".join(f"{k}: {v}" for k, v in env.items()), ""]
+    lines += ["## Fused vs plain loss (GPU)", "", "| regime | loss fused | loss plain | max grad rel err | worst | error |",
+              "|---|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['regime']} | {c.get('loss_fused', '-')} | {c.get('loss_plain', '-')} | "
+                     f"{c.get('max_grad_rel_err', '-')} | {c.get('worst_param', '-')} | {c.get('error', '')} |")
+    lines += ["", "## Peak memory and tokens/s", "",
+              "| regime | T | variant | tokens/s | peak GiB | memory / fla | speed / fla | note |", "|---|---|---|---|---|---|---|---|"]
+    fla = {(r["regime"], r["T"]): r for r in rows if r["variant"] == "fla" and "peak_mem_GiB" in r}
+    for r in rows:
+        f = fla.get((r["regime"], r["T"]))
+        mem = spd = "-"
+        if f and "peak_mem_GiB" in r and r["variant"] != "fla":
+            mem = f"{r['peak_mem_GiB'] / f['peak_mem_GiB']:.2f}x"
+            spd = f"{r['tokens_per_s'] / f['tokens_per_s']:.2f}x"
+        note = r.get("error") or r.get("skipped") or ""
+        lines.append(f"| {r['regime']} | {r['T']} | {r['variant']} | {r.get('tokens_per_s', '-')} | "
+                     f"{r.get('peak_mem_GiB', '-')} | {mem} | {spd} | {note} |")
+    lines += ["", "Target: memory / fla <= 0.80 and speed / fla >= 1.0 for `ours` in both regimes."]
+    (out / "memory.md").write_text("\n".join(lines) + "\n")
+    (out / "memory.json").write_text(json.dumps(dict(environment=env, loss_check=checks, rows=rows), indent=1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="folder for memory.md / memory.json / memory.jsonl")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="total wall-clock budget")
+    ap.add_argument("--lengths", default="2048,8192")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--regimes", default="bf16,autocast")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"labels from {list(VARIANTS)}")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.lengths, args.tokens, args.steps, args.warmup = "32,64", 128, 1, 1
+    t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    env = environment(device, " ".join(["python", "benchmarks/gpu_memory_check.py", *(argv or sys.argv[1:])]))
+    if args.smoke:
+        env["note"] = "smoke"
+    lengths = [int(x) for x in args.lengths.split(",")]
+    regimes = args.regimes.split(",")
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {list(VARIANTS)}")
+    jsonl = args.out / "memory.jsonl"
+    # rows of earlier calls into the same folder stay in the table (run the variants in a second call)
+    rows: list[dict] = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+    checks = loss_check(device, args.smoke)
+    _render(args.out, env, checks, rows)
+    # the target pairs first, then the options
+    head = [v for v in variants if v in ("ours", "fla")]
+    plan = [(v, reg, T) for reg in regimes for T in lengths for v in head]
+    plan += [(v, reg, T) for reg in regimes for T in lengths for v in variants if v not in head]
+    durations: dict[str, float] = {}
+    from deltanet.layers.delta_net import DeltaNetMixer
+
+    DEFAULTS = {sw: getattr(DeltaNetMixer, sw) for sw in SWITCHES}
+    for label, regime, T in plan:
+        name, kw, switches = VARIANTS[label]
+        left = args.budget_s - (time.perf_counter() - t_start)
+        need = durations.get(label, max(durations.values(), default=60.0))
+        row = dict(variant=label, model=name, regime=regime, T=T)
+        if left < need * 1.2:
+            row["skipped"] = f"budget: {left:.0f} s left, ~{need:.0f} s needed"
+        else:
+            for sw in SWITCHES:
+                setattr(DeltaNetMixer, sw, switches.get(sw, DEFAULTS[sw]))
+            t0 = time.perf_counter()
+            try:
+                row.update(bench_train(name, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup,
+                                       device=device, regime=regime, tie_word_embeddings=False, smoke=args.smoke,
+                                       **kw))
+            except Exception as e:  # bench_train reports its own errors; this catches the rest
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                for sw in SWITCHES:
+                    setattr(DeltaNetMixer, sw, DEFAULTS[sw])
+            durations[label] = time.perf_counter() - t0
+            row["wall_s"] = round(durations[label], 1)
+            row["variant"] = label
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        _render(args.out, env, checks, rows)
+    print((args.out / "memory.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
