@@ -13,8 +13,9 @@ Two training regimes (``--regime``):
 The delta rule runs with the "torch" backend on the CPU, but what is charged for it is what the
 Triton op (``deltanet/ops/delta_rule/chunk.py``) saves on the GPU: its inputs q, k, v, beta
 (counted through the hook, shared with whoever else saved them) plus, added analytically, its
-float32 ``ai`` buffer ``[B*T, H, 64]`` (``SAVE_AI``) and ``v_new`` (the size of v, ``SAVE_VNEW``;
-``--no-saved-buffers``: neither). The CPU run of the torch backend is hidden from autograd.
+float32 ``ai`` buffer ``[B*T, H, 64]`` and ``v_new`` (the size of v), which the op always keeps
+(``--no-saved-buffers``: a what-if without them; the op's switch to drop them was measured slower
+and removed). The CPU run of the torch backend is hidden from autograd.
 
 Besides bytes, the script flags float32 tensors of activation size (upcasts kept for backward)
 and tensors saved twice with the same values under another storage or dtype (duplicates).
@@ -50,7 +51,7 @@ from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops import delta_rule
 
 AI_CHUNK = 64  # the Triton op's ai buffer: fp32 [B*T, H, 64]
-SAVED_BUFFERS = True  # the Triton op's defaults SAVE_AI = SAVE_VNEW = 1
+SAVED_BUFFERS = True  # the Triton op keeps ai and v_new for its backward
 GIB = 2 ** 30
 
 
@@ -299,7 +300,7 @@ def main(argv=None) -> None:
                     help="DeltaNetMixer.recompute_features = False (keep q, k, v of the delta rule for backward "
                          "instead of rerunning conv + q/k norm from the conv inputs)")
     ap.add_argument("--no-saved-buffers", action="store_true",
-                    help="the chunk op without its saved ai / v_new (SAVE_AI = SAVE_VNEW = 0)")
+                    help="count as if the chunk op kept no ai / v_new (a what-if: the op always keeps them)")
     ap.add_argument("--compiled", action="store_true",
                     help="run the elementwise glue through torch.compile as on CUDA (Inductor's CPU backend; "
                          "its partitioner picks what to keep; the short conv then runs as compiled PyTorch)")
