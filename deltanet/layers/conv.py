@@ -25,24 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.packing import PackedSequences
+from ..ops.packing import PackedSequences, positions_in_documents
 from . import _fused as _fused_mod
 from ._fused import fused, will_compile
 
 __all__ = ["ShortConvolution", "causal_conv", "conv_step", "positions_in_documents"]
-
-
-def positions_in_documents(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
-    """Index of each token inside its document, ``[T]`` (``cu_seqlens = [0, ..., T]``).
-
-    Example::
-
-        >>> positions_in_documents(torch.tensor([0, 3, 5]), 5)
-        tensor([0, 1, 2, 0, 1])
-    """
-    pos = torch.arange(T, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
-    return pos - cu_seqlens.to(pos.dtype)[doc]
 
 
 def causal_conv(xe: torch.Tensor, weight: torch.Tensor, doc_pos: torch.Tensor | None, silu: bool) -> torch.Tensor:
@@ -220,9 +207,7 @@ class ShortConvolution(nn.Module):
         W = self.kernel_size
         silu = self.activation == "silu"
         if isinstance(cu_seqlens, PackedSequences):
-            if cu_seqlens.total_tokens != T:
-                raise ValueError(f"cu_seqlens must end at T = {T}, got {cu_seqlens.total_tokens}")
-            doc_pos = cu_seqlens.positions
+            doc_pos = PackedSequences.from_cu_seqlens(cu_seqlens, T).positions  # (checks its length)
         else:
             doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None and not output_state:

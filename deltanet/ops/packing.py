@@ -26,9 +26,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CHUNK_SIZE", "PackedSequences", "as_packed", "check_cu_seqlens", "read_offsets"]
+__all__ = ["CHUNK_SIZE", "PackedSequences", "as_packed", "check_cu_seqlens", "positions_in_documents", "read_offsets"]
 
 CHUNK_SIZE = 64  # the Triton chunk kernels' chunk (``BT`` in delta_rule/chunk.py)
+
+
+def _documents(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(doc_ids, positions)``, both ``[T]`` int64 on ``cu_seqlens``' device: each token's
+    document index and its position inside that document. No host read."""
+    pos = torch.arange(T, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)
+    return doc, pos - cu_seqlens.to(pos.dtype)[doc]
+
+
+def positions_in_documents(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """Index of each token inside its document, ``[T]`` (``cu_seqlens = [0, ..., T]``); no host read.
+
+    Example::
+
+        >>> positions_in_documents(torch.tensor([0, 3, 5]), 5)
+        tensor([0, 1, 2, 0, 1])
+    """
+    return _documents(cu_seqlens, T)[1]
 
 
 def read_offsets(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
@@ -120,12 +139,10 @@ class PackedSequences:
     @classmethod
     def _build(cls, cu: torch.Tensor, offsets: tuple[int, ...]) -> PackedSequences:
         """From validated boundaries, ``cu`` (int32, device) equal to ``offsets`` (host)."""
-        T = offsets[-1]
-        pos = torch.arange(T, device=cu.device)
-        doc = torch.searchsorted(cu[1:].to(pos.dtype), pos, right=True)
+        doc, pos = _documents(cu, offsets[-1])
         table, firsts = _chunk_table(offsets, CHUNK_SIZE, cu.device)
         return cls(cu_seqlens=cu, offsets=offsets, max_len=max(e - s for s, e in zip(offsets[:-1], offsets[1:])),
-                   doc_ids=doc, positions=pos - cu.to(pos.dtype)[doc], chunk_table=table, chunk_offsets=firsts)
+                   doc_ids=doc, positions=pos, chunk_table=table, chunk_offsets=firsts)
 
     def chunks(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chunk_table, chunk_offsets)`` for another chunk size (built once, no host read)."""
