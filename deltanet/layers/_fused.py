@@ -48,6 +48,19 @@ def will_compile(x: torch.Tensor) -> bool:
 # Every ``fused`` wrapper, so that tests can drop their compiled versions.
 REGISTRY: list = []
 
+# Variants a fused function legitimately compiles in one process: input dtypes, autocast on/off,
+# grad mode (training vs the recompute forward), the norm sizes and the number of projections a
+# norm feeds (``norm._norm_bwd``). Dynamo's default limit (8 per function) is reached by a process
+# that runs both precision regimes (benchmarks, a test session), after which the function runs
+# eagerly for good: slower, silently. Raised (never lowered) when the first fused function compiles.
+RECOMPILE_LIMIT = 64
+
+
+def _compile(fn):
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn)
+
 
 def fused(fn):
     """Decorator: ``fn(*tensors, ...)`` compiled when its first argument is a CUDA tensor and
@@ -58,7 +71,7 @@ def fused(fn):
     def wrapper(*args, **kwargs):
         if will_compile(args[0]):
             if wrapper.compiled is None:
-                wrapper.compiled = torch.compile(fn)
+                wrapper.compiled = _compile(fn)
             return wrapper.compiled(*args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -76,7 +89,7 @@ def compiled_or_eager(wrapper, compile: bool):
     if not compile:
         return wrapper.eager
     if wrapper.compiled is None:
-        wrapper.compiled = torch.compile(wrapper.eager)
+        wrapper.compiled = _compile(wrapper.eager)
     return wrapper.compiled
 
 

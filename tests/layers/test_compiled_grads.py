@@ -134,3 +134,24 @@ def test_rms_norm_linear_compiled_parts_match_eager_and_keep_only_x(autocast, mo
     token_sized = [s for s in saved if s[0][:2] == (2, 9)]
     assert sorted(token_sized, key=str) == sorted([((2, 9, 16), torch.float32), ((2, 9, 2, 1), torch.float32)],
                                                   key=str), token_sized
+
+
+def test_fused_function_stays_compiled_past_dynamos_default_recompile_limit(monkeypatch):
+    """A process that runs both precision regimes (a benchmark, a test session) compiles more than
+    dynamo's default 8 variants of one fused function (dtypes x autocast x grad mode x sizes);
+    past the limit dynamo runs the function eagerly for good, silently slower (seen on the GPU
+    machine for ``l2_norm`` and ``_norm_bwd``). ``fused`` raises the limit when it compiles."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fz, "_compiles_on", lambda x: True)
+    monkeypatch.setattr(l2_norm, "compiled", None)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default
+    torch._dynamo.reset()
+    counters.clear()
+    n_variants = 12
+    for rank in range(1, n_variants + 1):  # each rank is a new graph (no dynamic-rank tracing)
+        x = torch.randn((2,) * rank, requires_grad=True)
+        l2_norm(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] >= n_variants, dict(counters["stats"])  # none ran eagerly
