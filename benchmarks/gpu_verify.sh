@@ -16,6 +16,8 @@
 #                  fp32 parameters + autocast (benchmarks/gpu_memory_check.py)
 #         decode   deltanet bench decode, captured loop: deltanet-340m and the two hybrids,
 #                  batch 1 and 32, 2K prompt, 256 new tokens
+#         profile  (not in the default PARTS) the kernels of one decode step, eager and replayed:
+#                  counts, device time, families (benchmarks/profile_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,6 +41,8 @@ for part in ${PARTS//,/ }; do
     memory) run memory 160 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 150 --variants ours,fla ;;
     decode) run decode 130 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
               --paths loop --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 110 --out "$R/decode_loop.md" ;;
+    profile) run profile 120 python3 benchmarks/profile_decode_step.py --out "$R/decode_profile.md" \
+               --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20 ;;
     *) log "unknown part $part" ;;
   esac
 done

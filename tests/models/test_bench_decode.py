@@ -62,3 +62,24 @@ def test_bandwidth_floor_counts_weights_and_state():
 def test_bad_paths_rejected():
     with pytest.raises(SystemExit):
         cli_main(["decode", "--smoke", "--paths", "fast"])
+
+
+def test_decode_step_profiler_smoke(tmp_path):
+    """``benchmarks/profile_decode_step.py --smoke``: profiles one-token steps and attributes them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_decode_step.py"
+    spec = importlib.util.spec_from_file_location("profile_decode_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "profile.md"
+    assert mod.main(["--smoke", "--out", str(out), "--steps", "2", "--batch", "1", "--modes", "eager"]) == 0
+    (row,) = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    assert "error" not in row, row
+    assert row["wall_ms_per_step"] > 0 and row["kernels_per_step"] > 0 and row["kernel_ms_per_step"] > 0
+    assert row["top"] and all(t["per_step"] > 0 for t in row["top"])
+    assert "aten::mm" in {t["kernel"] for t in row["top"]}  # the projections are seen (CPU: aten ops)
+    assert mod.family("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
+    assert mod.family("delta_rule_recurrent_fwd_kernel") == "Triton"
+    assert "## deltanet-340m, batch 1, eager" in out.read_text()
