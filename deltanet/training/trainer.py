@@ -287,7 +287,10 @@ class _Run:
             self._write_config(run_dir)
         # context parallelism: groups of consecutive ranks share rows; data-parallel rank = group index
         self.cp, self.dp_rank, self.dp_size = context_parallel_group(d, tc.context_parallel)
-        raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
+        # train mode explicitly: from_pretrained (the resume path) returns the model in eval mode, where
+        # the fused loss and activation checkpointing are off, so a resumed run would train through
+        # other code (other float sums, more memory) than the run it continues
+        raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device).train()
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
         self.peak_lr = self.oc.lr or auto_lr(raw.config.hidden_size)
