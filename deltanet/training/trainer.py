@@ -48,8 +48,9 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # value would silently train something else.
 _INCOMPATIBLE = ("preset", "model", "data", "tokenizer", "vocab_size", "seq_len", "val_fraction", "doc_mask",
                  "grad_accum", "seed")
-# Model fields that change how a step is computed, not what it computes: a run may resume with others.
-_RUNTIME_MODEL_FIELDS = ("activation_checkpointing",)
+# Model fields that change how a step is computed, not what it computes: a run may resume with others
+# (a run started when the fused loss was off by default resumes with it on).
+_RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "fuse_linear_cross_entropy")
 
 
 @dataclass
