@@ -212,18 +212,36 @@ def test_mismatched_resume(capsys, run, tmp_path):
     _one_line_error(capsys, ["train", "--out", str(out), "--max-steps", "1"], 1, "already holds a run")
 
 
-def test_resume_may_change_activation_checkpointing(run, tmp_path):
+def test_resume_may_change_activation_checkpointing_and_the_loss_path(run, tmp_path):
     """Recomputing changes no step's result, only its memory and time: a run that ran out of
-    memory can resume with ``--activation-checkpointing block`` (other model fields may not change)."""
+    memory can resume with ``--activation-checkpointing block``; likewise the loss may switch
+    between fused and ``--plain-loss`` (other model fields may not change)."""
     out = tmp_path / "run"
     shutil.copytree(run / "run", out)
+    first = out / "checkpoints" / (out / "checkpoints/latest").read_text().strip()
+    assert json.loads((first / "config.json").read_text())["fuse_linear_cross_entropy"] is True  # the default
     r = run_cli(["train", "--out", str(out), "--resume", "--max-steps", "7", "--activation-checkpointing", "block",
-                 "--sample-tokens", "0", "--no-progress"])
+                 "--plain-loss", "--sample-tokens", "0", "--no-progress"])
     assert r.returncode == 0, r.stderr
     latest = out / "checkpoints" / (out / "checkpoints/latest").read_text().strip()
     assert latest.name.endswith("7")
-    assert json.loads((latest / "config.json").read_text())["activation_checkpointing"] == "block"
-    assert json.loads((out / "config.json").read_text())["train"]["model"]["activation_checkpointing"] == "block"
+    saved = json.loads((latest / "config.json").read_text())
+    assert saved["activation_checkpointing"] == "block" and saved["fuse_linear_cross_entropy"] is False
+    model = json.loads((out / "config.json").read_text())["train"]["model"]
+    assert model["activation_checkpointing"] == "block" and model["fuse_linear_cross_entropy"] is False
+
+
+def test_plain_loss_flag_sets_the_model_field():
+    from deltanet.cli import UsageError
+    from deltanet.cli.train import build_train_config
+
+    assert "fuse_linear_cross_entropy" not in build_train_config([]).train.model  # the config default: fused
+    assert build_train_config(["--plain-loss"]).train.model == {"fuse_linear_cross_entropy": False}
+    # agreeing spellings are fine; contradicting ones are a usage error, not a silent pick
+    assert build_train_config(["--plain-loss", "--model", "fuse_linear_cross_entropy=false"]).train.model == {
+        "fuse_linear_cross_entropy": False}
+    with pytest.raises(UsageError, match="--plain-loss contradicts --model fuse_linear_cross_entropy=true"):
+        build_train_config(["--plain-loss", "--model", "fuse_linear_cross_entropy=true"])
 
 
 def test_missing_delegate_is_a_clear_error(capsys, monkeypatch):

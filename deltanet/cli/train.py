@@ -61,6 +61,10 @@ def train_parser() -> CliParser:
                    help="recompute in backward instead of keeping activations: each token mixer or each whole "
                         "block (less memory, slower steps); sets the model field activation_checkpointing "
                         "(default: the preset's, none)")
+    g.add_argument("--plain-loss", action="store_true",
+                   help="compute the training loss from the full [tokens, vocab] logits instead of the fused "
+                        "linear cross-entropy in token chunks (the default; same loss, far less memory); sets "
+                        "the model field fuse_linear_cross_entropy=false")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     g.add_argument("--context-parallel", type=int, metavar="N",
                    help="under torchrun: split each sequence over N consecutive ranks (delta-rule layers only; "
@@ -151,6 +155,11 @@ def build_train_config(argv: list[str]):
             raise UsageError(f"deltanet train: error: --activation-checkpointing {mode} contradicts --model "
                              f"activation_checkpointing={typed_model['activation_checkpointing']}; give one")
         typed_model["activation_checkpointing"] = mode
+    if args.pop("plain_loss", False):  # the opt-out of a model field, also a flag of its own
+        if typed_model.get("fuse_linear_cross_entropy", False) is not False:
+            raise UsageError("deltanet train: error: --plain-loss contradicts --model fuse_linear_cross_entropy="
+                             f"{json.dumps(typed_model['fuse_linear_cross_entropy'])}; give one")
+        typed_model["fuse_linear_cross_entropy"] = False
     cfg.train.model = {**cfg.train.model, **typed_model}
     merge_flags(cfg, args)
     if not explicit & {"max_steps", "max_time_s", "resume"}:

@@ -50,9 +50,8 @@ class DeltaNetConfig(PretrainedConfig):
             compute the loss in token chunks fused with the output projection, never holding the
             ``[tokens, vocab]`` logits (4 GiB in float32 at 32K tokens x 32K vocab, kept for
             backward by the plain loss); ``logits`` is then None. Eval mode or ``torch.no_grad``
-            return logits and the plain loss either way. Off by default: on the CPU its GEMMs
-            made a resumed run's losses differ from the uninterrupted run's in the 7th digit;
-            ``deltanet bench model`` turns it on.
+            return logits and the plain loss either way. On by default; ``False`` (``deltanet train
+            --plain-loss``) keeps the logits in training too.
         activation_checkpointing: ``"none" | "mixer" | "block"``: in training, recompute each
             token mixer (``"mixer"``: its activations are not kept, the MLP's are) or each whole
             block (``"block"``: only the block inputs are kept) during backward, trading time
@@ -93,7 +92,7 @@ class DeltaNetConfig(PretrainedConfig):
         max_position_embeddings: int = 8192,
         initializer_range: float = 0.02,
         delta_backend: str = "auto",
-        fuse_linear_cross_entropy: bool = False,
+        fuse_linear_cross_entropy: bool = True,
         activation_checkpointing: str = "none",
         use_cache: bool = True,
         tie_word_embeddings: bool = False,

@@ -28,7 +28,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, N, chunk_size):
             h, m = hidden[s:s + chunk_size], valid[s:s + chunk_size]
-            y = labels[s:s + chunk_size].clamp_min(0)[:, None]
+            # ignored rows gather class 0 (masked out below); any other label outside [0, vocab)
+            # fails in gather as in F.cross_entropy, instead of being read as another class
+            y = torch.where(m, labels[s:s + chunk_size], 0)[:, None]
             # One float32 [c, vocab] buffer turned into the gradient in place: this runs at the end
             # of the forward, when every activation of the step is alive, so each extra buffer
             # of this size would raise the step's peak memory.
@@ -63,7 +65,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, without storing the logits.
 
     Args:
-        hidden: ``[N, D]``; weight: ``[vocab, D]``; labels: ``[N]`` (``ignore_index`` skipped).
+        hidden: ``[N, D]``; weight: ``[vocab, D]``; labels: ``[N]`` in ``[0, vocab)`` or ``ignore_index``
+            (skipped; the mean is over the other rows).
+        chunk_size: tokens per chunk; the loss and gradients do not depend on it beyond float
+            rounding (the float32 logits of one chunk, ``[chunk_size, vocab]``, are the peak extra memory).
+
+    Under autocast the chunk GEMMs run in the autocast dtype, as ``lm_head`` would; the softmax
+    and the loss are float32 (float64 inputs stay float64). No label smoothing.
 
     Example::
 

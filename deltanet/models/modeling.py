@@ -318,8 +318,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         >>> out = model.eval()(ids, labels=ids)
         >>> out.logits.shape, out.loss.shape
         (torch.Size([2, 10, 64]), torch.Size([]))
-        >>> model.config.fuse_linear_cross_entropy = True   # training: fused loss, no logits
-        >>> model.train()(ids, labels=ids).logits is None
+        >>> model.train()(ids, labels=ids).logits is None   # training: fused loss, no logits
         True
     """
 

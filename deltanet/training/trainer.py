@@ -48,8 +48,9 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # value would silently train something else.
 _INCOMPATIBLE = ("preset", "model", "data", "tokenizer", "vocab_size", "seq_len", "val_fraction", "doc_mask",
                  "grad_accum", "seed")
-# Model fields that change how a step is computed, not what it computes: a run may resume with others.
-_RUNTIME_MODEL_FIELDS = ("activation_checkpointing",)
+# Model fields that change how a step is computed, not what it computes: a run may resume with others
+# (a run started when the fused loss was off by default resumes with it on).
+_RUNTIME_MODEL_FIELDS = ("activation_checkpointing", "fuse_linear_cross_entropy")
 
 
 @dataclass
@@ -287,7 +288,10 @@ class _Run:
             self._write_config(run_dir)
         # context parallelism: groups of consecutive ranks share rows; data-parallel rank = group index
         self.cp, self.dp_rank, self.dp_size = context_parallel_group(d, tc.context_parallel)
-        raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device)
+        # train mode explicitly: from_pretrained (the resume path) returns the model in eval mode, where
+        # the fused loss and activation checkpointing are off, so a resumed run would train through
+        # other code (other float sums, more memory) than the run it continues
+        raw = self._model(_pad_vocab(tokenizer.vocab_size), ckpt).to(d.device).train()
         model = wrap_model(raw, d, fsdp=tc.fsdp)
         fwd = torch.compile(model) if tc.compile else model
         self.peak_lr = self.oc.lr or auto_lr(raw.config.hidden_size)

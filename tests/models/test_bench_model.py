@@ -95,3 +95,23 @@ def test_train_benchmark_regimes(tmp_path):
     assert rows[0]["params_M"] == rows[1]["params_M"] >= untied
     with pytest.raises(SystemExit):
         cli_main(["model", "--smoke", "--regimes", "fp8"])
+
+
+def test_plain_loss_flag_takes_the_plain_path(tmp_path, monkeypatch):
+    """``bench model`` measures the fused loss unless ``--plain-loss`` asks for the logits; either
+    way the same weights and batches give the same loss."""
+    import deltanet.models.modeling as modeling
+
+    calls = []
+    fused = modeling.fused_linear_cross_entropy
+    monkeypatch.setattr(modeling, "fused_linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    rows = {}
+    for flags in ([], ["--plain-loss"]):
+        calls.clear()
+        out = tmp_path / f"loss{len(flags)}.md"
+        assert cli_main(["model", "--smoke", "--models", "deltanet-340m", *flags, "--out", str(out)]) == 0
+        rows[bool(flags)] = json.loads(out.with_suffix(".json").read_text())["rows"]
+        assert (len(calls) > 0) != bool(flags)
+    assert {r["loss_impl"] for r in rows[False]} == {"fused linear CE"}
+    assert {r["loss_impl"] for r in rows[True]} == {"plain"}
+    assert [r["loss"] for r in rows[False]] == pytest.approx([r["loss"] for r in rows[True]], abs=2e-3)

@@ -1,6 +1,9 @@
 """The fused linear cross-entropy (``deltanet/models/loss.py``) against the plain loss (logits,
-float32 log-softmax, ``F.cross_entropy``): values and gradients, float64 and bf16, and the
-model's default routing (fused in training, logits in eval)."""
+float32 log-softmax, ``F.cross_entropy``): values and gradients of hidden states and weight in
+float64, float32, bf16 and under bf16 autocast, any chunk size (dividing the token count or not),
+ignored labels, a scaled / accumulated loss, frozen inputs, and the model's default routing (fused
+in training, logits in eval) with tied and untied embeddings. Label smoothing is not supported
+(neither path of the model uses it)."""
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 
 from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM
 from deltanet.models.loss import fused_linear_cross_entropy
-from tests.utils import assert_close
+from tests.utils import assert_close, rel_err
 
 
 def plain_loss(h, w, y):
@@ -57,6 +60,90 @@ def test_fused_bf16_within_the_bf16_floor():
         assert_close(name, a, e, baseline=b, floor=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 300, 4096], ids=lambda c: f"chunk{c}")
+def test_fused_float32_against_the_float64_oracle(chunk):
+    """float32 hidden states and weight (float32 training on the CPU): the fused loss and both
+    gradients are within the float32 rule of the float64 oracle, whatever the chunking (300
+    tokens: 7 and 64 leave a partial last chunk), and as close as the plain float32 path."""
+    h, w, y = _inputs(N=300, D=64, V=500)
+    oracle = _grads(plain_loss, h, w, y)
+    base = _grads(plain_loss, h.float(), w.float(), y)
+    got = _grads(lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=chunk), h.float(), w.float(), y)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == torch.float32
+    for name, a, b, e in zip(("loss", "dh", "dw"), got, base, oracle):
+        assert_close(name, a, e, rtol=1e-5)
+        assert_close(name, a, e, baseline=b, floor=1e-6)
+
+
+def test_fused_under_bf16_autocast_within_the_bf16_floor():
+    """float32 parameters under bf16 autocast (the GPU training regime): the chunk GEMMs run in
+    bf16 as ``lm_head`` would, so the errors against the float64 oracle are those of the plain
+    path under the same autocast (at most ~2x), and gradients keep the parameters' dtype."""
+    h, w, y = _inputs(N=300, D=64, V=500)
+    oracle = _grads(plain_loss, h, w, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = _grads(lambda a, b, c: plain_loss_linear(a, b, c), h.float(), w.float(), y)
+        got = _grads(lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=64), h.float(), w.float(), y)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    assert rel_err(base[0], oracle[0]) > 1e-5  # autocast did lower the plain path's precision
+    for name, a, b, e in zip(("loss", "dh", "dw"), got, base, oracle):
+        assert_close(name, a, e, baseline=b, floor=1e-3)
+
+
+def plain_loss_linear(h, w, y):
+    """The model's plain path: ``F.linear`` (autocast casts it), then float32 cross-entropy."""
+    logits = F.linear(h, w)
+    return F.cross_entropy(logits.float(), y, ignore_index=-100)
+
+
+def test_other_ignore_index_and_out_of_range_labels():
+    h, w, y = _inputs()
+    y = y.clamp_min(0)
+    y[:5] = 7  # a real class chosen as the ignored one
+    want = _grads(lambda a, b, c: F.cross_entropy(a @ b.t(), c, ignore_index=7), h, w, y)
+    got = _grads(lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=4, ignore_index=7), h, w, y)
+    for name, a, e in zip(("loss", "dh", "dw"), got, want):
+        assert_close(name, a, e, rtol=1e-12)
+    # a label that is neither a class nor ignore_index fails, as in F.cross_entropy (not read as class 0)
+    for bad in (-1, w.shape[0]):
+        y[0] = bad
+        with pytest.raises((RuntimeError, IndexError)):
+            fused_linear_cross_entropy(h, w, y)
+
+
+def test_scaled_and_accumulated_losses_backpropagate_their_weights():
+    """Gradient accumulation scales each micro-batch's loss and adds the gradients of several
+    calls on one weight: the saved gradients are scaled by the incoming one."""
+    h, w, y = _inputs(N=40)
+    h2, _, y2 = _inputs(N=23, seed=1)
+
+    def run(loss_fn):
+        a, b, w_ = h.clone().requires_grad_(), h2.clone().requires_grad_(), w.clone().requires_grad_()
+        (0.25 * loss_fn(a, w_, y) + 0.75 * loss_fn(b, w_, y2)).backward()
+        return a.grad, b.grad, w_.grad
+
+    want = run(plain_loss)
+    got = run(lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=6))
+    for name, a, e in zip(("dh1", "dh2", "dw"), got, want):
+        assert_close(name, a, e, rtol=1e-12)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_frozen_input_gets_no_gradient_and_the_other_the_plain_one(frozen):
+    h, w, y = _inputs()
+    want = _grads(plain_loss, h, w, y)
+    hh, ww = h.clone().requires_grad_(frozen != "hidden"), w.clone().requires_grad_(frozen != "weight")
+    loss = fused_linear_cross_entropy(hh, ww, y, chunk_size=8)
+    loss.backward()
+    assert_close("loss", loss.detach(), want[0], rtol=1e-12)
+    if frozen == "hidden":
+        assert hh.grad is None
+        assert_close("dw", ww.grad, want[2], rtol=1e-12)
+    else:
+        assert ww.grad is None
+        assert_close("dh", hh.grad, want[1], rtol=1e-12)
+
+
 def test_all_ignored_gives_zero_loss_and_gradients():
     h, w, y = _inputs()
     loss, dh, dw = _grads(fused_linear_cross_entropy, h, w, torch.full_like(y, -100))
@@ -81,8 +168,15 @@ def _model(**kw):
     return DeltaNetForCausalLM(cfg).double().train()
 
 
-def test_model_fused_loss_in_training_only():
-    fused, plain = _model(fuse_linear_cross_entropy=True), _model(fuse_linear_cross_entropy=False)
+def test_fused_loss_is_the_model_default():
+    assert DeltaNetConfig().fuse_linear_cross_entropy
+    assert DeltaNetConfig(fuse_linear_cross_entropy=False).fuse_linear_cross_entropy is False
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_model_fused_loss_in_training_only(tied):
+    fused, plain = _model(tie_word_embeddings=tied), _model(fuse_linear_cross_entropy=False, tie_word_embeddings=tied)
+    assert (fused.lm_head.weight is fused.model.embed_tokens.weight) == tied
     ids = torch.randint(1, 71, (3, 11))
     labels = ids.clone()
     labels[0, :4] = -100

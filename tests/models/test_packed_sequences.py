@@ -67,14 +67,17 @@ def test_the_object_gives_the_raw_tensors_outputs_and_grads_bitwise():
     def run(c):
         model.zero_grad()
         out = model(ids, labels=ids, cu_seqlens=c)
-        out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        out.loss.backward()  # training: the fused loss, no logits
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    logits_raw, grads_raw = run(cu)
+    loss_raw, grads_raw = run(cu)
     with count_host_reads() as reads:
-        logits_obj, grads_obj = run(PackedSequences.from_cu_seqlens(cu, BOUNDS[-1]))
+        loss_obj, grads_obj = run(PackedSequences.from_cu_seqlens(cu, BOUNDS[-1]))
     assert sum(reads.values()) == 1, reads  # building the object; the model then reads nothing
-    assert torch.equal(logits_raw, logits_obj)
+    assert torch.equal(loss_raw, loss_obj)
+    with torch.no_grad():
+        obj = PackedSequences.from_cu_seqlens(cu, BOUNDS[-1])
+        assert torch.equal(model(ids, cu_seqlens=cu).logits, model(ids, cu_seqlens=obj).logits)
     for name, g in grads_raw.items():
         assert torch.equal(g, grads_obj[name]), name
 

@@ -31,7 +31,9 @@ def _model_matches(rank: int, R: int) -> None:
     labels = x.clone()
     labels[0, 5] = labels[1, 11] = -100  # ignored targets: the group's token count must skip them
 
-    ref = model(input_ids=x, labels=labels)
+    with torch.no_grad():
+        ref_logits = model(input_ids=x).logits
+    ref = model(input_ids=x, labels=labels)  # training: the fused loss, no logits
     ref.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -39,7 +41,7 @@ def _model_matches(rank: int, R: int) -> None:
     # CP: labels already shifted (position t's target is labels[t + 1]); the last has no target.
     targets = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], dim=1)
     out = model(input_ids=split_segment(x), labels=split_segment(targets), context_parallel=dist.group.WORLD)
-    torch.testing.assert_close(out.logits, split_segment(ref.logits), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.logits, split_segment(ref_logits), rtol=1e-10, atol=1e-10)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from ._helpers import env_1thread, losses, run_cli, train_args
 
@@ -136,3 +137,40 @@ def test_model_factory_and_stop_at_pause_then_resume_match_the_preset_run(baseli
     got, want = losses(out), losses(baseline)
     assert sorted(got) == sorted(want) == list(range(1, 13))
     assert [got[s] for s in want] == pytest.approx([want[s] for s in want], rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["fused", "plain"])
+def test_resumed_run_trains_in_train_mode_exactly_as_the_uninterrupted_one(corpus, tmp_path, monkeypatch, loss):
+    """A checkpoint's weights come back through ``from_pretrained``, which returns the model in
+    eval mode. Every training forward must still run in train mode (the fused loss and activation
+    checkpointing only act there): the resumed run then computes the loss by the same code path
+    and gets the uninterrupted run's losses bit for bit. The fused loss is the default;
+    ``--plain-loss`` keeps the logits."""
+    from deltanet.cli.train import build_train_config
+    from deltanet.models import DeltaNetForCausalLM
+    from deltanet.training import trainer
+
+    seen = []  # (model.training, logits kept) of every forward that records autograd: the training ones
+    forward = DeltaNetForCausalLM.forward
+
+    def recording(self, *args, **kw):
+        out = forward(self, *args, **kw)
+        if torch.is_grad_enabled():
+            seen.append((self.training, out.logits is not None))
+        return out
+
+    monkeypatch.setattr(DeltaNetForCausalLM, "forward", recording)
+    flags = ["--plain-loss"] if loss == "plain" else []
+    out = tmp_path / "run"
+    args = train_args(corpus, out, tmp_path / "cache", *flags, "--save-every", "2", "--threads", "1", steps=4)[1:]
+    trainer.train(build_train_config(args))
+    want = [(True, loss == "plain")]
+    assert seen == want * 4
+    expected = losses(out)
+    # resume from the step-2 checkpoint, as if the run had been killed after saving it
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    (out / "checkpoints" / "latest").write_text("step_00000002\n")
+    seen.clear()
+    res = trainer.train(build_train_config(["--out", str(out), "--resume", "--no-progress"]))
+    assert res.step == 4 and seen == want * 2
+    assert losses(out) == expected  # exact, step by step
