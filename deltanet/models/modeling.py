@@ -40,7 +40,8 @@ from .configuration import ACTIVATION_CHECKPOINTING, DeltaNetConfig
 from .cuda_graph import decode_step, graph_decodable
 from .loss import fused_linear_cross_entropy
 
-__all__ = ["CONTEXT_PARALLEL_TYPES", "DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel", "DeltaNetPreTrainedModel"]
+__all__ = ["CONTEXT_PARALLEL_TYPES", "DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel",
+           "DeltaNetPreTrainedModel"]
 
 
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``
@@ -394,7 +395,8 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         cache = past_key_values if past_key_values is not None else cache
         if context_parallel is not None:
             out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             past_key_values=cache, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
+                             cu_seqlens=cu_seqlens,
                              output_hidden_states=output_hidden_states, context_parallel=context_parallel)
             h = out.last_hidden_state
             logits = self.lm_head(h)

@@ -109,6 +109,15 @@ def _model_case(rank: int, preset: str, window: int, n_layers: int, lengths) -> 
     case = f"{preset} window {window} lengths {lengths} rank {rank}"
     torch.testing.assert_close(out.logits, _segment(ref.logits, lengths, rank), rtol=1e-10, atol=1e-10,
                                msg=lambda m: f"{case}: logits: {m}")
+    if window == 3:  # explicit position_ids are honoured: global ones agree with the default, local ones do not
+        start, seg = sum(lengths[:rank]), _segment(x, lengths, rank)
+        pos = torch.arange(start, start + lengths[rank])[None].expand(B, -1)
+        with torch.no_grad():
+            glob = model(input_ids=seg, position_ids=pos, context_parallel=dist.group.WORLD).logits
+            local = model(input_ids=seg, position_ids=pos - start, context_parallel=dist.group.WORLD).logits
+        torch.testing.assert_close(glob, out.logits.detach(), rtol=1e-12, atol=1e-12)
+        if rank > 0:
+            assert (local - out.logits.detach()).abs().max() > 1e-6
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
