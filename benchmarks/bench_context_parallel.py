@@ -1,4 +1,4 @@
-"""Context-parallel delta rule: throughput, peak memory and accuracy vs one device.
+"""Context parallelism (the delta rule op; whole models): throughput, peak memory and accuracy vs one device.
 
 Launched by torchrun, one process per GPU (NCCL), bf16. For each sequence length T:
 
@@ -10,6 +10,14 @@ Launched by torchrun, one process per GPU (NCCL), bf16. For each sequence length
   gradients of q, k, v, beta (and g) against a float32 single-device run, next to the error of
   the plain single-device bf16 run against the same reference (ratio ~1 expected).
 
+With ``--models`` (presets, e.g. ``hybrid-swa-340m,hybrid-global-340m,deltanet-340m``) the same
+three parts run for whole language models (``model(input_ids, labels)`` forward + backward, no
+optimizer step, no gradient all-reduce in either): ``<preset> single`` on rank 0,
+``<preset> cp`` with ``context_parallel=`` over all ranks (delta layers exchange state summaries,
+attention layers their K/V halos), and ``<preset> accuracy`` (up to ``--model-check-max-len``):
+the loss and the group-summed gradients of every parameter against a float32 copy of the model
+on one device, next to the same errors of the 1-device run. ``--skip-op`` leaves out the op parts.
+
 Every part is in try/except (the failure is recorded and the script carries on); results are
 rewritten after each part to ``OUT/context_parallel.json`` and ``OUT/context_parallel.md``;
 ``--budget-s`` stops starting new lengths once spent. A rank that fails inside a collective
@@ -20,6 +28,11 @@ GPU (H100 x 2/4/8)::
 
     torchrun --nproc-per-node 4 benchmarks/bench_context_parallel.py --out results_cp \\
         --lengths 32768,65536,131072 --heads 16 --head-dim 128 --gated
+
+Hybrid models, bf16 parameters (H100 x 2/4/8)::
+
+    torchrun --nproc-per-node 4 benchmarks/bench_context_parallel.py --out results_cp_models --skip-op \\
+        --models hybrid-swa-340m,hybrid-global-340m,deltanet-340m --lengths 16384,32768,65536
 
 CPU smoke run (gloo, float32, tiny; checks the script end to end)::
 
@@ -45,6 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from deltanet.models import DeltaNetForCausalLM, get_config  # noqa: E402
 from deltanet.ops import delta_rule  # noqa: E402
 from deltanet.parallel import context_parallel_delta_rule, gather_segments, split_segment  # noqa: E402
 
@@ -65,7 +79,26 @@ def parse_args(argv=None):
     p.add_argument("--check-max-len", type=int, default=65536, help="accuracy check up to this T")
     p.add_argument("--budget-s", type=float, default=1500.0, help="no new length starts after this many seconds")
     p.add_argument("--timeout-s", type=float, default=600.0, help="process-group timeout")
+    p.add_argument("--models", default="", help="comma-separated model presets to run as whole models")
+    p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a model config field for every preset (JSON value, else a string); repeatable")
+    p.add_argument("--model-batch", type=int, default=1, help="rows per model step")
+    p.add_argument("--model-check-max-len", type=int, default=8192, help="model accuracy check up to this T")
+    p.add_argument("--skip-op", action="store_true", help="only the model parts")
     return p.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model-override expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 class Run:
@@ -132,7 +165,7 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "context_parallel.json").write_text(json.dumps(self.results, indent=2))
         r = self.results
-        lines = [f"# Context-parallel delta rule, {r['date'][:10]}, {r['world_size']} x {r['device']}", "",
+        lines = [f"# Context parallelism, {r['date'][:10]}, {r['world_size']} x {r['device']}", "",
                  f"torch {r['torch']}, {r['backend']}, {r['dtype']}, B={self.args.batch}, H={self.args.heads}, "
                  f"D={self.args.head_dim}, {'gated' if self.args.gated else 'plain'}; command: `{r['command']}`", "",
                  "| T | part | step (ms) | tokens/s | peak GiB per GPU | notes |", "|---|---|---|---|---|---|"]
@@ -210,6 +243,104 @@ class Run:
         return {"errors_vs_fp32": errs, "notes": f"max error ratio cp / 1-device = {worst:.2f} "
                 + ", ".join(f"{n} {e['cp']:.1e}/{e['one_device']:.1e}" for n, e in errs.items())}
 
+    # -- whole models ---------------------------------------------------------------------------
+    def model(self, name, dtype):
+        """The preset with the overrides, the same weights on every rank (same seed)."""
+        torch.manual_seed(0)
+        cfg = get_config(name, **parse_overrides(self.args.model_override))
+        return DeltaNetForCausalLM(cfg).to(self.dev, dtype).train()
+
+    def ids(self, T, vocab):
+        g = torch.Generator(device=self.dev).manual_seed(1)
+        return torch.randint(0, vocab, (self.args.model_batch, T), device=self.dev, generator=g)
+
+    def model_step(self, model, ids, cp: bool):
+        """Forward + backward; returns (loss of the whole rows, {name: gradient}) — under context
+        parallelism the loss shares and gradients summed over the group."""
+        model.zero_grad(set_to_none=True)
+        if cp:
+            targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
+            loss = model(input_ids=split_segment(ids, 1), labels=split_segment(targets, 1),
+                         context_parallel=dist.group.WORLD).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    def model_timed(self, model, ids, cp: bool):
+        for _ in range(2):
+            self.model_step(model, ids, cp)
+        self.sync()
+        self.reset_peak()
+        t0 = time.perf_counter()
+        for _ in range(self.args.iters):
+            self.model_step(model, ids, cp)
+        self.sync()
+        return (time.perf_counter() - t0) / self.args.iters, self.peak_gib()
+
+    def model_single(self, name, T):
+        row = None
+        if self.rank == 0:
+            model = self.model(name, self.dtype)
+            s, mem = self.model_timed(model, self.ids(T, model.config.vocab_size), cp=False)
+            row = {"model": name, "step_s": s, "tokens_per_s": self.args.model_batch * T / s, "peak_gib": mem,
+                   "notes": "1 device"}
+            del model
+        dist.barrier()
+        return row
+
+    def model_cp(self, name, T):
+        model = self.model(name, self.dtype)
+        s, mem = self.model_timed(model, self.ids(T, model.config.vocab_size), cp=True)
+        del model
+        stats = torch.tensor([s, mem or 0.0], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        s, mem = stats.tolist()
+        single = [r for r in self.results["rows"] if r["T"] == T and r["part"] == f"{name} single"]
+        note = f"{self.world} ranks, T/R = {T // self.world}"
+        if single:
+            note += f"; {single[0]['step_s'] / s:.2f}x the 1-device speed"
+        return {"model": name, "step_s": s, "tokens_per_s": self.args.model_batch * T / s,
+                "peak_gib": mem if self.dev.type == "cuda" else None, "notes": note}
+
+    def model_accuracy(self, name, T):
+        if T > self.args.model_check_max_len:
+            return None
+        model = self.model(name, self.dtype)
+        ids = self.ids(T, model.config.vocab_size)
+        loss_cp, g_cp = self.model_step(model, ids, cp=True)
+        dist.all_reduce(loss_cp)
+        for t in g_cp.values():
+            dist.all_reduce(t)  # each rank holds the gradient of its own tokens' uses
+        errs = {}
+        if self.rank == 0:
+            g_cp = {n: t.float().clone() for n, t in g_cp.items()}
+            loss_one, g_one = self.model_step(model, ids, cp=False)
+            g_one = {n: t.float().clone() for n, t in g_one.items()}
+            ref = model.float()  # the same (rounded) weights in float32: the reference
+            loss_ref, g_ref = self.model_step(ref, ids, cp=False)
+
+            def flat(g):
+                return torch.cat([g[n].flatten() for n in sorted(g_ref)])
+
+            def rel(a, b):
+                return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+            errs = {"loss": {"cp": rel(loss_cp, loss_ref), "one_device": rel(loss_one, loss_ref)},
+                    "grads": {"cp": rel(flat(g_cp), flat(g_ref)), "one_device": rel(flat(g_one), flat(g_ref))}}
+            worst = {n: max(rel(g_cp[n], g_ref[n]) / max(rel(g_one[n], g_ref[n]), 1e-6), 0.0) for n in g_ref}
+            errs["worst_parameter"] = max(worst.items(), key=lambda kv: kv[1])
+        del model
+        dist.barrier()
+        if self.rank != 0:
+            return None
+        ratio = max(e["cp"] / max(e["one_device"], 1e-6) for k, e in errs.items() if k != "worst_parameter")
+        return {"model": name, "errors_vs_fp32": errs,
+                "notes": f"max error ratio cp / 1-device = {ratio:.2f}; loss {errs['loss']['cp']:.1e}/"
+                         f"{errs['loss']['one_device']:.1e}, all gradients {errs['grads']['cp']:.1e}/"
+                         f"{errs['grads']['one_device']:.1e}; worst parameter ratio "
+                         f"{errs['worst_parameter'][1]:.2f} ({errs['worst_parameter'][0]})"}
+
     def main(self):
         t_start = time.time()
         for T in [int(t) for t in self.args.lengths.split(",")]:
@@ -221,9 +352,14 @@ class Run:
                 self.results["errors"].append({"T": T, "part": "all", "error": f"T not divisible by {self.world}"})
                 self.write()
                 continue
-            self.record(T, "single", lambda: self.single(T))
-            self.record(T, "cp", lambda: self.cp(T))
-            self.record(T, "accuracy", lambda: self.accuracy(T))
+            if not self.args.skip_op:
+                self.record(T, "single", lambda: self.single(T))
+                self.record(T, "cp", lambda: self.cp(T))
+                self.record(T, "accuracy", lambda: self.accuracy(T))
+            for name in filter(None, self.args.models.split(",")):
+                self.record(T, f"{name} single", lambda: self.model_single(name, T))
+                self.record(T, f"{name} cp", lambda: self.model_cp(name, T))
+                self.record(T, f"{name} accuracy", lambda: self.model_accuracy(name, T))
         self.results["total_s"] = time.time() - t_start
         self.write()
 

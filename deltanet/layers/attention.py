@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..ops.attention import causal_attention, decode_attention
+from ..parallel.attention import context_parallel_attention
+from ..parallel.halo import SegmentLayout
 
 __all__ = ["AttentionMixer", "apply_rope"]
 
@@ -34,6 +36,12 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> tor
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+def _cp_kwargs(context_parallel) -> dict:
+    if isinstance(context_parallel, SegmentLayout):
+        return {"layout": context_parallel}
+    return {"group": context_parallel}
 
 
 class AttentionMixer(nn.Module):
@@ -59,15 +67,26 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
 
-    def forward(self, x, *, position_ids, mask=None, full_mask=None, cu_seqlens=None, cache=None, **_):
+    def forward(self, x, *, position_ids, mask=None, full_mask=None, cu_seqlens=None, cache=None,
+                context_parallel=None, **_):
         """``x: [B, T, hidden]``; ``position_ids: [B, T]``; ``full_mask: [B, past + T]`` the
-        padding mask of every position so far (keys), ``cache`` updated in place."""
+        padding mask of every position so far (keys), ``cache`` updated in place.
+        ``context_parallel``: a process group or :class:`~deltanet.parallel.SegmentLayout` whose
+        ranks hold consecutive segments of the same rows (``position_ids`` then global); the
+        keys/values before this segment come from the earlier ranks (:mod:`deltanet.parallel.attention`)."""
         B, T, _ = x.shape
+        if context_parallel is not None and (cache is not None or cu_seqlens is not None or full_mask is not None):
+            raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens or a padding mask "
+                             "in attention layers")
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, position_ids, self.rope_theta)
         k = apply_rope(k, position_ids, self.rope_theta)
+
+        if context_parallel is not None:
+            o = context_parallel_attention(q, k, v, window=self.window, **_cp_kwargs(context_parallel))
+            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
 
         state = cache.layers[self.layer_idx] if cache is not None else None
         if state is not None and not hasattr(state, "k"):

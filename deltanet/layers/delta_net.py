@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from ..ops import delta_product, delta_rule
 from ..ops.delta_rule.product import interleave_product, take_last_step
-from ..parallel.context import context_parallel_delta_rule, exchange_halo
+from ..parallel.context import context_parallel_delta_rule
+from ..parallel.halo import SegmentLayout, exchange_halo
 from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
@@ -184,8 +185,8 @@ class DeltaNetMixer(nn.Module):
     def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None, conv: bool = True):
         """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then (``conv``) the
         short conv (or the bare activation); q is ``[B, T, H*D]``, k and v ``[B, T, n_h*H*D]``,
-        before the q/k norm. ``cp_group``: context parallelism (the conv's halo comes from the
-        previous rank)."""
+        before the q/k norm. ``cp_group``: context parallelism, a process group or a
+        :class:`SegmentLayout` (the conv's halo comes from the earlier ranks)."""
         q, k, v, b, a, g = self._input_projections(x, norm)  # [B, T, H*D] (b: [B, T, n_h*H], a: [B, T, H])
         if self.use_short_conv and mask is not None:  # zero conv inputs on padding: a fresh start
             m = mask[..., None].to(q.dtype)
@@ -200,8 +201,10 @@ class DeltaNetMixer(nn.Module):
         conv_out = None
         if self.use_short_conv:
             if cp_group is not None and self.q_conv.kernel_size > 1:
-                # context parallelism: the conv's window reaches into the previous rank's segment
-                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, cp_group) for t in (q, k, v))
+                # context parallelism: the conv's window reaches into the earlier ranks' segments
+                layout = cp_group if isinstance(cp_group, SegmentLayout) else None
+                group = None if layout is not None else cp_group
+                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, group, layout=layout) for t in (q, k, v))
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want_state)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want_state)
             v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want_state)
@@ -228,10 +231,13 @@ class DeltaNetMixer(nn.Module):
         :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
         :class:`RMSNorm` applied to ``x`` first (the block's pre-norm, fused with the input
         projections so that its output is not kept for backward); ``context_parallel``: a
-        process group whose ranks hold consecutive segments of the same rows
+        process group (or a :class:`~deltanet.parallel.SegmentLayout`) whose ranks hold
+        consecutive segments of the same rows
         (:mod:`deltanet.parallel.context`)."""
         B, T, _ = x.shape
-        cp = context_parallel
+        # the model hands down a SegmentLayout (built once per forward; the conv halos read it),
+        # the delta rule needs its group
+        cp = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
         if cp is not None and (cache is not None or cu_seqlens is not None):
             raise ValueError("context_parallel cannot be combined with a cache or cu_seqlens")
         H, D = self.num_heads, self.head_dim
@@ -259,7 +265,8 @@ class DeltaNetMixer(nn.Module):
             a = next(feats) if self.gated else None
             g = next(feats) if self.use_output_gate else None
         else:
-            q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None, cp)
+            q, k, v, b, a, g, conv_out = self._features(x, norm, mask, cu_seqlens, conv_in, state is not None,
+                                                        context_parallel)
         n_h = self.num_householder
         m = mask[..., None].to(q.dtype) if mask is not None else None  # [B, T, 1]
         if region is None:

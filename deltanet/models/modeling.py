@@ -34,12 +34,14 @@ from transformers.utils import ModelOutput
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
 from ..layers.delta_net import DELTA_TYPES
 from ..ops.packing import PackedSequences
+from ..parallel.halo import SegmentLayout
 from .cache import DeltaNetCache
 from .configuration import ACTIVATION_CHECKPOINTING, DeltaNetConfig
 from .cuda_graph import decode_step, graph_decodable
 from .loss import fused_linear_cross_entropy
 
-__all__ = ["DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel", "DeltaNetPreTrainedModel"]
+__all__ = ["CONTEXT_PARALLEL_TYPES", "DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel",
+           "DeltaNetPreTrainedModel"]
 
 
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``
@@ -82,14 +84,21 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
     return output
 
 
+# Layer types that run under context parallelism: the delta rules exchange state summaries, the
+# attention layers the keys/values their queries reach before the segment (deltanet.parallel).
+CONTEXT_PARALLEL_TYPES = (*DELTA_TYPES, "sliding_attention", "full_attention")
+
+
 def _check_context_parallel(config, use_cache, cache, cu_seqlens, attention_mask) -> None:
-    others = sorted(set(config.layer_types) - set(DELTA_TYPES))
+    others = sorted(set(config.layer_types) - set(CONTEXT_PARALLEL_TYPES))
     if others:
-        # Attention layers would need the previous ranks' keys and values (a ring or a
-        # sliding-window halo): not built; the delta layers need only state summaries.
-        raise ValueError(f"context_parallel supports only the delta-rule layers, the config also has {others}")
+        raise ValueError(f"context_parallel supports the layer types {list(CONTEXT_PARALLEL_TYPES)}, "
+                         f"the config also has {others}")
     if use_cache or cache is not None or cu_seqlens is not None or attention_mask is not None:
-        raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens or attention_mask")
+        # packed documents would have to stop every state, conv tap and attention score at
+        # boundaries inside and across segments: not built
+        raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens (packed documents) "
+                         "or attention_mask")
     if getattr(config, "activation_checkpointing", "none") != "none":
         raise ValueError("context_parallel does not support activation_checkpointing yet "
                          "(its recomputation would rerun the exchanges inside backward)")
@@ -248,7 +257,9 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         **kwargs,
     ) -> DeltaNetModelOutput:
         """``context_parallel``: a process group whose ranks hold consecutive segments of the
-        same rows (``deltanet.parallel.split_segment``); delta-rule layers only, no cache."""
+        same rows (``deltanet.parallel.split_segment``); delta-rule and softmax-attention layers
+        (``CONTEXT_PARALLEL_TYPES``), no cache, padding mask or packed documents. Default
+        ``position_ids`` then count from the segment's start in the whole row."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if context_parallel is not None:
@@ -286,6 +297,11 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         if past_key_values is not None and past_key_values.batch_size() not in (None, B):
             raise ValueError(f"the batch has {B} rows but the cache (past_key_values) holds states of "
                              f"{past_key_values.batch_size()}; decode with the batch the cache was built from")
+        if context_parallel is not None:
+            # every rank's segment length, gathered once and handed to every layer; RoPE positions
+            # continue from the earlier ranks' segments
+            context_parallel = SegmentLayout.gather(context_parallel, T, B, x.device)
+            past = context_parallel.start
         mask, full_mask, position_ids = self._prepare(B, T, past, attention_mask, position_ids, cu_seqlens, x.device)
 
         hidden_states = (x,) if output_hidden_states else None
@@ -378,7 +394,8 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         cache = past_key_values if past_key_values is not None else cache
         if context_parallel is not None:
             out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                             past_key_values=cache, use_cache=use_cache, cu_seqlens=cu_seqlens,
+                             position_ids=position_ids, past_key_values=cache, use_cache=use_cache,
+                             cu_seqlens=cu_seqlens,
                              output_hidden_states=output_hidden_states, context_parallel=context_parallel)
             h = out.last_hidden_state
             logits = self.lm_head(h)

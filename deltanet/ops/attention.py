@@ -78,24 +78,27 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _block_mask(T: int, window: int | None, doc: torch.Tensor | None, device):
+def _block_mask(Tq: int, Tk: int, window: int | None, doc: torch.Tensor | None, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    shift = Tk - Tq  # the last query aligns with the last key (a context-parallel halo: Tq < Tk)
+
     def mask_mod(b, h, qi, kj):
-        allow = kj <= qi
+        pos = qi + shift
+        allow = kj <= pos
         if window is not None:
-            allow = allow & (qi - kj < window)
+            allow = allow & (pos - kj < window)
         if doc is not None:
-            allow = allow & (doc[qi] == doc[kj])
+            allow = allow & (doc[pos] == doc[kj])
         return allow
 
-    return create_block_mask(mask_mod, None, None, T, T, device=device)
+    return create_block_mask(mask_mod, None, None, Tq, Tk, device=device)
 
 
 @functools.lru_cache(maxsize=16)
-def _window_block_mask(T: int, window: int, device: torch.device):
-    # every sliding layer of every step shares this mask: build it once per (T, window)
-    return _block_mask(T, window, None, device)
+def _window_block_mask(Tq: int, Tk: int, window: int | None, device: torch.device):
+    # every sliding layer of every step shares this mask: build it once per (Tq, Tk, window)
+    return _block_mask(Tq, Tk, window, None, device)
 
 
 _DOCUMENT_BLOCK_MASKS: dict = {}  # (T, window, host boundaries, device) -> block mask, the last 4
@@ -108,7 +111,8 @@ def _document_block_mask(window: int | None, packed: PackedSequences):
     if key not in _DOCUMENT_BLOCK_MASKS:
         while len(_DOCUMENT_BLOCK_MASKS) >= 4:
             _DOCUMENT_BLOCK_MASKS.pop(next(iter(_DOCUMENT_BLOCK_MASKS)))
-        _DOCUMENT_BLOCK_MASKS[key] = _block_mask(packed.total_tokens, window, packed.doc_ids, packed.device)
+        T = packed.total_tokens
+        _DOCUMENT_BLOCK_MASKS[key] = _block_mask(T, T, window, packed.doc_ids, packed.device)
     return _DOCUMENT_BLOCK_MASKS[key]
 
 
@@ -116,9 +120,8 @@ def _flex(q, k, v, scale, window, packed: PackedSequences | None, compiled: bool
     """FlexAttention path (``[B, H, T, D]`` layout inside): only blocks inside the mask run."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    T = q.shape[2]
     if packed is None:
-        block_mask = _window_block_mask(T, window, q.device)
+        block_mask = _window_block_mask(q.shape[2], k.shape[2], window, q.device)
     else:
         block_mask = _document_block_mask(window, packed)
     fn = _compiled_flex() if compiled else flex_attention
@@ -146,8 +149,9 @@ def causal_attention(
         cu_seqlens: ``[0, ..., T]`` document starts of a packed batch (``B == 1``, ``Tq == Tk``), a
             tensor or a :class:`~deltanet.ops.packing.PackedSequences` (a tensor is read to the host here).
         key_mask: ``[B, Tk]``, 1 for real tokens and 0 for padding.
-        use_flex: force (True) or forbid (False) the FlexAttention path; default: on CUDA when a
-            window or ``cu_seqlens`` is given and there is no ``key_mask``.
+        use_flex: force (True) or forbid (False) the FlexAttention path (it ignores ``key_mask``;
+            ``Tq < Tk`` is fine, as for a context-parallel segment after its K/V halo); default:
+            on CUDA when a window or ``cu_seqlens`` is given, there is no ``key_mask`` and ``Tq == Tk``.
 
     Returns:
         ``[B, Tq, H, Dv]`` in ``q.dtype``.

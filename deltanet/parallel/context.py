@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 
 from ..ops import BACKENDS, delta_rule
+from .halo import group_rank
 
 # The Triton kernels take value widths up to 256 (K + V for head dims of 128).
 _MAX_COLUMNS = 256
 
-__all__ = ["context_parallel_delta_rule", "exchange_halo", "gather_segments", "split_segment"]
+__all__ = ["context_parallel_delta_rule", "gather_segments", "split_segment"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -216,15 +217,9 @@ def context_parallel_delta_rule(
     return o, final
 
 
-def _group_rank(group) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("context parallelism needs an initialised torch.distributed process group")
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
 def split_segment(x: torch.Tensor, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """This rank's consecutive segment of ``x`` along ``dim``; the length must divide evenly."""
-    R, rank = _group_rank(group)
+    R, rank = group_rank(group)
     T = x.shape[dim]
     if T % R:
         raise ValueError(f"sequence length {T} (dim {dim}) must be divisible by the context-parallel size {R}")
@@ -234,61 +229,7 @@ def split_segment(x: torch.Tensor, dim: int = 1, group: dist.ProcessGroup | None
 def gather_segments(x: torch.Tensor, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate every rank's segment along ``dim`` (the inverse of :func:`split_segment`;
     not differentiable: for checking and for collecting outputs)."""
-    R, _ = _group_rank(group)
+    R, _ = group_rank(group)
     parts = [torch.empty_like(x) for _ in range(R)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
-
-
-class _Halo(torch.autograd.Function):
-    """The previous rank's last ``width`` rows along dim 1 (zeros on the first rank).
-
-    Backward sends the halo's gradient back to the previous rank, where it adds to the
-    gradient of the rows it sent."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, width: int, group) -> torch.Tensor:
-        R, rank = dist.get_world_size(group), dist.get_rank(group)
-        ctx.width, ctx.group, ctx.shape = width, group, x.shape
-        ops = []
-        halo = x.new_zeros(x.shape[0], width, *x.shape[2:])
-        if rank + 1 < R:
-            ops.append(dist.P2POp(dist.isend, x[:, -width:].contiguous(), dist.get_global_rank(group, rank + 1)
-                                  if group is not None else rank + 1, group=group))
-        if rank > 0:
-            ops.append(dist.P2POp(dist.irecv, halo, dist.get_global_rank(group, rank - 1)
-                                  if group is not None else rank - 1, group=group))
-        for req in dist.batch_isend_irecv(ops) if ops else []:
-            req.wait()
-        return halo
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        group, width = ctx.group, ctx.width
-        R, rank = dist.get_world_size(group), dist.get_rank(group)
-        dx = grad.new_zeros(ctx.shape)
-        tail = grad.new_zeros(grad.shape)
-        ops = []
-        if rank > 0:
-            ops.append(dist.P2POp(dist.isend, grad.contiguous(), dist.get_global_rank(group, rank - 1)
-                                  if group is not None else rank - 1, group=group))
-        if rank + 1 < R:
-            ops.append(dist.P2POp(dist.irecv, tail, dist.get_global_rank(group, rank + 1)
-                                  if group is not None else rank + 1, group=group))
-        for req in dist.batch_isend_irecv(ops) if ops else []:
-            req.wait()
-        if rank + 1 < R:
-            dx[:, -width:] = tail
-        return dx, None, None
-
-
-def exchange_halo(x: torch.Tensor, width: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """``x [B, T_r, ...]`` -> the previous rank's last ``width`` rows ``[B, width, ...]``
-    (zeros on the first rank), differentiable: what a causal short convolution of width
-    ``width + 1`` needs from before this rank's segment (its ``state`` argument)."""
-    R, _ = _group_rank(group)
-    if not isinstance(width, int) or width < 1 or width > x.shape[1]:
-        raise ValueError(f"halo width must be an int in [1, T_r = {x.shape[1]}], got {width!r}")
-    if R == 1:
-        return x.new_zeros(x.shape[0], width, *x.shape[2:])
-    return _Halo.apply(x, width, group)

@@ -248,6 +248,26 @@ def test_flex_attention_on_cuda_matches_dense(window):
         assert_close("flex", flex, dense, baseline=base, floor=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 100, 700])
+def test_flex_attention_with_halo_on_cuda_matches_dense(window):
+    """A context-parallel segment's attention: 300 queries aligned to the last of 1000 keys
+    (GQA), forward and backward of the compiled FlexAttention block mask with the offset."""
+    q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 1000, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w = torch.randn(1, 300, 4, 64, device="cuda")
+    outs = {}
+    cases = (("flex", True, torch.bfloat16), ("dense", False, torch.float64), ("base", False, torch.bfloat16))
+    for name, flex, dt in cases:
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = causal_attention(*xs, window=window, use_flex=flex)
+        (o.float() * w).sum().backward()
+        outs[name] = [o] + [t.grad for t in xs]
+    for i, what in enumerate(("o", "dq", "dk", "dv")):
+        assert_close(f"flex {what}", outs["flex"][i], outs["dense"][i], baseline=outs["base"][i], floor=1e-3)
+
+
 def test_rms_norm_linear_matches_norm_then_linears():
     from deltanet.layers.norm import rms_norm, rms_norm_linear
 

@@ -51,8 +51,8 @@ def _model_matches(rank: int, R: int) -> None:
         dist.all_reduce(g)  # each rank holds the gradient of its own uses of the parameter
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
 
-    with pytest.raises(ValueError, match="only the delta-rule layers"):
-        _model(["delta_net", "sliding_attention"])(input_ids=split_segment(x), context_parallel=dist.group.WORLD)
+    with pytest.raises(ValueError, match="also has \\['linear_attention'\\]"):
+        _model(["delta_net", "linear_attention"])(input_ids=split_segment(x), context_parallel=dist.group.WORLD)
 
 
 def _halo(rank: int, R: int) -> None:

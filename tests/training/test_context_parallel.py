@@ -1,6 +1,7 @@
 """``deltanet train --context-parallel 2`` under torchrun (2 gloo processes, one context-parallel
 group, so both see the same rows) trains exactly as one process: the same loss at every step
-(later steps follow from the gradients, so the gradients match too)."""
+(later steps follow from the gradients, so the gradients match too), for DeltaNet and for the
+sliding-window and global-attention hybrids."""
 
 from __future__ import annotations
 
@@ -16,12 +17,20 @@ from deltanet.training.config import ConfigError
 from ._helpers import env_1thread, losses, make_corpus, run_cli, train_args
 
 
-def test_context_parallel_two_processes_match_one(tmp_path):
+# The hybrids with the tiny model's 2 layers: [delta_net, sliding_attention] with a window of 6
+# (shorter than the 16-token segments) and [delta_net, full_attention].
+MODELS = {"deltanet": [], "hybrid-swa": ["--preset", "hybrid-swa-125m", "--model", "sliding_window=6"],
+          "hybrid-global": ["--preset", "hybrid-global-125m"]}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_context_parallel_two_processes_match_one(tmp_path, model):
     corpus = make_corpus(tmp_path / "corpus", n_files=4)
-    one = train_args(corpus, tmp_path / "one", tmp_path / "cache", "--no-doc-mask", steps=4)
+    one = train_args(corpus, tmp_path / "one", tmp_path / "cache", "--no-doc-mask", *MODELS[model], steps=4)
     r = run_cli(one)
     assert r.returncode == 0, r.stderr[-3000:]
-    cp = train_args(corpus, tmp_path / "cp", tmp_path / "cache", "--no-doc-mask", "--context-parallel", "2", steps=4)
+    cp = train_args(corpus, tmp_path / "cp", tmp_path / "cache", "--no-doc-mask", "--context-parallel", "2",
+                    *MODELS[model], steps=4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "deltanet.cli", *cp]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env_1thread())
@@ -32,6 +41,11 @@ def test_context_parallel_two_processes_match_one(tmp_path):
         assert got[s] == pytest.approx(want[s], rel=1e-5), s
     cfg = json.loads((tmp_path / "cp" / "config.json").read_text())
     assert cfg["train"]["context_parallel"] == 2
+    ckpt = sorted((tmp_path / "cp" / "checkpoints").glob("step_*"))[-1]
+    model_cfg = json.loads((ckpt / "config.json").read_text())
+    want = {"deltanet": ["delta_net"] * 2, "hybrid-swa": ["delta_net", "sliding_attention"],
+            "hybrid-global": ["delta_net", "full_attention"]}[model]
+    assert model_cfg["layer_types"] == want
 
 
 @pytest.mark.parametrize("flags, match", [
