@@ -13,6 +13,9 @@
 #                  fp32 parameters + autocast (benchmarks/gpu_memory_check.py)
 #         decode   deltanet bench decode, captured loop: deltanet-340m and the two hybrids,
 #                  batch 1 and 32, 2K prompt, 256 new tokens
+#         decode_kernel  (not in the default list) the fused decode step against the eager step:
+#                  deltanet-340m, gated-deltanet-340m, gated-deltaproduct-340m through the captured
+#                  loop, batch 1 and 32, with kernels per step counted
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,12 +33,15 @@ for part in ${PARTS//,/ }; do
   case $part in
     tests) run tests 170 python3 -m pytest -q -rs -n 4 -p no:cacheprovider tests/ops/test_triton_chunk.py \
              tests/ops/test_kernel_config.py tests/ops/test_packing.py tests/models/test_packed_sequences.py \
-             tests/models/test_cuda_graph.py tests/models/test_decoding.py ;;
+             tests/models/test_cuda_graph.py tests/models/test_decoding.py tests/models/test_fused_decode.py ;;
     kernels) run kernels 100 python3 benchmarks/bench_family.py --out "$R/kernels" --parts env,speed --ops plain \
                --dims 64,128 --lengths 1024,4096,16384 --budget 90 ;;
     memory) run memory 160 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 150 --variants ours,fla ;;
     decode) run decode 130 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
               --paths loop --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 110 --out "$R/decode_loop.md" ;;
+    decode_kernel) run decode_kernel 200 python3 -m deltanet.cli bench decode \
+              --models deltanet-340m,gated-deltanet-340m,gated-deltaproduct-340m --paths loop --batch 1,32 \
+              --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
     *) log "unknown part $part" ;;
   esac
 done

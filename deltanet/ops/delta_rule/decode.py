@@ -214,8 +214,7 @@ def delta_rule_decode_step(
     check_device(q)
     K = state.shape[2]
     scale = K ** -0.5 if scale is None else float(scale)
-    empty = q.new_empty(0)
-    cs = conv_states if conv_states is not None else (empty, empty, empty)
+    cs = conv_states if conv_states is not None else (q.new_empty(0),) * 3  # (the op's schema takes tensors)
     cw = conv_weights if conv_weights is not None else (None, None, None)
     a, A_log, dt_bias = decay if decay is not None else (None, None, None)
     return _op(q, k, v, *cs, *cw, beta, a, A_log, dt_bias, mask, state, gate, norm_weight, scale, float(norm_eps),
