@@ -35,7 +35,7 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 if ON_GPU:
     SHAPES = [(1, 8, 128, 128), (3, 4, 64, 128), (2, 2, 256, 256), (4, 3, 100, 36)]
 else:
-    SHAPES = [(2, 2, 16, 32), (1, 2, 32, 16), (1, 1, 256, 128)]  # the last: V in two blocks
+    SHAPES = [(2, 2, 16, 32), (1, 2, 32, 16), (1, 1, 256, 64)]  # the last: V in two blocks
 SHAPE_IDS = ["B{}-H{}-K{}-V{}".format(*s) for s in SHAPES]
 OPTIONS = {
     "plain": dict(),
