@@ -16,6 +16,8 @@
 #         decode_kernel  (not in the default list) the fused decode step against the eager step:
 #                  deltanet-340m, gated-deltanet-340m, gated-deltaproduct-340m through the captured
 #                  loop, batch 1 and 32, with kernels per step counted
+#         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
+#                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
 set -u
 cd "$(dirname "$0")/.."
@@ -42,6 +44,7 @@ for part in ${PARTS//,/ }; do
     decode_kernel) run decode_kernel 200 python3 -m deltanet.cli bench decode \
               --models deltanet-340m,gated-deltanet-340m,gated-deltaproduct-340m --paths loop --batch 1,32 \
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
+    decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
 done
