@@ -18,6 +18,11 @@
 #                  batch 1 and 32, 2K prompt, 256 new tokens
 #         profile  (not in the default PARTS) the kernels of one decode step, eager and replayed:
 #                  counts, device time, families (benchmarks/profile_decode_step.py)
+#         decode_kernel  (not in the default list) the fused decode step against the eager step:
+#                  deltanet-340m, gated-deltanet-340m, gated-deltaproduct-340m through the captured
+#                  loop, batch 1 and 32, with kernels per step counted
+#         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
+#                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
 set -u
 cd "$(dirname "$0")/.."
@@ -35,7 +40,7 @@ for part in ${PARTS//,/ }; do
   case $part in
     tests) run tests 240 python3 -m pytest -q -rs -n 8 -p no:cacheprovider tests/ops/test_triton_chunk.py \
              tests/ops/test_kernel_config.py tests/ops/test_packing.py tests/models/test_packed_sequences.py \
-             tests/models/test_cuda_graph.py tests/models/test_decoding.py ;;
+             tests/models/test_cuda_graph.py tests/models/test_decoding.py tests/models/test_fused_decode.py ;;
     kernels) run kernels 100 python3 benchmarks/bench_family.py --out "$R/kernels" --parts env,speed --ops plain \
                --dims 64,128 --lengths 1024,4096,16384 --budget 90 ;;
     memory) run memory 160 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 150 --variants ours,fla ;;
@@ -43,6 +48,10 @@ for part in ${PARTS//,/ }; do
               --paths loop --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 110 --out "$R/decode_loop.md" ;;
     profile) run profile 120 python3 benchmarks/profile_decode_step.py --out "$R/decode_profile.md" \
                --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20 ;;
+    decode_kernel) run decode_kernel 200 python3 -m deltanet.cli bench decode \
+              --models deltanet-340m,gated-deltanet-340m,gated-deltaproduct-340m --paths loop --batch 1,32 \
+              --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
+    decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
 done

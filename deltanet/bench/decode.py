@@ -8,6 +8,11 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 - ``loop``: :func:`deltanet.models.decoding.decode`, one captured step per token with the LM
   head and the token choice inside (our models only).
 
+``--decode-kernel fused,eager`` adds a row per route of the delta-rule layers' one-token steps
+(``DeltaNetConfig.decode_kernel``: one fused Triton kernel per layer, or op by op; default
+``auto``, fused on CUDA), and on CUDA each row counts the kernels one eager decode step launches
+(``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer).
+
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
 ``generate``), decode-only tokens/s and ms per step, peak memory, the cache's size after the
 last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
@@ -38,10 +43,44 @@ import torch
 
 from .model import FLA, _error, _free, _sync, build_model, markdown, write_results
 
-__all__ = ["COLUMNS", "DECODE_MODELS", "PATHS", "bench_decode", "copy_bandwidth", "decode_sweep"]
+__all__ = ["COLUMNS", "DECODE_KERNELS", "DECODE_MODELS", "PATHS", "bench_decode", "copy_bandwidth",
+           "count_step_kernels", "decode_sweep"]
 
 DECODE_MODELS = ("deltanet-340m", "hybrid-swa-340m", "hybrid-global-340m", "transformer-340m", FLA)
 PATHS = ("generate", "loop")
+DECODE_KERNELS = ("auto", "fused", "eager")
+
+
+def count_step_kernels(model, *, batch: int, decode_kernel: str | None = None, prompt: int = 16) -> dict:
+    """GPU work one eager decode step of ``model`` (one of ours, on CUDA) launches, from the torch
+    profiler: ``kernels`` (kernels, memcpy and memset: what a captured step holds as graph nodes)
+    and ``fused_kernels`` (the fused decode step's). ``decode_kernel``: the route to count (the
+    model's is restored afterwards)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from deltanet.models import set_decode_kernel
+
+    device = next(model.parameters()).device
+    saved = model.config.decode_kernel, model.cuda_graph_decoding
+    if decode_kernel is not None:
+        set_decode_kernel(model, decode_kernel)
+    model.cuda_graph_decoding = False  # eager steps: each launch is visible
+    try:
+        g = torch.Generator(device=device).manual_seed(1)
+        ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
+        with torch.no_grad():
+            cache = model(ids, use_cache=True).past_key_values
+            model(ids[:, -1:], past_key_values=cache)  # warm-up: compiles the step's kernels
+            _sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(ids[:, -1:], past_key_values=cache)
+                _sync(device)
+        names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    finally:
+        set_decode_kernel(model, saved[0])
+        model.cuda_graph_decoding = saved[1]
+    return dict(kernels=len(names), fused_kernels=sum("decode_step_kernel" in n for n in names))
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, iters: int = 10) -> float:
@@ -80,16 +119,26 @@ def cache_traffic(cache) -> tuple[int, int]:
 
 
 def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device: torch.device, path: str = "generate",
-                 cuda_graph: bool = True, smoke: bool = False, repeats: int = 1, bandwidth: float | None = None) -> dict:
-    """One row: greedy decoding speed of one model at one batch size along one path."""
+                 cuda_graph: bool = True, smoke: bool = False, repeats: int = 1, bandwidth: float | None = None,
+                 decode_kernel: str | None = None) -> dict:
+    """One row: greedy decoding speed of one model at one batch size along one path (``decode_kernel``:
+    the delta-rule layers' decode route, our models only; None: the config's default)."""
     row = dict(model=name, path=path, batch=batch, prompt=prompt, new_tokens=new_tokens)
+    if decode_kernel is not None:
+        row["decode_kernel"] = decode_kernel
     model = None
     try:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if decode_kernel is not None and decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {DECODE_KERNELS}, got {decode_kernel!r}")
         model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
         ours = hasattr(model, "cuda_graph_decoding")
+        if ours and decode_kernel is not None:
+            from deltanet.models import set_decode_kernel
+
+            set_decode_kernel(model, decode_kernel)
         if path == "loop" and not ours:
             raise ValueError(f"{name}: the captured loop runs our models only (use path generate)")
         if ours:
@@ -155,6 +204,9 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 row["bw_floor_frac"] = round(floor_bytes / bandwidth / step_s, 3)
         if device.type == "cuda":
             row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if ours:
+                counts = count_step_kernels(model, batch=batch)
+                row["kernels_per_step"], row["fused_kernels"] = counts["kernels"], counts["fused_kernels"]
     except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
         row["error"] = _error(e)
     finally:
@@ -163,16 +215,17 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
     return row
 
 
-COLUMNS = ["model", "path", "cuda_graph", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
-           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB"]
+COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
+           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels"]
 
 
 def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompts: list[int], *, new_tokens: int,
                  device: torch.device, cuda_graph: str = "on", smoke: bool = False, repeats: int = 1,
                  hbm_gbps: float | None = None, budget_s: float | None = None, out: str | None = None,
-                 env: dict | None = None) -> tuple[str, list[dict]]:
-    """:func:`bench_decode` for every (model, path, graph mode, prompt length, batch); ``cuda_graph``
-    is ``"on"``, ``"off"`` or ``"both"`` (our models on the generate path). Prints each row as a JSON
+                 env: dict | None = None, decode_kernels: list[str] | None = None) -> tuple[str, list[dict]]:
+    """:func:`bench_decode` for every (model, path, graph mode, decode kernel, prompt length, batch);
+    ``cuda_graph`` is ``"on"``, ``"off"`` or ``"both"`` (our models on the generate path);
+    ``decode_kernels``: routes of the delta-rule decode step (our models; None: the default). Prints each row as a JSON
     line and, with ``out``, rewrites the markdown table (and its JSON) after every row; points that
     start after ``budget_s`` seconds are recorded as skipped. Returns ``(table, rows)``."""
     if cuda_graph not in ("on", "off", "both"):
@@ -187,18 +240,23 @@ def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompt
         bandwidth = copy_bandwidth(device)
     env["hbm_GBps"] = round(bandwidth / 1e9, 1) if bandwidth else None
 
+    bad = [x for x in (decode_kernels or []) if x not in DECODE_KERNELS]
+    if bad:
+        raise ValueError(f"decode_kernels must be from {DECODE_KERNELS}, got {bad}")
     graphs = {"on": [True], "off": [False], "both": [True, False]}[cuda_graph]
-    points = [(m, path, graph, S, B) for m in models for path in paths
+    kernels = list(decode_kernels) if decode_kernels else [None]
+    points = [(m, path, graph, kern, S, B) for m in models for path in paths
               for graph in (graphs if path == "generate" and m != FLA else [True])
+              for kern in (kernels if m != FLA else [None])
               for S in prompts for B in batches if not (m == FLA and path == "loop")]
     title = f"Decoding ({new_tokens} new tokens, greedy, random prompts)"
     rows: list[dict] = []
-    for m, path, graph, S, B in points:
+    for m, path, graph, kern, S, B in points:
         if budget_s is not None and time.perf_counter() - start > budget_s:
             r = dict(model=m, path=path, batch=B, prompt=S, error="skipped: --budget-s spent")
         else:
             r = bench_decode(m, B, prompt=S, new_tokens=new_tokens, device=device, path=path,
-                             cuda_graph=graph, smoke=smoke, repeats=repeats, bandwidth=bandwidth)
+                             cuda_graph=graph, smoke=smoke, repeats=repeats, bandwidth=bandwidth, decode_kernel=kern)
         print(json.dumps(r), flush=True)
         rows.append(r)
         if out:

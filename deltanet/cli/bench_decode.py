@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", choices=("on", "off", "both"), default="on",
                    help="our models on the generate path: decode steps replayed from a CUDA graph, launched "
                         "eagerly, or both rows (default: on); the loop always captures on CUDA")
+    p.add_argument("--decode-kernel", type=lambda s: _csv(str, s), default=None,
+                   help="route(s) of the delta-rule layers' one-token steps, comma-separated: fused (one Triton "
+                        "kernel per layer), eager (op by op), auto (fused on CUDA); a row per route "
+                        "(default: the config's, auto)")
     p.add_argument("--hbm-gbps", type=float, default=None,
                    help="memory bandwidth for the floor, GB/s (default: measured by a device copy)")
     p.add_argument("--budget-s", type=float, default=None, help="skip the points that start after this many seconds")
@@ -58,6 +62,9 @@ def cli_main(argv: list[str]) -> int:
     bad = [x for x in args.paths if x not in bench.PATHS]
     if bad or not args.paths:
         p.error(f"--paths takes generate and/or loop, got {bad or 'nothing'}")
+    bad = [x for x in (args.decode_kernel or []) if x not in bench.DECODE_KERNELS]
+    if bad:
+        p.error(f"--decode-kernel takes {','.join(bench.DECODE_KERNELS)}, got {bad}")
     if args.smoke:
         args.batch, args.prompt, args.new_tokens = [1, 2], [16], 8
     from deltanet.bench.model import environment
@@ -67,6 +74,7 @@ def cli_main(argv: list[str]) -> int:
         env["note"] = "SMOKE RUN: presets shrunk to tiny sizes, numbers meaningless"
     table, _ = bench.decode_sweep(args.models, args.paths, args.batch, args.prompt, new_tokens=args.new_tokens,
                                   device=device, cuda_graph=args.cuda_graph, smoke=args.smoke, repeats=args.repeats,
-                                  hbm_gbps=args.hbm_gbps, budget_s=args.budget_s, out=args.out, env=env)
+                                  hbm_gbps=args.hbm_gbps, budget_s=args.budget_s, out=args.out, env=env,
+                                  decode_kernels=args.decode_kernel)
     print(table)
     return 0

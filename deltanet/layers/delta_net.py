@@ -23,6 +23,15 @@ q/k norm l2 / sum, no beta (beta = 1).
 
 Padding (``mask``): padded tokens get a zero conv input and ``beta = 0``, which leaves the
 recurrent state untouched, so a left-padded row computes exactly what the unpadded row does.
+
+Decoding (one token against a cache): ``decode_kernel`` (config field, or the attribute of a
+layer) picks the route. ``"fused"``: everything between the input projections and the output
+projection is one Triton kernel (``deltanet.ops.delta_rule.decode``: conv step, q / k feature
+map, beta, decay, the n_h delta-rule steps, read-out, output norm and gate; conv and recurrent
+states updated in place). ``"eager"``: the same step op by op (the reference; ~70-100 small
+kernels per layer). ``"auto"`` (default): fused where the delta rule's decode backend is the
+Triton recurrent kernel (CUDA with ``delta_backend`` "auto" / "triton" / "recurrent"), eager
+elsewhere (CPU, float64, autograd recording).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
-__all__ = ["DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
+__all__ = ["DECODE_KERNELS", "DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
 
 GATED_TYPES = ("gated_delta_net", "gated_delta_product")
 PRODUCT_TYPES = ("gated_delta_product", "delta_product")  # n_h = config.num_householder
@@ -61,6 +70,10 @@ def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
     # sum norm (positive feature maps): the delta rule's stability needs |k| <= 1, which holds
     # for non-negative k with unit sum
     return x / x.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
+DECODE_KERNELS = ("auto", "fused", "eager")
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_backend(backend: str, T: int, device: torch.device, decoding: bool) -> str:
@@ -123,6 +136,7 @@ class DeltaNetMixer(nn.Module):
         self.use_short_conv = config.use_short_conv
         self.use_output_gate = config.use_output_gate or self.gated
         self.backend = config.delta_backend
+        self.decode_kernel = getattr(config, "decode_kernel", "auto")  # one-token cached steps: see the docstring
         inner = self.num_heads * self.head_dim
         n_h = self.num_householder
 
@@ -181,6 +195,45 @@ class DeltaNetMixer(nn.Module):
         a = out[3 + self.use_beta] if self.gated else None
         g = out[-1] if self.use_output_gate else None
         return q, k, v, b, a, g
+
+    def uses_fused_decode(self, x: torch.Tensor, decoding: bool, cu_seqlens=None, context_parallel=None) -> bool:
+        """Whether a forward of ``x`` takes the fused decode step (``decode_kernel``; see the module
+        docstring): one token against a filled cache, no autograd, a float32 / bf16 / fp16 model."""
+        if self.decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {self.decode_kernel!r}")
+        if (self.decode_kernel == "eager" or not decoding or x.shape[1] != 1 or cu_seqlens is not None
+                or context_parallel is not None or x.dtype not in _FUSED_DTYPES or self.head_dim > 256
+                or (self.use_short_conv and self.q_conv.kernel_size < 2)
+                or (torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad))):
+            return False
+        return self.decode_kernel == "fused" or resolve_backend(self.backend, 1, x.device, True) == "recurrent"
+
+    def _fused_decode_step(self, x, norm, mask, state):
+        """One token (``x: [B, 1, hidden]``) through the fused kernel; the cache's conv and
+        recurrent states are updated in place (made contiguous / float32 first if they are not)."""
+        from ..ops.delta_rule.decode import delta_rule_decode_step
+
+        B, H, D = x.shape[0], self.num_heads, self.head_dim
+        q, k, v, b, a, g = self._input_projections(x, norm)  # [B, 1, ...]
+        convs = weights = None
+        if self.use_short_conv:
+            W = self.q_conv.kernel_size
+            if state.conv is None:
+                state.conv = tuple(q.new_zeros(B, W - 1, t.shape[-1]) for t in (q, k, v))
+            state.conv = tuple(c if c.dtype == q.dtype and c.is_contiguous() else c.to(q.dtype).contiguous()
+                               for c in state.conv)
+            convs = state.conv
+            weights = tuple(mod.weight.contiguous() for mod in (self.q_conv, self.k_conv, self.v_conv))
+        if state.recurrent.dtype != torch.float32 or not state.recurrent.is_contiguous():
+            state.recurrent = state.recurrent.float().contiguous()
+        o = delta_rule_decode_step(
+            q[:, 0], k[:, 0], v[:, 0], state.recurrent, conv_states=convs, conv_weights=weights,
+            beta=b[:, 0] if b is not None else None,
+            decay=(a[:, 0], self.A_log, self.dt_bias) if self.gated else None,
+            mask=mask[:, 0] if mask is not None else None, norm_weight=self.o_norm.weight,
+            gate=g[:, 0] if g is not None else None, norm_eps=self.o_norm.eps, qk_activation=self.qk_activation,
+            qk_norm=self.qk_norm, allow_neg_eigval=self.use_beta and self.allow_neg_eigval)  # [B, H, D], normalised
+        return self.o_proj(o.view(B, 1, H * D))
 
     def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None, conv: bool = True):
         """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then (``conv``) the
@@ -243,6 +296,8 @@ class DeltaNetMixer(nn.Module):
         H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
+        if self.uses_fused_decode(x, decoding, cu_seqlens, cp):
+            return self._fused_decode_step(x, norm, mask, state)
         conv_in = state.conv if decoding and state.conv is not None else (None, None, None)
         region = None
         # (neither recompute under context parallelism: the halo exchange must not rerun inside backward)

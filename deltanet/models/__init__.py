@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache import DeltaNetCache
 from .configuration import LAYER_TYPES, DeltaNetConfig
 from .decoding import DecodeResult, decode
-from .modeling import DeltaNetForCausalLM, DeltaNetModel, DeltaNetPreTrainedModel
+from .modeling import DeltaNetForCausalLM, DeltaNetModel, DeltaNetPreTrainedModel, set_decode_kernel
 from .presets import PRESETS, get_config
 from .sampling import SamplingConfig
 
@@ -31,4 +31,5 @@ __all__ = [
     "SamplingConfig",
     "decode",
     "get_config",
+    "set_decode_kernel",
 ]

@@ -17,6 +17,9 @@ LAYER_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_pro
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
 DELTA_BACKENDS = ("auto", "triton", "recurrent", "torch", "reference")
+# One-token decode steps of delta-rule layers: one fused Triton kernel per layer, the eager op-by-op
+# step, or fused where the decode backend is Triton's recurrent kernel (deltanet/layers/delta_net.py).
+DECODE_KERNELS = ("auto", "fused", "eager")
 # What training recomputes in backward instead of keeping: nothing, each token mixer, or each
 # whole block (norms + mixer + MLP). Inference and cached decoding never recompute.
 ACTIVATION_CHECKPOINTING = ("none", "mixer", "block")
@@ -46,6 +49,11 @@ class DeltaNetConfig(PretrainedConfig):
         num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` and
             ``"delta_product"`` layers.
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
+        decode_kernel: ``"auto" | "fused" | "eager"``: one-token decode steps of the delta-rule
+            layers as one fused Triton kernel per layer (conv step, q/k norm, beta, decay, the
+            delta rule, output norm), op by op, or fused where the decode backend is Triton's
+            recurrent kernel (CUDA; the default). Set on a loaded model with
+            ``deltanet.models.set_decode_kernel``.
         fuse_linear_cross_entropy: in training (train mode, autograd recording) with ``labels``,
             compute the loss in token chunks fused with the output projection, never holding the
             ``[tokens, vocab]`` logits (4 GiB in float32 at 32K tokens x 32K vocab, kept for
@@ -92,6 +100,7 @@ class DeltaNetConfig(PretrainedConfig):
         max_position_embeddings: int = 8192,
         initializer_range: float = 0.02,
         delta_backend: str = "auto",
+        decode_kernel: str = "auto",
         fuse_linear_cross_entropy: bool = True,
         activation_checkpointing: str = "none",
         use_cache: bool = True,
@@ -142,6 +151,7 @@ class DeltaNetConfig(PretrainedConfig):
             _positive_int("sliding_window", sliding_window)
         for name, value, valid in (("qk_activation", qk_activation, QK_ACTIVATIONS), ("qk_norm", qk_norm, QK_NORMS),
                                    ("delta_backend", delta_backend, DELTA_BACKENDS),
+                                   ("decode_kernel", decode_kernel, DECODE_KERNELS),
                                    ("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
@@ -174,6 +184,7 @@ class DeltaNetConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.delta_backend = delta_backend
+        self.decode_kernel = decode_kernel
         self.fuse_linear_cross_entropy = bool(fuse_linear_cross_entropy)
         self.activation_checkpointing = activation_checkpointing
         self.use_cache = use_cache

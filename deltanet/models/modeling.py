@@ -41,7 +41,7 @@ from .cuda_graph import decode_step, graph_decodable
 from .loss import fused_linear_cross_entropy
 
 __all__ = ["CONTEXT_PARALLEL_TYPES", "DeltaNetBlock", "DeltaNetForCausalLM", "DeltaNetModel",
-           "DeltaNetPreTrainedModel"]
+           "DeltaNetPreTrainedModel", "set_decode_kernel"]
 
 
 # transformers renamed the cache field of model outputs from ``past_key_values`` to ``cache``
@@ -125,6 +125,20 @@ def _make_mixer(config: DeltaNetConfig, layer_idx: int) -> nn.Module:
     if kind == "sliding_attention":
         return AttentionMixer(config, layer_idx, window=config.sliding_window)
     return AttentionMixer(config, layer_idx)
+
+
+def set_decode_kernel(model: nn.Module, kernel: str) -> None:
+    """Route the one-token decode steps of every delta-rule layer of ``model`` (a backbone or an
+    LM): ``"fused"`` (one Triton kernel per layer), ``"eager"`` or ``"auto"`` (the config field
+    ``decode_kernel``; set here on a built model, config included, for A/B comparisons)."""
+    from ..layers.delta_net import DECODE_KERNELS
+
+    if kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {kernel!r}")
+    model.config.decode_kernel = kernel
+    for module in model.modules():
+        if isinstance(module, DeltaNetMixer):
+            module.decode_kernel = kernel
 
 
 class DeltaNetBlock(nn.Module):

@@ -83,3 +83,19 @@ def test_decode_step_profiler_smoke(tmp_path):
     assert mod.family("sm90_xmma_gemm_bf16bf16_bf16f32") == "GEMM"
     assert mod.family("delta_rule_recurrent_fwd_kernel") == "Triton"
     assert "## deltanet-340m, batch 1, eager" in out.read_text()
+
+
+def test_decode_benchmark_compares_decode_kernels(tmp_path):
+    """``--decode-kernel fused,eager``: a row per route (the fused kernel runs in the Triton
+    interpreter on CPU), each labelled; an unknown route is a usage error."""
+    out = tmp_path / "dk.md"
+    assert cli_main(["decode", "--smoke", "--models", "gated-deltanet-340m", "--paths", "loop", "--batch", "1",
+                     "--decode-kernel", "fused,eager", "--hbm-gbps", "0.001", "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "dk.json").read_text())["rows"]
+    assert [(r["decode_kernel"], r["batch"]) for r in rows] == [("fused", 1), ("fused", 2), ("eager", 1), ("eager", 2)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0
+    assert "| gated-deltanet-340m | loop | False | fused |" in out.read_text()
+    with pytest.raises(SystemExit):
+        cli_main(["decode", "--smoke", "--decode-kernel", "fast"])

@@ -30,6 +30,10 @@ def apply_fixes() -> None:
     3. (3.9) A comparison of two scalars holds int32 data, so ``vector_mask & (t >= 0)`` is an
        int32 mask that loads and stores reject ("mask has unsupported dtype"); masks are made
        boolean before the load or store.
+    4. ``x.to(tl.bfloat16)`` of float32 truncates the mantissa, where the GPU rounds to nearest
+       even (as PyTorch does): kernels that round intermediates to bf16 on purpose (the fused
+       decode step reproduces the eager layer's roundings) would disagree by one bf16 ulp. The
+       float32 -> bfloat16 cast rounds to nearest even here too.
     """
     import numpy as np
     from triton.runtime import interpreter
@@ -66,6 +70,18 @@ def apply_fixes() -> None:
 
     interpreter.InterpreterBuilder.create_masked_load = create_masked_load
     interpreter.InterpreterBuilder.create_masked_store = create_masked_store
+
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            import torch
+
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.uint16).numpy()
+            return interpreter.TensorHandle(data, dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
 
     def patched(tensor, scope):
         original(tensor, scope)

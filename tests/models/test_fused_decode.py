@@ -1,0 +1,351 @@
+"""The fused decode step (one Triton kernel per delta-rule layer and token) against the eager step.
+
+Op level: ``delta_rule_decode_step`` against ``delta_rule_decode_step_reference`` (outputs, new
+conv states, new recurrent state; K != V, head dims up to 256, every layer option). Layer and
+model level: the mixer's fused route against its eager route over several consecutive steps with
+left padding and a padded new token, greedy decoding through ``generate`` and the captured-step
+function, and the number of ops (CPU) / CUDA kernels a step launches.
+
+CPU: the kernel runs in the Triton interpreter at small shapes; GPU: compiled, larger shapes, and
+the CUDA-graph / kernel-count checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
+from tests.utils import assert_close
+
+from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM, set_decode_kernel
+from deltanet.models import cuda_graph
+from deltanet.models.cache import RecurrentState
+from deltanet.ops.delta_rule.decode import delta_rule_decode_step, delta_rule_decode_step_reference
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+
+# op-level cases: (B, H, K, V, n_h, options)
+if ON_GPU:
+    SHAPES = [(1, 8, 128, 128), (3, 4, 64, 128), (2, 2, 256, 256), (4, 3, 100, 36)]
+else:
+    SHAPES = [(2, 2, 16, 32), (1, 2, 32, 16), (1, 1, 256, 64)]  # the last: V in two blocks
+SHAPE_IDS = ["B{}-H{}-K{}-V{}".format(*s) for s in SHAPES]
+OPTIONS = {
+    "plain": dict(),
+    "gated": dict(decay=True, gate=True),
+    "product2": dict(n_h=2),
+    "gated_product2_neg": dict(n_h=2, decay=True, neg=True, gate=True),
+    "neg_eigval": dict(neg=True),
+    "masked": dict(mask=True, decay=True),
+    "no_conv_no_beta": dict(conv=False, beta=False),
+    "relu_sum": dict(act="relu", norm="sum"),
+    "elu_sum": dict(act="elu", norm="sum"),
+    "identity": dict(act="identity"),
+    "no_output_norm": dict(output_norm=False),
+}
+
+
+def _op_inputs(B, H, K, V, dtype, *, n_h=1, conv=True, beta=True, decay=False, mask=False, gate=False,
+               output_norm=True, neg=False, act="silu", norm="l2", W=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, dt=dtype, s=1.0):
+        return (s * torch.randn(*shape, generator=g)).to(device=DEVICE, dtype=dt)
+
+    kw = dict(q=r(B, H * K), k=r(B, n_h * H * K), v=r(B, n_h * H * V), state=r(B, H, K, V, dt=torch.float32, s=0.3),
+              qk_activation=act, qk_norm=norm, allow_neg_eigval=neg)
+    if conv:
+        kw["conv_states"] = (r(B, W - 1, H * K), r(B, W - 1, n_h * H * K), r(B, W - 1, n_h * H * V))
+        kw["conv_weights"] = (r(H * K, W, dt=torch.float32), r(n_h * H * K, W, dt=torch.float32),
+                              r(n_h * H * V, W, dt=torch.float32))
+    if beta:
+        kw["beta"] = r(B, n_h * H)
+    if decay:
+        kw["decay"] = (r(B, H), r(H, dt=torch.float32), r(H, dt=torch.float32))
+    if mask:
+        kw["mask"] = (torch.arange(B, device=DEVICE) % 2 == 0).long()  # odd rows are padding
+    if output_norm:
+        kw["norm_weight"] = r(V, dt=torch.float32)
+    if gate:
+        kw["gate"] = r(B, H * V)
+    return kw
+
+
+def _clone(kw):
+    return {k: (tuple(t.clone() for t in x) if isinstance(x, tuple) else x.clone() if isinstance(x, torch.Tensor)
+                else x) for k, x in kw.items()}
+
+
+def _call(fn, kw):
+    kw = dict(kw)
+    return fn(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("state"), **kw)
+
+
+# (on CPU the head of 256, whose V runs in two blocks, takes only the fullest option: interpreter time)
+CASES = [(s, o) for s in SHAPES for o in OPTIONS if ON_GPU or s[2] < 256 or o == "gated_product2_neg"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,option", CASES, ids=[f"{SHAPE_IDS[SHAPES.index(s)]}-{o}" for s, o in CASES])
+def test_op_matches_reference_over_steps(shape, option, dtype):
+    """Three consecutive steps, each with fresh projections, carrying conv and recurrent states."""
+    opts = OPTIONS[option]
+    fused = _clone(_op_inputs(*shape, dtype, **opts))
+    ref = _clone(fused)
+    S0 = fused["state"].clone()
+    for step in range(3):
+        fresh = _op_inputs(*shape, dtype, **opts, seed=step + 1)
+        for kw in (fused, ref):
+            kw.update({n: fresh[n].clone() for n in ("q", "k", "v", "beta", "gate") if n in fresh})
+            if "decay" in fresh:
+                kw["decay"] = (fresh["decay"][0].clone(), *kw["decay"][1:])
+        o = _call(delta_rule_decode_step, fused)
+        o_ref = _call(delta_rule_decode_step_reference, ref)
+        rtol = RTOL[dtype]
+        assert o.dtype == dtype and o.shape == (shape[0], shape[1], shape[3])
+        assert_close(f"o step {step}", o.float(), o_ref.float(), rtol=rtol)
+        assert_close(f"state step {step}", fused["state"], ref["state"], rtol=rtol)
+        for name, a, b in zip("qkv", fused.get("conv_states", ()), ref.get("conv_states", ())):
+            assert torch.equal(a, b), f"conv state {name}, step {step}"  # a shift and a copy: exact
+    if opts.get("mask"):
+        pad = fused["mask"] == 0
+        assert torch.equal(fused["state"][pad], S0[pad])  # padding rows: bit for bit untouched
+        assert not torch.equal(fused["state"][~pad], S0[~pad])
+
+
+def test_op_validates_its_inputs():
+    kw = _op_inputs(2, 2, 16, 16, torch.float32)
+    with pytest.raises(TypeError, match="state must be a contiguous float32"):
+        _call(delta_rule_decode_step, {**kw, "state": kw["state"].double()})
+    with pytest.raises(ValueError, match=r"v must have shape \[2, 32\]"):
+        _call(delta_rule_decode_step, {**kw, "v": kw["v"][:, :16]})
+    with pytest.raises(ValueError, match="conv_states and conv_weights together"):
+        _call(delta_rule_decode_step, {**kw, "conv_weights": None})
+    with pytest.raises(ValueError, match="gate .* needs norm_weight"):
+        _call(delta_rule_decode_step, {**kw, "norm_weight": None, "gate": kw["q"].clone()})
+    with pytest.raises(ValueError, match="qk_activation"):
+        _call(delta_rule_decode_step, {**kw, "qk_activation": "gelu"})
+
+
+# -- the layer: fused route against the eager route ----------------------------------------------------
+
+VOCAB = 50
+LAYERS = {
+    "delta_net": dict(layer_types=["delta_net"]),
+    "output_gate": dict(layer_types=["delta_net"], use_output_gate=True),
+    "neg_eigval": dict(layer_types=["delta_net"], allow_neg_eigval=True),
+    "gated": dict(layer_types=["gated_delta_net"]),
+    "delta_product2": dict(layer_types=["delta_product"], num_householder=2),
+    "gated_product2_neg": dict(layer_types=["gated_delta_product"], num_householder=2, allow_neg_eigval=True),
+    "no_conv_relu_sum": dict(layer_types=["delta_net"], use_short_conv=False, qk_activation="relu", qk_norm="sum"),
+}
+
+
+def _model(dtype=torch.float32, **kw) -> DeltaNetForCausalLM:
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, num_heads=2, intermediate_size=64, pad_token_id=0,
+               bos_token_id=None, eos_token_id=None, delta_backend="auto", sliding_window=5)
+    cfg.update(kw)
+    cfg.setdefault("num_hidden_layers", len(cfg["layer_types"]))
+    torch.manual_seed(0)
+    return DeltaNetForCausalLM(DeltaNetConfig(**cfg)).to(device=DEVICE, dtype=dtype).eval()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops a block dispatches that launch work (not views, dtype queries or allocations)."""
+
+    SKIP = ("aten.promote_types", "aten._unsafe_view", "aten.empty", "aten.new_empty")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not func.is_view and not name.startswith(self.SKIP):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+FUSED_OP = "deltanet.delta_rule_decode_step.default"
+
+
+def _steps(model, route, prompt, prompt_mask, new_ids, new_mask):
+    """Prefill eagerly, then one-token steps along ``route``: logits and every recurrent entry."""
+    set_decode_kernel(model, "eager")
+    with torch.no_grad():
+        cache = model(prompt, attention_mask=prompt_mask, use_cache=True).past_key_values
+        set_decode_kernel(model, route)
+        mask, logits = prompt_mask, []
+        for t in range(new_ids.shape[1]):
+            mask = torch.cat([mask, new_mask[:, t:t + 1]], 1)
+            with OpCounter() as counter:
+                logits.append(model(new_ids[:, t:t + 1], attention_mask=mask, past_key_values=cache).logits)
+            n_delta = sum(isinstance(e, RecurrentState) for e in cache.layers)
+            assert counter.ops[FUSED_OP] == (n_delta if route == "fused" else 0), counter.ops
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_fused_layer_steps_equal_eager_steps(layer, dtype):
+    """Row 1 is left-padded by 3 and its third new token is padding; 5 consecutive steps: logits,
+    conv states and recurrent states of the fused route equal the eager route's."""
+    model = _model(dtype, **LAYERS[layer])
+    B, T, N = 2, 7, 5
+    prompt = torch.randint(1, VOCAB, (B, T), device=DEVICE)
+    prompt_mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    prompt_mask[1, :3] = 0
+    new_ids = torch.randint(1, VOCAB, (B, N), device=DEVICE)
+    new_mask = torch.ones(B, N, dtype=torch.long, device=DEVICE)
+    new_mask[1, 2] = 0
+    out = {route: _steps(model, route, prompt, prompt_mask, new_ids, new_mask) for route in ("eager", "fused")}
+    rtol = RTOL[dtype] if dtype != torch.bfloat16 else 3e-2  # bf16 logits after several rounded steps
+    assert_close(f"{layer} logits", out["fused"][0].float(), out["eager"][0].float(), rtol=rtol)
+    for (i, fused), eager in zip(enumerate(out["fused"][1].layers), out["eager"][1].layers):
+        assert_close(f"{layer} state {i}", fused.recurrent, eager.recurrent.float(), rtol=rtol)
+        for name, a, b in zip("qkv", fused.conv or (), eager.conv or ()):
+            assert_close(f"{layer} conv state {name}", a.float(), b.float(), rtol=rtol)
+
+
+def test_padded_new_token_leaves_the_state_bit_for_bit():
+    model = _model(torch.float32, **LAYERS["gated_product2_neg"])
+    set_decode_kernel(model, "fused")
+    ids = torch.randint(1, VOCAB, (2, 6), device=DEVICE)
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+    mask[0, -1] = 0
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        before = cache.layers[0].recurrent.clone()
+        model(ids[:, :1], attention_mask=mask, past_key_values=cache)
+    after = cache.layers[0].recurrent
+    assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
+
+
+def test_fused_step_is_one_op_between_the_projections():
+    """The fused mixer step dispatches the pre-norm + input projections (one fused function), ONE
+    op for everything between them and o_proj, and o_proj; the eager step ~5x as many."""
+    from deltanet.layers.norm import rms_norm_linear
+
+    model = _model(torch.float32, **LAYERS["gated"])
+    block = model.model.layers[0]
+    mixer = block.attn
+    x = torch.randn(2, 1, 32, device=DEVICE)
+    mask = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
+    counts = {}
+    with torch.no_grad():
+        cache = model(torch.randint(1, VOCAB, (2, 6), device=DEVICE), use_cache=True).past_key_values
+        for route in ("eager", "fused"):
+            mixer.decode_kernel = route
+            own = copy.deepcopy(cache)
+            with OpCounter() as counter:
+                mixer(x, norm=block.attn_norm, mask=mask, cache=own)
+            counts[route] = counter
+        weights = [lin.weight for lin in (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.b_proj, mixer.a_proj,
+                                          mixer.g_proj)]
+        with OpCounter() as projections:
+            rms_norm_linear(x, block.attn_norm.weight, weights, block.attn_norm.eps)
+    assert counts["fused"].ops[FUSED_OP] == 1
+    assert counts["fused"].total == projections.total + 2, counts["fused"].ops  # + the fused op + o_proj
+    assert counts["eager"].total >= 4 * counts["fused"].total, (counts["eager"].total, counts["fused"].total)
+
+
+MIXES = {
+    "delta": ["delta_net"] * 2,
+    "gated_swa_hybrid": ["gated_delta_net", "sliding_attention", "gated_delta_product"],
+    "all": ["delta_net", "sliding_attention", "linear_attention", "full_attention", "delta_product"],
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_greedy_generate_fused_equals_eager(mix):
+    """Whole-model greedy decoding (left-padded batch) gives identical tokens on both routes."""
+    model = _model(torch.float32, layer_types=MIXES[mix])
+    prompt = torch.randint(1, VOCAB, (2, 8), device=DEVICE)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    out = {}
+    for route in ("eager", "fused"):
+        set_decode_kernel(model, route)
+        out[route] = model.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                    return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out["fused"].sequences, out["eager"].sequences)
+    assert_close(mix, torch.stack(out["fused"].scores), torch.stack(out["eager"].scores), rtol=1e-4)
+
+
+def test_captured_step_function_with_the_fused_route(monkeypatch):
+    """``DecodeGraph._step`` (the function CUDA captures; eager on CPU) with the fused route: the
+    same tokens as eager steps, and the states are updated in their own tensors (no copy-back)."""
+    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+    model = _model(torch.float32, layer_types=MIXES["gated_swa_hybrid"])
+    prompt = torch.randint(1, VOCAB, (2, 6), device=DEVICE)
+    out = {}
+    for route, graph in (("eager", False), ("fused", True)):
+        set_decode_kernel(model, route)
+        model.cuda_graph_decoding = graph
+        out[route] = model.generate(prompt, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out["fused"].sequences, out["eager"].sequences)
+    cache = out["fused"].past_key_values
+    g = cache._decode_graph
+    assert g.steps == 6
+    for entry, rec, conv in g.recurrent:
+        assert entry.recurrent is rec and all(a is b for a, b in zip(entry.conv, conv))
+
+
+def test_config_rejects_unknown_decode_kernel():
+    with pytest.raises(ValueError, match="decode_kernel"):
+        DeltaNetConfig(decode_kernel="triton")
+    with pytest.raises(ValueError, match="decode_kernel"):
+        set_decode_kernel(_model(layer_types=["delta_net"]), "fast")
+
+
+# -- CUDA: kernels per step and the captured graph -----------------------------------------------------
+
+@pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels and captures CUDA graphs")
+@pytest.mark.parametrize("mix", ["delta", "gated_swa_hybrid"])
+def test_cuda_kernels_per_step(mix):
+    """One eager decode step under the profiler: exactly one fused kernel per delta-rule layer, and
+    far fewer kernels than the eager route."""
+    from deltanet.bench.decode import count_step_kernels
+
+    model = _model(torch.bfloat16, layer_types=MIXES[mix])
+    n_delta = sum(t != "sliding_attention" and t != "full_attention" and t != "linear_attention"
+                  for t in MIXES[mix])
+    counts = {route: count_step_kernels(model, batch=2, decode_kernel=route) for route in ("eager", "fused")}
+    assert counts["fused"]["fused_kernels"] == n_delta, counts
+    assert counts["eager"]["fused_kernels"] == 0, counts
+    assert counts["eager"]["kernels"] - counts["fused"]["kernels"] >= 30 * n_delta, counts
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_captured_graph_fused_equals_eager_on_cuda(mix, dtype):
+    """The captured step (replayed) with the fused route against eager steps on the eager route."""
+    model = _model(dtype, layer_types=MIXES[mix])
+    prompt = torch.randint(1, VOCAB, (4, 33), device="cuda")
+    out = {}
+    for route, graph in (("eager", False), ("fused", True)):
+        set_decode_kernel(model, route)
+        model.cuda_graph_decoding = graph
+        out[route] = model.generate(prompt, max_new_tokens=24, do_sample=False, return_dict_in_generate=True,
+                                    output_scores=True)
+    g = out["fused"].past_key_values._decode_graph
+    assert g.graph is not None and g.steps == 23
+    scores_f, scores_e = torch.stack(out["fused"].scores).float(), torch.stack(out["eager"].scores).float()
+    if dtype == torch.float32:
+        assert torch.equal(out["fused"].sequences, out["eager"].sequences)
+        assert_close("scores", scores_f, scores_e, rtol=1e-4)
+    else:  # bf16: compare the first steps (rounding may flip a near-tie later)
+        assert torch.equal(out["fused"].sequences[:, :36], out["eager"].sequences[:, :36])
+        assert (scores_f[1:3] - scores_e[1:3]).abs().max() < 0.05 * scores_e[1:3].abs().max()
