@@ -29,9 +29,12 @@ layer) picks the route. ``"fused"``: everything between the input projections an
 projection is one Triton kernel (``deltanet.ops.delta_rule.decode``: conv step, q / k feature
 map, beta, decay, the n_h delta-rule steps, read-out, output norm and gate; conv and recurrent
 states updated in place). ``"eager"``: the same step op by op (the reference; ~70-100 small
-kernels per layer). ``"auto"`` (default): fused where the delta rule's decode backend is the
-Triton recurrent kernel (CUDA with ``delta_backend`` "auto" / "triton" / "recurrent"), eager
-elsewhere (CPU, float64, autograd recording).
+kernels per layer). ``"auto"`` (default): eager for now. The fused kernel is tested against the
+eager route in the Triton interpreter (CPU), which runs a program's threads in lock-step and so
+cannot show a race between warps on a GPU; ``"auto"`` turns into "fused where the decode backend
+is Triton's recurrent kernel" (``FUSED_DECODE_BY_DEFAULT``) once its CUDA tests
+(tests/models/test_fused_decode.py) have passed on a GPU. Never fused on CPU, in float64 or under
+autograd.
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ __all__ = ["DECODE_KERNELS", "DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRO
 GATED_TYPES = ("gated_delta_net", "gated_delta_product")
 PRODUCT_TYPES = ("gated_delta_product", "delta_product")  # n_h = config.num_householder
 DELTA_TYPES = ("delta_net", "gated_delta_net", "gated_delta_product", "delta_product")  # all run by DeltaNetMixer
+
+
+# "auto" takes the fused decode kernel only once it has passed its CUDA tests on a GPU (module
+# docstring): until then every default decode step is the eager, GPU-tested route.
+FUSED_DECODE_BY_DEFAULT = False
 
 
 def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
@@ -206,7 +214,9 @@ class DeltaNetMixer(nn.Module):
                 or (self.use_short_conv and self.q_conv.kernel_size < 2)
                 or (torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad))):
             return False
-        return self.decode_kernel == "fused" or resolve_backend(self.backend, 1, x.device, True) == "recurrent"
+        if self.decode_kernel == "fused":
+            return True
+        return FUSED_DECODE_BY_DEFAULT and resolve_backend(self.backend, 1, x.device, True) == "recurrent"
 
     def _fused_decode_step(self, x, norm, mask, state):
         """One token (``x: [B, 1, hidden]``) through the fused kernel; the cache's conv and
