@@ -12,13 +12,15 @@ gradient from the reverse recurrence:
 
 Gated (``USE_G``, G the within-chunk cumulative log decay, E_ij = exp(G_i - G_j)): the Q S
 term gains exp(G_i) and tril(Q K^T) the factor E; in the backward dP gains E, the ``dO S^T``
-part of dQ exp(G_i), the ``v_new G^T`` part of dK exp(G_last - G_i).
+part of dQ exp(G_i), the ``v_new G^T`` part of dK exp(G_last - G_i) (``kernels/gate.py``), and the
+kernel writes the ``q . dq`` and state terms of dg.
 """
 
 import triton
 import triton.language as tl
 
-from .wy import _chunk_base, decay, gate_rows
+from .gate import decay, gate_chunk_grads, gate_rows
+from .wy import _chunk_base
 
 
 @triton.jit
@@ -59,11 +61,12 @@ def o_fwd_kernel(
 
 
 @triton.jit
-def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H: tl.constexpr,
-                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, b_hdh, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                       USE_G: tl.constexpr):
     """The V-block ``[v0, v0 + BV)`` of one chunk's dQ (``dO S^T``), dK (``v_new G^T``), dW
-    (``-dU S^T``) and dP (``dO v_new^T``) sums. Returns them and, for the caller's own use of the
-    block, its dU tile, offsets and mask."""
+    (``-dU S^T``) and dP (``dO v_new^T``) sums; gated, also ``<S, G>`` per K column (``b_hdh``,
+    for dg). Returns them and, for the caller's own use of the block, its dU tile, offsets and mask."""
     cv = v0 + tl.arange(0, BV)
     mv = mt[:, None] & (cv[None, :] < V)
     off = rt[:, None] * (H * V) + cv[None, :]
@@ -79,28 +82,21 @@ def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b
     b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
     b_dw -= tl.dot(b_du, b_ht, input_precision=PREC)
     b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-    return b_dq, b_dk, b_dw, b_dp, b_du, off, mv
-
-
-@triton.jit
-def gate_chunk_grads(g, rt, n, b_dq, b_dk, b_dp, H: tl.constexpr):
-    """The decay factors of one chunk's state and intra-chunk gradient sums (gated rule):
-    ``dO S^T`` rows by exp(G_i), ``v_new G^T`` rows by exp(G_last - G_i), dP by E."""
-    b_gc = gate_rows(g, rt, n, H)
-    b_gl = tl.sum(tl.where(rt == n - 1, b_gc, 0.0), 0)
-    b_dq = b_dq * tl.exp(b_gc)[:, None]
-    b_dk = b_dk * tl.exp(b_gl - b_gc)[:, None]
-    b_dp = b_dp * decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None])
-    return b_dq, b_dk, b_dp
+    if USE_G:  # the tiles are in registers already: the state term of dg costs no extra read
+        b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+    return b_dq, b_dk, b_dw, b_dp, b_hdh, b_du, off, mv
 
 
 @triton.jit
 def dqkw_bwd_kernel(
-    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, cu_seqlens, chunk_table, scale,
+    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, dg_part, cu_seqlens, chunk_table, scale, dg_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
-    """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``."""
+    """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``.
+    Gated: also this K-block's part of the per-token terms of dg (``dg_part[i_k]``, fp32 ``[TT, H]``,
+    ``dg_stride = TT * H`` apart): ``q . dq`` over its columns, plus its share of the chunk's state
+    term at the chunk's last token; ``wy_bwd_kernel`` sums the parts and finishes dg."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     q, k, dq, dk, dw = q + row * K, k + row * K, dq + row * K, dk + row * K, dw + row * K
@@ -116,19 +112,25 @@ def dqkw_bwd_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     # A runtime loop, not static_range: unrolled, the compiler hoists the next blocks' loads and
     # spills at V = 256 (912 B per thread at 8 warps).
     for v0 in range(0, V, BV):
-        b_dq, b_dk, b_dw, b_dp, _, _, _ = _state_grads_block(
-            do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
-    if USE_G:
-        b_dq, b_dk, b_dp = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
-    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
+        b_dq, b_dk, b_dw, b_dp, b_hdh, _, _, _ = _state_grads_block(
+            do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, b_hdh, H, K, V, BV, PREC, USE_G)
     off = rt[:, None] * (H * K) + ck[None, :]
+    if USE_G:
+        b_k = tl.load(k + off, mask=mk, other=0.0)
+        b_dq, b_dk, b_dp, _, _, b_st = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, b_hdh, b_k, H)
+    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_q = tl.load(q + off, mask=mk, other=0.0)
-    b_k = tl.load(k + off, mask=mk, other=0.0)
+    if not USE_G:
+        b_k = tl.load(k + off, mask=mk, other=0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
     tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dw + off, b_dw.to(dw.dtype.element_ty), mask=mk)
+    if USE_G:  # q . dq from the fp32 tile, before dq is rounded to the input dtype
+        b_t = tl.sum(b_dq * b_q.to(tl.float32), 1) + tl.where(rt == n - 1, b_st, 0.0)
+        tl.store(dg_part + i_k.to(tl.int64) * dg_stride + row + rt * H, b_t, mask=mt)

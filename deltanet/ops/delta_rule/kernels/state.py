@@ -19,7 +19,7 @@ lets the state be split across programs. ``h`` / ``dh`` are written in the input
 import triton
 import triton.language as tl
 
-from .wy import decay
+from .gate import decay
 
 
 @triton.jit
