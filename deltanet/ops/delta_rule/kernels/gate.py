@@ -25,9 +25,12 @@ def gate_rows(g, rt, n, H: tl.constexpr):
 
 
 @triton.jit
-def decay(gi, gj, mask):
-    """``exp(G_i - G_j)`` where ``mask``, else 0. The difference is masked before the exponential:
-    above the diagonal (and on rows past the chunk's end) it can be large and positive."""
+def decay(gi, gj, mask, TRANSPOSE: tl.constexpr = False):
+    """``exp(G_i - G_j)`` at ``[i, j]`` where ``mask``, else 0 (``TRANSPOSE``: at ``[j, i]``, the
+    mask given for that layout). The difference is masked before the exponential: above the
+    diagonal (and on rows past the chunk's end) it can be large and positive."""
+    if TRANSPOSE:
+        return tl.exp(tl.where(mask, gi[None, :] - gj[:, None], float("-inf")))
     return tl.exp(tl.where(mask, gi[:, None] - gj[None, :], float("-inf")))
 
 
