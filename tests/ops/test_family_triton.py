@@ -163,7 +163,8 @@ DG_PATHS = {
 
 
 def _dg_config(path, B, H, K, V, dtype):
-    cfg = select_config(B, H, K, V, dtype, num_sms=device_sms(DEVICE), gated=True, interpreter=chunk_module.interpreted())
+    cfg = select_config(B, H, K, V, dtype, num_sms=device_sms(DEVICE), gated=True,
+                        interpreter=chunk_module.interpreted())
     return dataclasses.replace(cfg, **DG_PATHS[path])
 
 
@@ -242,12 +243,12 @@ def test_gated_backward_allocates_and_launches_what_the_plain_one_does(monkeypat
         g = torch.empty(B, T, H, dtype=torch.float32, **meta) if gated else None
         log.clear()
         allocs.clear()
-        _, _, ai, v_new, gc = chunk_module.chunk_fwd(q, k, v, beta, K ** -0.5, h0, True, None, g, config=cfg)
+        _, ht, ai, v_new, gc = chunk_module.chunk_fwd(q, k, v, beta, K ** -0.5, h0, True, None, g, config=cfg)
         fwd_launches = [name for name, _, _ in log]
         log.clear()
         allocs.clear()
         dq, dk, dv, db, dh0, dg = chunk_module.chunk_bwd(q, k, v, beta, K ** -0.5, h0, None, do, dht, ai, v_new, gc,
-                                                         config=cfg)
+                                                         ht, config=cfg)
         runs[gated] = dict(fwd=fwd_launches, bwd=[name for name, _, _ in log], allocs=list(allocs), dg=dg,
                            out=(dq, dk, dv, db), gc=gc)
     plain, gated = runs[False], runs[True]

@@ -10,8 +10,8 @@ The gradient of ``g`` is formed where dq and dv are (``chunk_grads_kernel``, or
 
     dg_t = sum_{s >= t, s in t's chunk} (q_s . dq_s - v_s . dv_s)  +  <S after the chunk, its gradient>
 
-with ``<S after, dS after> = exp(G_last) <h[c], dh[c]> + sum_i k_i . (exp(G_last - G_i) dh[c] v_new_i)``
-(the second sum is the state part of the chunk's dK, already in registers).
+where the state after chunk c is ``h[c + 1]`` (the backward recomputes the states) and its
+gradient ``dh[c]``; for a sequence's last chunk they are the final state and its gradient.
 """
 
 import triton
@@ -50,16 +50,13 @@ def reverse_chunk_sum(x):
 
 
 @triton.jit
-def gate_chunk_grads(g, rt, n, b_dq, b_dk, b_dp, b_hdh, b_k, H: tl.constexpr):
+def gate_chunk_grads(g, rt, n, b_dq, b_dk, b_dp, H: tl.constexpr):
     """The decay factors of one chunk's state and intra-chunk gradient sums: ``dO S^T`` rows by
-    exp(G_i), ``v_new dh^T`` rows by exp(G_last - G_i), dP by E. Also returns ``G``, ``exp(G)`` and
-    the chunk's state term of dg (over the K columns of ``b_k``; ``b_hdh``: ``<h[c], dh[c]>``
-    summed over V, per K column), ``exp(G_last) <h, dh> + sum(K * dK_state)``."""
+    exp(G_i), ``v_new dh^T`` rows by exp(G_last - G_i), dP by E. Also returns ``G`` and ``exp(G)``."""
     b_gc = gate_rows(g, rt, n, H)
     b_gl = tl.sum(tl.where(rt == n - 1, b_gc, 0.0), 0)
     b_gam = tl.exp(b_gc)
     b_dq = b_dq * b_gam[:, None]
     b_dk = b_dk * tl.exp(b_gl - b_gc)[:, None]
     b_dp = b_dp * decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None])
-    b_st = tl.exp(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
-    return b_dq, b_dk, b_dp, b_gc, b_gam, b_st
+    return b_dq, b_dk, b_dp, b_gc, b_gam

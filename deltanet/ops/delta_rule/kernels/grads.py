@@ -20,8 +20,8 @@ and K, dU, Ai are read twice; here they stay in registers. One program holds all
 Gated (``USE_G``): the decay factors of ``gate_chunk_grads`` (kernels/gate.py) on dQ, dK and
 dP; ``Kb = diag(beta exp(G)) K`` in the W terms (``dKb`` gains exp(G)); dA is taken through E.
 And dg, finished here (kernels/gate.py): ``q . dq`` from the fp32 dQ tile, ``v . dv`` as
-``beta * rowsum(d(beta V) * V)`` (dbeta's U part), the chunk's state term from the ``<S, G>``
-sums of the V loop and the state part of dK, then the reverse sum within the chunk. dq and dv
+``beta * rowsum(d(beta V) * V)`` (dbeta's U part), the chunk's state term ``<S after, dS after>`` from
+``state_term`` (kernels/output.py), then the reverse sum within the chunk. dq and dv
 are stored in the input dtype.
 """
 
@@ -29,15 +29,16 @@ import triton
 import triton.language as tl
 
 from .gate import decay, gate_chunk_grads, reverse_chunk_sum
-from .output import _state_grads_block
+from .output import _state_grads_block, state_term
 from .wy import _chunk_base, _du_terms
 
 
 @triton.jit
 def chunk_grads_kernel(
-    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, dg, cu_seqlens, chunk_table, scale,
+    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, dg, ht, dht, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
+    USE_DHT: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final); gated, ``dg``
     (fp32 ``[TT, H]``)."""
@@ -62,11 +63,12 @@ def chunk_grads_kernel(
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    if USE_G:
+        b_st = state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H, K, V, BT, BK, BV, USE_DHT)
     # A runtime loop: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
     for v0 in range(0, V, BV):
-        b_dq, b_dk, b_dw, b_dp, b_hdh, b_du, off, mv = _state_grads_block(
-            do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, b_hdh, H, K, V, BV, PREC, USE_G)
+        b_dq, b_dk, b_dw, b_dp, b_du, off, mv = _state_grads_block(
+            do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
         b_v = tl.load(v + off, mask=mv, other=0.0)
         b_dai, b_db = _du_terms(b_v, b_du, dv, off, mv, b, b_ail, b_dai, b_db, PREC)
 
@@ -74,7 +76,7 @@ def chunk_grads_kernel(
     b_q = tl.load(q + off, mask=mk, other=0.0)
     b_k = tl.load(k + off, mask=mk, other=0.0)
     if USE_G:
-        b_dq, b_dk, b_dp, b_gc, b_gam, b_st = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, b_hdh, b_k, H)
+        b_dq, b_dk, b_dp, b_gc, b_gam = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
         bw = b * b_gam
         b_dg = -b * b_db  # v . dv: dbeta's U part (complete after the V loop), from the fp32 d(beta V)
     else:

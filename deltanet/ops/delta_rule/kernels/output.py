@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .gate import decay, gate_chunk_grads, gate_rows
-from .wy import _chunk_base
+from .wy import _chunk_base, _chunk_bounds
 
 
 @triton.jit
@@ -61,12 +61,11 @@ def o_fwd_kernel(
 
 
 @triton.jit
-def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, b_hdh, H: tl.constexpr,
-                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                       USE_G: tl.constexpr):
+def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The V-block ``[v0, v0 + BV)`` of one chunk's dQ (``dO S^T``), dK (``v_new G^T``), dW
-    (``-dU S^T``) and dP (``dO v_new^T``) sums; gated, also ``<S, G>`` per K column (``b_hdh``,
-    for dg). Returns them and, for the caller's own use of the block, its dU tile, offsets and mask."""
+    (``-dU S^T``) and dP (``dO v_new^T``) sums. Returns them and, for the caller's own use of the
+    block, its dU tile, offsets and mask."""
     cv = v0 + tl.arange(0, BV)
     mv = mt[:, None] & (cv[None, :] < V)
     off = rt[:, None] * (H * V) + cv[None, :]
@@ -82,16 +81,50 @@ def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b
     b_dk += tl.dot(b_vn, b_dht, input_precision=PREC)
     b_dw -= tl.dot(b_du, b_ht, input_precision=PREC)
     b_dp += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
-    if USE_G:  # the tiles are in registers already: the state term of dg costs no extra read
-        b_hdh += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
-    return b_dq, b_dk, b_dw, b_dp, b_hdh, b_du, off, mv
+    return b_dq, b_dk, b_dw, b_dp, b_du, off, mv
+
+
+@triton.jit
+def _tile_dot(x, y, ck, ok, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """``sum(x * y)`` over the rows ``ck`` of two ``[K, V]`` states (any dtypes), in fp32; 0 (and
+    nothing read) unless ``ok``."""
+    b_s = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        off = ck[None, :] * V + cv[:, None]
+        m = (ck[None, :] < K) & (cv[:, None] < V) & ok
+        b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
+        b_y = tl.load(y + off, mask=m, other=0.0).to(tl.float32)
+        b_s += tl.sum(b_x * b_y, 0)
+    return tl.sum(b_s, 0)
+
+
+@triton.jit
+def state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr):
+    """The state term of dg for chunk ``i_t`` over the K columns ``ck``: ``<S after the chunk, its
+    gradient>``, ``<h[c + 1], dh[c]>`` inside a sequence (``h``, ``dh`` point at chunk ``i_t``'s
+    states) and ``<final state, its gradient>`` (fp32, 0 without one) at its last chunk.
+
+    Its own short loop before the gradient kernels' main V loop, while their accumulators are still
+    empty: the same term formed from tiles in the main loop (``exp(G_last) <h[c], dh[c]>`` plus
+    ``<K, dK_state>``, no ``h[c + 1]`` needed) spilled twice as much in the fused kernel (736 vs
+    368 B per thread, sm_90, D = 64, bf16)."""
+    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
+    inside = eos - t0 > BT  # (masked loads, not a branch: the two states differ in dtype)
+    b_s = _tile_dot(h + H * K * V, dh, ck, inside, K, V, BK, BV)
+    if USE_DHT:
+        s_n = (tl.load(chunk_table + 2 * i_t).to(tl.int64) * H + i_h) * K * V
+        b_s += _tile_dot(ht + s_n, dht + s_n, ck, eos - t0 <= BT, K, V, BK, BV)
+    return b_s
 
 
 @triton.jit
 def dqkw_bwd_kernel(
-    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, dg_part, cu_seqlens, chunk_table, scale, dg_stride,
+    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, dg_part, ht, dht, cu_seqlens, chunk_table, scale, dg_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
+    USE_DHT: tl.constexpr = False,
 ):
     """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``.
     Gated: also this K-block's part of the per-token terms of dg (``dg_part[i_k]``, fp32 ``[TT, H]``,
@@ -112,20 +145,19 @@ def dqkw_bwd_kernel(
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    if USE_G:
+        b_st = state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H, K, V, BT, BK, BV, USE_DHT)
     # A runtime loop, not static_range: unrolled, the compiler hoists the next blocks' loads and
     # spills at V = 256 (912 B per thread at 8 warps).
     for v0 in range(0, V, BV):
-        b_dq, b_dk, b_dw, b_dp, b_hdh, _, _, _ = _state_grads_block(
-            do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, b_hdh, H, K, V, BV, PREC, USE_G)
-    off = rt[:, None] * (H * K) + ck[None, :]
+        b_dq, b_dk, b_dw, b_dp, _, _, _ = _state_grads_block(
+            do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
     if USE_G:
-        b_k = tl.load(k + off, mask=mk, other=0.0)
-        b_dq, b_dk, b_dp, _, _, b_st = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, b_hdh, b_k, H)
+        b_dq, b_dk, b_dp, _, _ = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
+    off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)
-    if not USE_G:
-        b_k = tl.load(k + off, mask=mk, other=0.0)
+    b_k = tl.load(k + off, mask=mk, other=0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
