@@ -2,6 +2,11 @@
 
     python benchmarks/bench_family.py --out results_dir [--budget 500] [--parts env,cold,check,pytest,speed]
 
+Gated vs plain rule, ours only (about 90 s on an H100, compilation included):
+
+    python benchmarks/bench_family.py --out gated_vs_plain --parts env,speed --ops gated,plain \
+        --libs ours --dims 64,128 --lengths 1024,2048,4096,8192,16384 --budget 90
+
 Parts (each in its own try/except; results are rewritten after every measurement, so a run cut
 short still leaves what it measured):
 
@@ -17,7 +22,8 @@ short still leaves what it measured):
 - ``speed``: ``triton.testing.do_bench`` medians of fwd+bwd, 32K tokens x 16 heads, bf16,
   D = 64 / 128, T = 1K..16K: ours vs fla ``chunk_gated_delta_rule``, ours vs fla
   ``chunk_gated_delta_product`` (n_h = 2), ours vs fla ``chunk_delta_rule`` (plain); Mtok/s and
-  peak memory of one fwd+bwd.
+  peak memory of one fwd+bwd; ``--libs ours`` times ours alone. With both the gated and the plain
+  rule, the report adds their ratio.
 
 Writes ``family.json`` and ``family.md`` into ``--out``.
 """
@@ -287,12 +293,13 @@ def bench_one(op, lib, T, D, *, tokens=32768, H=16):
     return row
 
 
-def part_speed(record, deadline, dims, lengths, ops):
+def part_speed(record, deadline, dims, lengths, ops, libs=("ours", "fla")):
     rows = []
-    for op in ops:
-        for D in dims:
-            for T in lengths:
-                for lib in ("ours", "fla"):
+    # shape outermost: a run cut short by the budget still has every op (and lib) at the shapes it reached
+    for D in dims:
+        for T in lengths:
+            for op in ops:
+                for lib in libs:
                     if time.time() > deadline:
                         rows.append(dict(op=op, lib=lib, D=D, T=T, skipped="time budget"))
                         continue
@@ -323,6 +330,14 @@ def markdown(res: dict) -> str:
             ratio = f"{a['mtok_s'] / b['mtok_s']:.2f}x" if a and b else "–"
             lines.append(f"| {op} | {D} | {T} | {fmt(a, 'mtok_s')} | {fmt(b, 'mtok_s')} | {ratio} | "
                          f"{fmt(a, 'peak_extra_gib')} | {fmt(b, 'peak_extra_gib')} |")
+        if any(op == "gated" for op, _, _ in keys) and any(op == "plain" for op, _, _ in keys):
+            lines += ["", "Gated vs plain rule, ours (same shapes; gated / plain time, 1.00 = the gate is free):", "",
+                      "| D | T | gated Mtok/s | plain Mtok/s | gated / plain time |", "|---|---|---|---|---|"]
+            for D, T in sorted({(D, T) for _, D, T in keys}):
+                a, b = by.get(("gated", D, T, "ours")), by.get(("plain", D, T, "ours"))
+                if a and b:
+                    lines.append(f"| {D} | {T} | {a['mtok_s']:.2f} | {b['mtok_s']:.2f} | "
+                                 f"{a['fwdbwd_ms'] / b['fwdbwd_ms']:.2f}x |")
         errs = [r for r in res["speed"] if "error" in r or "skipped" in r]
         for r in errs:
             lines.append(f"- {r['op']} {r['lib']} D={r['D']} T={r['T']}: "
@@ -360,6 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--dims", default="64,128")
     p.add_argument("--lengths", default="1024,4096,16384")
     p.add_argument("--ops", default="gated,product,plain")
+    p.add_argument("--libs", default="ours,fla", help="speed part: whose ops to time (ours, fla or both)")
     p.add_argument("--smoke", action="store_true", help="CPU (Triton interpreter), tiny check shapes: tests the script")
     p.add_argument("--cold-one", nargs=2, metavar=("OP", "LIB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -403,7 +419,7 @@ def main(argv=None) -> int:
                 part_check(recorder("check"), until)
             elif part == "speed":
                 part_speed(recorder("speed"), until, [int(d) for d in args.dims.split(",")],
-                           [int(t) for t in args.lengths.split(",")], args.ops.split(","))
+                           [int(t) for t in args.lengths.split(",")], args.ops.split(","), args.libs.split(","))
             elif part == "cold":
                 part_cold(recorder("cold"), until)
             elif part == "pytest":

@@ -163,13 +163,12 @@ def launches(D: int, T: int, override: dict | None = None, dtype: str = "bf16", 
     h0 = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if states else None
     dht = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if states else None
     g = torch.empty(B, T, H, dtype=torch.float32, **meta) if gated else None
-    ht = torch.empty(B, H, D, D, dtype=torch.float32, **meta) if gated and states else None
     scale = D ** -0.5
     config = dataclasses.replace(select_config(B, H, D, D, tdtype, num_sms=sms, gated=gated), **(override or {}))
     log: list[Launch] = []
     with _recording(chunk, log):
-        _, _, ai, v_new = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g, config=config)
-        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new, g, ht, config=config)
+        _, ht, ai, v_new, gc = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g, config=config)
+        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new, gc, ht, config=config)
     return log
 
 

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+import triton
 
 from tests.ops._triton_common import DEVICE, ON_GPU, chunk_module, recurrence_low_precision
 from tests.ops.family_cases import (ORACLE_PRODUCT, ORACLE_RULE, check, cotangents, dg_scale, gated_inputs, product,
@@ -149,6 +150,130 @@ def test_gated_launch_variants_match_reference(variant):
     ref = run(ORACLE_RULE, inp, do, dS)
     got = run(chunk_delta_rule, inp, do, dS, cast=torch.float32, kernel_config=cfg)
     check(variant, got, ref, rtol=2e-5, inp=inp)
+
+
+# The gradient of g is formed inside the kernels that form dq and dv: chunk_grads_kernel (fused), or
+# dqkw_bwd_kernel (one fp32 part of the terms per K-block) + wy_bwd_kernel (sums the parts, subtracts
+# v . dv, reverse sum within the chunk). K = 48 with 16-wide K-blocks: three parts, the last one ragged.
+DG_PATHS = {
+    "fused": dict(grads_fused=True, bv_grads=16),
+    "two-kernel-1-part": dict(grads_fused=False, bk_dqkw=64),
+    "two-kernel-3-parts": dict(grads_fused=False, bk_dqkw=16),
+}
+
+
+def _dg_config(path, B, H, K, V, dtype):
+    cfg = select_config(B, H, K, V, dtype, num_sms=device_sms(DEVICE), gated=True,
+                        interpreter=chunk_module.interpreted())
+    return dataclasses.replace(cfg, **DG_PATHS[path])
+
+
+@pytest.mark.parametrize("path", list(DG_PATHS))
+def test_gated_dg_in_kernel_varlen_initial_states_strong_decay(path):
+    """fp32, packed sequences (one of length 1, chunks cut by the sequence ends), initial states, the
+    final state in the loss (dht), g = -20 on every third token, K != V: dg (and every other gradient)
+    against the float64 oracle, on each way the kernels form it."""
+    lengths = [5, 65, 1, 40]
+    T, N, H, K, V = sum(lengths), len(lengths), 2, 48, 32
+    inp = gated_inputs(1, T, H, K, V, N=N, seed=21, strong=True, device=DEVICE)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    do, dS = cotangents(inp)
+    ref = run(ORACLE_RULE, inp, do, dS, cu_seqlens=cu)
+    got = run(chunk_delta_rule, inp, do, dS, cast=torch.float32, cu_seqlens=cu,
+              kernel_config=_dg_config(path, 1, H, K, V, torch.float32))
+    check(path, got, ref, rtol=5e-5, inp=inp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("path", list(DG_PATHS))
+def test_gated_dg_in_kernel_low_precision(path, dtype):
+    """16-bit inputs (dq and dv now written in the input dtype by the kernels; the dot products of dg
+    taken from their fp32 tiles before rounding): dg within the bound of
+    test_gated_low_precision_within_twice_the_pytorch_floor, dq and dv within the 2x rule."""
+    B, T, H, K, V = 2, 65, 2, 48, 32
+    inp = gated_inputs(B, T, H, K, V, seed=22, device=DEVICE)
+    do, dS = cotangents(inp)
+    ref = run(ORACLE_RULE, inp, do, dS)
+    base = run(recurrence_low_precision, inp, do.to(dtype), dS.float(), cast=dtype)
+    got = run(chunk_delta_rule, inp, do.to(dtype), dS.float(), cast=dtype,
+              kernel_config=_dg_config(path, B, H, K, V, dtype))
+    ratio = 4.0 if (dtype == torch.bfloat16 and not ON_GPU) else 2.0
+    for n in ("q", "v"):
+        assert_close(f"d{n}", got[2][n], ref[2][n], baseline=base[2][n], ratio=ratio, floor=1e-3)
+    err = (got[2]["g"] - ref[2]["g"]).norm() / dg_scale(inp, ref[2]).norm()
+    assert err <= 2e-3, f"dg error {err:.2e} relative to its terms"
+
+
+class _Recorder:
+    """Stands in for a kernel: records its name and arguments, launches nothing (meta tensors)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, args, kwargs))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-grads", "two-kernel-grads"])
+def test_gated_backward_allocates_and_launches_what_the_plain_one_does(monkeypatch, fused):
+    """The gated rule's backward launches exactly the plain rule's kernels and allocates exactly its
+    buffers plus dg (fp32 [TT, H]) and, in the two-kernel form, dg's per-K-block parts: no fp32 dq / dv
+    (the launcher used to keep both in fp32 for the terms of dg), no G again, no cumsum launches.
+    Run on meta tensors (bf16, 32K tokens x 4 heads, K = 128, V = 64): nothing executes."""
+    B, T, H, K, V, dt = 8, 4096, 4, 128, 64, torch.bfloat16
+    log, allocs = [], []
+    for attr in [a for a in vars(chunk_module) if a.endswith("_kernel")]:
+        monkeypatch.setattr(chunk_module, attr, _Recorder(attr[: -len("_kernel")], log))
+    new = chunk_module._new
+
+    def recording_new(x, *shape, dtype=None):
+        out = new(x, *shape, dtype=dtype)
+        allocs.append((tuple(out.shape), out.dtype))
+        return out
+
+    monkeypatch.setattr(chunk_module, "_new", recording_new)
+    meta = dict(device="meta")
+    q, k = (torch.empty(B, T, H, K, dtype=dt, **meta) for _ in range(2))
+    v, do = (torch.empty(B, T, H, V, dtype=dt, **meta) for _ in range(2))
+    beta = torch.empty(B, T, H, dtype=dt, **meta)
+    h0, dht = (torch.empty(B, H, K, V, dtype=torch.float32, **meta) for _ in range(2))
+    cfg = dataclasses.replace(select_config(B, H, K, V, dt, num_sms=132, gated=True), grads_fused=fused)
+    runs = {}
+    for gated in (False, True):
+        g = torch.empty(B, T, H, dtype=torch.float32, **meta) if gated else None
+        log.clear()
+        allocs.clear()
+        _, ht, ai, v_new, gc = chunk_module.chunk_fwd(q, k, v, beta, K ** -0.5, h0, True, None, g, config=cfg)
+        fwd_launches = [name for name, _, _ in log]
+        log.clear()
+        allocs.clear()
+        dq, dk, dv, db, dh0, dg = chunk_module.chunk_bwd(q, k, v, beta, K ** -0.5, h0, None, do, dht, ai, v_new, gc,
+                                                         ht, config=cfg)
+        runs[gated] = dict(fwd=fwd_launches, bwd=[name for name, _, _ in log], allocs=list(allocs), dg=dg,
+                           out=(dq, dk, dv, db), gc=gc)
+    plain, gated = runs[False], runs[True]
+    assert gated["fwd"] == plain["fwd"] and gated["bwd"] == plain["bwd"], (gated, plain)
+    assert "chunk_cumsum" not in gated["fwd"] + gated["bwd"]
+    TT = B * T
+    extra = [((TT, H), torch.float32)]  # dg
+    if not fused:
+        extra.append(((triton.cdiv(K, cfg.bk_dqkw), TT, H), torch.float32))  # its per-K-block parts
+    assert sorted(gated["allocs"], key=str) == sorted(plain["allocs"] + extra, key=str)
+    assert [x.dtype for x in gated["out"]] == [dt] * 4
+    assert gated["dg"].shape == (B, T, H) and gated["dg"].dtype == torch.float32
+    assert gated["gc"].shape == (TT, H) and gated["gc"].dtype == torch.float32 and plain["gc"] is None
+    # the kernels that form dq and dv write them in bf16 and dg in fp32, with the gate on
+    launches = {n: (a, kw) for n, a, kw in log}
+    if fused:
+        args, kw = launches["chunk_grads"]
+        dq_buf, dv_buf, dg_buf = args[11], args[13], args[15]
+    else:
+        (args, kw), (wargs, wkw) = launches["dqkw_bwd"], launches["wy_bwd"]
+        dq_buf, dv_buf, dg_buf = args[8], wargs[9], wargs[12]
+        assert wkw["USE_G"] and wkw["DG_PARTS"] == triton.cdiv(K, cfg.bk_dqkw) == 2
+    assert kw["USE_G"]
+    assert (dq_buf.dtype, dv_buf.dtype, dg_buf.dtype) == (dt, dt, torch.float32)
+    assert (dq_buf.shape, dv_buf.shape, dg_buf.shape) == ((TT, H, K), (TT, H, V), (TT, H))
 
 
 def test_gated_op_passes_opcheck():

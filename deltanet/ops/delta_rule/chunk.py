@@ -1,9 +1,10 @@
 """Chunkwise (gated) delta rule in Triton: launchers, the autograd op, and the public function.
 
-The gate is one optional input through every stage: with ``g`` given, ``chunk_cumsum_kernel``
-forms G (the within-chunk cumulative log decay, fp32) once and each kernel takes it with
-``USE_G``; without it the kernels compile exactly as before. The gradient of ``g`` is not a
-kernel output: ``_gate_grad`` derives it from dq, dv and the chunk states (README.md §7).
+The gate is one optional input through every stage: with ``g`` given, ``wy_fwd_kernel`` writes
+G (the within-chunk cumulative log decay, fp32) once, the backward reuses the forward's, and
+each kernel takes it with ``USE_G``; without it the kernels compile exactly as before. The
+gradient of ``g`` is formed by the kernels that form dq and dv, from their fp32 tiles
+(README.md §7): the gated rule launches the same kernels as the plain one, no more.
 
 Forward, three kernels (``kernels/``):
 
@@ -40,9 +41,7 @@ from ..packing import PackedSequences
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
 from .config import ChunkKernelConfig, device_sms, select_config
-from .gate import decay_terms
 from .interpreter import interpreted
-from .kernels.gate import chunk_cumsum_kernel
 from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
@@ -172,27 +171,19 @@ def _full(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _gate(g, idx):
-    """G, the within-chunk cumulative log decay (fp32 ``[TT, H]``), or None for the plain rule."""
-    if g is None:
-        return None
-    cu, table, _, NTT = idx
-    gc = _new(g, dtype=torch.float32)
-    chunk_cumsum_kernel[(NTT, g.shape[1])](g, gc, cu, table, H=g.shape[1], BT=BT)
-    return gc
-
-
-def _wy(k, v, beta, gc, idx, cfg: ChunkKernelConfig):
-    """The UT transform: ``(w, u, ai)``."""
+def _wy(k, v, beta, g, idx, cfg: ChunkKernelConfig):
+    """The UT transform: ``(w, u, ai, gc)``; ``gc``: G, the within-chunk cumulative log decay
+    (fp32 ``[TT, H]``, written by the same kernel from ``g``), or None for the plain rule."""
     cu, table, _, NTT = idx
     TT, H, K = k.shape
     V = v.shape[-1]
     w, u = _new(k), _new(v)
     ai = _new(k, TT, H, BT, dtype=torch.float32)  # fp32: also the scratch of the in-kernel solve
-    wy_fwd_kernel[(NTT, H)](k, v, beta, gc if gc is not None else beta, w, u, ai, cu, table, H=H, K=K, V=V, BT=BT,
-                            BK=cfg.bk, BV=cfg.bv, PREC=_prec(k.dtype), USE_G=gc is not None,
-                            num_warps=cfg.warps_wy)
-    return w, u, ai
+    gc = _new(g, dtype=torch.float32) if g is not None else None
+    wy_fwd_kernel[(NTT, H)](k, v, beta, g if g is not None else beta, gc if gc is not None else beta, w, u, ai, cu,
+                            table, H=H, K=K, V=V, BT=BT, BK=cfg.bk, BV=cfg.bv, PREC=_prec(k.dtype),
+                            USE_G=g is not None, num_warps=cfg.warps_wy)
+    return w, u, ai, gc
 
 
 def _w(k, beta, gc, ai, idx, cfg: ChunkKernelConfig):
@@ -234,19 +225,19 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
               config: ChunkKernelConfig | None = None):
     """Launch the forward (``config``: the launch settings, or None for ``select_config``'s).
     Returns ``(o [B, T, H, V], final_state [N, H, K, V] fp32 or None,
-    ai [B * T, H, BT] fp32, v_new [B * T, H, V])``: ``ai`` (the chunks' (I + A)^-1) and the
-    pseudo-values ``v_new`` are what the backward may reuse. ``cu_seqlens``: None (fixed length), a
-    tensor, a ``PackedSequences`` or a ``ChunkIndex`` (see :func:`chunk_index`)."""
+    ai [B * T, H, BT] fp32, v_new [B * T, H, V], gc [B * T, H] fp32 or None)``: ``ai`` (the chunks'
+    (I + A)^-1), the pseudo-values ``v_new`` and, gated, ``gc`` (G, the within-chunk cumulative log
+    decay) are what the backward reuses. ``cu_seqlens``: None (fixed length), a tensor, a
+    ``PackedSequences`` or a ``ChunkIndex`` (see :func:`chunk_index`)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     N = idx[0].numel() - 1
     cfg = launch_config(config, N, H, K, V, q, gated=g is not None)
     q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
-    gc = _gate(_flat(g) if g is not None else None, idx)
     h0 = h0.contiguous() if h0 is not None else None
     ht = _new(q, N, H, K, V, dtype=torch.float32) if output_final_state else None
-    w, u, ai = _wy(k, v, beta, gc, idx, cfg)
+    w, u, ai, gc = _wy(k, v, beta, _flat(g) if g is not None else None, idx, cfg)
     h, v_new = _states(k, w, u, gc, h0, ht, idx, N, cfg)
     del w, u
     o = _new(v)
@@ -255,60 +246,30 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
         q, k, v_new, gc if gc is not None else q, h, o, cu, table, scale, H=H, K=K, V=V, BT=BT, BK=cfg.bk,
         BV=cfg.bv_o, PREC=_prec(q.dtype), USE_G=gc is not None, num_warps=cfg.warps_o,
         num_stages=cfg.stages_o)
-    return o.view(B, T, H, V), ht, ai, v_new
+    return o.view(B, T, H, V), ht, ai, v_new, gc
 
 
-def _state_terms(h, dh, idx):
-    """``<S after chunk c, its gradient>`` per chunk and head (fp32 ``[chunks, H]``), 0 for the last
-    chunk of each sequence (whose term comes from the final state). ``h[c + 1]`` is the state after
-    chunk ``c`` when both are chunks of one sequence; slices bound the temporaries."""
-    cu, table, _, NTT = idx
-    out = torch.zeros(NTT, h.shape[1], dtype=torch.float32, device=h.device)
-    step = max(1, (1 << 24) // (h[0].numel() or 1))
-    for a in range(0, NTT - 1, step):
-        b = min(a + step, NTT - 1)
-        # products in the stored dtype (each rounded once), summed in fp32: one temporary slice
-        out[a:b] = (h[a + 1 : b + 1] * dh[a:b]).sum((-2, -1), dtype=torch.float32)
-    seq, c = table[:, 0].long(), table[:, 1].long()
-    last = cu[seq].long() + (c + 1) * BT >= cu[seq + 1].long()
-    return out.masked_fill_(last[:, None], 0.0), last
-
-
-def _gate_grad(dG, state_terms, last_chunk, ht, dht, idx):
-    """dg (fp32 ``[TT, H]``) from the per-token terms ``dG`` (``gate.decay_terms``): plus each
-    chunk's state term at its last token and ``<S_T, dS_T>`` at each sequence's last token, then
-    the reverse cumulative sum within each chunk (README.md §7: the rescaling argument applied to
-    one chunk, whose incoming state does not depend on its own decays)."""
-    cu, table, _, NTT = idx
-    seq, c = table[:, 0].long(), table[:, 1].long()
-    chunk_last_tok = torch.minimum(cu[seq].long() + (c + 1) * BT, cu[seq + 1].long()) - 1
-    terms = state_terms
-    if dht is not None:
-        fin = (ht * dht).sum((-2, -1))  # [N, H]
-        terms = terms + torch.where(last_chunk[:, None], fin[seq], 0.0)
-    dG.index_add_(0, chunk_last_tok, terms)
-    dg = torch.empty_like(dG)
-    chunk_cumsum_kernel[(NTT, dG.shape[1])](dG, dg, cu, table, H=dG.shape[1], BT=BT, REVERSE=True)
-    return dg
-
-
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g=None, ht=None, *,
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, gc=None, ht=None, *,
               config: ChunkKernelConfig | None = None):
-    """Launch the backward (``ai``, ``v_new``: the forward's; ``config`` as in ``chunk_fwd``).
-    Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``; with ``g``, ``ht`` is the forward's
-    final state (read only with ``dht``) and ``dg [B, T, H]`` fp32 the gradient of ``g``."""
+    """Launch the backward (``ai``, ``v_new`` and, gated, ``gc``: the forward's; ``config`` as in
+    ``chunk_fwd``). Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``, the gradients in the
+    input dtype but ``dg [B, T, H]``, fp32 (the gradient of ``g``; None for the plain rule). Gated,
+    ``ht`` is the forward's final state, read (for dg) only with ``dht``."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
     cu, table, offsets, NTT = idx
     N = cu.numel() - 1
-    cfg = launch_config(config, N, H, K, V, q, gated=g is not None)
+    cfg = launch_config(config, N, H, K, V, q, gated=gc is not None)
     q, k, v, beta, do = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(do.to(v.dtype))
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
     prec = _prec(q.dtype)
-    gc = _gate(_flat(g) if g is not None else None, idx)
     gp = gc if gc is not None else q  # (a pointer the kernels ignore without USE_G)
+    if gc is not None and dht is not None and ht is None:
+        raise ValueError("chunk_bwd: the gated rule's dg needs the forward's final state ht with dht")
+    # the final state and its gradient: the state term of dg at each sequence's last chunk
+    fin = (ht, dht) if gc is not None and dht is not None else None
 
     w = _w(k, beta, gc, ai, idx, cfg)
     h, _ = _states(k, None, None, gc, h0, None, idx, N, cfg, v_new=v_new)
@@ -323,33 +284,31 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g
         ADDR64=cfg.state_addr64, USE_G=gc is not None,
         num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     del w
-    if g is not None:
-        state_terms, last_chunk = _state_terms(h, dh, idx)
-    # Gated: dq and dv in fp32 until the terms of dg are taken from them (gate.py).
-    gdt = torch.float32 if g is not None else None
-    dq, dv, dbeta = _new(q, dtype=gdt), _new(v, dtype=gdt), _new(beta)
+    dq, dv, dbeta = _new(q), _new(v), _new(beta)
+    # Gated: dg (fp32) is formed by the kernels that form dq and dv, from their fp32 tiles.
+    dg = _new(q, *beta.shape, dtype=torch.float32) if gc is not None else None
     if cfg.grads_fused:
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
-            q, k, v, beta, gp, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, cu, table, scale, H=H, K=K, V=V,
-            BT=BT, BK=_full(K), BV=cfg.bv_grads, PREC=prec, USE_G=gc is not None,
-            num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
+            q, k, v, beta, gp, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, dg if dg is not None else q,
+            *(fin or (q, q)), cu, table, scale, H=H, K=K, V=V, BT=BT, BK=_full(K), BV=cfg.bv_grads, PREC=prec,
+            USE_G=gc is not None, USE_DHT=fin is not None, num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
-        dk = _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg)
+        dk = _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, fin, scale, idx, cfg)
     shape = (B, T, H)
-    dg = None
-    if g is not None:
-        dg = _gate_grad(decay_terms(q, dq, v, dv), state_terms, last_chunk, ht, dht, idx).view(shape)
-        dq, dv = dq.to(q.dtype), dv.to(v.dtype)
+    dg = dg.view(shape) if dg is not None else None
     return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0, dg
 
 
-def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx, cfg):
+def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, fin, scale, idx, cfg):
     """The two-kernel form of ``chunk_grads_kernel``: ``dqkw_bwd`` (writes dq, dW and a partial
     dK) and the way back through the UT transform. ``states = [h, v_new, dh]`` is emptied after
-    its use, so those buffers are freed before the second kernel's. Writes dq, dv, dbeta; returns dk."""
+    its use, so those buffers are freed before the second kernel's. ``fin``: ``(ht, dht)`` for the
+    state term of dg, or None. Writes dq, dv, dbeta (and, gated,
+    dg: ``dqkw_bwd`` writes one fp32 ``[TT, H]`` part of its terms per K-block, ``wy_bwd`` sums them
+    in a fixed order, deterministic, no atomics); returns dk."""
     h, v_new, dh = states
     states.clear()
     cu, table, _, NTT = idx
@@ -359,15 +318,19 @@ def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, scale, idx,
     dk_part = _new(k, dtype=torch.float32)
     dw = _new(k)
     gp = gc if gc is not None else q
-    dqkw_bwd_kernel[(triton.cdiv(K, cfg.bk_dqkw), NTT, H)](
-        q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, cu, table, scale, H=H, K=K, V=V, BT=BT,
-        BK=cfg.bk_dqkw, BV=cfg.bv, PREC=prec, USE_G=gc is not None, num_warps=cfg.warps_dqkw,
-        num_stages=cfg.stages_dqkw)
+    parts = triton.cdiv(K, cfg.bk_dqkw)
+    dg_part = _new(q, parts, TT, H, dtype=torch.float32) if gc is not None else None
+    dgp = dg_part if dg_part is not None else q  # (pointers the kernels ignore without USE_G)
+    dqkw_bwd_kernel[(parts, NTT, H)](
+        q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, dgp, *(fin or (q, q)), cu, table, scale, TT * H, H=H, K=K,
+        V=V, BT=BT, BK=cfg.bk_dqkw, BV=cfg.bv, PREC=prec, USE_G=gc is not None, USE_DHT=fin is not None,
+        num_warps=cfg.warps_dqkw, num_stages=cfg.stages_dqkw)
     del h, dh, v_new
     dk = _new(k)
     wy_bwd_kernel[(NTT, H)](
-        k, v, beta, gp, ai, dw, dvn, dk_part, dk, dv, dbeta, cu, table, H=H, K=K, V=V, BT=BT,
-        BK=cfg.bk, BV=cfg.bv, PREC=prec, USE_G=gc is not None, num_warps=cfg.warps_wyb)
+        k, v, beta, gp, ai, dw, dvn, dk_part, dk, dv, dbeta, dgp, dg if dg is not None else q, cu, table, TT * H,
+        H=H, K=K, V=V, BT=BT, BK=cfg.bk, BV=cfg.bv, PREC=prec, USE_G=gc is not None,
+        DG_PARTS=parts if gc is not None else 1, num_warps=cfg.warps_wyb)
     return dk
 
 
@@ -383,12 +346,14 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, 
             initial_state: torch.Tensor | None, output_final_state: bool,
             cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None,
             kernel_config: list[int] | None = None, chunk_table: torch.Tensor | None = None,
-            chunk_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            chunk_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor]:
     # chunk_table / chunk_offsets: the PackedSequences' (chunk_delta_rule passes them, so neither
     # this op nor its backward reads cu_seqlens back); None: built here from cu_seqlens
-    o, ht, ai, v_new = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state,
-                                 _op_index(cu_seqlens, chunk_table, chunk_offsets), g, config=_config(kernel_config))
-    return o, ht if ht is not None else _empty_state(q), ai, v_new
+    o, ht, ai, v_new, gc = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state,
+                                     _op_index(cu_seqlens, chunk_table, chunk_offsets), g,
+                                     config=_config(kernel_config))
+    return o, ht if ht is not None else _empty_state(q), ai, v_new, gc if gc is not None else _empty_state(q)
 
 
 def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, kernel_config=None,
@@ -398,26 +363,28 @@ def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlen
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
     ai = q.new_empty(B * T, H, BT, dtype=torch.float32)
     v_new = v.new_empty(B * T, H, v.shape[-1])
-    return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new
+    gc = q.new_empty(B * T, H, dtype=torch.float32) if g is not None else _empty_state(q)
+    return torch.empty_like(v, memory_format=torch.contiguous_format), ht, ai, v_new, gc
 
 
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, g: torch.Tensor | None = None,
+            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, gc: torch.Tensor | None = None,
             ht: torch.Tensor | None = None, kernel_config: list[int] | None = None,
             chunk_table: torch.Tensor | None = None, chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     idx = _op_index(cu_seqlens, chunk_table, chunk_offsets)
-    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, g, ht,
+    # gc: the forward's G (the within-chunk cumulative log decay), None for the plain rule
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, gc, ht,
                                         config=_config(kernel_config))
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, g=None, ht=None,
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc=None, ht=None,
               kernel_config=None, chunk_table=None, chunk_offsets=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
-    dG = beta.new_empty(beta.shape, dtype=torch.float32) if g is not None else _empty_state(q)
+    dG = beta.new_empty(beta.shape, dtype=torch.float32) if gc is not None else _empty_state(q)
     return e(q), e(k), e(v), e(beta), dh0, dG
 
 
@@ -427,11 +394,12 @@ def _setup_context(ctx, inputs, output):
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
     # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
-    # g and the final state (read by the gradient of g) are saved only for the gated rule.
-    # The chunk index (cu_seqlens with its chunk table) is kept as it came in: backward reads
-    # nothing back from the device.
-    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3], g,
-                          output[1] if g is not None else None, chunk_table, chunk_offsets)
+    # Gated: G (fp32, 4 B per token and head, the forward's: the backward does not form it again)
+    # instead of g, and the final state (dg's state term at each sequence's last chunk). The chunk
+    # index (cu_seqlens with its chunk table) is kept as it came in: backward reads nothing back.
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3],
+                          output[4] if g is not None else None, output[1] if g is not None else None,
+                          chunk_table, chunk_offsets)
     ctx.scale = scale
     ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
@@ -439,12 +407,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _grads(ctx, bwd_op, do, dht, _dai, _dvn):
-    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, g, ht, chunk_table, chunk_offsets = ctx.saved_tensors
+def _grads(ctx, bwd_op, do, dht, _dai, _dvn, _dgc):
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, gc, ht, chunk_table, chunk_offsets = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, g, ht,
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc, ht,
                                      ctx.kernel_config, chunk_table, chunk_offsets)
-    dg = dg if g is not None else None
+    dg = dg if gc is not None else None
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None, None
 
 
@@ -495,6 +463,6 @@ def chunk_delta_rule(
     cu = table = firsts = None
     if packed is not None:  # the chunk table built with it: the op and its backward read nothing back
         cu, (table, firsts) = packed.cu_seqlens, packed.chunks(BT)
-    o, ht, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts)
+    o, ht, _, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 

@@ -8,12 +8,13 @@ Hence (README.md, §7 "The gradient of g")
     dL/dG_t = q_t . dq_t - v_t . dv_t  (+ <S_T, dS_T> at each sequence's last token)
     dg_t    = sum_{s >= t} dL/dG_s      (reverse cumulative sum within the sequence)
 
-with ``dq``, ``dv`` the gradients of the gated op itself. The kernels therefore never form dg:
-the launchers keep dq and dv in fp32 when ``g`` is given (before rounding them to the input
-dtype, whose rounding error the cancellation between the two dot products would amplify) and
-call :func:`decay_terms`. The recurrent op finishes with :func:`gate_grad` (whole sequences);
-the chunk op applies the same identity per chunk (``chunk._gate_grad``: at most 64 terms per
-sum, plus each chunk's state term). Nothing here reads ``exp(-G)``: it is exact for any decay.
+with ``dq``, ``dv`` the gradients of the gated op itself. The recurrent op's launcher keeps dq
+and dv in fp32 when ``g`` is given (before rounding them to the input dtype, whose rounding
+error the cancellation between the two dot products would amplify), calls :func:`decay_terms`
+and finishes with :func:`gate_grad` (whole sequences). The chunk op applies the same identity per
+chunk inside its gradient kernels (``kernels/gate.py``: the terms from the fp32 dq / dv tiles,
+each chunk's state term, the reverse sum over at most 64 tokens) and uses nothing here. Nothing
+here reads ``exp(-G)``: it is exact for any decay.
 """
 
 from __future__ import annotations

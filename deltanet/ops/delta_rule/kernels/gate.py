@@ -1,30 +1,62 @@
-"""The gate of the gated delta rule: within-chunk cumulative sums of the log decay.
+"""The gate of the gated delta rule inside the chunk kernels (README.md §7 derives every factor).
 
-Forward: ``G[t] = g[t0] + ... + g[t]`` for token ``t`` of a chunk starting at ``t0`` (fp32,
-whatever g's dtype). Every gated stage reads G, never g: the chunk forms need only differences
-``G_i - G_j`` inside a chunk and ``G`` at the chunk's last token (README.md derives them).
+``G`` is the within-chunk cumulative log decay, ``G[t] = g[t0] + ... + g[t]`` for token ``t`` of a
+chunk starting at ``t0`` (fp32). ``wy_fwd_kernel`` writes it once per call; every other gated
+stage reads it, never ``g``: the chunk forms need only differences ``G_i - G_j`` inside a chunk
+and ``G`` at the chunk's last token.
 
-Backward: ``dg[t] = dG[t] + ... + dG[t_last]``, the same sum in reverse within the chunk
-(``REVERSE``), over the per-token terms of the gradient of g (README.md §7).
+The gradient of ``g`` is formed where dq and dv are (``chunk_grads_kernel``, or
+``dqkw_bwd_kernel`` + ``wy_bwd_kernel``), from the fp32 tiles before they are rounded:
+
+    dg_t = sum_{s >= t, s in t's chunk} (q_s . dq_s - v_s . dv_s)  +  <S after the chunk, its gradient>
+
+where the state after chunk c is ``h[c + 1]`` (the backward recomputes the states) and its
+gradient ``dh[c]``; for a sequence's last chunk they are the final state and its gradient.
 """
 
 import triton
 import triton.language as tl
 
-from .wy import _chunk_base
+
+@triton.jit
+def gate_rows(g, rt, n, H: tl.constexpr):
+    """G of one chunk's rows (0 past its end); ``g`` points at the chunk's first row."""
+    return tl.load(g + rt * H, mask=rt < n, other=0.0)
 
 
 @triton.jit
-def chunk_cumsum_kernel(g, gc, cu_seqlens, chunk_table, H: tl.constexpr, BT: tl.constexpr,
-                        REVERSE: tl.constexpr = False):
-    """Grid ``(chunks, H)``; ``g, gc: [TT, H]``."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
+def decay(gi, gj, mask, TRANSPOSE: tl.constexpr = False):
+    """``exp(G_i - G_j)`` at ``[i, j]`` where ``mask``, else 0 (``TRANSPOSE``: at ``[j, i]``, the
+    mask given for that layout). The difference is masked before the exponential: above the
+    diagonal (and on rows past the chunk's end) it can be large and positive."""
+    if TRANSPOSE:
+        return tl.exp(tl.where(mask, gi[None, :] - gj[:, None], float("-inf")))
+    return tl.exp(tl.where(mask, gi[:, None] - gj[None, :], float("-inf")))
+
+
+@triton.jit
+def chunk_cumsum_store(g, gc, n, H: tl.constexpr, BT: tl.constexpr):
+    """Write ``G`` (fp32) of one chunk from its log decays ``g`` (both point at the chunk's first row)."""
     rt = tl.arange(0, BT)
-    mt = rt < n
-    b_g = tl.load(g + row + rt * H, mask=mt, other=0.0).to(tl.float32)
-    if REVERSE:  # sum over s >= t: the total minus the sum over s < t
-        b_c = tl.sum(b_g, 0) - tl.cumsum(b_g, 0) + b_g
-    else:
-        b_c = tl.cumsum(b_g, 0)
-    tl.store(gc + row + rt * H, b_c, mask=mt)
+    b_g = tl.load(g + rt * H, mask=rt < n, other=0.0).to(tl.float32)
+    tl.store(gc + rt * H, tl.cumsum(b_g, 0), mask=rt < n)
+
+
+@triton.jit
+def reverse_chunk_sum(x):
+    """``sum_{s >= t} x_s`` within the chunk (``x`` zero past its end): the total minus the
+    exclusive prefix sum. At most 64 terms, in fp32."""
+    return tl.sum(x, 0) - tl.cumsum(x, 0) + x
+
+
+@triton.jit
+def gate_chunk_grads(g, rt, n, b_dq, b_dk, b_dp, H: tl.constexpr):
+    """The decay factors of one chunk's state and intra-chunk gradient sums: ``dO S^T`` rows by
+    exp(G_i), ``v_new dh^T`` rows by exp(G_last - G_i), dP by E. Also returns ``G`` and ``exp(G)``."""
+    b_gc = gate_rows(g, rt, n, H)
+    b_gl = tl.sum(tl.where(rt == n - 1, b_gc, 0.0), 0)
+    b_gam = tl.exp(b_gc)
+    b_dq = b_dq * b_gam[:, None]
+    b_dk = b_dk * tl.exp(b_gl - b_gc)[:, None]
+    b_dp = b_dp * decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None])
+    return b_dq, b_dk, b_dp, b_gc, b_gam

@@ -17,24 +17,31 @@ Split in two kernels, ``dW`` (bf16) and the first two terms of ``dK`` (fp32) go 
 and K, dU, Ai are read twice; here they stay in registers. One program holds all of K
 (``BK >= K``, so K <= 128 at 8 warps) and walks V in blocks.
 
-Gated (``USE_G``): the decay factors of ``gate_chunk_grads`` (kernels/output.py) on dQ, dK and
+Gated (``USE_G``): the decay factors of ``gate_chunk_grads`` (kernels/gate.py) on dQ, dK and
 dP; ``Kb = diag(beta exp(G)) K`` in the W terms (``dKb`` gains exp(G)); dA is taken through E.
+And dg, finished here (kernels/gate.py): ``q . dq`` from the fp32 dQ tile, ``v . dv`` as
+``beta * rowsum(d(beta V) * V)`` (dbeta's U part), the chunk's state term ``<S after, dS after>`` from
+``state_term`` (kernels/output.py), then the reverse sum within the chunk. dq and dv
+are stored in the input dtype.
 """
 
 import triton
 import triton.language as tl
 
-from .output import _state_grads_block, gate_chunk_grads
-from .wy import _chunk_base, _du_terms, decay, gate_rows
+from .gate import decay, gate_chunk_grads, reverse_chunk_sum
+from .output import _state_grads_block, state_term
+from .wy import _chunk_base, _du_terms
 
 
 @triton.jit
 def chunk_grads_kernel(
-    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, cu_seqlens, chunk_table, scale,
+    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, dg, ht, dht, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
+    USE_DHT: tl.constexpr = False,
 ):
-    """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final)."""
+    """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final); gated, ``dg``
+    (fp32 ``[TT, H]``)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     q, k, dq, dk = q + row * K, k + row * K, dq + row * K, dk + row * K
@@ -56,6 +63,8 @@ def chunk_grads_kernel(
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
+    if USE_G:
+        b_st = state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H, K, V, BT, BK, BV, USE_DHT)
     # A runtime loop: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
     for v0 in range(0, V, BV):
         b_dq, b_dk, b_dw, b_dp, b_du, off, mv = _state_grads_block(
@@ -67,14 +76,17 @@ def chunk_grads_kernel(
     b_q = tl.load(q + off, mask=mk, other=0.0)
     b_k = tl.load(k + off, mask=mk, other=0.0)
     if USE_G:
-        b_dq, b_dk, b_dp = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
-        b_gc = gate_rows(g + row, rt, n, H)
-        bw = b * tl.exp(b_gc)
+        b_dq, b_dk, b_dp, b_gc, b_gam = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
+        bw = b * b_gam
+        b_dg = -b * b_db  # v . dv: dbeta's U part (complete after the V loop), from the fp32 d(beta V)
     else:
         bw = b
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
+    if USE_G:  # q . dq from the fp32 tile, before dq is rounded
+        b_dg += tl.sum(b_dq * b_q.to(tl.float32), 1)
+        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg) + b_st, mask=mt)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
 
     # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
@@ -88,7 +100,7 @@ def chunk_grads_kernel(
     b_dkb = tl.dot(tl.trans(b_ail), b_dwl, input_precision=PREC)
     if USE_G:
         b_da = b_da * decay(b_gc, b_gc, (rt[:, None] > rt[None, :]) & mt[:, None])
-        b_dkb = b_dkb * tl.exp(b_gc)[:, None]
+        b_dkb = b_dkb * b_gam[:, None]
     b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
     b_dk += b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
     b_db += tl.sum(b_dkb * b_kf, 1)

@@ -19,7 +19,7 @@ lets the state be split across programs. ``h`` / ``dh`` are written in the input
 import triton
 import triton.language as tl
 
-from .wy import decay
+from .gate import decay
 
 
 @triton.jit
@@ -152,7 +152,9 @@ def dh_bwd_kernel(
         b_kq = tl.where(upper, b_kq * scale, 0.0)
         if USE_G:  # entry (j, i) decays by exp(G_i - G_j); the state sees exp(G_last - G_j) K
             b_gc, b_gl, n = _chunk_gate(g, bos, eos, c, i_h, rt, H, BT)
-            b_kq = b_kq * tl.trans(decay(b_gc, b_gc, (rt[:, None] >= rt[None, :]) & (rt < n)[:, None]))
+            # E^T formed as such (decay with the roles of rows and columns swapped), not as
+            # tl.trans(E): no 64x64 layout conversion through shared memory on the sequential path
+            b_kq = b_kq * decay(b_gc, b_gc, (rt[:, None] <= rt[None, :]) & (rt < n)[None, :], TRANSPOSE=True)
             b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(b_k.dtype)
             b_q = (b_q * tl.exp(b_gc)[:, None]).to(b_q.dtype)
         else:

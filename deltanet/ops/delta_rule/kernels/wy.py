@@ -5,7 +5,8 @@ Per chunk of ``BT = 64`` tokens and one head (README.md in the parent folder der
     A  = tril(diag(beta) K K^T, -1)          Ai = (I + A)^-1
     W  = Ai diag(beta) K                     U  = Ai diag(beta) V
 
-Gated (``USE_G``; ``g`` holds G, the within-chunk cumulative log decay, fp32 ``[TT, H]``):
+Gated (``USE_G``; ``g`` holds G, the within-chunk cumulative log decay, fp32 ``[TT, H]``, which
+``wy_fwd_kernel`` writes from the log decays):
 ``A_ij`` gains the factor ``exp(G_i - G_j)`` and ``W = Ai diag(beta exp(G)) K``; U is unchanged.
 
 Layout: tokens of all sequences packed along one axis, ``k: [TT, H, K]``, ``v: [TT, H, V]``,
@@ -16,6 +17,8 @@ Layout: tokens of all sequences packed along one axis, ``k: [TT, H, K]``, ``v: [
 
 import triton
 import triton.language as tl
+
+from .gate import chunk_cumsum_store, decay, gate_rows, reverse_chunk_sum
 
 
 @triton.jit
@@ -39,19 +42,6 @@ def _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H: tl.constexpr, BT: tl.const
     """
     t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
     return t0 * H + i_h, tl.minimum(eos - t0, BT).to(tl.int32)
-
-
-@triton.jit
-def gate_rows(g, rt, n, H: tl.constexpr):
-    """G of one chunk's rows (0 past its end); ``g`` points at the chunk's first row."""
-    return tl.load(g + rt * H, mask=rt < n, other=0.0)
-
-
-@triton.jit
-def decay(gi, gj, mask):
-    """``exp(G_i - G_j)`` where ``mask``, else 0. The difference is masked before the exponential:
-    above the diagonal (and on rows past the chunk's end) it can be large and positive."""
-    return tl.exp(tl.where(mask, gi[:, None] - gj[None, :], float("-inf")))
 
 
 @triton.jit
@@ -152,11 +142,12 @@ def _scaled_product_store(b_x, src, dst, b, mt, rt, H: tl.constexpr, D: tl.const
 
 @triton.jit
 def wy_fwd_kernel(
-    k, v, beta, g, w, u, ai, cu_seqlens, chunk_table,
+    k, v, beta, g, gc, w, u, ai, cu_seqlens, chunk_table,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
 ):
-    """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``.
+    """Grid ``(chunks, H)``. Writes ``ai`` (the chunk's (I + A)^-1), ``w`` and ``u``; gated, first
+    ``gc`` (G, fp32) from the log decays ``g``, which every later gated stage reads.
 
     The four diagonal 16x16 blocks are solved as one [4, 16, 16] tile through the scratch
     (fewer, wider steps than four register tiles, which measured 2.5-4.6% slower in the forward on
@@ -165,7 +156,12 @@ def wy_fwd_kernel(
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     k, v, w, u, beta, ai = k + row * K, v + row * V, w + row * K, u + row * V, beta + row, ai + row * BT
-    g = g + row  # (a dummy pointer without USE_G)
+    if USE_G:
+        # G of this chunk, written before its first use (no launch of its own): read back
+        # through memory, so every stage of forward and backward sees the same fp32 values.
+        chunk_cumsum_store(g + row, gc + row, n, H, BT)
+        tl.debug_barrier()
+    g = gc + row  # (a dummy pointer without USE_G)
     r = tl.arange(0, 16)
 
     # A in 16x16 blocks (lower triangle only): the inverse works block-wise.
@@ -248,15 +244,19 @@ def _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC: tl.constexpr):
 
 @triton.jit
 def wy_bwd_kernel(
-    k, v, beta, g, ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_table,
+    k, v, beta, g, ai, dw, du, dk_in, dk, dv, dbeta, dg_part, dg, cu_seqlens, chunk_table, dg_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
+    DG_PARTS: tl.constexpr = 1,
 ):
     """Grid ``(chunks, H)``. Back through W = Ai diag(beta) K, U = Ai diag(beta) V.
 
     ``dk_in`` (fp32) holds the key gradient from the output and state terms; this kernel
     adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``. Gated: ``dA`` is taken through
-    the factor ``exp(G_i - G_j)`` and ``d(beta K)`` from W gains ``exp(G)`` (README.md).
+    the factor ``exp(G_i - G_j)`` and ``d(beta K)`` from W gains ``exp(G)`` (README.md); and
+    ``dg`` (fp32 ``[TT, H]``) from ``dqkw_bwd_kernel``'s ``DG_PARTS`` K-block partial terms
+    (``dg_part``, fp32 ``[DG_PARTS, TT, H]``, ``dg_stride = TT * H`` apart) minus ``v . dv``,
+    summed in reverse within the chunk (kernels/gate.py).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
@@ -284,6 +284,14 @@ def wy_bwd_kernel(
         b_v = tl.load(v + off, mask=m, other=0.0)
         b_du = tl.load(du + off, mask=m, other=0.0)
         b_dai, b_db = _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC)
+    if USE_G:
+        # v . dv = beta * rowsum(d(beta V) * V): dbeta's U part, complete here (fp32, unrounded dv)
+        b_dg = -b * b_db
+        p_part = dg_part + row
+        for _ in tl.static_range(0, DG_PARTS):  # a fixed order: deterministic
+            b_dg += tl.load(p_part + rt * H, mask=mt, other=0.0)
+            p_part += dg_stride
+        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
