@@ -147,11 +147,14 @@ def test_fused_function_stays_compiled_past_dynamos_default_recompile_limit(monk
     monkeypatch.setattr(l2_norm, "compiled", None)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default
     torch._dynamo.reset()
     counters.clear()
     n_variants = 12
-    for rank in range(1, n_variants + 1):  # each rank is a new graph (no dynamic-rank tracing)
-        x = torch.randn((2,) * rank, requires_grad=True)
-        l2_norm(x).sum().backward()
+    # (config.patch, not monkeypatch: monkeypatch would delete the config entry on undo, since the
+    # config module serves it through __getattr__)
+    with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default
+        for rank in range(1, n_variants + 1):  # each rank is a new graph (no dynamic-rank tracing)
+            x = torch.randn((2,) * rank, requires_grad=True)
+            l2_norm(x).sum().backward()
     assert counters["stats"]["unique_graphs"] >= n_variants, dict(counters["stats"])  # none ran eagerly
+    torch._dynamo.reset()
