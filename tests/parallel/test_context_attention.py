@@ -22,6 +22,7 @@ from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops.attention import causal_attention
 from deltanet.parallel import SegmentLayout, context_parallel_attention, exchange_kv_halo
 
+from ._reference import assert_matches_reference, cp_targets, reference_step
 from ._spawn import run_distributed
 
 TOL = 1e-10
@@ -98,15 +99,9 @@ def _model_case(rank: int, preset: str, window: int, n_layers: int, lengths) -> 
     x = torch.randint(0, 64, (B, T), generator=gen)
     labels = x.clone()
     labels[0, 3] = -100
-    with torch.no_grad():
-        ref_logits = model(input_ids=x).logits
-    ref = model(input_ids=x, labels=labels)  # training: the fused loss, no logits
-    ref.loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss, ref_grads = reference_step(model, x, labels)
 
-    targets = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], dim=1)
-    out = model(input_ids=_segment(x, lengths, rank), labels=_segment(targets, lengths, rank),
+    out = model(input_ids=_segment(x, lengths, rank), labels=_segment(cp_targets(labels), lengths, rank),
                 context_parallel=dist.group.WORLD)
     case = f"{preset} window {window} lengths {lengths} rank {rank}"
     torch.testing.assert_close(out.logits, _segment(ref_logits, lengths, rank), rtol=1e-10, atol=1e-10,
@@ -120,14 +115,7 @@ def _model_case(rank: int, preset: str, window: int, n_layers: int, lengths) -> 
         torch.testing.assert_close(glob, out.logits.detach(), rtol=1e-12, atol=1e-12)
         if rank > 0:
             assert (local - out.logits.detach()).abs().max() > 1e-6
-    out.loss.backward()
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    torch.testing.assert_close(loss, ref.loss.detach(), rtol=1e-10, atol=1e-12)
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)  # each rank holds the gradient of its own uses of the parameter
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{case}: {n}: {m}")
+    assert_matches_reference(model, out.loss, ref_loss, ref_grads, case)
 
 
 def _refusals(rank: int, R: int) -> None:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM
 from deltanet.parallel import exchange_halo, split_segment
 
+from ._reference import assert_matches_reference, cp_targets, reference_step
 from ._spawn import run_distributed
 
 
@@ -31,25 +32,12 @@ def _model_matches(rank: int, R: int) -> None:
     labels = x.clone()
     labels[0, 5] = labels[1, 11] = -100  # ignored targets: the group's token count must skip them
 
-    with torch.no_grad():
-        ref_logits = model(input_ids=x).logits
-    ref = model(input_ids=x, labels=labels)  # training: the fused loss, no logits
-    ref.loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    ref_logits, ref_loss, ref_grads = reference_step(model, x, labels)
 
-    # CP: labels already shifted (position t's target is labels[t + 1]); the last has no target.
-    targets = torch.cat([labels[:, 1:], torch.full((B, 1), -100)], dim=1)
-    out = model(input_ids=split_segment(x), labels=split_segment(targets), context_parallel=dist.group.WORLD)
+    out = model(input_ids=split_segment(x), labels=split_segment(cp_targets(labels)),
+                context_parallel=dist.group.WORLD)
     torch.testing.assert_close(out.logits, split_segment(ref_logits), rtol=1e-10, atol=1e-10)
-    out.loss.backward()
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    torch.testing.assert_close(loss, ref.loss.detach(), rtol=1e-10, atol=1e-12)
-    for n, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)  # each rank holds the gradient of its own uses of the parameter
-        torch.testing.assert_close(g, ref_grads[n], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    assert_matches_reference(model, out.loss, ref_loss, ref_grads)
 
     with pytest.raises(ValueError, match="also has \\['linear_attention'\\]"):
         _model(["delta_net", "linear_attention"])(input_ids=split_segment(x), context_parallel=dist.group.WORLD)
