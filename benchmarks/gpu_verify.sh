@@ -21,6 +21,9 @@
 #         decode_kernel  (not in the default list) the fused decode step against the eager step:
 #                  deltanet-340m, gated-deltanet-340m, gated-deltaproduct-340m through the captured
 #                  loop, batch 1 and 32, with kernels per step counted
+#         gated    (not in the default list) the gated rule and DeltaProduct (n_h = 2) vs fla, fwd+bwd, with
+#                  fla's gated backward run past its Triton-version refusal (timed; its errors reported)
+#         memory_long  (not in the default list) the memory part with a 280 s budget (both regimes, T = 2K-8K)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -51,6 +54,9 @@ for part in ${PARTS//,/ }; do
     decode_kernel) run decode_kernel 200 python3 -m deltanet.cli bench decode \
               --models deltanet-340m,gated-deltanet-340m,gated-deltaproduct-340m --paths loop --batch 1,32 \
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
+    gated) run gated 270 python3 benchmarks/bench_family.py --out "$R/gated" --parts env,check,speed --ops gated,product \
+             --dims 64,128 --lengths 1024,4096,16384 --budget 255 --fla-past-guard ;;
+    memory_long) run memory 290 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 280 --variants ours,fla ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
