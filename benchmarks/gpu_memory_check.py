@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--regimes", default="bf16,autocast")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"labels from {list(VARIANTS)}")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
+    ap.add_argument("--no-loss-check", action="store_true",
+                    help="skip the fused-vs-plain loss check (it passed on an H100, 2026-12-06; ~1-2 min of compiles)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.lengths, args.tokens, args.steps, args.warmup = "32,64", 128, 1, 1
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     jsonl = args.out / "memory.jsonl"
     # rows of earlier calls into the same folder stay in the table (run the variants in a second call)
     rows: list[dict] = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-    checks = loss_check(device, args.smoke)
+    checks = [] if args.no_loss_check else loss_check(device, args.smoke)
     _render(args.out, env, checks, rows)
     # the target pairs first, then the options
     head = [v for v in variants if v in ("ours", "fla")]

@@ -40,14 +40,14 @@ def family(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("gemm", "gemv", "cutlass", "sm90_xmma", "cublas", "nvjet", "splitk")):
         return "GEMM"
+    if "at::native" in n:  # ATen's own CUDA kernels (their names contain "_kernel" too)
+        if "copy" in n:
+            return "copy"
+        return "reduction" if "reduce" in n else "elementwise"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
     if n.startswith("triton") or "_kernel" in n:
         return "Triton"
-    if "memcpy" in n or "memset" in n or "copy" in n:
-        return "copy"
-    if "reduce" in n:
-        return "reduction"
-    if "elementwise" in n or "vectorized" in n or "unrolled" in n:
-        return "elementwise"
     return "other"
 
 
