@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -171,8 +172,9 @@ class PackedSequences:
             raise ValueError(f"a segment [lo, hi) needs 0 <= lo < hi <= {T}, got [{lo}, {hi})")
         key = ("segment", lo, hi)
         if key not in self._derived:
-            first = max(i for i, o in enumerate(self.offsets[:-1]) if o <= lo)  # the document holding lo
-            offsets = (0, *(o - lo for o in self.offsets[first + 1:-1] if o < hi), hi - lo)
+            first = bisect.bisect_right(self.offsets, lo) - 1  # the document holding lo
+            last = bisect.bisect_left(self.offsets, hi)  # boundaries before it lie inside (lo, hi)
+            offsets = (0, *(o - lo for o in self.offsets[first + 1:last]), hi - lo)
             cu = torch.tensor(offsets, dtype=torch.int32, device=self.device)
             self._derived[key] = PackedSequences._build(cu, offsets, lead=lo - self.offsets[first])
         return self._derived[key]

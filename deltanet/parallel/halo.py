@@ -23,7 +23,9 @@ later use, on the rank that owns it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -106,13 +108,15 @@ class SegmentLayout:
     def length(self) -> int:
         return self.lengths[self.rank]
 
-    @property
+    @functools.cached_property
     def leads(self) -> tuple[int, ...]:
         """Per rank, how many positions before its segment a causal window may reach: all of
-        them, or with ``documents`` those of the document holding the segment's first position."""
+        them, or with ``documents`` those of the document holding the segment's first position
+        (from the host boundaries; computed once per layout)."""
         if self.documents is None:
             return self.offsets
-        return tuple(self.documents.segment(o, o + n).lead for o, n in zip(self.offsets, self.lengths))
+        bounds = self.documents.offsets
+        return tuple(o - bounds[bisect.bisect_right(bounds, o) - 1] for o in self.offsets)
 
     @property
     def local_documents(self) -> PackedSequences | None:
