@@ -178,7 +178,8 @@ def context_parallel_delta_rule(
             group (the others return None).
         cu_seqlens: packed documents (``B == 1``): the WHOLE sequence's boundaries
             ``[0, ..., sum of the segment lengths]``, the same on every rank; documents may span
-            ranks and start anywhere. Not combined with ``initial_state`` / ``output_final_state``.
+            ranks and start anywhere. Not combined with ``initial_state`` / ``output_final_state``
+            (pass None / False on every rank: a rank that raises leaves the others in a collective).
         group: the context-parallel process group.
         layout: instead of ``group`` (and ``cu_seqlens``): a :class:`SegmentLayout`, possibly with
             ``documents``, built once per forward.
