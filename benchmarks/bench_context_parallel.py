@@ -18,6 +18,11 @@ attention layers their K/V halos), and ``<preset> accuracy`` (up to ``--model-ch
 the loss and the group-summed gradients of every parameter against a float32 copy of the model
 on one device, next to the same errors of the 1-device run. ``--skip-op`` leaves out the op parts.
 
+``--doc-len N``: every part runs on packed documents (batch 1, ``cu_seqlens`` of the whole row,
+document lengths drawn uniformly from 1 to 2N - 1 once per T, the same on every rank), so
+documents start anywhere in the segments and span ranks; with ``--model-override
+activation_checkpointing="block"`` (or ``"mixer"``) the model parts recompute in backward.
+
 Every part is in try/except (the failure is recorded and the script carries on); results are
 rewritten after each part to ``OUT/context_parallel.json`` and ``OUT/context_parallel.md``;
 ``--budget-s`` stops starting new lengths once spent. A rank that fails inside a collective
@@ -33,6 +38,12 @@ Hybrid models, bf16 parameters (H100 x 2/4/8)::
 
     torchrun --nproc-per-node 4 benchmarks/bench_context_parallel.py --out results_cp_models --skip-op \\
         --models hybrid-swa-340m,hybrid-global-340m,deltanet-340m --lengths 16384,32768,65536
+
+Packed documents of ~4K tokens under activation checkpointing (H100 x 2/4/8)::
+
+    torchrun --nproc-per-node 4 benchmarks/bench_context_parallel.py --out results_cp_packed --doc-len 4096 \
+        --models hybrid-swa-340m,deltanet-340m --model-override 'activation_checkpointing="block"' \
+        --lengths 16384,32768,65536 --heads 16 --head-dim 128 --gated
 
 CPU smoke run (gloo, float32, tiny; checks the script end to end)::
 
@@ -85,7 +96,12 @@ def parse_args(argv=None):
     p.add_argument("--model-batch", type=int, default=1, help="rows per model step")
     p.add_argument("--model-check-max-len", type=int, default=8192, help="model accuracy check up to this T")
     p.add_argument("--skip-op", action="store_true", help="only the model parts")
-    return p.parse_args(argv)
+    p.add_argument("--doc-len", type=int, default=0,
+                   help="pack documents of about this many tokens (cu_seqlens; batch 1); 0 = plain rows")
+    args = p.parse_args(argv)
+    if args.doc_len < 0 or (args.doc_len and (args.batch != 1 or args.model_batch != 1)):
+        p.error("--doc-len takes a positive length and --batch 1 --model-batch 1 (documents are packed along T)")
+    return args
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -108,6 +124,7 @@ class Run:
         self.dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
         self.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
         self.out = Path(args.out)
+        self._documents = {}  # T -> cu_seqlens (--doc-len)
         self.results = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else platform.processor() or "cpu",
@@ -141,6 +158,19 @@ class Run:
             x["g"] = F.logsigmoid(torch.randn(B, T, H, **kw) + 4)  # mild decay, <= 0
         return {n: t.to(dtype) if n not in ("g",) else t for n, t in x.items()}
 
+    def documents(self, T):
+        """``{"cu_seqlens": ...}`` of the whole row with ``--doc-len``, else ``{}``: the same
+        boundaries on every rank (a CPU generator of a fixed seed)."""
+        n = self.args.doc_len
+        if not n:
+            return {}
+        if T not in self._documents:
+            g = torch.Generator().manual_seed(2)
+            ends = torch.randint(1, 2 * n, (T + 1,), generator=g).cumsum(0)  # T + 1 lengths >= 1: past T
+            cu = torch.cat([torch.zeros(1, dtype=torch.long), ends[ends < T], torch.tensor([T])])
+            self._documents[T] = cu.to(self.dev, torch.int32)
+        return {"cu_seqlens": self._documents[T]}
+
     def step(self, fn, x):
         """One forward + backward of ``fn(**x)`` (output gradient of ones); returns (o, grads)."""
         leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
@@ -167,7 +197,9 @@ class Run:
         r = self.results
         lines = [f"# Context parallelism, {r['date'][:10]}, {r['world_size']} x {r['device']}", "",
                  f"torch {r['torch']}, {r['backend']}, {r['dtype']}, B={self.args.batch}, H={self.args.heads}, "
-                 f"D={self.args.head_dim}, {'gated' if self.args.gated else 'plain'}; command: `{r['command']}`", "",
+                 f"D={self.args.head_dim}, {'gated' if self.args.gated else 'plain'}"
+                 f"{f', packed documents of ~{self.args.doc_len} tokens' if self.args.doc_len else ''}; "
+                 f"command: `{r['command']}`", "",
                  "| T | part | step (ms) | tokens/s | peak GiB per GPU | notes |", "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             ms = f"{row['step_s'] * 1e3:.1f}" if row.get("step_s") else "–"
@@ -196,14 +228,14 @@ class Run:
         row = None
         if self.rank == 0:
             x = self.inputs(T, self.dtype)
-            s, mem = self.timed(lambda **t: delta_rule(**t)[0], x)
+            s, mem = self.timed(lambda **t: delta_rule(**t, **self.documents(T))[0], x)
             row = {"step_s": s, "tokens_per_s": self.args.batch * T / s, "peak_gib": mem, "notes": "1 device"}
         dist.barrier()
         return row
 
     def cp(self, T):
         x = {n: split_segment(t, 1).contiguous() for n, t in self.inputs(T, self.dtype).items()}
-        s, mem = self.timed(lambda **t: context_parallel_delta_rule(**t)[0], x)
+        s, mem = self.timed(lambda **t: context_parallel_delta_rule(**t, **self.documents(T))[0], x)
         stats = torch.tensor([s, mem or 0.0], dtype=torch.float64, device=self.dev)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         s, mem = stats.tolist()
@@ -219,15 +251,16 @@ class Run:
             return None
         full32 = self.inputs(T, torch.float32)
         x = {n: t.to(self.dtype) if n != "g" else t for n, t in full32.items()}
-        o_cp, g_cp = self.step(lambda **t: context_parallel_delta_rule(**t)[0],
+        docs = self.documents(T)
+        o_cp, g_cp = self.step(lambda **t: context_parallel_delta_rule(**t, **docs)[0],
                                {n: split_segment(t, 1).contiguous() for n, t in x.items()})
         o_cp = gather_segments(o_cp, 1)
         g_cp = {n: gather_segments(t.contiguous(), 1) for n, t in g_cp.items()}
         errs = {}
         if self.rank == 0:
-            ref_o, ref_g = self.step(lambda **t: delta_rule(**t)[0],
+            ref_o, ref_g = self.step(lambda **t: delta_rule(**t, **docs)[0],
                                      {n: t.to(torch.float32) for n, t in x.items()})  # fp32, same rounded inputs
-            one_o, one_g = self.step(lambda **t: delta_rule(**t)[0], x)
+            one_o, one_g = self.step(lambda **t: delta_rule(**t, **docs)[0], x)
 
             def rel(a, b):
                 return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -258,12 +291,13 @@ class Run:
         """Forward + backward; returns (loss of the whole rows, {name: gradient}) — under context
         parallelism the loss shares and gradients summed over the group."""
         model.zero_grad(set_to_none=True)
+        docs = self.documents(ids.shape[1])
         if cp:
             targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
             loss = model(input_ids=split_segment(ids, 1), labels=split_segment(targets, 1),
-                         context_parallel=dist.group.WORLD).loss
+                         context_parallel=dist.group.WORLD, **docs).loss
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, **docs).loss
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

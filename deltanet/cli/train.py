@@ -67,9 +67,9 @@ def train_parser() -> CliParser:
                         "the model field fuse_linear_cross_entropy=false")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 fully_shard instead of DDP")
     g.add_argument("--context-parallel", type=int, metavar="N",
-                   help="under torchrun: split each sequence over N consecutive ranks (delta-rule, sliding-window "
-                        "and full-attention layers; "
-                        "needs --no-doc-mask and seq-len divisible by N); the world is N x data-parallel")
+                   help="under torchrun: split each sequence over N consecutive ranks (every layer type, packed "
+                        "documents and activation checkpointing included; seq-len divisible by N); the world is "
+                        "N x data-parallel")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_defaults_to_help(p)
     return p

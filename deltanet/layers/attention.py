@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..ops.attention import causal_attention, decode_attention
 from ..parallel.attention import context_parallel_attention
-from ..parallel.halo import SegmentLayout
+from ..parallel.halo import SegmentLayout, check_layer_documents
 
 __all__ = ["AttentionMixer", "apply_rope"]
 
@@ -73,11 +73,12 @@ class AttentionMixer(nn.Module):
         padding mask of every position so far (keys), ``cache`` updated in place.
         ``context_parallel``: a process group or :class:`~deltanet.parallel.SegmentLayout` whose
         ranks hold consecutive segments of the same rows (``position_ids`` then global); the
-        keys/values before this segment come from the earlier ranks (:mod:`deltanet.parallel.attention`)."""
+        keys/values before this segment come from the earlier ranks (:mod:`deltanet.parallel.attention`);
+        packed documents come as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``)."""
         B, T, _ = x.shape
-        if context_parallel is not None and (cache is not None or cu_seqlens is not None or full_mask is not None):
-            raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens or a padding mask "
-                             "in attention layers")
+        if context_parallel is not None and (cache is not None or full_mask is not None):
+            raise ValueError("context_parallel cannot be combined with a cache or a padding mask in attention layers")
+        check_layer_documents(context_parallel, cu_seqlens)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from ..ops import delta_product, delta_rule
 from ..ops.delta_rule.product import interleave_product, take_last_step
-from ..parallel.context import context_parallel_delta_rule
-from ..parallel.halo import SegmentLayout, exchange_halo
+from ..parallel.context import segment_delta_rule
+from ..parallel.halo import SegmentLayout, check_layer_documents, exchange_halo
 from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
@@ -295,14 +295,15 @@ class DeltaNetMixer(nn.Module):
         :class:`RMSNorm` applied to ``x`` first (the block's pre-norm, fused with the input
         projections so that its output is not kept for backward); ``context_parallel``: a
         process group (or a :class:`~deltanet.parallel.SegmentLayout`) whose ranks hold
-        consecutive segments of the same rows
-        (:mod:`deltanet.parallel.context`)."""
+        consecutive segments of the same rows (:mod:`deltanet.parallel.context`); packed
+        documents then come as the layout's ``documents``, ``cu_seqlens`` its ``local_documents``."""
         B, T, _ = x.shape
         # the model hands down a SegmentLayout (built once per forward; the conv halos read it),
         # the delta rule needs its group
         cp = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
-        if cp is not None and (cache is not None or cu_seqlens is not None):
-            raise ValueError("context_parallel cannot be combined with a cache or cu_seqlens")
+        if cp is not None and cache is not None:
+            raise ValueError("context_parallel cannot be combined with a cache")
+        check_layer_documents(context_parallel, cu_seqlens)
         H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
@@ -360,8 +361,9 @@ class DeltaNetMixer(nn.Module):
         with region.consumers() if region is not None else contextlib.nullcontext():
             if cp is not None:
                 # DeltaProduct is the delta rule over the interleaved n_h steps per token (n_h = 1: as is)
-                qi, ki, vi, bi, gi, _, _ = interleave_product(q, k, v, beta, decay, None)
-                o, final = context_parallel_delta_rule(qi, ki, vi, bi, g=gi, group=cp, backend=backend)
+                # (packed documents: this segment's, interleaved alike)
+                qi, ki, vi, bi, gi, docs, _ = interleave_product(q, k, v, beta, decay, cu_seqlens)
+                o, final = segment_delta_rule(qi, ki, vi, bi, g=gi, documents=docs, group=cp, backend=backend)
                 o = take_last_step(o, n_h)
             elif n_h == 1:
                 o, final = delta_rule(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0], **kw)  # o: [B, T, H, D]

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.packing import as_packed
+from ..parallel.context import segment_linear_attention
+from ..parallel.halo import SegmentLayout, check_layer_documents, exchange_halo
 from .conv import ShortConvolution
 from .delta_net import qk_feature
 from .norm import RMSNorm
@@ -108,9 +110,17 @@ class LinearAttentionMixer(nn.Module):
         self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
 
-    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, **_):
+    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
+        """``context_parallel``: a process group or :class:`~deltanet.parallel.SegmentLayout` whose
+        ranks hold consecutive segments of the same rows: the short convolutions' windows and the
+        additive state come from the earlier ranks (:func:`~deltanet.parallel.context_parallel_linear_attention`);
+        packed documents as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``)."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        if context_parallel is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("context_parallel cannot be combined with a cache or a padding mask")
+            check_layer_documents(context_parallel, cu_seqlens)
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
         m = mask[..., None].to(x.dtype) if mask is not None else None
@@ -120,6 +130,11 @@ class LinearAttentionMixer(nn.Module):
             if m is not None:
                 q, k, v = q * m, k * m, v * m
             conv_in = state.conv if decoding else (None, None, None)
+            if context_parallel is not None and self.q_conv.kernel_size > 1:
+                # the conv's window reaches into the earlier ranks' segments
+                layout = context_parallel if isinstance(context_parallel, SegmentLayout) else None
+                group = None if layout is not None else context_parallel
+                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, group, layout=layout) for t in (q, k, v))
             want = state is not None
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
@@ -134,8 +149,12 @@ class LinearAttentionMixer(nn.Module):
         if m is not None:
             k = k * m[..., None]  # padded tokens write nothing into the state
 
-        o, final = linear_attention(q, k, v, initial_state=state.recurrent if decoding else None,
-                                    cu_seqlens=cu_seqlens)
+        if context_parallel is not None:
+            group = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
+            o, final = segment_linear_attention(q, k, v, documents=cu_seqlens, group=group), None
+        else:
+            o, final = linear_attention(q, k, v, initial_state=state.recurrent if decoding else None,
+                                        cu_seqlens=cu_seqlens)
         if state is not None:
             state.recurrent = final
             if self.use_short_conv:

@@ -14,6 +14,10 @@ path:
   to every layer and op, forward and backward;
 - cached decoding: ``past_key_values`` (a :class:`DeltaNetCache`).
 
+Context parallelism (``context_parallel=<process group>``): each rank passes a consecutive segment
+of the same rows and gets that segment's logits / loss share (:mod:`deltanet.parallel`); plain
+and packed rows (``cu_seqlens`` of the whole row), every layer type, activation checkpointing.
+
 ``config.activation_checkpointing`` ("none" | "mixer" | "block") recomputes each token mixer
 or each whole block in backward during training (non-reentrant ``torch.utils.checkpoint``,
 which also replays the RNG state); inference and cached forwards never recompute.
@@ -21,13 +25,14 @@ which also replays the RNG state); inference and cached forwards never recompute
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -84,24 +89,21 @@ def _with_cache(output: ModelOutput, cache: DeltaNetCache | None) -> ModelOutput
     return output
 
 
-# Layer types that run under context parallelism: the delta rules exchange state summaries, the
-# attention layers the keys/values their queries reach before the segment (deltanet.parallel).
-CONTEXT_PARALLEL_TYPES = (*DELTA_TYPES, "sliding_attention", "full_attention")
+# Layer types that run under context parallelism: the delta rules and linear attention exchange
+# state summaries, the attention layers the keys/values their queries reach before the segment
+# (deltanet.parallel).
+CONTEXT_PARALLEL_TYPES = (*DELTA_TYPES, "sliding_attention", "full_attention", "linear_attention")
 
 
-def _check_context_parallel(config, use_cache, cache, cu_seqlens, attention_mask) -> None:
+def _check_context_parallel(config, use_cache, cache, attention_mask) -> None:
     others = sorted(set(config.layer_types) - set(CONTEXT_PARALLEL_TYPES))
     if others:
         raise ValueError(f"context_parallel supports the layer types {list(CONTEXT_PARALLEL_TYPES)}, "
                          f"the config also has {others}")
-    if use_cache or cache is not None or cu_seqlens is not None or attention_mask is not None:
-        # packed documents would have to stop every state, conv tap and attention score at
-        # boundaries inside and across segments: not built
-        raise ValueError("context_parallel cannot be combined with a cache, cu_seqlens (packed documents) "
-                         "or attention_mask")
-    if getattr(config, "activation_checkpointing", "none") != "none":
-        raise ValueError("context_parallel does not support activation_checkpointing yet "
-                         "(its recomputation would rerun the exchanges inside backward)")
+    if use_cache or cache is not None or attention_mask is not None:
+        # a cache holds one rank's states only; padding would shift every later rank's positions
+        raise ValueError("context_parallel cannot be combined with a cache or attention_mask (padding); "
+                         "pack documents with cu_seqlens instead")
 
 
 def _context_parallel_loss(logits, labels, group) -> torch.Tensor:
@@ -271,14 +273,17 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         **kwargs,
     ) -> DeltaNetModelOutput:
         """``context_parallel``: a process group whose ranks hold consecutive segments of the
-        same rows (``deltanet.parallel.split_segment``); delta-rule and softmax-attention layers
-        (``CONTEXT_PARALLEL_TYPES``), no cache, padding mask or packed documents. Default
-        ``position_ids`` then count from the segment's start in the whole row."""
+        same rows (``deltanet.parallel.split_segment``); every layer type
+        (``CONTEXT_PARALLEL_TYPES``), activation checkpointing included; no cache or padding mask.
+        Default ``position_ids`` then count from the segment's start in the whole row.
+        ``cu_seqlens`` (packed documents, ``B == 1``) then gives the WHOLE row's boundaries, the
+        same on every rank: documents may start anywhere and span ranks; default positions
+        count from each document's start."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if context_parallel is not None:
             _check_context_parallel(self.config, use_cache, past_key_values if past_key_values is not None else cache,
-                                    cu_seqlens, attention_mask)
+                                    attention_mask)
             use_cache = False
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -299,8 +304,9 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
                 cu_seqlens = torch.as_tensor(cu_seqlens, device=x.device)
                 if cu_seqlens.dtype not in (torch.int32, torch.int64):
                     raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-            # validated and derived once: every layer and op (and their backward) reads this
-            cu_seqlens = PackedSequences.from_cu_seqlens(cu_seqlens, T)
+            if context_parallel is None:  # (under context parallelism: the whole row's, below)
+                # validated and derived once: every layer and op (and their backward) reads this
+                cu_seqlens = PackedSequences.from_cu_seqlens(cu_seqlens, T)
         if use_cache and past_key_values is None:
             past_key_values = DeltaNetCache(self.config)
         if past_key_values is not None and not isinstance(past_key_values, DeltaNetCache):
@@ -312,10 +318,12 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
             raise ValueError(f"the batch has {B} rows but the cache (past_key_values) holds states of "
                              f"{past_key_values.batch_size()}; decode with the batch the cache was built from")
         if context_parallel is not None:
-            # every rank's segment length, gathered once and handed to every layer; RoPE positions
-            # continue from the earlier ranks' segments
-            context_parallel = SegmentLayout.gather(context_parallel, T, B, x.device)
+            # every rank's segment length (and the documents), gathered once and handed to every
+            # layer; RoPE positions continue from the earlier ranks' segments (from the start of
+            # the document, with packed documents: the segment's positions inside its documents)
+            context_parallel = SegmentLayout.gather(context_parallel, T, B, x.device, documents=cu_seqlens)
             past = context_parallel.start
+            cu_seqlens = context_parallel.local_documents
         mask, full_mask, position_ids = self._prepare(B, T, past, attention_mask, position_ids, cu_seqlens, x.device)
 
         hidden_states = (x,) if output_hidden_states else None
@@ -324,13 +332,19 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         if context_parallel is not None:
             kw["context_parallel"] = context_parallel
         mode = self._checkpointing(past_key_values)
-        for block in self.layers:
-            if mode == "block":
-                x = checkpoint(block, x, use_reentrant=False, **kw)
-            else:
-                x = block(x, checkpoint_mixer=mode == "mixer", **kw)
-            if output_hidden_states:
-                hidden_states += (x,)
+        # Under context parallelism a recomputed region reruns its exchanges (halos, summaries) in
+        # backward: every rank must rerun all of them, so the recomputation runs to the region's
+        # end (no early stop after the last saved tensor, whose place may differ across ranks).
+        # They give the forward's results again: same inputs, same layout, deterministic sums.
+        no_early_stop = context_parallel is not None and mode != "none"
+        with set_checkpoint_early_stop(False) if no_early_stop else contextlib.nullcontext():
+            for block in self.layers:
+                if mode == "block":
+                    x = checkpoint(block, x, use_reentrant=False, **kw)
+                else:
+                    x = block(x, checkpoint_mixer=mode == "mixer", **kw)
+                if output_hidden_states:
+                    hidden_states += (x,)
         x = self.norm(x)
         if past_key_values is not None:
             past_key_values.seen_tokens += T
@@ -401,7 +415,7 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored).
 
         ``context_parallel``: a process group whose ranks hold consecutive segments of the same
-        rows. ``labels`` are then this segment's targets already shifted (``labels[:, t]`` is the
+        rows (``cu_seqlens``: the whole row's document boundaries, as in :class:`DeltaNetModel`). ``labels`` are then this segment's targets already shifted (``labels[:, t]`` is the
         token after position t: split ``row[:, 1:]`` as ``input_ids`` splits ``row[:, :-1]``),
         and ``loss`` is this rank's share: the sum of its token losses over the group's count of
         labelled tokens, so that the group's losses add up to the single-device mean."""

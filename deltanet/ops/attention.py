@@ -48,8 +48,8 @@ def _check(q, k, v, window, cu_seqlens, key_mask) -> None:
         raise ValueError(f"q has more positions ({Tq}) than k ({Tk}); the last query aligns with the last key")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if cu_seqlens is not None and (B != 1 or Tq != Tk):
-        raise ValueError("cu_seqlens requires B == 1 and no cache (Tq == Tk)")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens requires B == 1, got B = {B}")
     if key_mask is not None and tuple(key_mask.shape) != (B, Tk):
         raise ValueError(f"key_mask must have shape [B, Tk] = {(B, Tk)}, got {tuple(key_mask.shape)}")
 
@@ -104,15 +104,15 @@ def _window_block_mask(Tq: int, Tk: int, window: int | None, device: torch.devic
 _DOCUMENT_BLOCK_MASKS: dict = {}  # (T, window, host boundaries, device) -> block mask, the last 4
 
 
-def _document_block_mask(window: int | None, packed: PackedSequences):
+def _document_block_mask(Tq: int, window: int | None, packed: PackedSequences):
     # built once per batch, shared by every attention layer of the forward (and its backward);
     # keyed by the host boundaries, so a later batch with the same documents reuses it
-    key = (packed.total_tokens, window, packed.offsets, packed.device)
+    key = (Tq, packed.total_tokens, window, packed.offsets, packed.device)
     if key not in _DOCUMENT_BLOCK_MASKS:
         while len(_DOCUMENT_BLOCK_MASKS) >= 4:
             _DOCUMENT_BLOCK_MASKS.pop(next(iter(_DOCUMENT_BLOCK_MASKS)))
         T = packed.total_tokens
-        _DOCUMENT_BLOCK_MASKS[key] = _block_mask(T, T, window, packed.doc_ids, packed.device)
+        _DOCUMENT_BLOCK_MASKS[key] = _block_mask(Tq, T, window, packed.doc_ids, packed.device)
     return _DOCUMENT_BLOCK_MASKS[key]
 
 
@@ -123,7 +123,7 @@ def _flex(q, k, v, scale, window, packed: PackedSequences | None, compiled: bool
     if packed is None:
         block_mask = _window_block_mask(q.shape[2], k.shape[2], window, q.device)
     else:
-        block_mask = _document_block_mask(window, packed)
+        block_mask = _document_block_mask(q.shape[2], window, packed)
     fn = _compiled_flex() if compiled else flex_attention
     return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -146,8 +146,10 @@ def causal_attention(
             (grouped-query attention) and ``Tq <= Tk`` (the last query aligns with the last key).
         scale: softmax scale, default ``D ** -0.5``.
         window: each query sees at most the ``window`` most recent positions, itself included.
-        cu_seqlens: ``[0, ..., T]`` document starts of a packed batch (``B == 1``, ``Tq == Tk``), a
-            tensor or a :class:`~deltanet.ops.packing.PackedSequences` (a tensor is read to the host here).
+        cu_seqlens: ``[0, ..., Tk]`` document starts of a packed batch (``B == 1``) over the KEY
+            positions (the queries are the last ``Tq`` of them: ``Tq < Tk`` for a context-parallel
+            segment after its halo), a tensor or a :class:`~deltanet.ops.packing.PackedSequences`
+            (a tensor is read to the host here).
         key_mask: ``[B, Tk]``, 1 for real tokens and 0 for padding.
         use_flex: force (True) or forbid (False) the FlexAttention path (it ignores ``key_mask``;
             ``Tq < Tk`` is fine, as for a context-parallel segment after its K/V halo); default:

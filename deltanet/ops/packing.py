@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -89,10 +90,13 @@ class PackedSequences:
         offsets: the same boundaries on the host (a tuple of ints).
         max_len: the longest document.
         doc_ids: ``[T]`` int64, the document of each token.
-        positions: ``[T]`` int64, each token's position inside its document (conv masks, RoPE).
+        positions: ``[T]`` int64, each token's position inside its document (conv masks, RoPE),
+            counted from the document's true start (``lead`` tokens before this batch's first).
         chunk_table: ``[chunks, 2]`` int32, (sequence, chunk) of every ``CHUNK_SIZE``-token chunk
             (a chunk never crosses a document boundary).
         chunk_offsets: ``[N]`` int32, the first chunk of each sequence in ``chunk_table``.
+        lead: how many positions of the first document precede the first token (0 except for a
+            :meth:`segment` that starts inside a document).
     """
 
     cu_seqlens: torch.Tensor
@@ -102,6 +106,10 @@ class PackedSequences:
     positions: torch.Tensor
     chunk_table: torch.Tensor
     chunk_offsets: torch.Tensor
+    # positions of the first document before this batch's first token: > 0 only for a segment of a
+    # longer packed sequence (:meth:`segment`; context parallelism), whose first document began on
+    # an earlier rank
+    lead: int = 0
     # derived views (other chunk sizes, the interleaved steps of DeltaProduct), built on first use
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -137,12 +145,39 @@ class PackedSequences:
         return cls._build(cu_seqlens.to(torch.int32), offsets)
 
     @classmethod
-    def _build(cls, cu: torch.Tensor, offsets: tuple[int, ...]) -> PackedSequences:
+    def _build(cls, cu: torch.Tensor, offsets: tuple[int, ...], lead: int = 0) -> PackedSequences:
         """From validated boundaries, ``cu`` (int32, device) equal to ``offsets`` (host)."""
         doc, pos = _documents(cu, offsets[-1])
+        if lead:
+            pos = pos + lead * (doc == 0)
         table, firsts = _chunk_table(offsets, CHUNK_SIZE, cu.device)
         return cls(cu_seqlens=cu, offsets=offsets, max_len=max(e - s for s, e in zip(offsets[:-1], offsets[1:])),
-                   doc_ids=doc, positions=pos, chunk_table=table, chunk_offsets=firsts)
+                   doc_ids=doc, positions=pos, chunk_table=table, chunk_offsets=firsts, lead=lead)
+
+    def segment(self, lo: int, hi: int) -> PackedSequences:
+        """The positions ``[lo, hi)`` as a packed batch of their own: the documents cut to the
+        segment (boundaries relative to ``lo``), ``positions`` still counted from each document's
+        true start, and ``lead`` the positions of the first document before ``lo``. What a
+        context-parallel rank holding ``[lo, hi)`` of this sequence computes with. Built on the
+        host from ``offsets`` (no read back), cached per ``(lo, hi)``.
+
+        Example::
+
+            >>> s = PackedSequences.from_cu_seqlens(torch.tensor([0, 3, 8]), 8).segment(2, 6)
+            >>> s.offsets, s.lead, s.positions.tolist()
+            ((0, 1, 4), 2, [2, 0, 1, 2])
+        """
+        T = self.total_tokens
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= T):
+            raise ValueError(f"a segment [lo, hi) needs 0 <= lo < hi <= {T}, got [{lo}, {hi})")
+        key = ("segment", lo, hi)
+        if key not in self._derived:
+            first = bisect.bisect_right(self.offsets, lo) - 1  # the document holding lo
+            last = bisect.bisect_left(self.offsets, hi)  # boundaries before it lie inside (lo, hi)
+            offsets = (0, *(o - lo for o in self.offsets[first + 1:last]), hi - lo)
+            cu = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+            self._derived[key] = PackedSequences._build(cu, offsets, lead=lo - self.offsets[first])
+        return self._derived[key]
 
     def chunks(self, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(chunk_table, chunk_offsets)`` for another chunk size (built once, no host read)."""
@@ -160,7 +195,8 @@ class PackedSequences:
             return self
         key = ("interleaved", steps)
         if key not in self._derived:
-            self._derived[key] = PackedSequences._build(self.cu_seqlens * steps, tuple(o * steps for o in self.offsets))
+            self._derived[key] = PackedSequences._build(self.cu_seqlens * steps, tuple(o * steps for o in self.offsets),
+                                                        lead=self.lead * steps)
         return self._derived[key]
 
 

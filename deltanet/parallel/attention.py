@@ -20,13 +20,19 @@ those of the single-device sequence shifted by ``o_r - h_r``. RoPE is applied be
 exchange with global positions, so the halo's keys carry their owners' rotations. Exact: values
 and gradients equal the single-device attention's up to floating-point rounding.
 
+Packed documents (``cu_seqlens`` of the whole sequence, or a layout with ``documents``): the halo
+stops at the start of the document holding the segment's first position (``h_r <= lead_r``,
+:mod:`deltanet.parallel.halo`), and the local attention masks keys of other documents with the
+documents of ``[o_r - h_r, o_r + T_r)``; full attention then receives only the segment's first
+document's earlier part, not the whole sequence before it.
+
 Cost: rank ``r`` receives ``h_r`` positions of K/V and computes ``T_r x (h_r + T_r)`` scores. For a
 window shorter than a segment that is one neighbour's tail; for full attention the last rank
 receives ``(R - 1) / R`` of the sequence and does ``2R - 1`` times the first rank's score work (no
 load balancing: a zig-zag assignment of segments would even it out, but would change the
 segment layout every other layer relies on).
 
-Not covered: packed documents (``cu_seqlens``), key padding, caches.
+Not covered: key padding, caches.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def context_parallel_attention(
     group: dist.ProcessGroup | None = None,
     layout: SegmentLayout | None = None,
     use_flex: bool | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (``window=None``) or sliding-window softmax attention over a sequence split across
     the ranks of ``group``, each rank passing its own consecutive segment.
@@ -64,6 +71,9 @@ def context_parallel_attention(
         layout: a :class:`SegmentLayout` built once per forward (saves one all-gather per call).
         use_flex: as in ``causal_attention``; default: FlexAttention on CUDA when the segment
             has a halo (``Tq < Tk`` is outside ``causal_attention``'s own flex default).
+        cu_seqlens: packed documents (``B == 1``): the WHOLE sequence's boundaries
+            ``[0, ..., sum of the segment lengths]``, the same on every rank (or give a ``layout``
+            built with ``documents=``); no score crosses a document boundary.
 
     Returns ``[B, T_r, H, Dv]``: this rank's slice of the single-device output. Every rank must
     call it and backpropagate through its output (the backward exchanges the halo's gradient).
@@ -83,12 +93,15 @@ def context_parallel_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     B, T = q.shape[:2]
-    layout = as_layout(layout if layout is not None else group, T, B, q.device)
+    layout = as_layout(layout if layout is not None else group, T, B, q.device, documents=cu_seqlens)
     if window != 1:  # a window of one sees only the query itself: nothing to exchange
         Dk = k.shape[-1]
         halo = exchange_kv_halo(torch.cat([k, v.to(k.dtype)], dim=-1), window, layout)
         k = torch.cat([halo[..., :Dk], k], dim=1)  # [B, h_r + T_r, Hkv, D]
         v = torch.cat([halo[..., Dk:].to(v.dtype), v], dim=1)
+    keys = None
+    if layout.documents is not None:  # the documents of the key positions [o_r - h_r, o_r + T_r)
+        keys = layout.documents.segment(layout.start - (k.shape[1] - T), layout.start + T)
     if use_flex is None and k.shape[1] != T:
         use_flex = q.is_cuda
-    return causal_attention(q, k, v, window=window, scale=scale, use_flex=use_flex)
+    return causal_attention(q, k, v, window=window, scale=scale, cu_seqlens=keys, use_flex=use_flex)

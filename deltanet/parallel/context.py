@@ -22,7 +22,17 @@ op (any backend) and the fold; the all-gather's backward all-reduces the gathere
 every rank's ``dP_r, dH_r`` collects the contributions of all later ranks. Everything is exact:
 the result equals the single-device op up to floating-point rounding.
 
-Not covered: packed sequences (``cu_seqlens``) crossing rank boundaries.
+Packed documents (``cu_seqlens`` of the whole sequence, ``B == 1``): a document may start inside a
+segment, exactly at its first position, or span several ranks. The local op runs over this
+segment's documents (:meth:`~deltanet.ops.packing.PackedSequences.segment`), each from ``[I | 0]``;
+only the segment's first document can continue one from an earlier rank, so only its tokens get
+the ``S_r^T o^P_t`` term, and the summary is the LAST document's ``[P | H]`` with ``P`` set to 0
+when that document starts inside the segment (or at its start): the state after such a segment
+does not depend on the earlier ranks, and the scan restarts there.
+
+Additive linear attention (``S_t = S_{t-1} + k_t v_t^T``) is the special case ``P = I`` (0 after a
+document start) and ``o^P_t = scale q_t``: :func:`context_parallel_linear_attention` runs the
+same exchange and fold.
 """
 
 from __future__ import annotations
@@ -31,12 +41,13 @@ import torch
 import torch.distributed as dist
 
 from ..ops import BACKENDS, delta_rule
-from .halo import group_rank
+from ..ops.packing import PackedSequences
+from .halo import SegmentLayout, as_layout, group_rank
 
 # The Triton kernels take value widths up to 256 (K + V for head dims of 128).
 _MAX_COLUMNS = 256
 
-__all__ = ["context_parallel_delta_rule", "gather_segments", "split_segment"]
+__all__ = ["context_parallel_delta_rule", "context_parallel_linear_attention", "gather_segments", "split_segment"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -87,18 +98,22 @@ def _check_same_shape(x: torch.Tensor, group, what: str) -> None:
         raise ValueError(f"{what} differ across the context-parallel ranks: {[tuple(s.tolist()) for s in shapes]}")
 
 
-def _fold(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype):
+def _fold(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype,
+          carried: int | None = None):
     """Exchange the summaries, fold those of the earlier ranks into the incoming state and
-    finish the local output: ``o = S_in^T o^P + o^H``. Returns ``(o, final_state or None)``.
+    finish the local output: ``o = S_in^T o^P + o^H`` for the first ``carried`` tokens (None:
+    all; packed documents: those of the document continuing from an earlier rank), ``o^H``
+    after them. Returns ``(o, final_state or None)``.
 
     Runs in the state dtype even under autocast: in bf16 the scan over ranks would round the
     state once per rank, and the output correction would lose the state's precision."""
     with torch.autocast(o_h.device.type, enabled=False):
         return _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state,
-                          out_dtype, sdtype)
+                          out_dtype, sdtype, carried)
 
 
-def _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype):
+def _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final_state, out_dtype, sdtype,
+               carried=None):
     s_first = None
     if initial_state is not None:
         s_first = initial_state.to(sdtype)
@@ -116,11 +131,14 @@ def _fold_impl(summary, o_p, o_h, initial_state, K, R, rank, group, output_final
     for r in range(rank):
         P, Hr = gathered[r][..., :K], gathered[r][..., K:]
         s_in = Hr if s_in is None else P @ s_in + Hr
-    if s_in is None:
+    n = o_h.shape[1] if carried is None else carried
+    if s_in is None or n == 0:
         o = o_h
     else:
         # o_t = S_in^T o^P_t + o^H_t, in the state dtype (o^P is scale P_{<=t}^T q_t).
-        o = (torch.einsum("bhkv,bthk->bthv", s_in, o_p.to(sdtype)) + o_h.to(sdtype)).to(out_dtype)
+        o = (torch.einsum("bhkv,bthk->bthv", s_in, o_p[:, :n].to(sdtype)) + o_h[:, :n].to(sdtype)).to(out_dtype)
+        if n < o_h.shape[1]:  # tokens of documents that start in this segment: their own state only
+            o = torch.cat([o, o_h[:, n:].to(out_dtype)], dim=1)
 
     if R > 1 and torch.is_grad_enabled() and gathered.requires_grad:
         o = _Tie.apply(o, gathered)
@@ -142,8 +160,9 @@ def context_parallel_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
     group: dist.ProcessGroup | None = None,
+    layout: SegmentLayout | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (gated) delta rule of :func:`deltanet.ops.delta_rule` over a sequence split across
@@ -157,8 +176,13 @@ def context_parallel_delta_rule(
             first rank of the group only (the others may pass None).
         output_final_state: return the state after the whole sequence on the LAST rank of the
             group (the others return None).
-        cu_seqlens: not supported (packed sequences crossing rank boundaries); must be None.
+        cu_seqlens: packed documents (``B == 1``): the WHOLE sequence's boundaries
+            ``[0, ..., sum of the segment lengths]``, the same on every rank; documents may span
+            ranks and start anywhere. Not combined with ``initial_state`` / ``output_final_state``
+            (pass None / False on every rank: a rank that raises leaves the others in a collective).
         group: the context-parallel process group.
+        layout: instead of ``group`` (and ``cu_seqlens``): a :class:`SegmentLayout`, possibly with
+            ``documents``, built once per forward.
         backend: the local op's backend (any of ``BACKENDS``; all are differentiable).
 
     Every rank must backpropagate through its ``o`` (the backward exchanges the summaries'
@@ -177,44 +201,122 @@ def context_parallel_delta_rule(
         >>> o_r, _ = context_parallel_delta_rule(q_r, k_r, v_r, b_r)
         >>> o = gather_segments(o_r, dim=1)            # == delta_rule(q, k, v, beta)[0]
     """
-    if cu_seqlens is not None:
-        raise ValueError(
-            "cu_seqlens is not supported by context_parallel_delta_rule (packed sequences across "
-            "rank boundaries); split each row, or run packed batches without context parallelism"
-        )
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("context_parallel_delta_rule needs an initialised torch.distributed process group")
-    R, rank = dist.get_world_size(group), dist.get_rank(group)
     if not isinstance(q, torch.Tensor) or q.ndim != 4 or not isinstance(v, torch.Tensor) or v.ndim != 4:
         raise ValueError("q and v must be tensors of shape [B, T, H, K] and [B, T, H, V]")
+    group, docs = _segment_documents(q, group, layout, cu_seqlens)
+    return segment_delta_rule(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, documents=docs, group=group, backend=backend)
+
+
+def _segment_documents(q, group, layout, cu_seqlens):
+    """``(group, this rank's documents or None)`` from the arguments of a public op."""
+    if layout is None and cu_seqlens is None:
+        return group, None
+    B, T = q.shape[:2]
+    layout = as_layout(layout if layout is not None else group, T, B, q.device, documents=cu_seqlens)
+    return layout.group, layout.local_documents
+
+
+def segment_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, output_final_state=False,
+                       documents: PackedSequences | None = None, group=None, backend: str = "auto"):
+    """:func:`context_parallel_delta_rule` with this rank's documents already cut to its segment
+    (``documents``: ``PackedSequences.segment`` of the whole sequence's, or None): what the model
+    layers call with their ``SegmentLayout.local_documents`` (DeltaProduct: its interleaved view)."""
+    R, rank = dist.get_world_size(group), dist.get_rank(group)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
     if initial_state is not None and rank == 0 and tuple(initial_state.shape) != (B, H, K, V):
         raise ValueError(f"initial_state must have shape [B, H, K, V] = {(B, H, K, V)}, got {tuple(initial_state.shape)}")
+    if documents is not None and (initial_state is not None or output_final_state):
+        raise ValueError("context_parallel_delta_rule with packed documents (cu_seqlens) takes no initial_state "
+                         "and returns no final_state (each document starts from zero; its state ends on "
+                         "whichever rank holds its last token)")
+    N = B if documents is None else documents.num_seqs  # sequences of the local op
 
     # The state dtype of the local op: float64 for float64 inputs, float32 otherwise.
     sdtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     # Values [0 | v] from the state [I | 0]: the state after the segment is [P_r | H_r].
     v_aug = torch.cat([v.new_zeros(B, T, H, K), v], dim=-1)
-    eye = torch.eye(K, dtype=sdtype, device=v.device).expand(B, H, K, K)
-    s0_aug = torch.cat([eye, eye.new_zeros(B, H, K, V)], dim=-1)
+    eye = torch.eye(K, dtype=sdtype, device=v.device).expand(N, H, K, K)
+    s0_aug = torch.cat([eye, eye.new_zeros(N, H, K, V)], dim=-1)
+    kw = dict(g=g, scale=scale, output_final_state=True, cu_seqlens=documents, backend=backend)
     if K + V <= _MAX_COLUMNS:
-        o_aug, summary = delta_rule(q, k, v_aug, beta, g=g, scale=scale, initial_state=s0_aug,
-                                    output_final_state=True, backend=backend)
+        o_aug, summary = delta_rule(q, k, v_aug, beta, initial_state=s0_aug, **kw)
     else:  # value columns evolve independently: two calls ([0 | I] and [v | 0]) give the same
-        parts = [delta_rule(q, k, v_aug[..., c], beta, g=g, scale=scale, initial_state=s0_aug[..., c],
-                            output_final_state=True, backend=backend) for c in (slice(0, K), slice(K, K + V))]
+        parts = [delta_rule(q, k, v_aug[..., c], beta, initial_state=s0_aug[..., c], **kw)
+                 for c in (slice(0, K), slice(K, K + V))]
         o_aug, summary = (torch.cat(t, dim=-1) for t in zip(*parts))
     o_p, o_h = o_aug[..., :K], o_aug[..., K:]  # [B, T, H, K], [B, T, H, V]
-    summary = summary.to(sdtype)  # [B, H, K, K + V] = [P_r | H_r]
+    summary = summary.to(sdtype)  # [N, H, K, K + V] = [P_r | H_r]
+    summary, carried = _document_summary(summary, documents, K)
 
     o, final = _fold(summary, o_p, o_h, initial_state if rank == 0 else None, K, R, rank, group,
-                     output_final_state, v.dtype, sdtype)
+                     output_final_state, v.dtype, sdtype, carried)
     return o, final
+
+
+def _document_summary(summary: torch.Tensor, documents: PackedSequences | None, K: int):
+    """Packed documents: ``(the last document's [P | H], P zeroed when it starts in this segment;
+    the number of leading tokens that continue a document from an earlier rank)``."""
+    if documents is None:
+        return summary, None
+    summary = summary[-1:]  # [1, H, K, K + V]
+    if documents.num_seqs > 1 or documents.lead == 0:  # the last document starts here: no incoming state
+        summary = torch.cat([torch.zeros_like(summary[..., :K]), summary[..., K:]], dim=-1)
+    return summary, (documents.offsets[1] if documents.lead > 0 else 0)
+
+
+def context_parallel_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | PackedSequences | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: SegmentLayout | None = None,
+) -> torch.Tensor:
+    """Additive linear attention (:func:`deltanet.layers.linear_attention.linear_attention`)
+    over a sequence split across the ranks of ``group``, each rank passing its own segment.
+
+    ``q, k: [B, T_r, H, K]``, ``v: [B, T_r, H, V]``; ``cu_seqlens``: packed documents, the whole
+    sequence's boundaries (as in :func:`context_parallel_delta_rule`). Returns ``o [B, T_r, H, V]``,
+    this rank's slice of the single-device output; every rank must backpropagate through it.
+
+    The state is a sum, so a segment's summary is ``(P, H) = (I, sum of its k v^T)`` (``P = 0``
+    after a document start) and the incoming state of rank ``r`` the sum over the earlier ranks
+    of its document: one all-gather of ``[B, H, K, K + V]`` and the delta rule's fold.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("context_parallel_linear_attention needs an initialised torch.distributed process group")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, T_r, H, D], got {getattr(x, 'shape', type(x))}")
+    group, docs = _segment_documents(q, group, layout, cu_seqlens)
+    return segment_linear_attention(q, k, v, scale=scale, documents=docs, group=group)
+
+
+def segment_linear_attention(q, k, v, *, scale=None, documents: PackedSequences | None = None, group=None):
+    """:func:`context_parallel_linear_attention` with this rank's documents already cut to its
+    segment (the model layers' entry)."""
+    from ..layers.linear_attention import linear_attention  # the layers import this module
+
+    R, rank = dist.get_world_size(group), dist.get_rank(group)
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    sdtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    o_h, finals = linear_attention(q, k, v, scale=scale, cu_seqlens=documents)  # finals [N, H, K, V]
+    eye = torch.eye(K, dtype=sdtype, device=v.device).expand(finals.shape[0], H, K, K)
+    summary, carried = _document_summary(torch.cat([eye, finals.to(sdtype)], dim=-1), documents, K)
+    o_p = q.to(sdtype) * scale  # P_{<=t} = I: o^P_t = scale q_t
+    o, _ = _fold(summary, o_p, o_h, None, K, R, rank, group, False, v.dtype, sdtype, carried)
+    return o
 
 
 def split_segment(x: torch.Tensor, dim: int = 1, group: dist.ProcessGroup | None = None) -> torch.Tensor:

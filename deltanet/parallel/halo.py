@@ -11,6 +11,11 @@ receives moves exactly those rows; the halo is their concatenation in rank order
 run of positions (a rank's rows are passed over entirely only when the window reaches past its
 whole segment).
 
+Packed documents (``SegmentLayout.documents``, the whole sequence's boundaries): a window never
+reaches past the start of the document holding the segment's first position, so
+``h_r = min(window - 1, lead_r)`` with ``lead_r`` the positions of that document before the
+segment (0 when a document starts exactly at ``o_r``); rows of earlier documents are never sent.
+
 Backward: the halo's gradient travels the reverse way (one batch of point-to-point operations)
 and adds to the gradient of the rows each rank sent, so every row gets the gradient of every
 later use, on the rank that owns it.
@@ -18,12 +23,16 @@ later use, on the rank that owns it.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["SegmentLayout", "exchange_halo", "exchange_kv_halo"]
+from ..ops.packing import PackedSequences
+
+__all__ = ["SegmentLayout", "check_layer_documents", "exchange_halo", "exchange_kv_halo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,27 +46,45 @@ class SegmentLayout:
         >>> layout = SegmentLayout.gather(None, length=5 if rank == 0 else 4, batch=1, device=dev)
         >>> layout.lengths, layout.offsets, layout.start      # on rank 1
         ((5, 4), (0, 5), 5)
+
+    ``documents``: packed documents (``B == 1``), the WHOLE sequence's boundaries as a
+    :class:`~deltanet.ops.packing.PackedSequences` (every rank holds the same); then
+    ``local_documents`` is this rank's segment of them (:meth:`PackedSequences.segment`), which
+    the layers compute with, and the halos stop at document starts.
     """
 
     group: dist.ProcessGroup | None
     rank: int
     lengths: tuple[int, ...]
+    documents: PackedSequences | None = None
 
     @classmethod
-    def gather(cls, group, length: int, batch: int, device) -> "SegmentLayout":
+    def gather(cls, group, length: int, batch: int, device, documents=None) -> "SegmentLayout":
         """All-gather ``(length, batch)`` over ``group``; ranks disagreeing on the batch size
-        raise ``ValueError`` on every rank (their messages would not match otherwise)."""
+        raise ``ValueError`` on every rank (their messages would not match otherwise).
+        ``documents``: the whole sequence's ``cu_seqlens`` (a tensor or ``PackedSequences``;
+        ``batch`` must be 1); they must end at the sum of the segment lengths, and every rank
+        must pass the same (checked: differing boundaries would silently mix documents)."""
         R, rank = group_rank(group)
         group = dist.group.WORLD if group is None else group  # None would read as "no context parallelism"
         mine = torch.tensor([int(length), int(batch)], dtype=torch.int64, device=device)
         if R == 1:
-            return cls(group, rank, (int(length),))
-        parts = [torch.empty_like(mine) for _ in range(R)]
-        dist.all_gather(parts, mine, group=group)
-        rows = torch.stack(parts).tolist()
-        if len({b for _, b in rows}) != 1:
-            raise ValueError(f"the batch size differs across the context-parallel ranks: {[b for _, b in rows]}")
-        return cls(group, rank, tuple(n for n, _ in rows))
+            lengths = (int(length),)
+        else:
+            parts = [torch.empty_like(mine) for _ in range(R)]
+            dist.all_gather(parts, mine, group=group)
+            rows = torch.stack(parts).tolist()
+            if len({b for _, b in rows}) != 1:
+                raise ValueError(f"the batch size differs across the context-parallel ranks: {[b for _, b in rows]}")
+            lengths = tuple(n for n, _ in rows)
+        if documents is None:
+            return cls(group, rank, lengths)
+        if batch != 1:
+            raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got {batch}")
+        packed = PackedSequences.from_cu_seqlens(documents, sum(lengths))
+        if R > 1:
+            _check_same_documents(packed, group)
+        return cls(group, rank, lengths, packed)
 
     @property
     def world_size(self) -> int:
@@ -81,13 +108,49 @@ class SegmentLayout:
     def length(self) -> int:
         return self.lengths[self.rank]
 
+    @functools.cached_property
+    def leads(self) -> tuple[int, ...]:
+        """Per rank, how many positions before its segment a causal window may reach: all of
+        them, or with ``documents`` those of the document holding the segment's first position
+        (from the host boundaries; computed once per layout)."""
+        if self.documents is None:
+            return self.offsets
+        bounds = self.documents.offsets
+        return tuple(o - bounds[bisect.bisect_right(bounds, o) - 1] for o in self.offsets)
+
+    @property
+    def local_documents(self) -> PackedSequences | None:
+        """This rank's segment of ``documents`` (None without documents)."""
+        if self.documents is None:
+            return None
+        return self.documents.segment(self.start, self.start + self.length)
+
+    def halo_width(self, window: int | None, rank: int | None = None) -> int:
+        """``h_r``: the positions before rank ``rank``'s segment (default: this rank's) that a
+        causal window of ``window`` positions (None: unbounded) reaches."""
+        lead = self.leads[self.rank if rank is None else rank]
+        return lead if window is None else min(window - 1, lead)
+
     def halo_rows(self, src: int, dst: int, window: int | None) -> tuple[int, int] | None:
         """The local rows ``[lo, hi)`` of segment ``src`` that rank ``dst`` needs (``src < dst``),
         or None: the part of ``[o_dst - h_dst, o_dst)`` inside segment ``src``."""
         offs = self.offsets
-        h = offs[dst] if window is None else min(window - 1, offs[dst])
+        h = self.halo_width(window, dst)
         lo, hi = max(offs[dst] - h - offs[src], 0), self.lengths[src]
         return (lo, hi) if src < dst and lo < hi else None
+
+
+def _check_same_documents(packed: PackedSequences, group) -> None:
+    """Every rank must describe the same documents: compare the boundaries' count and a
+    position-weighted checksum (host ints, no device read beyond the one ``packed`` made)."""
+    offs = packed.offsets
+    mine = torch.tensor([len(offs), sum(offs), sum(i * o for i, o in enumerate(offs))], dtype=torch.int64,
+                        device=packed.device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    if any(not torch.equal(p, mine) for p in parts):
+        raise ValueError("cu_seqlens (the whole sequence's document boundaries) differs across the "
+                         "context-parallel ranks; every rank must pass the same")
 
 
 def group_rank(group) -> tuple[int, int]:
@@ -139,21 +202,37 @@ class _KVHalo(torch.autograd.Function):
         return dkv, None, None
 
 
-def as_layout(context_parallel, length: int, batch: int, device) -> SegmentLayout:
+def as_layout(context_parallel, length: int, batch: int, device, documents=None) -> SegmentLayout:
     """A :class:`SegmentLayout` as given (checked against this segment's length), or gathered
-    over a process group."""
+    over a process group (with ``documents``, the whole sequence's ``cu_seqlens``)."""
     if isinstance(context_parallel, SegmentLayout):
         if context_parallel.length != length:
             raise ValueError(f"the segment layout says this rank holds {context_parallel.length} positions, "
                              f"the inputs have {length}")
+        if documents is not None:
+            raise ValueError("give the packed documents either as cu_seqlens or in the SegmentLayout "
+                             "(SegmentLayout.gather(..., documents=cu_seqlens)), not both")
         return context_parallel
-    return SegmentLayout.gather(context_parallel, length, batch, device)
+    return SegmentLayout.gather(context_parallel, length, batch, device, documents=documents)
+
+
+def check_layer_documents(context_parallel, cu_seqlens) -> None:
+    """A layer under context parallelism takes packed documents only as the model hands them
+    down: ``cu_seqlens`` is its ``SegmentLayout``'s ``local_documents`` (a bare process group
+    cannot tell where this segment sits among the documents)."""
+    if cu_seqlens is None or context_parallel is None:
+        return
+    if not isinstance(context_parallel, SegmentLayout) or cu_seqlens is not context_parallel.local_documents:
+        raise ValueError("under context_parallel, a layer's cu_seqlens must be the local_documents of the "
+                         "SegmentLayout it is given (SegmentLayout.gather(..., documents=<the whole sequence's "
+                         "cu_seqlens>)); the model builds both")
 
 
 def exchange_kv_halo(kv: torch.Tensor, window: int | None, layout: SegmentLayout) -> torch.Tensor:
     """``kv [B, T_r, ...]`` (e.g. this rank's keys and values) -> the rows of the earlier ranks
     that a causal window of ``window`` positions (itself included) reaches from this segment: the
-    last ``min(window - 1, start)`` positions before it (``window=None``: all ``start`` of them),
+    last ``layout.halo_width(window)`` positions before it (``min(window - 1, start)``; ``window=None``:
+    all ``start`` of them; with documents, none before the start of the segment's first document),
     ``[B, h_r, ...]``, differentiable (gradients return to the owning ranks). Every rank of the
     group must call it."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):

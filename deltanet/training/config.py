@@ -161,9 +161,6 @@ class RunConfig:
         self.optim.validate()
         self.train.validate()
         cp = self.train.context_parallel
-        if cp > 1 and self.data.doc_mask:
-            raise ConfigError("context_parallel > 1 needs doc_mask off (--no-doc-mask): packed documents "
-                              "(cu_seqlens) across rank boundaries are not supported")
         if self.data.seq_len % cp:
             raise ConfigError(f"seq_len ({self.data.seq_len}) must be divisible by context_parallel ({cp})")
         return self

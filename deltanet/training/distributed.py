@@ -95,15 +95,20 @@ def context_parallel_group(d: Dist, size: int):
 
 
 def context_parallel_batch(batch: dict, group) -> dict:
-    """A ``make_batch`` batch (rows ``[B, T]``, no ``cu_seqlens``) -> this rank's segment: its
-    ``input_ids`` and its targets already shifted (the model cannot shift across ranks), plus the
-    group for the model's ``context_parallel`` argument."""
+    """A ``make_batch`` batch -> this rank's segment: its ``input_ids`` and its targets already
+    shifted (the model cannot shift across ranks), plus the group for the model's
+    ``context_parallel`` argument. Rows ``[B, T]`` split along T; a packed batch (``[1, B*T]``
+    with ``cu_seqlens``) splits its one row and keeps the whole row's ``cu_seqlens``, which the
+    model cuts to each segment (documents may span ranks)."""
     from deltanet.parallel import split_segment
 
     ids, labels = batch["input_ids"], batch["labels"]
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return {"input_ids": split_segment(ids, 1, group), "labels": split_segment(targets, 1, group),
-            "context_parallel": group}
+    out = {"input_ids": split_segment(ids, 1, group), "labels": split_segment(targets, 1, group),
+           "context_parallel": group}
+    if batch.get("cu_seqlens") is not None:
+        out["cu_seqlens"] = batch["cu_seqlens"]
+    return out
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:

@@ -62,6 +62,39 @@ def test_interleaved_steps_scale_the_boundaries_once():
     assert p.interleaved(2) is q and p.interleaved(1) is p
 
 
+def test_segment_cuts_the_documents_and_keeps_their_positions():
+    """A context-parallel rank's view of ``[lo, hi)``: local boundaries, positions counted from
+    each document's true start, ``lead`` the first document's positions before ``lo``."""
+    p = PackedSequences.from_cu_seqlens(torch.tensor(BOUNDS, device=DEVICE), BOUNDS[-1])
+    cuts = ((0, 203), (3, 40), (4, 60), (60, 61), (50, 203), (136, 140))
+    with count_host_reads() as reads:  # built from the host offsets
+        views = [p.segment(lo, hi) for lo, hi in cuts]
+    assert sum(reads.values()) == 0, reads
+    for (lo, hi), s in zip(cuts, views):
+        inside = [b - lo for b in BOUNDS if lo < b < hi]
+        assert s.offsets == (0, *inside, hi - lo) and s.cu_seqlens.tolist() == list(s.offsets)
+        first = max(b for b in BOUNDS if b <= lo)
+        assert s.lead == lo - first
+        assert s.positions.tolist() == p.positions[lo:hi].tolist()
+        assert s.doc_ids.tolist() == (p.doc_ids[lo:hi] - p.doc_ids[lo]).tolist()
+        assert p.segment(lo, hi) is s  # built once
+        assert s.interleaved(3).lead == 3 * s.lead
+    for lo, hi in ((-1, 4), (4, 4), (5, 204), (2.0, 4)):
+        with pytest.raises(ValueError, match="a segment"):
+            p.segment(lo, hi)
+
+
+def test_attention_over_documents_with_fewer_queries_than_keys():
+    """``cu_seqlens`` describes the keys; the queries are the last ``Tq`` (a context-parallel segment
+    after its halo): the same rows as the full square call."""
+    cu = torch.tensor([0, 3, 9, 10, 16])
+    q, k, v = torch.randn(3, 1, 16, 2, 4, dtype=torch.float64).unbind(0)
+    for window in (None, 2, 5):
+        want = causal_attention(q, k, v, window=window, cu_seqlens=cu, use_flex=False)[:, -7:]
+        got = causal_attention(q[:, -7:], k, v, window=window, cu_seqlens=cu, use_flex=False)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 BAD = {
     "float": (torch.tensor([0.0, 4.0, 12.0]), TypeError, "cu_seqlens must have dtype int32 or int64"),
     "list": ([0, 4, 12], TypeError, "cu_seqlens must be a 1-D integer torch.Tensor"),

@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 
 
-def reference_step(model, x: torch.Tensor, labels: torch.Tensor):
-    """``(logits, loss, grads)`` of one process over the whole batch; leaves the grads cleared.
-    The logits come from a no-grad forward: training forwards use the fused loss and return none."""
+def reference_step(model, x: torch.Tensor, labels: torch.Tensor, **kw):
+    """``(logits, loss, grads)`` of one process over the whole batch (``kw``: e.g. the packed
+    documents' ``cu_seqlens``); leaves the grads cleared. The logits come from a no-grad forward:
+    training forwards use the fused loss and return none."""
     with torch.no_grad():
-        logits = model(input_ids=x).logits
-    loss = model(input_ids=x, labels=labels).loss
+        logits = model(input_ids=x, **kw).logits
+    loss = model(input_ids=x, labels=labels, **kw).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ process fails the test with that process's traceback (``torch.multiprocessing.sp
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -15,7 +16,9 @@ import torch.multiprocessing as mp
 
 def _entry(rank: int, world_size: int, init_file: str, fn, args) -> None:
     torch.set_num_threads(1)  # R processes share the CPU cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # a bounded wait: a collective one rank skips fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         fn(rank, world_size, *args)
     finally:

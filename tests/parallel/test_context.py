@@ -81,7 +81,7 @@ def _bad_input(rank: int, R: int) -> None:
         split_segment(torch.zeros(1, 4 * R + 1, 2), dim=1)
     q = torch.zeros(1, 4, 1, 3)
     kw = dict(cu_seqlens=torch.tensor([0, 2, 4]))
-    with pytest.raises(ValueError, match="cu_seqlens is not supported"):
+    with pytest.raises(ValueError, match="cu_seqlens must end at T"):  # the whole sequence's boundaries
         context_parallel_delta_rule(q, q, q, torch.zeros(1, 4, 1), **kw)
     # Ranks disagreeing on the head count: a clear error on every rank, not a hang.
     H = 1 + rank

@@ -121,10 +121,10 @@ def _model_case(rank: int, preset: str, window: int, n_layers: int, lengths) -> 
 def _refusals(rank: int, R: int) -> None:
     x = torch.randint(0, 64, (1, 4))
     model = _tiny("hybrid-swa-125m", 3, 2)
-    with pytest.raises(ValueError, match="cu_seqlens"):  # packed documents: refused for every layer type
+    with pytest.raises(ValueError, match="cu_seqlens must end at T"):  # the whole row's boundaries, not the segment's
         model(input_ids=x, cu_seqlens=torch.tensor([0, 2, 4]), context_parallel=dist.group.WORLD)
     attn = model.model.layers[1].attn
-    with pytest.raises(ValueError, match="cu_seqlens"):
+    with pytest.raises(ValueError, match="local_documents"):  # a bare group cannot place the documents
         attn(torch.zeros(1, 4, 32, dtype=torch.float64), position_ids=torch.arange(4)[None],
              cu_seqlens=torch.tensor([0, 2, 4]), context_parallel=dist.group.WORLD)
     # ranks disagreeing on the batch size: a clear error on every rank, not a hang

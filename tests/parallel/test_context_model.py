@@ -5,7 +5,6 @@ both with short convolutions, whose windows reach into the previous rank (the ha
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.distributed as dist
 
@@ -38,9 +37,6 @@ def _model_matches(rank: int, R: int) -> None:
                 context_parallel=dist.group.WORLD)
     torch.testing.assert_close(out.logits, split_segment(ref_logits), rtol=1e-10, atol=1e-10)
     assert_matches_reference(model, out.loss, ref_loss, ref_grads)
-
-    with pytest.raises(ValueError, match="also has \\['linear_attention'\\]"):
-        _model(["delta_net", "linear_attention"])(input_ids=split_segment(x), context_parallel=dist.group.WORLD)
 
 
 def _halo(rank: int, R: int) -> None:
