@@ -58,9 +58,10 @@ class DeltaNetConfig(PretrainedConfig):
             the gated layer types).
         output_gate_activation: ``act`` of the output gate, ``"silu"`` (the default, Gated
             DeltaNet's) or ``"sigmoid"``. ``silu(W_g x)`` starts near ``W_g x / 2``: small, with a
-            random sign per token and channel; ``sigmoid`` starts near 0.5 for every token. In
-            small recall models (MQAR, 2 layers of width 64 on CPU) the silu gate stalled learning
-            where the sigmoid gate did not (benchmarks/results/2026-12-06-cpu-mqar-gated.md).
+            random sign per token and channel; ``sigmoid`` starts near 0.5 for every token. In a
+            small recall model (MQAR, T = 64, 2 layers of width 64, weaker decay) the silu gate
+            stalled learning where the sigmoid gate did not
+            (benchmarks/results/2026-12-06-cpu-mqar-gated.md).
         A_init_range: ``(low, high)``: the gated layers draw the decay rate ``A ~ U(low, high)``
             per head at initialisation (``g = -A * softplus(W_a x + dt_bias)``, ``dt`` starting
             log-uniform in ``[1e-3, 0.1]``). The default ``(0, 16)`` (Mamba-2's) gives a median
