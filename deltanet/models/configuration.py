@@ -60,7 +60,7 @@ class DeltaNetConfig(PretrainedConfig):
             DeltaNet's) or ``"sigmoid"``. ``silu(W_g x)`` starts near ``W_g x / 2``: small, with a
             random sign per token and channel; ``sigmoid`` starts near 0.5 for every token. In a
             small recall model (MQAR, T = 64, 2 layers of width 64, weaker decay) the silu gate
-            stalled learning where the sigmoid gate did not
+            stalled learning where the sigmoid gate did not; at T = 128 both stalled
             (benchmarks/results/2026-12-06-cpu-mqar-gated.md).
         A_init_range: ``(low, high)``: the gated layers draw the decay rate ``A ~ U(low, high)``
             per head at initialisation (``g = -A * softplus(W_a x + dt_bias)``, ``dt`` starting
