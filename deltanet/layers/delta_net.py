@@ -4,14 +4,15 @@
     q, k    = q / |q|, k / |k|                (L2 norm; keys must be unit length for the rule)
     beta    = sigmoid(W_b x)                  (per head; 2*sigmoid with negative eigenvalues)
     o       = delta_rule(q, k, v, beta)
-    y       = W_o RMSNorm_head(o)             (optionally * SiLU(W_g x))
+    y       = W_o RMSNorm_head(o)             (optionally * SiLU(W_g x), or * sigmoid(W_g x))
 
 Layer types (``config.layer_types``):
 
 - ``"delta_net"``: the above.
 - ``"gated_delta_net"`` (Gated DeltaNet): plus a per-head decay
   ``g = -exp(A_log) * softplus(W_a x + dt_bias)`` (``delta_rule(..., g=g)``) and the output
-  gate always on.
+  gate always on. ``config.A_init_range`` sets the range of the decay rate ``A`` at
+  initialisation, ``config.output_gate_activation`` the gate's activation (silu or sigmoid).
 - ``"gated_delta_product"`` (gated DeltaProduct): as ``gated_delta_net`` with
   ``config.num_householder`` keys, values and betas per token (``delta_product``).
 - ``"delta_product"`` (DeltaProduct without a forget gate): as ``delta_net`` with
@@ -143,6 +144,7 @@ class DeltaNetMixer(nn.Module):
         self.use_beta, self.allow_neg_eigval = config.use_beta, config.allow_neg_eigval
         self.use_short_conv = config.use_short_conv
         self.use_output_gate = config.use_output_gate or self.gated
+        self.A_init_range = tuple(getattr(config, "A_init_range", (0.0, 16.0)))
         self.backend = config.delta_backend
         self.decode_kernel = getattr(config, "decode_kernel", "auto")  # one-token cached steps: see the docstring
         inner = self.num_heads * self.head_dim
@@ -165,17 +167,19 @@ class DeltaNetMixer(nn.Module):
             self.v_conv = ShortConvolution(n_h * inner, config.conv_size, activation="silu")
         if self.use_output_gate:
             self.g_proj = nn.Linear(self.hidden_size, inner, bias=False)
-        self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+        self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps,
+                              gate_activation=getattr(config, "output_gate_activation", "silu"))
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
 
     @torch.no_grad()
     def reset_decay_parameters(self, init=nn.init) -> None:
-        """The usual (Mamba-2 / Gated DeltaNet) initialisation of the decay: ``A ~ U(0, 16)``,
-        ``dt`` log-uniform in ``[1e-3, 0.1]`` (floor 1e-4) with ``dt_bias = softplus^-1(dt)``,
-        so that ``softplus(W_a x + dt_bias)`` starts near ``dt``. ``init``: the module providing
-        ``copy_`` (Hugging Face's skips tensors loaded from a checkpoint)."""
+        """The usual (Mamba-2 / Gated DeltaNet) initialisation of the decay: ``A ~ U(0, 16)``
+        (``config.A_init_range``), ``dt`` log-uniform in ``[1e-3, 0.1]`` (floor 1e-4) with
+        ``dt_bias = softplus^-1(dt)``, so that ``softplus(W_a x + dt_bias)`` starts near ``dt``.
+        ``init``: the module providing ``copy_`` (Hugging Face's skips tensors loaded from a
+        checkpoint)."""
         H = self.num_heads
-        A = torch.empty(H).uniform_(0, 16).clamp_min(1e-4)
+        A = torch.empty(H).uniform_(*self.A_init_range).clamp_min(1e-4)
         dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp_min(1e-4)
         copy_ = getattr(init, "copy_", torch.Tensor.copy_)  # torch.nn.init has none
         copy_(self.A_log, A.log())
@@ -212,6 +216,7 @@ class DeltaNetMixer(nn.Module):
         if (self.decode_kernel == "eager" or not decoding or x.shape[1] != 1 or cu_seqlens is not None
                 or context_parallel is not None or x.dtype not in _FUSED_DTYPES or self.head_dim > 256
                 or (self.use_short_conv and self.q_conv.kernel_size < 2)
+                or (self.use_output_gate and self.o_norm.gate_activation != "silu")  # the kernel's gate is silu
                 or (torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad))):
             return False
         if self.decode_kernel == "fused":

@@ -1,4 +1,5 @@
-"""RMSNorm, and the gated RMSNorm used on DeltaNet's output (``rmsnorm(o) * silu(g)``).
+"""RMSNorm, and the gated RMSNorm used on DeltaNet's output (``rmsnorm(o) * silu(g)``, or
+``* sigmoid(g)``).
 
 The ungated norm is an ``autograd.Function`` that saves only its input and the per-row
 ``1/rms`` and recomputes the rest in backward: autograd through the float32 formula would
@@ -193,19 +194,25 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, eps: fl
     return _RMSNormLinearFn.apply(x, norm_weight, eps, d, will_compile(x), *weights)
 
 
+GATE_ACTIVATIONS = ("silu", "sigmoid")
+
+
 @fused
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``rmsnorm(x) * silu(gate)`` (plain autograd; the output-gate ablation only)."""
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+                   activation: str = "silu") -> torch.Tensor:
+    """``rmsnorm(x) * act(gate)``, ``act`` = ``activation`` (``"silu"`` or ``"sigmoid"``), plain autograd."""
     ct = _compute_dtype(x)
     xf = x.to(ct)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)
-    return (y * F.silu(gate.to(ct))).to(x.dtype)
+    g = gate.to(ct)
+    return (y * (F.silu(g) if activation == "silu" else torch.sigmoid(g))).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm over the last dimension, computed in float32 (at least).
 
-    With ``gate`` given, returns ``rmsnorm(x) * silu(gate)`` (DeltaNet's output gate).
+    With ``gate`` given, returns ``rmsnorm(x) * act(gate)`` (DeltaNet's output gate), ``act`` the
+    ``gate_activation``: ``"silu"`` (default) or ``"sigmoid"``.
 
     Example::
 
@@ -214,15 +221,18 @@ class RMSNorm(nn.Module):
         torch.Size([2, 3, 8])
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, gate_activation: str = "silu"):
         super().__init__()
-        self.eps = eps
+        if gate_activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"gate_activation must be one of {list(GATE_ACTIVATIONS)}, got {gate_activation!r}")
+        self.eps, self.gate_activation = eps, gate_activation
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if gate is None:
             return rms_norm(x, self.weight, self.eps)
-        return gated_rms_norm(x, gate, self.weight, self.eps)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.gate_activation)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        act = f", gate_activation={self.gate_activation}" if self.gate_activation != "silu" else ""
+        return f"{self.weight.shape[0]}, eps={self.eps}{act}"

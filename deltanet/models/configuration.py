@@ -23,11 +23,21 @@ DECODE_KERNELS = ("auto", "fused", "eager")
 # What training recomputes in backward instead of keeping: nothing, each token mixer, or each
 # whole block (norms + mixer + MLP). Inference and cached decoding never recompute.
 ACTIVATION_CHECKPOINTING = ("none", "mixer", "block")
+OUTPUT_GATE_ACTIVATIONS = ("silu", "sigmoid")
 
 
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _A_init_range(value) -> tuple[float, float]:
+    """``(low, high)`` as two floats with ``0 <= low < high`` (a JSON config gives a list)."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0 <= value[0] < value[1] or not value[1] < float("inf"):
+        raise ValueError(f"A_init_range must be two numbers (low, high) with 0 <= low < high, got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 class DeltaNetConfig(PretrainedConfig):
@@ -44,8 +54,19 @@ class DeltaNetConfig(PretrainedConfig):
         qk_activation: ``"silu" | "relu" | "elu" | "identity"`` (elu means elu + 1).
         qk_norm: ``"l2" | "sum"``.
         use_beta: learn beta (else beta = 1); allow_neg_eigval: beta in (0, 2).
-        use_output_gate: ``RMSNorm(o) * silu(W_g x)`` instead of ``RMSNorm(o)`` (always on in
+        use_output_gate: ``RMSNorm(o) * act(W_g x)`` instead of ``RMSNorm(o)`` (always on in
             the gated layer types).
+        output_gate_activation: ``act`` of the output gate, ``"silu"`` (the default, Gated
+            DeltaNet's) or ``"sigmoid"``. ``silu(W_g x)`` starts near ``W_g x / 2``: small, with a
+            random sign per token and channel; ``sigmoid`` starts near 0.5 for every token. In a
+            small recall model (MQAR, T = 64, 2 layers of width 64, weaker decay) the silu gate
+            stalled learning where the sigmoid gate did not; at T = 128 both stalled
+            (benchmarks/results/2026-12-06-cpu-mqar-gated.md).
+        A_init_range: ``(low, high)``: the gated layers draw the decay rate ``A ~ U(low, high)``
+            per head at initialisation (``g = -A * softplus(W_a x + dt_bias)``, ``dt`` starting
+            log-uniform in ``[1e-3, 0.1]``). The default ``(0, 16)`` (Mamba-2's) gives a median
+            half-life of ~11 tokens; with few heads a model may have no head that remembers
+            far enough for recall at the start (the same results file). ``0 <= low < high``.
         num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` and
             ``"delta_product"`` layers.
         delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
@@ -94,6 +115,8 @@ class DeltaNetConfig(PretrainedConfig):
         use_beta: bool = True,
         allow_neg_eigval: bool = False,
         use_output_gate: bool = False,
+        output_gate_activation: str = "silu",
+        A_init_range: tuple[float, float] = (0.0, 16.0),
         num_householder: int = 2,
         norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
@@ -152,12 +175,14 @@ class DeltaNetConfig(PretrainedConfig):
         for name, value, valid in (("qk_activation", qk_activation, QK_ACTIVATIONS), ("qk_norm", qk_norm, QK_NORMS),
                                    ("delta_backend", delta_backend, DELTA_BACKENDS),
                                    ("decode_kernel", decode_kernel, DECODE_KERNELS),
-                                   ("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)):
+                                   ("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING),
+                                   ("output_gate_activation", output_gate_activation, OUTPUT_GATE_ACTIVATIONS)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
         if qk_norm == "sum" and qk_activation not in ("relu", "elu"):
             # sum normalisation needs non-negative features, otherwise |k| is unbounded
             raise ValueError(f"qk_norm='sum' needs a non-negative qk_activation ('relu' or 'elu'), got {qk_activation!r}")
+        A_init_range = _A_init_range(A_init_range)
         if not (isinstance(norm_eps, float) and norm_eps > 0):
             raise ValueError(f"norm_eps must be a positive float, got {norm_eps!r}")
         if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
@@ -178,6 +203,8 @@ class DeltaNetConfig(PretrainedConfig):
         self.use_beta = bool(use_beta)
         self.allow_neg_eigval = bool(allow_neg_eigval)
         self.use_output_gate = bool(use_output_gate)
+        self.output_gate_activation = output_gate_activation
+        self.A_init_range = A_init_range
         self.num_householder = num_householder
         self.norm_eps = norm_eps
         self.rope_theta = float(rope_theta)

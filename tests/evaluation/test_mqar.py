@@ -147,6 +147,20 @@ def test_ablation_variants_configure_the_mixer():
     assert build_model("delta_net-noconv", use_short_conv=True, **kw).config.use_short_conv
 
 
+def test_gated_recall_variants():
+    """``gated_delta_net-sigmoid`` / ``-slowdecay`` / ``-sigmoid+slowdecay``: the sigmoid output
+    gate and the 100x weaker initial decay (A ~ U(0, 0.16)), alone and together."""
+    kw = dict(width=32, num_layers=2, vocab_size=64, head_dim=16)
+    for name, act, rng in [("sigmoid", "sigmoid", (0.0, 16.0)), ("slowdecay", "silu", (0.0, 0.16)),
+                           ("sigmoid+slowdecay", "sigmoid", (0.0, 0.16))]:
+        model = build_model(f"gated_delta_net-{name}", **kw)
+        cfg = model.config
+        assert cfg.layer_types == ["gated_delta_net"] * 2
+        assert (cfg.output_gate_activation, cfg.A_init_range) == (act, rng)
+        for layer in model.model.layers:
+            assert layer.attn.o_norm.gate_activation == act and layer.attn.A_log.exp().max() <= rng[1] * 1.001
+
+
 @pytest.mark.parametrize("pattern", MODEL_PATTERNS)
 def test_target_logits_match_full_forward(pattern):
     torch.manual_seed(0)

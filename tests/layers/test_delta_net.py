@@ -22,6 +22,8 @@ ABLATIONS = {
     "gated_product3_neg": dict(layer_types=["gated_delta_product"], num_householder=3, allow_neg_eigval=True),
     "product2": dict(layer_types=["delta_product"], num_householder=2),
     "product3_neg": dict(layer_types=["delta_product"], num_householder=3, allow_neg_eigval=True),
+    "gated_sigmoid_gate": dict(layer_types=["gated_delta_net"], output_gate_activation="sigmoid"),
+    "output_gate_sigmoid": dict(use_output_gate=True, output_gate_activation="sigmoid"),
 }
 
 
@@ -31,8 +33,9 @@ def _config(**kw):
     return DeltaNetConfig(**{**base, **kw})
 
 
-def _direct(layer: DeltaNetMixer, x: torch.Tensor) -> torch.Tensor:
-    """The paper's mixer written out by hand: F.conv1d for the short conv, the reference op."""
+def _direct(layer: DeltaNetMixer, x: torch.Tensor, gate_act=F.silu) -> torch.Tensor:
+    """The paper's mixer written out by hand: F.conv1d for the short conv, the reference op;
+    ``gate_act``: the output gate's activation."""
     B, T, _ = x.shape
     H, D = layer.num_heads, layer.head_dim
 
@@ -72,7 +75,7 @@ def _direct(layer: DeltaNetMixer, x: torch.Tensor) -> torch.Tensor:
         o, _ = delta_rule_reference(q, k[:, :, 0], v[:, :, 0], beta[:, :, 0])
     o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
     if layer.use_output_gate:
-        o = o * F.silu(layer.g_proj(x).view(B, T, H, D))
+        o = o * gate_act(layer.g_proj(x).view(B, T, H, D))
     return layer.o_proj(o.reshape(B, T, H * D))
 
 
@@ -82,7 +85,8 @@ def test_mixer_matches_direct_implementation(ablation):
     with torch.no_grad():  # a non-trivial norm weight, so a missing norm scale would show
         layer.o_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 70, 24, dtype=torch.float64)
-    assert_close(ablation, layer(x), _direct(layer, x))
+    gate_act = torch.sigmoid if ABLATIONS[ablation].get("output_gate_activation") == "sigmoid" else F.silu
+    assert_close(ablation, layer(x), _direct(layer, x, gate_act))
 
 
 def test_mixer_gradients_match_direct_implementation():
@@ -107,6 +111,38 @@ def test_gated_decay_initialisation():
     g = layer._decay(torch.randn(2, 5, 64))
     assert g.dtype == torch.float32 and (g <= 0).all()
     assert layer.use_output_gate and not hasattr(DeltaNetMixer(_config(), 0), "A_log")
+
+
+@pytest.mark.parametrize("A_range", [(2.0, 3.0), (0.0, 0.16)])
+def test_gated_decay_initialisation_range(A_range):
+    """``A_init_range``: A ~ U(low, high) per head (the default (0, 16) is tested above); the
+    Hugging Face initialisation of a whole model honours it too."""
+    from deltanet.models import DeltaNetForCausalLM
+
+    cfg = _config(num_heads=64, head_dim=2, hidden_size=128, layer_types=["gated_delta_net"], A_init_range=A_range)
+    for layer in (DeltaNetMixer(cfg, 0), DeltaNetForCausalLM(cfg).model.layers[0].attn):
+        A = layer.A_log.exp()
+        lo, hi = A_range
+        assert max(lo, 1e-4) * 0.999 <= A.min() and A.max() <= hi * 1.001
+        assert A.max() - A.min() > 0.5 * (hi - lo)  # drawn over the range, not a constant
+
+
+def test_sigmoid_gate_decodes_and_keeps_off_the_fused_kernel():
+    """The fused decode kernel gates with silu: a sigmoid-gated layer decodes eagerly (even with
+    ``decode_kernel="fused"``), and its decode steps match the full forward."""
+    cfg = _config(layer_types=["gated_delta_net"], output_gate_activation="sigmoid", decode_kernel="fused")
+    layer = DeltaNetMixer(cfg, layer_idx=0).double()
+    x = torch.randn(1, 9, 24, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        cache = DeltaNetCache(cfg)
+        outs = [layer(x[:, :4], cache=cache)]
+        assert not layer.uses_fused_decode(x[:, 4:5].float(), True)
+        outs += [layer(x[:, t:t + 1], cache=cache) for t in range(4, 9)]
+    assert_close("decoded", torch.cat(outs, 1), y)
+    silu = DeltaNetMixer(_config(layer_types=["gated_delta_net"], decode_kernel="fused"), 0)
+    with torch.no_grad():
+        assert silu.uses_fused_decode(x[:, :1].float(), True)
 
 
 def test_ungated_product_layer():

@@ -29,9 +29,15 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_heads=2)
         (dict(hidden_size=0), "hidden_size must be a positive int"),
         (dict(vocab_size=2.5), "vocab_size must be a positive int"),
         (dict(num_householder=0, layer_types=["gated_delta_product"] * 2), "num_householder must be a positive int"),
+        (dict(output_gate_activation="relu"), r"output_gate_activation must be one of \['silu', 'sigmoid'\]"),
+        (dict(A_init_range=(16, 1)), r"A_init_range must be two numbers \(low, high\) with 0 <= low < high"),
+        (dict(A_init_range=(-1, 1)), "A_init_range must be two numbers"),
+        (dict(A_init_range=(0, 1, 2)), "A_init_range must be two numbers"),
+        (dict(A_init_range="0,16"), "A_init_range must be two numbers"),
     ],
     ids=["unknown_type", "swa_no_window", "len_mismatch", "heads", "kv_heads", "window0", "activation",
-         "sum_norm_silu", "norm", "backend", "odd_head_dim", "hidden0", "vocab_float", "householder0"],
+         "sum_norm_silu", "norm", "backend", "odd_head_dim", "hidden0", "vocab_float", "householder0",
+         "gate_activation", "A_range_reversed", "A_range_negative", "A_range_three", "A_range_str"],
 )
 def test_invalid_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -53,6 +59,20 @@ def test_config_round_trip_and_auto_config(tmp_path):
     assert type(loaded) is DeltaNetConfig
     assert loaded.layer_types == ["delta_net", "sliding_attention"] * 2
     assert loaded.sliding_window == 128
+
+
+def test_gate_activation_and_decay_range_round_trip(tmp_path):
+    """``output_gate_activation`` and ``A_init_range`` survive save / load (JSON gives a list) and
+    reach the built layers."""
+    cfg = DeltaNetConfig(**SMALL, layer_types=["gated_delta_net"] * 2, output_gate_activation="sigmoid",
+                         A_init_range=[0, 0.5])
+    assert cfg.A_init_range == (0.0, 0.5)
+    DeltaNetForCausalLM(cfg).save_pretrained(tmp_path)
+    model = DeltaNetForCausalLM.from_pretrained(tmp_path)
+    assert model.config.output_gate_activation == "sigmoid" and model.config.A_init_range == (0.0, 0.5)
+    assert model.model.layers[1].attn.o_norm.gate_activation == "sigmoid"
+    default = DeltaNetConfig(**SMALL)
+    assert default.output_gate_activation == "silu" and default.A_init_range == (0.0, 16.0)
 
 
 def test_get_config_unknown_name_lists_presets():

@@ -61,9 +61,18 @@ _VARIANTS: dict[str, dict] = {
     # DeltaProduct with n_h Householder steps per token ("gated_delta_product-nh2", ...; without
     # the forget gate: "delta_product-nh2", ...)
     **{f"nh{n}": {"num_householder": n} for n in (1, 2, 3, 4)},
+    # Gated DeltaNet's two initial-state choices that stalled small MQAR models
+    # (benchmarks/results/2026-12-06-cpu-mqar-gated.md): "sigmoid" gates the output with
+    # sigmoid(W_g x) (starts near 0.5) instead of silu(W_g x) (starts near W_g x / 2, random
+    # sign); "slowdecay" draws the decay rate A ~ U(0, 0.16) instead of U(0, 16) (100x weaker:
+    # initial half-lives of 40+ tokens instead of a median of ~11).
+    "sigmoid": {"output_gate_activation": "sigmoid"},
+    "slowdecay": {"A_init_range": (0.0, 0.16)},
+    "sigmoid+slowdecay": {"output_gate_activation": "sigmoid", "A_init_range": (0.0, 0.16)},
 }
 _VARIANT_PATTERNS = ("delta_net-noconv", "linear_attention-noconv", "linear_attention-plain",
-                     *(f"{base}-nh{n}" for base in ("gated_delta_product", "delta_product") for n in (1, 2, 3, 4)))
+                     *(f"{base}-nh{n}" for base in ("gated_delta_product", "delta_product") for n in (1, 2, 3, 4)),
+                     *(f"gated_delta_net-{v}" for v in ("sigmoid", "slowdecay", "sigmoid+slowdecay")))
 MODEL_PATTERNS: tuple[str, ...] = (*_PRESET_PATTERN, "sliding_attention", *_VARIANT_PATTERNS)
 
 
