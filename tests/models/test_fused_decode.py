@@ -178,6 +178,7 @@ class OpCounter(TorchDispatchMode):
 
 
 FUSED_OP = "deltanet.delta_rule_decode_step.default"
+GEMV_OP = "deltanet.decode_linear.default"
 
 
 def _steps(model, route, prompt, prompt_mask, new_ids, new_mask):
@@ -232,32 +233,27 @@ def test_padded_new_token_leaves_the_state_bit_for_bit():
     assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
 
 
-def test_fused_step_is_one_op_between_the_projections():
-    """The fused mixer step dispatches the pre-norm + input projections (one fused function), ONE
-    op for everything between them and o_proj, and o_proj; the eager step ~5x as many."""
-    from deltanet.layers.norm import rms_norm_linear
-
+def test_fused_mixer_step_is_three_ops():
+    """The fused mixer step dispatches three ops: pre-norm + every input projection (one GEMV
+    kernel), the fused delta-rule step, and o_proj (+ residual); the eager step ~15x as many."""
     model = _model(torch.float32, **LAYERS["gated"])
     block = model.model.layers[0]
     mixer = block.attn
     x = torch.randn(2, 1, 32, device=DEVICE)
     mask = torch.ones(2, 1, dtype=torch.long, device=DEVICE)
-    counts = {}
+    counts, outs = {}, {}
     with torch.no_grad():
         cache = model(torch.randint(1, VOCAB, (2, 6), device=DEVICE), use_cache=True).past_key_values
         for route in ("eager", "fused"):
             mixer.decode_kernel = route
             own = copy.deepcopy(cache)
             with OpCounter() as counter:
-                mixer(x, norm=block.attn_norm, mask=mask, cache=own)
+                outs[route] = mixer(x, norm=block.attn_norm, mask=mask, cache=own, residual=x)
             counts[route] = counter
-        weights = [lin.weight for lin in (mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.b_proj, mixer.a_proj,
-                                          mixer.g_proj)]
-        with OpCounter() as projections:
-            rms_norm_linear(x, block.attn_norm.weight, weights, block.attn_norm.eps)
-    assert counts["fused"].ops[FUSED_OP] == 1
-    assert counts["fused"].total == projections.total + 2, counts["fused"].ops  # + the fused op + o_proj
-    assert counts["eager"].total >= 4 * counts["fused"].total, (counts["eager"].total, counts["fused"].total)
+    assert counts["fused"].ops == Counter({FUSED_OP: 1, GEMV_OP: 2}), counts["fused"].ops
+    assert counts["eager"].ops[GEMV_OP] == 0
+    assert counts["eager"].total >= 15 * counts["fused"].total, (counts["eager"].total, counts["fused"].total)
+    assert_close("mixer + residual", outs["fused"], outs["eager"], rtol=1e-5)
 
 
 MIXES = {
