@@ -137,7 +137,7 @@ def set_decode_kernel(model: nn.Module, kernel: str) -> None:
         raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {kernel!r}")
     model.config.decode_kernel = kernel
     for module in model.modules():
-        if isinstance(module, (DeltaNetMixer, DeltaNetBlock)):
+        if isinstance(module, (DeltaNetMixer, AttentionMixer, DeltaNetBlock)):
             module.decode_kernel = kernel
 
 
@@ -172,7 +172,7 @@ class DeltaNetBlock(nn.Module):
         """``residual + mixer(norm(x))`` (``mixer(norm(x))`` without a residual)."""
         # The DeltaNet mixer and the MLP take the pre-norm and fuse it with their input
         # projections: the normalised activations are recomputed in backward, not kept.
-        if isinstance(self.attn, DeltaNetMixer):
+        if isinstance(self.attn, (DeltaNetMixer, AttentionMixer)):
             return self.attn(x, norm=self.attn_norm, residual=residual, **mixer_kwargs)
         y = self.attn(self.attn_norm(x), **mixer_kwargs)
         return y if residual is None else residual + y
