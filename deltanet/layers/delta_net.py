@@ -252,9 +252,10 @@ class DeltaNetMixer(nn.Module):
             W = self.q_conv.kernel_size
             if state.conv is None:
                 state.conv = tuple(q.new_zeros(B, W - 1, t.shape[-1]) for t in (q, k, v))
-            state.conv = tuple(c if c.dtype == q.dtype and c.is_contiguous() else c.to(q.dtype).contiguous()
-                               for c in state.conv)
-            convs = state.conv
+            convs = tuple(c if c.dtype == q.dtype and c.is_contiguous() else c.to(q.dtype).contiguous()
+                          for c in state.conv)
+            if any(a is not b for a, b in zip(convs, state.conv)):
+                state.conv = convs  # (the same tuple otherwise: a captured step then copies nothing back)
             weights = tuple(mod.weight.contiguous() for mod in (self.q_conv, self.k_conv, self.v_conv))
         if state.recurrent.dtype != torch.float32 or not state.recurrent.is_contiguous():
             state.recurrent = state.recurrent.float().contiguous()
