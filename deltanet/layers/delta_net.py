@@ -28,8 +28,10 @@ Decoding (one token against a cache): ``decode_kernel`` (config field, or the at
 layer) picks the route. ``"fused"``: everything between the input projections and the output
 projection is one Triton kernel (``deltanet.ops.delta_rule.decode``: conv step, q / k feature
 map, beta, decay, the n_h delta-rule steps, read-out, output norm and gate; conv and recurrent
-states updated in place). ``"eager"``: the same step op by op (the reference; ~70-100 small
-kernels per layer). ``"auto"`` (default): eager for now. The fused kernel is tested against the
+states updated in place), the pre-norm with every input projection is one GEMV kernel and the
+output projection with the block's residual add another (``deltanet.ops.decode_linear``; the
+block runs its MLP in two more: 5 kernels per block and token). ``"eager"``: the same step op by
+op (the reference; ~70-100 small kernels per layer). ``"auto"`` (default): eager for now. The fused kernel is tested against the
 eager route in the Triton interpreter (CPU), which runs a program's threads in lock-step and so
 cannot show a race between warps on a GPU; ``"auto"`` turns into "fused where the decode backend
 is Triton's recurrent kernel" (``FUSED_DECODE_BY_DEFAULT``) once its CUDA tests

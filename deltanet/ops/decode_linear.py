@@ -100,11 +100,13 @@ def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, M, eps,
                          w0, w1, w2, w3, w4, w5, w6, w7,
                          N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
                          N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr, N7: tl.constexpr,
-                         C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
+                         B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr):
     """Programs over (column blocks of all matrices, row blocks). Matrix ``i`` has ``N_i`` rows
-    (0: absent) and owns ``cdiv(N_i, BN)`` consecutive column blocks; its outputs are columns
-    ``N_0 + .. + N_{i-1}`` onwards of ``y`` (SwiGLU: ``w0`` gate, ``w1`` up, output ``[M, N0]``)."""
+    (0: absent) and owns the ``cdiv(N_i, BN)`` column blocks from ``B_i`` on (``B_0 = 0``); its
+    outputs are columns ``N_0 + .. + N_{i-1}`` onwards of ``y`` (SwiGLU: ``w0`` gate, ``w1`` up,
+    output ``[M, N0]``)."""
     pid, i_m = tl.program_id(0), tl.program_id(1)
     off_m = i_m * BM + tl.arange(0, BM)
     rstd = tl.zeros([BM], dtype=tl.float32)
@@ -116,14 +118,6 @@ def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, M, eps,
                           mask=(off_m < M)[:, None] & (o_k < C)[None, :], other=0.0).to(tl.float32)
             ss += tl.sum(b_x * b_x, 1)
         rstd = 1.0 / tl.sqrt(ss / C + eps)
-    # block boundaries of the matrices (constexpr): B_i = first block of matrix i
-    B1: tl.constexpr = (N0 + BN - 1) // BN
-    B2: tl.constexpr = B1 + (N1 + BN - 1) // BN
-    B3: tl.constexpr = B2 + (N2 + BN - 1) // BN
-    B4: tl.constexpr = B3 + (N3 + BN - 1) // BN
-    B5: tl.constexpr = B4 + (N4 + BN - 1) // BN
-    B6: tl.constexpr = B5 + (N5 + BN - 1) // BN
-    B7: tl.constexpr = B6 + (N6 + BN - 1) // BN
     if SWIGLU:
         _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, off_m, pid * BN, M, N0, C, 0, w1,
               BM, BN, BK, NORM, True, False, IEEE)
@@ -187,9 +181,12 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[
     n_blocks = triton.cdiv(Ns[0], BN) if swiglu else sum(triton.cdiv(n, BN) for n in Ns)
     ws = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))  # absent: N = 0, never read
     Ns = Ns + [0] * (MAX_WEIGHTS - len(Ns))
+    starts = [0]  # B_i: the first column block of matrix i
+    for n in Ns[:-1]:
+        starts.append(starts[-1] + triton.cdiv(n, BN))
     decode_linear_kernel[(n_blocks, triton.cdiv(M, BM))](
         x, x.stride(0), norm_weight if norm_weight is not None else x, residual if residual is not None else x,
-        y, y.stride(0), M, eps, *ws, *Ns, C=C, BM=BM, BN=BN, BK=BK, NORM=norm_weight is not None,
+        y, y.stride(0), M, eps, *ws, *Ns, *starts[1:], C=C, BM=BM, BN=BN, BK=BK, NORM=norm_weight is not None,
         SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=warps)
     return y
 
