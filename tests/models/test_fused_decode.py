@@ -377,6 +377,25 @@ def test_captured_step_function_with_the_fused_route(monkeypatch):
         assert entry.recurrent is rec and all(a is b for a, b in zip(entry.conv, conv))
 
 
+@pytest.mark.parametrize("route,default_on,expect", [("eager", True, False), ("auto", False, False),
+                                                      ("auto", True, ON_GPU), ("fused", False, True)])
+def test_decode_kernel_switch_routes_every_fused_kernel(route, default_on, expect, monkeypatch):
+    """"eager" never takes a fused kernel; "auto" follows FUSED_DECODE_BY_DEFAULT (on CUDA only);
+    "fused" always: the rule step and the GEMV kernels (mixer, MLP, attention) alike."""
+    from deltanet.layers import delta_net
+
+    monkeypatch.setattr(delta_net, "FUSED_DECODE_BY_DEFAULT", default_on)
+    model = _model(torch.float32, layer_types=["gated_delta_net", "sliding_attention"])
+    set_decode_kernel(model, route)
+    ids = torch.randint(1, VOCAB, (2, 5), device=DEVICE)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        with OpCounter() as counter:
+            model(ids[:, -1:], past_key_values=cache)
+    assert counter.ops[FUSED_OP] == (1 if expect else 0), counter.ops
+    assert counter.ops[GEMV_OP] == (8 if expect else 0), counter.ops  # 4 per block
+
+
 def test_config_rejects_unknown_decode_kernel():
     with pytest.raises(ValueError, match="decode_kernel"):
         DeltaNetConfig(decode_kernel="triton")
