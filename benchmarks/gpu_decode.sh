@@ -19,8 +19,10 @@
 #                  gated-deltanet-340m, hybrid-swa-340m at batch 1 and 32 (2K prompt, 256 new tokens:
 #                  tokens/s, step ms, fraction of the bandwidth floor, kernels per step), then the
 #                  per-kernel profile of both routes and their greedy tokens compared
+#         gemv     the decode-step GEMV kernel alone on the 340M projections, batch 1 and 32: default
+#                  launch settings vs a grid (GB/s against the copy bandwidth; the best marked)
 # Two calls within a 10-minute limit: PARTS=tests,loop,graph then PARTS=eager,context;
-# the fused decode route alone: PARTS=fusedtests,fused.
+# the fused decode route alone: PARTS=fusedtests,fused,gemv.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_decode.sh OUT [BUDGET_S] [PARTS]}
@@ -55,6 +57,8 @@ for part in ${PARTS//,/ }; do
            run fused_profile 150 python3 benchmarks/profile_decode_step.py --models deltanet-340m,hybrid-swa-340m \
              --batch 1,32 --prompt 2048 --steps 20 --modes eager,graph --decode-kernels eager,fused --check \
              --budget-s "$(budget 20)" --out "$R/decode_fused_profile.md" ;;
+    gemv) b=$(budget 20); [ "$b" -gt 220 ] && b=220
+          run gemv 240 python3 benchmarks/bench_decode_step.py --gemv-sweep --batch 1,32 --budget-s "$b" --out "$R" ;;
     *) log "unknown part $part" ;;
   esac
 done

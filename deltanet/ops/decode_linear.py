@@ -34,6 +34,7 @@ capture and op counts).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -43,8 +44,8 @@ import triton.language as tl
 
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
 
-__all__ = ["MAX_WEIGHTS", "decode_linear_reference", "linear_residual_decode", "rms_norm_linear_decode",
-           "rms_norm_swiglu_decode"]
+__all__ = ["GemvConfig", "MAX_WEIGHTS", "decode_linear_reference", "linear_residual_decode",
+           "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
 
 MAX_WEIGHTS = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -155,29 +156,58 @@ def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, M, eps,
                       N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, BM, BN, BK, NORM, False, False, IEEE)
 
 
-def _blocks(M: int, N_total: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """``(BM, BN, BK, num_warps)``. ``tl.dot`` needs 16 rows and columns at least: a batch of one
-    is padded to 16 rows (the products are free, the weights are the traffic). ``BN``: 16
-    columns per program while that still gives ~256+ programs (two per SM on an H100: bytes in
-    flight), wider for the LM head. ``BK``: 32 KB of weights per program and K step at most, and
-    the fp32 ``[BM, BK]`` input tile within ~64 registers a thread. Not tuned on a GPU yet."""
-    BM = min(MAX_BM, max(16, triton.next_power_of_2(M)))
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch settings of ``decode_linear_kernel``: ``BN`` output columns and ``BK`` input channels
+    per program and step (powers of two >= 16), ``num_warps``, ``num_stages`` (software pipelining
+    of the weight loads). The rows per program follow the batch (``BM``: 16 to 64)."""
+
+    BN: int = 16
+    BK: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("BN", "BK"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 16, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"GemvConfig.num_stages must be a positive int, got {self.num_stages!r}")
+
+
+def _rows_per_program(M: int) -> int:
+    # tl.dot needs 16 rows at least: a batch of one is padded to 16 (the products are free, the
+    # weights are the traffic)
+    return min(MAX_BM, max(16, triton.next_power_of_2(M)))
+
+
+def select_config(M: int, N_total: int, dtype: torch.dtype) -> GemvConfig:
+    """The default settings for ``M`` rows and ``N_total`` output columns. ``BN``: 16 columns per
+    program while that still gives ~256+ programs (two per SM on an H100: bytes in flight), wider
+    for the LM head. ``BK``: the fp32 ``[BM, BK]`` input tile within ~32 registers a thread (sm_90,
+    Triton 3.9: 34-154 registers, no spills, <= 91 KB shared memory for the 340M shapes at
+    M = 1 / 32 / 64). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py --gemv-sweep``."""
+    BM = _rows_per_program(M)
     BN = 16 if N_total <= 8192 else 32 if N_total <= 16384 else 64
     BK = {16: 256, 32: 128, 64: 64}[BM]
     if dtype == torch.float32:
         BK = max(32, BK // 2)
-    return BM, BN, BK, 4
+    return GemvConfig(BN=BN, BK=BK, num_warps=4, num_stages=3)
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[torch.Tensor],
-            residual: Optional[torch.Tensor], eps: float, swiglu: bool) -> torch.Tensor:
+            residual: Optional[torch.Tensor], eps: float, swiglu: bool, block_n: int, block_k: int, num_warps: int,
+            num_stages: int) -> torch.Tensor:
     M, C = x.shape
     Ns = [w.shape[0] for w in weights]
     N_out = Ns[0] if swiglu else sum(Ns)
     y = torch.empty(M, N_out, dtype=x.dtype, device=x.device)
     if POISON:
         y.fill_(float("nan"))
-    BM, BN, BK, warps = _blocks(M, N_out, x.dtype)
+    BM, BN, BK = _rows_per_program(M), block_n, block_k
     n_blocks = triton.cdiv(Ns[0], BN) if swiglu else sum(triton.cdiv(n, BN) for n in Ns)
     ws = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))  # absent: N = 0, never read
     Ns = Ns + [0] * (MAX_WEIGHTS - len(Ns))
@@ -187,7 +217,8 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[
     decode_linear_kernel[(n_blocks, triton.cdiv(M, BM))](
         x, x.stride(0), norm_weight if norm_weight is not None else x, residual if residual is not None else x,
         y, y.stride(0), M, eps, *ws, *Ns, *starts[1:], C=C, BM=BM, BN=BN, BK=BK, NORM=norm_weight is not None,
-        SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=warps)
+        SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages)
     return y
 
 
@@ -195,7 +226,7 @@ _op = torch.library.custom_op("deltanet::decode_linear", _launch, mutates_args=(
 
 
 @_op.register_fake
-def _launch_fake(x, weights, norm_weight, residual, eps, swiglu):
+def _launch_fake(x, weights, norm_weight, residual, eps, swiglu, block_n, block_k, num_warps, num_stages):
     n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     return x.new_empty(x.shape[0], n)
 
@@ -250,21 +281,29 @@ def _check_device(x: torch.Tensor) -> None:
                          "set before triton is imported (CPU, slow); use decode_kernel='eager' on CPU")
 
 
-def _call(x, weights, norm_weight, residual, eps, swiglu) -> torch.Tensor:
+def _call(x, weights, norm_weight, residual, eps, swiglu, config) -> torch.Tensor:
     """``[..., N]`` from ``x [..., C]`` through the kernel (rows flattened)."""
     _validate(x, weights, norm_weight, residual, swiglu)
+    if config is not None and not isinstance(config, GemvConfig):
+        raise TypeError(f"config must be a GemvConfig or None, got {type(config).__name__}")
     _check_device(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     r2 = residual.reshape(x2.shape[0], -1).contiguous() if residual is not None else None
-    y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu)
+    if config is None:
+        config = select_config(x2.shape[0], weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights),
+                               x.dtype)
+    y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu, config.BN, config.BK, config.num_warps,
+            config.num_stages)
     return y.view(*lead, y.shape[-1])
 
 
-def rms_norm_linear_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, weights, eps: float = 1e-6) -> tuple:
+def rms_norm_linear_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, weights, eps: float = 1e-6, *,
+                           config: GemvConfig | None = None) -> tuple:
     """``tuple(rmsnorm(x) * norm_weight @ W.T for W in weights)`` in one kernel (no norm when
     ``norm_weight`` is None), for a decode step's rows: ``x [..., C]``, each ``W [N_i, C]`` in
     ``x``'s dtype. The outputs are column slices of one ``[..., sum N_i]`` buffer (rows strided).
+    ``config``: launch settings (default: :func:`select_config`'s), for every function here.
 
     Example (CUDA, or CPU with ``TRITON_INTERPRET=1`` set before importing triton)::
 
@@ -273,7 +312,7 @@ def rms_norm_linear_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, we
         >>> q.shape, b.shape  # doctest: +SKIP
         (torch.Size([3, 48]), torch.Size([3, 5]))
     """
-    y = _call(x, weights, norm_weight, None, eps, False)
+    y = _call(x, weights, norm_weight, None, eps, False, config)
     out, start = [], 0
     for w in weights:
         out.append(y[..., start:start + w.shape[0]])
@@ -282,16 +321,18 @@ def rms_norm_linear_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, we
 
 
 def rms_norm_swiglu_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, gate_weight: torch.Tensor,
-                           up_weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+                           up_weight: torch.Tensor, eps: float = 1e-6, *, config: GemvConfig | None = None
+                           ) -> torch.Tensor:
     """``silu(h @ W_g.T) * (h @ W_u.T)``, ``h = rmsnorm(x) * norm_weight`` (``x`` without a norm), in
     one kernel: the first half of a SwiGLU MLP for a decode step's rows."""
-    return _call(x, [gate_weight, up_weight], norm_weight, None, eps, True)
+    return _call(x, [gate_weight, up_weight], norm_weight, None, eps, True, config)
 
 
-def linear_residual_decode(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+def linear_residual_decode(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, *,
+                           config: GemvConfig | None = None) -> torch.Tensor:
     """``residual + x @ weight.T`` (``x @ weight.T`` without a residual) in one kernel, for a decode
     step's rows: the output or down projection with the block's residual add."""
-    return _call(x, [weight], None, residual, 0.0, False)
+    return _call(x, [weight], None, residual, 0.0, False, config)
 
 
 def decode_linear_reference(x, weights, norm_weight=None, residual=None, eps: float = 1e-6, swiglu: bool = False):

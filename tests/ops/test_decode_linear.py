@@ -19,8 +19,8 @@ from tests.utils import assert_close
 from deltanet.layers.mlp import swiglu_linear
 from deltanet.layers.norm import rms_norm_linear
 from deltanet.ops import decode_linear as dl
-from deltanet.ops.decode_linear import (decode_linear_reference, linear_residual_decode, rms_norm_linear_decode,
-                                        rms_norm_swiglu_decode)
+from deltanet.ops.decode_linear import (GemvConfig, decode_linear_reference, linear_residual_decode,
+                                        rms_norm_linear_decode, rms_norm_swiglu_decode)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -114,6 +114,27 @@ def test_linear_residual(M, dtype):
     _check("r + x W^T", linear_residual_decode(x, w, r), r + F.linear(x, w), r.double() + x.double() @ w.double().t(),
            dtype)
     _check("x W^T", linear_residual_decode(x, w), F.linear(x, w), x.double() @ w.double().t(), dtype)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(BN=32, BK=16, num_warps=2, num_stages=2),
+                                    GemvConfig(BN=64, BK=128, num_warps=8, num_stages=4)], ids=["narrow-k", "wide-n"])
+def test_launch_settings_change_nothing(config):
+    """Every ``GemvConfig`` computes the same thing (K walked in more or fewer blocks, a block of
+    columns spanning two matrices' boundaries differently)."""
+    g = torch.Generator().manual_seed(3)
+    x = _r(5, 1, 48, dtype=torch.float32, g=g)
+    nw = _r(48, dtype=torch.float32, g=g)
+    ws = [_r(n, 48, dtype=torch.float32, g=g) for n in (80, 5, 17)]
+    for a, b in zip(rms_norm_linear_decode(x, nw, ws, config=config), rms_norm_linear_decode(x, nw, ws)):
+        assert_close("config", a, b, rtol=1e-5)
+    p = rms_norm_swiglu_decode(x, nw, ws[0], ws[0].flip(0), config=config)
+    assert_close("swiglu config", p, rms_norm_swiglu_decode(x, nw, ws[0], ws[0].flip(0)), rtol=1e-5)
+    r = linear_residual_decode(p, _r(48, 80, dtype=torch.float32, g=g), x, config=config)
+    assert r.shape == x.shape and torch.isfinite(r).all()
+    with pytest.raises(ValueError, match="GemvConfig.BN must be a power of two >= 16"):
+        GemvConfig(BN=24)
+    with pytest.raises(TypeError, match="config must be a GemvConfig"):
+        linear_residual_decode(p, ws[0].t().contiguous(), config=dict(BN=16))
 
 
 def test_reference_is_the_eager_composition():
