@@ -13,6 +13,16 @@ of 50 calls replayed from one CUDA graph (launch cost as in captured decoding):
 
 Writes ``decode_step.md`` and ``decode_step.json`` into OUT_DIR after every row; a failing row is
 recorded and the sweep goes on.
+
+``--gemv-sweep``: instead, the decode-step GEMV kernel (``deltanet.ops.decode_linear``) alone on
+the 340M model's projections (pre-norm + input projections, o_proj + residual, MLP gate/up +
+SwiGLU, down + residual, final norm + LM head) at each ``--batch``, for its default launch
+settings and a grid of ``GemvConfig`` values: microseconds per call (CUDA graph of 50 calls) and
+the weight bytes streamed as GB/s and as a fraction of the device copy bandwidth (the floor the
+kernel is built for). Writes ``decode_gemv.md`` / ``.json``; the best setting per shape and batch
+is marked, to replace ``select_config``'s guesses.
+
+    python benchmarks/bench_decode_step.py --gemv-sweep --out OUT_DIR --batch 1,32 --budget-s 300
 """
 
 from __future__ import annotations
@@ -100,6 +110,93 @@ def row(kind: str, batch: int, bandwidth: float) -> dict:
     return out
 
 
+# The 340M model's decode-step projections: (weight rows per matrix, input width, kind)
+GEMV_SHAPES = {
+    "delta in-proj (q,k,v,b,g)": ([1024, 1024, 1024, 8, 1024], 1024, "norm"),
+    "gated in-proj (q,k,v,b,a,g)": ([1024, 1024, 1024, 8, 8, 1024], 1024, "norm"),
+    "o_proj + residual": ([1024], 1024, "residual"),
+    "MLP gate/up + SwiGLU": ([2816, 2816], 1024, "swiglu"),
+    "MLP down + residual": ([1024], 2816, "residual"),
+    "final norm + LM head": ([32000], 1024, "norm"),
+}
+
+
+def gemv_configs():
+    from deltanet.ops.decode_linear import GemvConfig
+
+    return [GemvConfig(BN=bn, BK=bk, num_warps=w, num_stages=st)
+            for bn in (16, 32) for bk in (128, 256) for w in (4,) for st in (3, 4)]
+
+
+def gemv_row(shape: str, batch: int, config, bandwidth: float) -> dict:
+    """One (shape, batch, config) point of the GEMV sweep; ``config`` None: the default settings."""
+    from deltanet.ops.decode_linear import (linear_residual_decode, rms_norm_linear_decode, rms_norm_swiglu_decode,
+                                            select_config)
+
+    Ns, C, kind = GEMV_SHAPES[shape]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    ws = [0.02 * torch.randn(n, C, device=dev, dtype=dt) for n in Ns]
+    x = torch.randn(batch, C, device=dev, dtype=dt)
+    nw = torch.ones(C, device=dev, dtype=dt)
+    res = torch.randn(batch, Ns[0], device=dev, dtype=dt)
+    used = config or select_config(batch, Ns[0] if kind == "swiglu" else sum(Ns), dt)
+    if kind == "norm":
+        def fn():
+            return rms_norm_linear_decode(x, nw, ws, config=config)
+    elif kind == "swiglu":
+        def fn():
+            return rms_norm_swiglu_decode(x, nw, ws[0], ws[1], config=config)
+    else:
+        def fn():
+            return linear_residual_decode(x, ws[0], res, config=config)
+    us = _graph_time(fn)
+    nbytes = sum(w.numel() for w in ws) * 2
+    gbps = nbytes / us / 1e3
+    return dict(shape=shape, batch=batch, default=config is None, BN=used.BN, BK=used.BK, warps=used.num_warps,
+                stages=used.num_stages, us=round(us, 2), weight_GBps=round(gbps, 1),
+                frac_of_copy_bw=round(gbps / (bandwidth / 1e9), 3))
+
+
+def gemv_markdown(rows, env) -> str:
+    best: dict = {}
+    for r in rows:
+        if "us" in r:
+            key = (r["shape"], r["batch"])
+            best[key] = min(best.get(key, float("inf")), r["us"])
+    cols = ["shape", "batch", "default", "BN", "BK", "warps", "stages", "us", "weight_GBps", "frac_of_copy_bw",
+            "best", "error"]
+    lines = [f"# Decode-step GEMV kernel, launch settings ({env.get('device')}, bf16)", "", "```", json.dumps(env),
+             "```", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        r = dict(r, best="**best**" if "us" in r and r["us"] == best.get((r["shape"], r["batch"])) else "")
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gemv_sweep(args, env, bw, start) -> int:
+    rows = []
+    for shape in GEMV_SHAPES:
+        for b in (int(x) for x in args.batch.split(",")):
+            for config in [None, *gemv_configs()]:
+                if time.perf_counter() - start > args.budget_s:
+                    r = dict(shape=shape, batch=b, default=config is None, error="skipped: budget spent")
+                else:
+                    try:
+                        r = gemv_row(shape, b, config, bw)
+                    except Exception as e:  # a failing point is recorded; the sweep goes on
+                        r = dict(shape=shape, batch=b, default=config is None, error=f"{type(e).__name__}: {str(e)[:200]}")
+                        if config is not None:
+                            r.update(BN=config.BN, BK=config.BK, warps=config.num_warps, stages=config.num_stages)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+            with open(os.path.join(args.out, "decode_gemv.json"), "w") as f:
+                json.dump(dict(env=env, rows=rows), f, indent=1)
+            with open(os.path.join(args.out, "decode_gemv.md"), "w") as f:
+                f.write(gemv_markdown(rows, env))
+    print(gemv_markdown(rows, env))
+    return 0
+
+
 def markdown(rows, env) -> str:
     cols = ["layer", "batch", "n_h", "mixer_us_fused", "mixer_us_eager", "kernels_fused", "kernels_eager", "op_us",
             "state_GBps", "frac_of_copy_bw", "error"]
@@ -115,6 +212,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=120)
     p.add_argument("--batch", default="1,8,32,128")
     p.add_argument("--layers", default="delta_net,gated_delta_net,gated_delta_product")
+    p.add_argument("--gemv-sweep", action="store_true", help="time the decode-step GEMV kernel's launch settings")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from deltanet.bench.decode import copy_bandwidth
@@ -126,6 +224,8 @@ def main() -> int:
 
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_GBps=round(bw / 1e9, 1), date=time.strftime("%Y-%m-%d"))
+    if args.gemv_sweep:
+        return gemv_sweep(args, env, bw, start)
     rows = []
     for kind in args.layers.split(","):
         for b in (int(x) for x in args.batch.split(",")):

@@ -13,7 +13,16 @@
 #         graph    HF generate with CUDA-graph steps, the same models + fla's DeltaNet side by side
 #         eager    HF generate with eager steps (the "before" of the 5x target), the same models
 #         context  deltanet-340m, captured loop, batch 1, prompt 2K vs 32K (cache and peak memory)
-# Two calls within a 10-minute limit: PARTS=tests,loop,graph then PARTS=eager,context.
+#         fusedtests  GPU tests of the fused decode route (decode_kernel="fused"): the GEMV kernels
+#                  against PyTorch, the fused rule step, fused == eager decoding, kernels per layer
+#         fused    the whole captured step, fused route vs eager route: deltanet-340m,
+#                  gated-deltanet-340m, hybrid-swa-340m at batch 1 and 32 (2K prompt, 256 new tokens:
+#                  tokens/s, step ms, fraction of the bandwidth floor, kernels per step), then the
+#                  per-kernel profile of both routes and their greedy tokens compared
+#         gemv     the decode-step GEMV kernel alone on the 340M projections, batch 1 and 32: default
+#                  launch settings vs a grid (GB/s against the copy bandwidth; the best marked)
+# Two calls within a 10-minute limit: PARTS=tests,loop,graph then PARTS=eager,context;
+# the fused decode route alone: PARTS=fusedtests,fused,gemv.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_decode.sh OUT [BUDGET_S] [PARTS]}
@@ -41,6 +50,15 @@ for part in ${PARTS//,/ }; do
              $COMMON --budget-s "$(budget 40)" --out "$R/decode_generate_eager.md" ;;
     context) run context 150 python3 -m deltanet.cli bench decode --models deltanet-340m --paths loop --batch 1 \
                --prompt 2048,32768 --new-tokens 256 --budget-s "$(budget 30)" --out "$R/decode_context.md" ;;
+    fusedtests) run fusedtests 240 python3 -m pytest -q -rs -x tests/ops/test_decode_linear.py \
+                  tests/models/test_fused_decode.py ;;
+    fused) run fused_loop 200 python3 -m deltanet.cli bench decode --models deltanet-340m,gated-deltanet-340m,hybrid-swa-340m \
+             --paths loop --decode-kernel eager,fused $COMMON --budget-s "$(budget 30)" --out "$R/decode_fused_loop.md"
+           run fused_profile 150 python3 benchmarks/profile_decode_step.py --models deltanet-340m,hybrid-swa-340m \
+             --batch 1,32 --prompt 2048 --steps 20 --modes eager,graph --decode-kernels eager,fused --check \
+             --budget-s "$(budget 20)" --out "$R/decode_fused_profile.md" ;;
+    gemv) b=$(budget 20); [ "$b" -gt 220 ] && b=220
+          run gemv 240 python3 benchmarks/bench_decode_step.py --gemv-sweep --batch 1,32 --budget-s "$b" --out "$R" ;;
     *) log "unknown part $part" ;;
   esac
 done

@@ -10,14 +10,23 @@ profiles ``--steps`` one-token steps (``torch.profiler``, CPU + CUDA activity):
 - ``graph``: the same step replayed as a CUDA graph (our models' default): wall time per step,
   and the kernels where the profiler sees inside graph replays (CUPTI does on recent drivers).
 
-Per (model, batch, mode) it writes: wall ms per step, kernels per step, the sum of kernel device
-time per step (if that sum is close to the graph's wall time the step is bound by its kernels'
-work, not by launches), and the top kernels by device time per step with their counts, grouped
-into families (GEMM, Triton, elementwise, reduction, copy, other). Output: ``OUT.md`` and
-``OUT.json``.
+Each of those per ``--decode-kernels`` route (``eager``: op by op; ``fused``: per block the fused
+kernels of ``decode_kernel="fused"``: norm + projections, the delta-rule step, o_proj + residual,
+MLP norm + gate/up + SwiGLU, down + residual; see ``deltanet.models.set_decode_kernel``).
+
+Per (model, batch, route, mode) it writes: wall ms per step and tokens/s, the weight-streaming
+floor (parameter bytes a step reads / device copy bandwidth) and the step's fraction of it,
+kernels per step, the sum of kernel device time per step (if that sum is close to the graph's
+wall time the step is bound by its kernels' work, not by launches), and the top kernels by device
+time per step with their counts, grouped into families (GEMM, Triton, elementwise, reduction,
+copy, other). ``--check`` adds a row per (model, batch): ``--steps`` greedy steps on the fused
+route (captured) against the eager route (eager steps) from the same prompt: tokens equal, and
+the largest logit difference of the first step relative to the logits' range. Output: ``OUT.md``
+and ``OUT.json``, rewritten after every row; ``--budget-s`` skips the points that no longer fit.
 
     python benchmarks/profile_decode_step.py --out OUT/decode_profile.md \\
-        --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20
+        --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20 \\
+        --decode-kernels eager,fused --check --budget-s 400
     python benchmarks/profile_decode_step.py --smoke --out /tmp/p.md    # tiny model on the CPU
 """
 
@@ -71,16 +80,26 @@ def _cpu_ops(prof) -> dict[str, tuple[int, float]]:
             if ev.key.startswith("aten::") and ev.self_cpu_time_total > 0}
 
 
+def _weight_floor_ms(model, bandwidth: float | None) -> float | None:
+    from deltanet.bench.decode import weight_bytes_per_step
+
+    return weight_bytes_per_step(model) / bandwidth * 1e3 if bandwidth else None
+
+
 def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, device: torch.device,
-                  smoke: bool, top: int) -> dict:
-    """One row: ``steps`` profiled one-token steps of ``name`` at ``batch`` in ``mode``."""
-    row: dict = dict(model=name, batch=batch, prompt=prompt, mode=mode, steps=steps)
+                  smoke: bool, top: int, decode_kernel: str = "eager", bandwidth: float | None = None) -> dict:
+    """One row: ``steps`` profiled one-token steps of ``name`` at ``batch`` in ``mode`` on the
+    ``decode_kernel`` route."""
+    row: dict = dict(model=name, batch=batch, prompt=prompt, decode_kernel=decode_kernel, mode=mode, steps=steps)
     model = None
     try:
+        from deltanet.models import set_decode_kernel
+
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
         if not hasattr(model, "cuda_graph_decoding"):
             raise ValueError(f"{name}: our models only")
+        set_decode_kernel(model, decode_kernel)
         model.cuda_graph_decoding = mode == "graph"
         g = torch.Generator(device=device).manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
@@ -100,7 +119,13 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
             for _ in range(steps):
                 tok = step(tok)
             _sync(device)
-            row["wall_ms_per_step"] = round((time.perf_counter() - t0) / steps * 1e3, 3)
+            wall = (time.perf_counter() - t0) / steps
+            row["wall_ms_per_step"] = round(wall * 1e3, 3)
+            row["tokens_per_s"] = round(batch / wall, 1)
+            floor = _weight_floor_ms(model, bandwidth)
+            if floor is not None:
+                row["weight_floor_ms"] = round(floor, 3)
+                row["floor_frac"] = round(floor / (wall * 1e3), 3)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 for _ in range(steps):
@@ -126,17 +151,71 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
     return row
 
 
+def check_routes(name: str, batch: int, *, prompt: int, steps: int, device: torch.device, smoke: bool) -> dict:
+    """One row: greedy steps of the fused route (captured on CUDA) against the eager route (eager
+    steps) from one prompt: ``tokens_equal`` (all steps), ``first_mismatch`` (step index or None),
+    ``logit_diff_rel`` (first step: max |fused - eager| / (max - min) of the eager logits)."""
+    row: dict = dict(model=name, batch=batch, prompt=prompt, mode="check", steps=steps)
+    model = None
+    try:
+        from deltanet.models import set_decode_kernel
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = build_model(name, smoke=smoke).to(device=device, dtype=dtype).eval()
+        g = torch.Generator(device=device).manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
+        runs = {}
+        for route, graph in (("eager", False), ("fused", True)):
+            set_decode_kernel(model, route)
+            model.cuda_graph_decoding = graph
+            with torch.no_grad():
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                cache, logits = out.past_key_values, out.logits[:, -1].float()
+                toks, first = [], None
+                tok = logits.argmax(-1, keepdim=True)
+                for _ in range(steps):
+                    toks.append(tok)
+                    step_logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1].float()
+                    first = step_logits if first is None else first
+                    tok = step_logits.argmax(-1, keepdim=True)
+            runs[route] = (torch.cat(toks, 1), first)
+        (te, le), (tf, lf) = runs["eager"], runs["fused"]
+        same = (te == tf).all(0)
+        row["tokens_equal"] = bool(same.all())
+        row["first_mismatch"] = None if bool(same.all()) else int((~same).nonzero()[0, 0])
+        row["logit_diff_rel"] = round(float((lf - le).abs().max() / (le.max() - le.min()).clamp_min(1e-6)), 5)
+    except Exception as e:
+        row["error"] = _error(e)
+    finally:
+        del model
+        _free()
+    return row
+
+
 def render(env: dict, rows: list[dict]) -> str:
     lines = ["# Decode step profile", "", "  ".join(f"{k}: {v}" for k, v in env.items()), "",
-             "| model | batch | mode | wall ms / step | kernels / step | kernel ms / step | error |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | batch | route | mode | wall ms / step | tokens/s | weight floor ms | floor frac | kernels / step "
+             "| kernel ms / step | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['mode']} | {r.get('wall_ms_per_step', '-')} | "
-                     f"{r.get('kernels_per_step', '-')} | {r.get('kernel_ms_per_step', '-')} | {r.get('error', '')} |")
+        if r["mode"] == "check":
+            continue
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('decode_kernel', '-')} | {r['mode']} | "
+                     f"{r.get('wall_ms_per_step', '-')} | {r.get('tokens_per_s', '-')} | {r.get('weight_floor_ms', '-')} | "
+                     f"{r.get('floor_frac', '-')} | {r.get('kernels_per_step', '-')} | {r.get('kernel_ms_per_step', '-')} | "
+                     f"{r.get('error', '')} |")
+    checks = [r for r in rows if r["mode"] == "check"]
+    if checks:
+        lines += ["", "## Fused (captured) vs eager route: greedy steps from one prompt", "",
+                  "| model | batch | steps | tokens equal | first mismatch | first-step logit diff / range | error |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch']} | {r['steps']} | {r.get('tokens_equal', '-')} | "
+                  f"{r.get('first_mismatch', '-')} | {r.get('logit_diff_rel', '-')} | {r.get('error', '')} |"
+                  for r in checks]
     for r in rows:
         if "top" not in r:
             continue
-        lines += ["", f"## {r['model']}, batch {r['batch']}, {r['mode']}", "",
+        lines += ["", f"## {r['model']}, batch {r['batch']}, {r.get('decode_kernel', 'eager')} route, {r['mode']}", "",
                   "families: " + ", ".join(f"{f} {v['per_step']} kernels / {v['us_per_step']} µs"
                                            for f, v in r["families"].items()), "",
                   "| kernel | family | per step | µs per step |", "|---|---|---|---|"]
@@ -153,29 +232,48 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default="eager,graph")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--decode-kernels", default="eager,fused", help="routes of the one-token step: eager, fused, auto")
+    ap.add_argument("--check", action="store_true", help="also compare the fused route's greedy steps with eager's")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip the points that start after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
     if any(m not in ("eager", "graph") for m in modes):
         ap.error(f"--modes takes eager and/or graph, got {args.modes!r}")
+    routes = args.decode_kernels.split(",")
+    if any(r not in ("auto", "fused", "eager") for r in routes):
+        ap.error(f"--decode-kernels takes auto, fused and/or eager, got {args.decode_kernels!r}")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         args.prompt, args.models = min(args.prompt, 16), "deltanet-340m"
     env = environment(device, " ".join(["python", "benchmarks/profile_decode_step.py", *(argv or sys.argv[1:])]))
+    bandwidth = None
+    if device.type == "cuda":
+        from deltanet.bench.decode import copy_bandwidth
+
+        bandwidth = copy_bandwidth(device)
+        env["copy_GBps"] = round(bandwidth / 1e9, 1)
+    start = time.perf_counter()
+    points = [(name, B, route, mode) for name in args.models.split(",") for B in (int(b) for b in args.batch.split(","))
+              for route in [*routes, *(["check"] if args.check else [])]
+              for mode in (modes if route != "check" else ["check"])]
     rows = []
-    for name in args.models.split(","):
-        for B in (int(b) for b in args.batch.split(",")):
-            for mode in modes:
-                row = profile_steps(name, B, prompt=args.prompt, steps=args.steps, mode=mode, device=device,
-                                    smoke=args.smoke, top=args.top)
-                print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
-                rows.append(row)
-                with open(args.out, "w") as f:
-                    f.write(render(env, rows))
-                with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
-                    json.dump(dict(environment=env, rows=rows), f, indent=1)
+    for name, B, route, mode in points:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            row = dict(model=name, batch=B, decode_kernel=route, mode=mode, error="skipped: --budget-s spent")
+        elif route == "check":
+            row = check_routes(name, B, prompt=args.prompt, steps=args.steps, device=device, smoke=args.smoke)
+        else:
+            row = profile_steps(name, B, prompt=args.prompt, steps=args.steps, mode=mode, device=device,
+                                smoke=args.smoke, top=args.top, decode_kernel=route, bandwidth=bandwidth)
+        print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+        rows.append(row)
+        with open(args.out, "w") as f:
+            f.write(render(env, rows))
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
     print(render(env, rows))
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -10,8 +10,9 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 
 ``--decode-kernel fused,eager`` adds a row per route of the delta-rule layers' one-token steps
 (``DeltaNetConfig.decode_kernel``: one fused Triton kernel per layer, or op by op; default
-``auto``, fused on CUDA), and on CUDA each row counts the kernels one eager decode step launches
-(``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer).
+``auto``, eager until the fused route has passed its GPU tests), and on CUDA each row counts the kernels one eager decode step launches
+(``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer;
+``gemv_kernels``: the fused route's projection kernels, four per block).
 
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
 ``generate``), decode-only tokens/s and ms per step, peak memory, the cache's size after the
@@ -54,7 +55,8 @@ DECODE_KERNELS = ("auto", "fused", "eager")
 def count_step_kernels(model, *, batch: int, decode_kernel: str | None = None, prompt: int = 16) -> dict:
     """GPU work one eager decode step of ``model`` (one of ours, on CUDA) launches, from the torch
     profiler: ``kernels`` (kernels, memcpy and memset: what a captured step holds as graph nodes)
-    and ``fused_kernels`` (the fused decode step's). ``decode_kernel``: the route to count (the
+    , ``fused_kernels`` (the fused delta-rule decode step's) and ``gemv_kernels`` (the fused route's
+    projection kernels, ``deltanet.ops.decode_linear``). ``decode_kernel``: the route to count (the
     model's is restored afterwards)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -80,7 +82,8 @@ def count_step_kernels(model, *, batch: int, decode_kernel: str | None = None, p
     finally:
         set_decode_kernel(model, saved[0])
         model.cuda_graph_decoding = saved[1]
-    return dict(kernels=len(names), fused_kernels=sum("decode_step_kernel" in n for n in names))
+    return dict(kernels=len(names), fused_kernels=sum("decode_step_kernel" in n for n in names),
+                gemv_kernels=sum("decode_linear_kernel" in n for n in names))
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, iters: int = 10) -> float:
@@ -207,6 +210,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
             if ours:
                 counts = count_step_kernels(model, batch=batch)
                 row["kernels_per_step"], row["fused_kernels"] = counts["kernels"], counts["fused_kernels"]
+                row["gemv_kernels"] = counts["gemv_kernels"]
     except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
         row["error"] = _error(e)
     finally:
@@ -216,7 +220,8 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
 
 
 COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
-           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels"]
+           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
+           "gemv_kernels"]
 
 
 def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompts: list[int], *, new_tokens: int,

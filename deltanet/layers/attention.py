@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..ops.attention import causal_attention, decode_attention
 from ..parallel.attention import context_parallel_attention
 from ..parallel.halo import SegmentLayout, check_layer_documents
+from .delta_net import takes_fused_decode
 
 __all__ = ["AttentionMixer", "apply_rope"]
 
@@ -66,35 +67,51 @@ class AttentionMixer(nn.Module):
         self.k_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
+        # one-token cached steps: "fused" runs norm + q/k/v projections and o_proj + residual as two
+        # GEMV kernels (deltanet.ops.decode_linear); see deltanet.layers.delta_net for the switch
+        self.decode_kernel = getattr(config, "decode_kernel", "auto")
 
     def forward(self, x, *, position_ids, mask=None, full_mask=None, cu_seqlens=None, cache=None,
-                context_parallel=None, **_):
+                context_parallel=None, norm=None, residual=None, **_):
         """``x: [B, T, hidden]``; ``position_ids: [B, T]``; ``full_mask: [B, past + T]`` the
         padding mask of every position so far (keys), ``cache`` updated in place.
         ``context_parallel``: a process group or :class:`~deltanet.parallel.SegmentLayout` whose
         ranks hold consecutive segments of the same rows (``position_ids`` then global); the
         keys/values before this segment come from the earlier ranks (:mod:`deltanet.parallel.attention`);
-        packed documents come as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``)."""
+        packed documents come as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``).
+        ``norm``: an :class:`~deltanet.layers.RMSNorm` applied to ``x`` first; ``residual``: returns
+        ``residual + attention(x)``."""
         B, T, _ = x.shape
         if context_parallel is not None and (cache is not None or full_mask is not None):
             raise ValueError("context_parallel cannot be combined with a cache or a padding mask in attention layers")
         check_layer_documents(context_parallel, cu_seqlens)
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        fused = cache is not None and takes_fused_decode(self.decode_kernel, x, self.q_proj.weight)
+        if fused:
+            from ..ops.decode_linear import rms_norm_linear_decode
+
+            q, k, v = rms_norm_linear_decode(x, norm.weight if norm is not None else None,
+                                             [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
+                                             norm.eps if norm is not None else 0.0)  # [B, 1, N]: column slices
+        else:
+            if norm is not None:
+                x = norm(x)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, position_ids, self.rope_theta)
         k = apply_rope(k, position_ids, self.rope_theta)
 
         if context_parallel is not None:
             o = context_parallel_attention(q, k, v, window=self.window, **_cp_kwargs(context_parallel))
-            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+            return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, False)
 
         state = cache.layers[self.layer_idx] if cache is not None else None
         if state is not None and not hasattr(state, "k"):
             raise TypeError(f"layer {self.layer_idx}: an attention layer needs a K/V cache entry, got {type(state).__name__}")
         if state is not None and hasattr(state, "valid"):  # a StaticKVCache: one token, in place
             o = self._static_step(q, k, v, state, cache.counters, mask)
-            return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+            return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
         if state is not None:
             if state.k is not None:
                 k = torch.cat([state.k, k], dim=1)
@@ -111,7 +128,16 @@ class AttentionMixer(nn.Module):
             if bool(key_mask.all()):
                 key_mask = None  # no padding: keep the fast path
         o = causal_attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, key_mask=key_mask)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
+
+    def _out(self, o, residual, fused: bool):
+        """``residual + o_proj(o)`` (``o_proj(o)`` without a residual); one kernel when ``fused``."""
+        if fused:
+            from ..ops.decode_linear import linear_residual_decode
+
+            return linear_residual_decode(o.contiguous(), self.o_proj.weight, residual)
+        y = self.o_proj(o)
+        return y if residual is None else residual + y
 
     def _static_step(self, q, k, v, state, counters, mask):
         """One decode token against a preallocated cache: write its key/value into the slot of

@@ -29,8 +29,10 @@ Decoding (one token against a cache): ``decode_kernel`` (config field, or the at
 layer) picks the route. ``"fused"``: everything between the input projections and the output
 projection is one Triton kernel (``deltanet.ops.delta_rule.decode``: conv step, q / k feature
 map, beta, decay, the n_h delta-rule steps, read-out, output norm and gate; conv and recurrent
-states updated in place). ``"eager"``: the same step op by op (the reference; ~70-100 small
-kernels per layer). ``"auto"`` (default): eager for now. The fused kernel is tested against the
+states updated in place), the pre-norm with every input projection is one GEMV kernel and the
+output projection with the block's residual add another (``deltanet.ops.decode_linear``; the
+block runs its MLP in two more: 5 kernels per block and token). ``"eager"``: the same step op by
+op (the reference; ~70-100 small kernels per layer). ``"auto"`` (default): eager for now. The fused kernel is tested against the
 eager route in the Triton interpreter (CPU), which runs a program's threads in lock-step and so
 cannot show a race between warps on a GPU; ``"auto"`` turns into "fused where the decode backend
 is Triton's recurrent kernel" (``FUSED_DECODE_BY_DEFAULT``) once its CUDA tests
@@ -55,7 +57,8 @@ from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
 
-__all__ = ["DECODE_KERNELS", "DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature"]
+__all__ = ["DECODE_KERNELS", "DELTA_TYPES", "DeltaNetMixer", "GATED_TYPES", "PRODUCT_TYPES", "qk_feature",
+           "takes_fused_decode"]
 
 GATED_TYPES = ("gated_delta_net", "gated_delta_product")
 PRODUCT_TYPES = ("gated_delta_product", "delta_product")  # n_h = config.num_householder
@@ -83,6 +86,19 @@ def qk_feature(x: torch.Tensor, activation: str, norm: str) -> torch.Tensor:
 
 DECODE_KERNELS = ("auto", "fused", "eager")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def takes_fused_decode(decode_kernel: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a one-token decode step of ``x`` (``[B, 1, hidden]``) through layers with ``weight``
+    takes the fused Triton kernels (``decode_kernel``: ``"fused"``; ``"auto"``: on CUDA once
+    ``FUSED_DECODE_BY_DEFAULT`` is on; ``"eager"``: never): no autograd, a float32 / bf16 / fp16
+    model whose weights have the activations' dtype."""
+    if decode_kernel not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {decode_kernel!r}")
+    if (decode_kernel == "eager" or x.shape[1] != 1 or x.dtype not in _FUSED_DTYPES or weight.dtype != x.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return False
+    return decode_kernel == "fused" or (FUSED_DECODE_BY_DEFAULT and x.device.type == "cuda")
 
 
 def resolve_backend(backend: str, T: int, device: torch.device, decoding: bool) -> str:
@@ -211,44 +227,53 @@ class DeltaNetMixer(nn.Module):
     def uses_fused_decode(self, x: torch.Tensor, decoding: bool, cu_seqlens=None, context_parallel=None) -> bool:
         """Whether a forward of ``x`` takes the fused decode step (``decode_kernel``; see the module
         docstring): one token against a filled cache, no autograd, a float32 / bf16 / fp16 model."""
-        if self.decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {self.decode_kernel!r}")
-        if (self.decode_kernel == "eager" or not decoding or x.shape[1] != 1 or cu_seqlens is not None
-                or context_parallel is not None or x.dtype not in _FUSED_DTYPES or self.head_dim > 256
-                or (self.use_short_conv and self.q_conv.kernel_size < 2)
-                or (self.use_output_gate and self.o_norm.gate_activation != "silu")  # the kernel's gate is silu
-                or (torch.is_grad_enabled() and (x.requires_grad or self.q_proj.weight.requires_grad))):
+        if not takes_fused_decode(self.decode_kernel, x, self.q_proj.weight):
             return False
-        if self.decode_kernel == "fused":
-            return True
-        return FUSED_DECODE_BY_DEFAULT and resolve_backend(self.backend, 1, x.device, True) == "recurrent"
+        if self.use_output_gate and self.o_norm.gate_activation != "silu":  # the kernel's gate is silu
+            return False
+        if (not decoding or cu_seqlens is not None or context_parallel is not None or self.head_dim > 256
+                or (self.use_short_conv and self.q_conv.kernel_size < 2)):
+            return False
+        return self.decode_kernel == "fused" or resolve_backend(self.backend, 1, x.device, True) == "recurrent"
 
-    def _fused_decode_step(self, x, norm, mask, state):
-        """One token (``x: [B, 1, hidden]``) through the fused kernel; the cache's conv and
-        recurrent states are updated in place (made contiguous / float32 first if they are not)."""
+    def _fused_decode_step(self, x, norm, mask, state, residual=None):
+        """One token (``x: [B, 1, hidden]``) in three kernels: pre-norm + every input projection
+        (``rms_norm_linear_decode``), the fused delta-rule step (the cache's conv and recurrent
+        states updated in place, made contiguous / float32 first if they are not), and the output
+        projection with the residual add (``linear_residual_decode``; ``residual + out``)."""
+        from ..ops.decode_linear import linear_residual_decode, rms_norm_linear_decode
         from ..ops.delta_rule.decode import delta_rule_decode_step
 
         B, H, D = x.shape[0], self.num_heads, self.head_dim
-        q, k, v, b, a, g = self._input_projections(x, norm)  # [B, 1, ...]
+        layers = [self.q_proj, self.k_proj, self.v_proj]
+        layers += [self.b_proj] if self.use_beta else []
+        layers += [self.a_proj] if self.gated else []
+        layers += [self.g_proj] if self.use_output_gate else []
+        out = rms_norm_linear_decode(x[:, 0], norm.weight if norm is not None else None,
+                                     [lin.weight for lin in layers], norm.eps if norm is not None else 0.0)
+        q, k, v = out[:3]  # [B, ...]: column slices of one buffer (rows strided)
+        b = out[3] if self.use_beta else None
+        a = out[3 + self.use_beta] if self.gated else None
+        g = out[-1] if self.use_output_gate else None
         convs = weights = None
         if self.use_short_conv:
             W = self.q_conv.kernel_size
             if state.conv is None:
                 state.conv = tuple(q.new_zeros(B, W - 1, t.shape[-1]) for t in (q, k, v))
-            state.conv = tuple(c if c.dtype == q.dtype and c.is_contiguous() else c.to(q.dtype).contiguous()
-                               for c in state.conv)
-            convs = state.conv
+            convs = tuple(c if c.dtype == q.dtype and c.is_contiguous() else c.to(q.dtype).contiguous()
+                          for c in state.conv)
+            if any(a is not b for a, b in zip(convs, state.conv)):
+                state.conv = convs  # (the same tuple otherwise: a captured step then copies nothing back)
             weights = tuple(mod.weight.contiguous() for mod in (self.q_conv, self.k_conv, self.v_conv))
         if state.recurrent.dtype != torch.float32 or not state.recurrent.is_contiguous():
             state.recurrent = state.recurrent.float().contiguous()
         o = delta_rule_decode_step(
-            q[:, 0], k[:, 0], v[:, 0], state.recurrent, conv_states=convs, conv_weights=weights,
-            beta=b[:, 0] if b is not None else None,
-            decay=(a[:, 0], self.A_log, self.dt_bias) if self.gated else None,
+            q, k, v, state.recurrent, conv_states=convs, conv_weights=weights, beta=b,
+            decay=(a, self.A_log, self.dt_bias) if self.gated else None,
             mask=mask[:, 0] if mask is not None else None, norm_weight=self.o_norm.weight,
-            gate=g[:, 0] if g is not None else None, norm_eps=self.o_norm.eps, qk_activation=self.qk_activation,
+            gate=g, norm_eps=self.o_norm.eps, qk_activation=self.qk_activation,
             qk_norm=self.qk_norm, allow_neg_eigval=self.use_beta and self.allow_neg_eigval)  # [B, H, D], normalised
-        return self.o_proj(o.view(B, 1, H * D))
+        return linear_residual_decode(o.view(B, 1, H * D), self.o_proj.weight, residual)
 
     def _features(self, x, norm, mask, cu_seqlens, conv_in, want_state: bool, cp_group=None, conv: bool = True):
         """``(q, k, v, b, a, g, conv_states)``: projections of ``norm(x)``, then (``conv``) the
@@ -293,7 +318,8 @@ class DeltaNetMixer(nn.Module):
                        self.qk_activation, self.qk_norm)
         return q, k, v.view(B, T, self.num_householder, self.num_heads, self.head_dim)
 
-    def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
+    def forward(self, x, *, norm=None, mask=None, cu_seqlens=None, cache=None, context_parallel=None, residual=None,
+                **_):
         """``x: [B, T, hidden]``; ``mask: [B, T]`` (1 = token, 0 = padding); ``cu_seqlens``: packed
         documents (a :class:`~deltanet.ops.packing.PackedSequences` from the model); ``cache``: a
         :class:`~deltanet.models.cache.DeltaNetCache` updated in place; ``norm``: an
@@ -301,19 +327,26 @@ class DeltaNetMixer(nn.Module):
         projections so that its output is not kept for backward); ``context_parallel``: a
         process group (or a :class:`~deltanet.parallel.SegmentLayout`) whose ranks hold
         consecutive segments of the same rows (:mod:`deltanet.parallel.context`); packed
-        documents then come as the layout's ``documents``, ``cu_seqlens`` its ``local_documents``."""
-        B, T, _ = x.shape
+        documents then come as the layout's ``documents``, ``cu_seqlens`` its ``local_documents``;
+        ``residual``: returns ``residual + mixer(x)`` (the block's residual add, fused with the
+        output projection on the fused decode route)."""
         # the model hands down a SegmentLayout (built once per forward; the conv halos read it),
         # the delta rule needs its group
         cp = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
         if cp is not None and cache is not None:
             raise ValueError("context_parallel cannot be combined with a cache")
         check_layer_documents(context_parallel, cu_seqlens)
-        H, D = self.num_heads, self.head_dim
         state = cache.layers[self.layer_idx] if cache is not None else None  # a RecurrentState
         decoding = state is not None and state.recurrent is not None
         if self.uses_fused_decode(x, decoding, cu_seqlens, cp):
-            return self._fused_decode_step(x, norm, mask, state)
+            return self._fused_decode_step(x, norm, mask, state, residual)
+        y = self._forward(x, norm, mask, cu_seqlens, state, decoding, context_parallel, cp)
+        return y if residual is None else residual + y
+
+    def _forward(self, x, norm, mask, cu_seqlens, state, decoding, context_parallel, cp):
+        """``forward`` without the residual add (every route but the fused decode step)."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
         conv_in = state.conv if decoding and state.conv is not None else (None, None, None)
         region = None
         # (neither recompute under context parallelism: the halo exchange must not rerun inside backward)

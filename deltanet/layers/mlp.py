@@ -68,10 +68,22 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, norm=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm=None, residual: torch.Tensor | None = None,
+                fused_decode: bool = False) -> torch.Tensor:
         """``norm``: an :class:`~deltanet.layers.RMSNorm` applied to ``x`` first, fused with the
-        gate/up projections so that its output is not kept for backward."""
+        gate/up projections so that its output is not kept for backward; ``residual``: returns
+        ``residual + mlp(x)``. ``fused_decode`` (a decode step's few rows, no autograd): two Triton
+        kernels, norm + gate/up + ``silu(g) * u``, then down + residual
+        (:mod:`deltanet.ops.decode_linear`)."""
+        if fused_decode:
+            from ..ops.decode_linear import linear_residual_decode, rms_norm_swiglu_decode
+
+            p = rms_norm_swiglu_decode(x, norm.weight if norm is not None else None, self.gate_proj.weight,
+                                       self.up_proj.weight, norm.eps if norm is not None else 0.0)
+            return linear_residual_decode(p, self.down_proj.weight, residual)
         if norm is not None:
             g, u = rms_norm_linear(x, norm.weight, [self.gate_proj.weight, self.up_proj.weight], norm.eps)
-            return swiglu_linear(g, u, self.down_proj.weight)
-        return swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+            y = swiglu_linear(g, u, self.down_proj.weight)
+        else:
+            y = swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+        return y if residual is None else residual + y

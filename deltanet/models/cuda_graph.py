@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..layers.delta_net import takes_fused_decode
 from .cache import DeltaNetCache, RecurrentState
 
 __all__ = ["DecodeGraph", "decode_step", "graph_decodable"]
@@ -107,7 +108,13 @@ class DecodeGraph:
         kw = dict(mask=self.mask, full_mask=None, position_ids=position_ids, cu_seqlens=None, cache=cache)
         for block in backbone.layers:
             x = block(x, **kw)
-        logits = self.model.lm_head(backbone.norm(x))
+        head = self.model.lm_head.weight
+        if takes_fused_decode(self.model.config.decode_kernel, x, head):  # final norm + LM head: one GEMV kernel
+            from ..ops.decode_linear import rms_norm_linear_decode
+
+            logits = rms_norm_linear_decode(x, backbone.norm.weight, [head], backbone.norm.eps)[0]
+        else:
+            logits = self.model.lm_head(backbone.norm(x))
         for entry, rec, conv in self.recurrent:  # new states -> the static tensors
             if entry.recurrent is not rec:
                 rec.copy_(entry.recurrent)

@@ -37,7 +37,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
-from ..layers.delta_net import DELTA_TYPES
+from ..layers.delta_net import DELTA_TYPES, takes_fused_decode
 from ..ops.packing import PackedSequences
 from ..parallel.halo import SegmentLayout
 from .cache import DeltaNetCache
@@ -139,12 +139,17 @@ def set_decode_kernel(model: nn.Module, kernel: str) -> None:
         raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {kernel!r}")
     model.config.decode_kernel = kernel
     for module in model.modules():
-        if isinstance(module, DeltaNetMixer):
+        if isinstance(module, (DeltaNetMixer, AttentionMixer, DeltaNetBlock)):
             module.decode_kernel = kernel
 
 
 class DeltaNetBlock(nn.Module):
-    """Pre-norm residual block: ``x += mixer(norm(x)); x += mlp(norm(x))``."""
+    """Pre-norm residual block: ``x += mixer(norm(x)); x += mlp(norm(x))``.
+
+    One-token decode steps with ``decode_kernel`` fused (the config field, or this attribute:
+    :func:`set_decode_kernel`) run the MLP as two Triton kernels (norm + gate/up + SwiGLU, down +
+    residual) whatever the mixer; a delta-rule mixer adds the residual in its output projection's
+    kernel (``deltanet.ops.decode_linear``)."""
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int):
         super().__init__()
@@ -152,6 +157,7 @@ class DeltaNetBlock(nn.Module):
         self.attn = _make_mixer(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.decode_kernel = getattr(config, "decode_kernel", "auto")
 
     def forward(self, x, checkpoint_mixer: bool = False, **mixer_kwargs):
         """``checkpoint_mixer``: keep none of the mixer's activations, rerun it in backward
@@ -159,15 +165,19 @@ class DeltaNetBlock(nn.Module):
         if checkpoint_mixer:
             x = x + checkpoint(self._mix, x, use_reentrant=False, **mixer_kwargs)
         else:
-            x = x + self._mix(x, **mixer_kwargs)
-        return x + self.mlp(x, norm=self.mlp_norm)
+            x = self._mix(x, residual=x, **mixer_kwargs)
+        fused = mixer_kwargs.get("cache") is not None and takes_fused_decode(self.decode_kernel, x,
+                                                                             self.mlp.gate_proj.weight)
+        return self.mlp(x, norm=self.mlp_norm, residual=x, fused_decode=fused)
 
-    def _mix(self, x, **mixer_kwargs):
+    def _mix(self, x, residual=None, **mixer_kwargs):
+        """``residual + mixer(norm(x))`` (``mixer(norm(x))`` without a residual)."""
         # The DeltaNet mixer and the MLP take the pre-norm and fuse it with their input
         # projections: the normalised activations are recomputed in backward, not kept.
-        if isinstance(self.attn, DeltaNetMixer):
-            return self.attn(x, norm=self.attn_norm, **mixer_kwargs)
-        return self.attn(self.attn_norm(x), **mixer_kwargs)
+        if isinstance(self.attn, (DeltaNetMixer, AttentionMixer)):
+            return self.attn(x, norm=self.attn_norm, residual=residual, **mixer_kwargs)
+        y = self.attn(self.attn_norm(x), **mixer_kwargs)
+        return y if residual is None else residual + y
 
 
 class DeltaNetPreTrainedModel(PreTrainedModel):

@@ -74,7 +74,8 @@ def test_decode_step_profiler_smoke(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "profile.md"
-    assert mod.main(["--smoke", "--out", str(out), "--steps", "2", "--batch", "1", "--modes", "eager"]) == 0
+    assert mod.main(["--smoke", "--out", str(out), "--steps", "2", "--batch", "1", "--modes", "eager",
+                     "--decode-kernels", "eager"]) == 0
     (row,) = json.loads((tmp_path / "profile.json").read_text())["rows"]
     assert "error" not in row, row
     assert row["wall_ms_per_step"] > 0 and row["kernels_per_step"] > 0 and row["kernel_ms_per_step"] > 0
@@ -88,6 +89,27 @@ def test_decode_step_profiler_smoke(tmp_path):
     assert mod.family("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(") == "copy"
     assert mod.family("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps") == "reduction"
     assert "## deltanet-340m, batch 1, eager" in out.read_text()
+
+
+def test_decode_step_profiler_fused_route_and_check(tmp_path):
+    """``--decode-kernels fused --check``: the fused route's step (Triton interpreter on CPU) has fewer
+    profiled ops than the eager one (the CPU profile counts nested aten ops too: the exact count per
+    block is tests/models/test_fused_decode.py's), and its greedy tokens equal the eager route's."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_decode_step.py"
+    spec = importlib.util.spec_from_file_location("profile_decode_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "profile.md"
+    assert mod.main(["--smoke", "--out", str(out), "--steps", "3", "--batch", "2", "--modes", "eager",
+                     "--decode-kernels", "eager,fused", "--check"]) == 0
+    eager, fused, check = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    assert (eager["decode_kernel"], fused["decode_kernel"], check["mode"]) == ("eager", "fused", "check")
+    assert fused["kernels_per_step"] < eager["kernels_per_step"], (fused["kernels_per_step"], eager["kernels_per_step"])
+    assert check["tokens_equal"] is True and check["first_mismatch"] is None and check["logit_diff_rel"] < 1e-4, check
+    assert "Fused (captured) vs eager route" in out.read_text()
 
 
 def test_decode_benchmark_compares_decode_kernels(tmp_path):

@@ -1,0 +1,351 @@
+"""The projections of a one-token decode step as bandwidth-bound GEMVs, each fused with its
+neighbours: kernel, launcher, custom op, public functions, reference.
+
+A decode step multiplies a few rows (``M`` = batch, one token each) by every weight matrix of
+the model once. At ``M <= 64`` that is a matrix-vector product bound by streaming the weights,
+and the eager step spends more time launching the norms, casts, adds and activations around the
+projections than in them. One kernel (``decode_linear_kernel``) covers the three shapes a block
+needs:
+
+- ``rms_norm_linear_decode``: ``h = rmsnorm(x) * w_norm``, then ``h @ W_i^T`` for up to
+  ``MAX_WEIGHTS`` separate matrices (a mixer's q, k, v, beta, decay and gate projections), into
+  one output buffer whose column slices are returned;
+- ``rms_norm_swiglu_decode``: the same norm, then ``silu(h @ W_g^T) * (h @ W_u^T)``;
+- ``linear_residual_decode``: ``r + x @ W^T`` (the output and down projections with the
+  residual add).
+
+Each program owns ``BN`` output columns of one matrix (of two for SwiGLU: the gate and up tiles
+share the loads of ``x``) and all ``M`` rows (up to 64 per program; more rows take more programs
+along the second grid axis), walks the input channels in ``BK``-wide blocks and accumulates in
+fp32 with ``tl.dot``: every weight element is read once per step at batch 1 and batch 32 alike.
+The norm's ``1/rms`` per row is a first, cheap pass over the ``[M, C]`` input.
+
+The weights stay separate parameters: the kernel takes one pointer per matrix (a constexpr
+count, constexpr row counts) and picks the matrix from the program id. Concatenating them once
+into one buffer the parameters view into would also avoid a per-call copy, but ``.to()``,
+``load_state_dict`` and safetensors' shared-storage check each break or refuse such views.
+
+The eager layer's roundings are reproduced: the normalised input, each projection, ``silu(g)``,
+the product and the residual sum are rounded to the activation dtype where the eager layer
+holds them in it, so both routes agree up to fp32 accumulation order. Inference only (no
+autograd); registered as a ``torch.library`` custom op (one op for ``torch.compile``, CUDA-graph
+capture and op counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
+
+__all__ = ["GemvConfig", "MAX_WEIGHTS", "decode_linear_reference", "linear_residual_decode",
+           "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
+
+MAX_WEIGHTS = 8
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_BM = 64  # rows per program (the batch of a decode step); more rows: more programs along axis 1
+
+# Tests set this: the output starts as NaN, so an element the kernel forgets to write shows up.
+POISON = False
+
+
+@triton.jit
+def _tile(x, stride_x, wn, rstd, w, res, y, stride_y, off_m, n0, M,
+          N: tl.constexpr, C: tl.constexpr, OFF: tl.constexpr, w2,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+          HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+    """Columns ``n0 .. n0 + BN`` of one matrix ``w`` ([N, C], contiguous) for rows ``off_m``:
+    output columns ``OFF + n`` of ``y``. ``w2``: SwiGLU's up matrix (same shape)."""
+    dt = y.dtype.element_ty
+    o_n = n0 + tl.arange(0, BN)
+    m_m, m_n = off_m < M, o_n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if SWIGLU:
+        acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, C, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < C
+        b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if NORM:  # the eager norm's output, rounded to the activation dtype
+            b_wn = tl.load(wn + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_x = (b_x.to(tl.float32) * rstd[:, None] * b_wn[None, :]).to(dt)
+        b_w = tl.load(w + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+        if IEEE:  # fp32 weights: full fp32 products (tf32 would cost ~1e-3 relative error)
+            acc += tl.dot(b_x, tl.trans(b_w), input_precision="ieee")
+        else:
+            acc += tl.dot(b_x, tl.trans(b_w))
+        if SWIGLU:
+            b_w2 = tl.load(w2 + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+            if IEEE:
+                acc2 += tl.dot(b_x, tl.trans(b_w2), input_precision="ieee")
+            else:
+                acc2 += tl.dot(b_x, tl.trans(b_w2))
+    out = acc.to(dt).to(tl.float32)  # the projection, as the eager layer holds it
+    if SWIGLU:  # silu(g) * u, each rounded as in the eager layer
+        act = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32)
+        out = act * acc2.to(dt).to(tl.float32)
+    m_out = m_m[:, None] & m_n[None, :]
+    if HAS_RES:
+        out += tl.load(res + off_m[:, None] * stride_y + o_n[None, :], mask=m_out, other=0.0).to(tl.float32)
+    tl.store(y + off_m[:, None] * stride_y + OFF + o_n[None, :], out.to(dt), mask=m_out)
+
+
+@triton.jit
+def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, M, eps,
+                         w0, w1, w2, w3, w4, w5, w6, w7,
+                         N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
+                         N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr, N7: tl.constexpr,
+                         B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
+                         B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr):
+    """Programs over (column blocks of all matrices, row blocks). Matrix ``i`` has ``N_i`` rows
+    (0: absent) and owns the ``cdiv(N_i, BN)`` column blocks from ``B_i`` on (``B_0 = 0``); its
+    outputs are columns ``N_0 + .. + N_{i-1}`` onwards of ``y`` (SwiGLU: ``w0`` gate, ``w1`` up,
+    output ``[M, N0]``)."""
+    pid, i_m = tl.program_id(0), tl.program_id(1)
+    off_m = i_m * BM + tl.arange(0, BM)
+    rstd = tl.zeros([BM], dtype=tl.float32)
+    if NORM:  # 1/rms per row, fp32 (the eager norm's statistics); the input is tiny next to the weights
+        ss = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, C, BK):
+            o_k = k0 + tl.arange(0, BK)
+            b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :],
+                          mask=(off_m < M)[:, None] & (o_k < C)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(b_x * b_x, 1)
+        rstd = 1.0 / tl.sqrt(ss / C + eps)
+    if SWIGLU:
+        _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, off_m, pid * BN, M, N0, C, 0, w1,
+              BM, BN, BK, NORM, True, False, IEEE)
+    else:
+        if pid < B1:
+            _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, off_m, pid * BN, M, N0, C, 0, w0,
+                  BM, BN, BK, NORM, False, HAS_RES, IEEE)
+        if N1 > 0:
+            if (pid >= B1) & (pid < B2):
+                _tile(x, stride_x, wn, rstd, w1, res, y, stride_y, off_m, (pid - B1) * BN, M, N1, C, N0, w1,
+                      BM, BN, BK, NORM, False, False, IEEE)
+        if N2 > 0:
+            if (pid >= B2) & (pid < B3):
+                _tile(x, stride_x, wn, rstd, w2, res, y, stride_y, off_m, (pid - B2) * BN, M, N2, C,
+                      N0 + N1, w2, BM, BN, BK, NORM, False, False, IEEE)
+        if N3 > 0:
+            if (pid >= B3) & (pid < B4):
+                _tile(x, stride_x, wn, rstd, w3, res, y, stride_y, off_m, (pid - B3) * BN, M, N3, C,
+                      N0 + N1 + N2, w3, BM, BN, BK, NORM, False, False, IEEE)
+        if N4 > 0:
+            if (pid >= B4) & (pid < B5):
+                _tile(x, stride_x, wn, rstd, w4, res, y, stride_y, off_m, (pid - B4) * BN, M, N4, C,
+                      N0 + N1 + N2 + N3, w4, BM, BN, BK, NORM, False, False, IEEE)
+        if N5 > 0:
+            if (pid >= B5) & (pid < B6):
+                _tile(x, stride_x, wn, rstd, w5, res, y, stride_y, off_m, (pid - B5) * BN, M, N5, C,
+                      N0 + N1 + N2 + N3 + N4, w5, BM, BN, BK, NORM, False, False, IEEE)
+        if N6 > 0:
+            if (pid >= B6) & (pid < B7):
+                _tile(x, stride_x, wn, rstd, w6, res, y, stride_y, off_m, (pid - B6) * BN, M, N6, C,
+                      N0 + N1 + N2 + N3 + N4 + N5, w6, BM, BN, BK, NORM, False, False, IEEE)
+        if N7 > 0:
+            if pid >= B7:
+                _tile(x, stride_x, wn, rstd, w7, res, y, stride_y, off_m, (pid - B7) * BN, M, N7, C,
+                      N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, BM, BN, BK, NORM, False, False, IEEE)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch settings of ``decode_linear_kernel``: ``BN`` output columns and ``BK`` input channels
+    per program and step (powers of two >= 16), ``num_warps``, ``num_stages`` (software pipelining
+    of the weight loads). The rows per program follow the batch (``BM``: 16 to 64)."""
+
+    BN: int = 16
+    BK: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("BN", "BK"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 16, got {v!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
+            raise ValueError(f"GemvConfig.num_stages must be a positive int, got {self.num_stages!r}")
+
+
+def _rows_per_program(M: int) -> int:
+    # tl.dot needs 16 rows at least: a batch of one is padded to 16 (the products are free, the
+    # weights are the traffic)
+    return min(MAX_BM, max(16, triton.next_power_of_2(M)))
+
+
+def select_config(M: int, N_total: int, dtype: torch.dtype) -> GemvConfig:
+    """The default settings for ``M`` rows and ``N_total`` output columns. ``BN``: 16 columns per
+    program while that still gives ~256+ programs (two per SM on an H100: bytes in flight), wider
+    for the LM head. ``BK``: the fp32 ``[BM, BK]`` input tile within ~32 registers a thread (sm_90,
+    Triton 3.9: 34-154 registers, no spills, <= 91 KB shared memory for the 340M shapes at
+    M = 1 / 32 / 64). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py --gemv-sweep``."""
+    BM = _rows_per_program(M)
+    BN = 16 if N_total <= 8192 else 32 if N_total <= 16384 else 64
+    BK = {16: 256, 32: 128, 64: 64}[BM]
+    if dtype == torch.float32:
+        BK = max(32, BK // 2)
+    return GemvConfig(BN=BN, BK=BK, num_warps=4, num_stages=3)
+
+
+def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[torch.Tensor],
+            residual: Optional[torch.Tensor], eps: float, swiglu: bool, block_n: int, block_k: int, num_warps: int,
+            num_stages: int) -> torch.Tensor:
+    M, C = x.shape
+    Ns = [w.shape[0] for w in weights]
+    N_out = Ns[0] if swiglu else sum(Ns)
+    y = torch.empty(M, N_out, dtype=x.dtype, device=x.device)
+    if POISON:
+        y.fill_(float("nan"))
+    BM, BN, BK = _rows_per_program(M), block_n, block_k
+    n_blocks = triton.cdiv(Ns[0], BN) if swiglu else sum(triton.cdiv(n, BN) for n in Ns)
+    ws = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))  # absent: N = 0, never read
+    Ns = Ns + [0] * (MAX_WEIGHTS - len(Ns))
+    starts = [0]  # B_i: the first column block of matrix i
+    for n in Ns[:-1]:
+        starts.append(starts[-1] + triton.cdiv(n, BN))
+    decode_linear_kernel[(n_blocks, triton.cdiv(M, BM))](
+        x, x.stride(0), norm_weight if norm_weight is not None else x, residual if residual is not None else x,
+        y, y.stride(0), M, eps, *ws, *Ns, *starts[1:], C=C, BM=BM, BN=BN, BK=BK, NORM=norm_weight is not None,
+        SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps,
+        num_stages=num_stages)
+    return y
+
+
+_op = torch.library.custom_op("deltanet::decode_linear", _launch, mutates_args=())
+
+
+@_op.register_fake
+def _launch_fake(x, weights, norm_weight, residual, eps, swiglu, block_n, block_k, num_warps, num_stages):
+    n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
+    return x.new_empty(x.shape[0], n)
+
+
+def _validate(x, weights, norm_weight, residual, swiglu: bool) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.dtype not in DTYPES:
+        raise TypeError(f"x must be a float32, bfloat16 or float16 tensor [..., C], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape[-1] == 0 or x.numel() == 0:
+        raise ValueError(f"x must have at least one row and one channel, got shape {list(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError("x must be contiguous along its last dim")
+    C = x.shape[-1]
+    if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= MAX_WEIGHTS:
+        raise ValueError(f"weights must be a list of 1 to {MAX_WEIGHTS} matrices [N_i, {C}], got "
+                         f"{len(weights) if isinstance(weights, (list, tuple)) else type(weights).__name__}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"weights[{i}] must be a tensor, got {type(w).__name__}")
+        if w.ndim != 2 or w.shape[1] != C or w.shape[0] == 0:
+            raise ValueError(f"weights[{i}] must have shape [N, {C}] (C = x's last dim), got {list(w.shape)}")
+        if w.dtype != x.dtype:
+            raise TypeError(f"weights[{i}] must have x's dtype {x.dtype}, got {w.dtype}")
+        if not w.is_contiguous():
+            raise ValueError(f"weights[{i}] must be contiguous")
+        if w.device != x.device:
+            raise ValueError(f"weights[{i}] is on {w.device}, x on {x.device}")
+    if norm_weight is not None:
+        if not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (C,):
+            raise ValueError(f"norm_weight must have shape [{C}] (x's last dim), got "
+                             f"{list(getattr(norm_weight, 'shape', []))}")
+        if not norm_weight.is_floating_point() or norm_weight.stride(0) != 1 or norm_weight.device != x.device:
+            raise ValueError("norm_weight must be a contiguous floating tensor on x's device")
+    if swiglu and (len(weights) != 2 or weights[0].shape != weights[1].shape):
+        raise ValueError("SwiGLU takes two weights of the same shape (gate, up), got "
+                         f"{[list(w.shape) for w in weights]}")
+    if residual is not None:
+        N = weights[0].shape[0]
+        if len(weights) != 1 or swiglu:
+            raise ValueError("a residual goes with one weight matrix (no SwiGLU)")
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != (*x.shape[:-1], N):
+            raise ValueError(f"residual must have shape {[*x.shape[:-1], N]}, got "
+                             f"{list(getattr(residual, 'shape', []))}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise TypeError(f"residual must be a {x.dtype} tensor on {x.device}, got {residual.dtype} on "
+                            f"{residual.device}")
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if not x.is_cuda and not interpreted():
+        raise ValueError(f"x is on {x.device}: the Triton decode kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                         "set before triton is imported (CPU, slow); use decode_kernel='eager' on CPU")
+
+
+def _call(x, weights, norm_weight, residual, eps, swiglu, config) -> torch.Tensor:
+    """``[..., N]`` from ``x [..., C]`` through the kernel (rows flattened)."""
+    _validate(x, weights, norm_weight, residual, swiglu)
+    if config is not None and not isinstance(config, GemvConfig):
+        raise TypeError(f"config must be a GemvConfig or None, got {type(config).__name__}")
+    _check_device(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = residual.reshape(x2.shape[0], -1).contiguous() if residual is not None else None
+    if config is None:
+        config = select_config(x2.shape[0], weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights),
+                               x.dtype)
+    y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu, config.BN, config.BK, config.num_warps,
+            config.num_stages)
+    return y.view(*lead, y.shape[-1])
+
+
+def rms_norm_linear_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, weights, eps: float = 1e-6, *,
+                           config: GemvConfig | None = None) -> tuple:
+    """``tuple(rmsnorm(x) * norm_weight @ W.T for W in weights)`` in one kernel (no norm when
+    ``norm_weight`` is None), for a decode step's rows: ``x [..., C]``, each ``W [N_i, C]`` in
+    ``x``'s dtype. The outputs are column slices of one ``[..., sum N_i]`` buffer (rows strided).
+    ``config``: launch settings (default: :func:`select_config`'s), for every function here.
+
+    Example (CUDA, or CPU with ``TRITON_INTERPRET=1`` set before importing triton)::
+
+        >>> x, wn = torch.randn(3, 64), torch.rand(64)
+        >>> q, b = rms_norm_linear_decode(x, wn, [torch.randn(48, 64), torch.randn(5, 64)])  # doctest: +SKIP
+        >>> q.shape, b.shape  # doctest: +SKIP
+        (torch.Size([3, 48]), torch.Size([3, 5]))
+    """
+    y = _call(x, weights, norm_weight, None, eps, False, config)
+    out, start = [], 0
+    for w in weights:
+        out.append(y[..., start:start + w.shape[0]])
+        start += w.shape[0]
+    return tuple(out)
+
+
+def rms_norm_swiglu_decode(x: torch.Tensor, norm_weight: torch.Tensor | None, gate_weight: torch.Tensor,
+                           up_weight: torch.Tensor, eps: float = 1e-6, *, config: GemvConfig | None = None
+                           ) -> torch.Tensor:
+    """``silu(h @ W_g.T) * (h @ W_u.T)``, ``h = rmsnorm(x) * norm_weight`` (``x`` without a norm), in
+    one kernel: the first half of a SwiGLU MLP for a decode step's rows."""
+    return _call(x, [gate_weight, up_weight], norm_weight, None, eps, True, config)
+
+
+def linear_residual_decode(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None, *,
+                           config: GemvConfig | None = None) -> torch.Tensor:
+    """``residual + x @ weight.T`` (``x @ weight.T`` without a residual) in one kernel, for a decode
+    step's rows: the output or down projection with the block's residual add."""
+    return _call(x, [weight], None, residual, 0.0, False, config)
+
+
+def decode_linear_reference(x, weights, norm_weight=None, residual=None, eps: float = 1e-6, swiglu: bool = False):
+    """What the kernel computes, as the eager layer computes it (``rms_norm`` then ``F.linear`` in
+    ``x``'s dtype, ``F.silu(g) * u``, ``residual + y``); any device. Returns the concatenated output
+    ``[..., sum N_i]`` (SwiGLU: ``[..., N]``)."""
+    _validate(x, weights, norm_weight, residual, swiglu)
+    h = x
+    if norm_weight is not None:
+        xf = x.float()
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(x.dtype)
+    ys = [F.linear(h, w) for w in weights]
+    if swiglu:
+        return F.silu(ys[0]) * ys[1]
+    y = torch.cat(ys, -1)
+    return y if residual is None else residual + y

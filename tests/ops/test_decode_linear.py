@@ -1,0 +1,171 @@
+"""The decode-step GEMV kernel (``deltanet.ops.decode_linear``) against its PyTorch composition.
+
+Each public function against the eager layer code it replaces (``rms_norm_linear``, ``F.silu(g) *
+u`` with ``swiglu_linear``, ``residual + F.linear``) and, for the low-precision dtypes, both against
+the float64 oracle: the kernel may be at most 2x as far from it as PyTorch in the same dtype.
+Odd widths (48, 80), batches 1 / 3 / 5 and 70 (two row blocks), strided input rows, outputs
+pre-filled with NaN. CPU: the Triton interpreter; GPU: compiled, wider shapes too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
+from tests.utils import assert_close
+
+from deltanet.layers.mlp import swiglu_linear
+from deltanet.layers.norm import rms_norm_linear
+from deltanet.ops import decode_linear as dl
+from deltanet.ops.decode_linear import (GemvConfig, decode_linear_reference, linear_residual_decode,
+                                        rms_norm_linear_decode, rms_norm_swiglu_decode)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+BATCHES = [1, 3, 5, 70] if not ON_GPU else [1, 3, 5, 32, 64, 70]
+WIDTHS = [32, 48, 64, 80] if not ON_GPU else [48, 80, 1024]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(dl, "POISON", True)  # an unwritten output element is NaN and fails
+
+
+def _r(*shape, dtype, s=1.0, g):
+    return (s * torch.randn(*shape, generator=g)).to(device=DEVICE, dtype=dtype)
+
+
+def _check(name, out, ref_same_dtype, oracle, dtype):
+    """fp32: the kernel equals the eager composition to 1e-5; bf16 / fp16: within 2x PyTorch's own
+    error against the float64 oracle, and near the eager composition in the same dtype."""
+    if dtype == torch.float32:
+        assert_close(name, out.double(), ref_same_dtype.double(), rtol=1e-5)
+        return
+    assert_close(name, out.double(), oracle, baseline=ref_same_dtype.double(), floor=1e-3)
+    assert_close(f"{name} vs eager", out.float(), ref_same_dtype.float(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("C", WIDTHS)
+@pytest.mark.parametrize("M", BATCHES)
+def test_norm_and_projections_equal_rms_norm_linear(M, C, dtype):
+    g = torch.Generator().manual_seed(M * 1000 + C)
+    x = _r(M, 1, C, dtype=dtype, g=g)
+    nw = _r(C, dtype=torch.float32, g=g).abs() + 0.5
+    Ns = [C, 5, 80, 1, 48, 17]  # q-like, beta-like, wider than C, a single row, odd sizes
+    ws = [_r(n, C, dtype=dtype, s=C ** -0.5, g=g) for n in Ns]
+    out = rms_norm_linear_decode(x, nw, ws, 1e-6)
+    with torch.no_grad():
+        eager = rms_norm_linear(x, nw, ws, 1e-6)  # the eager layer's function
+        oracle = rms_norm_linear(x.double(), nw.double(), [w.double() for w in ws], 1e-6)
+    assert len(out) == len(Ns)
+    for i, (o, e, r) in enumerate(zip(out, eager, oracle)):
+        assert o.shape == (M, 1, Ns[i]) and o.dtype == dtype
+        _check(f"projection {i}", o, e, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_projections_without_norm_and_strided_rows(M, dtype):
+    """No norm (the mixer without a pre-norm), input rows strided (a column slice of a wider tensor)."""
+    g = torch.Generator().manual_seed(M)
+    C = 48
+    wide = _r(M, 2 * C + 3, dtype=dtype, g=g)
+    x = wide[:, 3:C + 3]
+    assert x.stride(0) == 2 * C + 3
+    ws = [_r(n, C, dtype=dtype, s=C ** -0.5, g=g) for n in (80, 3)]
+    out = rms_norm_linear_decode(x, None, ws)
+    for i, w in enumerate(ws):
+        _check(f"projection {i}", out[i], F.linear(x, w), F.linear(x.double(), w.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("C,I", [(32, 64), (48, 80), (80, 48)] if not ON_GPU else [(48, 80), (1024, 2816)])
+@pytest.mark.parametrize("M", [1, 3, 5, 70])
+def test_mlp_kernels_equal_swiglu(M, C, I, dtype):
+    """rmsnorm + gate/up + silu(g) * u, then down + residual: the eager SwiGLU block's MLP half."""
+    g = torch.Generator().manual_seed(M + C)
+    x = _r(M, 1, C, dtype=dtype, g=g)
+    nw = _r(C, dtype=torch.float32, g=g).abs() + 0.5
+    wg, wu = (_r(I, C, dtype=dtype, s=C ** -0.5, g=g) for _ in range(2))
+    wd = _r(C, I, dtype=dtype, s=I ** -0.5, g=g)
+    p = rms_norm_swiglu_decode(x, nw, wg, wu, 1e-6)
+    y = linear_residual_decode(p, wd, x)
+    with torch.no_grad():
+        eager_g, eager_u = rms_norm_linear(x, nw, [wg, wu], 1e-6)
+        eager_p = F.silu(eager_g) * eager_u
+        eager_y = x + swiglu_linear(eager_g, eager_u, wd)
+        og, ou = rms_norm_linear(x.double(), nw.double(), [wg.double(), wu.double()], 1e-6)
+        oracle_p = F.silu(og) * ou
+        oracle_y = x.double() + oracle_p @ wd.double().t()
+    assert p.shape == (M, 1, I) and y.shape == (M, 1, C) and y.dtype == dtype
+    _check("silu(g) * u", p, eager_p, oracle_p, dtype)
+    _check("x + down", y, eager_y, oracle_y, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 3, 70])
+def test_linear_residual(M, dtype):
+    g = torch.Generator().manual_seed(M)
+    x, r = _r(M, 80, dtype=dtype, g=g), _r(M, 48, dtype=dtype, s=4.0, g=g)
+    w = _r(48, 80, dtype=dtype, s=80 ** -0.5, g=g)
+    _check("r + x W^T", linear_residual_decode(x, w, r), r + F.linear(x, w), r.double() + x.double() @ w.double().t(),
+           dtype)
+    _check("x W^T", linear_residual_decode(x, w), F.linear(x, w), x.double() @ w.double().t(), dtype)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(BN=32, BK=16, num_warps=2, num_stages=2),
+                                    GemvConfig(BN=64, BK=128, num_warps=8, num_stages=4)], ids=["narrow-k", "wide-n"])
+def test_launch_settings_change_nothing(config):
+    """Every ``GemvConfig`` computes the same thing (K walked in more or fewer blocks, a block of
+    columns spanning two matrices' boundaries differently)."""
+    g = torch.Generator().manual_seed(3)
+    x = _r(5, 1, 48, dtype=torch.float32, g=g)
+    nw = _r(48, dtype=torch.float32, g=g)
+    ws = [_r(n, 48, dtype=torch.float32, g=g) for n in (80, 5, 17)]
+    for a, b in zip(rms_norm_linear_decode(x, nw, ws, config=config), rms_norm_linear_decode(x, nw, ws)):
+        assert_close("config", a, b, rtol=1e-5)
+    p = rms_norm_swiglu_decode(x, nw, ws[0], ws[0].flip(0), config=config)
+    assert_close("swiglu config", p, rms_norm_swiglu_decode(x, nw, ws[0], ws[0].flip(0)), rtol=1e-5)
+    r = linear_residual_decode(p, _r(48, 80, dtype=torch.float32, g=g), x, config=config)
+    assert r.shape == x.shape and torch.isfinite(r).all()
+    with pytest.raises(ValueError, match="GemvConfig.BN must be a power of two >= 16"):
+        GemvConfig(BN=24)
+    with pytest.raises(TypeError, match="config must be a GemvConfig"):
+        linear_residual_decode(p, ws[0].t().contiguous(), config=dict(BN=16))
+
+
+def test_reference_is_the_eager_composition():
+    """The reference the docs point to computes the eager layer's roundings (bf16: bit for bit)."""
+    g = torch.Generator().manual_seed(0)
+    x = _r(3, 48, dtype=torch.bfloat16, g=g)
+    nw = _r(48, dtype=torch.float32, g=g)
+    ws = [_r(n, 48, dtype=torch.bfloat16, g=g) for n in (16, 5)]
+    with torch.no_grad():
+        assert torch.equal(decode_linear_reference(x, ws, nw), torch.cat(rms_norm_linear(x, nw, ws, 1e-6), -1))
+
+
+def test_validates_its_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = _r(2, 48, dtype=torch.float32, g=g)
+    w = _r(16, 48, dtype=torch.float32, g=g)
+    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \[N, 48\]"):
+        rms_norm_linear_decode(x, None, [w, w[:, :40]])
+    with pytest.raises(TypeError, match=r"weights\[0\] must have x's dtype"):
+        rms_norm_linear_decode(x, None, [w.double()])
+    with pytest.raises(ValueError, match="weights must be a list of 1 to 8"):
+        rms_norm_linear_decode(x, None, [w] * 9)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        rms_norm_linear_decode(x, None, [_r(48, 16, dtype=torch.float32, g=g).t()])
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \[48\]"):
+        rms_norm_linear_decode(x, torch.ones(32, device=DEVICE), [w])
+    with pytest.raises(ValueError, match="SwiGLU takes two weights of the same shape"):
+        rms_norm_swiglu_decode(x, None, w, w[:8])
+    with pytest.raises(ValueError, match=r"residual must have shape \[2, 16\]"):
+        linear_residual_decode(x, w, x)
+    with pytest.raises(TypeError, match="x must be a float32, bfloat16 or float16"):
+        linear_residual_decode(x.long(), w)
+    with pytest.raises(ValueError, match="x must be contiguous along its last dim"):
+        rms_norm_linear_decode(_r(48, 2, dtype=torch.float32, g=g).t(), None, [w])
