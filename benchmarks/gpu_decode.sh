@@ -50,8 +50,10 @@ for part in ${PARTS//,/ }; do
              $COMMON --budget-s "$(budget 40)" --out "$R/decode_generate_eager.md" ;;
     context) run context 150 python3 -m deltanet.cli bench decode --models deltanet-340m --paths loop --batch 1 \
                --prompt 2048,32768 --new-tokens 256 --budget-s "$(budget 30)" --out "$R/decode_context.md" ;;
-    fusedtests) run fusedtests 240 python3 -m pytest -q -rs -x tests/ops/test_decode_linear.py \
-                  tests/models/test_fused_decode.py ;;
+    # -v, no -x: one line per test, every failure named even if the part is cut at its limit (the
+    # first CUDA run of test_fused_decode.py, H100 2026-12-06, had ~25 failures a quiet log did not name)
+    fusedtests) run fusedtests 240 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+                  tests/models/test_fused_decode.py tests/ops/test_decode_linear.py ;;
     fused) run fused_loop 200 python3 -m deltanet.cli bench decode --models deltanet-340m,gated-deltanet-340m,hybrid-swa-340m \
              --paths loop --decode-kernel eager,fused $COMMON --budget-s "$(budget 30)" --out "$R/decode_fused_loop.md"
            run fused_profile 150 python3 benchmarks/profile_decode_step.py --models deltanet-340m,hybrid-swa-340m \
