@@ -285,13 +285,11 @@ def wy_bwd_kernel(
         b_du = tl.load(du + off, mask=m, other=0.0)
         b_dai, b_db = _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC)
     if USE_G:
-        # v . dv = beta * rowsum(d(beta V) * V): dbeta's U part, complete here (fp32, unrounded dv)
-        b_dg = -b * b_db
+        b_dg = tl.zeros([BT], dtype=tl.float32)
         p_part = dg_part + row
         for _ in tl.static_range(0, DG_PARTS):  # a fixed order: deterministic
             b_dg += tl.load(p_part + rt * H, mask=mt, other=0.0)
             p_part += dg_stride
-        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
@@ -321,9 +319,14 @@ def wy_bwd_kernel(
         b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
         b_dk = b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
         b_dk += tl.load(dk_in + off, mask=m, other=0.0)
-        b_db += tl.sum(b_dkb * b_kf, 1)
+        b_dbk = tl.sum(b_dkb * b_kf, 1)  # dbeta's W part (this K-block's)
+        b_db += b_dbk
+        if USE_G:  # - k . dk + 2 beta (dbeta's W part), from the fp32 tiles before dk is rounded
+            b_dg += 2.0 * b * b_dbk - tl.sum(b_dk * b_kf, 1)
         tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
     tl.store(dbeta + rt * H, b_db.to(dbeta.dtype.element_ty), mask=mt)
+    if USE_G:
+        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
 
 
 @triton.jit
