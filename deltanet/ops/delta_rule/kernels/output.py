@@ -13,7 +13,7 @@ gradient from the reverse recurrence:
 Gated (``USE_G``, G the within-chunk cumulative log decay, E_ij = exp(G_i - G_j)): the Q S
 term gains exp(G_i) and tril(Q K^T) the factor E; in the backward dP gains E, the ``dO S^T``
 part of dQ exp(G_i), the ``v_new G^T`` part of dK exp(G_last - G_i) (``kernels/gate.py``), and the
-kernel writes the ``q . dq`` and state terms of dg.
+kernel writes the ``q . dq`` and chunk-end terms of dg.
 """
 
 import triton
@@ -119,8 +119,9 @@ def dqkw_bwd_kernel(
 ):
     """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``.
     Gated: also this K-block's part of the per-token terms of dg (``dg_part[i_k]``, fp32 ``[TT, H]``,
-    ``dg_stride = TT * H`` apart): ``q . dq`` over its columns, plus its share of the chunk's state
-    term at the chunk's last token; ``wy_bwd_kernel`` sums the parts and finishes dg."""
+    ``dg_stride = TT * H`` apart): ``q . dq`` over its columns, plus its share of the chunk-end term
+    (``exp(G_C) <h[c], dh[c]> + sum_j k_j . dk_j`` over dk's state part) at the chunk's last token;
+    ``wy_bwd_kernel`` sums the parts and finishes dg."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     q, k, dq, dk, dw = q + row * K, k + row * K, dq + row * K, dk + row * K, dw + row * K
@@ -150,7 +151,8 @@ def dqkw_bwd_kernel(
         b_dq, b_dk, b_dp, _, b_gam = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
         # this K-block's share of the chunk-end term: exp(G_C) <h[c], dh[c]> + sum_j k_j . dk_j,
         # dk here its state part
-        b_end = tl.sum(tl.where(rt == n - 1, b_gam, 0.0), 0) * b_st + tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
+        b_end = tl.sum(tl.where(rt == n - 1, b_gam, 0.0), 0) * b_st
+        b_end += tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
