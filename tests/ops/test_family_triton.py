@@ -152,9 +152,9 @@ def test_gated_launch_variants_match_reference(variant):
     check(variant, got, ref, rtol=2e-5, inp=inp)
 
 
-# The gradient of g is formed inside the kernels that form dq and dv: chunk_grads_kernel (fused), or
-# dqkw_bwd_kernel (one fp32 part of the terms per K-block) + wy_bwd_kernel (sums the parts, subtracts
-# v . dv, reverse sum within the chunk). K = 48 with 16-wide K-blocks: three parts, the last one ragged.
+# The gradient of g is formed inside the kernels that form dq and dk: chunk_grads_kernel (fused), or
+# dqkw_bwd_kernel (one fp32 part of the terms per K-block) + wy_bwd_kernel (sums the parts, adds
+# -k . dk + 2 beta dbeta_W, reverse sum within the chunk). K = 48 with 16-wide K-blocks: three parts, the last one ragged.
 DG_PATHS = {
     "fused": dict(grads_fused=True, bv_grads=16),
     "two-kernel-1-part": dict(grads_fused=False, bk_dqkw=64),

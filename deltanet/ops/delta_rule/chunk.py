@@ -3,7 +3,7 @@
 The gate is one optional input through every stage: with ``g`` given, ``wy_fwd_kernel`` writes
 G (the within-chunk cumulative log decay, fp32) once, the backward reuses the forward's, and
 each kernel takes it with ``USE_G``; without it the kernels compile exactly as before. The
-gradient of ``g`` is formed by the kernels that form dq and dv, from their fp32 tiles
+gradient of ``g`` is formed by the kernels that form dq and dk, from their fp32 tiles
 (README.md §7): the gated rule launches the same kernels as the plain one, no more.
 
 Forward, three kernels (``kernels/``):
@@ -280,7 +280,7 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g
         num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     del w
     dq, dv, dbeta = _new(q), _new(v), _new(beta)
-    # Gated: dg (fp32) is formed by the kernels that form dq and dv, from their fp32 tiles.
+    # Gated: dg (fp32) is formed by the kernels that form dq and dk, from their fp32 tiles.
     dg = _new(q, *beta.shape, dtype=torch.float32) if gc is not None else None
     if cfg.grads_fused:
         dk = _new(k)
