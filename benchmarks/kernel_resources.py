@@ -167,8 +167,8 @@ def launches(D: int, T: int, override: dict | None = None, dtype: str = "bf16", 
     config = dataclasses.replace(select_config(B, H, D, D, tdtype, num_sms=sms, gated=gated), **(override or {}))
     log: list[Launch] = []
     with _recording(chunk, log):
-        _, ht, ai, v_new, gc = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g, config=config)
-        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new, gc, ht, config=config)
+        _, _, ai, v_new, gc = chunk.chunk_fwd(q, k, v, beta, scale, h0, states, None, g, config=config)
+        chunk.chunk_bwd(q, k, v, beta, scale, h0, None, do, dht, ai, v_new, gc, config=config)
     return log
 
 

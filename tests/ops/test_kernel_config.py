@@ -102,9 +102,9 @@ def test_default_launches_are_the_recorded_ones(monkeypatch):
         g = torch.empty(B, T, H, dtype=torch.float32, **meta) if c["gated"] else None
         cfg = select_config(B, H, K, V, dt, num_sms=c["num_sms"], gated=c["gated"])
         log.clear()
-        _, ht, ai, v_new, gc = chunk_module.chunk_fwd(q, k, v, beta, K ** -0.5, states[0], c["states"], None, g,
+        _, _, ai, v_new, gc = chunk_module.chunk_fwd(q, k, v, beta, K ** -0.5, states[0], c["states"], None, g,
                                                      config=cfg)
-        chunk_module.chunk_bwd(q, k, v, beta, K ** -0.5, states[0], None, do, states[1], ai, v_new, gc, ht, config=cfg)
+        chunk_module.chunk_bwd(q, k, v, beta, K ** -0.5, states[0], None, do, states[1], ai, v_new, gc, config=cfg)
         # The gated rule's three chunk_cumsum launches (G in the forward, G again in the backward,
         # dg's reverse sum) moved into wy_fwd and the gradient kernels: its launches are the plain one's.
         old = [_launches_of_old(name, kw) for name, kw in case["launches"] if name != "chunk_cumsum"]

@@ -3,7 +3,7 @@
 The gate is one optional input through every stage: with ``g`` given, ``wy_fwd_kernel`` writes
 G (the within-chunk cumulative log decay, fp32) once, the backward reuses the forward's, and
 each kernel takes it with ``USE_G``; without it the kernels compile exactly as before. The
-gradient of ``g`` is formed by the kernels that form dq and dv, from their fp32 tiles
+gradient of ``g`` is formed by the kernels that form dq and dk, from their fp32 tiles
 (README.md §7): the gated rule launches the same kernels as the plain one, no more.
 
 Forward, three kernels (``kernels/``):
@@ -249,12 +249,11 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
     return o.view(B, T, H, V), ht, ai, v_new, gc
 
 
-def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, gc=None, ht=None, *,
+def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, gc=None, *,
               config: ChunkKernelConfig | None = None):
     """Launch the backward (``ai``, ``v_new`` and, gated, ``gc``: the forward's; ``config`` as in
     ``chunk_fwd``). Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``, the gradients in the
-    input dtype but ``dg [B, T, H]``, fp32 (the gradient of ``g``; None for the plain rule). Gated,
-    ``ht`` is the forward's final state, read (for dg) only with ``dht``."""
+    input dtype but ``dg [B, T, H]``, fp32 (the gradient of ``g``; None for the plain rule)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     idx = chunk_index(cu_seqlens, B, T, q.device)
@@ -266,10 +265,6 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g
     dht = dht.contiguous() if dht is not None else None
     prec = _prec(q.dtype)
     gp = gc if gc is not None else q  # (a pointer the kernels ignore without USE_G)
-    if gc is not None and dht is not None and ht is None:
-        raise ValueError("chunk_bwd: the gated rule's dg needs the forward's final state ht with dht")
-    # the final state and its gradient: the state term of dg at each sequence's last chunk
-    fin = (ht, dht) if gc is not None and dht is not None else None
 
     w = _w(k, beta, gc, ai, idx, cfg)
     h, _ = _states(k, None, None, gc, h0, None, idx, N, cfg, v_new=v_new)
@@ -285,28 +280,27 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g
         num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     del w
     dq, dv, dbeta = _new(q), _new(v), _new(beta)
-    # Gated: dg (fp32) is formed by the kernels that form dq and dv, from their fp32 tiles.
+    # Gated: dg (fp32) is formed by the kernels that form dq and dk, from their fp32 tiles.
     dg = _new(q, *beta.shape, dtype=torch.float32) if gc is not None else None
     if cfg.grads_fused:
         dk = _new(k)
         chunk_grads_kernel[(NTT, H)](
             q, k, v, beta, gp, ai, v_new, h, dh, do, dvn, dq, dk, dv, dbeta, dg if dg is not None else q,
-            *(fin or (q, q)), cu, table, scale, H=H, K=K, V=V, BT=BT, BK=_full(K), BV=cfg.bv_grads, PREC=prec,
-            USE_G=gc is not None, USE_DHT=fin is not None, num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
+            cu, table, scale, H=H, K=K, V=V, BT=BT, BK=_full(K), BV=cfg.bv_grads, PREC=prec,
+            USE_G=gc is not None, num_warps=cfg.warps_grads, num_stages=cfg.stages_grads)
     else:
         states = [h, v_new, dh]
         del h, v_new, dh  # _wy_grads frees them (their last use) before its second kernel
-        dk = _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, fin, scale, idx, cfg)
+        dk = _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, scale, idx, cfg)
     shape = (B, T, H)
     dg = dg.view(shape) if dg is not None else None
     return dq.view(*shape, K), dk.view(*shape, K), dv.view(*shape, V), dbeta.view(shape), dh0, dg
 
 
-def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, fin, scale, idx, cfg):
+def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, scale, idx, cfg):
     """The two-kernel form of ``chunk_grads_kernel``: ``dqkw_bwd`` (writes dq, dW and a partial
     dK) and the way back through the UT transform. ``states = [h, v_new, dh]`` is emptied after
-    its use, so those buffers are freed before the second kernel's. ``fin``: ``(ht, dht)`` for the
-    state term of dg, or None. Writes dq, dv, dbeta (and, gated,
+    its use, so those buffers are freed before the second kernel's. Writes dq, dv, dbeta (and, gated,
     dg: ``dqkw_bwd`` writes one fp32 ``[TT, H]`` part of its terms per K-block, ``wy_bwd`` sums them
     in a fixed order, deterministic, no atomics); returns dk."""
     h, v_new, dh = states
@@ -322,8 +316,8 @@ def _wy_grads(q, k, v, beta, gc, ai, states, do, dvn, dq, dv, dbeta, dg, fin, sc
     dg_part = _new(q, parts, TT, H, dtype=torch.float32) if gc is not None else None
     dgp = dg_part if dg_part is not None else q  # (pointers the kernels ignore without USE_G)
     dqkw_bwd_kernel[(parts, NTT, H)](
-        q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, dgp, *(fin or (q, q)), cu, table, scale, TT * H, H=H, K=K,
-        V=V, BT=BT, BK=cfg.bk_dqkw, BV=cfg.bv, PREC=prec, USE_G=gc is not None, USE_DHT=fin is not None,
+        q, k, v_new, gp, h, dh, do, dvn, dq, dk_part, dw, dgp, cu, table, scale, TT * H, H=H, K=K,
+        V=V, BT=BT, BK=cfg.bk_dqkw, BV=cfg.bv, PREC=prec, USE_G=gc is not None,
         num_warps=cfg.warps_dqkw, num_stages=cfg.stages_dqkw)
     del h, dh, v_new
     dk = _new(k)
@@ -370,17 +364,17 @@ def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlen
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
             dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, gc: torch.Tensor | None = None,
-            ht: torch.Tensor | None = None, kernel_config: list[int] | None = None,
+            kernel_config: list[int] | None = None,
             chunk_table: torch.Tensor | None = None, chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     idx = _op_index(cu_seqlens, chunk_table, chunk_offsets)
     # gc: the forward's G (the within-chunk cumulative log decay), None for the plain rule
-    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, gc, ht,
+    dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, gc,
                                         config=_config(kernel_config))
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
 
 
-def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc=None, ht=None,
+def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc=None,
               kernel_config=None, chunk_table=None, chunk_offsets=None):
     e = functools.partial(torch.empty_like, memory_format=torch.contiguous_format)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else _empty_state(q)
@@ -395,11 +389,10 @@ def _setup_context(ctx, inputs, output):
     # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # Gated: G (fp32, 4 B per token and head, the forward's: the backward does not form it again)
-    # instead of g, and the final state (dg's state term at each sequence's last chunk). The chunk
-    # index (cu_seqlens with its chunk table) is kept as it came in: backward reads nothing back.
+    # instead of g. The chunk index (cu_seqlens with its chunk table) is kept as it came in:
+    # backward reads nothing back.
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3],
-                          output[4] if g is not None else None, output[1] if g is not None else None,
-                          chunk_table, chunk_offsets)
+                          output[4] if g is not None else None, chunk_table, chunk_offsets)
     ctx.scale = scale
     ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
@@ -408,9 +401,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, bwd_op, do, dht, _dai, _dvn, _dgc):
-    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, gc, ht, chunk_table, chunk_offsets = ctx.saved_tensors
+    q, k, v, beta, initial_state, cu_seqlens, ai, v_new, gc, chunk_table, chunk_offsets = ctx.saved_tensors
     do, dht = incoming_grads(do, dht, v)
-    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc, ht,
+    dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc,
                                      ctx.kernel_config, chunk_table, chunk_offsets)
     dg = dg if gc is not None else None
     return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None, None

@@ -11,10 +11,10 @@ Hence (README.md, §7 "The gradient of g")
 with ``dq``, ``dv`` the gradients of the gated op itself. The recurrent op's launcher keeps dq
 and dv in fp32 when ``g`` is given (before rounding them to the input dtype, whose rounding
 error the cancellation between the two dot products would amplify), calls :func:`decay_terms`
-and finishes with :func:`gate_grad` (whole sequences). The chunk op applies the same identity per
-chunk inside its gradient kernels (``kernels/gate.py``: the terms from the fp32 dq / dv tiles,
-each chunk's state term, the reverse sum over at most 64 tokens) and uses nothing here. Nothing
-here reads ``exp(-G)``: it is exact for any decay.
+and finishes with :func:`gate_grad` (whole sequences). The chunk op uses nothing here: its
+gradient kernels form dL/dG per chunk by the chain rule through each place G enters
+(``kernels/gate.py``; README.md §7 says why: from their 16-bit intermediates this identity lost
+an order of magnitude in bf16). Nothing here reads ``exp(-G)``: it is exact for any decay.
 """
 
 from __future__ import annotations

@@ -5,13 +5,17 @@ chunk starting at ``t0`` (fp32). ``wy_fwd_kernel`` writes it once per call; ever
 stage reads it, never ``g``: the chunk forms need only differences ``G_i - G_j`` inside a chunk
 and ``G`` at the chunk's last token.
 
-The gradient of ``g`` is formed where dq and dv are (``chunk_grads_kernel``, or
-``dqkw_bwd_kernel`` + ``wy_bwd_kernel``), from the fp32 tiles before they are rounded:
+The gradient of ``g`` is formed where dq and dk are (``chunk_grads_kernel``, or
+``dqkw_bwd_kernel`` + ``wy_bwd_kernel``), from the fp32 tiles before they are rounded, as the
+chain rule through every place a chunk's G enters (README.md §7):
 
-    dg_t = sum_{s >= t, s in t's chunk} (q_s . dq_s - v_s . dv_s)  +  <S after the chunk, its gradient>
+    dg_t = sum_{s >= t, s in t's chunk} (q_s . dq_s - k_s . dk_s + 2 beta_s dbeta^W_s)
+           + exp(G_C) <h[c], dh[c]> + sum_{j in chunk} k_j . dk^S_j
 
-where the state after chunk c is ``h[c + 1]`` (the backward recomputes the states) and its
-gradient ``dh[c]``; for a sequence's last chunk they are the final state and its gradient.
+with ``dbeta^W`` dbeta's W part (``rowsum(dKb * K)``), ``dk^S`` the state part of dk
+(``exp(G_C - G) v_new dh[c]^T``), ``h[c]`` the state entering chunk c and ``dh[c]`` the gradient
+of the one leaving it. The ``k . dk^S`` of each token and their chunk sum cancel as the same fp32
+numbers.
 """
 
 import triton

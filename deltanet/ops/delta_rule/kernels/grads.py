@@ -19,10 +19,10 @@ and K, dU, Ai are read twice; here they stay in registers. One program holds all
 
 Gated (``USE_G``): the decay factors of ``gate_chunk_grads`` (kernels/gate.py) on dQ, dK and
 dP; ``Kb = diag(beta exp(G)) K`` in the W terms (``dKb`` gains exp(G)); dA is taken through E.
-And dg, finished here (kernels/gate.py): ``q . dq`` from the fp32 dQ tile, ``v . dv`` as
-``beta * rowsum(d(beta V) * V)`` (dbeta's U part), the chunk's state term ``<S after, dS after>`` from
-``state_term`` (kernels/output.py), then the reverse sum within the chunk. dq and dv
-are stored in the input dtype.
+And dg, finished here (kernels/gate.py): ``q . dq`` from the fp32 dQ tile, ``- k . dk`` from the
+fp32 dK tile, ``2 beta`` times dbeta's W part, at the last token ``exp(G_C) <h[c], dh[c]>`` (from
+``state_term``, kernels/output.py) plus the sum of ``k . dk`` over the state part of dK, then the
+reverse sum within the chunk. dq and dk are stored in the input dtype.
 """
 
 import triton
@@ -35,10 +35,9 @@ from .wy import _chunk_base, _du_terms
 
 @triton.jit
 def chunk_grads_kernel(
-    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, dg, ht, dht, cu_seqlens, chunk_table, scale,
+    q, k, v, beta, g, ai, v_new, h, dh, do, du, dq, dk, dv, dbeta, dg, cu_seqlens, chunk_table, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
-    USE_DHT: tl.constexpr = False,
 ):
     """Grid ``(chunks, H)``. Writes ``dq``, ``dk``, ``dv`` and ``dbeta`` (all final); gated, ``dg``
     (fp32 ``[TT, H]``)."""
@@ -64,7 +63,7 @@ def chunk_grads_kernel(
     b_dai = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     if USE_G:
-        b_st = state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H, K, V, BT, BK, BV, USE_DHT)
+        b_st = state_term(h, dh, ck, K, V, BK, BV)
     # A runtime loop: unrolled, the next blocks' loads are hoisted and spill (as in dqkw_bwd).
     for v0 in range(0, V, BV):
         b_dq, b_dk, b_dw, b_dp, b_du, off, mv = _state_grads_block(
@@ -78,15 +77,16 @@ def chunk_grads_kernel(
     if USE_G:
         b_dq, b_dk, b_dp, b_gc, b_gam = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
         bw = b * b_gam
-        b_dg = -b * b_db  # v . dv: dbeta's U part (complete after the V loop), from the fp32 d(beta V)
+        # the chunk-end term: exp(G_C) <h[c], dh[c]> + sum_j k_j . dk_j, dk here its state part
+        b_end = tl.sum(tl.where(rt == n - 1, b_gam, 0.0), 0) * b_st
+        b_end += tl.sum(tl.sum(b_dk * tl.load(k + off, mask=mk, other=0.0).to(tl.float32), 1), 0)
     else:
         bw = b
     b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
     if USE_G:  # q . dq from the fp32 tile, before dq is rounded
-        b_dg += tl.sum(b_dq * b_q.to(tl.float32), 1)
-        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg) + b_st, mask=mt)
+        b_dg = tl.sum(b_dq * b_q.to(tl.float32), 1) + tl.where(rt == n - 1, b_end, 0.0)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
 
     # The WY half. dW is rounded to the input dtype, as the two-kernel path stores it.
@@ -96,13 +96,23 @@ def chunk_grads_kernel(
     b_da = tl.dot(b_dai, tl.trans(b_ai), input_precision=PREC)
     b_da = -tl.dot(tl.trans(b_ai), b_da, input_precision=PREC)
     b_da = tl.where(rt[:, None] > rt[None, :], b_da, 0.0)
-    b_kf = b_k.to(tl.float32)
+    if USE_G:
+        # k again from memory (L1/L2), not b_k.to(fp32): that conversion is also taken for dg's
+        # k . dk_state above, and sharing it kept an fp32 copy of K live across the dQ stage (sm_90,
+        # D = 64, bf16: 848 against 568 B per thread of spills)
+        b_kf = tl.load(k + off, mask=mk, other=0.0).to(tl.float32)
+    else:
+        b_kf = b_k.to(tl.float32)
     b_dkb = tl.dot(tl.trans(b_ail), b_dwl, input_precision=PREC)
     if USE_G:
         b_da = b_da * decay(b_gc, b_gc, (rt[:, None] > rt[None, :]) & mt[:, None])
         b_dkb = b_dkb * b_gam[:, None]
     b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
     b_dk += b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
-    b_db += tl.sum(b_dkb * b_kf, 1)
+    b_dbk = tl.sum(b_dkb * b_kf, 1)  # dbeta's W part
+    b_db += b_dbk
+    if USE_G:  # - k . dk + 2 beta (dbeta's W part), from the fp32 tiles before dk is rounded
+        b_dg += tl.sum((2.0 * b[:, None] * b_dkb - b_dk) * b_kf, 1)
+        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
     tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dbeta + rt * H, b_db.to(dbeta.dtype.element_ty), mask=mt)

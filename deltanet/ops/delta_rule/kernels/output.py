@@ -13,14 +13,14 @@ gradient from the reverse recurrence:
 Gated (``USE_G``, G the within-chunk cumulative log decay, E_ij = exp(G_i - G_j)): the Q S
 term gains exp(G_i) and tril(Q K^T) the factor E; in the backward dP gains E, the ``dO S^T``
 part of dQ exp(G_i), the ``v_new G^T`` part of dK exp(G_last - G_i) (``kernels/gate.py``), and the
-kernel writes the ``q . dq`` and state terms of dg.
+kernel writes the ``q . dq`` and chunk-end terms of dg.
 """
 
 import triton
 import triton.language as tl
 
 from .gate import decay, gate_chunk_grads, gate_rows
-from .wy import _chunk_base, _chunk_bounds
+from .wy import _chunk_base
 
 
 @triton.jit
@@ -85,14 +85,13 @@ def _state_grads_block(do, v_new, du, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b
 
 
 @triton.jit
-def _tile_dot(x, y, ck, ok, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """``sum(x * y)`` over the rows ``ck`` of two ``[K, V]`` states (any dtypes), in fp32; 0 (and
-    nothing read) unless ``ok``."""
+def _tile_dot(x, y, ck, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """``sum(x * y)`` over the rows ``ck`` of two ``[K, V]`` states (any dtypes), in fp32."""
     b_s = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         off = ck[None, :] * V + cv[:, None]
-        m = (ck[None, :] < K) & (cv[:, None] < V) & ok
+        m = (ck[None, :] < K) & (cv[:, None] < V)
         b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
         b_y = tl.load(y + off, mask=m, other=0.0).to(tl.float32)
         b_s += tl.sum(b_x * b_y, 0)
@@ -100,36 +99,29 @@ def _tile_dot(x, y, ck, ok, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, 
 
 
 @triton.jit
-def state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H: tl.constexpr, K: tl.constexpr,
-               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr):
-    """The state term of dg for chunk ``i_t`` over the K columns ``ck``: ``<S after the chunk, its
-    gradient>``, ``<h[c + 1], dh[c]>`` inside a sequence (``h``, ``dh`` point at chunk ``i_t``'s
-    states) and ``<final state, its gradient>`` (fp32, 0 without one) at its last chunk.
+def state_term(h, dh, ck, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """``<h[c], dh[c]>`` over the K columns ``ck`` (``h``, ``dh`` point at chunk c's states: the state
+    entering the chunk and the gradient of the state leaving it), fp32 products and sum: with
+    ``exp(G_C)`` and ``sum_j k_j . dk_j`` over the state part of dK it is the chunk-end term of dg
+    (kernels/gate.py).
 
     Its own short loop before the gradient kernels' main V loop, while their accumulators are still
-    empty: the same term formed from tiles in the main loop (``exp(G_last) <h[c], dh[c]>`` plus
-    ``<K, dK_state>``, no ``h[c + 1]`` needed) spilled twice as much in the fused kernel (736 vs
-    368 B per thread, sm_90, D = 64, bf16)."""
-    t0, eos = _chunk_bounds(cu_seqlens, chunk_table, i_t, BT)
-    inside = eos - t0 > BT  # (masked loads, not a branch: the two states differ in dtype)
-    b_s = _tile_dot(h + H * K * V, dh, ck, inside, K, V, BK, BV)
-    if USE_DHT:
-        s_n = (tl.load(chunk_table + 2 * i_t).to(tl.int64) * H + i_h) * K * V
-        b_s += _tile_dot(ht + s_n, dht + s_n, ck, eos - t0 <= BT, K, V, BK, BV)
-    return b_s
+    empty (the same tiles are read again by the main loop): accumulated inside that loop instead it
+    spilled twice as much in the fused kernel (736 vs 368 B per thread, sm_90, D = 64, bf16)."""
+    return _tile_dot(h, dh, ck, K, V, BK, BV)
 
 
 @triton.jit
 def dqkw_bwd_kernel(
-    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, dg_part, ht, dht, cu_seqlens, chunk_table, scale, dg_stride,
+    q, k, v_new, g, h, dh, do, dv, dq, dk, dw, dg_part, cu_seqlens, chunk_table, scale, dg_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr = False,
-    USE_DHT: tl.constexpr = False,
 ):
     """Grid ``(cdiv(K, BK), chunks, H)``. Writes ``dq`` (final), ``dk`` (fp32, partial) and ``dw``.
     Gated: also this K-block's part of the per-token terms of dg (``dg_part[i_k]``, fp32 ``[TT, H]``,
-    ``dg_stride = TT * H`` apart): ``q . dq`` over its columns, plus its share of the chunk's state
-    term at the chunk's last token; ``wy_bwd_kernel`` sums the parts and finishes dg."""
+    ``dg_stride = TT * H`` apart): ``q . dq`` over its columns, plus its share of the chunk-end term
+    (``exp(G_C) <h[c], dh[c]> + sum_j k_j . dk_j`` over dk's state part) at the chunk's last token;
+    ``wy_bwd_kernel`` sums the parts and finishes dg."""
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
     q, k, dq, dk, dw = q + row * K, k + row * K, dq + row * K, dk + row * K, dw + row * K
@@ -146,23 +138,27 @@ def dqkw_bwd_kernel(
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     if USE_G:
-        b_st = state_term(h, dh, ht, dht, cu_seqlens, chunk_table, i_t, i_h, ck, H, K, V, BT, BK, BV, USE_DHT)
+        b_st = state_term(h, dh, ck, K, V, BK, BV)
     # A runtime loop, not static_range: unrolled, the compiler hoists the next blocks' loads and
     # spills at V = 256 (912 B per thread at 8 warps).
     for v0 in range(0, V, BV):
         b_dq, b_dk, b_dw, b_dp, _, _, _ = _state_grads_block(
             do, v_new, dv, h, dh, rt, mt, ck, v0, b_dq, b_dk, b_dw, b_dp, H, K, V, BV, PREC)
-    if USE_G:
-        b_dq, b_dk, b_dp, _, _ = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
-    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     off = rt[:, None] * (H * K) + ck[None, :]
     b_q = tl.load(q + off, mask=mk, other=0.0)
     b_k = tl.load(k + off, mask=mk, other=0.0)
+    if USE_G:
+        b_dq, b_dk, b_dp, _, b_gam = gate_chunk_grads(g + row, rt, n, b_dq, b_dk, b_dp, H)
+        # this K-block's share of the chunk-end term: exp(G_C) <h[c], dh[c]> + sum_j k_j . dk_j,
+        # dk here its state part
+        b_end = tl.sum(tl.where(rt == n - 1, b_gam, 0.0), 0) * b_st
+        b_end += tl.sum(tl.sum(b_dk * b_k.to(tl.float32), 1), 0)
+    b_dp = tl.where(rt[:, None] >= rt[None, :], b_dp * scale, 0.0)
     b_dq = b_dq * scale + tl.dot(b_dp.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk += tl.dot(tl.trans(b_dp).to(b_q.dtype), b_q, input_precision=PREC)
     tl.store(dq + off, b_dq.to(dq.dtype.element_ty), mask=mk)
     tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=mk)
     tl.store(dw + off, b_dw.to(dw.dtype.element_ty), mask=mk)
     if USE_G:  # q . dq from the fp32 tile, before dq is rounded to the input dtype
-        b_t = tl.sum(b_dq * b_q.to(tl.float32), 1) + tl.where(rt == n - 1, b_st, 0.0)
+        b_t = tl.sum(b_dq * b_q.to(tl.float32), 1) + tl.where(rt == n - 1, b_end, 0.0)
         tl.store(dg_part + i_k.to(tl.int64) * dg_stride + row + rt * H, b_t, mask=mt)

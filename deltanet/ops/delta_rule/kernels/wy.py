@@ -254,9 +254,10 @@ def wy_bwd_kernel(
     ``dk_in`` (fp32) holds the key gradient from the output and state terms; this kernel
     adds the WY terms and writes ``dk``, ``dv`` and ``dbeta``. Gated: ``dA`` is taken through
     the factor ``exp(G_i - G_j)`` and ``d(beta K)`` from W gains ``exp(G)`` (README.md); and
-    ``dg`` (fp32 ``[TT, H]``) from ``dqkw_bwd_kernel``'s ``DG_PARTS`` K-block partial terms
-    (``dg_part``, fp32 ``[DG_PARTS, TT, H]``, ``dg_stride = TT * H`` apart) minus ``v . dv``,
-    summed in reverse within the chunk (kernels/gate.py).
+    ``dg`` (fp32 ``[TT, H]``): ``2 beta`` times dbeta's W part minus ``k . dk`` (the fp32 dk), plus
+    ``dqkw_bwd_kernel``'s ``DG_PARTS`` K-block partial terms (``dg_part``, fp32
+    ``[DG_PARTS, TT, H]``, ``dg_stride = TT * H`` apart), summed in reverse within the chunk
+    (kernels/gate.py).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     row, n = _chunk_base(cu_seqlens, chunk_table, i_t, i_h, H, BT)
@@ -285,13 +286,7 @@ def wy_bwd_kernel(
         b_du = tl.load(du + off, mask=m, other=0.0)
         b_dai, b_db = _du_terms(b_v, b_du, dv, off, m, b, b_ail, b_dai, b_db, PREC)
     if USE_G:
-        # v . dv = beta * rowsum(d(beta V) * V): dbeta's U part, complete here (fp32, unrounded dv)
-        b_dg = -b * b_db
-        p_part = dg_part + row
-        for _ in tl.static_range(0, DG_PARTS):  # a fixed order: deterministic
-            b_dg += tl.load(p_part + rt * H, mask=mt, other=0.0)
-            p_part += dg_stride
-        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
+        b_dg = tl.zeros([BT], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         m = mt[:, None] & (ck[None, :] < K)
@@ -321,9 +316,18 @@ def wy_bwd_kernel(
         b_dkb += tl.dot(b_da, b_kf, input_precision=PREC)
         b_dk = b_dkb * b[:, None] + tl.dot(tl.trans(b_da), b_kf * b[:, None], input_precision=PREC)
         b_dk += tl.load(dk_in + off, mask=m, other=0.0)
-        b_db += tl.sum(b_dkb * b_kf, 1)
+        b_dbk = tl.sum(b_dkb * b_kf, 1)  # dbeta's W part (this K-block's)
+        b_db += b_dbk
+        if USE_G:  # - k . dk + 2 beta (dbeta's W part), from the fp32 tiles before dk is rounded
+            b_dg += tl.sum((2.0 * b[:, None] * b_dkb - b_dk) * b_kf, 1)
         tl.store(dk + off, b_dk.to(dk.dtype.element_ty), mask=m)
     tl.store(dbeta + rt * H, b_db.to(dbeta.dtype.element_ty), mask=mt)
+    if USE_G:
+        p_part = dg_part + row
+        for _ in tl.static_range(0, DG_PARTS):  # a fixed order: deterministic
+            b_dg += tl.load(p_part + rt * H, mask=mt, other=0.0)
+            p_part += dg_stride
+        tl.store(dg + row + rt * H, reverse_chunk_sum(b_dg), mask=mt)
 
 
 @triton.jit
