@@ -58,7 +58,7 @@ for part in ${PARTS//,/ }; do
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
     gated) run gated 270 python3 benchmarks/bench_family.py --out "$R/gated" --parts env,check,speed --ops gated,product \
              --dims 64,128 --lengths 1024,4096,16384 --budget 255 --fla-past-guard ;;
-    memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla \
+    memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-before \
                    --no-loss-check ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
