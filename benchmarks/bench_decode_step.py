@@ -173,26 +173,37 @@ def gemv_markdown(rows, env) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure_point(args, start, key: dict, fn) -> dict:
+    """``fn()``'s row, or ``key`` with the reason it has none: the budget is spent, or the point
+    failed (recorded; the sweep goes on)."""
+    if time.perf_counter() - start > args.budget_s:
+        return dict(key, error="skipped: budget spent")
+    try:
+        return fn()
+    except Exception as e:
+        return dict(key, error=f"{type(e).__name__}: {str(e)[:200]}")
+
+
+def record(args, stem: str, env, rows: list, r: dict, render) -> None:
+    """Append ``r``, print it and rewrite ``OUT/stem.json`` / ``.md`` (a cut run keeps its rows)."""
+    print(json.dumps(r), flush=True)
+    rows.append(r)
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+        f.write(render(rows, env))
+
+
 def gemv_sweep(args, env, bw, start) -> int:
     rows = []
     for shape in GEMV_SHAPES:
         for b in (int(x) for x in args.batch.split(",")):
             for config in [None, *gemv_configs()]:
-                if time.perf_counter() - start > args.budget_s:
-                    r = dict(shape=shape, batch=b, default=config is None, error="skipped: budget spent")
-                else:
-                    try:
-                        r = gemv_row(shape, b, config, bw)
-                    except Exception as e:  # a failing point is recorded; the sweep goes on
-                        r = dict(shape=shape, batch=b, default=config is None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                        if config is not None:
-                            r.update(BN=config.BN, BK=config.BK, warps=config.num_warps, stages=config.num_stages)
-                print(json.dumps(r), flush=True)
-                rows.append(r)
-            with open(os.path.join(args.out, "decode_gemv.json"), "w") as f:
-                json.dump(dict(env=env, rows=rows), f, indent=1)
-            with open(os.path.join(args.out, "decode_gemv.md"), "w") as f:
-                f.write(gemv_markdown(rows, env))
+                key = dict(shape=shape, batch=b, default=config is None)
+                if config is not None:
+                    key.update(BN=config.BN, BK=config.BK, warps=config.num_warps, stages=config.num_stages)
+                r = measure_point(args, start, key, lambda: gemv_row(shape, b, config, bw))
+                record(args, "decode_gemv", env, rows, r, gemv_markdown)
     print(gemv_markdown(rows, env))
     return 0
 
@@ -229,19 +240,8 @@ def main() -> int:
     rows = []
     for kind in args.layers.split(","):
         for b in (int(x) for x in args.batch.split(",")):
-            if time.perf_counter() - start > args.budget_s:
-                r = dict(layer=kind, batch=b, error="skipped: budget spent")
-            else:
-                try:
-                    r = row(kind, b, bw)
-                except Exception as e:  # a failing point is recorded; the sweep goes on
-                    r = dict(layer=kind, batch=b, error=f"{type(e).__name__}: {str(e)[:200]}")
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-            with open(os.path.join(args.out, "decode_step.json"), "w") as f:
-                json.dump(dict(env=env, rows=rows), f, indent=1)
-            with open(os.path.join(args.out, "decode_step.md"), "w") as f:
-                f.write(markdown(rows, env))
+            r = measure_point(args, start, dict(layer=kind, batch=b), lambda: row(kind, b, bw))
+            record(args, "decode_step", env, rows, r, markdown)
     print(markdown(rows, env))
     return 0
 

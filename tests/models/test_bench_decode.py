@@ -64,8 +64,8 @@ def test_bad_paths_rejected():
         cli_main(["decode", "--smoke", "--paths", "fast"])
 
 
-def test_decode_step_profiler_smoke(tmp_path):
-    """``benchmarks/profile_decode_step.py --smoke``: profiles one-token steps and attributes them."""
+def _profiler():
+    """``benchmarks/profile_decode_step.py`` as a module (the benchmarks folder is no package)."""
     import importlib.util
     from pathlib import Path
 
@@ -73,6 +73,12 @@ def test_decode_step_profiler_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("profile_decode_step", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_step_profiler_smoke(tmp_path):
+    """``benchmarks/profile_decode_step.py --smoke``: profiles one-token steps and attributes them."""
+    mod = _profiler()
     out = tmp_path / "profile.md"
     assert mod.main(["--smoke", "--out", str(out), "--steps", "2", "--batch", "1", "--modes", "eager",
                      "--decode-kernels", "eager"]) == 0
@@ -95,13 +101,7 @@ def test_decode_step_profiler_fused_route_and_check(tmp_path):
     """``--decode-kernels fused --check``: the fused route's step (Triton interpreter on CPU) has fewer
     profiled ops than the eager one (the CPU profile counts nested aten ops too: the exact count per
     block is tests/models/test_fused_decode.py's), and its greedy tokens equal the eager route's."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_decode_step.py"
-    spec = importlib.util.spec_from_file_location("profile_decode_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _profiler()
     out = tmp_path / "profile.md"
     assert mod.main(["--smoke", "--out", str(out), "--steps", "3", "--batch", "2", "--modes", "eager",
                      "--decode-kernels", "eager,fused", "--check"]) == 0
