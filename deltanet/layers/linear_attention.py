@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..ops.packing import as_packed
 from ..parallel.context import segment_linear_attention
-from ..parallel.halo import SegmentLayout, check_layer_documents, exchange_halo
+from ..parallel.halo import check_layer_documents, exchange_conv_halos, segment_group
 from .conv import ShortConvolution
 from .delta_net import qk_feature
 from .norm import RMSNorm
@@ -132,9 +132,7 @@ class LinearAttentionMixer(nn.Module):
             conv_in = state.conv if decoding else (None, None, None)
             if context_parallel is not None and self.q_conv.kernel_size > 1:
                 # the conv's window reaches into the earlier ranks' segments
-                layout = context_parallel if isinstance(context_parallel, SegmentLayout) else None
-                group = None if layout is not None else context_parallel
-                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, group, layout=layout) for t in (q, k, v))
+                conv_in = exchange_conv_halos((q, k, v), self.q_conv.kernel_size - 1, context_parallel)
             want = state is not None
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want)
@@ -150,8 +148,8 @@ class LinearAttentionMixer(nn.Module):
             k = k * m[..., None]  # padded tokens write nothing into the state
 
         if context_parallel is not None:
-            group = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
-            o, final = segment_linear_attention(q, k, v, documents=cu_seqlens, group=group), None
+            o = segment_linear_attention(q, k, v, documents=cu_seqlens, group=segment_group(context_parallel))
+            final = None
         else:
             o, final = linear_attention(q, k, v, initial_state=state.recurrent if decoding else None,
                                         cu_seqlens=cu_seqlens)

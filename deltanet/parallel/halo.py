@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from ..ops.packing import PackedSequences
 
-__all__ = ["SegmentLayout", "check_layer_documents", "exchange_halo", "exchange_kv_halo"]
+__all__ = ["SegmentLayout", "check_layer_documents", "exchange_conv_halos", "exchange_halo", "exchange_kv_halo",
+           "segment_group"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,3 +258,17 @@ def exchange_halo(x: torch.Tensor, width: int, group: dist.ProcessGroup | None =
     if halo.shape[1] < width:  # the sequence starts inside the window: zero rows before it
         halo = torch.cat([halo.new_zeros(x.shape[0], width - halo.shape[1], *x.shape[2:]), halo], dim=1)
     return halo
+
+
+def segment_group(context_parallel):
+    """The process group of ``context_parallel`` (a group, or a :class:`SegmentLayout` built over one)."""
+    return context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
+
+
+def exchange_conv_halos(tensors, width: int, context_parallel) -> tuple:
+    """:func:`exchange_halo` of each of ``tensors`` (``[B, T_r, C_i]``, one segment): the ``width``
+    rows before it that a short convolution's window reaches. ``context_parallel``: a process group
+    or a :class:`SegmentLayout`; a bare group's layout is gathered once for all the tensors."""
+    x = tensors[0]
+    layout = as_layout(context_parallel, x.shape[1], x.shape[0], x.device)
+    return tuple(exchange_halo(t, width, layout=layout) for t in tensors)
