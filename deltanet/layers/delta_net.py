@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from ..ops import delta_product, delta_rule
 from ..ops.delta_rule.product import interleave_product, take_last_step
 from ..parallel.context import segment_delta_rule
-from ..parallel.halo import SegmentLayout, check_layer_documents, exchange_halo
+from ..parallel.halo import check_layer_documents, exchange_conv_halos, segment_group
 from ._fused import RecomputedRegion, recompute_in_backward
 from .conv import ShortConvolution
 from .norm import RMSNorm, l2_norm, rms_norm_linear
@@ -207,22 +207,33 @@ class DeltaNetMixer(nn.Module):
         dt = torch.promote_types(a.dtype, torch.float32)
         return -self.A_log.to(dt).exp() * F.softplus(a.to(dt) + self.dt_bias.to(dt))
 
-    def _input_projections(self, x, norm):
-        """``(q, k, v, b or None, a or None, g or None)`` of ``norm(x)`` (or of ``x`` without a
-        norm): ``a`` feeds the decay, ``g`` the output gate."""
+    def _projection_layers(self) -> list:
+        """The input projections in the order of :meth:`_split_projections`: q, k, v, then beta's,
+        the decay's and the output gate's where the layer has them."""
         layers = [self.q_proj, self.k_proj, self.v_proj]
         layers += [self.b_proj] if self.use_beta else []
         layers += [self.a_proj] if self.gated else []
         layers += [self.g_proj] if self.use_output_gate else []
-        if norm is not None:  # one function: backward recomputes norm(x) instead of keeping it
-            out = list(rms_norm_linear(x, norm.weight, [lin.weight for lin in layers], norm.eps))
-        else:
-            out = [lin(x) for lin in layers]
+        return layers
+
+    def _split_projections(self, out) -> tuple:
+        """``(q, k, v, b or None, a or None, g or None)`` from the outputs of
+        :meth:`_projection_layers`: ``a`` feeds the decay, ``g`` the output gate."""
         q, k, v = out[:3]
         b = out[3] if self.use_beta else None
         a = out[3 + self.use_beta] if self.gated else None
         g = out[-1] if self.use_output_gate else None
         return q, k, v, b, a, g
+
+    def _input_projections(self, x, norm):
+        """``(q, k, v, b or None, a or None, g or None)`` of ``norm(x)`` (or of ``x`` without a
+        norm)."""
+        layers = self._projection_layers()
+        if norm is not None:  # one function: backward recomputes norm(x) instead of keeping it
+            out = rms_norm_linear(x, norm.weight, [lin.weight for lin in layers], norm.eps)
+        else:
+            out = [lin(x) for lin in layers]
+        return self._split_projections(out)
 
     def uses_fused_decode(self, x: torch.Tensor, decoding: bool, cu_seqlens=None, context_parallel=None) -> bool:
         """Whether a forward of ``x`` takes the fused decode step (``decode_kernel``; see the module
@@ -245,16 +256,10 @@ class DeltaNetMixer(nn.Module):
         from ..ops.delta_rule.decode import delta_rule_decode_step
 
         B, H, D = x.shape[0], self.num_heads, self.head_dim
-        layers = [self.q_proj, self.k_proj, self.v_proj]
-        layers += [self.b_proj] if self.use_beta else []
-        layers += [self.a_proj] if self.gated else []
-        layers += [self.g_proj] if self.use_output_gate else []
         out = rms_norm_linear_decode(x[:, 0], norm.weight if norm is not None else None,
-                                     [lin.weight for lin in layers], norm.eps if norm is not None else 0.0)
-        q, k, v = out[:3]  # [B, ...]: column slices of one buffer (rows strided)
-        b = out[3] if self.use_beta else None
-        a = out[3 + self.use_beta] if self.gated else None
-        g = out[-1] if self.use_output_gate else None
+                                     [lin.weight for lin in self._projection_layers()],
+                                     norm.eps if norm is not None else 0.0)
+        q, k, v, b, a, g = self._split_projections(out)  # [B, ...]: column slices of one buffer (rows strided)
         convs = weights = None
         if self.use_short_conv:
             W = self.q_conv.kernel_size
@@ -295,9 +300,7 @@ class DeltaNetMixer(nn.Module):
         if self.use_short_conv:
             if cp_group is not None and self.q_conv.kernel_size > 1:
                 # context parallelism: the conv's window reaches into the earlier ranks' segments
-                layout = cp_group if isinstance(cp_group, SegmentLayout) else None
-                group = None if layout is not None else cp_group
-                conv_in = tuple(exchange_halo(t, self.q_conv.kernel_size - 1, group, layout=layout) for t in (q, k, v))
+                conv_in = exchange_conv_halos((q, k, v), self.q_conv.kernel_size - 1, cp_group)
             q, cq = self.q_conv(q, conv_in[0], cu_seqlens, want_state)
             k, ck = self.k_conv(k, conv_in[1], cu_seqlens, want_state)
             v, cv = self.v_conv(v, conv_in[2], cu_seqlens, want_state)
@@ -332,7 +335,7 @@ class DeltaNetMixer(nn.Module):
         output projection on the fused decode route)."""
         # the model hands down a SegmentLayout (built once per forward; the conv halos read it),
         # the delta rule needs its group
-        cp = context_parallel.group if isinstance(context_parallel, SegmentLayout) else context_parallel
+        cp = segment_group(context_parallel)
         if cp is not None and cache is not None:
             raise ValueError("context_parallel cannot be combined with a cache")
         check_layer_documents(context_parallel, cu_seqlens)

@@ -37,7 +37,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
-from ..layers.delta_net import DELTA_TYPES, takes_fused_decode
+from ..layers.delta_net import DECODE_KERNELS, DELTA_TYPES, takes_fused_decode
 from ..ops.packing import PackedSequences
 from ..parallel.halo import SegmentLayout
 from .cache import DeltaNetCache
@@ -133,8 +133,6 @@ def set_decode_kernel(model: nn.Module, kernel: str) -> None:
     """Route the one-token decode steps of every delta-rule layer of ``model`` (a backbone or an
     LM): ``"fused"`` (one Triton kernel per layer), ``"eager"`` or ``"auto"`` (the config field
     ``decode_kernel``; set here on a built model, config included, for A/B comparisons)."""
-    from ..layers.delta_net import DECODE_KERNELS
-
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel must be one of {list(DECODE_KERNELS)}, got {kernel!r}")
     model.config.decode_kernel = kernel
