@@ -11,7 +11,23 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.cross_entropy import DTYPES, softmax_cross_entropy_grad_, softmax_cross_entropy_grad_reference_
+
 __all__ = ["fused_linear_cross_entropy"]
+
+
+# "auto": the Triton row kernel for CUDA tensors (float32 / bf16 / fp16), PyTorch otherwise;
+# "triton" forces the kernel (tests, on CPU under TRITON_INTERPRET=1); "torch" forces PyTorch.
+KERNEL = "auto"
+
+
+def _use_kernel(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    if KERNEL == "torch":
+        return False
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    ok = hidden.dtype in DTYPES and weight.dtype in DTYPES and dt in DTYPES
+    return ok and (KERNEL == "triton" or hidden.is_cuda)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -26,24 +42,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                              device=weight.device) if need_w else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least, float64 stays
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        kernel = _use_kernel(hidden, weight)
         for s in range(0, N, chunk_size):
-            h, m = hidden[s:s + chunk_size], valid[s:s + chunk_size]
-            # ignored rows gather class 0 (masked out below); any other label outside [0, vocab)
-            # fails in gather as in F.cross_entropy, instead of being read as another class
-            y = torch.where(m, labels[s:s + chunk_size], 0)[:, None]
-            # One float32 [c, vocab] buffer turned into the gradient in place: this runs at the end
+            h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
+            # One [c, vocab] logits buffer turned into the gradient in place: this runs at the end
             # of the forward, when every activation of the step is alive, so each extra buffer
             # of this size would raise the step's peak memory.
-            logits = (h @ weight.t()).to(acc)  # [c, vocab]
-            target = logits.gather(1, y)[:, 0]
-            mx = logits.amax(-1, keepdim=True)
-            p = logits.sub_(mx).exp_()
-            se = p.sum(-1, keepdim=True)
-            total += ((mx[:, 0] + se[:, 0].log() - target) * m).sum()  # logsumexp - target logit
-            # d loss / d logits = (softmax - onehot) * valid / count
-            p.div_(se).scatter_add_(1, y, p.new_full(y.shape, -1.0))
-            g = p.mul_((m.to(acc) / count)[:, None]).to(hidden.dtype)
-            del logits, p
+            logits = h @ weight.t()  # [c, vocab], the GEMM's dtype (bf16 under autocast)
+            if kernel:
+                rows = softmax_cross_entropy_grad_(logits, y, count, ignore_index)
+            else:
+                rows = softmax_cross_entropy_grad_reference_(logits, y, count, ignore_index)
+            total += rows.sum().to(acc)
+            g = logits.to(hidden.dtype)  # d loss / d logits = (softmax - onehot) * valid / count
+            del logits
             if need_h:
                 grad_h[s:s + chunk_size] = g @ weight
             if need_w:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM
+from deltanet.models import loss as loss_module
 from deltanet.models.loss import fused_linear_cross_entropy
 from tests.utils import assert_close, rel_err
 
@@ -30,6 +31,14 @@ def _inputs(N=37, D=16, V=53, dtype=torch.float64, seed=0):
     return h.to(dtype), w.to(dtype), y
 
 
+@pytest.fixture(params=["torch", "triton"])
+def kernel(request, monkeypatch):
+    """The chunk's softmax / gradient step: PyTorch, or the Triton row kernel (the GPU default;
+    on CPU under the interpreter)."""
+    monkeypatch.setattr(loss_module, "KERNEL", request.param)
+    return request.param
+
+
 def _grads(fn, h, w, y):
     h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
     loss = fn(h, w, y)
@@ -47,7 +56,7 @@ def test_fused_equals_plain_in_float64(chunk):
     assert got[1][3:9].abs().max() == 0 and got[1][-1].abs().max() == 0  # ignored rows get no gradient
 
 
-def test_fused_bf16_within_the_bf16_floor():
+def test_fused_bf16_within_the_bf16_floor(kernel):
     """bf16 hidden states and weight (the bf16-parameter regime): the fused loss's errors against
     the float64 oracle are at most ~2x those of the plain bf16 path (bf16 logits, fp32 CE)."""
     h, w, y = _inputs(N=300, D=64, V=500)
@@ -61,7 +70,7 @@ def test_fused_bf16_within_the_bf16_floor():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 300, 4096], ids=lambda c: f"chunk{c}")
-def test_fused_float32_against_the_float64_oracle(chunk):
+def test_fused_float32_against_the_float64_oracle(chunk, kernel):
     """float32 hidden states and weight (float32 training on the CPU): the fused loss and both
     gradients are within the float32 rule of the float64 oracle, whatever the chunking (300
     tokens: 7 and 64 leave a partial last chunk), and as close as the plain float32 path."""
@@ -75,7 +84,7 @@ def test_fused_float32_against_the_float64_oracle(chunk):
         assert_close(name, a, e, baseline=b, floor=1e-6)
 
 
-def test_fused_under_bf16_autocast_within_the_bf16_floor():
+def test_fused_under_bf16_autocast_within_the_bf16_floor(kernel):
     """float32 parameters under bf16 autocast (the GPU training regime): the chunk GEMMs run in
     bf16 as ``lm_head`` would, so the errors against the float64 oracle are those of the plain
     path under the same autocast (at most ~2x), and gradients keep the parameters' dtype."""
@@ -144,8 +153,8 @@ def test_frozen_input_gets_no_gradient_and_the_other_the_plain_one(frozen):
         assert_close("dh", hh.grad, want[1], rtol=1e-12)
 
 
-def test_all_ignored_gives_zero_loss_and_gradients():
-    h, w, y = _inputs()
+def test_all_ignored_gives_zero_loss_and_gradients(kernel):
+    h, w, y = _inputs(dtype=torch.float32)
     loss, dh, dw = _grads(fused_linear_cross_entropy, h, w, torch.full_like(y, -100))
     assert loss == 0 and dh.abs().max() == 0 and dw.abs().max() == 0
 
