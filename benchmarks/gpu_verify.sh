@@ -25,6 +25,8 @@
 #                  fla's gated backward run past its Triton-version refusal (timed; its errors reported)
 #         memory_long  (not in the default list) the memory part alone in one call: 540 s, no loss check
 #                  (fla's first steps autotune for minutes: 270 s measured one row, 2026-12-06)
+#         ce       (not in the default list) the fused linear cross-entropy's chunk step: Triton row kernel
+#                  vs the PyTorch passes vs plain logits, fwd+bwd ms and peak memory (bench_cross_entropy.py)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -60,6 +62,7 @@ for part in ${PARTS//,/ }; do
              --dims 64,128 --lengths 1024,4096,16384 --budget 255 --fla-past-guard ;;
     memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-before \
                    --no-loss-check ;;
+    ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
