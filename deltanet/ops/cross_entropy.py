@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .delta_rule.interpreter import interpreted  # noqa: F401  (importing applies the interpreter fixes)
+from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes on CPU
 
 __all__ = ["softmax_cross_entropy_grad_", "softmax_cross_entropy_grad_reference_"]
 
@@ -89,6 +89,9 @@ def softmax_cross_entropy_grad_(logits: torch.Tensor, labels: torch.Tensor, coun
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.dtype not in DTYPES:
         raise TypeError(f"logits must be a float32, bfloat16 or float16 tensor [N, V], got "
                         f"{getattr(logits, 'dtype', type(logits).__name__)} of shape {list(getattr(logits, 'shape', []))}")
+    if not (logits.is_cuda or interpreted()):
+        raise ValueError(f"logits must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got "
+                         f"{logits.device}; softmax_cross_entropy_grad_reference_ runs anywhere")
     if logits.shape[1] == 0 or logits.stride(1) != 1:
         raise ValueError(f"logits must have V >= 1 contiguous columns, got shape {list(logits.shape)}, "
                          f"strides {logits.stride()}")
