@@ -35,6 +35,8 @@ def _inputs(N=37, D=16, V=53, dtype=torch.float64, seed=0):
 def kernel(request, monkeypatch):
     """The chunk's softmax / gradient step: PyTorch, or the Triton row kernel (the GPU default;
     on CPU under the interpreter)."""
+    if request.param == "triton" and torch.cuda.is_available():
+        pytest.skip("these tests use CPU tensors; on a GPU the kernel runs in test_fused_loss_on_cuda_*")
     monkeypatch.setattr(loss_module, "KERNEL", request.param)
     return request.param
 
@@ -95,6 +97,27 @@ def test_fused_under_bf16_autocast_within_the_bf16_floor(kernel):
         got = _grads(lambda a, b, c: fused_linear_cross_entropy(a, b, c, chunk_size=64), h.float(), w.float(), y)
     assert got[1].dtype == got[2].dtype == torch.float32
     assert rel_err(base[0], oracle[0]) > 1e-5  # autocast did lower the plain path's precision
+    for name, a, b, e in zip(("loss", "dh", "dw"), got, base, oracle):
+        assert_close(name, a, e, baseline=b, floor=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the default route of the fused loss on a GPU")
+@pytest.mark.parametrize("regime", ["bf16", "autocast"])
+def test_fused_loss_on_cuda_takes_the_kernel_within_the_bf16_floor(regime, monkeypatch):
+    """At a GPU shape (2 chunks of 2048 + a partial one, a 32K vocabulary): the Triton row kernel is
+    the route taken, and loss and gradients are as close to the float64 oracle as the plain path."""
+    calls = []
+    kernel = loss_module.softmax_cross_entropy_grad_
+    monkeypatch.setattr(loss_module, "softmax_cross_entropy_grad_", lambda *a: calls.append(1) or kernel(*a))
+    h, w, y = _inputs(N=4500, D=256, V=32000)
+    w = w * 0.1
+    oracle = _grads(plain_loss, h.cuda(), w.cuda(), y.cuda())
+    pdt = torch.bfloat16 if regime == "bf16" else torch.float32
+    hc, wc, yc = h.cuda().to(pdt), w.cuda().to(pdt), y.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=regime == "autocast"):
+        base = _grads(plain_loss_linear, hc, wc, yc)
+        got = _grads(fused_linear_cross_entropy, hc, wc, yc)
+    assert len(calls) == 3  # one per chunk
     for name, a, b, e in zip(("loss", "dh", "dw"), got, base, oracle):
         assert_close(name, a, e, baseline=b, floor=1e-3)
 
