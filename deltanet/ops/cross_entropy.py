@@ -36,6 +36,7 @@ def _ce_grad_kernel(z, stride_z, labels, count, loss, V, ignore_index, BV: tl.co
     valid = y != ignore_index
     in_range = (y >= 0) & (y < V)
     yc = tl.where(valid & in_range, y, 0)
+    target = tl.load(zr + yc).to(tl.float32)
     # pass 1: running max and sum of exp (float32 whatever the logits' dtype)
     o = tl.arange(0, BV)
     x = tl.load(zr + o, mask=o < V, other=float("-inf")).to(tl.float32)
@@ -47,11 +48,12 @@ def _ce_grad_kernel(z, stride_z, labels, count, loss, V, ignore_index, BV: tl.co
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
     lse = m + tl.log(s)
-    target = tl.load(zr + yc).to(tl.float32)
     row_loss = tl.where(valid, lse - target, 0.0)
     row_loss = tl.where(valid & ~in_range, float("nan"), row_loss)
     tl.store(loss + row, row_loss)
-    # pass 2: the gradient over the logits (the target was read above, before it is overwritten)
+    # pass 2: the gradient over the logits. Every warp read the target logit above: the barrier
+    # keeps any warp's gradient store from overwriting it first (a race the interpreter cannot show)
+    tl.debug_barrier()
     scale = tl.where(valid, 1.0 / tl.load(count).to(tl.float32), 0.0)
     for v0 in range(0, V, BV):
         cols = v0 + o
