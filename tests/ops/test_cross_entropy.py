@@ -7,9 +7,15 @@ CPU: the Triton interpreter; GPU: compiled, a 32K vocabulary too."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
 from tests.utils import assert_close
@@ -19,6 +25,7 @@ from deltanet.ops.cross_entropy import softmax_cross_entropy_grad_, softmax_cros
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
+ROOT = Path(__file__).resolve().parents[2]
 VOCABS = [1, 53, 300] + ([32000] if ON_GPU else [])
 
 
@@ -110,3 +117,42 @@ def test_bad_arguments_are_named():
         softmax_cross_entropy_grad_(z.float(), y.float(), c)
     with pytest.raises(ValueError, match="count"):
         softmax_cross_entropy_grad_(z.float(), y, torch.ones(2, device=DEVICE))
+
+
+_COMPILE = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deltanet.ops.cross_entropy import BLOCK_V, _ce_grad_kernel
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+for dt in ("bf16", "fp32"):
+    sig = {"z": f"*{dt}", "stride_z": "i32", "labels": "*i64", "count": "*i64", "loss": "*fp32", "V": "i32",
+           "ignore_index": "i32", "BV": "constexpr"}
+    k = triton.compile(ASTSource(fn=_ce_grad_kernel, signature=sig, constexprs={"BV": BLOCK_V}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    use = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                         text=True, check=True).stdout
+    os.unlink(f.name)
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
+    print(dt, regs, stack)
+"""
+
+
+@pytest.mark.skipif(not all(os.access(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", t),
+                                      os.X_OK) for t in ("ptxas", "cuobjdump")),
+                    reason="Triton's bundled ptxas / cuobjdump not found: no offline sm_90 compile")
+def test_kernel_compiles_for_sm90_without_spills():
+    """What the interpreter cannot show: the kernel compiles for an H100 / H200 (sm_90, Triton's own
+    compiler, no GPU needed) for bf16 and fp32 logits at the default block, with no register spills."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    assert [row[0] for row in rows] == ["bf16", "fp32"], r.stdout
+    for dt, regs, stack in rows:
+        assert int(stack) == 0, f"{dt}: {stack} B of spill stack per thread ({regs} registers)"
+        assert int(regs) <= 128, r.stdout
