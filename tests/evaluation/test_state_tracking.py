@@ -143,3 +143,45 @@ def test_ungated_delta_product_patterns():
     assert ungated.num_householder == gated.num_householder == 2
     assert not ungated.gated and not any("A_log" in n for n, _ in ungated.named_parameters())
     assert gated.gated and hasattr(gated, "A_log")
+
+
+def test_cli_seed_sets_data_init_and_batch_order_and_max_steps_caps_epochs(tmp_path, monkeypatch, one_thread):
+    """``--seed`` reaches the data (train / validation / test sets), the initialisation and the
+    batch order; the same seed repeats a run exactly; ``--max-steps`` stops a run whose
+    ``--epochs`` would plan far more steps (runs are compared by step count)."""
+    import deltanet.evaluation.tasks.state_tracking as st
+
+    data_seeds, init_params = [], []
+    make, build = st.make_task, st.build_model
+
+    def spy_make(task, n, seq_len, *, seed=0):
+        data_seeds.append(seed)
+        return make(task, n, seq_len, seed=seed)
+
+    def spy_build(*a, **kw):
+        model = build(*a, **kw)
+        init_params.append(next(model.parameters()).detach().clone())
+        return model
+
+    monkeypatch.setattr(st, "make_task", spy_make)
+    monkeypatch.setattr(st, "build_model", spy_build)
+    runs = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"seed{seed}-{len(runs)}"
+        rc = cli_main(["--tasks", "s3", "--models", "delta_product-nh2", "--betas", "(0,2)",
+                       "--train-len", "8", "--test-multiples", "2", "--width", "16", "--layers", "1",
+                       "--head-dim", "16", "--train-size", "64", "--test-size", "16", "--epochs", "100",
+                       "--max-steps", "5", "--batch-size", "16", "--eval-every", "5", "--seed", str(seed),
+                       "--device", "cpu", "--no-progress", "--output", str(out)])
+        assert rc == 0
+        data = json.loads((out / "results.json").read_text())
+        assert data["config"]["seed"] == seed and data["train"]["seed"] == seed
+        runs.append(data["results"][0])
+    # train, validation, test at 1x and 2x: four sets per run, none shared within a run
+    assert data_seeds == [0, 1, 101, 102] * 2 + [1, 2, 102, 103]
+    assert torch.equal(init_params[0], init_params[1]) and not torch.equal(init_params[0], init_params[2])
+    curve = lambda r: [(c["step"], c["loss"], c["accuracy"]) for c in r["curve"]]  # noqa: E731
+    assert curve(runs[0]) == curve(runs[1]) and runs[0]["lengths"] == runs[1]["lengths"]
+    assert runs[0]["curve"][0]["loss"] != runs[2]["curve"][0]["loss"]
+    # 64 rows / batch 16 x 100 epochs would be 400 steps: max_steps wins
+    assert all(r["steps"] == 5 and r["stopped_by"] == "steps" for r in runs)
