@@ -182,7 +182,10 @@ GEMV_OP = "deltanet.decode_linear.default"
 
 
 def _steps(model, route, prompt, prompt_mask, new_ids, new_mask):
-    """Prefill eagerly, then one-token steps along ``route``: logits and every recurrent entry."""
+    """Prefill eagerly, then one-token steps along ``route``: logits and every recurrent entry.
+    Plain forwards, not the CUDA-graph step a CUDA model takes by default (replays dispatch no op
+    to count; the captured step has its own tests below)."""
+    model.cuda_graph_decoding = False
     set_decode_kernel(model, "eager")
     with torch.no_grad():
         cache = model(prompt, attention_mask=prompt_mask, use_cache=True).past_key_values
@@ -386,6 +389,7 @@ def test_decode_kernel_switch_routes_every_fused_kernel(route, default_on, expec
 
     monkeypatch.setattr(delta_net, "FUSED_DECODE_BY_DEFAULT", default_on)
     model = _model(torch.float32, layer_types=["gated_delta_net", "sliding_attention"])
+    model.cuda_graph_decoding = False  # the plain forward (the graph step also fuses the LM head: 9 on CUDA)
     set_decode_kernel(model, route)
     ids = torch.randint(1, VOCAB, (2, 5), device=DEVICE)
     with torch.no_grad():

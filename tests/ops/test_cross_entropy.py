@@ -98,8 +98,9 @@ def test_label_out_of_range_gives_nan_not_another_class():
     rows = softmax_cross_entropy_grad_(z, y, (y != -100).sum())
     assert torch.isnan(rows[0]) and torch.isnan(rows[2])
     assert torch.isfinite(rows[3:]).all()
-    with pytest.raises((RuntimeError, IndexError)):  # the PyTorch path raises (gather)
-        softmax_cross_entropy_grad_reference_(z, y, (y != -100).sum())
+    if not ON_GPU:  # the PyTorch path raises in gather (on a GPU: a device-side assert, fatal to the process)
+        with pytest.raises((RuntimeError, IndexError)):
+            softmax_cross_entropy_grad_reference_(z, y, (y != -100).sum())
 
 
 def test_bad_arguments_are_named():
