@@ -10,7 +10,7 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 
 ``--decode-kernel fused,eager`` adds a row per route of the delta-rule layers' one-token steps
 (``DeltaNetConfig.decode_kernel``: one fused Triton kernel per layer, or op by op; default
-``auto``, eager until the fused route has passed its GPU tests), and on CUDA each row counts the kernels one eager decode step launches
+``auto``: fused on CUDA), and on CUDA each row counts the kernels one decode step launches
 (``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer;
 ``gemv_kernels``: the fused route's projection kernels, four per block).
 

@@ -74,8 +74,8 @@ class DeltaNetConfig(PretrainedConfig):
             layers as one fused Triton kernel per layer (conv step, q/k norm, beta, decay, the
             delta rule, output norm) with the projections and MLPs of every block as GEMV kernels
             (norm + input projections, output projection + residual, norm + gate/up + SwiGLU,
-            down + residual), op by op, or ``"auto"`` (the default): op by op until the fused
-            kernels have passed their tests on a GPU (``deltanet.layers.delta_net``). Set on a
+            down + residual), op by op, or ``"auto"`` (the default): fused on CUDA, op by op
+            elsewhere (``deltanet.layers.delta_net``). Set on a
             loaded model with ``deltanet.models.set_decode_kernel``.
         fuse_linear_cross_entropy: in training (train mode, autograd recording) with ``labels``,
             compute the loss in token chunks fused with the output projection, never holding the
