@@ -44,8 +44,9 @@ def build_parser(what: str) -> argparse.ArgumentParser:
         p.add_argument("--plain-loss", action="store_true",
                        help="our models: materialise the logits (default: fused linear cross-entropy)")
         p.add_argument("--activation-checkpointing", type=lambda s: _csv(str, s), default=["none"],
-                       metavar="MODES", help="our models: comma-separated modes from none,mixer,block, one row "
-                                             "each (recompute each token mixer / each whole block in backward)")
+                       metavar="MODES", help="our models: comma-separated modes from none,mixer,mlp,block, one row "
+                                             "each (recompute each token mixer / each MLP's gate and up "
+                                             "projections / each whole block in backward)")
         p.add_argument("--regimes", type=lambda s: _csv(str, s), default=["autocast"], metavar="REGIMES",
                        help="comma-separated from autocast (float32 parameters, bf16 autocast) and bf16 "
                             "(bf16 parameters, no autocast); one row each (not with --interleave)")
@@ -75,13 +76,14 @@ def cli_main(argv: list[str]) -> int:
         print(f"deltanet bench {what}: no CUDA device; use --smoke for a CPU check of the script", file=sys.stderr)
         return 2
     from deltanet.models import PRESETS
+    from deltanet.models.configuration import ACTIVATION_CHECKPOINTING
 
     for m in args.models:
         if m != bench.FLA and m not in PRESETS:
             p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {bench.FLA}")
-    bad = [m for m in args.activation_checkpointing if m not in ("none", "mixer", "block")]
+    bad = [m for m in args.activation_checkpointing if m not in ACTIVATION_CHECKPOINTING]
     if bad or not args.activation_checkpointing:
-        p.error(f"--activation-checkpointing takes modes from none,mixer,block; got {bad or 'none'}")
+        p.error(f"--activation-checkpointing takes modes from {','.join(ACTIVATION_CHECKPOINTING)}; got {bad or 'none'}")
     if args.interleave and args.activation_checkpointing != ["none"]:
         p.error("--activation-checkpointing is not supported with --interleave")
     if not args.regimes or any(r not in bench.REGIMES for r in args.regimes):

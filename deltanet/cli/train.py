@@ -57,9 +57,9 @@ def train_parser() -> CliParser:
                    "--resume reuses the run's count)")
     g.add_argument("--dtype", help="auto (bf16 autocast on GPU) | float32 | bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--activation-checkpointing", choices=("none", "mixer", "block"),
-                   help="recompute in backward instead of keeping activations: each token mixer or each whole "
-                        "block (less memory, slower steps); sets the model field activation_checkpointing "
+    g.add_argument("--activation-checkpointing", choices=("none", "mixer", "mlp", "block"),
+                   help="recompute in backward instead of keeping activations: each token mixer, each MLP's "
+                        "gate/up projections or each whole block (less memory, slower steps); sets the model field activation_checkpointing "
                         "(default: the preset's, none)")
     g.add_argument("--plain-loss", action="store_true",
                    help="compute the training loss from the full [tokens, vocab] logits instead of the fused "

@@ -18,8 +18,8 @@ Context parallelism (``context_parallel=<process group>``): each rank passes a c
 of the same rows and gets that segment's logits / loss share (:mod:`deltanet.parallel`); plain
 and packed rows (``cu_seqlens`` of the whole row), every layer type, activation checkpointing.
 
-``config.activation_checkpointing`` ("none" | "mixer" | "block") recomputes each token mixer
-or each whole block in backward during training (non-reentrant ``torch.utils.checkpoint``,
+``config.activation_checkpointing`` ("none" | "mixer" | "mlp" | "block") recomputes each token
+mixer, each MLP or each whole block in backward during training (non-reentrant ``torch.utils.checkpoint``,
 which also replays the RNG state); inference and cached forwards never recompute.
 """
 
@@ -157,13 +157,19 @@ class DeltaNetBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
         self.decode_kernel = getattr(config, "decode_kernel", "auto")
 
-    def forward(self, x, checkpoint_mixer: bool = False, **mixer_kwargs):
+    def forward(self, x, checkpoint_mixer: bool = False, checkpoint_mlp: bool = False, **mixer_kwargs):
         """``checkpoint_mixer``: keep none of the mixer's activations, rerun it in backward
-        (``activation_checkpointing="mixer"``; the model only sets it in training, cache-free)."""
+        (``activation_checkpointing="mixer"``); ``checkpoint_mlp``: the same for the MLP
+        (``"mlp"``: its gate / up projections, 2 x intermediate values per token, are not kept; its
+        forward reruns from the block's residual stream in backward, all three GEMMs: the down
+        projection's output is dropped, as the SwiGLU function packs its saved tensors only after
+        its forward). The model only sets them in training, cache-free."""
         if checkpoint_mixer:
             x = x + checkpoint(self._mix, x, use_reentrant=False, **mixer_kwargs)
         else:
             x = self._mix(x, residual=x, **mixer_kwargs)
+        if checkpoint_mlp:
+            return x + checkpoint(self.mlp, x, norm=self.mlp_norm, use_reentrant=False)
         fused = mixer_kwargs.get("cache") is not None and takes_fused_decode(self.decode_kernel, x,
                                                                              self.mlp.gate_proj.weight)
         return self.mlp(x, norm=self.mlp_norm, residual=x, fused_decode=fused)
@@ -350,7 +356,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
                 if mode == "block":
                     x = checkpoint(block, x, use_reentrant=False, **kw)
                 else:
-                    x = block(x, checkpoint_mixer=mode == "mixer", **kw)
+                    x = block(x, checkpoint_mixer=mode == "mixer", checkpoint_mlp=mode == "mlp", **kw)
                 if output_hidden_states:
                     hidden_states += (x,)
         x = self.norm(x)

@@ -1,4 +1,4 @@
-"""``activation_checkpointing = "none" | "mixer" | "block"``: same loss and gradients, really
+"""``activation_checkpointing = "none" | "mixer" | "mlp" | "block"``: same loss and gradients, really
 recomputed in backward, a no-op for inference / no_grad / cached forwards, validated, and set
 by ``deltanet train --activation-checkpointing``."""
 
@@ -19,7 +19,9 @@ MIXES = {
     "global_hybrid": ["gated_delta_net", "full_attention"],
     "all": ["delta_net", "sliding_attention", "linear_attention", "full_attention"],
 }
-MODES = ("mixer", "block")
+MODES = ("mixer", "mlp", "block")
+# forward calls per layer of (mixer, MLP), recompute included
+CALLS = {"none": (1, 1), "mixer": (2, 1), "mlp": (1, 2), "block": (2, 2)}
 
 
 def make_model(mix: str, mode: str = "none", dtype=torch.float32, backend: str = "torch", **kw) -> DeltaNetForCausalLM:
@@ -61,7 +63,7 @@ def test_same_loss_and_gradients_on_packed_documents(mix, mode):
         assert q.grad is not None, name
         assert_close(name, q.grad, p.grad, rtol=1e-5)
     n = len(MIXES[mix])
-    assert calls == {"attn": 2 * n, "mlp": (2 if mode == "block" else 1) * n}
+    assert calls == {"attn": CALLS[mode][0] * n, "mlp": CALLS[mode][1] * n}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -78,7 +80,7 @@ def test_triton_backend_same_gradients(mode):
     assert_close("loss", b.loss, a.loss, rtol=1e-6)
     for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
         assert_close(name, q.grad, p.grad, rtol=1e-5)
-    assert calls["attn"] == 4
+    assert calls["attn"] == 2 * CALLS[mode][0]
 
 
 @pytest.mark.parametrize("mode", ("none", *MODES))
@@ -93,7 +95,7 @@ def test_recompute_counts_on_a_padded_batch(mode):
     labels = ids.masked_fill(mask == 0, -100)
     model(ids, attention_mask=mask, labels=labels).loss.backward()
     ref(ids, attention_mask=mask, labels=labels).loss.backward()
-    expected = {"none": (1, 1), "mixer": (2, 1), "block": (2, 2)}[mode]
+    expected = CALLS[mode]
     assert (calls["attn"], calls["mlp"]) == tuple(4 * e for e in expected)
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         assert_close(name, q.grad, p.grad, rtol=1e-5)
@@ -136,7 +138,7 @@ def test_hf_gradient_checkpointing_still_checkpoints_whole_blocks():
 
 
 def test_bad_value_raises():
-    with pytest.raises(ValueError, match=r"activation_checkpointing must be one of \['none', 'mixer', 'block'\]"):
+    with pytest.raises(ValueError, match=r"activation_checkpointing must be one of \['none', 'mixer', 'mlp', 'block'\]"):
         DeltaNetConfig(hidden_size=32, num_heads=2, num_hidden_layers=1, activation_checkpointing="all")
     with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
         get_config("tiny", activation_checkpointing=True)
@@ -193,3 +195,32 @@ def test_bench_model_sweeps_the_modes(tmp_path):
     assert "| transformer-340m | 32 | 4 | autocast | mixer |" in out.read_text()
     with pytest.raises(SystemExit):
         cli_main(["model", "--smoke", "--models", "deltanet-340m", "--activation-checkpointing", "all"])
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the tensors autograd keeps for backward over one training forward (parameters
+    excluded: they are kept anyway)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids).loss.backward()
+    return total
+
+
+def test_mlp_mode_drops_the_gate_and_up_activations():
+    """"mlp" keeps, per MLP, only its input (the block's residual stream, which "none" keeps too,
+    for the norm's backward): the gate and up projections (2 x intermediate values per token) and
+    the norm's 1/rms are dropped. Everything else autograd keeps is the same as in "none"."""
+    ids = torch.randint(1, VOCAB, (2, 16))
+    n_tok, layers, I = ids.numel(), 2, 64
+    none = _saved_bytes(make_model("delta").train(), ids)
+    mlp = _saved_bytes(make_model("delta", "mlp").train(), ids)
+    # float32: 4 bytes a value; per layer "mlp" drops g, u [tokens, I] and 1/rms [tokens]
+    assert none - mlp == layers * n_tok * 4 * (2 * I + 1), (none, mlp)
