@@ -83,7 +83,8 @@ def cli_main(argv: list[str]) -> int:
             p.error(f"unknown model {m!r}; choose presets from {sorted(PRESETS)} or {bench.FLA}")
     bad = [m for m in args.activation_checkpointing if m not in ACTIVATION_CHECKPOINTING]
     if bad or not args.activation_checkpointing:
-        p.error(f"--activation-checkpointing takes modes from {','.join(ACTIVATION_CHECKPOINTING)}; got {bad or 'none'}")
+        p.error(f"--activation-checkpointing takes modes from {','.join(ACTIVATION_CHECKPOINTING)}; "
+                f"got {bad or 'none'}")
     if args.interleave and args.activation_checkpointing != ["none"]:
         p.error("--activation-checkpointing is not supported with --interleave")
     if not args.regimes or any(r not in bench.REGIMES for r in args.regimes):

@@ -59,7 +59,8 @@ def train_parser() -> CliParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", choices=("none", "mixer", "mlp", "block"),
                    help="recompute in backward instead of keeping activations: each token mixer, each MLP's "
-                        "gate/up projections or each whole block (less memory, slower steps); sets the model field activation_checkpointing "
+                        "gate/up projections or each whole block (less memory, slower steps); sets the model "
+                        "field activation_checkpointing "
                         "(default: the preset's, none)")
     g.add_argument("--plain-loss", action="store_true",
                    help="compute the training loss from the full [tokens, vocab] logits instead of the fused "

@@ -78,7 +78,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     Args:
         hidden: ``[N, D]``; weight: ``[vocab, D]``; labels: ``[N]`` in ``[0, vocab)`` or ``ignore_index``
-            (skipped; the mean is over the other rows).
+            (skipped; the mean is over the other rows). Any other label is an error on the PyTorch
+            path and a NaN loss on CUDA (the Triton row kernel, ``deltanet.ops.cross_entropy``,
+            cannot raise without a host synchronisation).
         chunk_size: tokens per chunk; the loss and gradients do not depend on it beyond float
             rounding (the float32 logits of one chunk, ``[chunk_size, vocab]``, are the peak extra memory).
 

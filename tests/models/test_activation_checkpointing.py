@@ -159,8 +159,11 @@ def test_train_cli_flag_sets_the_model_field():
     from deltanet.cli import UsageError
     from deltanet.cli.train import build_train_config
 
-    assert build_train_config(["--activation-checkpointing", "block"]).train.model == {
-        "activation_checkpointing": "block"}
+    from deltanet.models.configuration import ACTIVATION_CHECKPOINTING
+
+    for mode in ACTIVATION_CHECKPOINTING:  # the CLI's literal choices follow the config's modes
+        assert build_train_config(["--activation-checkpointing", mode]).train.model == {
+            "activation_checkpointing": mode}
     cfg = build_train_config(["--model", "activation_checkpointing=mixer", "--model", "num_hidden_layers=2"])
     assert cfg.train.model == {"activation_checkpointing": "mixer", "num_hidden_layers": 2}
     assert "activation_checkpointing" not in build_train_config([]).train.model
