@@ -218,7 +218,12 @@ def compile_launch(key: tuple, smem_only: bool = False) -> tuple[int | None, int
     maximum before raising ``OutOfResources``."""
     if smem_only:
         return None, None, shared_memory(key)
-    src, opts = _source(key)
+    return resource_usage(*_source(key))
+
+
+def resource_usage(src: ASTSource, opts: dict) -> tuple[int, int, int]:
+    """Compile any kernel source (``ASTSource`` + launch options such as ``num_warps``) for sm_90:
+    ``(registers per thread, stack bytes per thread, shared memory bytes)``."""
     k = triton.compile(src, target=TARGET, options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])

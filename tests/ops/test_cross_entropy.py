@@ -121,23 +121,14 @@ def test_bad_arguments_are_named():
 
 
 _COMPILE = r"""
-import os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from benchmarks.kernel_resources import resource_usage
 from deltanet.ops.cross_entropy import BLOCK_V, _ce_grad_kernel
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 for dt in ("bf16", "fp32"):
     sig = {"z": f"*{dt}", "stride_z": "i32", "labels": "*i64", "count": "*i64", "loss": "*fp32", "V": "i32",
            "ignore_index": "i32", "BV": "constexpr"}
-    k = triton.compile(ASTSource(fn=_ce_grad_kernel, signature=sig, constexprs={"BV": BLOCK_V}),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    use = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                         text=True, check=True).stdout
-    os.unlink(f.name)
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", use).groups()
+    regs, stack, _ = resource_usage(ASTSource(fn=_ce_grad_kernel, signature=sig, constexprs={"BV": BLOCK_V}),
+                                    dict(num_warps=8))
     print(dt, regs, stack)
 """
 
