@@ -21,13 +21,8 @@ __all__ = ["fused_linear_cross_entropy"]
 KERNEL = "auto"
 
 
-def _use_kernel(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    if KERNEL == "torch":
-        return False
-    dev = hidden.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-    ok = hidden.dtype in DTYPES and weight.dtype in DTYPES and dt in DTYPES
-    return ok and (KERNEL == "triton" or hidden.is_cuda)
+def _use_kernel(logits: torch.Tensor) -> bool:
+    return KERNEL != "torch" and logits.dtype in DTYPES and (KERNEL == "triton" or logits.is_cuda)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -42,14 +37,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                              device=weight.device) if need_w else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least, float64 stays
         total = torch.zeros((), dtype=acc, device=hidden.device)
-        kernel = _use_kernel(hidden, weight)
         for s in range(0, N, chunk_size):
             h, y = hidden[s:s + chunk_size], labels[s:s + chunk_size]
             # One [c, vocab] logits buffer turned into the gradient in place: this runs at the end
             # of the forward, when every activation of the step is alive, so each extra buffer
             # of this size would raise the step's peak memory.
             logits = h @ weight.t()  # [c, vocab], the GEMM's dtype (bf16 under autocast)
-            if kernel:
+            if _use_kernel(logits):
                 rows = softmax_cross_entropy_grad_(logits, y, count, ignore_index)
             else:
                 rows = softmax_cross_entropy_grad_reference_(logits, y, count, ignore_index)
