@@ -429,7 +429,8 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         """Logits, and the next-token loss when ``labels`` are given (shifted inside, -100 ignored).
 
         ``context_parallel``: a process group whose ranks hold consecutive segments of the same
-        rows (``cu_seqlens``: the whole row's document boundaries, as in :class:`DeltaNetModel`). ``labels`` are then this segment's targets already shifted (``labels[:, t]`` is the
+        rows (``cu_seqlens``: the whole row's document boundaries, as in :class:`DeltaNetModel`).
+        ``labels`` are then this segment's targets already shifted (``labels[:, t]`` is the
         token after position t: split ``row[:, 1:]`` as ``input_ids`` splits ``row[:, :-1]``),
         and ``loss`` is this rank's share: the sum of its token losses over the group's count of
         labelled tokens, so that the group's losses add up to the single-device mean."""
