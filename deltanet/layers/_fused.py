@@ -169,6 +169,20 @@ class _RegionFn(torch.autograd.Function):
                               for t in (*inputs, *region._params)))
 
 
+class _Packed:
+    """A tensor packed by saved-tensor hooks ``(pack, unpack)``."""
+
+    __slots__ = ("_unpack", "_packed", "requires_grad")
+
+    def __init__(self, hooks, t: torch.Tensor):
+        self._unpack, self._packed, self.requires_grad = hooks[1], hooks[0](t), t.requires_grad
+
+    def unpack(self) -> torch.Tensor:
+        """The tensor again, detached, with its ``requires_grad`` at packing (a checkpoint's
+        unpack returns its recomputed value without it)."""
+        return self._unpack(self._packed).detach().requires_grad_(self.requires_grad)
+
+
 class RecomputedRegion:
     """``fn(*inputs)`` whose outputs nobody keeps for backward: the region itself keeps only its
     inputs (as ``recompute_in_backward``), and inside :meth:`consumers` every tensor a later op
@@ -195,7 +209,14 @@ class RecomputedRegion:
     """
 
     def __init__(self, fn, inputs: tuple, params):
-        self._fn, self._inputs, self._params = fn, inputs, list(params)
+        self._fn, self._params = fn, list(params)
+        # The inputs are what the region keeps for backward: they go through the saved-tensor
+        # hooks active here (``save_on_cpu``, a checkpoint around the region, a saved-bytes count)
+        # like any tensor an autograd node saves.
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        hooks = top(True) if top is not None else None
+        self._inputs = [_Packed(hooks, t) if hooks is not None and isinstance(t, torch.Tensor) else t
+                        for t in inputs]
         dev = inputs[0].device.type
         self._autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         self._graph = None  # (inputs, outputs) of the rerun with autograd, between unpack and backward
@@ -209,7 +230,8 @@ class RecomputedRegion:
         this graph; the consumers' unpacks read its outputs, so one rerun serves both)."""
         if self._graph is None:
             dev, enabled, dtype = self._autocast
-            inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+            inputs = [t.unpack() if isinstance(t, _Packed)
+                      else t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                       for t in self._inputs]
             with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                 self._graph = (inputs, tuple(self._fn(*inputs)))

@@ -13,33 +13,48 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fused import fused
+from ._fused import RecomputedRegion, compiled_or_eager, fused, will_compile
 from .norm import rms_norm_linear
 
 __all__ = ["SwiGLU", "swiglu_linear"]
 
 
+@fused
+def _swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+@fused
+def _swiglu_bwd(dp: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple:
+    """``(silu(g) * u, dg, du)`` from ``dp``, the gradient of ``silu(g) * u``."""
+    sg = torch.sigmoid(g)
+    silu = g * sg
+    dg = dp * u * sg * (1 + g * (1 - sg))  # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
+    return silu * u, dg, dp * silu
+
+
 class _SwiGLULinear(torch.autograd.Function):
+    """Saves ``g``, ``u`` and the weight only. Never traced by ``torch.compile`` (as
+    ``norm._RMSNormLinearFn``): its elementwise parts run compiled (``compile``), the matmuls
+    eagerly, so that saved-tensor hooks (``RecomputedRegion.consumers``) see ``g`` and ``u``
+    themselves, not whatever a partitioner would keep."""
+
     @staticmethod
-    def forward(ctx, g, u, weight):
+    def forward(ctx, g, u, weight, compile: bool):
         ctx.save_for_backward(g, u, weight)
-        return F.linear(F.silu(g) * u, weight.to(g.dtype))
+        ctx.compile = compile
+        return F.linear(compiled_or_eager(_swiglu, compile)(g, u), weight.to(g.dtype))
 
     @staticmethod
     def backward(ctx, dy):
         g, u, weight = ctx.saved_tensors
-        w = weight.to(g.dtype)
         dy = dy.to(g.dtype)
-        sg = torch.sigmoid(g)
-        silu = g * sg
-        dp = dy @ w  # [..., intermediate]
-        dw = dy.reshape(-1, dy.shape[-1]).t() @ (silu * u).reshape(-1, g.shape[-1])
-        du = dp * silu
-        dg = dp * u * sg * (1 + g * (1 - sg))  # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))
-        return dg, du, dw.to(weight.dtype)
+        dp = dy @ weight.to(g.dtype)  # [..., intermediate]
+        p, dg, du = compiled_or_eager(_swiglu_bwd, ctx.compile)(dp, g, u)
+        dw = dy.reshape(-1, dy.shape[-1]).t() @ p.reshape(-1, g.shape[-1])
+        return dg, du, dw.to(weight.dtype), None
 
 
-@fused
 def swiglu_linear(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``(silu(g) * u) @ weight.T`` with a recomputing backward.
 
@@ -49,7 +64,7 @@ def swiglu_linear(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> tor
         >>> torch.allclose(swiglu_linear(g, u, w), (torch.nn.functional.silu(g) * u) @ w.t(), atol=1e-6)
         True
     """
-    return _SwiGLULinear.apply(g, u, weight)
+    return _SwiGLULinear.apply(g, u, weight, will_compile(g))
 
 
 class SwiGLU(nn.Module):
@@ -68,22 +83,36 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    def gate_up(self, x: torch.Tensor, norm=None) -> tuple:
+        """``(gate(h), up(h))`` with ``h = norm(x)`` (``x`` without a norm); the norm fused with
+        the projections (:func:`~deltanet.layers.norm.rms_norm_linear`)."""
+        if norm is not None:
+            return rms_norm_linear(x, norm.weight, [self.gate_proj.weight, self.up_proj.weight], norm.eps)
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x: torch.Tensor, norm=None, residual: torch.Tensor | None = None,
-                fused_decode: bool = False) -> torch.Tensor:
+                fused_decode: bool = False, recompute: bool = False) -> torch.Tensor:
         """``norm``: an :class:`~deltanet.layers.RMSNorm` applied to ``x`` first, fused with the
         gate/up projections so that its output is not kept for backward; ``residual``: returns
         ``residual + mlp(x)``. ``fused_decode`` (a decode step's few rows, no autograd): two Triton
         kernels, norm + gate/up + ``silu(g) * u``, then down + residual
-        (:mod:`deltanet.ops.decode_linear`)."""
+        (:mod:`deltanet.ops.decode_linear`).
+
+        ``recompute`` (training): keep only ``x`` for backward; backward reruns the norm and the
+        gate/up projections (two of the three GEMMs: the down projection's output is never needed
+        again) and the elementwise part (a :class:`~deltanet.layers._fused.RecomputedRegion`)."""
         if fused_decode:
             from ..ops.decode_linear import linear_residual_decode, rms_norm_swiglu_decode
 
             p = rms_norm_swiglu_decode(x, norm.weight if norm is not None else None, self.gate_proj.weight,
                                        self.up_proj.weight, norm.eps if norm is not None else 0.0)
             return linear_residual_decode(p, self.down_proj.weight, residual)
-        if norm is not None:
-            g, u = rms_norm_linear(x, norm.weight, [self.gate_proj.weight, self.up_proj.weight], norm.eps)
-            y = swiglu_linear(g, u, self.down_proj.weight)
+        if recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            params = [self.gate_proj.weight, self.up_proj.weight] + ([norm.weight] if norm is not None else [])
+            region = RecomputedRegion(lambda xi: self.gate_up(xi, norm), (x,), params)
+            g, u = region.outputs
+            with region.consumers():
+                y = swiglu_linear(g, u, self.down_proj.weight)
         else:
-            y = swiglu_linear(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
+            y = swiglu_linear(*self.gate_up(x, norm), self.down_proj.weight)
         return y if residual is None else residual + y

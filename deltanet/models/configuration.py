@@ -86,7 +86,8 @@ class DeltaNetConfig(PretrainedConfig):
         activation_checkpointing: ``"none" | "mixer" | "mlp" | "block"``: in training, recompute
             each token mixer (``"mixer"``: its activations are not kept, the MLP's are), each MLP
             (``"mlp"``: the gate / up projections, the largest activations of a 340M block, 11 KB of
-            its 27 KB per token in bf16, are not kept; the MLP's forward reruns in backward) or
+            its 27 KB per token in bf16, are not kept; backward reruns the norm and those two
+            projections, not the down projection) or
             each whole block (``"block"``: only the block inputs are kept) during backward, trading
             time for memory. No effect in eval mode, under ``torch.no_grad`` or with a cache.
 

@@ -160,16 +160,18 @@ class DeltaNetBlock(nn.Module):
     def forward(self, x, checkpoint_mixer: bool = False, checkpoint_mlp: bool = False, **mixer_kwargs):
         """``checkpoint_mixer``: keep none of the mixer's activations, rerun it in backward
         (``activation_checkpointing="mixer"``); ``checkpoint_mlp``: the same for the MLP
-        (``"mlp"``: its gate / up projections, 2 x intermediate values per token, are not kept; its
-        forward reruns from the block's residual stream in backward, all three GEMMs: the down
-        projection's output is dropped, as the SwiGLU function packs its saved tensors only after
-        its forward). The model only sets them in training, cache-free."""
+        (``"mlp"``: its gate / up projections, 2 x intermediate values per token, are not kept;
+        backward reruns the norm and those two projections from the block's residual stream, not
+        the down projection: ``SwiGLU(recompute=True)``). The model only sets them in training,
+        cache-free."""
         if checkpoint_mixer:
             x = x + checkpoint(self._mix, x, use_reentrant=False, **mixer_kwargs)
         else:
             x = self._mix(x, residual=x, **mixer_kwargs)
-        if checkpoint_mlp:
+        if checkpoint_mlp and torch.compiler.is_compiling():  # an outer compile picks what to save
             return x + checkpoint(self.mlp, x, norm=self.mlp_norm, use_reentrant=False)
+        if checkpoint_mlp:
+            return self.mlp(x, norm=self.mlp_norm, residual=x, recompute=True)
         fused = mixer_kwargs.get("cache") is not None and takes_fused_decode(self.decode_kernel, x,
                                                                              self.mlp.gate_proj.weight)
         return self.mlp(x, norm=self.mlp_norm, residual=x, fused_decode=fused)

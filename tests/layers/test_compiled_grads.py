@@ -28,7 +28,6 @@ def _cases():
         "l2_norm": (l2_norm, (x,)),
         "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5)),
         "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5)),
-        "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16))),
         "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True)),
     }
 
@@ -103,14 +102,29 @@ def test_compiled_training_step_matches_eager(monkeypatch):
         assert_close(f"grad {n}", compiled[n], g, rtol=1e-3)
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_rms_norm_linear_compiled_parts_match_eager_and_keep_only_x(autocast, monkeypatch):
-    """``rms_norm_linear`` with its elementwise parts compiled for real (as on CUDA): eager values
-    and gradients, and backward keeps x, 1/rms and nothing else of token size (compiling the
-    whole Function let Inductor's partitioner keep the normalised input too)."""
+# Functions whose elementwise parts run compiled inside an eager autograd.Function: the inputs,
+# the parts that must have been compiled, and what backward may keep of token size ([2, 9, ...]).
+def _parts() -> dict:
     torch.manual_seed(0)
-    args = (torch.randn(2, 9, 16), torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)])
-    outs_e, grads_e = _run(rms_norm_linear, args, autocast)
+    x = torch.randn(2, 9, 16)
+    return {
+        "rms_norm_linear": (rms_norm_linear, (x, torch.rand(8) + 0.5, [torch.randn(5, 16), torch.randn(3, 16)]),
+                            {"_norm_fwd", "_norm_apply", "_norm_bwd"},
+                            [((2, 9, 16), torch.float32), ((2, 9, 2, 1), torch.float32)]),
+        "swiglu_linear": (swiglu_linear, (x, torch.randn(2, 9, 16), torch.randn(4, 16)),
+                          {"_swiglu", "_swiglu_bwd"}, [((2, 9, 16), torch.float32)] * 2),
+    }
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["rms_norm_linear", "swiglu_linear"])
+def test_compiled_parts_match_eager_and_keep_only_the_inputs(name, autocast, monkeypatch):
+    """``rms_norm_linear`` and ``swiglu_linear`` with their elementwise parts compiled for real (as
+    on CUDA): eager values and gradients, and backward keeps x and 1/rms (the norm), g and u (the
+    SwiGLU), nothing else of token size (compiling the whole Function let Inductor's partitioner
+    keep the normalised input too)."""
+    fn, args, parts, keeps = _parts()[name]
+    outs_e, grads_e = _run(fn, args, autocast)
     for wrapper in fz.REGISTRY:
         monkeypatch.setattr(wrapper, "compiled", None)
     monkeypatch.setattr(fz, "_compiles_on", lambda x: True)
@@ -121,19 +135,19 @@ def test_rms_norm_linear_compiled_parts_match_eager_and_keep_only_x(autocast, mo
         saved.append((tuple(t.shape), t.dtype))
         return t
 
-    def norm_linear_saving(*a):  # records what the norm + projections keep, not the test's loss
+    def saving(*a):  # records what the function keeps, not the test's loss
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            return rms_norm_linear(*a)
+            return fn(*a)
 
-    outs_c, grads_c = _run(norm_linear_saving, args, autocast)
+    outs_c, grads_c = _run(saving, args, autocast)
     names = [w.__name__ for w in fz.REGISTRY if w.compiled is not None]
-    assert {"_norm_fwd", "_norm_apply", "_norm_bwd"} <= set(names), names
+    assert parts <= set(names), names
     tol = dict(rtol=2e-2) if autocast else dict(rtol=1e-4)
     for a, b in zip(outs_c + list(grads_c), outs_e + list(grads_e)):
-        assert_close("rms_norm_linear", a, b, **tol)
+        assert b.abs().max() > 0
+        assert_close(name, a, b, **tol)
     token_sized = [s for s in saved if s[0][:2] == (2, 9)]
-    assert sorted(token_sized, key=str) == sorted([((2, 9, 16), torch.float32), ((2, 9, 2, 1), torch.float32)],
-                                                  key=str), token_sized
+    assert sorted(token_sized, key=str) == sorted(keeps, key=str), token_sized
 
 
 def test_fused_function_stays_compiled_past_dynamos_default_recompile_limit(monkeypatch):

@@ -65,8 +65,10 @@ def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recomput
     ids = torch.randint(0, 64, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     names = {name for name, _ in compile_log}
-    # the fused norm + projections: its elementwise parts (_norm_*) compiled, the Function eager
-    assert {"_norm_fwd", "_norm_apply", "_norm_bwd", conv_name, "l2_norm", "swiglu_linear", "rms_norm"} <= names, names
+    # the fused norm + projections and the SwiGLU + down projection: their elementwise parts
+    # (_norm_*, _swiglu*) compiled, the Functions eager
+    assert {"_norm_fwd", "_norm_apply", "_norm_bwd", conv_name, "l2_norm", "_swiglu", "_swiglu_bwd",
+            "rms_norm"} <= names, names
     assert other not in names, names
     if recompute:
         # the input region's forward runs without autograd and must still be compiled ...
@@ -74,8 +76,8 @@ def test_training_step_runs_the_glue_compiled(compile_log, monkeypatch, recomput
         assert {"_norm_fwd", conv_name} <= no_grad, compile_log
         # ... and its rerun in backward too
         assert (conv_name, True) in compile_log
-    else:  # only the norm's autograd-free parts (inside its autograd.Function) run without autograd
-        assert all(grad or name.startswith("_norm_") for name, grad in compile_log), compile_log
+    else:  # only the autograd-free parts inside the norm's and the SwiGLU's Functions run without autograd
+        assert all(grad or name.startswith(("_norm_", "_swiglu")) for name, grad in compile_log), compile_log
     assert fz._FORCE is False  # restored after the recomputing forward
 
 
@@ -122,3 +124,43 @@ def test_recomputed_features_run_compiled_forward_and_in_backward(compile_log, m
     assert backward.count(("short_conv", True)) == 3 * model.config.num_hidden_layers, backward
     assert ("l2_norm", True) in backward, backward
     assert fz._FORCE is False
+
+
+def _region_model(w):
+    def f(x):
+        a = x * 2
+        region = fz.RecomputedRegion(lambda t: ((t * w).sin(),), (a,), [w])
+        (y,) = region.outputs
+        with region.consumers():
+            return y * y
+    return f
+
+
+def test_recomputed_region_inputs_go_through_saved_tensor_hooks():
+    """What a region keeps (its inputs) is packed by the saved-tensor hooks active when it is built,
+    as any saved tensor: ``save_on_cpu`` and counting hooks see it, and a checkpoint around the
+    region drops it and recomputes it (gradients unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    w = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    f = _region_model(w)
+    f(x).sum().backward()
+    ref = (x.grad.clone(), w.grad.clone())
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    for run in ("hooks", "checkpoint"):
+        x.grad = w.grad = None
+        if run == "hooks":
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = f(x)
+            assert packed == [(4, 3)]  # the region's input; its outputs' consumers save recipes
+        else:
+            out = checkpoint(f, x, use_reentrant=False)
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, ref[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(w.grad, ref[1], rtol=1e-12, atol=0)

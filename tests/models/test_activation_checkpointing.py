@@ -35,13 +35,21 @@ def make_model(mix: str, mode: str = "none", dtype=torch.float32, backend: str =
 
 
 def count_calls(model) -> dict[str, int]:
-    """Forward calls of every layer's mixer and MLP, summed (forward and backward recompute).
-    Pre-hooks: a recompute stops early once every saved tensor is back, before post-hooks run."""
+    """Forward calls of every layer's mixer and of its MLP's gate / up projections (what "mlp"
+    reruns), summed (forward and backward recompute). A pre-hook for the mixer: a recompute stops
+    early once every saved tensor is back, before post-hooks run."""
     calls = {"attn": 0, "mlp": 0}
     for block in model.model.layers:
-        for name in calls:
-            getattr(block, name).register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        block.attn.register_forward_pre_hook(lambda *_: calls.__setitem__("attn", calls["attn"] + 1))
+        gate_up = block.mlp.gate_up
+
+        def counted(*args, gate_up=gate_up, **kw):
+            calls["mlp"] += 1
+            return gate_up(*args, **kw)
+
+        block.mlp.gate_up = counted
     return calls
+
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -213,7 +221,8 @@ def _saved_bytes(model, ids) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=ids).loss.backward()
+        loss = model(ids, labels=ids).loss
+    loss.backward()  # outside the hooks: a recompute's own saves during backward are not counted
     return total
 
 
@@ -227,3 +236,27 @@ def test_mlp_mode_drops_the_gate_and_up_activations():
     mlp = _saved_bytes(make_model("delta", "mlp").train(), ids)
     # float32: 4 bytes a value; per layer "mlp" drops g, u [tokens, I] and 1/rms [tokens]
     assert none - mlp == layers * n_tok * 4 * (2 * I + 1), (none, mlp)
+
+
+@pytest.mark.parametrize("mode", ["none", "mlp"])
+def test_mlp_mode_does_not_rerun_the_down_projection(mode, monkeypatch):
+    """"mlp" reruns the norm and the gate / up projections in backward, not the down projection
+    (its output is never needed again): the SwiGLU function's forward runs once per layer."""
+    import deltanet.layers.mlp as mlp_module
+
+    model = make_model("swa_hybrid", mode).train()
+    weights = [block.mlp.down_proj.weight for block in model.model.layers]
+    runs = [0] * len(weights)
+    original = mlp_module._SwiGLULinear.forward
+
+    def forward(ctx, g, u, weight, compile):
+        runs[next(i for i, w in enumerate(weights) if w is weight)] += 1
+        return original(ctx, g, u, weight, compile)
+
+    monkeypatch.setattr(mlp_module._SwiGLULinear, "forward", staticmethod(forward))
+    calls = count_calls(model)
+    ids = torch.randint(1, VOCAB, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    assert runs == [1, 1]
+    assert calls["mlp"] == 2 * CALLS[mode][1]
+
