@@ -27,6 +27,8 @@
 #                  (fla's first steps autotune for minutes: 270 s measured one row, 2026-12-06)
 #         ce       (not in the default list) the fused linear cross-entropy's chunk step: Triton row kernel
 #                  vs the PyTorch passes vs plain logits, fwd+bwd ms and peak memory (bench_cross_entropy.py)
+#         ckpt     (not in the default list) CUDA tests of activation checkpointing and the compiled glue, then
+#                  deltanet-340m's tokens/s and peak memory in each activation_checkpointing mode (bench model)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -63,6 +65,10 @@ for part in ${PARTS//,/ }; do
     memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-before \
                    --no-loss-check ;;
     ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
+    ckpt) run ckpt_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+            tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py tests/layers/test_fused_routing.py
+          run ckpt 200 python3 -m deltanet.cli bench model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
+            --activation-checkpointing none,mixer,mlp,block --steps 8 --warmup 4 --out "$R/ckpt.md" ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
