@@ -60,10 +60,9 @@ class Case:
     D: int
     L: int
     ring: bool
-    next: int  # the token's cache position (DecodeCounters.next)
+    next: int  # the token's cache position (DecodeCounters.next); 0: the first step, no valid slot yet
     positions: list  # RoPE position per row
     Dv: int | None = None
-    empty: bool = False  # first step: no valid slot yet
     pad: bool = True  # invalid slots in the cache and a padded query row (B > 1)
 
 
@@ -72,11 +71,12 @@ CASES = {
     "B3-gqa-D32-ring-wrap": Case(3, 4, 2, 32, 12, True, 29, [29, 21, 7]),
     "B3-gqa-D32-full": Case(3, 4, 2, 32, 24, False, 17, [17, 9, 12]),
     "B3-mqa-D24-Dv16-full": Case(3, 3, 1, 24, 20, False, 11, [11, 5, 0], Dv=16),
-    "B2-mha-D16-first-step": Case(2, 2, 2, 16, 16, False, 0, [0, 0], empty=True),
-    "B2-gqa4-D16-ring-first-step": Case(2, 4, 1, 16, 8, True, 0, [0, 0], empty=True),
+    "B2-mha-D16-first-step": Case(2, 2, 2, 16, 16, False, 0, [0, 0]),
+    "B2-gqa4-D16-ring-first-step": Case(2, 4, 1, 16, 8, True, 0, [0, 0]),
     "B1-gqa-D32-full-no-pad": Case(1, 8, 2, 32, 40, False, 33, [33], pad=False),
 }
-SPLITS = {"one-split": DecodeAttentionConfig(block_l=16, splits=1), "split": DecodeAttentionConfig(block_l=16, splits=3)}
+SPLITS = {"one-split": DecodeAttentionConfig(block_l=16, splits=1),
+          "split": DecodeAttentionConfig(block_l=16, splits=3)}  # 3 programs per (row, KV head) + the combine
 
 
 @pytest.fixture
@@ -102,8 +102,7 @@ def _inputs(c: Case, dtype, seed=0):
     if c.pad and c.B > 1:
         valid[1, : filled // 2] = False  # row 1: left padding (its tokens are not valid)
         valid[-1, 1::3] = False  # the last row: holes
-    valid[:, c.L - 1] &= c.ring  # the eager cache never validates an unwritten slot
-    kc[~valid[:, None].expand_as(kc[..., 0])] = 300.0  # garbage in invalid slots
+    kc[~valid[:, None].expand_as(kc[..., 0])] = 300.0  # garbage in the invalid slots
     vc[~valid[:, None].expand_as(vc[..., 0])] = -300.0
     mask = torch.ones(c.B, 1, dtype=torch.long)
     if c.pad and c.B > 1:
