@@ -242,3 +242,14 @@ def test_select_config_splits_until_the_sms_are_busy():
     assert da.select_config(1, 8, 8192, 132).splits == 33
     assert da.select_config(32, 8, 2048, 132).splits == 2
     assert da.select_config(1, 8, 40, 132).splits == 1  # one block of slots: nothing to split
+
+
+def test_custom_op_schema_and_fake():
+    """The registered op declares the cache tensors it writes (schema check: mutations match) and
+    its fake implementation gives the real output's shape and dtype (torch.compile, CUDA graphs)."""
+    c = CASES["B3-gqa-D32-ring-wrap"]
+    kw = _inputs(c, torch.bfloat16)
+    args = [kw[n] for n in ("q", "k", "v", "k_cache", "v_cache", "valid")]
+    args += [kw["position"].reshape(c.B), kw["next_position"], kw["mask"].reshape(c.B),
+             da._inv_freq(c.D, 500.0, kw["q"].device), c.D ** -0.5, True, 16, 2, 4]
+    torch.library.opcheck(da._op, args, test_utils=("test_schema", "test_faketensor"))
