@@ -32,7 +32,8 @@ attention, default launch settings) against ``eager_us`` the eager core it repla
 of q and k + ``AttentionMixer._static_step``), the kernels of each, the K/V bytes read as GB/s and
 as a fraction of the copy bandwidth, the fused output's relative error against the eager core's
 and against a float64 oracle, the whole mixer step (norm + projections + core + o_proj) on both
-routes, and the fused step at other slot splits (``splits_us``: to replace ``select_config``'s guess).
+routes, and the fused step at other slot splits (``splits_us``) and launch settings (``block_l/warps_us``,
+slots per loop step / warps, at the default splits): to replace ``select_config``'s guesses.
 Writes ``decode_attention.md`` / ``.json``.
 
     python benchmarks/bench_decode_step.py --attention --out OUT_DIR --batch 1,32 --budget-s 300
@@ -41,6 +42,7 @@ Writes ``decode_attention.md`` / ``.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -232,8 +234,7 @@ def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
     from deltanet.layers.attention import AttentionMixer, apply_rope
     from deltanet.models import DeltaNetCache, get_config
     from deltanet.models.cache import DecodeCounters, StaticKVCache
-    from deltanet.ops.decode_attention import (DecodeAttentionConfig, decode_attention_step,
-                                               decode_attention_step_reference, select_config)
+    from deltanet.ops.decode_attention import decode_attention_step, decode_attention_step_reference, select_config
 
     _, L, ring, seen = next(c for c in ATTENTION_CACHES if c[0] == cache_name)
     cfg = get_config("hybrid-swa-340m" if ring else "hybrid-global-340m", num_hidden_layers=1,
@@ -253,8 +254,9 @@ def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
     k, v = (torch.randn(batch, 1, Hkv, D, device=dev, dtype=dt, generator=g) for _ in range(2))
     state = StaticKVCache(kc, vc, valid, ring=ring)
     counters = DecodeCounters(real=torch.full((batch,), seen, device=dev), next=nxt)
-    auto = select_config(batch, Hkv, L, torch.cuda.get_device_properties(dev).multi_processor_count)
-    out = dict(cache=cache_name, batch=batch, L=L, heads=H, kv_heads=Hkv, head_dim=D, splits=auto.splits)
+    auto = select_config(batch, Hkv, L, torch.cuda.get_device_properties(dev).multi_processor_count, D)
+    out = dict(cache=cache_name, batch=batch, L=L, heads=H, kv_heads=Hkv, head_dim=D, splits=auto.splits,
+               block_l=auto.block_l, warps=auto.num_warps)
     with torch.no_grad():
         def fused(config=None):
             return decode_attention_step(q, k, v, kc, vc, valid, pos, nxt, ring=ring, rope_theta=mixer.rope_theta,
@@ -290,10 +292,15 @@ def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
             out[f"mixer_kernels_{route}"] = _kernels(step)
         splits = {}
         for n in ATTENTION_SPLITS:
-            if n <= triton_cdiv(L, 64):
-                splits[n] = round(_graph_time(lambda: fused(DecodeAttentionConfig(block_l=64, splits=n))), 2)
+            if n <= triton_cdiv(L, auto.block_l):
+                splits[n] = round(_graph_time(lambda: fused(dataclasses.replace(auto, splits=n))), 2)
         out["splits_us"] = splits
         out["best_splits"] = min(splits, key=splits.get)
+        settings = {}  # block_l / warps at the default splits
+        for bl, w in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):
+            settings[f"{bl}/{w}"] = round(_graph_time(lambda: fused(dataclasses.replace(auto, block_l=bl, num_warps=w))),
+                                          2)
+        out["block_l/warps_us"] = settings
     return out
 
 
@@ -304,7 +311,8 @@ def triton_cdiv(a: int, b: int) -> int:
 def attention_markdown(rows, env) -> str:
     cols = ["cache", "batch", "splits", "fused_us", "eager_us", "speedup", "kernels_fused", "kernels_eager", "kv_GBps",
             "frac_of_copy_bw", "mixer_us_fused", "mixer_us_eager", "mixer_kernels_fused", "mixer_kernels_eager",
-            "rel_err_vs_eager", "rel_err_fused_vs_fp64", "rel_err_eager_vs_fp64", "best_splits", "splits_us", "error"]
+            "rel_err_vs_eager", "rel_err_fused_vs_fp64", "rel_err_eager_vs_fp64", "best_splits", "splits_us",
+            "block_l", "warps", "block_l/warps_us", "error"]
     lines = [f"# An attention layer's decode step against its static K/V cache, fused vs eager core "
              f"({env.get('device')}, bf16)", "", "```", json.dumps(env), "```", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

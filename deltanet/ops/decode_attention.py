@@ -197,13 +197,18 @@ class DecodeAttentionConfig:
             raise ValueError(f"DecodeAttentionConfig.num_warps must be 1, 2, 4 or 8, got {self.num_warps!r}")
 
 
-def select_config(B: int, Hkv: int, L: int, num_sms: int) -> DecodeAttentionConfig:
+def select_config(B: int, Hkv: int, L: int, num_sms: int, head_dim: int = 128) -> DecodeAttentionConfig:
     """Split the ``L`` slots until ``B * Hkv * splits`` reaches ~2 programs per SM (one block of
-    ``block_l`` slots per split at least). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py
-    --attention`` times other splits."""
-    blocks = triton.cdiv(L, 64)
+    ``block_l`` slots per split at least). ``block_l`` / ``num_warps``: compiled for sm_90 (Triton
+    3.9), 64 slots and 8 warps keep head dim 128 at 121-196 registers without spills (bf16 and
+    fp32, 1 or 8 query heads per KV head; 4 warps: 255 and a spill), head dim 256 takes 32 slots
+    (200 registers). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py --attention`` times
+    other splits and settings."""
+    block_l = 64 if head_dim <= 128 else 32
+    num_warps = 8 if head_dim >= 128 else 4
+    blocks = triton.cdiv(L, block_l)
     splits = max(1, min(blocks, MAX_SPLITS, triton.cdiv(2 * num_sms, B * Hkv)))
-    return DecodeAttentionConfig(block_l=64, splits=splits, num_warps=4)
+    return DecodeAttentionConfig(block_l=block_l, splits=splits, num_warps=num_warps)
 
 
 @functools.lru_cache(maxsize=32)
@@ -366,7 +371,7 @@ def decode_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_c
                          "set before triton is imported (CPU, slow); use decode_kernel='eager' on CPU")
     B, _, H, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
-    auto = select_config(B, Hkv, L, device_sms(q.device))
+    auto = select_config(B, Hkv, L, device_sms(q.device), max(D, v_cache.shape[3]))
     if config is None:
         config = auto
     elif config.splits is None:

@@ -244,6 +244,7 @@ def test_select_config_splits_until_the_sms_are_busy():
     assert da.select_config(1, 8, 8192, 132).splits == 33
     assert da.select_config(32, 8, 2048, 132).splits == 2
     assert da.select_config(1, 8, 40, 132).splits == 1  # one block of slots: nothing to split
+    assert da.select_config(1, 8, 40, 132, head_dim=256).splits == 2  # 32-slot blocks at head dim 256
 
 
 def test_custom_op_schema_and_fake():
