@@ -23,11 +23,26 @@ kernel is built for). Writes ``decode_gemv.md`` / ``.json``; the best setting pe
 is marked, to replace ``select_config``'s guesses.
 
     python benchmarks/bench_decode_step.py --gemv-sweep --out OUT_DIR --batch 1,32 --budget-s 300
+
+``--attention``: instead, an attention layer's decode step against its static K/V cache (the 340M
+hybrids' shape: 8 query and 8 KV heads of 128, bf16) at each ``--batch``, for a sliding-window ring
+of 2,048 slots (full, the slot wrapping) and a full-attention cache of 8,192 slots (8,000 valid):
+``fused_us`` the fused attention step (``deltanet.ops.decode_attention``: RoPE + cache write +
+attention, default launch settings) against ``eager_us`` the eager core it replaces (``apply_rope``
+of q and k + ``AttentionMixer._static_step``), the kernels of each, the K/V bytes read as GB/s and
+as a fraction of the copy bandwidth, the fused output's relative error against the eager core's
+and against a float64 oracle, the whole mixer step (norm + projections + core + o_proj) on both
+routes, and the fused step at other slot splits (``splits_us``) and launch settings (``block_l/warps_us``,
+slots per loop step / warps, at the default splits): to replace ``select_config``'s guesses.
+Writes ``decode_attention.md`` / ``.json``.
+
+    python benchmarks/bench_decode_step.py --attention --out OUT_DIR --batch 1,32 --budget-s 300
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -208,6 +223,113 @@ def gemv_sweep(args, env, bw, start) -> int:
     return 0
 
 
+# The attention caches timed by --attention: (name, capacity L, ring, tokens seen before the step)
+ATTENTION_CACHES = (("window 2K (ring)", 2048, True, 5000), ("full 8K", 8192, False, 8000))
+ATTENTION_SPLITS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
+    """One (cache, batch) point of the attention sweep (see the module docstring)."""
+    from deltanet.layers import RMSNorm
+    from deltanet.layers.attention import AttentionMixer, apply_rope
+    from deltanet.models import DeltaNetCache, get_config
+    from deltanet.models.cache import DecodeCounters, StaticKVCache
+    from deltanet.ops.decode_attention import decode_attention_step, decode_attention_step_reference, select_config
+
+    _, L, ring, seen = next(c for c in ATTENTION_CACHES if c[0] == cache_name)
+    cfg = get_config("hybrid-swa-340m" if ring else "hybrid-global-340m", num_hidden_layers=1,
+                     layer_types=["sliding_attention" if ring else "full_attention"])
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    mixer = AttentionMixer(cfg, 0, window=cfg.sliding_window if ring else None).to(dev, dt).eval()
+    norm = RMSNorm(cfg.hidden_size).to(dev, dt)
+    H, Hkv, D = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+    g = torch.Generator(device=dev).manual_seed(0)
+    kc = torch.randn(batch, Hkv, L, D, device=dev, dtype=dt, generator=g)
+    vc = torch.randn(batch, Hkv, L, D, device=dev, dtype=dt, generator=g)
+    valid = torch.zeros(batch, L, dtype=torch.bool, device=dev)
+    valid[:, :min(seen, L)] = True
+    nxt = torch.tensor(seen, device=dev)
+    pos = torch.full((batch, 1), seen, device=dev)
+    q = torch.randn(batch, 1, H, D, device=dev, dtype=dt, generator=g)
+    k, v = (torch.randn(batch, 1, Hkv, D, device=dev, dtype=dt, generator=g) for _ in range(2))
+    state = StaticKVCache(kc, vc, valid, ring=ring)
+    counters = DecodeCounters(real=torch.full((batch,), seen, device=dev), next=nxt)
+    auto = select_config(batch, Hkv, L, torch.cuda.get_device_properties(dev).multi_processor_count, D)
+    out = dict(cache=cache_name, batch=batch, L=L, heads=H, kv_heads=Hkv, head_dim=D, splits=auto.splits,
+               block_l=auto.block_l, warps=auto.num_warps)
+    with torch.no_grad():
+        def fused(config=None):
+            return decode_attention_step(q, k, v, kc, vc, valid, pos, nxt, ring=ring, rope_theta=mixer.rope_theta,
+                                         config=config)
+
+        def eager():
+            return mixer._static_step(apply_rope(q, pos, mixer.rope_theta), apply_rope(k, pos, mixer.rope_theta), v,
+                                      state, counters, None)
+
+        # accuracy first (the timed calls rewrite the same slot with the same values)
+        o_f, o_e = fused().double(), eager().double()
+        o_64 = decode_attention_step_reference(q.double(), k.double(), v.double(), kc.double(), vc.double(),
+                                               valid.clone(), pos, nxt, ring=ring, rope_theta=mixer.rope_theta)
+        out["rel_err_vs_eager"] = float((o_f - o_e).norm() / o_e.norm())
+        out["rel_err_fused_vs_fp64"] = float((o_f - o_64).norm() / o_64.norm())
+        out["rel_err_eager_vs_fp64"] = float((o_e - o_64).norm() / o_64.norm())
+        for name, fn in (("fused", fused), ("eager", eager)):
+            out[f"{name}_us"] = round(_graph_time(fn), 2)
+            out[f"kernels_{name}"] = _kernels(fn)
+        nbytes = 2 * batch * Hkv * min(seen + 1, L) * D * 2  # K and V of the attended slots
+        out["kv_GBps"] = round(nbytes / out["fused_us"] / 1e3, 1)
+        out["frac_of_copy_bw"] = round(nbytes / out["fused_us"] / 1e3 / (bandwidth / 1e9), 3)
+        out["speedup"] = round(out["eager_us"] / out["fused_us"], 2)
+        cache = DeltaNetCache(cfg)
+        cache.layers[0], cache.counters = state, counters
+        x = torch.randn(batch, 1, cfg.hidden_size, device=dev, dtype=dt, generator=g)
+        for route in ("fused", "eager"):
+            mixer.decode_kernel = route
+
+            def step():
+                return mixer(x, position_ids=pos, mask=None, cache=cache, norm=norm, residual=x)
+            out[f"mixer_us_{route}"] = round(_graph_time(step), 2)
+            out[f"mixer_kernels_{route}"] = _kernels(step)
+        splits = {}
+        for n in ATTENTION_SPLITS:
+            if n <= triton_cdiv(L, auto.block_l):
+                splits[n] = round(_graph_time(lambda: fused(dataclasses.replace(auto, splits=n))), 2)
+        out["splits_us"] = splits
+        out["best_splits"] = min(splits, key=splits.get)
+        settings = {}  # block_l / warps at the default splits
+        for bl, w in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):
+            settings[f"{bl}/{w}"] = round(_graph_time(lambda: fused(dataclasses.replace(auto, block_l=bl, num_warps=w))),
+                                          2)
+        out["block_l/warps_us"] = settings
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attention_markdown(rows, env) -> str:
+    cols = ["cache", "batch", "splits", "fused_us", "eager_us", "speedup", "kernels_fused", "kernels_eager", "kv_GBps",
+            "frac_of_copy_bw", "mixer_us_fused", "mixer_us_eager", "mixer_kernels_fused", "mixer_kernels_eager",
+            "rel_err_vs_eager", "rel_err_fused_vs_fp64", "rel_err_eager_vs_fp64", "best_splits", "splits_us",
+            "block_l", "warps", "block_l/warps_us", "error"]
+    lines = [f"# An attention layer's decode step against its static K/V cache, fused vs eager core "
+             f"({env.get('device')}, bf16)", "", "```", json.dumps(env), "```", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def attention_sweep(args, env, bw, start) -> int:
+    rows = []
+    for cache_name, *_ in ATTENTION_CACHES:
+        for b in (int(x) for x in args.batch.split(",")):
+            r = measure_point(args, start, dict(cache=cache_name, batch=b), lambda: attention_row(cache_name, b, bw))
+            record(args, "decode_attention", env, rows, r, attention_markdown)
+    print(attention_markdown(rows, env))
+    return 0
+
+
 def markdown(rows, env) -> str:
     cols = ["layer", "batch", "n_h", "mixer_us_fused", "mixer_us_eager", "kernels_fused", "kernels_eager", "op_us",
             "state_GBps", "frac_of_copy_bw", "error"]
@@ -224,6 +346,8 @@ def main() -> int:
     p.add_argument("--batch", default="1,8,32,128")
     p.add_argument("--layers", default="delta_net,gated_delta_net,gated_delta_product")
     p.add_argument("--gemv-sweep", action="store_true", help="time the decode-step GEMV kernel's launch settings")
+    p.add_argument("--attention", action="store_true",
+                   help="time an attention layer's decode step against its static cache: fused vs eager core")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from deltanet.bench.decode import copy_bandwidth
@@ -237,6 +361,8 @@ def main() -> int:
                copy_GBps=round(bw / 1e9, 1), date=time.strftime("%Y-%m-%d"))
     if args.gemv_sweep:
         return gemv_sweep(args, env, bw, start)
+    if args.attention:
+        return attention_sweep(args, env, bw, start)
     rows = []
     for kind in args.layers.split(","):
         for b in (int(x) for x in args.batch.split(",")):

@@ -68,7 +68,8 @@ class AttentionMixer(nn.Module):
         self.v_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=False)
         # one-token cached steps: "fused" runs norm + q/k/v projections and o_proj + residual as two
-        # GEMV kernels (deltanet.ops.decode_linear); see deltanet.layers.delta_net for the switch
+        # GEMV kernels (deltanet.ops.decode_linear) and, against a static cache, RoPE + cache write +
+        # attention as one (deltanet.ops.decode_attention); see deltanet.layers.delta_net for the switch
         self.decode_kernel = getattr(config, "decode_kernel", "auto")
 
     def forward(self, x, *, position_ids, mask=None, full_mask=None, cu_seqlens=None, cache=None,
@@ -87,6 +88,7 @@ class AttentionMixer(nn.Module):
         check_layer_documents(context_parallel, cu_seqlens)
         fused = cache is not None and takes_fused_decode(self.decode_kernel, x, self.q_proj.weight)
         if fused:
+            from ..ops.decode_attention import decode_attention_step, supports as supports_fused_attention
             from ..ops.decode_linear import rms_norm_linear_decode
 
             q, k, v = rms_norm_linear_decode(x, norm.weight if norm is not None else None,
@@ -99,6 +101,15 @@ class AttentionMixer(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        state = cache.layers[self.layer_idx] if cache is not None else None
+        if state is not None and not hasattr(state, "k"):
+            raise TypeError(f"layer {self.layer_idx}: an attention layer needs a K/V cache entry, got {type(state).__name__}")
+        static = state is not None and hasattr(state, "valid")  # a StaticKVCache: one token, in place
+        if fused and static and supports_fused_attention(self.head_dim, state.k.dtype):
+            # RoPE, the cache write and the attention in one kernel (the slices' strides are taken as they are)
+            o = decode_attention_step(q, k, v, state.k, state.v, state.valid, position_ids, cache.counters.next,
+                                      ring=state.ring, mask=mask, rope_theta=self.rope_theta)
+            return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
         q = apply_rope(q, position_ids, self.rope_theta)
         k = apply_rope(k, position_ids, self.rope_theta)
 
@@ -106,10 +117,7 @@ class AttentionMixer(nn.Module):
             o = context_parallel_attention(q, k, v, window=self.window, **_cp_kwargs(context_parallel))
             return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, False)
 
-        state = cache.layers[self.layer_idx] if cache is not None else None
-        if state is not None and not hasattr(state, "k"):
-            raise TypeError(f"layer {self.layer_idx}: an attention layer needs a K/V cache entry, got {type(state).__name__}")
-        if state is not None and hasattr(state, "valid"):  # a StaticKVCache: one token, in place
+        if static:
             o = self._static_step(q, k, v, state, cache.counters, mask)
             return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
         if state is not None:
