@@ -20,6 +20,13 @@ along the second grid axis), walks the input channels in ``BK``-wide blocks and 
 fp32 with ``tl.dot``: every weight element is read once per step at batch 1 and batch 32 alike.
 The norm's ``1/rms`` per row is a first, cheap pass over the ``[M, C]`` input.
 
+A shape with few output columns (o_proj and the down projection: 1024 columns, 64 programs of
+16) leaves most of a 132-SM GPU idle at batch 1, each program streaming a long row. Split-K
+(``GemvConfig.SPLIT_K``) gives each program one range of the input channels instead: the
+programs write fp32 partial sums to a workspace and a second, small kernel adds them in split
+order (deterministic, no atomics), then rounds, applies SwiGLU and adds the residual, which all
+need the whole sum. ``select_config`` splits where a shape has fewer than ~1.5 programs per SM.
+
 The weights stay separate parameters: the kernel takes one pointer per matrix (a constexpr
 count, constexpr row counts) and picks the matrix from the program id. Concatenating them once
 into one buffer the parameters view into would also avoid a per-call copy, but ``.to()``,

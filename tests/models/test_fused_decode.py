@@ -322,7 +322,8 @@ class _PerBlock:
 
 
 # Ops a delta-rule block's fused decode step dispatches: pre-norm + input projections, the rule
-# step, o_proj + residual, MLP norm + gate/up + SwiGLU, down + residual (on CUDA: 5 kernels).
+# step, o_proj + residual, MLP norm + gate/up + SwiGLU, down + residual (on CUDA: 5 kernels at these
+# tests' widths; at the 340M model's, split-K GEMVs add a reduction kernel each).
 FUSED_OPS_PER_DELTA_BLOCK = 5
 
 
