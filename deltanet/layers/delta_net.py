@@ -31,7 +31,8 @@ projection is one Triton kernel (``deltanet.ops.delta_rule.decode``: conv step, 
 map, beta, decay, the n_h delta-rule steps, read-out, output norm and gate; conv and recurrent
 states updated in place), the pre-norm with every input projection is one GEMV kernel and the
 output projection with the block's residual add another (``deltanet.ops.decode_linear``; the
-block runs its MLP in two more: 5 kernels per block and token). ``"eager"``: the same step op by
+block runs its MLP in two more: 5 ops per block and token, 5 to 8 kernels as split-K adds its
+small reduction kernel to the shapes with few output columns). ``"eager"``: the same step op by
 op (the reference; ~70-100 small kernels per layer). ``"auto"`` (default): fused on CUDA where
 the decode backend is Triton's recurrent kernel (``FUSED_DECODE_BY_DEFAULT``; its CUDA tests,
 tests/models/test_fused_decode.py and tests/ops/test_decode_linear.py, passed on an H200 on

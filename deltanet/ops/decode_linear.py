@@ -20,6 +20,13 @@ along the second grid axis), walks the input channels in ``BK``-wide blocks and 
 fp32 with ``tl.dot``: every weight element is read once per step at batch 1 and batch 32 alike.
 The norm's ``1/rms`` per row is a first, cheap pass over the ``[M, C]`` input.
 
+A shape with few output columns (o_proj and the down projection: 1024 columns, 64 programs of
+16) leaves most of a 132-SM GPU idle at batch 1, each program streaming a long row. Split-K
+(``GemvConfig.SPLIT_K``) gives each program one range of the input channels instead: the
+programs write fp32 partial sums to a workspace and a second, small kernel adds them in split
+order (deterministic, no atomics), then rounds, applies SwiGLU and adds the residual, which all
+need the whole sum. ``select_config`` splits where a shape has fewer than ~1.5 programs per SM.
+
 The weights stay separate parameters: the kernel takes one pointer per matrix (a constexpr
 count, constexpr row counts) and picks the matrix from the program id. Concatenating them once
 into one buffer the parameters view into would also avoid a per-call copy, but ``.to()``,
@@ -42,6 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
 
 __all__ = ["GemvConfig", "MAX_WEIGHTS", "decode_linear_reference", "linear_residual_decode",
@@ -50,175 +58,284 @@ __all__ = ["GemvConfig", "MAX_WEIGHTS", "decode_linear_reference", "linear_resid
 MAX_WEIGHTS = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BM = 64  # rows per program (the batch of a decode step); more rows: more programs along axis 1
+MAX_SPLIT_K = 64
+H100_SMS = 132  # select_config's default SM count (an H200 has as many)
 
 # Tests set this: the output starts as NaN, so an element the kernel forgets to write shows up.
 POISON = False
 
 
 @triton.jit
-def _tile(x, stride_x, wn, rstd, w, res, y, stride_y, off_m, n0, M,
-          N: tl.constexpr, C: tl.constexpr, OFF: tl.constexpr, w2,
-          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-          HAS_RES: tl.constexpr, IEEE: tl.constexpr):
-    """Columns ``n0 .. n0 + BN`` of one matrix ``w`` ([N, C], contiguous) for rows ``off_m``:
-    output columns ``OFF + n`` of ``y``. ``w2``: SwiGLU's up matrix (same shape)."""
+def _finish(acc, acc2, res, y, stride_y, off_m, o_n, M, N, OFF, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+    """The eager layer's roundings on the complete fp32 sums of rows ``off_m``, columns ``o_n`` of
+    one matrix (``acc2``: SwiGLU's up projection), stored to columns ``OFF + o_n`` of ``y``."""
     dt = y.dtype.element_ty
-    o_n = n0 + tl.arange(0, BN)
-    m_m, m_n = off_m < M, o_n < N
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if SWIGLU:
-        acc2 = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, C, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < C
-        b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        if NORM:  # the eager norm's output, rounded to the activation dtype
-            b_wn = tl.load(wn + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_x = (b_x.to(tl.float32) * rstd[:, None] * b_wn[None, :]).to(dt)
-        b_w = tl.load(w + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-        if IEEE:  # fp32 weights: full fp32 products (tf32 would cost ~1e-3 relative error)
-            acc += tl.dot(b_x, tl.trans(b_w), input_precision="ieee")
-        else:
-            acc += tl.dot(b_x, tl.trans(b_w))
-        if SWIGLU:
-            b_w2 = tl.load(w2 + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
-            if IEEE:
-                acc2 += tl.dot(b_x, tl.trans(b_w2), input_precision="ieee")
-            else:
-                acc2 += tl.dot(b_x, tl.trans(b_w2))
     out = acc.to(dt).to(tl.float32)  # the projection, as the eager layer holds it
     if SWIGLU:  # silu(g) * u, each rounded as in the eager layer
         act = (out / (1.0 + tl.exp(-out))).to(dt).to(tl.float32)
         out = act * acc2.to(dt).to(tl.float32)
-    m_out = m_m[:, None] & m_n[None, :]
+    m_out = (off_m < M)[:, None] & (o_n < N)[None, :]
     if HAS_RES:
         out += tl.load(res + off_m[:, None] * stride_y + o_n[None, :], mask=m_out, other=0.0).to(tl.float32)
     tl.store(y + off_m[:, None] * stride_y + OFF + o_n[None, :], out.to(dt), mask=m_out)
 
 
 @triton.jit
-def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, M, eps,
+def _mac(acc, b_x, b_w, IEEE: tl.constexpr, DOT: tl.constexpr):
+    """``acc + b_x @ b_w^T`` in fp32 (``b_x [BM, BK]``, ``b_w [BN, BK]``)."""
+    if DOT:
+        if IEEE:  # fp32 weights: full fp32 products (tf32 would cost ~1e-3 relative error)
+            acc += tl.dot(b_x, tl.trans(b_w), input_precision="ieee")
+        else:
+            acc += tl.dot(b_x, tl.trans(b_w))
+    else:  # a few rows: fp32 products summed along K in registers (no padding to 16 rows)
+        acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], 2)
+    return acc
+
+
+@triton.jit
+def _tile(x, stride_x, wn, rstd, w, res, y, stride_y, ws, off_m, n0, k0, M,
+          N: tl.constexpr, C: tl.constexpr, OFF: tl.constexpr, w2, WS_N: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
+          NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
+    """Columns ``n0 .. n0 + BN`` of one matrix ``w`` ([N, C], contiguous) for rows ``off_m``, over
+    the input channels ``k0 .. k0 + K_SPLIT``: the finished output columns ``OFF + n`` of ``y``,
+    or (``SPLIT``) the fp32 partial sums into the workspace ``ws`` ([M, WS_N] for this split;
+    SwiGLU's up sums ``N`` columns after the gate's). ``w2``: SwiGLU's up matrix (same shape)."""
+    dt = y.dtype.element_ty
+    o_n = n0 + tl.arange(0, BN)
+    m_m, m_n = off_m < M, o_n < N
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for kk in range(0, K_SPLIT, BK):  # a constant trip count (K_SPLIT: a multiple of BK), masked at C
+        o_k = k0 + kk + tl.arange(0, BK)
+        m_k = o_k < C
+        b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+        if NORM:  # the eager norm's output, rounded to the activation dtype
+            b_wn = tl.load(wn + o_k, mask=m_k, other=0.0).to(tl.float32)
+            b_x = (b_x.to(tl.float32) * rstd[:, None] * b_wn[None, :]).to(dt)
+        b_w = tl.load(w + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+        acc = _mac(acc, b_x, b_w, IEEE, DOT)
+        if SWIGLU:  # loaded after the gate's product: fewer live registers (sm_90, M = 1: 152, not 205)
+            b_w2 = tl.load(w2 + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
+            acc2 = _mac(acc2, b_x, b_w2, IEEE, DOT)
+    if SPLIT:
+        m_out = m_m[:, None] & m_n[None, :]
+        tl.store(ws + off_m[:, None] * WS_N + OFF + o_n[None, :], acc, mask=m_out)
+        if SWIGLU:
+            tl.store(ws + off_m[:, None] * WS_N + N + o_n[None, :], acc2, mask=m_out)
+    else:
+        _finish(acc, acc2, res, y, stride_y, off_m, o_n, M, N, OFF, SWIGLU, HAS_RES)
+
+
+@triton.jit
+def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, ws, M, eps,
                          w0, w1, w2, w3, w4, w5, w6, w7,
                          N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, N3: tl.constexpr,
                          N4: tl.constexpr, N5: tl.constexpr, N6: tl.constexpr, N7: tl.constexpr,
                          B1: tl.constexpr, B2: tl.constexpr, B3: tl.constexpr, B4: tl.constexpr,
-                         B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr):
-    """Programs over (column blocks of all matrices, row blocks). Matrix ``i`` has ``N_i`` rows
-    (0: absent) and owns the ``cdiv(N_i, BN)`` column blocks from ``B_i`` on (``B_0 = 0``); its
-    outputs are columns ``N_0 + .. + N_{i-1}`` onwards of ``y`` (SwiGLU: ``w0`` gate, ``w1`` up,
-    output ``[M, N0]``)."""
-    pid, i_m = tl.program_id(0), tl.program_id(1)
+                         B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr, C: tl.constexpr, WS_N: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_SPLIT: tl.constexpr,
+                         SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
+                         IEEE: tl.constexpr, DOT: tl.constexpr):
+    """Programs over (column blocks of all matrices, row blocks, splits of the input channels).
+    Matrix ``i`` has ``N_i`` rows (0: absent) and owns the ``cdiv(N_i, BN)`` column blocks from
+    ``B_i`` on (``B_0 = 0``); its outputs are columns ``N_0 + .. + N_{i-1}`` onwards of ``y``
+    (SwiGLU: ``w0`` gate, ``w1`` up, output ``[M, N0]``). ``SPLIT``: split ``s`` sums channels
+    ``s * K_SPLIT`` onwards into ``ws[s]`` ([SPLIT_K, M, WS_N] fp32); the epilogue kernel finishes."""
+    pid, i_m, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_m = i_m * BM + tl.arange(0, BM)
+    k0 = i_k * K_SPLIT
+    if SPLIT:
+        ws += i_k * M * WS_N
     rstd = tl.zeros([BM], dtype=tl.float32)
-    if NORM:  # 1/rms per row, fp32 (the eager norm's statistics); the input is tiny next to the weights
+    if NORM:  # 1/rms per row over all C channels (every split), fp32 (the eager norm's statistics);
+        # the input is tiny next to the weights
         ss = tl.zeros([BM], dtype=tl.float32)
-        for k0 in range(0, C, BK):
-            o_k = k0 + tl.arange(0, BK)
+        for c0 in range(0, C, BK):
+            o_k = c0 + tl.arange(0, BK)
             b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :],
                           mask=(off_m < M)[:, None] & (o_k < C)[None, :], other=0.0).to(tl.float32)
             ss += tl.sum(b_x * b_x, 1)
         rstd = 1.0 / tl.sqrt(ss / C + eps)
     if SWIGLU:
-        _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, off_m, pid * BN, M, N0, C, 0, w1,
-              BM, BN, BK, NORM, True, False, IEEE)
+        _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w1, WS_N,
+              BM, BN, BK, K_SPLIT, SPLIT, NORM, True, False, IEEE, DOT)
     else:
         if pid < B1:
-            _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, off_m, pid * BN, M, N0, C, 0, w0,
-                  BM, BN, BK, NORM, False, HAS_RES, IEEE)
+            _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w0, WS_N,
+                  BM, BN, BK, K_SPLIT, SPLIT, NORM, False, HAS_RES, IEEE, DOT)
         if N1 > 0:
             if (pid >= B1) & (pid < B2):
-                _tile(x, stride_x, wn, rstd, w1, res, y, stride_y, off_m, (pid - B1) * BN, M, N1, C, N0, w1,
-                      BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w1, res, y, stride_y, ws, off_m, (pid - B1) * BN, k0, M, N1, C,
+                      N0, w1, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N2 > 0:
             if (pid >= B2) & (pid < B3):
-                _tile(x, stride_x, wn, rstd, w2, res, y, stride_y, off_m, (pid - B2) * BN, M, N2, C,
-                      N0 + N1, w2, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w2, res, y, stride_y, ws, off_m, (pid - B2) * BN, k0, M, N2, C,
+                      N0 + N1, w2, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N3 > 0:
             if (pid >= B3) & (pid < B4):
-                _tile(x, stride_x, wn, rstd, w3, res, y, stride_y, off_m, (pid - B3) * BN, M, N3, C,
-                      N0 + N1 + N2, w3, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w3, res, y, stride_y, ws, off_m, (pid - B3) * BN, k0, M, N3, C,
+                      N0 + N1 + N2, w3, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N4 > 0:
             if (pid >= B4) & (pid < B5):
-                _tile(x, stride_x, wn, rstd, w4, res, y, stride_y, off_m, (pid - B4) * BN, M, N4, C,
-                      N0 + N1 + N2 + N3, w4, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w4, res, y, stride_y, ws, off_m, (pid - B4) * BN, k0, M, N4, C,
+                      N0 + N1 + N2 + N3, w4, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N5 > 0:
             if (pid >= B5) & (pid < B6):
-                _tile(x, stride_x, wn, rstd, w5, res, y, stride_y, off_m, (pid - B5) * BN, M, N5, C,
-                      N0 + N1 + N2 + N3 + N4, w5, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w5, res, y, stride_y, ws, off_m, (pid - B5) * BN, k0, M, N5, C,
+                      N0 + N1 + N2 + N3 + N4, w5, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N6 > 0:
             if (pid >= B6) & (pid < B7):
-                _tile(x, stride_x, wn, rstd, w6, res, y, stride_y, off_m, (pid - B6) * BN, M, N6, C,
-                      N0 + N1 + N2 + N3 + N4 + N5, w6, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w6, res, y, stride_y, ws, off_m, (pid - B6) * BN, k0, M, N6, C,
+                      N0 + N1 + N2 + N3 + N4 + N5, w6, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
         if N7 > 0:
             if pid >= B7:
-                _tile(x, stride_x, wn, rstd, w7, res, y, stride_y, off_m, (pid - B7) * BN, M, N7, C,
-                      N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, BM, BN, BK, NORM, False, False, IEEE)
+                _tile(x, stride_x, wn, rstd, w7, res, y, stride_y, ws, off_m, (pid - B7) * BN, k0, M, N7, C,
+                      N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+
+
+@triton.jit
+def decode_linear_epilogue_kernel(ws, res, y, stride_y, M, N: tl.constexpr, WS_N: tl.constexpr,
+                                  SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                  SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+    """Split-K's second launch: the ``SPLIT_K`` fp32 partial sums of each output element added in
+    split order (deterministic), then the main kernel's roundings, SwiGLU and residual."""
+    off_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mask = (off_m < M)[:, None] & (o_n < N)[None, :]
+    p = ws + off_m[:, None] * WS_N + o_n[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p + s * M * WS_N, mask=mask, other=0.0)
+        if SWIGLU:
+            acc2 += tl.load(p + s * M * WS_N + N, mask=mask, other=0.0)
+    _finish(acc, acc2, res, y, stride_y, off_m, o_n, M, N, 0, SWIGLU, HAS_RES)
 
 
 @dataclasses.dataclass(frozen=True)
 class GemvConfig:
     """Launch settings of ``decode_linear_kernel``: ``BN`` output columns and ``BK`` input channels
-    per program and step (powers of two >= 16), ``num_warps``, ``num_stages`` (software pipelining
-    of the weight loads). The rows per program follow the batch (``BM``: 16 to 64)."""
+    per program and step (powers of two; ``BN >= 16`` with ``dot``, ``BK >= 16``), ``num_warps``,
+    ``num_stages`` (software pipelining of the weight loads), ``SPLIT_K`` and ``dot``.
+
+    ``SPLIT_K > 1`` splits the input channels into that many ranges of whole ``BK`` blocks, one
+    program each: ``SPLIT_K`` times the programs for a shape with few output columns, each
+    streaming ``1 / SPLIT_K`` of the row. The programs write fp32 partial sums to a
+    ``[SPLIT_K, M, N]`` workspace and a second, small kernel adds them in split order
+    (deterministic, no atomics) before the roundings, SwiGLU and residual (which need the whole
+    sum): two launches instead of one. The norm's ``1/rms`` is computed over the whole row by
+    every split. ``dot=False``: products summed in registers instead of ``tl.dot``, rows per
+    program ``next_power_of_2(M)`` up to 4 (``tl.dot`` pads them to 16) and ``BN`` down to 4; for
+    ``M <= 4`` only (more rows re-read the weights once per 4 rows).
+    """
 
     BN: int = 16
     BK: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    SPLIT_K: int = 1
+    dot: bool = True
 
     def __post_init__(self):
-        for name in ("BN", "BK"):
+        if not isinstance(self.dot, bool):
+            raise ValueError(f"GemvConfig.dot must be a bool, got {self.dot!r}")
+        for name, low in (("BN", 16 if self.dot else 4), ("BK", 16)):
             v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
-                raise ValueError(f"GemvConfig.{name} must be a power of two >= 16, got {v!r}")
+            if not (isinstance(v, int) and v >= low and v & (v - 1) == 0):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= {low}"
+                                 f"{' (dot=False)' if name == 'BN' and not self.dot else ''}, got {v!r}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
         if not (isinstance(self.num_stages, int) and self.num_stages >= 1):
             raise ValueError(f"GemvConfig.num_stages must be a positive int, got {self.num_stages!r}")
+        if not (isinstance(self.SPLIT_K, int) and 1 <= self.SPLIT_K <= MAX_SPLIT_K):
+            raise ValueError(f"GemvConfig.SPLIT_K must be an int from 1 to {MAX_SPLIT_K}, got {self.SPLIT_K!r}")
 
 
-def _rows_per_program(M: int) -> int:
+def _rows_per_program(M: int, dot: bool = True) -> int:
     # tl.dot needs 16 rows at least: a batch of one is padded to 16 (the products are free, the
-    # weights are the traffic)
+    # weights are the traffic); without it, a few rows hold [BM, BN, BK] products in registers
+    if not dot:
+        return min(4, triton.next_power_of_2(M))
     return min(MAX_BM, max(16, triton.next_power_of_2(M)))
 
 
-def select_config(M: int, N_total: int, dtype: torch.dtype) -> GemvConfig:
-    """The default settings for ``M`` rows and ``N_total`` output columns. ``BN``: 16 columns per
-    program while that still gives ~256+ programs (two per SM on an H100: bytes in flight), wider
-    for the LM head. ``BK``: the fp32 ``[BM, BK]`` input tile within ~32 registers a thread (sm_90,
-    Triton 3.9: 34-154 registers, no spills, <= 91 KB shared memory for the 340M shapes at
-    M = 1 / 32 / 64). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py --gemv-sweep``."""
+def select_config(M: int, N_total: int, dtype: torch.dtype, *, K: int | None = None,
+                  num_sms: int = H100_SMS) -> GemvConfig:
+    """The default settings for ``M`` rows, ``N_total`` output columns and ``K`` input channels on
+    a GPU of ``num_sms`` SMs (``K`` None: no split).
+
+    - ``BN``: 16 columns per program (the smallest ``tl.dot`` tile: the most programs), wider for
+      the LM head (32000 columns already give 500+ programs).
+    - ``BK``: the fp32 ``[BM, BK]`` input tile within ~32 registers a thread (sm_90, Triton 3.9:
+      34-154 registers, no spills, <= 91 KB shared memory for the 340M shapes at M = 1 / 32 / 64).
+    - ``SPLIT_K``: the smallest power of two that gives >= 1.5 programs per SM (bytes in flight:
+      a GEMV at batch 1 streams each weight once, so the programs resident at once bound the
+      bandwidth), at most 8 and at most one split per ``BK`` block. For the 340M model on a
+      132-SM H100 / H200: o_proj (N = K = 1024) and the MLP down projection (N = 1024, K = 2816)
+      get 4 (64 -> 256 programs), the gate/up projections 2 (176 -> 352 column blocks), the
+      input projections (257 blocks) and the LM head 1.
+    - ``num_warps = 4``, ``num_stages = 3``, ``dot = True``.
+
+    Measured: the roundings (tests) and the resources, compiled for sm_90 without a GPU (Triton
+    3.9, 2026-12-07, the 340M shapes at M = 1 and 32 with these defaults, split or not): 34-152
+    registers, no spills, <= 58 KB shared memory; the split-K epilogue 32-38 registers, none.
+    Not measured: any timing. No GPU has run split-K yet, so the split rule is the bytes-in-flight
+    argument above, not a measured optimum (its cost: a second launch of ~1-2 us a call);
+    ``benchmarks/bench_decode_step.py --gemv-sweep`` times it against ``SPLIT_K = 1`` and the
+    other settings and names the best per shape.
+    """
     BM = _rows_per_program(M)
     BN = 16 if N_total <= 8192 else 32 if N_total <= 16384 else 64
     BK = {16: 256, 32: 128, 64: 64}[BM]
     if dtype == torch.float32:
         BK = max(32, BK // 2)
-    return GemvConfig(BN=BN, BK=BK, num_warps=4, num_stages=3)
+    split = 1
+    if K is not None:
+        programs = triton.cdiv(N_total, BN) * triton.cdiv(M, BM)
+        most = min(8, triton.cdiv(K, BK))
+        while programs * split < 1.5 * num_sms and split * 2 <= most:
+            split *= 2
+    return GemvConfig(BN=BN, BK=BK, num_warps=4, num_stages=3, SPLIT_K=split)
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[torch.Tensor],
             residual: Optional[torch.Tensor], eps: float, swiglu: bool, block_n: int, block_k: int, num_warps: int,
-            num_stages: int) -> torch.Tensor:
+            num_stages: int, split_k: int, dot: bool) -> torch.Tensor:
     M, C = x.shape
     Ns = [w.shape[0] for w in weights]
     N_out = Ns[0] if swiglu else sum(Ns)
     y = torch.empty(M, N_out, dtype=x.dtype, device=x.device)
+    BM, BN, BK = _rows_per_program(M, dot), block_n, block_k
+    # whole BK blocks per split, so that every split's loop has the same constant trip count; the
+    # last splits may start past C (then they store zeros)
+    K_SPLIT = triton.cdiv(triton.cdiv(C, split_k), BK) * BK
+    WS_N = 2 * N_out if swiglu else N_out
+    # fp32 partial sums [SPLIT_K, M, WS_N]: its size follows the shapes only (CUDA graphs, compile)
+    ws = torch.empty(split_k, M, WS_N, dtype=torch.float32, device=x.device) if split_k > 1 else y
     if POISON:
         y.fill_(float("nan"))
-    BM, BN, BK = _rows_per_program(M), block_n, block_k
+        ws.fill_(float("nan"))
     n_blocks = triton.cdiv(Ns[0], BN) if swiglu else sum(triton.cdiv(n, BN) for n in Ns)
-    ws = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))  # absent: N = 0, never read
+    wts = list(weights) + [weights[0]] * (MAX_WEIGHTS - len(weights))  # absent: N = 0, never read
     Ns = Ns + [0] * (MAX_WEIGHTS - len(Ns))
     starts = [0]  # B_i: the first column block of matrix i
     for n in Ns[:-1]:
         starts.append(starts[-1] + triton.cdiv(n, BN))
-    decode_linear_kernel[(n_blocks, triton.cdiv(M, BM))](
-        x, x.stride(0), norm_weight if norm_weight is not None else x, residual if residual is not None else x,
-        y, y.stride(0), M, eps, *ws, *Ns, *starts[1:], C=C, BM=BM, BN=BN, BK=BK, NORM=norm_weight is not None,
-        SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32, num_warps=num_warps,
-        num_stages=num_stages)
+    res = residual if residual is not None else x
+    decode_linear_kernel[(n_blocks, triton.cdiv(M, BM), split_k)](
+        x, x.stride(0), norm_weight if norm_weight is not None else x, res, y, y.stride(0), ws, M, eps, *wts, *Ns,
+        *starts[1:], C=C, WS_N=WS_N, BM=BM, BN=BN, BK=BK, K_SPLIT=K_SPLIT, SPLIT=split_k > 1,
+        NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
+        DOT=dot, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        EBM = min(16, triton.next_power_of_2(M))
+        EBN = max(64, 1024 // EBM)
+        decode_linear_epilogue_kernel[(triton.cdiv(N_out, EBN), triton.cdiv(M, EBM))](
+            ws, res, y, y.stride(0), M, N=N_out, WS_N=WS_N, SPLIT_K=split_k, BM=EBM, BN=EBN, SWIGLU=swiglu,
+            HAS_RES=residual is not None, num_warps=4)
     return y
 
 
@@ -226,7 +343,8 @@ _op = torch.library.custom_op("deltanet::decode_linear", _launch, mutates_args=(
 
 
 @_op.register_fake
-def _launch_fake(x, weights, norm_weight, residual, eps, swiglu, block_n, block_k, num_warps, num_stages):
+def _launch_fake(x, weights, norm_weight, residual, eps, swiglu, block_n, block_k, num_warps, num_stages, split_k,
+                 dot):
     n = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
     return x.new_empty(x.shape[0], n)
 
@@ -292,9 +410,9 @@ def _call(x, weights, norm_weight, residual, eps, swiglu, config) -> torch.Tenso
     r2 = residual.reshape(x2.shape[0], -1).contiguous() if residual is not None else None
     if config is None:
         config = select_config(x2.shape[0], weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights),
-                               x.dtype)
+                               x.dtype, K=x2.shape[1], num_sms=device_sms(x.device))
     y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu, config.BN, config.BK, config.num_warps,
-            config.num_stages)
+            config.num_stages, config.SPLIT_K, config.dot)
     return y.view(*lead, y.shape[-1])
 
 

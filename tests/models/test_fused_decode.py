@@ -324,7 +324,8 @@ class _PerBlock:
 
 
 # Ops a delta-rule block's fused decode step dispatches: pre-norm + input projections, the rule
-# step, o_proj + residual, MLP norm + gate/up + SwiGLU, down + residual (on CUDA: 5 kernels).
+# step, o_proj + residual, MLP norm + gate/up + SwiGLU, down + residual (on CUDA: 5 kernels at these
+# tests' widths; at the 340M model's, split-K GEMVs add a reduction kernel each).
 FUSED_OPS_PER_DELTA_BLOCK = 5
 # An attention block's captured step on the fused route: the same four GEMV ops around ONE op for
 # RoPE + cache write + attention (on CUDA: 5 kernels, 6 when the slots are split: + the combine).

@@ -169,3 +169,144 @@ def test_validates_its_inputs():
         linear_residual_decode(x.long(), w)
     with pytest.raises(ValueError, match="x must be contiguous along its last dim"):
         rms_norm_linear_decode(_r(48, 2, dtype=torch.float32, g=g).t(), None, [w])
+
+
+# -- split-K and the register-product path -------------------------------------------------------------
+
+def _same_as(name, out, base, dtype):
+    """Two launch settings: the same fp32 sums up to accumulation order, so the same outputs up to
+    a rounding flip of the final dtype (float32: 1e-5)."""
+    assert_close(name, out.double(), base.double(), rtol={torch.float32: 1e-5, torch.bfloat16: 4e-3,
+                                                          torch.float16: 1e-3}[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 3, 17, 65])
+@pytest.mark.parametrize("split", [2, 3, 8], ids=lambda s: f"split{s}")
+def test_split_k_equals_unsplit_and_oracle(split, M, dtype):
+    """Every function with ``SPLIT_K`` > 1 against the float64 oracle, the eager composition and
+    the unsplit kernel: C = 80 channels in BK = 16 blocks (split 3: ranges of 32, the last cut at
+    80; split 8: 16-channel ranges, the last three empty and stored as zeros), several matrices
+    of odd widths, 65 rows (two row blocks); the NaN-filled workspace catches an unwritten partial."""
+    g = torch.Generator().manual_seed(split * 100 + M)
+    C, I = 80, 40
+    cfg, one = GemvConfig(BK=16, SPLIT_K=split), GemvConfig(BK=16)
+    x = _r(M, C, dtype=dtype, g=g)
+    nw = _r(C, dtype=torch.float32, g=g).abs() + 0.5
+    ws = [_r(n, C, dtype=dtype, s=C ** -0.5, g=g) for n in (40, 24, 5, 17)]  # q/k/v/beta-like, not multiples of BN
+    out = rms_norm_linear_decode(x, nw, ws, 1e-6, config=cfg)
+    with torch.no_grad():
+        eager = rms_norm_linear(x, nw, ws, 1e-6)
+        oracle = rms_norm_linear(x.double(), nw.double(), [w.double() for w in ws], 1e-6)
+    for i, (o, b) in enumerate(zip(out, rms_norm_linear_decode(x, nw, ws, 1e-6, config=one))):
+        assert o.shape == (M, ws[i].shape[0]) and o.dtype == dtype
+        _check(f"projection {i}", o, eager[i], oracle[i], dtype)
+        _same_as(f"projection {i} vs SPLIT_K=1", o, b, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(out, rms_norm_linear_decode(x, nw, ws, 1e-6, config=cfg)))
+
+    wg, wu = ws[0], _r(I, C, dtype=dtype, s=C ** -0.5, g=g)
+    wd = _r(C, I, dtype=dtype, s=I ** -0.5, g=g)
+    p = rms_norm_swiglu_decode(x, nw, wg, wu, 1e-6, config=cfg)
+    y = linear_residual_decode(p, wd, x, config=cfg)
+    with torch.no_grad():
+        eager_g, eager_u = rms_norm_linear(x, nw, [wg, wu], 1e-6)
+        og, ou = oracle[0], rms_norm_linear(x.double(), nw.double(), [wu.double()], 1e-6)[0]
+    _check("silu(g) * u", p, F.silu(eager_g) * eager_u, F.silu(og) * ou, dtype)
+    _same_as("silu(g) * u vs SPLIT_K=1", p, rms_norm_swiglu_decode(x, nw, wg, wu, 1e-6, config=one), dtype)
+    # down + residual on the kernel's own p, so that only this launch's error is measured
+    _check("x + down", y, x + F.linear(p, wd), x.double() + p.double() @ wd.double().t(), dtype)
+    _same_as("x + down vs SPLIT_K=1", y, linear_residual_decode(p, wd, x, config=one), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 3, 5])
+@pytest.mark.parametrize("config", [GemvConfig(BN=8, BK=32, dot=False), GemvConfig(BN=4, BK=16, SPLIT_K=3, dot=False)],
+                         ids=["bn8", "bn4-split3"])
+def test_register_products_equal_dot(config, M, dtype):
+    """``dot=False`` (rows per program up to 4: M = 5 takes two row blocks) against the oracle and
+    the ``tl.dot`` path: norm + projections, SwiGLU, residual."""
+    g = torch.Generator().manual_seed(M)
+    C = 48
+    x = _r(M, C, dtype=dtype, g=g)
+    nw = _r(C, dtype=torch.float32, g=g).abs() + 0.5
+    ws = [_r(n, C, dtype=dtype, s=C ** -0.5, g=g) for n in (20, 5)]
+    out = rms_norm_linear_decode(x, nw, ws, config=config)
+    with torch.no_grad():
+        eager = rms_norm_linear(x, nw, ws, 1e-6)
+        oracle = rms_norm_linear(x.double(), nw.double(), [w.double() for w in ws], 1e-6)
+    for i, (o, b) in enumerate(zip(out, rms_norm_linear_decode(x, nw, ws))):
+        _check(f"projection {i}", o, eager[i], oracle[i], dtype)
+        _same_as(f"projection {i} vs dot", o, b, dtype)
+    wu = _r(20, C, dtype=dtype, s=C ** -0.5, g=g)
+    _same_as("swiglu vs dot", rms_norm_swiglu_decode(x, nw, ws[0], wu, config=config),
+             rms_norm_swiglu_decode(x, nw, ws[0], wu), dtype)
+    r = _r(M, 20, dtype=dtype, g=g)
+    y = linear_residual_decode(x, ws[0], r, config=config)
+    _check("r + x W^T", y, r + F.linear(x, ws[0]), r.double() + x.double() @ ws[0].double().t(), dtype)
+
+
+def test_select_config_splits_the_few_column_shapes():
+    """The 340M decode shapes on a 132-SM GPU: SPLIT_K for >= 1.5 programs per SM, at most one
+    split per BK block; no split without K, on one SM (CPU) or with programs enough."""
+    sc = dl.select_config
+    bf16 = torch.bfloat16
+    assert sc(1, 1024, bf16, K=1024, num_sms=132).SPLIT_K == 4  # o_proj: 64 column blocks
+    assert sc(1, 1024, bf16, K=2816, num_sms=132).SPLIT_K == 4  # down projection
+    assert sc(32, 1024, bf16, K=2816, num_sms=132).SPLIT_K == 4
+    assert sc(1, 2816, bf16, K=1024, num_sms=132).SPLIT_K == 2  # gate/up: 176 blocks
+    assert sc(1, 4104, bf16, K=1024, num_sms=132).SPLIT_K == 1  # the input projections: 257 blocks
+    assert sc(1, 32000, bf16, K=1024, num_sms=132).SPLIT_K == 1  # LM head
+    assert sc(1, 1024, bf16, K=512, num_sms=132).SPLIT_K == 2  # two BK = 256 blocks only
+    assert sc(1, 1024, bf16, K=64, num_sms=132).SPLIT_K == 1
+    assert sc(1, 1024, bf16).SPLIT_K == 1 and sc(1, 1024, bf16, K=1024, num_sms=1).SPLIT_K == 1
+    assert sc(65, 1024, bf16, K=1024, num_sms=132).SPLIT_K == 2  # two row blocks: 128 programs
+
+
+@pytest.mark.parametrize("kwargs,field", [(dict(SPLIT_K=0), "SPLIT_K"), (dict(SPLIT_K=65), "SPLIT_K"),
+                                          (dict(SPLIT_K=2.0), "SPLIT_K"), (dict(dot=1), "dot"),
+                                          (dict(BN=8), "BN"), (dict(BN=2, dot=False), "BN"), (dict(BK=8), "BK"),
+                                          (dict(num_warps=3), "num_warps"), (dict(num_stages=0), "num_stages")],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}{x}" for k, x in v.items()))
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"GemvConfig.{field} must"):
+        GemvConfig(**kwargs)
+
+
+def test_split_op_traces_and_passes_opcheck():
+    """The split-K launch inside the custom op: schema and fake tensor (opcheck), and a full-graph
+    torch.compile (the workspace's size follows the shapes; no host reads)."""
+    g = torch.Generator().manual_seed(0)
+    x = _r(3, 48, dtype=torch.float32, g=g)
+    nw = _r(48, dtype=torch.float32, g=g)
+    ws = [_r(n, 48, dtype=torch.float32, g=g) for n in (20, 5)]
+    torch.library.opcheck(torch.ops.deltanet.decode_linear.default, (x, ws, nw, None, 1e-6, False, 16, 16, 4, 3, 2, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    cfg = GemvConfig(BK=16, SPLIT_K=2)
+
+    def f(x, r):
+        return linear_residual_decode(x, ws[0], r, config=cfg)
+    r = _r(3, 20, dtype=torch.float32, g=g)
+    assert_close("compiled split", torch.compile(f, fullgraph=True, backend="aot_eager")(x, r), f(x, r), rtol=1e-6)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_split_k_replays_from_a_cuda_graph():
+    """Split-K's two launches and its workspace inside a captured graph: replays on new inputs equal
+    eager calls bit for bit (the default config at the 340M down projection's shape splits)."""
+    g = torch.Generator().manual_seed(0)
+    x, r = _r(1, 2816, dtype=torch.bfloat16, g=g), _r(1, 1024, dtype=torch.bfloat16, g=g)
+    w = _r(1024, 2816, dtype=torch.bfloat16, s=2816 ** -0.5, g=g)
+    cfg = GemvConfig(SPLIT_K=4)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        linear_residual_decode(x, w, r, config=cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear_residual_decode(x, w, r, config=cfg)
+    for seed in (1, 2):
+        x.copy_(_r(1, 2816, dtype=torch.bfloat16, g=torch.Generator().manual_seed(seed)))
+        graph.replay()
+        assert torch.equal(y, linear_residual_decode(x, w, r, config=cfg))
+        assert torch.equal(y, linear_residual_decode(x, w, r))  # the default splits this shape the same way
