@@ -29,6 +29,10 @@
 #                  vs the PyTorch passes vs plain logits, fwd+bwd ms and peak memory (bench_cross_entropy.py)
 #         ckpt     (not in the default list) CUDA tests of activation checkpointing and the compiled glue, then
 #                  deltanet-340m's tokens/s and peak memory in each activation_checkpointing mode (bench model)
+#         newdecode (not in the default list) the fused decode route's newest kernels: their CUDA tests
+#                  (attention step, split-K GEMVs, captured decoding; checkpointing + compiled glue), the
+#                  captured loop of the three 340M mixes on the fused route, the attention step vs the
+#                  eager core, the GEMV sweep at batch 1 (stage 1)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -69,6 +73,16 @@ for part in ${PARTS//,/ }; do
             tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py tests/layers/test_fused_routing.py
           run ckpt 200 python3 -m deltanet.cli bench model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
             --activation-checkpointing none,mixer,mlp,block --steps 8 --warmup 4 --out "$R/ckpt.md" ;;
+    newdecode) run newdecode_tests 200 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+                 tests/ops/test_decode_attention.py tests/ops/test_decode_linear.py tests/models/test_fused_decode.py \
+                 tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py
+               run newdecode_loop 110 python3 -m deltanet.cli bench decode \
+                 --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m --paths loop --batch 1,32 --prompt 2048 \
+                 --new-tokens 256 --decode-kernel fused --budget-s 100 --out "$R/decode_fused_loop.md"
+               run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
+                 --batch 1,32 --budget-s 60
+               run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
+                 --budget-s 90 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
