@@ -88,7 +88,7 @@ class AttentionMixer(nn.Module):
         check_layer_documents(context_parallel, cu_seqlens)
         fused = cache is not None and takes_fused_decode(self.decode_kernel, x, self.q_proj.weight)
         if fused:
-            from ..ops.decode_attention import decode_attention_step, supports as supports_fused_attention
+            from ..ops import decode_attention as fused_attention
             from ..ops.decode_linear import rms_norm_linear_decode
 
             q, k, v = rms_norm_linear_decode(x, norm.weight if norm is not None else None,
@@ -105,9 +105,10 @@ class AttentionMixer(nn.Module):
         if state is not None and not hasattr(state, "k"):
             raise TypeError(f"layer {self.layer_idx}: an attention layer needs a K/V cache entry, got {type(state).__name__}")
         static = state is not None and hasattr(state, "valid")  # a StaticKVCache: one token, in place
-        if fused and static and supports_fused_attention(self.head_dim, state.k.dtype):
+        if (fused and static and fused_attention.supports(self.head_dim, state.k.dtype)
+                and (self.decode_kernel == "fused" or fused_attention.FUSED_ATTENTION_BY_DEFAULT)):
             # RoPE, the cache write and the attention in one kernel (the slices' strides are taken as they are)
-            o = decode_attention_step(q, k, v, state.k, state.v, state.valid, position_ids, cache.counters.next,
+            o = fused_attention.decode_attention_step(q, k, v, state.k, state.v, state.valid, position_ids, cache.counters.next,
                                       ring=state.ring, mask=mask, rope_theta=self.rope_theta)
             return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
         q = apply_rope(q, position_ids, self.rope_theta)

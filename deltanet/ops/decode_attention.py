@@ -51,6 +51,11 @@ MAX_HEAD_DIM = 256
 MAX_GROUP = 64  # query heads per KV head (rows of the score tile)
 MAX_SPLITS = 256
 
+# Whether decode_kernel "auto" takes this step on CUDA (``AttentionMixer``); "fused" always does.
+# Off until a GPU has run its tests and timed it against the eager core
+# (``benchmarks/bench_decode_step.py --attention``).
+FUSED_ATTENTION_BY_DEFAULT = False
+
 # Tests set this: the output starts as NaN, so an element the kernels forget to write shows up.
 POISON = False
 

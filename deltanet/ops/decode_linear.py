@@ -60,6 +60,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BM = 64  # rows per program (the batch of a decode step); more rows: more programs along axis 1
 MAX_SPLIT_K = 64
 H100_SMS = 132  # select_config's default SM count (an H200 has as many)
+# Whether calls without a ``config`` let ``select_config`` split K (by the device's SM count). Off
+# until a GPU has run the split kernels' tests and timed them against SPLIT_K = 1 (the sweep in
+# ``benchmarks/bench_decode_step.py``); ``config=GemvConfig(SPLIT_K=...)`` takes them meanwhile.
+SPLIT_K_BY_DEFAULT = False
 
 # Tests set this: the output starts as NaN, so an element the kernel forgets to write shows up.
 POISON = False
@@ -410,7 +414,8 @@ def _call(x, weights, norm_weight, residual, eps, swiglu, config) -> torch.Tenso
     r2 = residual.reshape(x2.shape[0], -1).contiguous() if residual is not None else None
     if config is None:
         config = select_config(x2.shape[0], weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights),
-                               x.dtype, K=x2.shape[1], num_sms=device_sms(x.device))
+                               x.dtype, K=x2.shape[1] if SPLIT_K_BY_DEFAULT else None,
+                               num_sms=device_sms(x.device))
     y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu, config.BN, config.BK, config.num_warps,
             config.num_stages, config.SPLIT_K, config.dot)
     return y.view(*lead, y.shape[-1])

@@ -368,6 +368,33 @@ def test_captured_step_op_count(mix, monkeypatch):
     assert fused.outside.ops[GEMV_OP] == 1 and fused.outside.total <= 8, fused.outside.ops
 
 
+@pytest.mark.parametrize("route,default_on,expect", [("fused", False, 1), ("auto", False, 0), ("auto", True, 1),
+                                                      ("eager", True, 0)])
+def test_fused_attention_step_follows_its_default_switch(route, default_on, expect, monkeypatch):
+    """The attention step of the fused route: "fused" always takes it; "auto" (where it fuses the
+    projections, i.e. on CUDA: forced here) only once FUSED_ATTENTION_BY_DEFAULT is on; "eager"
+    never. The GEMV projections follow the route either way."""
+    from deltanet.layers import attention as attention_layer
+    from deltanet.ops import decode_attention
+
+    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(decode_attention, "FUSED_ATTENTION_BY_DEFAULT", default_on)
+    real = attention_layer.takes_fused_decode
+    monkeypatch.setattr(attention_layer, "takes_fused_decode",  # "auto" as on CUDA
+                        lambda kernel, x, w: kernel != "eager" and (kernel == "fused" or real("fused", x, w)))
+    model = _model(torch.float32, layer_types=["sliding_attention"])
+    set_decode_kernel(model, route)
+    ids = torch.randint(1, VOCAB, (2, 6), device=DEVICE)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        graph = cuda_graph.DecodeGraph(model, cache)
+        graph(ids[:, -1:])  # the first (eager) step
+        with OpCounter() as counter:
+            graph._step()
+    assert counter.ops[ATTN_OP] == expect, counter.ops
+    assert (counter.ops[GEMV_OP] >= 2) == (route != "eager"), counter.ops
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_captured_hybrid_fused_attention_equals_eager(dtype, monkeypatch):
     """A hybrid (delta_net + sliding + full attention, GQA) decoding greedily through the captured
