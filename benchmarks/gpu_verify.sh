@@ -76,9 +76,14 @@ for part in ${PARTS//,/ }; do
     newdecode) run newdecode_tests 200 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
                  tests/ops/test_decode_attention.py tests/ops/test_decode_linear.py tests/models/test_fused_decode.py \
                  tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py
-               run newdecode_loop 110 python3 -m deltanet.cli bench decode \
-                 --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m --paths loop --batch 1,32 --prompt 2048 \
-                 --new-tokens 256 --decode-kernel fused --budget-s 100 --out "$R/decode_fused_loop.md"
+               # the fused route as it ships (no split-K), then with split-K on: same models, batches
+               for split in 0 1; do
+                 run "newdecode_loop_split$split" 75 python3 -c "import sys; import deltanet.ops.decode_linear as L
+L.SPLIT_K_BY_DEFAULT = bool($split)
+from deltanet.cli import main
+sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340m --paths loop --batch 1,32 \
+                   --prompt 2048 --new-tokens 256 --decode-kernel fused --budget-s 65 --out "$R/decode_fused_split$split.md"
+               done
                run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
                  --batch 1,32 --budget-s 60
                run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
