@@ -19,8 +19,9 @@ Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable
 last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
 the bandwidth floor: per step the weights are read once (all parameters but the input embedding
 table, of which only B rows are gathered) and the cache traffic is counted (recurrent and conv
-states read and written, K/V read; the static full-attention cache is read over its whole
-capacity, as the step does); floor = bytes / HBM bandwidth, measured by a device copy
+states read and written, K/V read; of a static cache only its valid slots at the end, which is
+what the fused attention step reads: the eager step reads the whole preallocated capacity, beyond
+the floor); floor = bytes / HBM bandwidth, measured by a device copy
 (``--hbm-gbps`` overrides), and ``bw_floor_frac`` = floor / measured step time.
 
 Each point is isolated (an error or out-of-memory is recorded and the sweep goes on), results
@@ -117,7 +118,13 @@ def cache_traffic(cache) -> tuple[int, int]:
     for entry in cache.layers:
         b = sum(t.numel() * t.element_size() for t in entry.tensors())
         held += b
-        moved += 2 * b if isinstance(entry, RecurrentState) else b
+        if isinstance(entry, RecurrentState):
+            moved += 2 * b
+        elif hasattr(entry, "valid"):  # a static K/V cache: a step needs the keys/values of its valid slots
+            kv = sum(t.numel() * t.element_size() for t in (entry.k, entry.v))
+            moved += round(kv * entry.valid.float().mean().item()) + entry.valid.numel() * entry.valid.element_size()
+        else:
+            moved += b
     return held, moved
 
 

@@ -57,6 +57,17 @@ def test_bandwidth_floor_counts_weights_and_state():
     held, moved = cache_traffic(cache)
     rec = sum(t.numel() * t.element_size() for e in cache.layers[::2] for t in e.tensors())
     assert held > rec and moved == held + rec  # recurrent states read and written, K/V read
+    # a static cache: only its valid slots count (the full-attention layer has spare slots)
+    cache.make_static(reserve=5)
+    held_s, moved_s = cache_traffic(cache)
+    full, ring = cache.layers[1], cache.layers[3]
+    n = cache.seen_tokens
+    assert full.capacity == n + 5 and bool(full.valid[:, :n].all()) and not bool(full.valid[:, n:].any())
+    assert bool(ring.valid.all())  # the window is full
+    kv = lambda e: sum(t.numel() * t.element_size() for t in (e.k, e.v))  # noqa: E731
+    flags = sum(e.valid.numel() * e.valid.element_size() for e in (full, ring))
+    assert held_s == rec + kv(full) + kv(ring) + flags
+    assert moved_s == 2 * rec + round(kv(full) * n / (n + 5)) + kv(ring) + flags
 
 
 def test_bad_paths_rejected():
