@@ -260,3 +260,35 @@ def test_mlp_mode_does_not_rerun_the_down_projection(mode, monkeypatch):
     assert runs == [1, 1]
     assert calls["mlp"] == 2 * CALLS[mode][1]
 
+
+
+def _alive_token_values(model, ids) -> int:
+    """Values of the token-sized tensors alive after a training forward (before backward):
+    what the step holds for backward, whoever holds it (autograd's saved tensors, or objects the
+    graph references, such as a recomputed region's inputs)."""
+    import gc
+
+    loss = model(ids, labels=ids).loss
+    gc.collect()
+    T = ids.shape[1]
+    n = sum(t.numel() for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.dim() >= 2 and T in t.shape[:3])
+    loss.backward()
+    return n
+
+
+@pytest.mark.parametrize("mix", ["delta", "gated"])
+def test_block_mode_keeps_one_block_input_per_layer(mix):
+    """"block" keeps each block's input and nothing else per layer: one more layer adds exactly
+    ``tokens x hidden`` live values. (The mixer's recomputed region used to hold its own inputs,
+    the q/k/v projections before the short conv, outside the checkpoint: 4x that per layer.)"""
+    ids = torch.randint(1, VOCAB, (1, 37))
+    alive = []
+    for n_layers in (2, 3):
+        types = MIXES[mix][:1] * n_layers
+        cfg = DeltaNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=n_layers, num_heads=2,
+                             num_kv_heads=1, intermediate_size=64, layer_types=types, delta_backend="torch",
+                             pad_token_id=0, bos_token_id=None, eos_token_id=None, activation_checkpointing="block")
+        torch.manual_seed(0)
+        alive.append(_alive_token_values(DeltaNetForCausalLM(cfg).train(), ids))
+    assert alive[1] - alive[0] == 37 * 32, alive
