@@ -3,8 +3,11 @@
 The product and the down projection are one ``autograd.Function`` that keeps only the two
 projections ``gate(x)`` and ``up(x)`` and recomputes ``silu(g) * u`` in backward. Plain autograd
 would also keep ``silu(g)`` and the product: two more ``[tokens, intermediate]`` tensors per
-layer (~9 GB for a 24-layer 340M model at 32K tokens). On CUDA, training calls are compiled
-(``_fused.py``), which fuses the elementwise part of both directions.
+layer (~9 GB for a 24-layer 340M model at 32K tokens). On CUDA training calls run its
+elementwise parts compiled (``_fused.py``: one kernel each way), the matmuls eagerly.
+
+``SwiGLU(recompute=True)`` (``activation_checkpointing="mlp"``) keeps not even ``g`` and ``u``:
+the norm and the gate/up projections are rerun in backward, the down projection is not.
 """
 
 from __future__ import annotations
