@@ -1,104 +1,102 @@
 """Compile the decode-step kernels for sm_90 (H100 / H200) with the running Python's Triton, no GPU
-needed: registers and spill stack per thread and shared memory of each launch shape of the 340M
-models (the fused attention step and its combine; the GEMVs with and without split-K, and their
+needed: registers and spill stack per thread and shared memory of each launch of the 340M models'
+shapes (the fused attention step and its combine; the GEMVs with and without split-K, and their
 epilogue). For checking a Triton version's code generation before any GPU run:
 
     TRITON_INTERPRET= python benchmarks/compile_decode_kernels.py
 
-Prints one line per kernel and shape and ALL_OK when nothing spills (the attention kernel's 32 B of
-stack are libdevice's sin / cos argument reduction, not spills).
+The launches are the modules' own: their launchers (``_launch`` of ``deltanet.ops.decode_linear`` and
+``deltanet.ops.decode_attention``) run on meta tensors with the kernels recorded instead of run
+(``kernel_resources.recording``), so the signatures, constexprs, launch options and pointer
+alignment are what a real call passes. Prints one line per launch and ALL_OK when nothing spills
+(the attention kernel's 32 B of stack are libdevice's sin / cos argument reduction, not spills).
 """
-import inspect
+
+from __future__ import annotations
+
+import dataclasses
 import os
 import sys
 
+import torch
 import triton
-from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.kernel_resources import resource_usage
-from deltanet.ops.decode_attention import decode_attention_kernel, decode_attention_combine_kernel
-from deltanet.ops.decode_linear import _rows_per_program, decode_linear_kernel
 
-def build(fn, vals):
-    names = list(inspect.signature(fn.fn if hasattr(fn, "fn") else fn).parameters)
-    sig, cons = {}, {}
-    for n in names:
-        v = vals[n]
-        if isinstance(v, tuple) and v[0] == "c":
-            sig[n] = "constexpr"; cons[n] = v[1]
-        else:
-            sig[n] = v
-    # as a real launch specialises them: 16-byte aligned pointers, strides that are multiples of 16
-    # (they decide the vectorised loads, and so the registers)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if isinstance(vals[n], str) and (vals[n].startswith("*") or n.startswith("stride"))}
-    return ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+from benchmarks.kernel_resources import recording, resource_usage, source  # noqa: E402
+from deltanet.ops import decode_attention as da  # noqa: E402
+from deltanet.ops import decode_linear as dl  # noqa: E402
 
-print("triton", triton.__version__)
-ok = True
-for cdt in ("bf16", "fp32"):
-    for NS in (1, 4):
-        for G in (1, 4):
-            vals = dict(q="*bf16" if cdt == "bf16" else "*fp32", k="*bf16" if cdt == "bf16" else "*fp32",
-                        v="*bf16" if cdt == "bf16" else "*fp32", k_cache=f"*{cdt}", v_cache=f"*{cdt}", valid="*i1",
-                        pos="*i64", next_pos="*i64", mask="*i64", inv_freq="*fp32", o="*bf16" if cdt == "bf16" else "*fp32",
-                        part_m="*fp32", part_l="*fp32", part_o="*fp32",
-                        stride_qb="i32", stride_qh="i32", stride_kb="i32", stride_kh="i32", stride_vb="i32", stride_vh="i32",
-                        stride_pos="i32", stride_mask="i32", scale="fp32", L="i32", CHUNK="i32",
-                        H=("c", 8 * G), HKV=("c", 8), G=("c", G), GP=("c", 16), D=("c", 128), DV=("c", 128), BH=("c", 64),
-                        BV=("c", 128), BL=("c", 64), NS=("c", NS), RING=("c", True), HAS_MASK=("c", False),
-                        IEEE=("c", cdt == "fp32"))
-            try:
-                r = resource_usage(build(decode_attention_kernel, vals), dict(num_warps=8))
-                print("attn", cdt, "NS", NS, "G", G, "regs/stack/smem", r)
-                # 32 B of stack: libdevice's precise sin / cos (RoPE) keep their large-argument
-                # reduction in a local array, whatever the register pressure; more would be spills
-                ok &= r[1] <= 32
-            except Exception as e:
-                print("attn FAIL", cdt, NS, G, type(e).__name__, str(e)[:500]); ok = False
-vals = dict(part_m="*fp32", part_l="*fp32", part_o="*fp32", o="*bf16", NS=("c", 4), NSP=("c", 4), DV=("c", 128), BV=("c", 128))
-try:
-    print("combine", resource_usage(build(decode_attention_combine_kernel, vals), dict(num_warps=4)))
-except Exception as e:
-    print("combine FAIL", type(e).__name__, str(e)[:500]); ok = False
+SMS = 132  # H100 / H200
+META = dict(device="meta")
+# how each kernel is named on its line (the first word): the test counts these
+LABELS = {"decode_attention": "attn", "decode_attention_combine": "combine", "decode_linear": "gemv",
+          "decode_linear_epilogue": "epilogue"}
 
-# decode_linear: o_proj (N=1024, K=1024, residual), gate/up swiglu (N=2816, K=1024, norm), in-proj (4 mats, norm)
-def lin(name, Ns, C, swiglu, norm, res, M, split, BK, BN=16, dt="bf16", dot=True):
-    global ok
-    Ns = Ns + [0] * (8 - len(Ns))
-    starts = [0]
-    for n in Ns[:-1]:
-        starts.append(starts[-1] + triton.cdiv(n, BN))
-    BM = _rows_per_program(M, dot)
-    ksplit = triton.cdiv(triton.cdiv(C, split), BK) * BK
-    vals = dict(x=f"*{dt}", stride_x="i32", wn=f"*{dt}", res=f"*{dt}", y=f"*{dt}", stride_y="i32", ws="*fp32", M="i32",
-                eps="fp32", **{f"w{i}": f"*{dt}" for i in range(8)}, **{f"N{i}": ("c", Ns[i]) for i in range(8)},
-                **{f"B{i}": ("c", starts[i]) for i in range(1, 8)}, C=("c", C),
-                WS_N=("c", (2 * Ns[0]) if swiglu else sum(Ns)), BM=("c", BM), BN=("c", BN), BK=("c", BK),
-                K_SPLIT=("c", ksplit), SPLIT=("c", split > 1), NORM=("c", norm), SWIGLU=("c", swiglu),
-                HAS_RES=("c", res), IEEE=("c", dt == "fp32"), DOT=("c", dot))
-    try:
-        r = resource_usage(build(decode_linear_kernel, vals), dict(num_warps=4, num_stages=3))
-        print("gemv", name, "M", M, "split", split, "regs/stack/smem", r); ok &= r[1] == 0
-    except Exception as e:
-        print("gemv FAIL", name, M, split, type(e).__name__, str(e)[:800]); ok = False
 
-for M in (1, 32):
-    BK = {1: 256, 32: 128}[M]
-    for split in (1, 4):
-        lin("o_proj", [1024], 1024, False, False, True, M, split, BK)
-        lin("down", [1024], 2816, False, False, True, M, split, BK)
-    for split in (1, 2):
-        lin("gate_up", [2816, 2816], 1024, True, True, False, M, split, BK)
-    lin("in_proj", [1024, 1024, 1024, 8], 1024, False, True, False, M, 1, BK)
-lin("o_proj_nodot", [1024], 1024, False, False, True, 1, 4, 256, BN=8, dot=False)
-from deltanet.ops.decode_linear import decode_linear_epilogue_kernel
-for sw in (False, True):
-    vals = dict(ws="*fp32", res="*bf16", y="*bf16", stride_y="i32", M="i32", N=("c", 1024), WS_N=("c", 2048 if sw else 1024),
-                SPLIT_K=("c", 4), BM=("c", 1), BN=("c", 1024), SWIGLU=("c", sw), HAS_RES=("c", not sw))
-    try:
-        print("epilogue", sw, resource_usage(build(decode_linear_epilogue_kernel, vals), dict(num_warps=4)))
-    except Exception as e:
-        print("epilogue FAIL", type(e).__name__, str(e)[:500]); ok = False
-print("ALL_OK" if ok else "SOME_FAILED")
+def compile_all(module, call) -> bool:
+    """Record the launches of ``call()`` (a launcher of ``module``), compile each, print a line each."""
+    log = []
+    with recording(module, log) as fns:
+        label = call()
+    ok = True
+    for launch in log:
+        name = launch.name
+        regs, stack, smem = resource_usage(*source(launch.key(), fns[name]))
+        print(LABELS[name], label, "regs/stack/smem", (regs, stack, smem))
+        # 32 B of stack in the attention step: libdevice's precise sin / cos (RoPE) keep their
+        # large-argument reduction in a local array, whatever the register pressure; more would be spills
+        ok &= stack <= (32 if name == "decode_attention" else 0)
+    return ok
+
+
+def attention(dtype: torch.dtype, splits: int, G: int) -> str:
+    B, Hkv, D, L = 1, 8, 128, 2048
+    H = G * Hkv
+    q, k, v = (torch.empty(B, 1, h, D, dtype=dtype, **META) for h in (H, Hkv, Hkv))
+    kc, vc = (torch.empty(B, Hkv, L, D, dtype=dtype, **META) for _ in range(2))
+    valid = torch.empty(B, L, dtype=torch.bool, **META)
+    pos, nxt = torch.empty(B, dtype=torch.long, **META), torch.empty((), dtype=torch.long, **META)
+    inv_freq = torch.empty(D // 2, dtype=torch.float32, **META)
+    cfg = dataclasses.replace(da.select_config(B, Hkv, L, SMS, D), splits=splits)
+    da._launch(q, k, v, kc, vc, valid, pos, nxt, None, inv_freq, D ** -0.5, True, cfg.block_l, cfg.splits,
+               cfg.num_warps)
+    return f"{str(dtype).replace('torch.', '')} NS {splits} G {G}"
+
+
+def gemv(name: str, Ns: list[int], C: int, swiglu: bool, norm: bool, res: bool, M: int, split: int,
+         config: dl.GemvConfig | None = None) -> str:
+    x = torch.empty(M, C, dtype=torch.bfloat16, **META)
+    ws = [torch.empty(n, C, dtype=torch.bfloat16, **META) for n in Ns]
+    nw = torch.empty(C, dtype=torch.bfloat16, **META) if norm else None
+    r = torch.empty(M, Ns[0], dtype=torch.bfloat16, **META) if res else None
+    if config is None:
+        config = dataclasses.replace(dl.select_config(M, Ns[0] if swiglu else sum(Ns), x.dtype, K=C, num_sms=SMS),
+                                     SPLIT_K=split)
+    dl._launch(x, ws, nw, r, 1e-6, swiglu, config.BN, config.BK, config.num_warps, config.num_stages,
+               config.SPLIT_K, config.dot)
+    return f"{name} M {M} split {config.SPLIT_K}"
+
+
+def main() -> int:
+    print("triton", triton.__version__)
+    ok = True
+    for dtype in (torch.bfloat16, torch.float32):
+        for splits in (1, 4):
+            for G in (1, 4):
+                ok &= compile_all(da, lambda: attention(dtype, splits, G))
+    for M in (1, 32):
+        for split in (1, 4):
+            ok &= compile_all(dl, lambda: gemv("o_proj", [1024], 1024, False, False, True, M, split))
+            ok &= compile_all(dl, lambda: gemv("down", [1024], 2816, False, False, True, M, split))
+        for split in (1, 2):
+            ok &= compile_all(dl, lambda: gemv("gate_up", [2816, 2816], 1024, True, True, False, M, split))
+        ok &= compile_all(dl, lambda: gemv("in_proj", [1024, 1024, 1024, 8], 1024, False, True, False, M, 1))
+    ok &= compile_all(dl, lambda: gemv("o_proj_nodot", [1024], 1024, False, False, True, 1, 4,
+                                       dl.GemvConfig(BN=8, BK=256, SPLIT_K=4, dot=False)))
+    print("ALL_OK" if ok else "SOME_FAILED")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -122,6 +122,22 @@ def _chunk():
 
 
 @contextlib.contextmanager
+def recording(module, log: list):
+    """Inside: every JIT kernel held at ``module``'s top level (``<name>_kernel``) is recorded into
+    ``log`` (a :class:`Launch` per call, specialised as Triton's launcher would) instead of run, so
+    that the module's own launchers can be called on meta tensors. Yields ``{name: JITFunction}``
+    (for :func:`source`)."""
+    patched = {attr: fn for attr, fn in vars(module).items() if isinstance(fn, JITFunction)}
+    for attr, fn in patched.items():
+        setattr(module, attr, _Recorder(attr[: -len("_kernel")], fn, log))
+    try:
+        yield {attr[: -len("_kernel")]: fn for attr, fn in patched.items()}
+    finally:
+        for attr, fn in patched.items():
+            setattr(module, attr, fn)
+
+
+@contextlib.contextmanager
 def _recording(chunk, log: list):
     """Inside: every kernel chunk.py launches is recorded into ``log`` instead of run."""
     ks = kernels()
@@ -130,13 +146,8 @@ def _recording(chunk, log: list):
     unknown = [a for a in patched if ks.get(a[: -len("_kernel")] if a.endswith("_kernel") else a) is not patched[a]]
     if unknown:
         raise LookupError(f"chunk.py launches kernels not found as {KERNEL_PACKAGE}.*.<name>_kernel: {unknown}")
-    for attr, fn in patched.items():
-        setattr(chunk, attr, _Recorder(attr[: -len("_kernel")], fn, log))
-    try:
+    with recording(chunk, log):
         yield
-    finally:
-        for attr, fn in patched.items():
-            setattr(chunk, attr, fn)
 
 
 def launches(D: int, T: int, override: dict | None = None, dtype: str = "bf16", *, H: int = 16,
@@ -174,9 +185,11 @@ def launches(D: int, T: int, override: dict | None = None, dtype: str = "bf16", 
 
 # --- compiling -------------------------------------------------------------------------------------
 
-def _source(key: tuple) -> tuple[ASTSource, dict]:
+def source(key: tuple, fn: JITFunction | None = None) -> tuple[ASTSource, dict]:
+    """The compiler input of ``Launch.key()``: ``(ASTSource, launch options)``; ``fn``: the kernel
+    (default: the chunk kernel of that name)."""
     name, sig, consts, attrs, warps, stages = key
-    src = ASTSource(fn=kernels()[name], signature=dict(sig), constexprs=dict(consts),
+    src = ASTSource(fn=fn if fn is not None else kernels()[name], signature=dict(sig), constexprs=dict(consts),
                     attrs={(i,): [list(a) for a in v] for i, v in attrs})
     return src, dict(num_warps=warps, num_stages=stages)
 
@@ -185,7 +198,7 @@ def shared_memory(key: tuple) -> int:
     """``metadata.shared`` of ``Launch.key()`` without PTX and ptxas: Triton's own stages up to
     LLVM IR, where the shared memory is allocated (the rest cannot change it). Several times
     faster than ``compile_launch`` on the large fp32 kernels; kept in Triton's cache dir."""
-    src, opts = _source(key)
+    src, opts = source(key)
     backend = make_backend(TARGET)
     options = backend.parse_options(opts)
     cache_key = get_cache_key(src, backend, options, env_vars=get_cache_invalidating_env_vars())
@@ -218,7 +231,7 @@ def compile_launch(key: tuple, smem_only: bool = False) -> tuple[int | None, int
     maximum before raising ``OutOfResources``."""
     if smem_only:
         return None, None, shared_memory(key)
-    return resource_usage(*_source(key))
+    return resource_usage(*source(key))
 
 
 def resource_usage(src: ASTSource, opts: dict) -> tuple[int, int, int]:

@@ -29,4 +29,7 @@ def test_decode_kernels_compile_for_sm90_without_spills():
     lines = r.stdout.strip().splitlines()
     assert not any("FAIL" in line for line in lines), r.stdout
     assert sum(line.startswith("gemv ") for line in lines) == 15 and sum(line.startswith("attn ") for line in lines) == 8
+    # the second launches: one combine per split attention shape, one epilogue per split GEMV
+    assert sum(line.startswith("combine ") for line in lines) == 4
+    assert sum(line.startswith("epilogue ") for line in lines) == 7
     assert lines[-1] == "ALL_OK", r.stdout
