@@ -169,6 +169,12 @@ class _RegionFn(torch.autograd.Function):
                               for t in (*inputs, *region._params)))
 
 
+def _active_saved_tensors_hooks():
+    """``(pack, unpack)`` of the innermost active saved-tensor hooks, or None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(True) if top is not None else None
+
+
 class _Packed:
     """A tensor packed by saved-tensor hooks ``(pack, unpack)``."""
 
@@ -213,8 +219,7 @@ class RecomputedRegion:
         # The inputs are what the region keeps for backward: they go through the saved-tensor
         # hooks active here (``save_on_cpu``, a checkpoint around the region, a saved-bytes count)
         # like any tensor an autograd node saves.
-        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        hooks = top(True) if top is not None else None
+        hooks = _active_saved_tensors_hooks()
         self._inputs = [_Packed(hooks, t) if hooks is not None and isinstance(t, torch.Tensor) else t
                         for t in inputs]
         dev = inputs[0].device.type
@@ -262,8 +267,7 @@ class RecomputedRegion:
             yield
             return
         self.outputs = None  # the recipes must not keep the outputs alive
-        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        self._outer = top(True) if top is not None else None
+        self._outer = _active_saved_tensors_hooks()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield
