@@ -51,6 +51,7 @@ import os
 import time
 
 import torch
+import triton
 
 
 def _graph_time(fn, calls: int = 50, reps: int = 5) -> float:
@@ -429,7 +430,7 @@ def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
             out[f"mixer_kernels_{route}"] = _kernels(step)
         splits = {}
         for n in ATTENTION_SPLITS:
-            if n <= triton_cdiv(L, auto.block_l):
+            if n <= triton.cdiv(L, auto.block_l):
                 splits[n] = round(_graph_time(lambda: fused(dataclasses.replace(auto, splits=n))), 2)
         out["splits_us"] = splits
         out["best_splits"] = min(splits, key=splits.get)
@@ -439,10 +440,6 @@ def attention_row(cache_name: str, batch: int, bandwidth: float) -> dict:
                                           2)
         out["block_l/warps_us"] = settings
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def attention_markdown(rows, env) -> str:
