@@ -32,7 +32,9 @@
 #         newdecode (not in the default list) the fused decode route's newest kernels: their CUDA tests
 #                  (attention step, split-K GEMVs, captured decoding; checkpointing + compiled glue), the
 #                  captured loop of the three 340M mixes on the fused route, the attention step vs the
-#                  eager core, the GEMV sweep at batch 1 (stage 1)
+#                  eager core (the GEMV sweep is its own part, gemv)
+#         ckpt_bench  the ckpt part's bench model alone (its tests are also in newdecode's)
+#         gemv     the GEMV sweep at batch 1 (stage 1): split-K and the dot-free variant against the default
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -69,13 +71,13 @@ for part in ${PARTS//,/ }; do
     memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-before \
                    --no-loss-check ;;
     ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
-    ckpt) run ckpt_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+    ckpt|ckpt_bench) [ "$part" = ckpt ] && run ckpt_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
             tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py tests/layers/test_fused_routing.py
           run ckpt 200 python3 -m deltanet.cli bench model --models deltanet-340m --lengths 2048,8192 --tokens 32768 \
             --activation-checkpointing none,mixer,mlp,block --steps 8 --warmup 4 --out "$R/ckpt.md" ;;
     newdecode) run newdecode_tests 200 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
                  tests/ops/test_decode_attention.py tests/ops/test_decode_linear.py tests/models/test_fused_decode.py \
-                 tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py
+                 tests/models/test_activation_checkpointing.py tests/layers/test_compiled_grads.py tests/layers/test_fused_routing.py
                # the fused route as it ships (no split-K), then with split-K on: same models, batches
                for split in 0 1; do
                  run "newdecode_loop_split$split" 75 python3 -c "import sys; import deltanet.ops.decode_linear as L
@@ -85,8 +87,8 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                    --prompt 2048 --new-tokens 256 --decode-kernel fused --budget-s 65 --out "$R/decode_fused_split$split.md"
                done
                run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
-                 --batch 1,32 --budget-s 60
-               run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
+                 --batch 1,32 --budget-s 60 ;;
+    gemv) run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
                  --budget-s 90 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
