@@ -105,7 +105,7 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
         ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
         with torch.no_grad():
             out = model(ids, use_cache=True, logits_to_keep=1)  # no [B, T, vocab] logits
-            cache = out.past_key_values
+            cache = out.cache
             tok = out.logits[:, -1:].argmax(-1)
 
             def step(tok):
@@ -170,7 +170,7 @@ def check_routes(name: str, batch: int, *, prompt: int, steps: int, device: torc
             model.cuda_graph_decoding = graph
             with torch.no_grad():
                 out = model(ids, use_cache=True, logits_to_keep=1)
-                cache, logits = out.past_key_values, out.logits[:, -1].float()
+                cache, logits = out.cache, out.logits[:, -1].float()
                 toks, first = [], None
                 tok = logits.argmax(-1, keepdim=True)
                 for _ in range(steps):

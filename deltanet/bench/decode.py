@@ -73,7 +73,7 @@ def count_step_kernels(model, *, batch: int, decode_kernel: str | None = None, p
         g = torch.Generator(device=device).manual_seed(1)
         ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
         with torch.no_grad():
-            cache = model(ids, use_cache=True).past_key_values
+            cache = model(ids, use_cache=True).cache
             model(ids[:, -1:], past_key_values=cache)  # warm-up: compiles the step's kernels
             _sync(device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -123,7 +123,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache  # (transformers >= 5.2x warns on .past_key_values)
         cache.reserve = max_new_tokens  # full-attention slots beyond the prompt: exactly what is coming
         graph = None
         chooser = TokenChooser(sampling, B, max_new_tokens, device, eos=eos_token_id, pad=pad_token_id)
