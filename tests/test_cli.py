@@ -36,6 +36,14 @@ def _one_line_error(capsys, argv, code, needle):
     return err
 
 
+def test_data_help_names_prepare(capsys):
+    assert main(["data", "--help"]) == 0
+    assert "deltanet data prepare" in capsys.readouterr().out
+    assert main(["data"]) == 2  # no subcommand: the same usage, on stderr
+    assert "deltanet data prepare" in capsys.readouterr().err
+    _one_line_error(capsys, ["data", "prep"], 2, "expected 'deltanet data prepare [flags]'")
+
+
 def test_help_is_fast_and_lists_commands():
     r = run_cli(["--help"], timeout=60)
     assert r.returncode == 0

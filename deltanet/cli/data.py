@@ -43,8 +43,14 @@ def build_data_config(argv: list[str]):
 
 
 def cli_main(argv: list[str]) -> int:
-    """``deltanet data prepare [flags]``."""
-    if not argv or argv[0] != "prepare":
+    """``deltanet data prepare [flags]``; ``deltanet data [-h]`` prints what ``data`` offers."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: deltanet data prepare [flags]\n\n"
+              "  prepare   tokenise a corpus into the token cache ahead of training (deltanet train's data\n"
+              "            flags; deltanet train with the same flags reuses the cache).\n"
+              "            Flags: deltanet data prepare --help", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] != "prepare":
         raise UsageError("deltanet data: error: expected 'deltanet data prepare [flags]' (see deltanet data prepare --help)")
     dc, progress = build_data_config(argv[1:])
     from deltanet.training.data import build_token_cache, format_stats, open_corpus, prepare_tokenizer
