@@ -74,7 +74,7 @@ def parse_run(spec: str) -> dict:
     return opts
 
 
-def build(opts: dict, args) -> torch.nn.Module:
+def build(opts: dict, args, width: int) -> torch.nn.Module:
     over = {}
     if opts["gate"] == "sigmoid":
         over["output_gate_activation"] = "sigmoid"
@@ -82,7 +82,7 @@ def build(opts: dict, args) -> torch.nn.Module:
         lo, hi = (float(x) for x in opts["A"].split(":"))
         over["A_init_range"] = (lo, hi)
     torch.manual_seed(int(opts["seed"]))
-    model = build_model(opts["model"], width=args.width, num_layers=2, vocab_size=args.vocab_size,
+    model = build_model(opts["model"], width=width, num_layers=2, vocab_size=args.vocab_size,
                         head_dim=args.head_dim, max_len=args.seq_len, **over)
     for m in mixers(model):
         if opts["gate"] == "one" and m.use_output_gate:
@@ -131,8 +131,9 @@ def mixers(model) -> list:
 
 
 @torch.no_grad()
-def decay_stats(model, probe: torch.Tensor, window: int = 64) -> dict:
-    """The logged statistics of the decay and mixers on ``probe`` (see the module docstring)."""
+def decay_stats(model, probe: torch.Tensor, window: int = 64, classes: dict | None = None) -> dict:
+    """The logged statistics of the decay and mixers on ``probe`` (see the module docstring);
+    ``classes``: name -> boolean mask ``[B, T]`` of positions whose mean ``g`` is logged too."""
     recorded, hooks = {}, []
     for i, m in enumerate(mixers(model)):
         hooks.append(m.register_forward_hook(lambda mod, inp, out, i=i: recorded.__setitem__(f"out{i}", out)))
@@ -176,6 +177,8 @@ def decay_stats(model, probe: torch.Tensor, window: int = 64) -> dict:
                 dt_bias=[round(float(x), 4) for x in m.dt_bias],
                 A=[round(float(x), 5) for x in m.A_log.exp()],
             )
+            for name, mask in (classes or {}).items():
+                row[f"g_mean_{name}"] = float(g.mean(-1)[mask].mean())
         out[f"layer{i}"] = row
     return out
 
@@ -214,7 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-pairs", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--widths", type=int, nargs="+", default=[64], help="every run at every width")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (bf16 autocast, eager steps)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-size", type=int, default=20_000)
@@ -223,6 +227,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--time-budget", type=float, default=420.0, help="seconds of training per run")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole script: a run starts only with 60 s left and trains at most until then")
     p.add_argument("--stop-accuracy", type=float, default=0.99)
     p.add_argument("--grad-snr", type=int, default=0, metavar="N",
                    help="also log each projection's gradient signal-to-noise ratio over N training batches")
@@ -235,6 +241,13 @@ def main(argv=None) -> int:
     train = make_mqar(args.train_size, args.seq_len, args.num_pairs, seed=0, **mk)
     test = make_mqar(args.test_size, args.seq_len, args.num_pairs, seed=1, **mk)
     probe = test[0][:64].long()
+    # Positions of the probe by role: the key-value section's keys and values, the queries and
+    # the random filler between queries.
+    P, T = args.num_pairs, args.seq_len
+    pos = torch.arange(T).expand(probe.shape[0], T)
+    query = test[1][:64] != IGNORE_INDEX
+    classes = {"kv_key": (pos < 2 * P) & (pos % 2 == 0), "kv_value": (pos < 2 * P) & (pos % 2 == 1),
+               "query": query, "filler": (pos >= 2 * P) & ~query}
     snr_batches = [(train[0][i * args.batch_size:(i + 1) * args.batch_size].long(),
                     train[1][i * args.batch_size:(i + 1) * args.batch_size].long()) for i in range(args.grad_snr)]
     payload = {"date": time.strftime("%Y-%m-%d"), "hardware": os.environ.get("PROBE_HARDWARE", "cpu"),
@@ -244,21 +257,33 @@ def main(argv=None) -> int:
     def save():
         (args.out / "results.json").write_text(json.dumps(payload, indent=1))
 
-    for spec, opts in zip(args.runs, runs):
-        rec = {"spec": spec, "options": opts, "log": []}
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    probe = probe.to(device)
+    classes = {k: v.to(device) for k, v in classes.items()}
+    snr_batches = [(x.to(device), y.to(device)) for x, y in snr_batches]
+    for (spec, opts), width in ((r, w) for r in zip(args.runs, runs) for w in args.widths):
+        rec = {"spec": spec, "width": width, "options": opts, "log": []}
         payload["runs"].append(rec)
+        budget = args.time_budget
+        if args.deadline is not None:
+            left = args.deadline - (time.perf_counter() - start) - 30  # 30 s for evaluations and writing
+            if left < 30:
+                rec["error"] = "skipped: deadline"
+                continue
+            budget = min(budget, left)
         try:
-            model = build(opts, args)
-            rec["log"].append({"step": 0, **decay_stats(model, probe)})
+            model = build(opts, args, width).to(device)
+            rec["log"].append({"step": 0, **decay_stats(model, probe, classes=classes)})
             cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, eval_every=args.eval_every,
-                              time_budget=args.time_budget, stop_accuracy=args.stop_accuracy, device="cpu")
+                              time_budget=budget, stop_accuracy=args.stop_accuracy, device=str(device))
 
             def on_eval(row, model=model, rec=rec):
-                rec["log"].append({**row, **decay_stats(model, probe)})
+                rec["log"].append({**row, **decay_stats(model, probe, classes=classes)})
                 if snr_batches:
                     rec["log"][-1]["grad_snr"] = gradient_snr(model, snr_batches)
                 l0 = rec["log"][-1]["layer0"]
-                print(f"[{spec}] step {row['step']} loss {row['loss']:.3f} acc {row['accuracy']:.3f} "
+                print(f"[{spec} d={width}] step {row['step']} loss {row['loss']:.3f} acc {row['accuracy']:.3f} "
                       f"L0 g_p5 {l0.get('g_p5', 0):.3g} surv64 {l0.get('surv64_mean', 1):.3f} "
                       f"|Wa| {l0.get('Wa_norm', 0):.3g}", flush=True)
                 save()
@@ -268,10 +293,10 @@ def main(argv=None) -> int:
             rec["error"] = traceback.format_exc()
             print(rec["error"], file=sys.stderr)
         save()
-    lines = ["| run | best accuracy | steps | stopped by |", "|---|---|---|---|"]
+    lines = ["| run | width | best accuracy | steps | stopped by |", "|---|---|---|---|---|"]
     for rec in payload["runs"]:
         r = rec.get("result", {})
-        lines.append(f"| `{rec['spec']}` | {r.get('best_accuracy', 'error')} | {r.get('steps', '')} | {r.get('stopped_by', '')} |")
+        lines.append(f"| `{rec['spec']}` | {rec['width']} | {r.get('best_accuracy', 'error')} | {r.get('steps', '')} | {r.get('stopped_by', '')} |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
