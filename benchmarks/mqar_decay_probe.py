@@ -23,6 +23,8 @@ seed, data and initial weights), given as comma-separated ``key=value`` options:
   projection ``g_proj``;
 - ``gatefix=1``: the output gate's projection is zero and frozen, so the gate is the constant
   ``act(0)``: 0.5 with ``gate=sigmoid``;
+- ``A0=x``, ``dt0=y``: every gated layer starts at ``A = x`` and ``softplus(dt_bias) = y``
+  (so that another seed can start from the same decay as seed 0's layer 0);
 - ``seed``: the model's initialisation seed (default 0; data and batch order stay fixed).
 
 Every ``--eval-every`` steps (default 50) the run records held-out accuracy and, on 64 held-out
@@ -54,7 +56,7 @@ from deltanet.evaluation.tasks.synthetic import (IGNORE_INDEX, TrainConfig, buil
 from deltanet.layers.delta_net import DeltaNetMixer
 
 OPTIONS = {"model": "gated_delta_net", "gate": "silu", "A": "0:16", "freeze": "0", "azero": "0",
-           "Afix": "0", "dtfix": "0", "afix": "0", "gatefix": "0", "alr": "1", "glr": "1", "seed": "0"}
+           "Afix": "0", "dtfix": "0", "afix": "0", "gatefix": "0", "alr": "1", "glr": "1", "A0": "", "dt0": "", "seed": "0"}
 
 
 def parse_run(spec: str) -> dict:
@@ -99,6 +101,11 @@ def build(opts: dict, args, width: int) -> torch.nn.Module:
         with torch.no_grad():
             if opts["A"] == "off":
                 m.A_log.fill_(-50.0)
+            if opts["A0"]:
+                m.A_log.fill_(math.log(float(opts["A0"])))
+            if opts["dt0"]:
+                dt = torch.tensor(float(opts["dt0"]))
+                m.dt_bias.fill_(float(dt + torch.log(-torch.expm1(-dt))))
             if opts["azero"] == "1":
                 m.a_proj.weight.zero_()
         if float(opts["alr"]) != 1.0:
