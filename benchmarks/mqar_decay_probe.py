@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-pairs", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--widths", type=int, nargs="+", default=[64], help="every run at every width")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (bf16 autocast, eager steps)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (bf16 autocast, CUDA-graph steps)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--train-size", type=int, default=20_000)
@@ -266,6 +266,11 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     start = time.perf_counter()
+    # On CUDA each training step is one CUDA-graph replay (small models are launch-bound); that
+    # needs the data on the device. Falls back to eager steps if capture fails (result's step_mode).
+    graph = device.type == "cuda"
+    if graph:
+        train = tuple(t.to(device) for t in train)
     probe = probe.to(device)
     classes = {k: v.to(device) for k, v in classes.items()}
     snr_batches = [(x.to(device), y.to(device)) for x, y in snr_batches]
@@ -283,7 +288,8 @@ def main(argv=None) -> int:
             model = build(opts, args, width).to(device)
             rec["log"].append({"step": 0, **decay_stats(model, probe, classes=classes)})
             cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, eval_every=args.eval_every,
-                              time_budget=budget, stop_accuracy=args.stop_accuracy, device=str(device))
+                              time_budget=budget, stop_accuracy=args.stop_accuracy, device=str(device),
+                              cuda_graph=graph)
 
             def on_eval(row, model=model, rec=rec):
                 rec["log"].append({**row, **decay_stats(model, probe, classes=classes)})
