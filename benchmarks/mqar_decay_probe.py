@@ -173,6 +173,7 @@ def decay_stats(model, probe: torch.Tensor, window: int = 64, classes: dict | No
         if m.gated:
             g = recorded[f"g{i}"]  # [B, T, H]
             sp = recorded[f"sp{i}"]
+            window = min(window, g.shape[1])
             G = F.pad(g.cumsum(1), (0, 0, 1, 0))  # [B, T + 1, H]
             surv = (G[:, window:] - G[:, :-window]).exp()  # a write's share left after `window` tokens
             flat = g.flatten()
