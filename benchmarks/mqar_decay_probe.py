@@ -1,4 +1,5 @@
-"""Why Gated DeltaNet's decay can stall MQAR: small CPU runs that log the decay as it trains.
+"""Why Gated DeltaNet's decay can stall MQAR: runs that log the decay as it trains (CPU by
+default; ``--device cuda`` for the paper's scale, see the 2026-12-07 decay results file).
 
     OMP_NUM_THREADS=1 python benchmarks/mqar_decay_probe.py --out runs/decay_probe \\
         --runs gate=one,A=0:0.16 gate=one,A=0:0.16,freeze=1 --time-budget 420
@@ -31,7 +32,9 @@ Every ``--eval-every`` steps (default 50) the run records held-out accuracy and,
 sequences, per gated layer: the per-token log decay ``g`` (min, 5th percentile, median, mean),
 how much of a write survives 64 tokens (``exp`` of the sum of ``g`` over a 64-token window:
 mean and 5th percentile), ``softplus(W_a x + dt_bias)`` (median and max), ``|W_a|``,
-``dt_bias``, ``A = exp(A_log)``; per layer the RMS of the mixer's output. Results go to
+``dt_bias``, ``A = exp(A_log)``, the mean ``g`` at the key-value section's keys and values, the
+queries and the filler; per layer the RMS of the mixer's output; with ``--grad-snr N`` each
+projection's gradient signal-to-noise ratio over N training batches. Results go to
 ``OUT/results.json`` (rewritten after every evaluation) and ``OUT/table.md``.
 """
 
@@ -73,6 +76,8 @@ def parse_run(spec: str) -> dict:
         raise ValueError(f"--runs: gate must be silu, sigmoid or one, got {opts['gate']!r}")
     if float(opts["alr"]) <= 0 or (float(opts["alr"]) != 1.0 and "1" in (opts["afix"], opts["freeze"])):
         raise ValueError(f"--runs: alr must be > 0 and cannot be combined with afix or freeze: {spec!r}")
+    if float(opts["glr"]) <= 0 or (float(opts["glr"]) != 1.0 and (opts["gatefix"] == "1" or opts["gate"] == "one")):
+        raise ValueError(f"--runs: glr must be > 0 and needs a trained gate (not gatefix=1 or gate=one): {spec!r}")
     return opts
 
 

@@ -26,6 +26,7 @@ ARGS = SimpleNamespace(vocab_size=32, head_dim=16, seq_len=16)
     ("model=linear_attention", "model must be"),
     ("alr=0.1,afix=1", "alr must be > 0 and cannot be combined"),
     ("alr=0", "alr must be > 0"),
+    ("gate=one,glr=0.1", "glr must be > 0 and needs a trained gate"),
 ])
 def test_bad_run_specs(probe, spec, match):
     with pytest.raises(ValueError, match=match):
