@@ -171,3 +171,18 @@ def test_captured_loop_on_cuda_equals_eager_loop(mix):
         graph = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=True)
         eager = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=False)
         assert graph.graph and torch.equal(graph.tokens, eager.tokens), (mix, cfg)
+
+
+def test_decode_reads_the_cache_without_deprecated_names(monkeypatch):
+    """transformers 5.2x renamed outputs' ``past_key_values`` to ``cache`` and warns (once per
+    process) on the old name; ``decode`` must read the new one (our outputs carry ``.cache`` on
+    older transformers too), so the warning never reaches e.g. ``deltanet train``'s sample."""
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    monkeypatch.setattr(hf_logging.get_logger("transformers.utils.generic"), "warning",
+                        lambda msg, *a, **k: seen.append(str(msg)))
+    hf_logging.warning_once.cache_clear()  # an earlier test in this process may have used up the "once"
+    model = make_model("global_hybrid")
+    decode(model, torch.randint(1, VOCAB, (1, 5)), max_new_tokens=3)
+    assert not [m for m in seen if "deprecated" in m], seen
