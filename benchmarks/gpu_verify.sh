@@ -35,6 +35,8 @@
 #                  eager core (the GEMV sweep is its own part, gemv)
 #         ckpt_bench  the ckpt part's bench model alone (its tests are also in newdecode's)
 #         gemv     the GEMV sweep at batch 1 (stage 1): split-K and the dot-free variant against the default
+#         mqar_gated  (a call of its own) MQAR at the paper's hardest setting (T = 512, 64 pairs), widths 64 and
+#                  128: DeltaNet beside Gated DeltaNet and its gate / decay-init variants (benchmarks/gpu_mqar.py)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -90,6 +92,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                  --batch 1,32 --budget-s 60 ;;
     gemv) run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
                  --budget-s 90 ;;
+    mqar_gated) run mqar_gated 560 python3 benchmarks/gpu_mqar.py --out "$R/mqar_gated" --widths 64 128 --deadline 540 \
+                  --models delta_net gated_delta_net gated_delta_net-sigmoid gated_delta_net-slowdecay \
+                  gated_delta_net-sigmoid+slowdecay ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
