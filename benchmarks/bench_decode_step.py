@@ -147,16 +147,12 @@ GEMV_SPLITS = (1, 2, 4, 8)
 
 def gemv_stage1(base) -> list:
     """The first pass for every shape: ``SPLIT_K`` around the default (``base``)."""
-    import dataclasses
-
     return [dataclasses.replace(base, SPLIT_K=s) for s in GEMV_SPLITS]
 
 
 def gemv_stage2(best, batch: int) -> list:
     """The second pass, one knob at a time around the best so far (coordinate descent: the caller
     moves ``best`` after each knob): a list of candidates per knob."""
-    import dataclasses
-
     R = dataclasses.replace
     knobs = [[R(best, BN=bn) for bn in (16, 32, 64)],
              [R(best, SPLIT_K=s) for s in GEMV_SPLITS],  # again, at the new BN
@@ -215,8 +211,6 @@ def gemv_row(case: GemvCase, config, bandwidth: float) -> dict:
     """One (shape, batch, config) point of the GEMV sweep; ``config`` None: the default settings.
     Checks the output against the eager composition (``rel_err``) and that two calls agree bit for
     bit (``deterministic``) before timing."""
-    import triton
-
     from deltanet.ops.decode_linear import _rows_per_program
 
     used = config or case.default
@@ -245,12 +239,17 @@ GEMV_COLS = ["shape", "batch", "default", "BN", "BK", "warps", "stages", "split_
              "weight_GBps", "frac_of_copy_bw", "rel_err", "deterministic", "error"]
 
 
+def gemv_sound(r: dict) -> bool:
+    """A timed point whose output is sound: within 2e-2 relative error of the eager composition
+    and deterministic (only those can be the best setting)."""
+    return "us" in r and bool(r.get("deterministic")) and r.get("rel_err", 1.0) <= 2e-2
+
+
 def gemv_best(rows) -> dict:
-    """``{(shape, batch): (default row, fastest row)}`` over the rows with a time and a sound output
-    (relative error within 2e-2 of the eager composition, deterministic)."""
+    """``{(shape, batch): (default row, fastest row)}`` over the sound rows (:func:`gemv_sound`)."""
     out: dict = {}
     for r in rows:
-        if "us" not in r or not r.get("deterministic") or r.get("rel_err", 1.0) > 2e-2:
+        if not gemv_sound(r):
             continue
         d, b = out.get((r["shape"], r["batch"]), (None, None))
         d = r if r["default"] and d is None else d
@@ -332,7 +331,7 @@ def gemv_sweep(args, env, bw, start) -> int:
             return gemv_row(cases[(shape, b)], config, bw)
         r = measure_point(args, start, key, measure)
         record(args, "decode_gemv", env, rows, r, gemv_markdown)
-        if "us" in r and r["deterministic"] and r["rel_err"] <= 2e-2:
+        if gemv_sound(r):
             used = config or cases[(shape, b)].default
             done.add(used)
             if (shape, b) not in best or r["us"] < best[(shape, b)][1]:
@@ -491,8 +490,6 @@ def main() -> int:
     start = time.perf_counter()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
-    import triton
-
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                copy_GBps=round(bw / 1e9, 1), date=time.strftime("%Y-%m-%d"))
     if args.gemv_sweep:

@@ -27,7 +27,7 @@ from benchmarks.kernel_resources import recording, resource_usage, source  # noq
 from deltanet.ops import decode_attention as da  # noqa: E402
 from deltanet.ops import decode_linear as dl  # noqa: E402
 
-SMS = 132  # H100 / H200
+SMS = dl.H100_SMS  # an H100 / H200
 META = dict(device="meta")
 # how each kernel is named on its line (the first word): the test counts these
 LABELS = {"decode_attention": "attn", "decode_attention_combine": "combine", "decode_linear": "gemv",

@@ -261,7 +261,6 @@ def test_mlp_mode_does_not_rerun_the_down_projection(mode, monkeypatch):
     assert calls["mlp"] == 2 * CALLS[mode][1]
 
 
-
 def _alive_token_values(model, ids) -> int:
     """Values of the token-sized tensors alive after a training forward (before backward):
     what the step holds for backward, whoever holds it (autograd's saved tensors, or objects the
