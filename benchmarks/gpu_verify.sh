@@ -37,6 +37,8 @@
 #         gemv     the GEMV sweep at batch 1 (stage 1): split-K and the dot-free variant against the default
 #         mqar_gated  (a call of its own) MQAR at the paper's hardest setting (T = 512, 64 pairs), widths 64 and
 #                  128: DeltaNet beside Gated DeltaNet and its gate / decay-init variants (benchmarks/gpu_mqar.py)
+#         census   (not in the default list) what a training forward keeps for backward, per token per layer and
+#                  by site, deltanet-340m vs fla's DeltaNet, both regimes (benchmarks/saved_tensors_census.py)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -95,6 +97,7 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
     mqar_gated) run mqar_gated 560 python3 benchmarks/gpu_mqar.py --out "$R/mqar_gated" --widths 64 128 --deadline 540 \
                   --models delta_net gated_delta_net gated_delta_net-sigmoid gated_delta_net-slowdecay \
                   gated_delta_net-sigmoid+slowdecay ;;
+    census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
