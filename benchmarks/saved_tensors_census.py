@@ -17,8 +17,8 @@ the hooks but not to the allocator.
 
 Regimes: ``bf16`` (``model.to(torch.bfloat16)``, no autocast) and ``autocast`` (float32
 parameters, bf16 autocast). Weight-shaped tensors (autocast's bf16 weight copies) are per step,
-not per token, and reported apart. Every model runs a warm-up forward + backward first (Triton
-autotuning and compilation happen outside the measurement).
+not per token, and reported apart. Every model runs a warm-up forward first (Triton autotuning
+and compilation happen outside the measurement).
 
     python benchmarks/saved_tensors_census.py --out DIR                   # deltanet-340m vs fla-deltanet
     python benchmarks/saved_tensors_census.py --out DIR --models deltanet-340m --device cpu --tokens 256 --layers 1
@@ -129,7 +129,9 @@ def census(model: torch.nn.Module, call, tokens: int, *, autocast: bool, device:
 
 
 def measure(name: str, regime: str, layers: int, tokens: int, device: torch.device, warmup: bool = True) -> dict:
-    """One model at one depth: warm-up forward + backward, then the census of a forward."""
+    """One model at one depth: a warm-up forward (Triton autotuning, compilation), then the census
+    of a forward. No backward runs: only the forward decides what is kept (and fla's backward
+    kernels autotune for minutes on a fresh machine)."""
     torch.manual_seed(0)
     model = build_model(name, num_hidden_layers=layers, tie_word_embeddings=False)
     model = model.to(device=device, dtype=torch.bfloat16 if regime == "bf16" else None).train()
@@ -142,10 +144,7 @@ def measure(name: str, regime: str, layers: int, tokens: int, device: torch.devi
 
     if warmup:
         with torch.autocast(**amp):
-            loss = forward()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        del loss
+            forward()  # graph freed on return
     result = census(model, forward, tokens, autocast=regime == "autocast", device=device)
     del model
     if device.type == "cuda":
