@@ -74,9 +74,12 @@ def dg_scale(inp, grads_ref) -> torch.Tensor:
     return t.flip(1).cumsum(1).flip(1)
 
 
-def check(label, got, ref, *, inp=None, **kw):
+def check(label, got, ref, *, inp=None, dbeta_baseline=None, **kw):
     """Every output and gradient within ``kw`` (``assert_close``). With ``inp`` (strong decay),
-    dg is compared relative to :func:`dg_scale` instead of its own size."""
+    dg is compared relative to :func:`dg_scale` instead of its own size. With ``dbeta_baseline``
+    (dbeta of the PyTorch chunk form in the same precision), dbeta may also be off by twice that
+    form's error: dbeta_t is a dot product over V whose terms cancel, so its relative error is
+    bounded by its conditioning, not by the kernel (one token and one head: a single scalar)."""
     o, S, grads = got
     o_ref, S_ref, g_ref = ref
     assert_close(f"{label}: o", o, o_ref, **kw)
@@ -87,6 +90,10 @@ def check(label, got, ref, *, inp=None, **kw):
             assert torch.isfinite(grads[n]).all(), f"{label}: dg not finite"
             err = (grads[n] - g_ref[n]).norm() / dg_scale(inp, g_ref).norm()
             assert err <= kw.get("rtol", 1e-5), f"{label}: dg error {err:.3e} relative to its terms"
+            continue
+        if n == "beta" and dbeta_baseline is not None:
+            assert_close(f"{label}: dbeta", grads[n], g_ref[n], baseline=dbeta_baseline,
+                         floor=kw.get("rtol", 1e-5))
             continue
         assert_close(f"{label}: d{n}", grads[n], g_ref[n], **kw)
 

@@ -44,8 +44,11 @@ def test_gated_fp32_matches_reference(backend, shape, strong):
     do, dS = cotangents(inp)
     ref = run(ORACLE_RULE, inp, do, dS)
     got = run(BACKENDS[backend], inp, do, dS, cast=torch.float32)
-    # 5e-5: the gated chunk form has a few more fp32 roundings per element than the plain one
-    check(backend, got, ref, rtol=5e-5, inp=inp if strong else None)
+    base = run(rule("torch"), inp, do, dS, cast=torch.float32)
+    # 5e-5: the gated chunk form has a few more fp32 roundings per element than the plain one; dbeta
+    # of one token (T = 1, B = H = 1: one scalar, -0.0076 from larger terms) is off by 5.1e-5 here
+    # and by 8.2e-5 in the PyTorch chunk form: it is held to twice that form's error + 5e-5
+    check(backend, got, ref, rtol=5e-5, inp=inp if strong else None, dbeta_baseline=base[2]["beta"])
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
