@@ -3,6 +3,9 @@
 #
 #   bash benchmarks/gpu_lm_compare.sh OUT MODELS BUDGET_S [DATA] [-- extra bench-lm flags]
 #   e.g. bash benchmarks/gpu_lm_compare.sh "$OUT" deltanet,transformer 560 python-site
+#        bash benchmarks/gpu_lm_compare.sh "$OUT" gated-deltanet,linear-attn 570 python-site -- --eval-reserve-s 40
+#   (evaluation took 17-26 s per 125M model on an H100, 2026-12-06/07: 40 s kept for it, not the
+#   default 75, let hybrid-swa train and evaluate inside one 570 s call on 2026-12-07)
 #
 # Trains (or resumes) the listed models in order until BUDGET_S seconds after the tool starts
 # (a model that does not fit pauses with a checkpoint and resumes in the next call while the

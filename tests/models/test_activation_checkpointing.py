@@ -78,10 +78,12 @@ def test_same_loss_and_gradients_on_packed_documents(mix, mode):
 def test_triton_backend_same_gradients(mode):
     """The Triton chunk kernels (autograd Functions with their own saved tensors; the Triton
     interpreter on CPU, see conftest) under recompute: gradients equal the unrecomputed run's."""
-    ref, ckpt = make_model("gated", backend="triton").train(), make_model("gated", mode, backend="triton").train()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels need CUDA tensors
+    ref = make_model("gated", backend="triton").to(device).train()
+    ckpt = make_model("gated", mode, backend="triton").to(device).train()
     calls = count_calls(ckpt)
-    ids = torch.randint(1, VOCAB, (1, 20))
-    cu = torch.tensor([0, 7, 20])
+    ids = torch.randint(1, VOCAB, (1, 20), device=device)
+    cu = torch.tensor([0, 7, 20], device=device)
     a, b = ref(ids, labels=ids, cu_seqlens=cu), ckpt(ids, labels=ids, cu_seqlens=cu)
     a.loss.backward()
     b.loss.backward()

@@ -197,7 +197,12 @@ def test_strided_rows_and_heads_are_read_in_place():
         o_strided = _call(decode_attention_step, strided, c.ring)
     assert not reads, reads
     o_dense = _call(decode_attention_step, dense, c.ring)
-    assert torch.equal(o_strided, o_dense) and torch.equal(strided["k_cache"], dense["k_cache"])
+    # the cache write is elementwise: bit for bit. The output may differ in the last bits on a GPU:
+    # Triton picks a load layout from the strides' alignment (odd strides: no vector loads), and the
+    # new token's score is a sum over D / 2 whose order follows that layout
+    assert torch.equal(strided["k_cache"], dense["k_cache"]) and torch.equal(strided["v_cache"], dense["v_cache"])
+    assert torch.equal(strided["valid"], dense["valid"])
+    assert_close("strided vs dense output", o_strided, o_dense, rtol=1e-6)
 
 
 def test_fused_step_rejects_bad_input():
