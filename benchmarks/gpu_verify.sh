@@ -37,6 +37,9 @@
 #         gemv     the GEMV sweep at batch 1 (stage 1): split-K and the dot-free variant against the default
 #         mqar_gated  (a call of its own) MQAR at the paper's hardest setting (T = 512, 64 pairs), widths 64 and
 #                  128: DeltaNet beside Gated DeltaNet and its gate / decay-init variants (benchmarks/gpu_mqar.py)
+#         gated_tune  (not in the default list) the gated rule's launch settings: the defaults vs 8 warps in
+#                  chunk_grads / the state kernels / wy_bwd (spill-free on sm_90), fwd and fwd+bwd, checked
+#                  against the fp32 PyTorch form (benchmarks/tune_kernels.py --gated)
 #         census   (not in the default list) what a training forward keeps for backward, per token per layer and
 #                  by site, deltanet-340m vs fla's DeltaNet, both regimes (benchmarks/saved_tensors_census.py)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
@@ -97,6 +100,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
     mqar_gated) run mqar_gated 560 python3 benchmarks/gpu_mqar.py --out "$R/mqar_gated" --widths 64 128 --deadline 540 \
                   --models delta_net gated_delta_net gated_delta_net-sigmoid gated_delta_net-slowdecay \
                   gated_delta_net-sigmoid+slowdecay ;;
+    gated_tune) run gated_tune 300 python3 benchmarks/tune_kernels.py --gated --dims 64,128 --lengths 1024,16384 \
+                  --variants old,o_g8,o_s8,o_wyb8 --check --combine --no-profile --choose "$R/gated_choice.json" \
+                  --json "$R/gated_tune.jsonl" ;;
     census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;

@@ -6,7 +6,13 @@ Used to pick the defaults in ``deltanet/ops/delta_rule/config.py``; results in
 benchmarks/NOTES-kernels.md.
 
     python benchmarks/tune_kernels.py --dims 64,128 --lengths 1024,16384
+    python benchmarks/tune_kernels.py --gated --variants old,o_g8,o_s8,o_wyb8 --check --combine
 
+``--gated`` tunes the gated rule (a log decay ``g`` per token and head, ``select_config(...,
+gated=True)``): it runs the plain rule's kernels with their ``USE_G`` paths, which keep more
+values live; compiled for sm_90 (``benchmarks/kernel_resources.py --defaults --gated``, 2026-12-07)
+the default 4 warps spill 568 B/thread in chunk_grads at D = 64 and 376 / 384 B in dh_bwd / wy_bwd
+at D = 128, none / 32 / 96 B at 8 warps (variants ``o_g8``, ``o_s8``, ``o_wyb8``).
 ``--compile-only`` runs one fwd+bwd per shape and variant (fills the Triton cache; several such
 processes can compile in parallel), ``--choose FILE`` writes the variant with the lowest mean
 fwd+bwd time relative to the first variant as JSON (the changed fields: put them into
@@ -43,6 +49,7 @@ VARIANTS = {
     "o_wy8": {"warps_wy": 8},                        # UT-transform forward at 8 warps
     "o_wyb8": {"warps_wyb": 8},
     "o_dqkw8": {"warps_dqkw": 8, "grads_fused": False},
+    "o_s8": {"warps_state": 8},                      # the state kernels (h_fwd, dh_bwd) at 8 warps
     "o_addr64": {"state_addr64": True},              # int64 token offsets in the state kernels at K > 64
     "o_ss2": {"stages_state": 2},
     # the state kernels' V-block (sequential over chunks; fewer, wider programs vs more, narrower)
@@ -52,13 +59,30 @@ VARIANTS = {
 }
 
 
+GATED = False  # --gated: the gated rule (inputs with g; select_config(..., gated=True))
+
+
 def config_for(settings: dict, B: int, H: int, D: int, dtype=torch.bfloat16) -> ChunkKernelConfig:
     """``select_config``'s choice for ``B`` sequences x ``H`` heads at K = V = ``D`` on this GPU,
     with ``settings`` (ChunkKernelConfig fields; "all" = all of D) changed."""
     sms = device_sms("cuda")
     full = max(16, 1 << (D - 1).bit_length())
     changes = {k: (full if v == "all" else v) for k, v in settings.items()}
-    return dataclasses.replace(select_config(B, H, D, D, dtype, num_sms=sms), **changes)
+    return dataclasses.replace(select_config(B, H, D, D, dtype, num_sms=sms, gated=GATED), **changes)
+
+
+def inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", seed=0) -> list[torch.Tensor]:
+    """q, k, v, beta (and with ``--gated`` a log decay g in [-0.1, 0), float32), leaves with grads."""
+    xs = _inputs(B, T, H, D, dtype, device, seed=seed)
+    if GATED:
+        gen = torch.Generator(device).manual_seed(seed + 7)
+        xs.append((-0.1 * torch.rand(B, T, H, device=device, generator=gen)).requires_grad_())
+    return xs
+
+
+def call(xs, cfg) -> torch.Tensor:
+    q, k, v, beta, *g = xs
+    return chunk_delta_rule(q, k, v, beta, g=g[0] if g else None, kernel_config=cfg)[0]
 
 
 def oracle_err(D, settings, B=2, T=1000, H=16, device="cuda"):
@@ -67,25 +91,32 @@ def oracle_err(D, settings, B=2, T=1000, H=16, device="cuda"):
     the launch settings, hence the compiled kernels, are those of the T = 16K benchmark shape)."""
     from deltanet.ops import delta_rule_chunkwise_torch
 
-    xs = _inputs(B, T, H, D, torch.bfloat16, device, seed=5)
+    xs = inputs(B, T, H, D, device=device, seed=5)
     do = torch.randn(B, T, H, D, device=device, generator=torch.Generator(device).manual_seed(2))
     ref32 = [x.detach().float().requires_grad_() for x in xs]
-    o_ref = delta_rule_chunkwise_torch(*ref32)[0]
+    q, k, v, beta, *g = ref32
+    o_ref = delta_rule_chunkwise_torch(q, k, v, beta, g=g[0] if g else None)[0]
     o_ref.backward(do)
-    o = chunk_delta_rule(*xs, kernel_config=config_for(settings, B, H, D))[0]
+    o = call(xs, config_for(settings, B, H, D))
     o.backward(do.to(o.dtype))
     pairs = [(o.detach().float(), o_ref.detach())] + [(x.grad.float(), r.grad) for x, r in zip(xs, ref32)]
     return max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs)
 
 
 def profile(D, T, H=16, tokens=32768, method="ours"):
-    """Each CUDA kernel's time (µs) in one fwd+bwd of ``method`` (a deltanet.bench.kernels method)."""
+    """Each CUDA kernel's time (µs) in one fwd+bwd of ``method`` (a deltanet.bench.kernels method;
+    with ``--gated`` our gated op only)."""
     from deltanet.bench.kernels import method_fn
 
-    q, k, v, beta = _inputs(tokens // T, T, H, D, torch.bfloat16, "cuda")
-    do = torch.randn_like(v)
-    fn = method_fn(method)
-    step = lambda: fn(q, k, v, beta).backward(do)
+    xs = inputs(tokens // T, T, H, D)
+    do = torch.randn_like(xs[2])
+    if GATED:
+        if method != "ours":
+            raise ValueError("--gated profiles only 'ours'")
+        step = lambda: call(xs, None).backward(do)
+    else:
+        fn = method_fn(method)
+        step = lambda: fn(*xs).backward(do)
     step()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -118,7 +149,10 @@ def main():
     p.add_argument("--rep", type=int, default=40)
     p.add_argument("--combine", action="store_true",
                    help="after the sweep, also time the union of the one-setting variants that helped")
+    p.add_argument("--gated", action="store_true", help="the gated rule (inputs with a log decay g)")
     args = p.parse_args()
+    global GATED
+    GATED = args.gated
     shapes = [(int(d), int(t)) for d in args.dims.split(",") for t in args.lengths.split(",")]
     names = args.variants.split(",")
     for n in names:
@@ -127,9 +161,9 @@ def main():
     if args.compile_only:
         for name in names:
             for D, T in shapes:
-                q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
+                xs = inputs(32768 // T, T, 16, D)
                 cfg = config_for(VARIANTS[name], 32768 // T, 16, D)
-                chunk_delta_rule(q, k, v, beta, kernel_config=cfg)[0].backward(torch.randn_like(v))
+                call(xs, cfg).backward(torch.randn_like(xs[2]))
                 torch.cuda.synchronize()
                 print(f"compiled {name} D={D} T={T}", flush=True)
             if args.check:
@@ -172,10 +206,11 @@ def time_variant(name, settings, shapes, args, refs):
     rows = []
     for D, T in shapes:
         try:
-            q, k, v, beta = _inputs(32768 // T, T, 16, D, torch.bfloat16, "cuda")
+            xs = inputs(32768 // T, T, 16, D)
+            v = xs[2]
             do = torch.randn(v.shape, device=v.device, dtype=v.dtype, generator=torch.Generator("cuda").manual_seed(1))
             cfg = config_for(settings, 32768 // T, 16, D)
-            f = lambda: chunk_delta_rule(q, k, v, beta, kernel_config=cfg)[0]
+            f = lambda: call(xs, cfg)
             fb = lambda: f().backward(do)
             row = dict(variant=name, D=D, T=T)
             if args.check and T == shapes[0][1]:
@@ -183,7 +218,7 @@ def time_variant(name, settings, shapes, args, refs):
             if args.check:
                 o = f()
                 o.backward(do)
-                got = [o.detach().float()] + [x.grad.float() for x in (q, k, v, beta)]
+                got = [o.detach().float()] + [x.grad.float() for x in xs]
                 if (D, T) not in refs:
                     refs[(D, T)] = got
                 else:
@@ -194,7 +229,7 @@ def time_variant(name, settings, shapes, args, refs):
                 fb()
             with torch.no_grad():
                 tf = do_bench(f, warmup=args.warmup, rep=args.rep, return_mode="median")
-            tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, grad_to_none=[q, k, v, beta],
+            tfb = do_bench(fb, warmup=args.warmup, rep=args.rep, grad_to_none=xs,
                            return_mode="median")
             row.update(fwd=round(tf, 3), fwdbwd=round(tfb, 3))
         except Exception as e:
