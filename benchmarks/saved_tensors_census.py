@@ -13,7 +13,9 @@ layer keeps per token; the rest is outside the blocks (embedding, final norm, lo
 the hooked count it records how much the forward left allocated on the device
 (``torch.cuda.memory_allocated`` after the forward minus before, also per layer by the same
 difference): tensors an autograd Function keeps as plain attributes of ``ctx`` are invisible to
-the hooks but not to the allocator.
+the hooks but not to the allocator. Under autocast the allocator's count also holds the bf16 copies
+of the weights autocast makes once per step (per layer: 2 bytes per parameter, spread over the
+measured tokens), which the hooks report apart.
 
 Regimes: ``bf16`` (``model.to(torch.bfloat16)``, no autocast) and ``autocast`` (float32
 parameters, bf16 autocast). Weight-shaped tensors (autocast's bf16 weight copies) are per step,
@@ -184,7 +186,8 @@ def markdown(results: dict, env: dict, tokens: int, layers: int) -> str:
              "untied embeddings. Sites: the {2 * layers}-layer run, a block's sites divided by its "
              "blocks; `by difference`: the hooked total of both depths, deep - shallow over the extra layers. "
              "`allocated`: what the forward left allocated on the device (the hooks miss tensors kept "
-             "as plain ctx attributes; the allocator does not).", ""]
+             "as plain ctx attributes; the allocator does not; under autocast it also holds the "
+             "per-step bf16 weight copies).", ""]
     lines += ["| model | regime | hooked B/token/layer | by difference | allocated B/token/layer | hooked B/token outside "
               "| allocated B/token outside | per step (weight-shaped) MiB |", "|---|---|---|---|---|---|---|---|"]
     for (model, regime), r in results.items():
