@@ -8,7 +8,10 @@
 #   use_wheels       install .whl/*.whl (e.g. fla's wheels, for side-by-side runs) into /tmp/site;
 #                    PYTHONPATH = that + the repo
 #   record_env       date, GPUs, Python/torch/triton/transformers/fla versions and the commit
-#                    -> $R/env.txt (and stdout)
+#                    -> $R/env.txt (and stdout). The commit is read from a file COMMIT at the repo
+#                    root when there is one (write it before the call, untracked and not ignored so
+#                    that it travels: `git log -1 --format='commit %H %s' > COMMIT`): the GPU
+#                    machine's copy of the git metadata can lag the working tree that is sent.
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) )); }

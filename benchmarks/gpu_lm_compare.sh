@@ -45,7 +45,7 @@ fi
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
   python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   python3 -c "import fla; print('fla', fla.__version__)" 2>/dev/null || echo "fla not importable"
-  git log -1 --format='commit %H %s' 2>/dev/null
+  cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null  # COMMIT: see gpu_lib.sh
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 python3 -m deltanet.cli bench lm --out "$W" --data "$DATA" --models "$MODELS" --budget-s "$BUDGET" "$@" \
