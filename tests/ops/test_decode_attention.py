@@ -202,7 +202,7 @@ def test_strided_rows_and_heads_are_read_in_place():
     # new token's score is a sum over D / 2 whose order follows that layout
     assert torch.equal(strided["k_cache"], dense["k_cache"]) and torch.equal(strided["v_cache"], dense["v_cache"])
     assert torch.equal(strided["valid"], dense["valid"])
-    assert_close("strided vs dense output", o_strided, o_dense, rtol=1e-6)
+    assert_close("strided vs dense output", o_strided, o_dense, rtol=1e-5)  # a wrong stride: O(1)
 
 
 def test_fused_step_rejects_bad_input():
