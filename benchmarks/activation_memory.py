@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import traceback
@@ -97,49 +98,81 @@ def _fingerprint(t: torch.Tensor):
     return tuple(t.shape), round(v.sum().item(), 3), round(v.abs().sum().item(), 3), round(v.pow(2).sum().item(), 3)
 
 
+@contextlib.contextmanager
+def module_stack(model: torch.nn.Module):
+    """Yields the names of the modules a forward is inside, innermost last (``"<root>"`` for the
+    model itself), kept up to date by forward hooks removed on exit."""
+    stack: list[str] = []
+
+    def enter(name):
+        def hook(*_):
+            stack.append(name)
+        return hook
+
+    def leave(*_):  # returns None: a forward hook's return value would replace the module's output
+        stack.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(enter(name or "<root>")))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StorageSorter:
+    """Sorts the tensors autograd saves during one forward of ``model`` over ``tokens`` tokens:
+    ``sort(t)`` is None for a storage not to count (a parameter's, an empty one, or one seen
+    before: views of one buffer count once), ``"step"`` for a weight-shaped tensor without a
+    token dimension (autocast's bf16 weight copies, the fused loss's weight gradient: per step,
+    not per token), else ``"token"``."""
+
+    def __init__(self, model: torch.nn.Module, tokens: int):
+        params = list(model.parameters())
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.param_shapes = {tuple(p.shape) for p in params} | {tuple(p.shape)[::-1] for p in params}
+        self.tokens = tokens
+        self.seen: set[int] = set()
+
+    def sort(self, t: torch.Tensor) -> str | None:
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr in self.param_ptrs or ptr in self.seen or s.nbytes() == 0:
+            return None
+        self.seen.add(ptr)
+        return "step" if tuple(t.shape) in self.param_shapes and self.tokens not in t.shape else "token"
+
+
 def measure(model: torch.nn.Module, call, tokens: int, *, autocast: bool):
     """Run ``call()`` recording saved tensors. -> dict with ``rows`` ((module, origin) ->
     [bytes, dtypes, count, fp32 bytes]), ``per_step`` (bytes of weight-shaped tensors: autocast's
     bf16 weight copies, the fused loss's weight gradient) and ``duplicates`` (origin pairs that
     saved the same values twice, with the bytes of the second copy)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
-    seen: set[int] = set()
+    storages = StorageSorter(model, tokens)
     prints: dict = {}
     rows: dict = collections.OrderedDict()
     per_step: dict = collections.defaultdict(int)
     duplicates: dict = collections.defaultdict(int)
-    stack: list[str] = []
-
-    def pre(name):
-        return lambda *_: stack.append(name)
-
-    def post(*_):
-        stack.pop()
-
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(pre(name or "<root>")))
-        handles.append(m.register_forward_hook(post))
-
     region_origin = []  # set while a RecomputedRegion's inputs are charged
 
     def pack(t):
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr in param_ptrs or ptr in seen or s.nbytes() == 0:
+        kind = storages.sort(t)
+        if kind is None:
             return t
-        seen.add(ptr)
+        s = t.untyped_storage()
         origin = region_origin[0] if region_origin else _origin()
-        if tuple(t.shape) in param_shapes and tokens not in t.shape:
-            per_step[origin] += s.nbytes()  # a weight-shaped tensor: per step, not per token
+        if kind == "step":
+            per_step[origin] += s.nbytes()
             return t
         if t.is_floating_point() and t.numel() >= tokens:
             fp = _fingerprint(t)
             if fp in prints and t.abs().sum() > 0:
                 duplicates[(prints[fp], origin)] += s.nbytes()
             prints.setdefault(fp, origin)
-        key = (stack[-1] if stack else "<root>", origin)
+        key = (stack[-1] if stack else "<root>", origin)  # stack: module_stack below, entered before call()
         row = rows.setdefault(key, [0, set(), 0, 0])
         row[0] += s.nbytes()
         row[1].add(str(t.dtype).replace("torch.", ""))
@@ -164,14 +197,12 @@ def measure(model: torch.nn.Module, call, tokens: int, *, autocast: bool):
     delta_net_mod.delta_rule = _delta_stand_in
     fz.RecomputedRegion.__init__ = charged_init
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+        with module_stack(model) as stack, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             call()
     finally:
         delta_net_mod.delta_rule = old
         fz.RecomputedRegion.__init__ = region_init
-        for h in handles:
-            h.remove()
     return dict(rows=rows, per_step=dict(per_step), duplicates=dict(duplicates))
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from activation_memory import StorageSorter, module_stack  # the CPU count's module stack and storage rules
 from deltanet.bench.model import FLA, build_model, environment
 
 PACKAGES = ("/deltanet/", "/fla/")
@@ -75,38 +76,21 @@ def census(model: torch.nn.Module, call, tokens: int, *, autocast: bool, device:
     """Run ``call()`` (a forward) recording saved tensors. -> dict with ``sites``
     ("module | origin" -> [bytes, count, dtypes]), ``per_step`` (bytes of weight-shaped tensors)
     and ``allocated`` (device bytes the forward left allocated; CUDA only, else None)."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape)[::-1] for p in model.parameters()}
-    seen: set[int] = set()
+    storages = StorageSorter(model, tokens)
     sites: dict = collections.defaultdict(lambda: [0, 0, set()])
     per_step = collections.defaultdict(int)
-    stack: list[str] = []
-    handles = []
-
-    def enter(name):
-        def hook(*_):
-            stack.append(name)
-        return hook
-
-    def leave(*_):  # returns None: a forward hook's return value would replace the module's output
-        stack.pop()
-
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(enter(name)))
-        handles.append(m.register_forward_hook(leave))
 
     def pack(t):
-        s = t.untyped_storage()
-        ptr = s.data_ptr()
-        if ptr in param_ptrs or ptr in seen or s.nbytes() == 0:
+        kind = storages.sort(t)
+        if kind is None:
             return t
-        seen.add(ptr)
+        nbytes = t.untyped_storage().nbytes()
         origin = _origin()
-        if tuple(t.shape) in param_shapes and tokens not in t.shape:
-            per_step[origin] += s.nbytes()
+        if kind == "step":
+            per_step[origin] += nbytes
             return t
-        row = sites[f"{_site_module(stack[-1] if stack else '')} | {origin}"]
-        row[0] += s.nbytes()
+        row = sites[f"{_site_module(stack[-1] if stack else '')} | {origin}"]  # stack: module_stack below
+        row[0] += nbytes
         row[1] += 1
         row[2].add(str(t.dtype).replace("torch.", ""))
         return t
@@ -115,17 +99,13 @@ def census(model: torch.nn.Module, call, tokens: int, *, autocast: bool, device:
     if cuda:
         torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device) if cuda else None
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = call()
-        if cuda:
-            torch.cuda.synchronize(device)
-        allocated = torch.cuda.memory_allocated(device) - before if cuda else None
-        del loss  # frees the graph and what it kept
-    finally:
-        for h in handles:
-            h.remove()
+    with module_stack(model) as stack, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    allocated = torch.cuda.memory_allocated(device) - before if cuda else None
+    del loss  # frees the graph and what it kept
     return dict(sites={k: [v[0], v[1], sorted(v[2])] for k, v in sites.items()}, per_step=dict(per_step),
                 allocated=allocated)
 
