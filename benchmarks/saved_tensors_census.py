@@ -163,7 +163,7 @@ def markdown(results: dict, env: dict, tokens: int, layers: int) -> str:
     lines = ["# Saved tensors per token: what a training forward keeps for backward", "",
              "  ".join(f"{k}: {v}" for k, v in env.items()), "",
              f"One forward of each model at {layers} and {2 * layers} layers, {tokens} tokens (B = 1), "
-             "untied embeddings. Sites: the {2 * layers}-layer run, a block's sites divided by its "
+             f"untied embeddings. Sites: the {2 * layers}-layer run, a block's sites divided by its "
              "blocks; `by difference`: the hooked total of both depths, deep - shallow over the extra layers. "
              "`allocated`: what the forward left allocated on the device (the hooks miss tensors kept "
              "as plain ctx attributes; the allocator does not; under autocast it also holds the "
