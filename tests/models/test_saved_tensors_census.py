@@ -72,3 +72,21 @@ def test_census_records_a_missing_model_and_fails(census, tmp_path):
                       "--tokens", "8", "--layers", "1", "--device", "cpu"])
     assert rc == 1
     assert "error" in json.loads((tmp_path / "census.json").read_text())["results"]["no-such-preset bf16"]
+
+
+def test_storage_rule_counts_a_released_address_again(census):
+    """A storage counts once while a tensor saved from it is alive; once every such tensor is gone
+    (the forward released it), the same address holds a new buffer and counts again."""
+    from activation_memory import StorageSorter
+
+    model = torch.nn.Linear(3, 3)
+    sorter = StorageSorter(model, tokens=5)
+    buf = torch.zeros(5, 4)
+    first = buf[:, :2]
+    assert sorter.sort(first) == "token"
+    view = buf[:, 2:]
+    assert sorter.sort(view) is None  # same storage, first still alive
+    del first, view
+    assert sorter.sort(buf[:, :1]) == "token"  # every earlier saver released: a new buffer
+    assert sorter.sort(model.weight) is None  # parameters never count
+    assert sorter.sort(torch.zeros(3, 3)) == "step"  # weight-shaped, no token dimension
