@@ -12,7 +12,8 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 (``DeltaNetConfig.decode_kernel``: one fused Triton kernel per layer, or op by op; default
 ``auto``: fused on CUDA), and on CUDA each row counts the kernels one decode step launches
 (``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer;
-``gemv_kernels``: the fused route's projection kernels, four per block).
+``gemv_kernels``: the fused route's projection kernels, four per block; ``attention_kernels``: the
+fused attention steps, one per attention layer), in the step the captured loop replays.
 
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
 ``generate``), decode-only tokens/s and ms per step, peak memory, the cache's size after the
@@ -54,37 +55,42 @@ DECODE_KERNELS = ("auto", "fused", "eager")
 
 
 def count_step_kernels(model, *, batch: int, decode_kernel: str | None = None, prompt: int = 16) -> dict:
-    """GPU work one eager decode step of ``model`` (one of ours, on CUDA) launches, from the torch
-    profiler: ``kernels`` (kernels, memcpy and memset: what a captured step holds as graph nodes)
-    , ``fused_kernels`` (the fused delta-rule decode step's) and ``gemv_kernels`` (the fused route's
-    projection kernels, ``deltanet.ops.decode_linear``). ``decode_kernel``: the route to count (the
-    model's is restored afterwards)."""
+    """GPU work of the decode step the captured loop replays (``DecodeGraph``'s step on the static
+    cache, run eagerly so each launch is visible to the torch profiler), for ``model`` (one of ours,
+    on CUDA): ``kernels`` (kernels, memcpy and memset: what a captured step holds as graph nodes),
+    ``fused_kernels`` (the fused delta-rule decode step's), ``gemv_kernels`` (the fused route's
+    projection kernels, ``deltanet.ops.decode_linear``) and ``attention_kernels`` (the fused
+    attention step's main kernel, ``deltanet.ops.decode_attention``; its combine kernel is counted
+    in ``kernels`` only). The static cache matters for attention layers: a growing cache takes the
+    eager attention core. ``decode_kernel``: the route to count (the model's is restored)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from deltanet.models import set_decode_kernel
+    from deltanet.models.cuda_graph import DecodeGraph
 
     device = next(model.parameters()).device
-    saved = model.config.decode_kernel, model.cuda_graph_decoding
+    saved = model.config.decode_kernel
     if decode_kernel is not None:
         set_decode_kernel(model, decode_kernel)
-    model.cuda_graph_decoding = False  # eager steps: each launch is visible
     try:
         g = torch.Generator(device=device).manual_seed(1)
         ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device, generator=g)
         with torch.no_grad():
             cache = model(ids, use_cache=True).cache
-            model(ids[:, -1:], past_key_values=cache)  # warm-up: compiles the step's kernels
+            step = DecodeGraph(model, cache)
+            step.ids.copy_(ids[:, -1:])
+            step._step()  # warm-up: compiles the step's kernels (never captured here)
             _sync(device)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model(ids[:, -1:], past_key_values=cache)
+                step._step()
                 _sync(device)
         names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
     finally:
-        set_decode_kernel(model, saved[0])
-        model.cuda_graph_decoding = saved[1]
+        set_decode_kernel(model, saved)
     return dict(kernels=len(names), fused_kernels=sum("decode_step_kernel" in n for n in names),
-                gemv_kernels=sum("decode_linear_kernel" in n for n in names))
+                gemv_kernels=sum("decode_linear_kernel" in n for n in names),
+                attention_kernels=sum("decode_attention_kernel" in n for n in names))
 
 
 def copy_bandwidth(device: torch.device, mib: int = 512, iters: int = 10) -> float:
@@ -217,7 +223,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
             if ours:
                 counts = count_step_kernels(model, batch=batch)
                 row["kernels_per_step"], row["fused_kernels"] = counts["kernels"], counts["fused_kernels"]
-                row["gemv_kernels"] = counts["gemv_kernels"]
+                row["gemv_kernels"], row["attention_kernels"] = counts["gemv_kernels"], counts["attention_kernels"]
     except Exception as e:  # OOM, a missing optional package, a kernel error: report, go on
         row["error"] = _error(e)
     finally:
@@ -228,7 +234,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
 
 COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
            "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
-           "gemv_kernels"]
+           "gemv_kernels", "attention_kernels"]
 
 
 def decode_sweep(models: list[str], paths: list[str], batches: list[int], prompts: list[int], *, new_tokens: int,

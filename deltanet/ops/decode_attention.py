@@ -52,9 +52,10 @@ MAX_GROUP = 64  # query heads per KV head (rows of the score tile)
 MAX_SPLITS = 256
 
 # Whether decode_kernel "auto" takes this step on CUDA (``AttentionMixer``); "fused" always does.
-# Off until a GPU has run its tests and timed it against the eager core
-# (``benchmarks/bench_decode_step.py --attention``).
-FUSED_ATTENTION_BY_DEFAULT = False
+# On since its CUDA tests passed and it was timed against the eager core on an H100 (2026-12-07,
+# ``benchmarks/bench_decode_step.py --attention``: 7-12x at batch 1, 1.2-1.8x at batch 32, 2K
+# window and 8K full caches). False gives "auto" the eager core back.
+FUSED_ATTENTION_BY_DEFAULT = True
 
 # Tests set this: the output starts as NaN, so an element the kernels forget to write shows up.
 POISON = False
@@ -203,16 +204,19 @@ class DecodeAttentionConfig:
 
 
 def select_config(B: int, Hkv: int, L: int, num_sms: int, head_dim: int = 128) -> DecodeAttentionConfig:
-    """Split the ``L`` slots until ``B * Hkv * splits`` reaches ~2 programs per SM (one block of
-    ``block_l`` slots per split at least). ``block_l`` / ``num_warps``: compiled for sm_90 (Triton
-    3.9), 64 slots and 8 warps keep head dim 128 at 121-196 registers without spills (bf16 and
-    fp32, 1 or 8 query heads per KV head; 4 warps: 255 and a spill), head dim 256 takes 32 slots
-    (200 registers). Not tuned on a GPU yet: ``benchmarks/bench_decode_step.py --attention`` times
-    other splits and settings."""
+    """Split the ``L`` slots when ``B * Hkv`` programs leave SMs idle, to ~2 programs per SM (one
+    block of ``block_l`` slots per split at least); with a program per SM already, one split.
+    Measured on an H100 (2026-12-07, hybrid-swa-340m's shape, 8 KV heads, head dim 128, bf16):
+    batch 1, 2K / 8K slots: 32 / 33 splits within 1% of the best of 1-64; batch 32 (256 programs):
+    one split 93 / 345 us, two 114 / 414 us. ``block_l`` / ``num_warps``: compiled for sm_90
+    (Triton 3.9), 64 slots and 8 warps keep head dim 128 at 121-196 registers without spills (bf16
+    and fp32, 1 or 8 query heads per KV head; 4 warps: 255 and a spill), head dim 256 takes 32
+    slots (200 registers). ``benchmarks/bench_decode_step.py --attention`` times other settings."""
     block_l = 64 if head_dim <= 128 else 32
     num_warps = 8 if head_dim >= 128 else 4
     blocks = triton.cdiv(L, block_l)
-    splits = max(1, min(blocks, MAX_SPLITS, triton.cdiv(2 * num_sms, B * Hkv)))
+    programs = B * Hkv
+    splits = 1 if programs >= num_sms else max(1, min(blocks, MAX_SPLITS, triton.cdiv(2 * num_sms, programs)))
     return DecodeAttentionConfig(block_l=block_l, splits=splits, num_warps=num_warps)
 
 

@@ -479,15 +479,19 @@ def test_config_rejects_unknown_decode_kernel():
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels and captures CUDA graphs")
 @pytest.mark.parametrize("mix", ["delta", "gated_swa_hybrid"])
 def test_cuda_kernels_per_step(mix):
-    """One eager decode step under the profiler: one fused rule kernel per delta-rule layer, four
-    GEMV kernels per block, and far fewer kernels than the eager route."""
+    """The captured loop's step, run eagerly under the profiler: one fused rule kernel per delta-rule
+    layer, one fused attention kernel per attention layer, four GEMV kernels per block, and far
+    fewer kernels than the eager route."""
     from deltanet.bench.decode import count_step_kernels
 
     model = _model(torch.bfloat16, layer_types=MIXES[mix])
     n_delta = sum(t != "sliding_attention" and t != "full_attention" and t != "linear_attention"
                   for t in MIXES[mix])
+    n_attn = sum(t in ("sliding_attention", "full_attention") for t in MIXES[mix])
     counts = {route: count_step_kernels(model, batch=2, decode_kernel=route) for route in ("eager", "fused")}
     assert counts["fused"]["fused_kernels"] == n_delta, counts
+    # the step the captured loop replays runs on the static cache: its attention layers take the fused step
+    assert counts["fused"]["attention_kernels"] == n_attn and counts["eager"]["attention_kernels"] == 0, counts
     assert counts["fused"]["gemv_kernels"] == 4 * len(MIXES[mix]), counts
     assert counts["eager"]["fused_kernels"] == counts["eager"]["gemv_kernels"] == 0, counts
     assert counts["eager"]["kernels"] - counts["fused"]["kernels"] >= 50 * n_delta, counts

@@ -244,10 +244,13 @@ def test_fused_step_rejects_bad_input():
 
 
 def test_select_config_splits_until_the_sms_are_busy():
-    """Batch 1 x 8 KV heads on 132 SMs: the slots are split (~2 programs per SM); batch 32: one or two splits."""
+    """Batch 1 x 8 KV heads on 132 SMs: the slots are split (~2 programs per SM); a program per SM
+    already (batch 32 x 8 KV heads, or batch 17): one split; batch 16 (128 programs): three."""
     assert da.select_config(1, 8, 2048, 132).splits == 32
     assert da.select_config(1, 8, 8192, 132).splits == 33
-    assert da.select_config(32, 8, 2048, 132).splits == 2
+    assert da.select_config(32, 8, 2048, 132).splits == 1
+    assert da.select_config(17, 8, 2048, 132).splits == 1
+    assert da.select_config(16, 8, 2048, 132).splits == 3
     assert da.select_config(1, 8, 40, 132).splits == 1  # one block of slots: nothing to split
     assert da.select_config(1, 8, 40, 132, head_dim=256).splits == 2  # 32-slot blocks at head dim 256
 
