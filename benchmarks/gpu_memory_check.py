@@ -7,10 +7,14 @@ parameters under bf16 autocast) — it measures:
 
 1. ours (defaults: fused linear cross-entropy) and fla's DeltaNet (its defaults), the pairs the
    target is stated on (peak memory <= 0.8x fla's, tokens/s >= fla's);
-2. then, as the budget allows, the A/B of our memory choices, in this order: q, k, v of the
+2. the A/B of our memory choices named in ``--variants``, run point by point (each regime and T:
+   every variant, in the order given), as the budget allows: q, k, v of the
    delta rule kept for backward (``DeltaNetMixer.recompute_features = False``; the default reruns
-   them from the conv inputs), the mixer's input recompute (``DeltaNetMixer.recompute_inputs``), and ``ours-before``: the plain
-   (materialised-logits) loss with q, k, v kept, as before the memory changes;
+   them from the conv inputs), the mixer's input recompute (``DeltaNetMixer.recompute_inputs``),
+   ``ours-recompute-wy``: the chunk op keeping only its inputs, its backward rerunning the UT transform
+   and the state pass (``deltanet.ops.delta_rule.chunk.KEEP_WY_FOR_BACKWARD = False``: 4,096 fewer bytes per
+   token and layer), and ``ours-before``: the plain (materialised-logits) loss with q, k, v kept, as
+   before the memory changes;
 3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and
    float32 parameters; loss and gradients).
 
@@ -33,12 +37,13 @@ import torch
 
 from deltanet.bench.model import FLA, SMOKE, bench_train, environment
 
-# label -> (model name, bench_train keyword arguments, DeltaNetMixer switches)
+# label -> (model name, bench_train keyword arguments, DeltaNetMixer switches and the chunk op's keep_wy)
 VARIANTS = {
     "ours": ("deltanet-340m", {}, {}),
     "fla": (FLA, {}, {}),
     "ours-keep-features": ("deltanet-340m", {}, dict(recompute_features=False)),
     "ours-recompute-inputs": ("deltanet-340m", {}, dict(recompute_inputs=True)),
+    "ours-recompute-wy": ("deltanet-340m", {}, dict(keep_wy=False)),
     "ours-before": ("deltanet-340m", dict(fused_loss=False), dict(recompute_features=False)),
 }
 SWITCHES = ("recompute_inputs", "recompute_features")
@@ -141,12 +146,12 @@ def main(argv=None) -> int:
     rows: list[dict] = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
     checks = [] if args.no_loss_check else loss_check(device, args.smoke)
     _render(args.out, env, checks, rows)
-    # the target pairs first, then the options
-    head = [v for v in variants if v in ("ours", "fla")]
-    plan = [(v, reg, T) for reg in regimes for T in lengths for v in head]
-    plan += [(v, reg, T) for reg in regimes for T in lengths for v in variants if v not in head]
+    # point by point (regime, T), every variant at each in the order given: a call cut short has whole
+    # comparisons at the points it reached
+    plan = [(v, reg, T) for reg in regimes for T in lengths for v in variants]
     durations: dict[str, float] = {}
     from deltanet.layers.delta_net import DeltaNetMixer
+    from deltanet.ops import wy_recomputed_in_backward
 
     DEFAULTS = {sw: getattr(DeltaNetMixer, sw) for sw in SWITCHES}
     for label, regime, T in plan:
@@ -161,9 +166,10 @@ def main(argv=None) -> int:
                 setattr(DeltaNetMixer, sw, switches.get(sw, DEFAULTS[sw]))
             t0 = time.perf_counter()
             try:
-                row.update(bench_train(name, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup,
-                                       device=device, regime=regime, tie_word_embeddings=False, smoke=args.smoke,
-                                       **kw))
+                with wy_recomputed_in_backward(not switches.get("keep_wy", True)):
+                    row.update(bench_train(name, T, tokens=args.tokens, steps=args.steps, warmup=args.warmup,
+                                           device=device, regime=regime, tie_word_embeddings=False,
+                                           smoke=args.smoke, **kw))
             except Exception as e:  # bench_train reports its own errors; this catches the rest
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:

@@ -350,3 +350,42 @@ def test_dispatch_and_g_validation():
         chunk_delta_rule(f["q"], f["k"], f["v"], f["beta"], g=f["g"][:, :-1])
     with pytest.raises(ValueError, match=r"g must have shape \[B, T, H\]"):
         recurrent_delta_rule(f["q"], f["k"], f["v"], f["beta"], g=f["g"][..., None])
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_backward_from_inputs_alone_equals_the_kept_wy(gated):
+    """``KEEP_WY_FOR_BACKWARD`` off (``wy_recomputed_in_backward``): the op keeps only its inputs
+    (no Ai, no v_new: 256 B per token and head + the size of v fewer) and its backward reruns the UT
+    transform and the state pass. fp32, packed sequences (one of length 1), initial states, the final
+    state in the loss, K != V, strong decay: every gradient (dg included) against the float64 oracle
+    and equal to the kept form's up to rounding."""
+    lengths = [5, 65, 1, 70]
+    T, N, H, K, V = sum(lengths), len(lengths), 2, 32, 48
+    inp = gated_inputs(1, T, H, K, V, N=N, seed=31, strong=True, device=DEVICE)
+    if not gated:
+        inp["g"] = None
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    do, dS = cotangents(inp)
+    ref = run(ORACLE_RULE, inp, do, dS, cu_seqlens=cu)
+    got, saved = {}, {}
+    for keep in (True, False):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with (chunk_module.wy_recomputed_in_backward(not keep),
+              torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
+            got[keep] = run(chunk_delta_rule, inp, do, dS, cast=torch.float32, cu_seqlens=cu)
+        saved[keep] = sum(sizes)
+        check(f"keep_wy={keep}", got[keep], ref, rtol=5e-5, inp=inp if gated else None)
+    assert chunk_module.KEEP_WY_FOR_BACKWARD  # restored on leaving the block
+    # what the recomputing form no longer keeps: Ai (fp32, 64 per token and head) and v_new (fp32
+    # here); gated, G's place holds g itself (same size)
+    assert saved[True] - saved[False] == T * H * (64 + V) * 4, saved
+    o, S, grads = got[False]
+    assert_close("o", o, got[True][0], rtol=1e-6)
+    assert_close("final_state", S, got[True][1], rtol=1e-6)
+    for n in grads:
+        assert_close(n, grads[n], got[True][2][n], rtol=1e-4)

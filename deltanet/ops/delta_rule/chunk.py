@@ -13,7 +13,9 @@ Forward, three kernels (``kernels/``):
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
 Backward: the forward hands over ``Ai`` and ``v_new`` (keeping them measured 15% and 3% faster
-fwd+bwd than recomputing them, H200 2026-11-30); W comes from one product per chunk
+fwd+bwd than recomputing them, H200 2026-11-30); with ``KEEP_WY_FOR_BACKWARD`` off it keeps only
+its inputs and the backward reruns ``wy_fwd_kernel`` and ``h_fwd_kernel`` as the forward did
+(deltanet-340m: 4,096 fewer bytes per token and layer, 3 GiB at 32K tokens); W comes from one product per chunk
 (``w_fwd_kernel``), the states again from ``h_fwd_kernel`` as a prefix sum of ``K^T v_new`` (no
 solve, no ``W S`` on the sequential path), then the reverse recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the
 per-chunk gradients: one kernel (``chunk_grads_kernel``) at K <= 64 with 16-bit inputs, otherwise
@@ -31,6 +33,7 @@ implementations included) so that ``torch.compile`` traces through them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -48,7 +51,7 @@ from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import w_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
-__all__ = ["chunk_delta_rule"]
+__all__ = ["KEEP_WY_FOR_BACKWARD", "chunk_delta_rule", "wy_recomputed_in_backward"]
 
 BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
 MAX_HEAD_DIM = 256
@@ -57,6 +60,31 @@ MAX_HEAD_DIM = 256
 # Tests set this: every buffer the launchers allocate starts as NaN, so that an element a
 # kernel forgets to write shows up in the result instead of passing as stale memory.
 POISON = False
+
+# Whether a differentiable call keeps the forward's ``Ai`` (fp32, 256 B per token and head) and
+# ``v_new`` (the size of v) for its backward (faster), or only its inputs, the backward running the
+# UT transform and the state pass again (less memory: a model holds them per layer until its
+# backward). Read at each call; :func:`wy_recomputed_in_backward` sets it for a block of code.
+KEEP_WY_FOR_BACKWARD = True
+
+
+@contextlib.contextmanager
+def wy_recomputed_in_backward(enabled: bool = True):
+    """Calls inside keep only their inputs for backward (``KEEP_WY_FOR_BACKWARD = not enabled``);
+    the backward reruns the UT transform and the state pass. Gradients equal up to rounding.
+
+    Example::
+
+        >>> with wy_recomputed_in_backward():
+        ...     loss = model(ids, labels=ids).loss   # the forward decides what is kept
+        >>> loss.backward()
+    """
+    global KEEP_WY_FOR_BACKWARD
+    saved, KEEP_WY_FOR_BACKWARD = KEEP_WY_FOR_BACKWARD, not enabled
+    try:
+        yield
+    finally:
+        KEEP_WY_FOR_BACKWARD = saved
 
 
 def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -252,7 +280,9 @@ def chunk_fwd(q, k, v, beta, scale: float, h0, output_final_state: bool, cu_seql
 def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, gc=None, *,
               config: ChunkKernelConfig | None = None):
     """Launch the backward (``ai``, ``v_new`` and, gated, ``gc``: the forward's; ``config`` as in
-    ``chunk_fwd``). Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``, the gradients in the
+    ``chunk_fwd``). ``ai`` and ``v_new`` None: the forward kept only its inputs, and ``gc`` is then
+    the gate ``g`` itself ``[B, T, H]`` (or None): the UT transform and the state pass run again as
+    in the forward. Returns ``(dq, dk, dv, dbeta, dh0 or None, dg or None)``, the gradients in the
     input dtype but ``dg [B, T, H]``, fp32 (the gradient of ``g``; None for the plain rule)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -264,10 +294,14 @@ def chunk_bwd(q, k, v, beta, scale: float, h0, cu_seqlens, do, dht, ai, v_new, g
     h0 = h0.contiguous() if h0 is not None else None
     dht = dht.contiguous() if dht is not None else None
     prec = _prec(q.dtype)
+    if ai is None:  # recompute: the forward's first two kernels again (W, U, Ai, G; h, v_new)
+        w, u, ai, gc = _wy(k, v, beta, _flat(gc) if gc is not None else None, idx, cfg)
+        h, v_new = _states(k, w, u, gc, h0, None, idx, N, cfg)
+        del u
+    else:
+        w = _w(k, beta, gc, ai, idx, cfg)
+        h, _ = _states(k, None, None, gc, h0, None, idx, N, cfg, v_new=v_new)
     gp = gc if gc is not None else q  # (a pointer the kernels ignore without USE_G)
-
-    w = _w(k, beta, gc, ai, idx, cfg)
-    h, _ = _states(k, None, None, gc, h0, None, idx, N, cfg, v_new=v_new)
     dh = _new(h)
     dvn = _new(v)
     dh0 = _new(q, N, H, K, V, dtype=torch.float32) if h0 is not None else None
@@ -340,10 +374,11 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, 
             initial_state: torch.Tensor | None, output_final_state: bool,
             cu_seqlens: torch.Tensor | None, g: torch.Tensor | None = None,
             kernel_config: list[int] | None = None, chunk_table: torch.Tensor | None = None,
-            chunk_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                torch.Tensor]:
+            chunk_offsets: torch.Tensor | None = None, keep_wy: bool = True) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # chunk_table / chunk_offsets: the PackedSequences' (chunk_delta_rule passes them, so neither
-    # this op nor its backward reads cu_seqlens back); None: built here from cu_seqlens
+    # this op nor its backward reads cu_seqlens back); None: built here from cu_seqlens.
+    # keep_wy: read by the autograd context only (what the backward gets)
     o, ht, ai, v_new, gc = chunk_fwd(q, k, v, beta, scale, initial_state, output_final_state,
                                      _op_index(cu_seqlens, chunk_table, chunk_offsets), g,
                                      config=_config(kernel_config))
@@ -351,7 +386,7 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, 
 
 
 def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, g=None, kernel_config=None,
-              chunk_table=None, chunk_offsets=None):
+              chunk_table=None, chunk_offsets=None, keep_wy=True):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else _empty_state(q)
@@ -363,12 +398,14 @@ def _fwd_fake(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlen
 
 def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
             initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, do: torch.Tensor,
-            dht: torch.Tensor | None, ai: torch.Tensor, v_new: torch.Tensor, gc: torch.Tensor | None = None,
+            dht: torch.Tensor | None, ai: torch.Tensor | None, v_new: torch.Tensor | None,
+            gc: torch.Tensor | None = None,
             kernel_config: list[int] | None = None,
             chunk_table: torch.Tensor | None = None, chunk_offsets: torch.Tensor | None = None) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     idx = _op_index(cu_seqlens, chunk_table, chunk_offsets)
-    # gc: the forward's G (the within-chunk cumulative log decay), None for the plain rule
+    # gc: the forward's G (the within-chunk cumulative log decay), None for the plain rule; with ai
+    # and v_new None (kept inputs only), the gate g itself
     dq, dk, dv, db, dh0, dg = chunk_bwd(q, k, v, beta, scale, initial_state, idx, do, dht, ai, v_new, gc,
                                         config=_config(kernel_config))
     return dq, dk, dv, db, dh0 if dh0 is not None else _empty_state(q), dg if dg is not None else _empty_state(q)
@@ -384,15 +421,19 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
-    g, kernel_config, chunk_table, chunk_offsets = (tuple(inputs[8:]) + (None,) * 4)[:4]
+    g, kernel_config, chunk_table, chunk_offsets, keep_wy = (tuple(inputs[8:]) + (None,) * 4 + (True,))[:5]
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
     # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
     # Gated: G (fp32, 4 B per token and head, the forward's: the backward does not form it again)
     # instead of g. The chunk index (cu_seqlens with its chunk table) is kept as it came in:
     # backward reads nothing back.
-    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, output[2], output[3],
-                          output[4] if g is not None else None, chunk_table, chunk_offsets)
+    # keep_wy False: neither ai nor v_new, and g itself in G's place (the backward forms G again)
+    if keep_wy:
+        ai, v_new, gc = output[2], output[3], output[4] if g is not None else None
+    else:
+        ai, v_new, gc = None, None, g
+    ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, ai, v_new, gc, chunk_table, chunk_offsets)
     ctx.scale = scale
     ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
@@ -406,7 +447,7 @@ def _grads(ctx, bwd_op, do, dht, _dai, _dvn, _dgc):
     dq, dk, dv, db, dh0, dg = bwd_op(q, k, v, beta, ctx.scale, initial_state, cu_seqlens, do, dht, ai, v_new, gc,
                                      ctx.kernel_config, chunk_table, chunk_offsets)
     dg = dg if gc is not None else None
-    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None, None
+    return dq, dk, dv, db, None, (dh0 if initial_state is not None else None), None, None, dg, None, None, None, None
 
 
 _fwd_op, _bwd_op = register_autograd_op("chunk_delta_rule", forward=_fwd, forward_fake=_fwd_fake, backward=_bwd,
@@ -456,6 +497,7 @@ def chunk_delta_rule(
     cu = table = firsts = None
     if packed is not None:  # the chunk table built with it: the op and its backward read nothing back
         cu, (table, firsts) = packed.cu_seqlens, packed.chunks(BT)
-    o, ht, _, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts)
+    o, ht, _, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts,
+                             KEEP_WY_FOR_BACKWARD)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 
