@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.packing import as_packed
+from ..ops.packing import PackedSequences, as_packed
 from ..parallel.context import segment_linear_attention
 from ..parallel.halo import check_layer_documents, exchange_conv_halos, segment_group
 from .conv import ShortConvolution
@@ -43,12 +43,74 @@ def _chunked(q, k, v, S, C: int):
     return o, S + prefix[:, :, -1]
 
 
+def _packed_chunked(q, k, v, S0, packed: PackedSequences, C: int):
+    """Packed documents in one pass: ``q, k: [T, H, K]``, ``v: [T, H, V]``, ``S0: [N, H, K, V]`` or None.
+
+    Every document is laid out from a chunk boundary (its last chunk padded with zero keys), so no
+    chunk mixes two documents; the chunks come from ``packed.chunks(C)`` (built once per batch, on
+    the device). Then, as :func:`_chunked` for all documents' chunks at once: each chunk's
+    ``K^T V``, a prefix sum over the chunks of its own document gives the state entering every
+    chunk, ``O = Q S_c + tril(Q K^T) V``, and the outputs are gathered back to the packed
+    positions. A fixed number of tensor ops (plus ``log2`` of the longest document's chunk count
+    for the scan); no Python loop over documents or chunks, no host read.
+    """
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N, dev = packed.num_seqs, q.device
+    table, firsts = packed.chunks(C)  # (document, chunk within it) of each chunk; each document's first chunk
+    nc = table.shape[0]
+    if nc == 0:  # only empty documents: nothing to attend to, the states pass through
+        return q.new_zeros(0, H, V), (q.new_zeros(N, H, K, V) if S0 is None else S0 + 0)
+    cu = packed.cu_seqlens.long()
+    doc, cin, firsts = table[:, 0].long(), table[:, 1].long(), firsts.long()
+    # The packed token at every padded position, gathered straight into [chunk, head, row] order
+    # (contiguous for the batched products: a permuted view would be copied by every one). Past a
+    # document's end the index is clamped and its key zeroed: it adds nothing to the state, later
+    # rows of its chunk are padding too (the tril keeps earlier rows from seeing it), and its
+    # output row is never gathered back.
+    tok = (cu[doc] + cin * C)[:, None] + torch.arange(C, device=dev)  # [nc, C]
+    valid = (tok < cu[doc + 1][:, None])[:, None, :, None]
+    rows = (tok.clamp_(max=T - 1)[:, None, :] * H + torch.arange(H, device=dev)[:, None]).flatten()  # [nc * H * C]
+    qc = q.reshape(T * H, K).index_select(0, rows).view(nc, H, C, K)
+    kc = k.reshape(T * H, K).index_select(0, rows).view(nc, H, C, K) * valid
+    vc = v.reshape(T * H, V).index_select(0, rows).view(nc, H, C, V)
+    kv = kc.transpose(-1, -2) @ vc  # [nc, H, K, V]
+    # Segmented inclusive scan over each document's chunks (Hillis-Steele: after the step of
+    # width s every chunk holds the sum of its last 2s chunks of the same document), in
+    # ceil(log2(longest document's chunks)) steps. Not one cumsum over the whole batch with the
+    # prefix at each document's start subtracted: with positive features (elu + 1, silu) that
+    # prefix grows over all T tokens, and in float32 a short document late in a 32K-token batch
+    # lost ~1e-3 of its state to the cancellation (the per-document loop: 1e-7); a float64 cumsum
+    # fixes that but moves twice the bytes over several passes. The scan adds only within a document.
+    P, s, longest = kv, 1, -(-packed.max_len // C)
+    while s < longest:
+        P = torch.cat([P[:s], torch.addcmul(P[s:], P[:-s], (cin[s:] >= s).to(P.dtype)[:, None, None, None])])
+        s *= 2
+    # entering chunk c: its document's earlier chunks (exactly 0 at a first chunk, where P == kv;
+    # elsewhere a difference of sums of the same document only), on top of the initial state
+    states = P - kv
+    ends = firsts + (cu[1:] - cu[:-1] + C - 1) // C  # one past each document's last chunk
+    final = P.index_select(0, (ends - 1).clamp_(min=0)) * (ends > firsts).to(P.dtype)[:, None, None, None]
+    if S0 is not None:
+        states, final = states + S0[doc], final + S0
+    causal = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
+    attn = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
+    o = qc @ states + attn @ vc  # [nc, H, C, V]
+    # token t of document d sits at row (t - cu[d]) of chunks from firsts[d] on
+    d = packed.doc_ids
+    pos = torch.arange(T, device=dev) - cu[d]
+    out = ((firsts[d] + pos // C)[:, None] * H + torch.arange(H, device=dev)) * C + (pos % C)[:, None]  # [T, H]
+    return o.view(nc * H * C, V).index_select(0, out.flatten()).view(T, H, V), final
+
+
 def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size: int = 64):
     """Causal additive linear attention, chunkwise in PyTorch (float32 inside).
 
     Layouts as :func:`deltanet.ops.delta_rule`: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``,
     states ``[N, H, K, V]``; ``cu_seqlens`` a tensor or a
-    :class:`~deltanet.ops.packing.PackedSequences`. Returns ``(o [B, T, H, V] in v.dtype, final_state float32)``.
+    :class:`~deltanet.ops.packing.PackedSequences` (documents packed along T, ``B == 1``; all
+    documents in one pass, :func:`_packed_chunked`). Returns
+    ``(o [B, T, H, V] in v.dtype, final_state float32)`` (float64 for float64 inputs).
 
     Example::
 
@@ -70,15 +132,12 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
             return torch.einsum("bhk,bhkv->bhv", q[:, 0], S)[:, None].to(out_dtype), S
         o, S = _chunked(q, k, v, S0, chunk_size)
         return o.to(out_dtype), S
-    # packed documents: one call per document (a baseline, not a fast path)
-    offsets = as_packed(cu_seqlens, T).offsets  # a PackedSequences: no host read
-    outs, finals = [], []
-    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
-        S0 = initial_state[i:i + 1].to(dtype) if initial_state is not None else q.new_zeros(1, H, K, V)
-        o, S = _chunked(q[:, s:e], k[:, s:e], v[:, s:e], S0, chunk_size)
-        outs.append(o)
-        finals.append(S)
-    return torch.cat(outs, dim=1).to(out_dtype), torch.cat(finals)
+    if B != 1:
+        raise ValueError(f"cu_seqlens requires B == 1, got B = {B}")
+    packed = as_packed(cu_seqlens, T)  # a raw tensor's one host read; a PackedSequences: none
+    S0 = initial_state.to(dtype) if initial_state is not None else None
+    o, S = _packed_chunked(q[0], k[0], v[0], S0, packed, chunk_size)
+    return o[None].to(out_dtype), S
 
 
 class LinearAttentionMixer(nn.Module):
