@@ -42,6 +42,9 @@
 #                  against the fp32 PyTorch form (benchmarks/tune_kernels.py --gated)
 #         census   (not in the default list) what a training forward keeps for backward, per token per layer and
 #                  by site, deltanet-340m vs fla's DeltaNet, both regimes (benchmarks/saved_tensors_census.py)
+#         prefill  (not in the default list) the 2K prompt's forward as decode() runs it (mask, cache kept) vs
+#                  the same forward without a cache: wall ms, tokens/s, kernels (profile_decode_step.py
+#                  --modes prefill,forward), deltanet-340m and hybrid-swa-340m, batch 1 and 32
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -104,6 +107,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                   --variants old,o_g8,o_s8,o_wyb8 --check --combine --no-profile --choose "$R/gated_choice.json" \
                   --json "$R/gated_tune.jsonl" ;;
     census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
+    prefill) run prefill 120 python3 benchmarks/profile_decode_step.py --out "$R/prefill.md" \
+               --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --modes prefill,forward \
+               --decode-kernels auto --steps 5 --budget-s 100 ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac

@@ -8,7 +8,12 @@ profiles ``--steps`` one-token steps (``torch.profiler``, CPU + CUDA activity):
 - ``eager``: the step launched kernel by kernel (``model.cuda_graph_decoding = False``): every
   kernel's device time; the wall time per step includes the launch gaps;
 - ``graph``: the same step replayed as a CUDA graph (our models' default): wall time per step,
-  and the kernels where the profiler sees inside graph replays (CUPTI does on recent drivers).
+  and the kernels where the profiler sees inside graph replays (CUPTI does on recent drivers);
+- ``prefill`` (not in the default ``--modes``): the prompt's forward as ``decode`` runs it (attention
+  mask, ``use_cache=True``, ``logits_to_keep=1``), one "step" per prompt: wall time, prompt tokens/s,
+  kernels; ``forward``: the same forward without a cache (no final states or conv states kept),
+  the yardstick prefill should match (on an H100, 2026-12-07, a 2K prompt at batch 32 took 454 ms,
+  ~144K tokens/s: less than training's forward + backward).
 
 Each of those per ``--decode-kernels`` route (``eager``: op by op; ``fused``: per block the fused
 kernels of ``decode_kernel="fused"``: norm + projections, the delta-rule step, o_proj + residual,
@@ -112,6 +117,14 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
                 o = model(tok, past_key_values=cache, use_cache=True)
                 return o.logits[:, -1:].argmax(-1)
 
+            if mode in ("prefill", "forward"):  # a "step" is the prompt's whole forward
+                mask = torch.ones_like(ids)
+
+                def step(tok):
+                    if mode == "prefill":
+                        return model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
+                    return model(ids, logits_to_keep=1).logits
+
             for _ in range(3):  # warm: compiles, autotunes, captures the graph
                 tok = step(tok)
             _sync(device)
@@ -121,8 +134,8 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
             _sync(device)
             wall = (time.perf_counter() - t0) / steps
             row["wall_ms_per_step"] = round(wall * 1e3, 3)
-            row["tokens_per_s"] = round(batch / wall, 1)
-            floor = _weight_floor_ms(model, bandwidth)
+            row["tokens_per_s"] = round(batch * (prompt if mode in ("prefill", "forward") else 1) / wall, 1)
+            floor = _weight_floor_ms(model, bandwidth) if mode in ("eager", "graph") else None
             if floor is not None:
                 row["weight_floor_ms"] = round(floor, 3)
                 row["floor_frac"] = round(floor / (wall * 1e3), 3)
@@ -238,8 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if any(m not in ("eager", "graph") for m in modes):
-        ap.error(f"--modes takes eager and/or graph, got {args.modes!r}")
+    if any(m not in ("eager", "graph", "prefill", "forward") for m in modes):
+        ap.error(f"--modes takes eager, graph, prefill and/or forward, got {args.modes!r}")
     routes = args.decode_kernels.split(",")
     if any(r not in ("auto", "fused", "eager") for r in routes):
         ap.error(f"--decode-kernels takes auto, fused and/or eager, got {args.decode_kernels!r}")
@@ -256,9 +269,12 @@ def main(argv=None) -> int:
         bandwidth = copy_bandwidth(device)
         env["copy_GBps"] = round(bandwidth / 1e9, 1)
     start = time.perf_counter()
+    # the prompt's forward (prefill, forward) does not take the decode route: once per model and batch
+    whole = [m for m in modes if m in ("prefill", "forward")]
     points = [(name, B, route, mode) for name in args.models.split(",") for B in (int(b) for b in args.batch.split(","))
               for route in [*routes, *(["check"] if args.check else [])]
-              for mode in (modes if route != "check" else ["check"])]
+              for mode in (["check"] if route == "check"
+                           else [m for m in modes if m not in whole] + (whole if route == routes[0] else []))]
     rows = []
     for name, B, route, mode in points:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
@@ -266,7 +282,8 @@ def main(argv=None) -> int:
         elif route == "check":
             row = check_routes(name, B, prompt=args.prompt, steps=args.steps, device=device, smoke=args.smoke)
         else:
-            row = profile_steps(name, B, prompt=args.prompt, steps=args.steps, mode=mode, device=device,
+            steps = min(args.steps, 5) if mode in whole else args.steps
+            row = profile_steps(name, B, prompt=args.prompt, steps=steps, mode=mode, device=device,
                                 smoke=args.smoke, top=args.top, decode_kernel=route, bandwidth=bandwidth)
         print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
         rows.append(row)
