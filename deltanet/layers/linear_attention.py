@@ -74,7 +74,10 @@ def _packed_chunked(q, k, v, S0, packed: PackedSequences, C: int):
     qc = q.reshape(T * H, K).index_select(0, rows).view(nc, H, C, K)
     kc = k.reshape(T * H, K).index_select(0, rows).view(nc, H, C, K) * valid
     vc = v.reshape(T * H, V).index_select(0, rows).view(nc, H, C, V)
-    kv = kc.transpose(-1, -2) @ vc  # [nc, H, K, V]
+    # in q's dtype (float32 / float64) before the scan: under autocast the product comes out in bf16,
+    # and the scan's adds (unlike the cumsum of _chunked, which autocast runs in float32) would
+    # accumulate the states in bf16
+    kv = (kc.transpose(-1, -2) @ vc).to(q.dtype)  # [nc, H, K, V]
     # Segmented inclusive scan over each document's chunks (Hillis-Steele: after the step of
     # width s every chunk holds the sum of its last 2s chunks of the same document), in
     # ceil(log2(longest document's chunks)) steps. Not one cumsum over the whole batch with the
