@@ -33,7 +33,7 @@ def _chunked(q, k, v, S, C: int):
     if nc * C != T:
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, nc * C - T)) for x in (q, k, v))
     qc, kc, vc = (x.view(N, nc, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4) for x in (q, k, v))  # [N, H, nc, C, D]
-    kv = kc.transpose(-1, -2) @ vc  # [N, H, nc, K, V]
+    kv = (kc.transpose(-1, -2) @ vc).to(q.dtype)  # [N, H, nc, K, V]; summed in q's dtype under autocast too
     prefix = torch.cumsum(kv, dim=2)
     states = S[:, :, None] + torch.cat([torch.zeros_like(kv[:, :, :1]), prefix[:, :, :-1]], dim=2)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()

@@ -232,7 +232,7 @@ def test_packed_linear_attention_under_autocast_is_as_accurate_as_one_document_a
     """Under bf16 autocast the products run in bf16 (as in the unpacked path), but the states are
     summed in float32: the packed path's final states and outputs are no further from the float64
     result than those of the documents run one at a time (whose prefix sum autocast keeps in float32).
-    A scan in bf16 was 1.3x further here."""
+    A scan in bf16 was 1.3x further here (against the float32 sums of both)."""
     lengths = [700, 3, 900, 64, 400]
     T, H, K, V = sum(lengths), 2, 32, 32
     gen = torch.Generator().manual_seed(0)
