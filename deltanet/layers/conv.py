@@ -210,11 +210,16 @@ class ShortConvolution(nn.Module):
             doc_pos = PackedSequences.from_cu_seqlens(cu_seqlens, T).positions  # (checks its length)
         else:
             doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
-        if state is None and not output_state:
-            # training / scoring (Triton kernels on CUDA for training)
-            return padded_conv(x, self.weight, doc_pos, silu), None
         if state is None:
-            state = x.new_zeros(B, W - 1, C)
+            # training / scoring (Triton kernels on CUDA for training), and a fresh prefill: the same
+            # conv (on CUDA one kernel; the eager causal_conv below makes ~3 W float32 passes over
+            # [B, T, C]), then its last W - 1 inputs as the state
+            y = padded_conv(x, self.weight, doc_pos, silu)
+            if not output_state:
+                return y, None
+            # a copy, not a view: a view of the prompt's input would keep all of it alive in the cache
+            tail = x[:, T - (W - 1):] if T >= W - 1 else F.pad(x, (0, 0, W - 1 - T, 0))
+            return y, tail.clone()
         xe = torch.cat([state.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
         if T == 1 and doc_pos is None:  # decoding: one contraction instead of ~3 W small ops
             y = conv_step(xe, self.weight, silu)

@@ -34,6 +34,27 @@ def test_short_conv_state_continues_the_sequence():
     assert_close("stepwise", torch.cat(ys, 1), full)
 
 
+@pytest.mark.parametrize("kernel_size", [2, 4])
+@pytest.mark.parametrize("prompt", [1, 3, 4, 7])
+def test_short_conv_prefill_state_then_chunk_then_steps(prompt, kernel_size):
+    """A fresh prefill (the training conv, then its last W - 1 inputs as the state; zeros before a
+    prompt shorter than that), a multi-token continuation from the state, then single steps: the
+    full sequence's conv, and the state is always the last W - 1 inputs."""
+    conv = ShortConvolution(5, kernel_size=kernel_size).double()
+    x = torch.randn(2, 12, 5, dtype=torch.float64)
+    full, _ = conv(x)
+    y0, state = conv(x[:, :prompt], output_state=True)
+    padded = F.pad(x, (0, 0, kernel_size - 1, 0))
+    assert_close("prefill state", state, padded[:, prompt: prompt + kernel_size - 1])
+    y1, state = conv(x[:, prompt:prompt + 3], state, output_state=True)
+    ys = [y0, y1]
+    for t in range(prompt + 3, 12):
+        y, state = conv(x[:, t:t + 1], state, output_state=True)
+        ys.append(y)
+    assert_close("prefill + chunk + steps", torch.cat(ys, 1), full)
+    assert_close("last state", state, x[:, 12 - (kernel_size - 1):])
+
+
 def test_short_conv_does_not_leak_across_documents():
     conv = ShortConvolution(4, kernel_size=4).double()
     x = torch.randn(1, 12, 4, dtype=torch.float64)
