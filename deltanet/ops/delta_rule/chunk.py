@@ -421,7 +421,8 @@ def _bwd_fake(q, k, v, beta, scale, initial_state, cu_seqlens, do, dht, ai, v_ne
 
 def _setup_context(ctx, inputs, output):
     q, k, v, beta, scale, initial_state, _, cu_seqlens = inputs[:8]
-    g, kernel_config, chunk_table, chunk_offsets, keep_wy = (tuple(inputs[8:]) + (None,) * 4 + (True,))[:5]
+    rest = tuple(inputs[8:])  # the optional inputs, their defaults where a caller left them out
+    g, kernel_config, chunk_table, chunk_offsets, keep_wy = rest + (None, None, None, None, True)[len(rest):]
     # ai: fp32 [B * T, H, 64], 256 B per token and head; v_new: the size of v. The backward
     # would rebuild both and hold them until its end, so keeping them
     # does not raise the op's fwd+bwd peak (a model holds them per layer, like an activation).
