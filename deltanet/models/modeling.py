@@ -38,6 +38,7 @@ from transformers.utils import ModelOutput
 
 from ..layers import AttentionMixer, DeltaNetMixer, LinearAttentionMixer, RMSNorm, ShortConvolution, SwiGLU
 from ..layers.delta_net import DECODE_KERNELS, DELTA_TYPES, takes_fused_decode
+from ..ops.delta_rule.backward_memory import checkpoint_kwargs
 from ..ops.packing import PackedSequences
 from ..parallel.halo import SegmentLayout
 from .cache import DeltaNetCache
@@ -165,11 +166,11 @@ class DeltaNetBlock(nn.Module):
         the down projection: ``SwiGLU(recompute=True)``). The model only sets them in training,
         cache-free."""
         if checkpoint_mixer:
-            x = x + checkpoint(self._mix, x, use_reentrant=False, **mixer_kwargs)
+            x = x + checkpoint(self._mix, x, use_reentrant=False, **checkpoint_kwargs(), **mixer_kwargs)
         else:
             x = self._mix(x, residual=x, **mixer_kwargs)
         if checkpoint_mlp and torch.compiler.is_compiling():  # an outer compile picks what to save
-            return x + checkpoint(self.mlp, x, norm=self.mlp_norm, use_reentrant=False)
+            return x + checkpoint(self.mlp, x, norm=self.mlp_norm, use_reentrant=False, **checkpoint_kwargs())
         if checkpoint_mlp:
             return self.mlp(x, norm=self.mlp_norm, residual=x, recompute=True)
         fused = mixer_kwargs.get("cache") is not None and takes_fused_decode(self.decode_kernel, x,
@@ -356,7 +357,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         with set_checkpoint_early_stop(False) if no_early_stop else contextlib.nullcontext():
             for block in self.layers:
                 if mode == "block":
-                    x = checkpoint(block, x, use_reentrant=False, **kw)
+                    x = checkpoint(block, x, use_reentrant=False, **checkpoint_kwargs(), **kw)
                 else:
                     x = block(x, checkpoint_mixer=mode == "mixer", checkpoint_mlp=mode == "mlp", **kw)
                 if output_hidden_states:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .delta_rule import delta_product_reference, delta_rule_chunkwise_torch, delta_rule_reference
+from .delta_rule.backward_memory import wy_recomputed_in_backward
 from .delta_rule.config import ChunkKernelConfig, device_sms, select_config
 from .delta_rule.product import interleave_product, take_last_step
 from .packing import PackedSequences
@@ -71,19 +72,6 @@ def recurrent_delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=Non
         raise ImportError(_NO_TRITON.format("recurrent_delta_rule")) from e
     return impl(q, k, v, beta, g=g, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-
-
-def wy_recomputed_in_backward(enabled: bool = True):
-    """Context manager: Triton chunk calls inside keep only their inputs for backward, which reruns
-    the UT transform and the state pass (less memory: no ``Ai``, no ``v_new`` per layer; slower
-    backward). Gradients equal up to rounding. Other backends are unaffected."""
-    try:
-        from .delta_rule.chunk import wy_recomputed_in_backward as impl
-    except ModuleNotFoundError as e:
-        if e.name != "triton":
-            raise
-        raise ImportError(_NO_TRITON.format("wy_recomputed_in_backward")) from e
-    return impl(enabled)
 
 
 _IMPLS = {

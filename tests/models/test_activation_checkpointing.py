@@ -93,6 +93,33 @@ def test_triton_backend_same_gradients(mode):
     assert calls["attn"] == 2 * CALLS[mode][0]
 
 
+@pytest.mark.parametrize("mix", ["delta", "gated"])
+def test_wy_recomputed_in_backward_same_gradients(mix):
+    """The Triton chunk op keeping only its inputs (``deltanet.ops.wy_recomputed_in_backward``) in a
+    model, packed documents (the interpreter on CPU): loss and every parameter's gradient equal those
+    of the op keeping Ai and v_new, alone and under mixer and block checkpointing (whose rerun happens in backward,
+    outside the ``with`` block: ``checkpoint_kwargs`` hands the switch to it, or the rerun's saved
+    tensors would not match the forward's and torch.utils.checkpoint would refuse them)."""
+    from deltanet.ops import wy_recomputed_in_backward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(1, VOCAB, (1, 20), device=device)
+    cu = torch.tensor([0, 7, 20], device=device)
+    grads = {}
+    for name, mode, recompute in (("kept", "none", False), ("recomputed", "none", True),
+                                  ("recomputed+mixer", "mixer", True), ("recomputed+block", "block", True)):
+        model = make_model(mix, mode, backend="triton").to(device).train()
+        with wy_recomputed_in_backward(recompute):
+            loss = model(ids, labels=ids, cu_seqlens=cu).loss
+        loss.backward()
+        grads[name] = (loss.detach(), [p.grad for p in model.parameters()])
+    names = [n for n, _ in make_model(mix).named_parameters()]
+    for run in ("recomputed", "recomputed+mixer", "recomputed+block"):
+        assert_close(f"{run}: loss", grads[run][0], grads["kept"][0], rtol=1e-6)
+        for n, g, g_ref in zip(names, grads[run][1], grads["kept"][1]):
+            assert_close(f"{run}: {n}", g, g_ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ("none", *MODES))
 def test_recompute_counts_on_a_padded_batch(mode):
     """none keeps everything (one forward call each); mixer reruns only the mixers in backward;

@@ -19,6 +19,7 @@ from tests.ops.family_cases import (ORACLE_PRODUCT, ORACLE_RULE, check, cotangen
 from tests.utils import assert_close
 
 from deltanet.ops import chunk_delta_rule, device_sms, recurrent_delta_rule, select_config
+from deltanet.ops.delta_rule import backward_memory
 
 if ON_GPU:
     SHAPES = [(1, 1, 2, 128, 128), (2, 63, 3, 64, 128), (1, 65, 2, 100, 100), (2, 1000, 4, 128, 64),
@@ -375,12 +376,12 @@ def test_backward_from_inputs_alone_equals_the_kept_wy(gated):
             sizes.append(t.numel() * t.element_size())
             return t
 
-        with (chunk_module.wy_recomputed_in_backward(not keep),
+        with (backward_memory.wy_recomputed_in_backward(not keep),
               torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
             got[keep] = run(chunk_delta_rule, inp, do, dS, cast=torch.float32, cu_seqlens=cu)
         saved[keep] = sum(sizes)
         check(f"keep_wy={keep}", got[keep], ref, rtol=5e-5, inp=inp if gated else None)
-    assert chunk_module.KEEP_WY_FOR_BACKWARD  # restored on leaving the block
+    assert backward_memory.KEEP_WY_FOR_BACKWARD  # restored on leaving the block
     # what the recomputing form no longer keeps: Ai (fp32, 64 per token and head) and v_new (fp32
     # here); gated, G's place holds g itself (same size)
     assert saved[True] - saved[False] == T * H * (64 + V) * 4, saved

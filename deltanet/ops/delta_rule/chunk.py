@@ -13,9 +13,10 @@ Forward, three kernels (``kernels/``):
 3. ``o_fwd_kernel``   (chunks x heads x V-blocks): O = scale (Q h + tril(Q K^T) v_new)
 
 Backward: the forward hands over ``Ai`` and ``v_new`` (keeping them measured 15% and 3% faster
-fwd+bwd than recomputing them, H200 2026-11-30); with ``KEEP_WY_FOR_BACKWARD`` off it keeps only
-its inputs and the backward reruns ``wy_fwd_kernel`` and ``h_fwd_kernel`` as the forward did
-(deltanet-340m: 4,096 fewer bytes per token and layer, 3 GiB at 32K tokens); W comes from one product per chunk
+fwd+bwd than recomputing them, H200 2026-11-30); inside ``wy_recomputed_in_backward``
+(``backward_memory``) it keeps only its inputs and the backward reruns ``wy_fwd_kernel`` and
+``h_fwd_kernel`` as the forward did (deltanet-340m: 4,096 fewer bytes per token and layer, 3 GiB at
+32K tokens); W comes from one product per chunk
 (``w_fwd_kernel``), the states again from ``h_fwd_kernel`` as a prefix sum of ``K^T v_new`` (no
 solve, no ``W S`` on the sequential path), then the reverse recurrence (``dh_bwd_kernel``, which also forms the intra-chunk dv term) and the
 per-chunk gradients: one kernel (``chunk_grads_kernel``) at K <= 64 with 16-bit inputs, otherwise
@@ -33,7 +34,6 @@ implementations included) so that ``torch.compile`` traces through them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -43,6 +43,8 @@ import triton
 from ..packing import PackedSequences
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
+from . import backward_memory
+from .backward_memory import wy_recomputed_in_backward
 from .config import ChunkKernelConfig, device_sms, select_config
 from .interpreter import interpreted
 from .kernels.grads import chunk_grads_kernel
@@ -51,7 +53,7 @@ from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import w_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
-__all__ = ["KEEP_WY_FOR_BACKWARD", "chunk_delta_rule", "wy_recomputed_in_backward"]
+__all__ = ["chunk_delta_rule", "wy_recomputed_in_backward"]
 
 BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
 MAX_HEAD_DIM = 256
@@ -60,32 +62,6 @@ MAX_HEAD_DIM = 256
 # Tests set this: every buffer the launchers allocate starts as NaN, so that an element a
 # kernel forgets to write shows up in the result instead of passing as stale memory.
 POISON = False
-
-# Whether a differentiable call keeps the forward's ``Ai`` (fp32, 256 B per token and head) and
-# ``v_new`` (the size of v) for its backward (faster), or only its inputs, the backward running the
-# UT transform and the state pass again (less memory: a model holds them per layer until its
-# backward). Read at each call; :func:`wy_recomputed_in_backward` sets it for a block of code.
-KEEP_WY_FOR_BACKWARD = True
-
-
-@contextlib.contextmanager
-def wy_recomputed_in_backward(enabled: bool = True):
-    """Calls inside keep only their inputs for backward (``KEEP_WY_FOR_BACKWARD = not enabled``);
-    the backward reruns the UT transform and the state pass. Gradients equal up to rounding.
-
-    Example::
-
-        >>> with wy_recomputed_in_backward():
-        ...     loss = model(ids, labels=ids).loss   # the forward decides what is kept
-        >>> loss.backward()
-    """
-    global KEEP_WY_FOR_BACKWARD
-    saved, KEEP_WY_FOR_BACKWARD = KEEP_WY_FOR_BACKWARD, not enabled
-    try:
-        yield
-    finally:
-        KEEP_WY_FOR_BACKWARD = saved
-
 
 def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     out = x.new_empty(shape if shape else x.shape, dtype=dtype if dtype is not None else x.dtype)
@@ -499,6 +475,6 @@ def chunk_delta_rule(
     if packed is not None:  # the chunk table built with it: the op and its backward read nothing back
         cu, (table, firsts) = packed.cu_seqlens, packed.chunks(BT)
     o, ht, _, _, _ = _fwd_op(q, k, v, beta, scale, h0, output_final_state, cu, g, kernel_config, table, firsts,
-                             KEEP_WY_FOR_BACKWARD)
+                             backward_memory.KEEP_WY_FOR_BACKWARD)
     return finish_outputs(o, ht, out_dtype, output_final_state)
 
