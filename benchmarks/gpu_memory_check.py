@@ -12,7 +12,7 @@ parameters under bf16 autocast) — it measures:
    delta rule kept for backward (``DeltaNetMixer.recompute_features = False``; the default reruns
    them from the conv inputs), the mixer's input recompute (``DeltaNetMixer.recompute_inputs``),
    ``ours-recompute-wy``: the chunk op keeping only its inputs, its backward rerunning the UT transform
-   and the state pass (``deltanet.ops.delta_rule.chunk.KEEP_WY_FOR_BACKWARD = False``: 4,096 fewer bytes per
+   and the state pass (inside ``deltanet.ops.wy_recomputed_in_backward()``: 4,096 fewer bytes per
    token and layer), and ``ours-before``: the plain (materialised-logits) loss with q, k, v kept, as
    before the memory changes;
 3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and

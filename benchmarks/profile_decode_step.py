@@ -48,6 +48,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from deltanet.bench.model import _error, _free, _sync, build_model, environment
 
+PROMPT_MODES = ("prefill", "forward")  # a "step" is the prompt's whole forward, not one token
+
 
 def family(name: str) -> str:
     """A coarse kernel family from a kernel's name."""
@@ -117,7 +119,7 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
                 o = model(tok, past_key_values=cache, use_cache=True)
                 return o.logits[:, -1:].argmax(-1)
 
-            if mode in ("prefill", "forward"):  # a "step" is the prompt's whole forward
+            if mode in PROMPT_MODES:
                 mask = torch.ones_like(ids)
 
                 def step(tok):
@@ -134,8 +136,8 @@ def profile_steps(name: str, batch: int, *, prompt: int, steps: int, mode: str, 
             _sync(device)
             wall = (time.perf_counter() - t0) / steps
             row["wall_ms_per_step"] = round(wall * 1e3, 3)
-            row["tokens_per_s"] = round(batch * (prompt if mode in ("prefill", "forward") else 1) / wall, 1)
-            floor = _weight_floor_ms(model, bandwidth) if mode in ("eager", "graph") else None
+            row["tokens_per_s"] = round(batch * (prompt if mode in PROMPT_MODES else 1) / wall, 1)
+            floor = _weight_floor_ms(model, bandwidth) if mode not in PROMPT_MODES else None
             if floor is not None:
                 row["weight_floor_ms"] = round(floor, 3)
                 row["floor_frac"] = round(floor / (wall * 1e3), 3)
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script only")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if any(m not in ("eager", "graph", "prefill", "forward") for m in modes):
+    if any(m not in ("eager", "graph", *PROMPT_MODES) for m in modes):
         ap.error(f"--modes takes eager, graph, prefill and/or forward, got {args.modes!r}")
     routes = args.decode_kernels.split(",")
     if any(r not in ("auto", "fused", "eager") for r in routes):
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
         env["copy_GBps"] = round(bandwidth / 1e9, 1)
     start = time.perf_counter()
     # the prompt's forward (prefill, forward) does not take the decode route: once per model and batch
-    whole = [m for m in modes if m in ("prefill", "forward")]
+    whole = [m for m in modes if m in PROMPT_MODES]
     points = [(name, B, route, mode) for name in args.models.split(",") for B in (int(b) for b in args.batch.split(","))
               for route in [*routes, *(["check"] if args.check else [])]
               for mode in (["check"] if route == "check"

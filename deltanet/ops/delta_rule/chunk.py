@@ -44,7 +44,6 @@ from ..packing import PackedSequences
 from ..registry import empty_state as _empty_state
 from ..registry import register_autograd_op
 from . import backward_memory
-from .backward_memory import wy_recomputed_in_backward
 from .config import ChunkKernelConfig, device_sms, select_config
 from .interpreter import interpreted
 from .kernels.grads import chunk_grads_kernel
@@ -53,7 +52,7 @@ from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import w_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
 from .utils import check_inputs
 
-__all__ = ["chunk_delta_rule", "wy_recomputed_in_backward"]
+__all__ = ["chunk_delta_rule"]
 
 BT = 64  # chunk size: the UT transform inverts 64x64 triangles (four 16x16 blocks)
 MAX_HEAD_DIM = 256
@@ -62,6 +61,7 @@ MAX_HEAD_DIM = 256
 # Tests set this: every buffer the launchers allocate starts as NaN, so that an element a
 # kernel forgets to write shows up in the result instead of passing as stale memory.
 POISON = False
+
 
 def _new(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     out = x.new_empty(shape if shape else x.shape, dtype=dtype if dtype is not None else x.dtype)
@@ -412,7 +412,7 @@ def _setup_context(ctx, inputs, output):
         ai, v_new, gc = None, None, g
     ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, ai, v_new, gc, chunk_table, chunk_offsets)
     ctx.scale = scale
-    ctx.kernel_config = inputs[9] if len(inputs) > 9 else None  # the backward launches as the forward did
+    ctx.kernel_config = kernel_config  # the backward launches as the forward did
     # Unused output gradients arrive as None instead of zero tensors: ai's would be a 128 MiB
     # zeros buffer (32K tokens x 16 heads) alive through the whole backward.
     ctx.set_materialize_grads(False)
