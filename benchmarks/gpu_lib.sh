@@ -12,6 +12,18 @@
 #                    root when there is one (write it before the call, untracked and not ignored so
 #                    that it travels: `git log -1 --format='commit %H %s' > COMMIT`): the GPU
 #                    machine's copy of the git metadata can lag the working tree that is sent.
+#   use_autotune_cache   TRITON_CACHE_DIR = /tmp/triton-cache, seeded with the Triton autotune results
+#                    in .triton-autotune/ at the repo root (ignored; carry it) when there are some
+#   save_autotune_cache DIR  every autotune result of this call (*.autotune.json, a few KB each) ->
+#                    DIR/autotune.tgz; unpack it into .triton-autotune/ for the next call:
+#                    `mkdir -p .triton-autotune && tar xzf autotune.tgz -C .triton-autotune`
+#
+# Why the autotune cache: fla autotunes each kernel on its first call at each shape (every config
+# compiled and timed: 270 s for one training row of fla's DeltaNet on an H100, 2026-12-06), and
+# each call gets a fresh machine. Triton keys a saved result by its own version, the GPU target
+# (sm_90: H100 and H200 alike), the kernel's source and the tuning key, so a stale or foreign
+# result is never used. Timed figures exclude warm-up either way; cold-start figures use their own
+# empty cache (benchmarks/cold_start.py, bench_family.py). deltanet's own kernels do not autotune.
 START=$(date +%s)
 now() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(now) )); }
@@ -40,4 +52,16 @@ record_env() {
     cat COMMIT 2>/dev/null || git log -1 --format='commit %H %s' 2>/dev/null
   } >"$R/env.txt" 2>&1
   cat "$R/env.txt"
+}
+use_autotune_cache() {
+  export TRITON_CACHE_DIR=/tmp/triton-cache
+  mkdir -p "$TRITON_CACHE_DIR"
+  if [ -d .triton-autotune ]; then
+    cp -r .triton-autotune/. "$TRITON_CACHE_DIR"/
+    echo "autotune results seeded: $(find .triton-autotune -name '*.autotune.json' | wc -l)"
+  fi
+}
+save_autotune_cache() {
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$1/autotune.tgz" -T -)
+  echo "autotune results saved: $(tar tzf "$1/autotune.tgz" | wc -l) -> $1/autotune.tgz"
 }

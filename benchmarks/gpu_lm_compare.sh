@@ -16,7 +16,8 @@
 # Across fresh machines: copy OUT's results.jsonl and tokenizer*.json into lmcarry/ at the repo
 # root (ignored; name it in the call's `carry`): they seed /tmp/lmcmp, so finished models are
 # skipped and every model keeps the same tokenizer. fla's wheels in .whl/ (also carried) are
-# installed when present; fla-gla / fla-mamba2 need them.
+# installed when present; fla-gla / fla-mamba2 need them. Triton autotune results: carry
+# .triton-autotune/ too; OUT/autotune.tgz holds this call's (gpu_lib.sh).
 #
 # A two-minute check of every model (fla's included) through the whole path first:
 #   LMCMP_DIR=/tmp/lmsmoke bash benchmarks/gpu_lm_compare.sh "$OUT" all 150 stdlib -- --scale smoke
@@ -28,12 +29,11 @@ DATA=${4:-python-site}
 shift $(( $# < 4 ? $# : 4 ))
 [ "${1:-}" = "--" ] && shift
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+R=$OUT
+# shellcheck source=benchmarks/gpu_lib.sh
+source benchmarks/gpu_lib.sh
+use_wheels
+use_autotune_cache  # fla-gla / fla-mamba2 autotune on their first steps (gpu_lib.sh)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 W=${LMCMP_DIR:-/tmp/lmcmp}  # another folder for another protocol (e.g. a --scale smoke check)
 mkdir -p "$W/tokenizer"
@@ -54,4 +54,5 @@ echo "bench lm rc=${PIPESTATUS[0]}"
 for f in results.jsonl results.md loss_vs_tokens.png tokenizer/tokenizer.json tokenizer/tokenizer_meta.json; do
   [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"
 done
+save_autotune_cache "$OUT"
 ls -la "$OUT"

@@ -48,6 +48,8 @@
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
+# Triton autotune results in .triton-autotune/ (carried) spare fla's first calls their tuning; the
+# call leaves this call's in OUT/autotune.tgz (benchmarks/gpu_lib.sh says how to carry them on).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_verify.sh OUT [BUDGET_S] [PARTS]}
@@ -58,6 +60,7 @@ source benchmarks/gpu_lib.sh
 DEADLINE=${2:-560}
 PARTS=${3:-tests,kernels,memory,decode}
 use_wheels
+use_autotune_cache
 export PYTHONUNBUFFERED=1
 record_env
 for part in ${PARTS//,/ }; do
@@ -114,4 +117,5 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
     *) log "unknown part $part" ;;
   esac
 done
+save_autotune_cache "$R"
 log "done"
