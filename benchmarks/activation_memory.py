@@ -12,10 +12,11 @@ Two training regimes (``--regime``):
 
 The delta rule runs with the "torch" backend on the CPU, but what is charged for it is what the
 Triton op (``deltanet/ops/delta_rule/chunk.py``) saves on the GPU: its inputs q, k, v, beta
-(counted through the hook, shared with whoever else saved them) plus, added analytically, its
-float32 ``ai`` buffer ``[B*T, H, 64]`` and ``v_new`` (the size of v), which the op always keeps
-(``--no-saved-buffers``: a what-if without them; the op's switch to drop them was measured slower
-and removed). The CPU run of the torch backend is hidden from autograd.
+(counted through the hook, shared with whoever else saved them); with ``--keep-wy``
+(``DeltaNetMixer.recompute_wy = False``) also, added analytically, its float32 ``ai`` buffer
+``[B*T, H, 64]`` and ``v_new`` (the size of v), which the mixers' default has the op rerun in
+backward instead (since 2026-12-07; the published 2026-12-06 CPU figures counted them). The CPU
+run of the torch backend is hidden from autograd.
 
 Besides bytes, the script flags float32 tensors of activation size (upcasts kept for backward)
 and tensors saved twice with the same values under another storage or dtype (duplicates).
@@ -53,7 +54,7 @@ from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops import delta_rule
 
 AI_CHUNK = 64  # the Triton op's ai buffer: fp32 [B*T, H, 64]
-SAVED_BUFFERS = True  # the Triton op keeps ai and v_new for its backward
+SAVED_BUFFERS = False  # whether the Triton op keeps ai and v_new (DeltaNetMixer.recompute_wy = False)
 GIB = 2 ** 30
 
 
@@ -341,8 +342,9 @@ def main(argv=None) -> None:
     ap.add_argument("--keep-features", action="store_true",
                     help="DeltaNetMixer.recompute_features = False (keep q, k, v of the delta rule for backward "
                          "instead of rerunning conv + q/k norm from the conv inputs)")
-    ap.add_argument("--no-saved-buffers", action="store_true",
-                    help="count as if the chunk op kept no ai / v_new (a what-if: the op always keeps them)")
+    ap.add_argument("--keep-wy", action="store_true",
+                    help="DeltaNetMixer.recompute_wy = False: the Triton chunk op keeps its ai / v_new tiles for "
+                         "backward (counted; the default keeps only its inputs and reruns them)")
     ap.add_argument("--compiled", action="store_true",
                     help="run the elementwise glue through torch.compile as on CUDA (Inductor's CPU backend; "
                          "its partitioner picks what to keep; the short conv then runs as compiled PyTorch)")
@@ -352,7 +354,8 @@ def main(argv=None) -> None:
     global SAVED_BUFFERS
     delta_net_mod.DeltaNetMixer.recompute_inputs = args.recompute
     delta_net_mod.DeltaNetMixer.recompute_features = not args.keep_features
-    SAVED_BUFFERS = not args.no_saved_buffers
+    delta_net_mod.DeltaNetMixer.recompute_wy = not args.keep_wy
+    SAVED_BUFFERS = args.keep_wy
     if args.compiled:
         fz._compiles_on = lambda x: True
         os.environ["DELTANET_CONV"] = "torch"

@@ -81,7 +81,7 @@ for part in ${PARTS//,/ }; do
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
     gated) run gated 270 python3 benchmarks/bench_family.py --out "$R/gated" --parts env,check,speed --ops gated,product \
              --dims 64,128 --lengths 1024,4096,16384 --budget 255 --fla-past-guard ;;
-    memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-recompute-wy \
+    memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-keep-wy \
                    --no-loss-check ;;
     ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
     ckpt|ckpt_bench) [ "$part" = ckpt ] && run ckpt_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \

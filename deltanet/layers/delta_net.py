@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import delta_product, delta_rule
+from ..ops import delta_product, delta_rule, wy_recomputed_in_backward
 from ..ops.delta_rule.product import interleave_product, take_last_step
 from ..parallel.context import segment_delta_rule
 from ..parallel.halo import check_layer_documents, exchange_conv_halos, segment_group
@@ -143,6 +143,17 @@ class DeltaNetMixer(nn.Module):
     # outer torch.compile, with a cache, with padding masks, or with recompute_inputs, which
     # already keeps less.)
     recompute_features: bool = True
+    # Training memory: the Triton chunk op keeps only its inputs for backward, which reruns the UT
+    # transform and the state pass (``deltanet.ops.wy_recomputed_in_backward``), instead of also
+    # keeping the chunks' (I + A)^-1 and the pseudo-values v_new: 4,096 B fewer per token and layer
+    # at the 340M width. On an H100 (2026-12-07, deltanet-340m, 32K tokens per step, beside fla
+    # 0.6.0 in one process) it took the peak from 27.81 to 24.81 GiB with bf16 parameters (0.88x ->
+    # 0.79x fla's 31.47) and from 33.13 to 30.12 GiB under autocast (0.79x -> 0.72x), tokens/s within
+    # that run's noise (+0.4, -2.4, -7.6, +9.5% at the four points; the rerun costs ~4% of a step by the
+    # kernel timings). Set it to False on an instance or the class to keep them (the op's own
+    # default, which then follows ``wy_recomputed_in_backward``). Read when the forward runs; an
+    # activation-checkpointing rerun runs the same forward, so it makes the same choice.
+    recompute_wy: bool = True
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -398,7 +409,9 @@ class DeltaNetMixer(nn.Module):
         backend = resolve_backend(self.backend, T, x.device, decoding)
         kw = dict(g=decay, initial_state=state.recurrent if decoding else None,
                   output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
-        with region.consumers() if region is not None else contextlib.nullcontext():
+        wy = (wy_recomputed_in_backward() if self.recompute_wy and state is None and torch.is_grad_enabled()
+              else contextlib.nullcontext())
+        with region.consumers() if region is not None else contextlib.nullcontext(), wy:
             if cp is not None:
                 # DeltaProduct is the delta rule over the interleaved n_h steps per token (n_h = 1: as is)
                 # (packed documents: this segment's, interleaved alike)

@@ -95,29 +95,52 @@ def test_triton_backend_same_gradients(mode):
 
 @pytest.mark.parametrize("mix", ["delta", "gated"])
 def test_wy_recomputed_in_backward_same_gradients(mix):
-    """The Triton chunk op keeping only its inputs (``deltanet.ops.wy_recomputed_in_backward``) in a
-    model, packed documents (the interpreter on CPU): loss and every parameter's gradient equal those
-    of the op keeping Ai and v_new, alone and under mixer and block checkpointing (whose rerun happens in backward,
-    outside the ``with`` block: ``checkpoint_kwargs`` hands the switch to it, or the rerun's saved
-    tensors would not match the forward's and torch.utils.checkpoint would refuse them)."""
+    """The Triton chunk op keeping only its inputs in a model, packed documents (the interpreter on
+    CPU): loss and every parameter's gradient equal those of the op keeping Ai and v_new
+    (``DeltaNetMixer.recompute_wy = False``), by the mixers' default (``recompute_wy``), alone and
+    under mixer and block checkpointing (whose rerun runs the mixer's forward again: the same
+    choice), and by ``deltanet.ops.wy_recomputed_in_backward`` around a model whose mixers defer to
+    it, under block checkpointing (the rerun happens in backward, outside the ``with`` block:
+    ``checkpoint_kwargs`` hands the switch to it, or the rerun's saved tensors would not match the
+    forward's and torch.utils.checkpoint would refuse them). What each keeps is counted too."""
+    from deltanet.layers.delta_net import DeltaNetMixer
     from deltanet.ops import wy_recomputed_in_backward
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = torch.randint(1, VOCAB, (1, 20), device=device)
     cu = torch.tensor([0, 7, 20], device=device)
-    grads = {}
-    for name, mode, recompute in (("kept", "none", False), ("recomputed", "none", True),
-                                  ("recomputed+mixer", "mixer", True), ("recomputed+block", "block", True)):
+    grads, saved = {}, {}
+    for name, mode, attribute, switch in (("kept", "none", False, False), ("recomputed", "none", True, False),
+                                          ("recomputed+mixer", "mixer", True, False),
+                                          ("recomputed+block", "block", True, False),
+                                          ("switch+block", "block", False, True), ("switch", "none", False, True)):
         model = make_model(mix, mode, backend="triton").to(device).train()
-        with wy_recomputed_in_backward(recompute):
+        mixers = [m for m in model.modules() if isinstance(m, DeltaNetMixer)]
+        assert mixers and all(m.recompute_wy for m in mixers)  # the default
+        for m in mixers:
+            m.recompute_wy = attribute
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with wy_recomputed_in_backward(switch), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(ids, labels=ids, cu_seqlens=cu).loss
         loss.backward()
         grads[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    for run in ("recomputed", "recomputed+mixer", "recomputed+block"):
+        saved[name] = sum(sizes)
+    for run in ("recomputed", "recomputed+mixer", "recomputed+block", "switch+block", "switch"):
         assert_close(f"{run}: loss", grads[run][0], grads["kept"][0], rtol=1e-6)
         assert grads[run][1].keys() == grads["kept"][1].keys()
         for n, g in grads[run][1].items():
             assert_close(f"{run}: {n}", g, grads["kept"][1][n], rtol=1e-5)
+    # the attribute and the switch drop the same tensors: Ai (fp32, 64 per token and head) and v_new
+    # (fp32 in this float32 model), per layer; gated: g itself in G's place (same size)
+    cfg = make_model(mix, "none").config
+    dropped = len(mixers) * 20 * cfg.num_heads * (64 + cfg.head_dim) * 4
+    assert saved["kept"] - saved["recomputed"] == dropped, (saved, dropped)
+    assert saved["switch"] == saved["recomputed"], saved
 
 
 @pytest.mark.parametrize("mode", ("none", *MODES))

@@ -6,7 +6,9 @@ then skips the UT transform's solve and the ``W S`` products of the state pass. 
 :func:`wy_recomputed_in_backward` it keeps only its inputs (for the gated rule ``g`` in ``G``'s
 place) and its backward reruns the forward's first two kernels (less memory: a model holds
 ``Ai`` and ``v_new`` per layer until its backward reaches it; a slower backward). The switch is
-read when the forward runs. No Triton import here: the switch exists where the kernels do not.
+read when the forward runs. The DeltaNet mixers make their training calls inside it by default
+(``DeltaNetMixer.recompute_wy``: in a model the memory measured worth more than the time). No
+Triton import here: the switch exists where the kernels do not.
 """
 
 from __future__ import annotations
