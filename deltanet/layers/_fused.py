@@ -3,8 +3,10 @@
 The layers' elementwise glue (short conv + SiLU, q/k norms, RMSNorm, SwiGLU) is ~10 eager
 kernels per call, each a full pass over a ``[tokens, hidden]`` tensor; compiled it is one kernel
 forward and one backward, with Inductor choosing what to keep for backward. Eager is kept for
-CPU (compiling costs more than it saves on small CPU runs), for inference (no backward) and
-inside an outer ``torch.compile`` (which fuses the same code itself).
+CPU (compiling costs more than it saves on small CPU runs) and inside an outer ``torch.compile``
+(which fuses the same code itself). CUDA inference calls (no autograd: a prefill, scoring) take
+forward-only Triton kernels instead (``inference_kernels``, :mod:`deltanet.ops.glue`): one pass
+each, no compilation for every new prompt length.
 
 Set ``DELTANET_DISABLE_FUSION=1`` to run everything eagerly (debugging, bisecting numerics).
 """
@@ -17,7 +19,7 @@ import os
 
 import torch
 
-__all__ = ["RecomputedRegion", "compiled_or_eager", "fused", "recompute_in_backward", "will_compile"]
+__all__ = ["RecomputedRegion", "compiled_or_eager", "fused", "inference_kernels", "recompute_in_backward", "will_compile"]
 
 
 def _enabled() -> bool:
@@ -45,6 +47,24 @@ def will_compile(x: torch.Tensor) -> bool:
     return _would_compile_outside(x) and not torch.compiler.is_compiling()
 
 
+def _infers_on(x: torch.Tensor) -> bool:
+    """The devices where inference calls take the forward-only Triton kernels (CUDA; tests widen
+    it to CPU tensors, which the Triton interpreter runs)."""
+    return x.is_cuda
+
+
+_GLUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def inference_kernels(x: torch.Tensor) -> bool:
+    """Whether a call of the glue with ``x`` takes the forward-only Triton kernels
+    (:mod:`deltanet.ops.glue`, one pass each): a CUDA call without autograd (a prefill, scoring,
+    evaluation), except the no-grad forward of a training recompute (compiled, like its rerun in
+    backward) and calls inside an outer ``torch.compile`` (which fuses the code itself)."""
+    return (_infers_on(x) and not torch.is_grad_enabled() and not _FORCE and x.dtype in _GLUE_DTYPES
+            and _enabled() and not torch.compiler.is_compiling())
+
+
 # Every ``fused`` wrapper, so that tests can drop their compiled versions.
 REGISTRY: list = []
 
@@ -62,10 +82,16 @@ def _compile(fn):
     return torch.compile(fn)
 
 
-def fused(fn):
+def fused(fn=None, *, inference=None):
     """Decorator: ``fn(*tensors, ...)`` compiled when its first argument is a CUDA tensor and
     autograd is recording (or inside the no-grad forward of ``recompute_in_backward``). The
-    compiled version is created on first use and kept as ``wrapper.compiled``."""
+    compiled version is created on first use and kept as ``wrapper.compiled``.
+
+    ``inference``: a function of the same arguments for the calls ``inference_kernels`` picks (the
+    forward-only Triton kernels); it returns ``NotImplemented`` for a call it does not take, which
+    then runs ``fn`` eagerly. Kept as ``wrapper.inference``."""
+    if fn is None:
+        return functools.partial(fused, inference=inference)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -73,10 +99,15 @@ def fused(fn):
             if wrapper.compiled is None:
                 wrapper.compiled = _compile(fn)
             return wrapper.compiled(*args, **kwargs)
+        if wrapper.inference is not None and inference_kernels(args[0]):
+            out = wrapper.inference(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         return fn(*args, **kwargs)
 
     wrapper.eager = fn
     wrapper.compiled = None
+    wrapper.inference = inference
     REGISTRY.append(wrapper)
     return wrapper
 

@@ -16,9 +16,37 @@ import torch.nn as nn
 from ..ops.attention import causal_attention, decode_attention
 from ..parallel.attention import context_parallel_attention
 from ..parallel.halo import SegmentLayout, check_layer_documents
+from ._fused import fused
 from .delta_net import takes_fused_decode
 
-__all__ = ["AttentionMixer", "apply_rope"]
+__all__ = ["AttentionMixer", "apply_rope", "rope_angles", "rotate"]
+
+
+def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple:
+    """``(cos, sin)`` of the rotary angles, float32 ``[B, T, 1, head_dim / 2]``: one per position and
+    frequency, shared by every head (and by q and k)."""
+    D = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=position_ids.device, dtype=torch.float32) / D))  # [D/2]
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def _rotate_inference(x, cos, sin):
+    from ..ops import glue
+
+    if x.dtype not in glue.DTYPES or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        return NotImplemented
+    return glue.rope(x, cos, sin)
+
+
+@fused(inference=_rotate_inference)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x: [B, T, H, D]`` rotated by :func:`rope_angles` (GPT-NeoX half-split layout), float32
+    inside, in ``x``'s dtype. Compiled for CUDA training, one Triton kernel for CUDA inference
+    (``_fused.py``)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
@@ -30,13 +58,7 @@ def apply_rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> tor
         >>> torch.allclose(apply_rope(x, torch.zeros(1, 4, dtype=torch.long), 1e4), x)
         True
     """
-    D = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))  # [D/2]
-    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # [B, T, 1, D/2]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    return rotate(x, *rope_angles(position_ids, x.shape[-1], theta))
 
 
 def _cp_kwargs(context_parallel) -> dict:
@@ -111,8 +133,8 @@ class AttentionMixer(nn.Module):
             o = fused_attention.decode_attention_step(q, k, v, state.k, state.v, state.valid, position_ids, cache.counters.next,
                                       ring=state.ring, mask=mask, rope_theta=self.rope_theta)
             return self._out(o.reshape(B, T, self.num_heads * self.head_dim), residual, fused)
-        q = apply_rope(q, position_ids, self.rope_theta)
-        k = apply_rope(k, position_ids, self.rope_theta)
+        cos, sin = rope_angles(position_ids, self.head_dim, self.rope_theta)  # once for q and k
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
         if context_parallel is not None:
             o = context_parallel_attention(q, k, v, window=self.window, **_cp_kwargs(context_parallel))

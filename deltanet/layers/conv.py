@@ -151,8 +151,9 @@ def _triton_route(x, weight):
 
 
 def padded_conv(x, weight, doc_pos, silu: bool):
-    """``causal_conv`` of ``x`` after ``W - 1`` zeros, for training and scoring: the Triton kernels
-    (or the compiled PyTorch code) on CUDA, elsewhere with a backward that recomputes the conv.
+    """``causal_conv`` of ``x`` after ``W - 1`` zeros, for training, scoring and prefill: the Triton
+    kernels (or the compiled PyTorch code for training) on CUDA, elsewhere with a backward that
+    recomputes the conv.
 
     Example::
 
@@ -169,6 +170,10 @@ def padded_conv(x, weight, doc_pos, silu: bool):
             return short_conv(x, weight, doc_pos, silu)
         return _padded_conv(x, weight, doc_pos, silu)
     if not torch.is_grad_enabled():
+        # inference on CUDA (a prefill, scoring): the Triton forward kernel, one pass
+        short_conv = _triton_route(x, weight) if _fused_mod.inference_kernels(x) else None
+        if short_conv is not None:
+            return short_conv(x, weight, doc_pos, silu)
         return _padded_conv(x, weight, doc_pos, silu)
     return _RecomputedConv.apply(x, weight, doc_pos, silu)
 
@@ -211,8 +216,8 @@ class ShortConvolution(nn.Module):
         else:
             doc_pos = positions_in_documents(cu_seqlens, T) if cu_seqlens is not None else None
         if state is None:
-            # training / scoring (Triton kernels on CUDA for training), and a fresh prefill: the same
-            # conv (on CUDA one kernel; the eager causal_conv below makes ~3 W float32 passes over
+            # training / scoring, and a fresh prefill: the same conv (on CUDA one Triton kernel, with
+            # or without autograd; the eager causal_conv below makes ~3 W float32 passes over
             # [B, T, C]), then its last W - 1 inputs as the state
             y = padded_conv(x, self.weight, doc_pos, silu)
             if not output_state:

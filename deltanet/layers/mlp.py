@@ -4,7 +4,8 @@ The product and the down projection are one ``autograd.Function`` that keeps onl
 projections ``gate(x)`` and ``up(x)`` and recomputes ``silu(g) * u`` in backward. Plain autograd
 would also keep ``silu(g)`` and the product: two more ``[tokens, intermediate]`` tensors per
 layer (~9 GB for a 24-layer 340M model at 32K tokens). On CUDA training calls run its
-elementwise parts compiled (``_fused.py``: one kernel each way), the matmuls eagerly.
+elementwise parts compiled (``_fused.py``: one kernel each way), the matmuls eagerly; inference
+calls take one forward-only Triton kernel for the product (``deltanet.ops.glue``).
 
 ``SwiGLU(recompute=True)`` (``activation_checkpointing="mlp"``) keeps not even ``g`` and ``u``:
 the norm and the gate/up projections are rerun in backward, the down projection is not.
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fused import RecomputedRegion, compiled_or_eager, fused, will_compile
+from ._fused import RecomputedRegion, compiled_or_eager, fused, inference_kernels, will_compile
 from .norm import rms_norm_linear
 
 __all__ = ["SwiGLU", "swiglu_linear"]
@@ -67,6 +68,10 @@ def swiglu_linear(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor) -> tor
         >>> torch.allclose(swiglu_linear(g, u, w), (torch.nn.functional.silu(g) * u) @ w.t(), atol=1e-6)
         True
     """
+    if inference_kernels(g) and u.dtype == g.dtype and u.shape == g.shape:  # no autograd: one Triton pass
+        from ..ops.glue import swiglu
+
+        return F.linear(swiglu(g, u), weight.to(g.dtype))
     return _SwiGLULinear.apply(g, u, weight, will_compile(g))
 
 

@@ -5,7 +5,7 @@ The ungated norm is an ``autograd.Function`` that saves only its input and the p
 ``1/rms`` and recomputes the rest in backward: autograd through the float32 formula would
 keep three float32 copies of every normalised activation (~400 MB per norm at 32K tokens x
 1024, ~19 GB for a 24-layer model). On CUDA, training calls are compiled into one kernel each
-way (``_fused.py``).
+way (``_fused.py``), inference calls take one forward-only Triton kernel (``deltanet.ops.glue``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._fused import compiled_or_eager, fused, will_compile
+from ._fused import compiled_or_eager, fused, inference_kernels, will_compile
 
 __all__ = ["RMSNorm", "l2_norm", "rms_norm", "rms_norm_linear"]
 
@@ -80,7 +80,39 @@ class _L2NormFn(torch.autograd.Function):
         return (rnorm * (dyf - yf * (dyf * yf).sum(-1, keepdim=True))).to(dy.dtype), None
 
 
-@fused
+def _glue():
+    """:mod:`deltanet.ops.glue` (imported on first use: it needs Triton, which inference on CUDA has)."""
+    from ..ops import glue
+
+    return glue
+
+
+def _takes(d: int, *tensors) -> bool:
+    """Whether the glue kernels take groups of ``d`` channels of these tensors (dtypes they read)."""
+    glue = _glue()
+    return d <= glue.MAX_D and all(t.dtype in glue.DTYPES for t in tensors if t is not None)
+
+
+def _l2_norm_inference(x, eps=1e-12):
+    if not _takes(x.shape[-1], x):
+        return NotImplemented
+    return _glue().row_norm(x, x.shape[-1], kind="l2", eps=eps)
+
+
+def _rms_norm_inference(x, weight, eps=1e-6):
+    if not _takes(x.shape[-1], x, weight) or weight.shape != x.shape[-1:]:
+        return NotImplemented
+    return _glue().row_norm(x, x.shape[-1], weight=weight, eps=eps, out_dtype=_output_dtype(x))
+
+
+def _gated_rms_norm_inference(x, gate, weight, eps=1e-6, activation="silu"):
+    if (not _takes(x.shape[-1], x, gate, weight) or gate.shape != x.shape or weight.shape != x.shape[-1:]
+            or gate.device != x.device):
+        return NotImplemented
+    return _glue().row_norm(x, x.shape[-1], weight=weight, gate=gate, gate_activation=activation, eps=eps)
+
+
+@fused(inference=_l2_norm_inference)
 def l2_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``x / sqrt(|x|^2 + eps)`` over the last dim; backward keeps only the output and ``1/|x|``
     (``F.normalize`` would also keep its input).
@@ -93,7 +125,7 @@ def l2_norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return _L2NormFn.apply(x, eps)
 
 
-@fused
+@fused(inference=_rms_norm_inference)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dim, float32 inside, memory-lean backward.
 
@@ -191,13 +223,18 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, eps: fl
     d = norm_weight.shape[-1]
     if x.shape[-1] % d:
         raise ValueError(f"x's last dim {x.shape[-1]} is not a multiple of norm_weight's size {d}")
+    if inference_kernels(x) and _takes(d, x, norm_weight):  # no autograd: one Triton pass for the norm
+        dt = _output_dtype(x)
+        h = _glue().row_norm(x, d, weight=norm_weight, eps=eps, out_dtype=dt)
+        with torch.autocast(x.device.type, enabled=False):  # h is already in the autocast dtype
+            return tuple(F.linear(h, w.to(dt)) for w in weights)
     return _RMSNormLinearFn.apply(x, norm_weight, eps, d, will_compile(x), *weights)
 
 
 GATE_ACTIVATIONS = ("silu", "sigmoid")
 
 
-@fused
+@fused(inference=_gated_rms_norm_inference)
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
                    activation: str = "silu") -> torch.Tensor:
     """``rmsnorm(x) * act(gate)``, ``act`` = ``activation`` (``"silu"`` or ``"sigmoid"``), plain autograd."""

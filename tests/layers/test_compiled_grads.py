@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import deltanet.layers._fused as fz
+from deltanet.layers.attention import rope_angles, rotate
 from deltanet.layers.conv import _padded_conv
 from deltanet.layers.mlp import swiglu_linear
 from deltanet.layers.norm import gated_rms_norm, l2_norm, rms_norm, rms_norm_linear
@@ -29,6 +30,7 @@ def _cases():
         "rms_norm": (rms_norm, (x, torch.rand(16) + 0.5)),
         "gated_rms_norm": (gated_rms_norm, (x, torch.randn(2, 9, 16), torch.rand(16) + 0.5)),
         "padded_conv": (_padded_conv, (x, torch.randn(16, 4) / 2, None, True)),
+        "rotate": (rotate, (x.view(2, 9, 2, 8), *rope_angles(torch.randint(0, 4096, (2, 9)), 8, 1e4))),
     }
 
 

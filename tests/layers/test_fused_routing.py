@@ -164,3 +164,99 @@ def test_recomputed_region_inputs_go_through_saved_tensor_hooks():
         out.sum().backward()
         torch.testing.assert_close(x.grad, ref[0], rtol=1e-12, atol=0)
         torch.testing.assert_close(w.grad, ref[1], rtol=1e-12, atol=0)
+
+
+@pytest.fixture
+def glue_log(monkeypatch):
+    """CUDA inference routing on the CPU: ``_fused._infers_on`` accepts any device, so no-grad calls
+    take the forward-only Triton kernels (``deltanet.ops.glue``, run by the interpreter) and the
+    Triton short conv; every call is recorded as ``(kernel, grad enabled)``."""
+    from deltanet.ops import glue
+
+    log = []
+    for name in ("row_norm", "swiglu", "rope"):
+        real = getattr(glue, name)
+
+        def recorded(*a, _real=real, _name=name, **kw):
+            log.append((f"{_name}:{kw.get('kind', 'rms')}" if _name == "row_norm" else _name, torch.is_grad_enabled()))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(glue, name, recorded)
+    real_conv = conv_mod._triton_short_conv
+
+    def short_conv_recorded():
+        kernel = real_conv()
+
+        def run(*a):
+            log.append(("short_conv", torch.is_grad_enabled()))
+            return kernel(*a)
+        return run
+
+    monkeypatch.setattr(conv_mod, "_triton_short_conv", short_conv_recorded)
+    monkeypatch.delenv("DELTANET_CONV", raising=False)
+    monkeypatch.setattr(fz, "_infers_on", lambda x: True)
+    yield log
+
+
+INFERENCE_MIXES = {"delta": None, "gated+swa": ["gated_delta_net", "sliding_attention", "delta_net", "linear_attention"]}
+
+
+def _inference_model(mix):
+    torch.manual_seed(0)
+    kw = {} if INFERENCE_MIXES[mix] is None else dict(layer_types=INFERENCE_MIXES[mix], sliding_window=4)
+    return DeltaNetForCausalLM(get_config("tiny", vocab_size=64, delta_backend="torch", **kw)).eval()
+
+
+@pytest.mark.parametrize("mix", list(INFERENCE_MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inference_takes_the_glue_kernels(glue_log, monkeypatch, mix, dtype):
+    """A no-grad forward (a prefill) runs every norm, the SwiGLU product, the short convs and the
+    rotary embedding of q and k as one Triton kernel each, with the logits of the eager code (up to a sum's order); generation with
+    them gives the eager tokens."""
+    model = _inference_model(mix).to(dtype)
+    cfg = model.config
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        monkeypatch.setattr(fz, "_infers_on", lambda x: False)
+        ref = model(input_ids=ids).logits
+        ref_tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert glue_log == []
+        monkeypatch.setattr(fz, "_infers_on", lambda x: True)
+        got = model(input_ids=ids).logits
+    kinds = [name for name, _ in glue_log]
+    assert all(not grad for _, grad in glue_log)
+    L = cfg.num_hidden_layers
+    delta = sum(t in ("delta_net", "gated_delta_net") for t in cfg.layer_types)
+    # the blocks' two pre-norms and the final norm; per delta-rule layer the output norm (gated
+    # or not) and the q / k L2 norms and its three convs; every MLP's product
+    assert kinds.count("row_norm:rms") >= 2 * L + 1 + delta, kinds
+    assert kinds.count("row_norm:l2") >= 2 * delta, kinds
+    assert kinds.count("swiglu") == L, kinds
+    assert kinds.count("short_conv") >= 3 * delta, kinds
+    assert kinds.count("rope") == 2 * sum("attention" in t and t != "linear_attention" for t in cfg.layer_types), kinds
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if dtype == torch.float32:
+        assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("recompute", ["features", "inputs", "none"])
+def test_training_never_takes_the_glue_kernels(glue_log, monkeypatch, recompute):
+    """With autograd (and in the no-grad forward of a recomputed region, which its rerun in backward
+    must match) the glue stays on the training path."""
+    monkeypatch.setattr(DeltaNetMixer, "recompute_features", recompute == "features")
+    monkeypatch.setattr(DeltaNetMixer, "recompute_inputs", recompute == "inputs")
+    model = _inference_model("gated+swa").train()
+    ids = torch.randint(3, 64, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert [name for name, _ in glue_log if name != "short_conv"] == [], glue_log
+    assert ("short_conv", False) not in glue_log, glue_log  # the recomputed region's forward: the training conv
+
+
+def test_float64_inference_stays_eager(glue_log):
+    model = _inference_model("delta").double()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 64, (1, 6)))
+    assert glue_log == []
