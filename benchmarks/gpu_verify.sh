@@ -45,6 +45,9 @@
 #         prefill  (not in the default list) the 2K prompt's forward as decode() runs it (mask, cache kept) vs
 #                  the same forward without a cache: wall ms, tokens/s, kernels (profile_decode_step.py
 #                  --modes prefill,forward), deltanet-340m and hybrid-swa-340m, batch 1 and 32
+#         glue     (not in the default list) the inference glue kernels (deltanet/ops/glue.py): their CUDA tests with
+#                  the routing, decoding and captured-step tests (eager decode steps take them too), then the
+#                  prefill part's profile (what a 2K prompt's forward costs with them)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
@@ -110,6 +113,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                   --variants old,o_g8,o_s8,o_wyb8 --check --combine --no-profile --choose "$R/gated_choice.json" \
                   --json "$R/gated_tune.jsonl" ;;
     census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
+    glue) run glue_tests 220 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider tests/ops/test_glue.py \
+            tests/layers/test_fused_routing.py tests/layers/test_compiled_grads.py tests/models/test_fused_decode.py \
+            tests/models/test_decoding.py tests/models/test_cuda_graph.py ;&  # then the prefill part
     prefill) run prefill 120 python3 benchmarks/profile_decode_step.py --out "$R/prefill.md" \
                --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --modes prefill,forward \
                --decode-kernels auto --steps 5 --budget-s 100 ;;
