@@ -34,7 +34,9 @@ def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> tupl
 def _rotate_inference(x, cos, sin):
     from ..ops import glue
 
-    if x.dtype not in glue.DTYPES or cos.dtype != torch.float32 or sin.dtype != torch.float32:
+    half = (*x.shape[:-2], 1, x.shape[-1] // 2)  # (position_ids broadcast over the batch: the eager code)
+    if (x.dtype not in glue.DTYPES or x.shape[-1] % 2 or any(t.dtype != torch.float32 or tuple(t.shape) != half
+                                                            for t in (cos, sin))):
         return NotImplemented
     return glue.rope(x, cos, sin)
 

@@ -260,3 +260,17 @@ def test_float64_inference_stays_eager(glue_log):
     with torch.no_grad():
         model(input_ids=torch.randint(3, 64, (1, 6)))
     assert glue_log == []
+
+
+def test_rope_with_position_ids_broadcast_over_the_batch(glue_log):
+    """``position_ids`` of one row for a batch of several (allowed by the eager rotation) stays on the
+    eager code; per-row positions take the kernel. Same values either way."""
+    from deltanet.layers.attention import apply_rope
+
+    x = torch.randn(3, 5, 2, 8)
+    with torch.no_grad():
+        one = apply_rope(x, torch.arange(5)[None], 1e4)
+        assert glue_log == []
+        per_row = apply_rope(x, torch.arange(5)[None].expand(3, 5), 1e4)
+        assert glue_log == [("rope", False)]
+    torch.testing.assert_close(one, per_row, rtol=1e-6, atol=1e-6)
