@@ -17,6 +17,7 @@ from ..ops.attention import causal_attention, decode_attention
 from ..parallel.attention import context_parallel_attention
 from ..parallel.halo import SegmentLayout, check_layer_documents
 from ._fused import fused
+from .norm import rms_norm_linear
 from .delta_net import takes_fused_decode
 
 __all__ = ["AttentionMixer", "apply_rope", "rope_angles", "rotate"]
@@ -118,9 +119,10 @@ class AttentionMixer(nn.Module):
             q, k, v = rms_norm_linear_decode(x, norm.weight if norm is not None else None,
                                              [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
                                              norm.eps if norm is not None else 0.0)  # [B, 1, N]: column slices
+        elif norm is not None:  # the pre-norm with the projections: its output is recomputed in backward, not kept
+            q, k, v = rms_norm_linear(x, norm.weight, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
+                                      norm.eps)
         else:
-            if norm is not None:
-                x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)

@@ -475,3 +475,38 @@ def test_cached_states_do_not_hold_the_prompt():
     for name in ("k", "v"):
         t = getattr(cache.layers[0], name)
         assert t.shape[1] == 16 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_attention_layer_keeps_no_normalised_input():
+    """The attention mixer takes its block's pre-norm with the q/k/v projections
+    (``rms_norm_linear``): backward recomputes the normalised input instead of keeping it (one
+    ``[tokens, hidden]`` tensor per attention layer); the forward and every gradient equal the
+    separate norm + projections."""
+    from deltanet.layers import AttentionMixer
+    from deltanet.layers.norm import RMSNorm
+    from deltanet.models.presets import get_config
+
+    torch.manual_seed(0)
+    layer = AttentionMixer(get_config("tiny"), layer_idx=0, window=4)
+    norm = RMSNorm(128)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, 128, requires_grad=True)
+    pos = torch.arange(7).expand(2, 7)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x, position_ids=pos, norm=norm)
+    h = norm(x)
+    assert not any(t.numel() == h.numel() and torch.equal(t.reshape(h.shape), h) for t in saved)
+    ref = layer(h, position_ids=pos)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, norm.weight, *layer.parameters()], dy)
+    grads_ref = torch.autograd.grad(ref, [x, norm.weight, *layer.parameters()], dy)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
