@@ -15,7 +15,7 @@ from ..parallel.context import segment_linear_attention
 from ..parallel.halo import check_layer_documents, exchange_conv_halos, segment_group
 from .conv import ShortConvolution
 from .delta_net import qk_feature
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm_linear
 
 __all__ = ["LinearAttentionMixer", "linear_attention"]
 
@@ -172,11 +172,14 @@ class LinearAttentionMixer(nn.Module):
         self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
 
-    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, context_parallel=None, **_):
+    def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, context_parallel=None, norm=None, residual=None,
+                **_):
         """``context_parallel``: a process group or :class:`~deltanet.parallel.SegmentLayout` whose
         ranks hold consecutive segments of the same rows: the short convolutions' windows and the
         additive state come from the earlier ranks (:func:`~deltanet.parallel.context_parallel_linear_attention`);
-        packed documents as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``)."""
+        packed documents as the layout's ``documents`` (``cu_seqlens``: its ``local_documents``).
+        ``norm``: an :class:`RMSNorm` applied to ``x`` first, fused with the q/k/v projections (its
+        output is recomputed in backward, not kept); ``residual``: returns ``residual + mixer(x)``."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         if context_parallel is not None:
@@ -187,7 +190,11 @@ class LinearAttentionMixer(nn.Module):
         decoding = state is not None and state.recurrent is not None
         m = mask[..., None].to(x.dtype) if mask is not None else None
 
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if norm is not None:
+            q, k, v = rms_norm_linear(x, norm.weight, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
+                                      norm.eps)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             if m is not None:
                 q, k, v = q * m, k * m, v * m
@@ -219,5 +226,6 @@ class LinearAttentionMixer(nn.Module):
             state.recurrent = final
             if self.use_short_conv:
                 state.conv = (cq, ck, cv)
-        o = self.o_norm(o)
-        return self.o_proj(o.reshape(B, T, H * D))
+        # per-head RMSNorm fused with o_proj: backward recomputes the normalised o
+        y = rms_norm_linear(o.reshape(B, T, H * D), self.o_norm.weight, [self.o_proj.weight], self.o_norm.eps)[0]
+        return y if residual is None else residual + y

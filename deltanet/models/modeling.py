@@ -179,9 +179,9 @@ class DeltaNetBlock(nn.Module):
 
     def _mix(self, x, residual=None, **mixer_kwargs):
         """``residual + mixer(norm(x))`` (``mixer(norm(x))`` without a residual)."""
-        # The DeltaNet mixer and the MLP take the pre-norm and fuse it with their input
-        # projections: the normalised activations are recomputed in backward, not kept.
-        if isinstance(self.attn, (DeltaNetMixer, AttentionMixer)):
+        # Every mixer and the MLP take the pre-norm and fuse it with their input projections:
+        # the normalised activations are recomputed in backward, not kept.
+        if isinstance(self.attn, (DeltaNetMixer, AttentionMixer, LinearAttentionMixer)):
             return self.attn(x, norm=self.attn_norm, residual=residual, **mixer_kwargs)
         y = self.attn(self.attn_norm(x), **mixer_kwargs)
         return y if residual is None else residual + y

@@ -477,22 +477,27 @@ def test_cached_states_do_not_hold_the_prompt():
         assert t.shape[1] == 16 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def test_attention_layer_keeps_no_normalised_input():
-    """The attention mixer takes its block's pre-norm with the q/k/v projections
-    (``rms_norm_linear``): backward recomputes the normalised input instead of keeping it (one
-    ``[tokens, hidden]`` tensor per attention layer); the forward and every gradient equal the
-    separate norm + projections."""
-    from deltanet.layers import AttentionMixer
+@pytest.mark.parametrize("kind", ["attention", "linear_attention"])
+def test_attention_layers_keep_no_normalised_input(kind):
+    """The attention and linear-attention mixers take their block's pre-norm with the q/k/v
+    projections (``rms_norm_linear``): backward recomputes the normalised input instead of keeping
+    it (one ``[tokens, hidden]`` tensor per layer); the forward (with the residual add) and every
+    gradient equal the separate norm + projections."""
+    from deltanet.layers import AttentionMixer, LinearAttentionMixer
     from deltanet.layers.norm import RMSNorm
     from deltanet.models.presets import get_config
 
     torch.manual_seed(0)
-    layer = AttentionMixer(get_config("tiny"), layer_idx=0, window=4)
+    cfg = get_config("tiny")
+    layer = (AttentionMixer(cfg, layer_idx=0, window=4) if kind == "attention"
+             else LinearAttentionMixer(cfg, layer_idx=0))
     norm = RMSNorm(128)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
+        if kind != "attention":
+            layer.o_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 7, 128, requires_grad=True)
-    pos = torch.arange(7).expand(2, 7)
+    kw = dict(position_ids=torch.arange(7).expand(2, 7)) if kind == "attention" else {}
     saved = []
 
     def pack(t):
@@ -500,10 +505,10 @@ def test_attention_layer_keeps_no_normalised_input():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x, position_ids=pos, norm=norm)
+        y = layer(x, norm=norm, residual=x, **kw)
     h = norm(x)
     assert not any(t.numel() == h.numel() and torch.equal(t.reshape(h.shape), h) for t in saved)
-    ref = layer(h, position_ids=pos)
+    ref = x + layer(h, **kw)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, norm.weight, *layer.parameters()], dy)
