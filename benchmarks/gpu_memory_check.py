@@ -18,6 +18,10 @@ parameters under bf16 autocast) — it measures:
 3. first of all, a quick check that the fused loss equals the plain one on the GPU (bf16 and
    float32 parameters; loss and gradients).
 
+``--rounds`` (default 2) passes over all of that, and the table gives each point's median
+tokens/s with the rounds' range: ten timed steps of one row moved by up to 17% between calls on an
+H100 (2026-12-07), more than the differences the table is read for. Peak memory does not move.
+
 Every row is appended to ``OUT_DIR/memory.jsonl`` as it finishes and ``memory.md`` /
 ``memory.json`` are rewritten, so a call cut short keeps what it measured. A run that would not
 fit in what is left of ``--budget-s`` (estimated from the runs before it) is recorded as
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,6 +92,22 @@ def loss_check(device: torch.device, smoke: bool = False) -> list[dict]:
     return rows
 
 
+def _summary(rows: list[dict]) -> dict:
+    """``{(regime, T, variant): dict(tps=median tokens/s, lo, hi, n, peak=max peak GiB)}`` over the
+    measured rows (every round), in the order the points first appear."""
+    out: dict = {}
+    for r in rows:
+        if "tokens_per_s" in r:
+            out.setdefault((r["regime"], r["T"], r["variant"]), []).append(r)
+    summary = {}
+    for key, rs in out.items():
+        tps = sorted(r["tokens_per_s"] for r in rs)
+        peaks = [r["peak_mem_GiB"] for r in rs if "peak_mem_GiB" in r]  # (none on the CPU)
+        summary[key] = dict(tps=statistics.median(tps), lo=tps[0], hi=tps[-1], n=len(tps),
+                            peak=max(peaks) if peaks else None)
+    return summary
+
+
 def _render(out: Path, env: dict, checks: list[dict], rows: list[dict]) -> None:
     lines = ["SMOKE RUN: tiny models, numbers meaningless", ""] if env.get("note") else []
     lines += ["# Training memory and speed: deltanet-340m vs fla DeltaNet (untied, 32K tokens/step)", "",
@@ -96,19 +117,25 @@ def _render(out: Path, env: dict, checks: list[dict], rows: list[dict]) -> None:
     for c in checks:
         lines.append(f"| {c['regime']} | {c.get('loss_fused', '-')} | {c.get('loss_plain', '-')} | "
                      f"{c.get('max_grad_rel_err', '-')} | {c.get('worst_param', '-')} | {c.get('error', '')} |")
-    lines += ["", "## Peak memory and tokens/s", "",
-              "| regime | T | variant | tokens/s | peak GiB | memory / fla | speed / fla | note |", "|---|---|---|---|---|---|---|---|"]
-    fla = {(r["regime"], r["T"]): r for r in rows if r["variant"] == "fla" and "peak_mem_GiB" in r}
-    for r in rows:
-        f = fla.get((r["regime"], r["T"]))
+    summary = _summary(rows)
+    lines += ["", "## Peak memory and tokens/s (median over the rounds)", "",
+              "| regime | T | variant | tokens/s | rounds (min-max) | peak GiB | memory / fla | speed / fla |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (regime, T, variant), m in summary.items():
+        f = summary.get((regime, T, "fla"))
         mem = spd = "-"
-        if f and "peak_mem_GiB" in r and r["variant"] != "fla":
-            mem = f"{r['peak_mem_GiB'] / f['peak_mem_GiB']:.2f}x"
-            spd = f"{r['tokens_per_s'] / f['tokens_per_s']:.2f}x"
+        if f and variant != "fla":
+            mem = f"{m['peak'] / f['peak']:.2f}x" if m["peak"] and f["peak"] else "-"
+            spd = f"{m['tps'] / f['tps']:.2f}x"
+        lines.append(f"| {regime} | {T} | {variant} | {m['tps']:.0f} | {m['n']} ({m['lo']}-{m['hi']}) | "
+                     f"{m['peak'] if m['peak'] is not None else '-'} | {mem} | {spd} |")
+    lines += ["", "Target: memory / fla <= 0.80 and speed / fla >= 1.3 for `ours` in both regimes, T = 2K-8K.", "",
+              "## Every row", "", "| round | regime | T | variant | tokens/s | peak GiB | note |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
         note = r.get("error") or r.get("skipped") or ""
-        lines.append(f"| {r['regime']} | {r['T']} | {r['variant']} | {r.get('tokens_per_s', '-')} | "
-                     f"{r.get('peak_mem_GiB', '-')} | {mem} | {spd} | {note} |")
-    lines += ["", "Target: memory / fla <= 0.80 and speed / fla >= 1.3 for `ours` in both regimes, T = 2K-8K."]
+        lines.append(f"| {r.get('round', 0)} | {r['regime']} | {r['T']} | {r['variant']} | {r.get('tokens_per_s', '-')} | "
+                     f"{r.get('peak_mem_GiB', '-')} | {note} |")
     (out / "memory.md").write_text("\n".join(lines) + "\n")
     (out / "memory.json").write_text(json.dumps(dict(environment=env, loss_check=checks, rows=rows), indent=1))
 
@@ -120,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="passes over every (regime, T, variant) point; the table shows each point's median "
+                         "(tokens/s moved by up to 17%% between calls on an H100, 2026-12-07)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--regimes", default="bf16,autocast")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"labels from {list(VARIANTS)}")
@@ -148,12 +178,14 @@ def main(argv=None) -> int:
     _render(args.out, env, checks, rows)
     # point by point (regime, T), every variant at each in the order given: a call cut short has whole
     # comparisons at the points it reached
-    plan = [(v, reg, T) for reg in regimes for T in lengths for v in variants]
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
+    plan = [(rnd, v, reg, T) for rnd in range(args.rounds) for reg in regimes for T in lengths for v in variants]
     durations: dict[str, list[float]] = {}
     from deltanet.layers.delta_net import DeltaNetMixer
 
     DEFAULTS = {sw: getattr(DeltaNetMixer, sw) for sw in SWITCHES}
-    for label, regime, T in plan:
+    for rnd, label, regime, T in plan:
         name, kw, switches = VARIANTS[label]
         left = args.budget_s - (time.perf_counter() - t_start)
         # a variant's first run carries one-off costs (compilation; fla's autotuning: 240 s of one row
@@ -162,7 +194,7 @@ def main(argv=None) -> int:
         # rows before it are written
         seen = durations.get(label) or [t for ts in durations.values() for t in ts]
         need = min(seen, default=60.0)
-        row = dict(variant=label, model=name, regime=regime, T=T)
+        row = dict(variant=label, model=name, regime=regime, T=T, round=rnd)
         if left < need * 1.2:
             row["skipped"] = f"budget: {left:.0f} s left, ~{need:.0f} s needed"
         else:
