@@ -274,3 +274,17 @@ def test_rope_with_position_ids_broadcast_over_the_batch(glue_log):
         per_row = apply_rope(x, torch.arange(5)[None].expand(3, 5), 1e4)
         assert glue_log == [("rope", False)]
     torch.testing.assert_close(one, per_row, rtol=1e-6, atol=1e-6)
+
+
+def test_inference_mode_takes_the_glue_kernels(glue_log):
+    """``torch.inference_mode`` (as ``deltanet eval`` and serving code use) routes like ``no_grad``."""
+    model = _inference_model("delta")
+    ids = torch.randint(3, 64, (1, 6))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    n = len(glue_log)
+    assert n > 0
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    assert len(glue_log) == 2 * n
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
