@@ -17,6 +17,8 @@
 #   save_autotune_cache DIR  every autotune result of this call (*.autotune.json, a few KB each) ->
 #                    DIR/autotune.tgz; unpack it into .triton-autotune/ for the next call:
 #                    `mkdir -p .triton-autotune && tar xzf autotune.tgz -C .triton-autotune`
+#                    (a set from an H100, Triton 3.6, fla 0.6.0 — fla's DeltaNet training at T = 2K
+#                    and 8K, both regimes — is kept in benchmarks/results/2026-12-07-h100-memory-vs-fla/)
 #
 # Why the autotune cache: fla autotunes each kernel on its first call at each shape (every config
 # compiled and timed: 270 s for one training row of fla's DeltaNet on an H100, 2026-12-06), and
