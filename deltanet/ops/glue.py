@@ -146,9 +146,11 @@ def row_norm(x: torch.Tensor, d: int, *, weight: torch.Tensor | None = None, gat
     ``weight`` (``[d]``) and ``act(gate)`` where given; float32 inside, ``out_dtype`` out (default
     ``x.dtype``). No autograd. See the module docstring.
 
-    Example (a CUDA device, or ``TRITON_INTERPRET=1`` on CPU tensors)::
+    Example, with CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``)::
 
-        >>> y = row_norm(x, 128, weight=w, eps=1e-6)    # == rms_norm over each head of 128 channels
+        x = torch.randn(4, 7, 8 * 128, device="cuda", dtype=torch.bfloat16)
+        w = torch.ones(128, device="cuda")
+        y = row_norm(x, 128, weight=w)      # an RMSNorm over each of the 8 heads' 128 channels
     """
     _check("x", x)
     if isinstance(d, bool) or not isinstance(d, int) or d < 1 or x.ndim == 0 or x.shape[-1] % d:
