@@ -54,8 +54,12 @@ from deltanet.models import DeltaNetForCausalLM, get_config
 from deltanet.ops import delta_rule
 
 AI_CHUNK = 64  # the Triton op's ai buffer: fp32 [B*T, H, 64]
-SAVED_BUFFERS = False  # whether the Triton op keeps ai and v_new (DeltaNetMixer.recompute_wy = False)
 GIB = 2 ** 30
+
+
+def _keeps_wy() -> bool:
+    """Whether the Triton op keeps its ai and v_new tiles for backward (``DeltaNetMixer.recompute_wy``)."""
+    return not delta_net_mod.DeltaNetMixer.recompute_wy
 
 
 class _TritonLikeDelta(torch.autograd.Function):
@@ -265,7 +269,7 @@ def summarise(result: dict, tokens: int, layers: int, heads: int, head_dim: int,
         else:
             outside[cat] += nbytes / tokens
             fp32[cat] += f32 / tokens
-    if SAVED_BUFFERS:
+    if _keeps_wy():
         layer["delta op ai (Triton, fp32)"] += AI_CHUNK * 4 * heads  # fp32 [T, H, 64] per layer
         fp32["delta op ai (Triton, fp32)"] += AI_CHUNK * 4 * heads
         layer["delta op v_new (Triton)"] += heads * head_dim * itemsize
@@ -351,11 +355,9 @@ def main(argv=None) -> None:
     ap.add_argument("--verbose", action="store_true", help="every saving site, not only the categories")
     ap.add_argument("--json", help="write the summaries here")
     args = ap.parse_args(argv)
-    global SAVED_BUFFERS
     delta_net_mod.DeltaNetMixer.recompute_inputs = args.recompute
     delta_net_mod.DeltaNetMixer.recompute_features = not args.keep_features
     delta_net_mod.DeltaNetMixer.recompute_wy = not args.keep_wy
-    SAVED_BUFFERS = args.keep_wy
     if args.compiled:
         fz._compiles_on = lambda x: True
         os.environ["DELTANET_CONV"] = "torch"
@@ -372,7 +374,7 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump(dict(preset=args.preset, loss=loss, tokens=args.tokens, layers=args.layers,
                            recompute=args.recompute, recompute_features=not args.keep_features,
-                           saved_buffers=SAVED_BUFFERS, regimes=out), f, indent=1)
+                           saved_buffers=_keeps_wy(), regimes=out), f, indent=1)
 
 
 if __name__ == "__main__":

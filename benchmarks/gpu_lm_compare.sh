@@ -37,12 +37,11 @@ use_autotune_cache  # fla-gla / fla-mamba2 autotune on their first steps (gpu_li
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 W=${LMCMP_DIR:-/tmp/lmcmp}  # another folder for another protocol (e.g. a --scale smoke check)
 mkdir -p "$W/tokenizer"
-# lmcarry/ seeds the default folder only: another LMCMP_DIR is another protocol (a smoke check)
-if [ -z "${LMCMP_DIR:-}" ] && [ -f lmcarry/results.jsonl ] && [ ! -f "$W/results.jsonl" ]; then
-  cp lmcarry/results.jsonl "$W/"
-fi
-if [ -z "${LMCMP_DIR:-}" ] && [ -f lmcarry/tokenizer_meta.json ] && [ ! -f "$W/tokenizer/tokenizer_meta.json" ]; then
-  cp lmcarry/tokenizer.json lmcarry/tokenizer_meta.json "$W/tokenizer/"
+if [ -z "${LMCMP_DIR:-}" ]; then  # lmcarry/ seeds the default folder only: another is another protocol (a smoke check)
+  if [ -f lmcarry/results.jsonl ] && [ ! -f "$W/results.jsonl" ]; then cp lmcarry/results.jsonl "$W/"; fi
+  if [ -f lmcarry/tokenizer_meta.json ] && [ ! -f "$W/tokenizer/tokenizer_meta.json" ]; then
+    cp lmcarry/tokenizer.json lmcarry/tokenizer_meta.json "$W/tokenizer/"
+  fi
 fi
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv

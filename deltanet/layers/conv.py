@@ -161,17 +161,14 @@ def padded_conv(x, weight, doc_pos, silu: bool):
         >>> torch.allclose(padded_conv(x, torch.ones(2, 4), None, True), _padded_conv(x, torch.ones(2, 4), None, True))
         True
     """
-    if will_compile(x) or torch.compiler.is_compiling():
+    compiling = will_compile(x) or torch.compiler.is_compiling()
+    if compiling or not torch.is_grad_enabled():
         # CUDA training takes the Triton kernels, also inside an outer torch.compile of the step:
         # they are torch.library ops, so it traces through them (Inductor's own code for this
-        # conv is ~4x slower); compiled inference traces the PyTorch code
-        short_conv = _triton_route(x, weight) if _fused_mod._would_compile_outside(x) else None
-        if short_conv is not None:
-            return short_conv(x, weight, doc_pos, silu)
-        return _padded_conv(x, weight, doc_pos, silu)
-    if not torch.is_grad_enabled():
-        # inference on CUDA (a prefill, scoring): the Triton forward kernel, one pass
-        short_conv = _triton_route(x, weight) if _fused_mod.inference_kernels(x) else None
+        # conv is ~4x slower); compiled inference traces the PyTorch code. CUDA inference without
+        # a compile (a prefill, scoring) takes the Triton forward kernel: one pass.
+        takes = _fused_mod._would_compile_outside(x) if compiling else _fused_mod.inference_kernels(x)
+        short_conv = _triton_route(x, weight) if takes else None
         if short_conv is not None:
             return short_conv(x, weight, doc_pos, silu)
         return _padded_conv(x, weight, doc_pos, silu)

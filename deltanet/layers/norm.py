@@ -168,6 +168,13 @@ def _norm_bwd(dh_parts: list, x: torch.Tensor, rstd: torch.Tensor, nw: torch.Ten
     return dx.flatten(-2).to(x.dtype), dnw.to(nw.dtype)
 
 
+def _project(h: torch.Tensor, weights) -> tuple:
+    """``tuple(h @ w.T for w in weights)`` in ``h``'s dtype (the autocast dtype under autocast: no
+    second cast)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return tuple(F.linear(h, w.to(h.dtype)) for w in weights)
+
+
 class _RMSNormLinearFn(torch.autograd.Function):
     """``[rmsnorm(x) @ W_i.T for W_i in weights]`` with the norm over groups of ``d`` channels.
 
@@ -183,8 +190,7 @@ class _RMSNormLinearFn(torch.autograd.Function):
         h, rstd = compiled_or_eager(_norm_fwd, compile)(x, norm_weight, eps, d, dt)
         ctx.save_for_backward(x, norm_weight, rstd, *weights)
         ctx.d, ctx.dt, ctx.compile = d, dt, compile
-        with torch.autocast(x.device.type, enabled=False):  # h is already in the autocast dtype
-            return tuple(F.linear(h, w.to(dt)) for w in weights)
+        return _project(h, weights)
 
     @staticmethod
     def backward(ctx, *dys):
@@ -224,10 +230,7 @@ def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weights, eps: fl
     if x.shape[-1] % d:
         raise ValueError(f"x's last dim {x.shape[-1]} is not a multiple of norm_weight's size {d}")
     if inference_kernels(x) and _takes(d, x, norm_weight):  # no autograd: one Triton pass for the norm
-        dt = _output_dtype(x)
-        h = _glue().row_norm(x, d, weight=norm_weight, eps=eps, out_dtype=dt)
-        with torch.autocast(x.device.type, enabled=False):  # h is already in the autocast dtype
-            return tuple(F.linear(h, w.to(dt)) for w in weights)
+        return _project(_glue().row_norm(x, d, weight=norm_weight, eps=eps, out_dtype=_output_dtype(x)), weights)
     return _RMSNormLinearFn.apply(x, norm_weight, eps, d, will_compile(x), *weights)
 
 
