@@ -50,6 +50,9 @@
 #                  prefill part's profile (what a 2K prompt's forward costs with them)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
+#         train_profile  (not in the default list) where a training step's time goes, deltanet-340m vs fla's
+#                  DeltaNet at T = 2K, both regimes (untied, 32K tokens): kernel time per step by category and
+#                  the top kernels (deltanet bench model --profile)
 # fla's wheels in .whl/ (carried) are installed when present; without them the fla rows say so.
 # Triton autotune results in .triton-autotune/ (carried) spare fla's first calls their tuning; the
 # call leaves this call's in OUT/autotune.tgz (benchmarks/gpu_lib.sh says how to carry them on).
@@ -119,6 +122,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
     prefill) run prefill 120 python3 benchmarks/profile_decode_step.py --out "$R/prefill.md" \
                --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --modes prefill,forward \
                --decode-kernels auto --steps 5 --budget-s 100 ;;
+    train_profile) run train_profile 200 python3 -m deltanet.cli bench model --models deltanet-340m,fla-deltanet \
+                     --lengths 2048 --regimes bf16,autocast --untied --steps 5 --warmup 3 --profile 3 \
+                     --out "$R/train_profile.md" ;;
     decode_step) run decode_step 90 python3 benchmarks/bench_decode_step.py --out "$R/decode_step" --budget-s 75 ;;
     *) log "unknown part $part" ;;
   esac
