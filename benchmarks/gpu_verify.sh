@@ -16,8 +16,8 @@
 #                  fp32 parameters + autocast (benchmarks/gpu_memory_check.py)
 #         decode   deltanet bench decode, captured loop: deltanet-340m and the two hybrids,
 #                  batch 1 and 32, 2K prompt, 256 new tokens
-#         profile  (not in the default PARTS) the kernels of one decode step, eager and replayed:
-#                  counts, device time, families (benchmarks/profile_decode_step.py)
+#         profile  (not in the default PARTS) the kernels of one decode step on the fused route, replayed
+#                  from its CUDA graph: counts, device time, families (benchmarks/profile_decode_step.py)
 #         decode_kernel  (not in the default list) the fused decode step against the eager step:
 #                  deltanet-340m, gated-deltanet-340m, gated-deltaproduct-340m through the captured
 #                  loop, batch 1 and 32, with kernels per step counted
@@ -81,7 +81,8 @@ for part in ${PARTS//,/ }; do
     decode) run decode 130 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
               --paths loop --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 110 --out "$R/decode_loop.md" ;;
     profile) run profile 120 python3 benchmarks/profile_decode_step.py --out "$R/decode_profile.md" \
-               --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20 ;;
+               --models deltanet-340m,hybrid-swa-340m --batch 1,32 --prompt 2048 --steps 20 --modes graph \
+               --decode-kernels fused --budget-s 100 ;;
     decode_kernel) run decode_kernel 200 python3 -m deltanet.cli bench decode \
               --models deltanet-340m,gated-deltanet-340m,gated-deltaproduct-340m --paths loop --batch 1,32 \
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;

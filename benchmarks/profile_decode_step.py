@@ -42,6 +42,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -289,6 +290,7 @@ def main(argv=None) -> int:
                                 smoke=args.smoke, top=args.top, decode_kernel=route, bandwidth=bandwidth)
         print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
         rows.append(row)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             f.write(render(env, rows))
         with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
