@@ -166,11 +166,16 @@ def test_recomputed_region_inputs_go_through_saved_tensor_hooks():
         torch.testing.assert_close(w.grad, ref[1], rtol=1e-12, atol=0)
 
 
+# Where the inference-routing tests run: CUDA where there is one (compiled kernels), else the CPU
+# with the Triton interpreter (the CPU suite's conftest sets TRITON_INTERPRET=1).
+GLUE_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture
 def glue_log(monkeypatch):
-    """CUDA inference routing on the CPU: ``_fused._infers_on`` accepts any device, so no-grad calls
-    take the forward-only Triton kernels (``deltanet.ops.glue``, run by the interpreter) and the
-    Triton short conv; every call is recorded as ``(kernel, grad enabled)``."""
+    """CUDA inference routing, on ``GLUE_DEVICE``: on the CPU ``_fused._infers_on`` accepts any
+    device, so no-grad calls take the forward-only Triton kernels (``deltanet.ops.glue``, run by the
+    interpreter) and the Triton short conv; every call is recorded as ``(kernel, grad enabled)``."""
     from deltanet.ops import glue
 
     log = []
@@ -194,7 +199,8 @@ def glue_log(monkeypatch):
 
     monkeypatch.setattr(conv_mod, "_triton_short_conv", short_conv_recorded)
     monkeypatch.delenv("DELTANET_CONV", raising=False)
-    monkeypatch.setattr(fz, "_infers_on", lambda x: True)
+    if GLUE_DEVICE.type == "cpu":  # on a GPU the real rule (CUDA tensors) holds
+        monkeypatch.setattr(fz, "_infers_on", lambda x: True)
     yield log
 
 
@@ -204,7 +210,7 @@ INFERENCE_MIXES = {"delta": None, "gated+swa": ["gated_delta_net", "sliding_atte
 def _inference_model(mix):
     torch.manual_seed(0)
     kw = {} if INFERENCE_MIXES[mix] is None else dict(layer_types=INFERENCE_MIXES[mix], sliding_window=4)
-    return DeltaNetForCausalLM(get_config("tiny", vocab_size=64, delta_backend="torch", **kw)).eval()
+    return DeltaNetForCausalLM(get_config("tiny", vocab_size=64, delta_backend="torch", **kw)).to(GLUE_DEVICE).eval()
 
 
 @pytest.mark.parametrize("mix", list(INFERENCE_MIXES))
@@ -215,7 +221,7 @@ def test_inference_takes_the_glue_kernels(glue_log, monkeypatch, mix, dtype):
     them gives the eager tokens."""
     model = _inference_model(mix).to(dtype)
     cfg = model.config
-    ids = torch.randint(3, 64, (2, 9))
+    ids = torch.randint(3, 64, (2, 9), device=GLUE_DEVICE)
     with torch.no_grad():
         monkeypatch.setattr(fz, "_infers_on", lambda x: False)
         ref = model(input_ids=ids).logits
@@ -249,7 +255,7 @@ def test_training_never_takes_the_glue_kernels(glue_log, monkeypatch, recompute)
     monkeypatch.setattr(DeltaNetMixer, "recompute_features", recompute == "features")
     monkeypatch.setattr(DeltaNetMixer, "recompute_inputs", recompute == "inputs")
     model = _inference_model("gated+swa").train()
-    ids = torch.randint(3, 64, (2, 9))
+    ids = torch.randint(3, 64, (2, 9), device=GLUE_DEVICE)
     model(input_ids=ids, labels=ids).loss.backward()
     assert [name for name, _ in glue_log if name != "short_conv"] == [], glue_log
     assert ("short_conv", False) not in glue_log, glue_log  # the recomputed region's forward: the training conv
@@ -258,7 +264,7 @@ def test_training_never_takes_the_glue_kernels(glue_log, monkeypatch, recompute)
 def test_float64_inference_stays_eager(glue_log):
     model = _inference_model("delta").double()
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 64, (1, 6)))
+        model(input_ids=torch.randint(3, 64, (1, 6), device=GLUE_DEVICE))
     assert glue_log == []
 
 
@@ -267,11 +273,12 @@ def test_rope_with_position_ids_broadcast_over_the_batch(glue_log):
     eager code; per-row positions take the kernel. Same values either way."""
     from deltanet.layers.attention import apply_rope
 
-    x = torch.randn(3, 5, 2, 8)
+    x = torch.randn(3, 5, 2, 8, device=GLUE_DEVICE)
+    pos = torch.arange(5, device=GLUE_DEVICE)[None]
     with torch.no_grad():
-        one = apply_rope(x, torch.arange(5)[None], 1e4)
+        one = apply_rope(x, pos, 1e4)
         assert glue_log == []
-        per_row = apply_rope(x, torch.arange(5)[None].expand(3, 5), 1e4)
+        per_row = apply_rope(x, pos.expand(3, 5), 1e4)
         assert glue_log == [("rope", False)]
     torch.testing.assert_close(one, per_row, rtol=1e-6, atol=1e-6)
 
@@ -279,7 +286,7 @@ def test_rope_with_position_ids_broadcast_over_the_batch(glue_log):
 def test_inference_mode_takes_the_glue_kernels(glue_log):
     """``torch.inference_mode`` (as ``deltanet eval`` and serving code use) routes like ``no_grad``."""
     model = _inference_model("delta")
-    ids = torch.randint(3, 64, (1, 6))
+    ids = torch.randint(3, 64, (1, 6), device=GLUE_DEVICE)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     n = len(glue_log)

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
 from tests.utils import assert_close
 
+import deltanet.layers._fused as fz
 from deltanet.models import DeltaNetConfig, DeltaNetForCausalLM, set_decode_kernel
 from deltanet.models import cuda_graph
 from deltanet.models.cache import RecurrentState
@@ -237,9 +238,12 @@ def test_padded_new_token_leaves_the_state_bit_for_bit():
     assert torch.equal(after[0], before[0]) and not torch.equal(after[1], before[1])
 
 
-def test_fused_mixer_step_is_three_ops():
+def test_fused_mixer_step_is_three_ops(monkeypatch):
     """The fused mixer step dispatches three ops: pre-norm + every input projection (one GEMV
-    kernel), the fused delta-rule step, and o_proj (+ residual); the eager step ~15x as many."""
+    kernel), the fused delta-rule step, and o_proj (+ residual); the op-by-op eager step ~15x as
+    many (on CUDA the eager route's norms and convs take the inference glue kernels: switched off
+    here, as on the CPU)."""
+    monkeypatch.setattr(fz, "_infers_on", lambda x: False)
     model = _model(torch.float32, **LAYERS["gated"])
     block = model.model.layers[0]
     mixer = block.attn
@@ -338,8 +342,10 @@ def test_captured_step_op_count(mix, monkeypatch):
     a delta-rule block is exactly FUSED_OPS_PER_DELTA_BLOCK ops on the fused route (>= 60 eager),
     an attention block (sliding or full) FUSED_OPS_PER_ATTENTION_BLOCK: four GEMV ops and the fused
     attention step (>= 40 eager), and outside the blocks the step is embedding, positions, counters
-    and ONE op for the final norm + LM head."""
+    and ONE op for the final norm + LM head. The eager route is counted op by op (its inference glue
+    kernels, CUDA only, switched off)."""
     monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fz, "_infers_on", lambda x: False)
     types = COUNT_MIXES[mix]
     model = _model(torch.float32, layer_types=types)
     ids = torch.randint(1, VOCAB, (3, 6), device=DEVICE)
@@ -478,13 +484,16 @@ def test_config_rejects_unknown_decode_kernel():
 
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels and captures CUDA graphs")
 @pytest.mark.parametrize("mix", ["delta", "gated_swa_hybrid"])
-def test_cuda_kernels_per_step(mix):
+def test_cuda_kernels_per_step(mix, monkeypatch):
     """The captured loop's step, run eagerly under the profiler: one fused rule kernel per delta-rule
     layer, one fused attention kernel per attention layer, four GEMV kernels per block, and far
-    fewer kernels than the eager route."""
+    fewer kernels than the eager route; and the eager route's inference glue kernels (norms,
+    SwiGLU, convs) launch fewer kernels than its op-by-op step."""
     from deltanet.bench.decode import count_step_kernels
 
     model = _model(torch.bfloat16, layer_types=MIXES[mix])
+    glue = count_step_kernels(model, batch=2, decode_kernel="eager")["kernels"]
+    monkeypatch.setattr(fz, "_infers_on", lambda x: False)  # the eager route op by op
     n_delta = sum(t != "sliding_attention" and t != "full_attention" and t != "linear_attention"
                   for t in MIXES[mix])
     n_attn = sum(t in ("sliding_attention", "full_attention") for t in MIXES[mix])
@@ -495,6 +504,7 @@ def test_cuda_kernels_per_step(mix):
     assert counts["fused"]["gemv_kernels"] == 4 * len(MIXES[mix]), counts
     assert counts["eager"]["fused_kernels"] == counts["eager"]["gemv_kernels"] == 0, counts
     assert counts["eager"]["kernels"] - counts["fused"]["kernels"] >= 50 * n_delta, counts
+    assert counts["fused"]["kernels"] < glue < counts["eager"]["kernels"], (glue, counts)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts CUDA kernels")
