@@ -106,14 +106,24 @@ def _packed_chunked(q, k, v, S0, packed: PackedSequences, C: int):
     return o.view(nc * H * C, V).index_select(0, out.flatten()).view(T, H, V), final
 
 
-def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size: int = 64):
-    """Causal additive linear attention, chunkwise in PyTorch (float32 inside).
+LINEAR_BACKENDS = ("auto", "triton", "torch")
+
+
+def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None, chunk_size: int = 64,
+                     backend: str = "auto"):
+    """Causal additive linear attention, chunkwise.
 
     Layouts as :func:`deltanet.ops.delta_rule`: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``,
     states ``[N, H, K, V]``; ``cu_seqlens`` a tensor or a
     :class:`~deltanet.ops.packing.PackedSequences` (documents packed along T, ``B == 1``; all
     documents in one pass, :func:`_packed_chunked`). Returns
     ``(o [B, T, H, V] in v.dtype, final_state float32)`` (float64 for float64 inputs).
+
+    ``backend``: ``"triton"`` the delta-rule engine's chunk kernels with no erase term
+    (:func:`deltanet.ops.delta_rule.linear.chunk_linear_attention`: 16-bit inputs stay 16-bit,
+    fp32 states; chunks of 64), ``"torch"`` this module's PyTorch form (float32 inside, any
+    ``chunk_size``), ``"auto"`` Triton for CUDA tensors of at most 16 or 32 bits and head dims
+    up to 256 with more than one token (a one-token step is the recurrence itself), PyTorch otherwise.
 
     Example::
 
@@ -122,8 +132,21 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
         >>> o.shape, S.shape
         (torch.Size([1, 10, 2, 4]), torch.Size([1, 2, 4, 4]))
     """
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"backend must be one of {LINEAR_BACKENDS}, got {backend!r}")
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if backend == "auto":
+        backend = ("triton" if q.is_cuda and T > 1 and v.dtype != torch.float64 and max(K, V) <= 256
+                   and _triton_available() else "torch")
+    if backend == "triton":
+        from ..ops.delta_rule.linear import chunk_linear_attention
+
+        if not (q.dtype == k.dtype == v.dtype):  # e.g. fp32 q / k from the feature map under autocast
+            q, k = q.to(v.dtype), k.to(v.dtype)
+        o, S = chunk_linear_attention(q, k, v, scale=scale, initial_state=initial_state, output_final_state=True,
+                                      cu_seqlens=cu_seqlens)
+        return o, S
     scale = K ** -0.5 if scale is None else scale
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     out_dtype = v.dtype
@@ -141,6 +164,14 @@ def linear_attention(q, k, v, *, scale=None, initial_state=None, cu_seqlens=None
     S0 = initial_state.to(dtype) if initial_state is not None else None
     o, S = _packed_chunked(q[0], k[0], v[0], S0, packed, chunk_size)
     return o[None].to(out_dtype), S
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class LinearAttentionMixer(nn.Module):
@@ -171,6 +202,8 @@ class LinearAttentionMixer(nn.Module):
             self.v_conv = ShortConvolution(inner, config.conv_size, activation="silu")
         self.o_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
+        # the config's delta-rule backend, mapped onto this op's two forms
+        self.backend = config.delta_backend if config.delta_backend in ("auto", "triton") else "torch"
 
     def forward(self, x, *, mask=None, cu_seqlens=None, cache=None, context_parallel=None, norm=None, residual=None,
                 **_):
@@ -221,7 +254,7 @@ class LinearAttentionMixer(nn.Module):
             final = None
         else:
             o, final = linear_attention(q, k, v, initial_state=state.recurrent if decoding else None,
-                                        cu_seqlens=cu_seqlens)
+                                        cu_seqlens=cu_seqlens, backend=self.backend)
         if state is not None:
             state.recurrent = final
             if self.use_short_conv:

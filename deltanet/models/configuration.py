@@ -69,7 +69,9 @@ class DeltaNetConfig(PretrainedConfig):
             far enough for recall at the start (the same results file). ``0 <= low < high``.
         num_householder: Householder steps per token (n_h) of ``"gated_delta_product"`` and
             ``"delta_product"`` layers.
-        delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill.
+        delta_backend: backend of ``deltanet.ops.delta_rule`` for training / prefill; the
+            ``linear_attention`` layers take ``"auto"`` and ``"triton"`` as they are (Triton chunk
+            kernels on CUDA) and any other value as their PyTorch chunkwise form.
         decode_kernel: ``"auto" | "fused" | "eager"``: one-token decode steps of the delta-rule
             layers as one fused Triton kernel per layer (conv step, q/k norm, beta, decay, the
             delta rule, output norm) with the projections and MLPs of every block as GEMV kernels
