@@ -16,7 +16,9 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 fused attention steps, one per attention layer), in the step the captured loop replays.
 
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
-``generate``), decode-only tokens/s and ms per step, peak memory, the cache's size after the
+``generate``), decode-only tokens/s and ms per step (all steps after the prefill: the eager
+first step and the graph capture included), on the loop path ``steady_tokens_per_s`` (the
+replayed steps after the first replay, a long generation's rate), peak memory, the cache's size after the
 last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
 the bandwidth floor: per step the weights are read once (all parameters but the input embedding
 table, of which only B rows are gathered) and the cache traffic is counted (recurrent and conv
@@ -174,13 +176,13 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 from deltanet.models.decoding import decode
 
                 res = decode(model, ids, max_new_tokens=n, cuda_graph=cuda_graph)
-                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache
+                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, res.steady_tokens_per_s
             _sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, **{**gen, "max_new_tokens": n, "min_new_tokens": n})
             _sync(device)
             cache = out.get("cache", out.get("past_key_values"))  # transformers renamed the field
-            return out.sequences.shape[1] - prompt, None, time.perf_counter() - t0, cache
+            return out.sequences.shape[1] - prompt, None, time.perf_counter() - t0, cache, None
 
         with torch.no_grad():
             # warm-up at the timed shapes: kernels that compile or autotune per sequence length
@@ -195,13 +197,13 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 torch.cuda.reset_peak_memory_stats(device)
             best = None
             for _ in range(repeats):
-                produced, prefill_s, decode_s, cache = run(new_tokens)
+                produced, prefill_s, decode_s, cache, steady = run(new_tokens)
                 total = decode_s + (prefill_s or 0.0)
                 if best is None or total < best[0]:
-                    best = (total, prefill_s, decode_s, cache)
+                    best = (total, prefill_s, decode_s, cache, steady)
         if produced != new_tokens:
             raise RuntimeError(f"produced {produced} tokens, expected {new_tokens}")
-        total, prefill_s, decode_s, cache = best
+        total, prefill_s, decode_s, cache, steady = best
         row["prefill_s"] = round(prefill_s if prefill_s is not None else prefill_alone, 4)
         row["total_s"] = round(total, 3)
         row["tokens_per_s"] = round(batch * new_tokens / total, 1)
@@ -211,6 +213,8 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         if new_tokens > 1 and step_s > 0:
             row["step_ms"] = round(step_s * 1e3, 3)
             row["decode_tokens_per_s"] = round(batch / step_s, 1)
+        if steady is not None:  # the captured loop's replays alone (no eager first step, no capture)
+            row["steady_tokens_per_s"] = round(steady, 1)
         held, moved = cache_traffic(cache)
         if held is not None:
             row["cache_MiB"] = round(held / 2**20, 2)
@@ -233,7 +237,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
 
 
 COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
-           "decode_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
+           "decode_tokens_per_s", "steady_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
            "gemv_kernels", "attention_kernels"]
 
 

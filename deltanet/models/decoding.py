@@ -32,7 +32,10 @@ __all__ = ["DecodeResult", "TokenChooser", "decode"]
 class DecodeResult:
     """``tokens [B, n]``: the new tokens (``pad_token_id`` after a row's EOS; ``n <= max_new_tokens``,
     fewer when every row finished); timings in seconds (CUDA-synchronised); ``graph``: whether the
-    captured step was used; ``cache``: the cache after the last step."""
+    captured step was used; ``cache``: the cache after the last step. ``stats["setup_s"]`` (captured
+    loop of 3+ tokens): of ``decode_s``, the time to the end of the first replay -- the eager first
+    step, the capture and one replay, once per generation -- so that ``steady_tokens_per_s`` is the
+    rate of the replays alone."""
 
     tokens: torch.Tensor
     prefill_s: float
@@ -46,6 +49,15 @@ class DecodeResult:
         """Generated tokens (all rows, EOS padding included) per second of prefill + decode."""
         total = self.prefill_s + self.decode_s
         return self.tokens.numel() / total if total > 0 else float("inf")
+
+    @property
+    def steady_tokens_per_s(self) -> float | None:
+        """Tokens (all rows) per second of the replayed steps after the first replay (the captured
+        loop's steady rate); None without a graph or with fewer than 4 new tokens."""
+        setup, steps = self.stats.get("setup_s"), self.tokens.shape[1]
+        if setup is None or steps < 4 or self.decode_s <= setup:
+            return None
+        return self.tokens.shape[0] * (steps - 3) / (self.decode_s - setup)
 
 
 class TokenChooser:
@@ -142,11 +154,15 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         stream.push(tok)
         t0 = time.perf_counter()
         steps = 1
+        setup_s = None
         while steps < max_new_tokens:
             if graph is not None:
                 graph()
                 cache.seen_tokens += 1
                 tok = graph.ids[:, 0]
+                if graph.steps == 2:  # eager step, capture, first replay: done once per generation
+                    _sync(device)
+                    setup_s = time.perf_counter() - t0
             else:
                 full_mask = torch.cat([full_mask, full_mask.new_ones(B, 1)], 1)
                 logits = model(tok[:, None], attention_mask=full_mask, past_key_values=cache).logits
@@ -163,8 +179,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         model.cuda_graph_decoding = graph_flag
         model.train(was_training)
     tokens = chooser.out[:, :steps]
+    stats = dict(batch=B, prompt=S, steps=steps)
+    if setup_s is not None and graph is not None and graph.graph is not None:
+        stats["setup_s"] = setup_s
     return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, graph=graph is not None,
-                        stats=dict(batch=B, prompt=S, steps=steps), cache=cache)
+                        stats=stats, cache=cache)
 
 
 class _Streamer:

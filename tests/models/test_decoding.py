@@ -147,6 +147,20 @@ def test_streamed_tokens_are_the_result(graph_on_cpu):
     assert res.tokens_per_s > 0
 
 
+def test_steady_rate_counts_the_replays_after_the_setup(graph_on_cpu):
+    """``steady_tokens_per_s``: rows x (tokens - 3) over the decode time after ``setup_s``; none
+    where no graph was captured (the CPU runs the step function eagerly)."""
+    from deltanet.models.decoding import DecodeResult
+
+    res = DecodeResult(tokens=torch.zeros(2, 10, dtype=torch.long), prefill_s=1.0, decode_s=1.5, graph=True,
+                       stats=dict(setup_s=0.1))
+    assert res.steady_tokens_per_s == pytest.approx(2 * 7 / 1.4)
+    assert DecodeResult(tokens=torch.zeros(2, 3, dtype=torch.long), prefill_s=1.0, decode_s=1.5, graph=True,
+                        stats=dict(setup_s=0.1)).steady_tokens_per_s is None
+    out = decode(make_model("delta"), torch.randint(1, VOCAB, (2, 5)), max_new_tokens=6)
+    assert out.graph and "setup_s" not in out.stats and out.steady_tokens_per_s is None
+
+
 def test_bad_decode_calls_raise():
     model = make_model("delta")
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -171,6 +185,9 @@ def test_captured_loop_on_cuda_equals_eager_loop(mix):
         graph = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=True)
         eager = decode(model, ids, mask, max_new_tokens=20, sampling=cfg, cuda_graph=False)
         assert graph.graph and torch.equal(graph.tokens, eager.tokens), (mix, cfg)
+        # the eager first step + capture + first replay, timed apart from the replays after it
+        assert 0 < graph.stats["setup_s"] < graph.decode_s and graph.steady_tokens_per_s > 0
+        assert "setup_s" not in eager.stats and eager.steady_tokens_per_s is None
 
 
 def test_decode_reads_the_cache_without_deprecated_names(monkeypatch):
