@@ -52,16 +52,17 @@ def _short_conv(x, cs, cw, ch, msk, C, mf, W: tl.constexpr, USE_CONV: tl.constex
         b_x = b_y.to(b_x.dtype)
     if USE_CONV:
         b_y = b_y * tl.load(cw + ch * W + (W - 1), mask=msk, other=0.0).to(tl.float32)
+        rows = ()  # the state's rows as loaded: the shift stores them from registers, no second read
         for s in tl.static_range(W - 1):
-            b_c = tl.load(cs + s * C + ch, mask=msk, other=0.0).to(tl.float32)
-            b_y += b_c * tl.load(cw + ch * W + s, mask=msk, other=0.0).to(tl.float32)
-        # shift: every thread has read row s + 1 (and all rows above) before any writes row s
-        for s in tl.static_range(W - 2):
-            b_n = tl.load(cs + (s + 1) * C + ch, mask=msk, other=0.0)
+            b_c = tl.load(cs + s * C + ch, mask=msk, other=0.0)
+            rows = rows + (b_c,)
+            b_y += b_c.to(tl.float32) * tl.load(cw + ch * W + s, mask=msk, other=0.0).to(tl.float32)
+        if W > 1:
+            # shift: every thread has read all the old rows before any thread writes one
             tl.debug_barrier()
-            tl.store(cs + s * C + ch, b_n, mask=msk)
-        tl.debug_barrier()
-        tl.store(cs + (W - 2) * C + ch, b_x, mask=msk)
+            for s in tl.static_range(W - 2):
+                tl.store(cs + s * C + ch, rows[s + 1], mask=msk)
+            tl.store(cs + (W - 2) * C + ch, b_x, mask=msk)
     return b_y
 
 
@@ -155,6 +156,7 @@ def decode_step_kernel(
     s_base = state + i_bh.to(tl.int64) * K * V
     o_base = o + i_bh.to(tl.int64) * V
     sumsq = 0.0
+    outs = ()  # NV > 1 with the output norm: each block's o (rounded as the eager op's output), kept
     for iv in tl.static_range(NV):
         rv = iv * BV + tl.arange(0, BV)
         mv = rv < V
@@ -180,16 +182,15 @@ def decode_step_kernel(
                 b_o = b_o * _silu(tl.load(gate + i_b * stride_gate + i_h * V + rv, mask=mv, other=0.0).to(tl.float32))
         elif NORM:
             sumsq += tl.sum(tl.where(mv, b_o * b_o, 0.0), 0)
-        tl.store(o_base + rv, b_o.to(odt), mask=mv)
-    if NORM and NV > 1:  # the row's blocks are in o (rounded as the eager op's output): normalise there
-        tl.debug_barrier()
+            outs = outs + (b_o,)
+        if not NORM or NV == 1:
+            tl.store(o_base + rv, b_o.to(odt), mask=mv)
+    if NORM and NV > 1:  # the whole row's sum of squares is known: normalise the kept blocks
         rstd = 1.0 / tl.sqrt(sumsq / V + eps)
         for iv in tl.static_range(NV):
             rv = iv * BV + tl.arange(0, BV)
             mv = rv < V
-            b_o = tl.load(o_base + rv, mask=mv, other=0.0).to(tl.float32)
-            b_o = b_o * rstd * tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
+            b_o = outs[iv] * rstd * tl.load(norm_w + rv, mask=mv, other=0.0).to(tl.float32)
             if USE_GATE:
                 b_o = b_o * _silu(tl.load(gate + i_b * stride_gate + i_h * V + rv, mask=mv, other=0.0).to(tl.float32))
-            tl.debug_barrier()  # every thread has read its block before any overwrites it
             tl.store(o_base + rv, b_o.to(odt), mask=mv)
