@@ -50,6 +50,9 @@
 #                  prefill part's profile (what a 2K prompt's forward costs with them)
 #         decode_step  (not in the default list) one layer's decode step, fused vs eager, from CUDA
 #                  graphs: microseconds, kernels, the fused op's state bandwidth (bench_decode_step.py)
+#         linear   (not in the default list) additive linear attention on the chunk engine's kernels
+#                  (deltanet/ops/delta_rule/linear.py): its CUDA tests, then training tokens/s and peak memory
+#                  of linear-attn-340m beside deltanet-340m (T = 2K, 32K tokens, bf16 autocast)
 #         train_profile  (not in the default list) where a training step's time goes, deltanet-340m vs fla's
 #                  DeltaNet at T = 2K, both regimes (untied, 32K tokens): kernel time per step by category and
 #                  the top kernels (deltanet bench model --profile)
@@ -117,7 +120,11 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                   --variants old,o_g8,o_s8,o_wyb8 --check --combine --no-profile --choose "$R/gated_choice.json" \
                   --json "$R/gated_tune.jsonl" ;;
     census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
-    glue) run glue_tests 220 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider tests/ops/test_glue.py \
+    linear) run linear_tests 120 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+              tests/ops/test_linear_attention_triton.py
+            run linear_bench 150 python3 -m deltanet.cli bench model --models linear-attn-340m,deltanet-340m \
+              --lengths 2048 --steps 10 --warmup 3 --out "$R/linear_bench.md" ;;
+    glue) run glue_tests 300 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider tests/ops/test_glue.py \
             tests/layers/test_fused_routing.py tests/layers/test_compiled_grads.py tests/models/test_fused_decode.py \
             tests/models/test_decoding.py tests/models/test_cuda_graph.py ;&  # then the prefill part
     prefill) run prefill 120 python3 benchmarks/profile_decode_step.py --out "$R/prefill.md" \
