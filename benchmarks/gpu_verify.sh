@@ -40,6 +40,9 @@
 #         gated_tune  (not in the default list) the gated rule's launch settings: the defaults vs 8 warps in
 #                  chunk_grads / the state kernels / wy_bwd (spill-free on sm_90), fwd and fwd+bwd, checked
 #                  against the fp32 PyTorch form (benchmarks/tune_kernels.py --gated)
+#         plain_tune  (not in the default list) the plain rule's launch settings at D = 128, where the profile of a
+#                  deltanet-340m step finds wy_fwd the costliest delta-rule kernel (~half the copy bandwidth) and
+#                  wy_bwd spills 264 B/thread at 4 warps (Triton 3.6): the defaults vs 8 warps in each
 #         census   (not in the default list) what a training forward keeps for backward, per token per layer and
 #                  by site, deltanet-340m vs fla's DeltaNet, both regimes (benchmarks/saved_tensors_census.py)
 #         prefill  (not in the default list) the 2K prompt's forward as decode() runs it (mask, cache kept) vs
@@ -119,6 +122,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
     gated_tune) run gated_tune 300 python3 benchmarks/tune_kernels.py --gated --dims 64,128 --lengths 1024,16384 \
                   --variants old,o_g8,o_s8,o_wyb8 --check --combine --no-profile --choose "$R/gated_choice.json" \
                   --json "$R/gated_tune.jsonl" ;;
+    plain_tune) run plain_tune 240 python3 benchmarks/tune_kernels.py --dims 128 --lengths 2048,8192 \
+                  --variants old,o_wy8,o_wyb8 --check --combine --no-profile --choose "$R/plain_choice.json" \
+                  --json "$R/plain_tune.jsonl" ;;
     census) run census 240 python3 benchmarks/saved_tensors_census.py --out "$R/census" --budget-s 200 ;;
     linear) run linear_tests 120 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
               tests/ops/test_linear_attention_triton.py
