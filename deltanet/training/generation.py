@@ -60,6 +60,7 @@ class GenerationReport:
     prefill_s: float
     decode_s: float
     cuda_graph: bool
+    steady_tokens_per_s: float | None = None  # the replays after the graph's capture (``DecodeResult``)
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,8 +71,9 @@ class GenerationReport:
         per_step = self.batch * max(self.new_tokens - 1, 0) / self.decode_s if self.decode_s > 0 else float("inf")
         return (f"{self.batch * self.new_tokens} tokens ({self.batch} x {self.new_tokens}) in "
                 f"{self.prefill_s + self.decode_s:.2f} s: {self.tokens_per_s:,.1f} tokens/s "
-                f"(prefill {self.prefill_s:.3f} s, decode {per_step:,.1f} tokens/s, "
-                f"cuda graph {'on' if self.cuda_graph else 'off'})")
+                f"(prefill {self.prefill_s:.3f} s, decode {per_step:,.1f} tokens/s"
+                + (f", {self.steady_tokens_per_s:,.1f} after the graph's capture" if self.steady_tokens_per_s else "")
+                + f", cuda graph {'on' if self.cuda_graph else 'off'})")
 
 
 @torch.no_grad()
@@ -114,7 +116,8 @@ def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int 
     for stream in streams:
         stream.end()
     return GenerationReport(texts=[s.text for s in streams], new_tokens=res.tokens.shape[1], batch=len(rows),
-                            prefill_s=res.prefill_s, decode_s=res.decode_s, cuda_graph=res.graph)
+                            prefill_s=res.prefill_s, decode_s=res.decode_s, cuda_graph=res.graph,
+                            steady_tokens_per_s=res.steady_tokens_per_s)
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.8,

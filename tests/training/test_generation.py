@@ -54,3 +54,12 @@ def test_print_generation_streams_one_prompt_and_blocks_a_batch(model, tmp_path)
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_summary_names_the_steady_rate_when_a_graph_was_captured():
+    from deltanet.training.generation import GenerationReport
+
+    base = dict(texts=["x"], new_tokens=8, batch=2, prefill_s=0.1, decode_s=0.7, cuda_graph=True)
+    assert "after the graph's capture" not in GenerationReport(**base).summary()
+    text = GenerationReport(**base, steady_tokens_per_s=1234.5).summary()
+    assert "1,234.5 after the graph's capture" in text and "decode 20.0 tokens/s" in text, text
