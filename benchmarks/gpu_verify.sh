@@ -35,6 +35,9 @@
 #                  eager core (the GEMV sweep is its own part, gemv)
 #         ckpt_bench  the ckpt part's bench model alone (its tests are also in newdecode's)
 #         gemv     the GEMV sweep at batch 1 (stage 1): split-K and the dot-free variant against the default
+#         gemv32   the same sweep at batch 32, where the replayed step's 97 GEMVs take 1.1-1.2 ms (H100,
+#                  2026-12-07: ~12 us each against ~7 at batch 1; every program re-reads the [32, C] input,
+#                  twice with the norm's pre-pass)
 #         mqar_gated  (a call of its own) MQAR at the paper's hardest setting (T = 512, 64 pairs), widths 64 and
 #                  128: DeltaNet beside Gated DeltaNet and its gate / decay-init variants (benchmarks/gpu_mqar.py)
 #         gated_tune  (not in the default list) the gated rule's launch settings: the defaults vs 8 warps in
@@ -116,6 +119,8 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                  --batch 1,32 --budget-s 60 ;;
     gemv) run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
                  --budget-s 90 ;;
+    gemv32) run gemv32 200 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv32" --batch 32 \
+                 --budget-s 180 ;;
     mqar_gated) run mqar_gated 560 python3 benchmarks/gpu_mqar.py --out "$R/mqar_gated" --widths 64 128 --deadline 540 \
                   --models delta_net gated_delta_net gated_delta_net-sigmoid gated_delta_net-slowdecay \
                   gated_delta_net-sigmoid+slowdecay ;;
