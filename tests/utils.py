@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-__all__ = ["assert_close", "count_host_reads", "make_inputs", "rel_err"]
+__all__ = ["assert_close", "count_host_reads", "linear_attention_recurrence", "make_inputs", "packed_cu_seqlens", "rel_err"]
 
 # The Tensor methods that bring a tensor's values to the host (on CUDA: a synchronisation).
 HOST_READS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__", "__iter__")
@@ -149,3 +149,30 @@ def degenerate_inputs(case: str, *, T: int = 100, device: str | torch.device = "
     elif case == "huge_values":
         inp["v"] = inp["v"] * 1e4
     return inp
+
+
+def linear_attention_recurrence(q, k, v, S0, lengths, scale):
+    """Float64 oracle of additive linear attention, token by token and document by document
+    (``[1, T, ...]``, packed along T): ``S_t = S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``, each
+    document from its ``S0[i]``. Returns ``(o [1, T, H, V], final states [N, H, K, V])``."""
+    outs, finals, t = [], [], 0
+    for i, n in enumerate(lengths):
+        S = S0[i]
+        for _ in range(n):
+            S = S + torch.einsum("hk,hv->hkv", k[0, t], v[0, t])
+            outs.append(torch.einsum("hk,hkv->hv", q[0, t] * scale, S))
+            t += 1
+        finals.append(S)
+    out = torch.stack(outs)[None] if outs else q.new_zeros(1, 0, *v.shape[2:])
+    return out, torch.stack(finals)
+
+
+def packed_cu_seqlens(lengths, device="cpu"):
+    """``cu_seqlens`` of documents of ``lengths`` on ``device``: a raw tensor, or where a document
+    is empty (which ``from_cu_seqlens`` rejects) a ``PackedSequences`` built past the validation."""
+    from deltanet.ops.packing import PackedSequences
+
+    offsets = (0, *torch.tensor(lengths).cumsum(0).tolist())
+    if min(lengths) > 0:
+        return torch.tensor(offsets, device=device)
+    return PackedSequences._build(torch.tensor(offsets, dtype=torch.int32, device=device), offsets)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from deltanet.layers import RMSNorm, ShortConvolution, apply_rope, linear_attention
 from deltanet.layers.conv import positions_in_documents
 from deltanet.ops.attention import causal_attention
-from deltanet.ops.packing import PackedSequences
-from tests.utils import assert_close
+from tests.utils import assert_close, linear_attention_recurrence, packed_cu_seqlens
 
 
 # ---- short convolution -------------------------------------------------------------------
@@ -166,29 +165,6 @@ def test_linear_attention_matches_recurrence():
     assert_close("packed", op, sep)
 
 
-def _linear_recurrence(q, k, v, S0, lengths, scale):
-    """Float64 token-by-token recurrence, document by document (``B == 1``, packed along T):
-    ``S_t = S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``, each document from its ``S0[i]``."""
-    outs, finals, t = [], [], 0
-    for i, n in enumerate(lengths):
-        S = S0[i]
-        for _ in range(n):
-            S = S + torch.einsum("hk,hv->hkv", k[0, t], v[0, t])
-            outs.append(torch.einsum("hk,hkv->hv", q[0, t] * scale, S))
-            t += 1
-        finals.append(S)
-    return torch.stack(outs)[None], torch.stack(finals)
-
-
-def _packed(lengths):
-    """``cu_seqlens`` for ``lengths``: a raw tensor, or where a document is empty (which
-    ``from_cu_seqlens`` rejects) a PackedSequences built past the validation."""
-    offsets = (0, *torch.tensor(lengths).cumsum(0).tolist())
-    if min(lengths) > 0:
-        return torch.tensor(offsets)
-    return PackedSequences._build(torch.tensor(offsets, dtype=torch.int32), offsets)
-
-
 PACKED_CASES = {
     "odd": [1, 63, 64, 65, 130],  # around the chunk of 64: one token, one short, exact, one over, three chunks
     "empty": [0, 65, 0, 1, 130, 0],  # empty documents first, inside and last: their states pass through
@@ -211,11 +187,11 @@ def test_packed_linear_attention_matches_per_document_recurrence(case, with_stat
     S0 = torch.randn(N, H, K, V, **d) if with_state else torch.zeros(N, H, K, V, dtype=torch.float64)
     do, dS = torch.randn(1, T, H, V, **d), torch.randn(N, H, K, V, **d)
     ref = [x.clone().requires_grad_() for x in (q, k, v, S0)]
-    o_ref, S_ref = _linear_recurrence(*ref, lengths, K ** -0.5)
+    o_ref, S_ref = linear_attention_recurrence(*ref, lengths, K ** -0.5)
     grads_ref = torch.autograd.grad((o_ref * do).sum() + (S_ref * dS).sum(), ref if with_state else ref[:3])
 
     inputs = [x.to(dtype).requires_grad_() for x in (q, k, v, S0)]
-    o, S = linear_attention(*inputs[:3], initial_state=inputs[3] if with_state else None, cu_seqlens=_packed(lengths),
+    o, S = linear_attention(*inputs[:3], initial_state=inputs[3] if with_state else None, cu_seqlens=packed_cu_seqlens(lengths),
                             chunk_size=chunk_size)
     assert o.dtype == S.dtype == dtype and o.shape == (1, T, H, V) and S.shape == (N, H, K, V)
     grads = torch.autograd.grad((o * do.to(dtype)).sum() + (S * dS.to(dtype)).sum(),
@@ -240,7 +216,7 @@ def test_packed_linear_attention_keeps_float32_precision_for_short_documents_lat
     gen = torch.Generator().manual_seed(0)
     q, k = (F.elu(torch.randn(1, T, H, K, generator=gen, dtype=torch.float64)) + 1 for _ in range(2))
     v = torch.rand(1, T, H, V, generator=gen, dtype=torch.float64) + 0.5
-    cu = _packed(lengths)
+    cu = packed_cu_seqlens(lengths)
     o_ref, S_ref = linear_attention(q, k, v, cu_seqlens=cu)
     o, S = linear_attention(q.float(), k.float(), v.float(), cu_seqlens=cu)
     offsets = torch.tensor([0, *lengths]).cumsum(0).tolist()

@@ -15,34 +15,12 @@ import pytest
 import torch
 
 from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
-from tests.utils import assert_close
+from tests.utils import assert_close, linear_attention_recurrence, packed_cu_seqlens
 
 from deltanet.layers.linear_attention import linear_attention
 from deltanet.ops.delta_rule.linear import chunk_linear_attention
-from deltanet.ops.packing import PackedSequences
 
 SCALE = 0.3
-
-
-def _recurrence(q, k, v, S0, lengths, scale):
-    """Float64 token-by-token recurrence of packed documents (``[1, T, ...]``), each from ``S0[i]``."""
-    outs, finals, t = [], [], 0
-    for i, n in enumerate(lengths):
-        S = S0[i]
-        for _ in range(n):
-            S = S + torch.einsum("hk,hv->hkv", k[0, t], v[0, t])
-            outs.append(torch.einsum("hk,hkv->hv", q[0, t] * scale, S))
-            t += 1
-        finals.append(S)
-    out = torch.stack(outs)[None] if outs else q.new_zeros(1, 0, *v.shape[2:])
-    return out, torch.stack(finals)
-
-
-def _cu(lengths):
-    offsets = (0, *torch.tensor(lengths).cumsum(0).tolist())
-    if min(lengths) > 0:
-        return torch.tensor(offsets, device=DEVICE)
-    return PackedSequences._build(torch.tensor(offsets, dtype=torch.int32, device=DEVICE), offsets)
 
 
 def _inputs(B, T, H, K, V, N, seed):
@@ -63,7 +41,7 @@ def _oracle(q, k, v, S0, do, dS, lengths_per_row):
     outs, finals, n0 = [], [], 0
     for b, lengths in enumerate(lengths_per_row):
         rows = [x[b:b + 1] for x in leaves[:3]]
-        o, S = _recurrence(*rows, leaves[3][n0:n0 + len(lengths)], lengths, SCALE)
+        o, S = linear_attention_recurrence(*rows, leaves[3][n0:n0 + len(lengths)], lengths, SCALE)
         outs.append(o)
         finals.append(S)
         n0 += len(lengths)
@@ -112,7 +90,7 @@ def test_packed_documents_match_each_document_alone(case):
     q, k, v, S0, do, dS = _inputs(1, T, H, K, V, N, seed=len(lengths))
     o_ref, S_ref, g_ref = _oracle(q, k, v, S0, do, dS, [lengths])
     o, S, grads = _run(chunk_linear_attention, q, k, v, S0, do, dS, torch.float32, scale=SCALE,
-                       output_final_state=True, cu_seqlens=_cu(lengths))
+                       output_final_state=True, cu_seqlens=packed_cu_seqlens(lengths, DEVICE))
     assert_close("o", o, o_ref.to(DEVICE))
     assert_close("final states", S, S_ref.to(DEVICE))
     for name, g, gr in zip(NAMES, grads, g_ref):
@@ -126,7 +104,7 @@ def test_bf16_within_twice_the_error_of_pytorch_in_bf16():
     T, N, H, K, V = sum(lengths), len(lengths), 2, 32, 16
     q, k, v, S0, do, dS = _inputs(1, T, H, K, V, N, seed=7)
     o_ref, S_ref, g_ref = _oracle(q, k, v, S0, do, dS, [lengths])
-    cu = _cu(lengths)
+    cu = packed_cu_seqlens(lengths, DEVICE)
     o, S, grads = _run(chunk_linear_attention, q, k, v, S0, do, dS, torch.bfloat16, scale=SCALE,
                        output_final_state=True, cu_seqlens=cu)
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
@@ -161,7 +139,7 @@ def test_layer_backends_agree_and_auto_routes_by_device(monkeypatch):
     T, N, H, K, V = sum(lengths), len(lengths), 2, 32, 16
     q, k, v, S0, _, _ = _inputs(1, T, H, K, V, N, seed=11)
     args = [x.to(DEVICE, torch.float32) for x in (q, k, v)]
-    cu = _cu(lengths)
+    cu = packed_cu_seqlens(lengths, DEVICE)
     ot, St = linear_attention(*args, initial_state=S0.to(DEVICE, torch.float32), cu_seqlens=cu, backend="triton")
     op, Sp = linear_attention(*args, initial_state=S0.to(DEVICE, torch.float32), cu_seqlens=cu, backend="torch")
     assert_close("o (triton vs torch)", ot, op.double())
