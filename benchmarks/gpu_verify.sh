@@ -59,6 +59,13 @@
 #         linear   (not in the default list) additive linear attention on the chunk engine's kernels
 #                  (deltanet/ops/delta_rule/linear.py): its CUDA tests, then training tokens/s and peak memory
 #                  of linear-attn-340m beside deltanet-340m (T = 2K, 32K tokens, bf16 autocast)
+#         linear_check  (not in the default list) linear attention's Triton route against its PyTorch form at
+#                  full size: the op's errors vs float64 (bf16 / fp32, fixed / packed), and the loss curves of
+#                  linear-attn-340m cut to 4 layers on bench model's fixed batch, per route
+#                  (benchmarks/check_linear_backends.py)
+#         retest   (not in the default list) the CUDA tests last found failing on a GPU (2026-12-07: routing of
+#                  the recomputed conv, GEMV counts with the LM head's, bf16 token ties in captured decoding)
+#                  and the fused decode attention's tests (one compile for every cache length)
 #         train_profile  (not in the default list) where a training step's time goes, deltanet-340m vs fla's
 #                  DeltaNet at T = 2K, both regimes (untied, 32K tokens): kernel time per step by category and
 #                  the top kernels (deltanet bench model --profile)
@@ -135,6 +142,12 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
               tests/ops/test_linear_attention_triton.py
             run linear_bench 150 python3 -m deltanet.cli bench model --models linear-attn-340m,deltanet-340m \
               --lengths 2048 --steps 10 --warmup 3 --out "$R/linear_bench.md" ;;
+    linear_check) run linear_check 180 python3 benchmarks/check_linear_backends.py --out "$R/linear_check.json" ;;
+    retest) run retest 180 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider tests/ops/test_decode_attention.py \
+              tests/layers/test_fused_routing.py::test_training_never_takes_the_glue_kernels \
+              tests/models/test_fused_decode.py::test_cuda_kernels_per_step \
+              tests/models/test_cuda_graph.py::test_captured_graph_matches_eager_decoding_on_cuda \
+              tests/ops/test_linear_attention_triton.py ;;
     glue) run glue_tests 300 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider tests/ops/test_glue.py \
             tests/layers/test_fused_routing.py tests/layers/test_compiled_grads.py tests/models/test_fused_decode.py \
             tests/models/test_decoding.py tests/models/test_cuda_graph.py ;&  # then the prefill part

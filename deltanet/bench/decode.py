@@ -12,7 +12,8 @@ CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 (``DeltaNetConfig.decode_kernel``: one fused Triton kernel per layer, or op by op; default
 ``auto``: fused on CUDA), and on CUDA each row counts the kernels one decode step launches
 (``kernels_per_step``, torch profiler; ``fused_kernels``: those of the fused step, one per delta layer;
-``gemv_kernels``: the fused route's projection kernels, four per block; ``attention_kernels``: the
+``gemv_kernels``: the fused route's projection kernels, four per block and one for the final
+norm + LM head; ``attention_kernels``: the
 fused attention steps, one per attention layer), in the step the captured loop replays.
 
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from deltanet.layers import RMSNorm, ShortConvolution, apply_rope, linear_attention
 from deltanet.layers.conv import positions_in_documents
 from deltanet.ops.attention import causal_attention
-from tests.utils import assert_close, linear_attention_recurrence, packed_cu_seqlens
+from tests.utils import assert_close, linear_attention_oracle, packed_cu_seqlens
 
 
 # ---- short convolution -------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_packed_linear_attention_matches_per_document_recurrence(case, with_stat
     S0 = torch.randn(N, H, K, V, **d) if with_state else torch.zeros(N, H, K, V, dtype=torch.float64)
     do, dS = torch.randn(1, T, H, V, **d), torch.randn(N, H, K, V, **d)
     ref = [x.clone().requires_grad_() for x in (q, k, v, S0)]
-    o_ref, S_ref = linear_attention_recurrence(*ref, lengths, K ** -0.5)
+    o_ref, S_ref = linear_attention_oracle(*ref, lengths, K ** -0.5)
     grads_ref = torch.autograd.grad((o_ref * do).sum() + (S_ref * dS).sum(), ref if with_state else ref[:3])
 
     inputs = [x.to(dtype).requires_grad_() for x in (q, k, v, S0)]

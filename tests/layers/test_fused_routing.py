@@ -258,7 +258,15 @@ def test_training_never_takes_the_glue_kernels(glue_log, monkeypatch, recompute)
     ids = torch.randint(3, 64, (2, 9), device=GLUE_DEVICE)
     model(input_ids=ids, labels=ids).loss.backward()
     assert [name for name, _ in glue_log if name != "short_conv"] == [], glue_log
-    assert ("short_conv", False) not in glue_log, glue_log  # the recomputed region's forward: the training conv
+    convs = [grad for name, grad in glue_log if name == "short_conv"]
+    if GLUE_DEVICE.type == "cpu":
+        # CPU training takes the recomputing PyTorch conv, and so does the recomputed region's forward
+        assert convs == [], glue_log
+    else:
+        # CUDA training's conv is the Triton kernel (logged with grad enabled); the no-grad forward of
+        # a recomputed region takes that same kernel, matched by its rerun in backward
+        assert True in convs, glue_log
+        assert convs.count(False) <= convs.count(True), glue_log
 
 
 def test_float64_inference_stays_eager(glue_log):

@@ -188,7 +188,18 @@ def test_captured_graph_matches_eager_decoding_on_cuda(dtype, mix):
     if dtype == torch.float32:
         assert torch.equal(graph.sequences, eager.sequences)
         assert_close("scores", scores_g, scores_e, rtol=1e-4)
-    else:  # bf16: the decode attention rounds differently from SDPA; compare the first steps (scores[0]
-        # is the prefill's, scores[1] the eager warm-up step's, scores[2] the first replay's)
-        assert torch.equal(graph.sequences[:, :36], eager.sequences[:, :36])
-        assert (scores_g[1:3] - scores_e[1:3]).abs().max() < 0.05 * scores_e[1:3].abs().max()
+    else:  # bf16: the fused steps round differently from the eager ones (decode attention vs SDPA,
+        # kernels vs op by op). Compare the first steps (scores[0] is the prefill's, scores[1] the eager
+        # warm-up step's, scores[2] the first replay's) up to a row's first differing token, which
+        # must be a near tie in the eager scores (the contexts differ after it).
+        assert torch.equal(graph.sequences[:, :34], eager.sequences[:, :34])  # the prefill's token
+        bound = 0.05 * scores_e[1:3].abs().max()
+        new_g, new_e = graph.sequences[:, 33:36], eager.sequences[:, 33:36]
+        for row in range(prompt.shape[0]):
+            differ = (new_g[row] != new_e[row]).nonzero()
+            last = int(differ[0]) if len(differ) else 3  # steps with the same context: 0 .. last
+            assert (scores_g[1:last + 1, row] - scores_e[1:last + 1, row]).abs().max() < bound
+            if last < 3:
+                s = scores_e[last, row]
+                gap = s[new_e[row, last]] - s[new_g[row, last]]
+                assert 0 <= gap < bound, (row, last, float(gap), float(bound))

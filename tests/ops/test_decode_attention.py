@@ -74,9 +74,11 @@ CASES = {
     "B2-mha-D16-first-step": Case(2, 2, 2, 16, 16, False, 0, [0, 0]),
     "B2-gqa4-D16-ring-first-step": Case(2, 4, 1, 16, 8, True, 0, [0, 0]),
     "B1-gqa-D32-full-no-pad": Case(1, 8, 2, 32, 40, False, 33, [33], pad=False),
+    "B2-gqa-D16-full-long": Case(2, 4, 2, 16, 700, False, 650, [650, 611]),  # 44 blocks of 16
 }
 SPLITS = {"one-split": DecodeAttentionConfig(block_l=16, splits=1),
-          "split": DecodeAttentionConfig(block_l=16, splits=3)}  # 3 programs per (row, KV head) + the combine
+          "split": DecodeAttentionConfig(block_l=16, splits=3),  # 3 programs per (row, KV head) + the combine
+          "many-splits": DecodeAttentionConfig(block_l=16, splits=40)}  # the combine folds 32 splits at a time
 
 
 @pytest.fixture
@@ -253,6 +255,28 @@ def test_select_config_splits_until_the_sms_are_busy():
     assert da.select_config(16, 8, 2048, 132).splits == 3
     assert da.select_config(1, 8, 40, 132).splits == 1  # one block of slots: nothing to split
     assert da.select_config(1, 8, 40, 132, head_dim=256).splits == 2  # 32-slot blocks at head dim 256
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="counts compiled Triton kernels")
+def test_one_compile_serves_every_cache_length():
+    """The cache length and the number of splits are runtime integers: caches of another length (a
+    generation of another capacity), divisible by 16 or not, with another split count, launch the
+    kernels compiled for the first (H100, 2026-12-07: ~0.9 s of compiling in the first steps of a
+    2K-prompt hybrid-global-340m generation otherwise)."""
+    def compiled():
+        return sum(len(fn.device_caches[torch.cuda.current_device()][0])
+                   for fn in (da.decode_attention_kernel, da.decode_attention_combine_kernel))
+
+    def step(L, next_position):
+        c = Case(1, 8, 8, 128, L, False, next_position, [next_position], pad=False)
+        kw = _inputs(c, torch.bfloat16)
+        return _call(decode_attention_step, kw, False, config=DecodeAttentionConfig(splits=33))
+
+    step(2052, 2048)  # 33 blocks of 64: 33 splits
+    before = compiled()
+    for L, nxt in ((2304, 2100), (2080, 2050), (2560, 2300)):  # 18 / 17 / 20 splits, 2304 divisible by 16
+        step(L, nxt)
+    assert compiled() == before
 
 
 def test_custom_op_schema_and_fake():

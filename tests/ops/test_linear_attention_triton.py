@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.ops._triton_common import DEVICE, ON_GPU  # sets TRITON_INTERPRET=1 on CPU before the kernels load
-from tests.utils import assert_close, linear_attention_recurrence, packed_cu_seqlens
+from tests.utils import assert_close, linear_attention_oracle, packed_cu_seqlens
 
 from deltanet.layers.linear_attention import linear_attention
 from deltanet.ops.delta_rule.linear import chunk_linear_attention
@@ -41,7 +41,7 @@ def _oracle(q, k, v, S0, do, dS, lengths_per_row):
     outs, finals, n0 = [], [], 0
     for b, lengths in enumerate(lengths_per_row):
         rows = [x[b:b + 1] for x in leaves[:3]]
-        o, S = linear_attention_recurrence(*rows, leaves[3][n0:n0 + len(lengths)], lengths, SCALE)
+        o, S = linear_attention_oracle(*rows, leaves[3][n0:n0 + len(lengths)], lengths, SCALE)
         outs.append(o)
         finals.append(S)
         n0 += len(lengths)
