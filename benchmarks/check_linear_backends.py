@@ -5,7 +5,12 @@
    L2-normalised q / k as the layers feed it; output, final state and the gradients of q, k, v
    and the initial state against the PyTorch form run in float64 on the same inputs (relative
    max errors, with the PyTorch form's own fp32 error beside them as the yardstick).
-2. The model: ``linear-attn-340m`` cut to ``--layers`` layers (and ``deltanet-340m`` the same)
+2. Head dims: bf16 inputs, packed documents of 1-640 tokens, ``(K, V)`` from 16 to 128, both
+   additive linear attention and the delta rule's chunk op (``delta_rule(backend="triton")``)
+   against their PyTorch forms in float64, the PyTorch forms' bf16 errors beside them (H100,
+   2026-12-07: the linear op's bf16 output was 0.33 off at K = 32, V = 16 on the GPU, 3.7e-3 under
+   the CPU interpreter; this finds which dims and which op).
+3. The model: ``linear-attn-340m`` cut to ``--layers`` layers (and ``deltanet-340m`` the same)
    trained ``--steps`` steps on one fixed random batch as ``deltanet bench model`` does (AdamW
    lr 1e-4, bf16 autocast), once per route from the same initial weights: the loss curves.
 
@@ -23,6 +28,8 @@ import torch.nn.functional as F
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a is None or b is None:
+        return None
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
@@ -43,8 +50,8 @@ def op_case(dtype: torch.dtype, packed: bool, device: torch.device) -> dict:
     ins = [t.to(dtype) for t in (q, k, v)]
 
     def run(fn, cast):
-        xs = [t.detach().to(cast).requires_grad_() for t in ins] + [h0.detach().to(
-            torch.float64 if cast == torch.float64 else torch.float32).requires_grad_()]
+        xs = [t.detach().to(cast).clone().requires_grad_() for t in ins] + [h0.detach().to(
+            torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()]
         o, S = fn(*xs)
         ((o.to(torch.float64) * do.double()).sum() + (S.double() * dht.double()).sum()).backward()
         return [o.detach(), S.detach()] + [x.grad for x in xs]
@@ -66,6 +73,43 @@ def op_case(dtype: torch.dtype, packed: bool, device: torch.device) -> dict:
             "torch_fp32_rel_err": {n: _rel(a, r) for n, a, r in zip(names, fp32, ref)},
             "finite": all(bool(torch.isfinite(a).all()) for a in got),
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def dims_case(K: int, V: int, rule: str, device: torch.device) -> dict:
+    """bf16 errors of the Triton route vs the float64 PyTorch form at head dims ``K, V``."""
+    from deltanet.layers.linear_attention import linear_attention
+    from deltanet.ops import delta_rule
+
+    lengths = [1, 63, 64, 65, 640, 129]
+    T, N, H = sum(lengths), len(lengths), 2
+    g = torch.Generator(device=device).manual_seed(7)
+    q = F.normalize(torch.randn(1, T, H, K, device=device, generator=g, dtype=torch.float64), dim=-1)
+    k = F.normalize(torch.randn(1, T, H, K, device=device, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(1, T, H, V, device=device, generator=g, dtype=torch.float64)
+    beta = torch.rand(1, T, H, device=device, generator=g, dtype=torch.float64)
+    h0 = torch.randn(N, H, K, V, device=device, generator=g, dtype=torch.float64)
+    do = torch.randn(1, T, H, V, device=device, generator=g, dtype=torch.float64)
+    dht = torch.randn(N, H, K, V, device=device, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
+    ins = [q.bfloat16(), k.bfloat16(), v.bfloat16()] + ([beta.bfloat16()] if rule == "delta" else [])
+
+    def run(backend, cast):
+        xs = [t.detach().to(cast).clone().requires_grad_() for t in ins]
+        s0 = h0.detach().to(torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()
+        if rule == "delta":
+            o, S = delta_rule(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend=backend)
+        else:
+            o, S = linear_attention(*xs, initial_state=s0, cu_seqlens=cu, backend=backend)
+        ((o.double() * do).sum() + (S.double() * dht).sum()).backward()
+        return [o.detach(), S.detach()] + [x.grad for x in xs] + [s0.grad]
+
+    names = ["o", "final_state", "dq", "dk", "dv"] + (["dbeta"] if rule == "delta" else []) + ["dh0"]
+    ref = run("torch", torch.float64)
+    got = run("triton", torch.bfloat16)
+    base = run("torch", torch.bfloat16)
+    return {"case": f"dims {rule} K{K} V{V} bf16 packed",
+            "triton_rel_err": {n: _rel(a, r) for n, a, r in zip(names, got, ref)},
+            "torch_bf16_rel_err": {n: _rel(a, r) for n, a, r in zip(names, base, ref)}}
 
 
 def model_case(name: str, backend: str, layers: int, steps: int, batch: int, T: int, device: torch.device) -> dict:
@@ -115,6 +159,9 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         for packed in (False, True):
             record(op_case, dtype, packed, device)
+    for K, V in ((32, 16), (16, 16), (16, 32), (32, 32), (64, 16), (64, 64), (128, 128)):
+        for rule in ("linear", "delta"):
+            record(dims_case, K, V, rule, device)
     for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
         record(model_case, name, backend, args.layers, args.steps, args.batch, args.seq_len, device)
 

@@ -218,7 +218,9 @@ def time_variant(name, settings, shapes, args, refs):
             if args.check:
                 o = f()
                 o.backward(do)
-                got = [o.detach().float()] + [x.grad.float() for x in xs]
+                # copies: an fp32 leaf's .float() is its grad itself, which the timed backward
+                # passes below would then keep adding to (the gated rule's g)
+                got = [o.detach().float().clone()] + [x.grad.float().clone() for x in xs]
                 if (D, T) not in refs:
                     refs[(D, T)] = got
                 else:

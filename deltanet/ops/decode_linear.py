@@ -52,17 +52,17 @@ import triton.language as tl
 from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
 
-__all__ = ["GemvConfig", "MAX_WEIGHTS", "decode_linear_reference", "linear_residual_decode",
-           "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
+__all__ = ["GemvConfig", "MAX_WEIGHTS", "MEASURED", "decode_linear_reference", "linear_residual_decode",
+           "measured_config", "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
 
 MAX_WEIGHTS = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BM = 64  # rows per program (the batch of a decode step); more rows: more programs along axis 1
 MAX_SPLIT_K = 64
 H100_SMS = 132  # select_config's default SM count (an H200 has as many)
-# Whether calls without a ``config`` let ``select_config`` split K (by the device's SM count). Off
-# until a GPU has run the split kernels' tests and timed them against SPLIT_K = 1 (the sweep in
-# ``benchmarks/bench_decode_step.py``); ``config=GemvConfig(SPLIT_K=...)`` takes them meanwhile.
+# Whether calls without a ``config`` let ``select_config`` split K (by the device's SM count) where
+# :data:`MEASURED` has no entry. Off: timed on an H100 (2026-12-07), the rule's splits gave the
+# captured decode step no steady gain; the measured entries split where the sweep found it faster.
 SPLIT_K_BY_DEFAULT = False
 
 # Tests set this: the output starts as NaN, so an element the kernel forgets to write shows up.
@@ -286,10 +286,10 @@ def select_config(M: int, N_total: int, dtype: torch.dtype, *, K: int | None = N
     Measured: the roundings (tests) and the resources, compiled for sm_90 without a GPU (Triton
     3.9, 2026-12-07, the 340M shapes at M = 1 and 32 with these defaults, split or not): 34-152
     registers, no spills, <= 58 KB shared memory; the split-K epilogue 32-38 registers, none.
-    Not measured: any timing. No GPU has run split-K yet, so the split rule is the bytes-in-flight
-    argument above, not a measured optimum (its cost: a second launch of ~1-2 us a call);
-    ``benchmarks/bench_decode_step.py --gemv-sweep`` times it against ``SPLIT_K = 1`` and the
-    other settings and names the best per shape.
+    Timed (H100, 2026-12-07): the split rule on its own moved the captured 340M decode step by
+    -2% to +7% (so ``SPLIT_K_BY_DEFAULT`` is off); the shapes where a setting measured faster take it
+    from :data:`MEASURED` before this rule is asked. ``benchmarks/bench_decode_step.py
+    --gemv-sweep`` times any shape's settings and names the best.
     """
     BM = _rows_per_program(M)
     BN = 16 if N_total <= 8192 else 32 if N_total <= 16384 else 64
@@ -303,6 +303,36 @@ def select_config(M: int, N_total: int, dtype: torch.dtype, *, K: int | None = N
         while programs * split < 1.5 * num_sms and split * 2 <= most:
             split *= 2
     return GemvConfig(BN=BN, BK=BK, num_warps=4, num_stages=3, SPLIT_K=split)
+
+
+# Measured optima, used before ``select_config``'s rule: (rows per program, N_total, K) ->
+# settings, bf16, for the 340M block's projections (hidden 1024, MLP 2816; N_total as ``_call``
+# passes it: the summed rows of the weights, one of the two for SwiGLU). H100, Triton 3.6,
+# ``benchmarks/bench_decode_step.py --gemv-sweep`` at batch 1 (2026-12-07, 16 rows per program)
+# and batch 32 (2026-12-07, 32 rows), µs per call against the rule's settings without split:
+#   16 rows: input projections 8.88 -> 8.23 (BN 32), MLP down 8.09 -> 7.27 (8 splits);
+#   32 rows: input projections 16.19 -> 14.19, gated 16.13 -> 14.20 (BN 32, BK 256, 2 splits),
+#            MLP gate/up 16.09 -> 11.93 (BN 64, BK 256, 2 splits), down 10.91 -> 7.36 (BN 64, 8 splits).
+# Wider column blocks at 32 rows: every program re-reads the [32, K] input, 32 / BN times the bytes
+# of its weights (twice them at BN 16, half at BN 64); the splits win back the programs. The
+# other shapes (o_proj, the LM head, the attention layers' projections, other batches) keep the
+# rule: the sweep found <= 1% there or did not measure them.
+MEASURED = {
+    (16, 4104, 1024): GemvConfig(BN=32, BK=256, num_warps=4, num_stages=4),
+    (16, 4112, 1024): GemvConfig(BN=32, BK=256, num_warps=4, num_stages=3),
+    (16, 1024, 2816): GemvConfig(BN=16, BK=256, num_warps=4, num_stages=3, SPLIT_K=8),
+    (32, 4104, 1024): GemvConfig(BN=32, BK=256, num_warps=4, num_stages=3, SPLIT_K=2),
+    (32, 4112, 1024): GemvConfig(BN=32, BK=256, num_warps=4, num_stages=1, SPLIT_K=2),
+    (32, 2816, 1024): GemvConfig(BN=64, BK=256, num_warps=4, num_stages=3, SPLIT_K=2),
+    (32, 1024, 2816): GemvConfig(BN=64, BK=128, num_warps=4, num_stages=3, SPLIT_K=8),
+}
+
+
+def measured_config(M: int, N_total: int, K: int, dtype: torch.dtype) -> GemvConfig | None:
+    """The measured settings for this shape (:data:`MEASURED`), or None."""
+    if dtype != torch.bfloat16:
+        return None
+    return MEASURED.get((_rows_per_program(M), N_total, K))
 
 
 def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[torch.Tensor],
@@ -413,9 +443,10 @@ def _call(x, weights, norm_weight, residual, eps, swiglu, config) -> torch.Tenso
     x2 = x.reshape(-1, x.shape[-1])
     r2 = residual.reshape(x2.shape[0], -1).contiguous() if residual is not None else None
     if config is None:
-        config = select_config(x2.shape[0], weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights),
-                               x.dtype, K=x2.shape[1] if SPLIT_K_BY_DEFAULT else None,
-                               num_sms=device_sms(x.device))
+        N_total = weights[0].shape[0] if swiglu else sum(w.shape[0] for w in weights)
+        config = measured_config(x2.shape[0], N_total, x2.shape[1], x.dtype) or select_config(
+            x2.shape[0], N_total, x.dtype, K=x2.shape[1] if SPLIT_K_BY_DEFAULT else None,
+            num_sms=device_sms(x.device))
     y = _op(x2, list(weights), norm_weight, r2, float(eps), swiglu, config.BN, config.BK, config.num_warps,
             config.num_stages, config.SPLIT_K, config.dot)
     return y.view(*lead, y.shape[-1])

@@ -262,6 +262,51 @@ def test_select_config_splits_the_few_column_shapes():
     assert sc(65, 1024, bf16, K=1024, num_sms=132).SPLIT_K == 2  # two row blocks: 128 programs
 
 
+@pytest.mark.parametrize("key", list(dl.MEASURED), ids=lambda k: "rows{}-N{}-K{}".format(*k))
+def test_measured_settings_are_taken_and_exact(key, monkeypatch):
+    """Each measured setting (H100 sweep, bf16): calls without a config at its shape take it (the
+    launch records its settings), and the result is within 2x PyTorch's bf16 error of the float64
+    oracle (split-K included); float32 and other shapes keep the rule."""
+    rows, N_total, K = key
+    M = 1 if rows == 16 else rows
+    assert dl.measured_config(M, N_total, K, torch.bfloat16) is dl.MEASURED[key]
+    assert dl.measured_config(M, N_total, K, torch.float32) is None
+    assert dl.measured_config(M, N_total + 16, K, torch.bfloat16) is None
+    launched = []
+    real = dl._op
+
+    def spy(*a):
+        launched.append(a[6:11])  # block_n, block_k, num_warps, num_stages, split_k
+        return real(*a)
+
+    monkeypatch.setattr(dl, "_op", spy)
+    g = torch.Generator().manual_seed(N_total + K)
+    bf16 = torch.bfloat16
+    x = _r(M, 1, K, dtype=bf16, g=g)
+    nw = _r(K, dtype=torch.float32, g=g).abs() + 0.5
+    if K == 2816:  # the down projection, with the residual
+        w, r = _r(N_total, K, dtype=bf16, s=K ** -0.5, g=g), _r(M, 1, N_total, dtype=bf16, g=g)
+        out = linear_residual_decode(x, w, r)
+        eager, oracle = decode_linear_reference(x, [w], residual=r), r.double() + x.double() @ w.double().t()
+    elif N_total == 2816:  # MLP gate / up + SwiGLU
+        wg, wu = (_r(N_total, K, dtype=bf16, s=K ** -0.5, g=g) for _ in range(2))
+        out = rms_norm_swiglu_decode(x, nw, wg, wu)
+        eager = decode_linear_reference(x, [wg, wu], nw, swiglu=True)
+        with torch.no_grad():
+            og, ou = rms_norm_linear(x.double(), nw.double(), [wg.double(), wu.double()], 1e-6)
+        oracle = F.silu(og) * ou
+    else:  # the input projections: q, k, v, beta (, a), output gate
+        Ns = [1024, 1024, 1024, 8] + ([8] if N_total == 4112 else []) + [1024]
+        ws = [_r(n, K, dtype=bf16, s=K ** -0.5, g=g) for n in Ns]
+        out = torch.cat(rms_norm_linear_decode(x, nw, ws), -1)
+        eager = decode_linear_reference(x, ws, nw)
+        with torch.no_grad():
+            oracle = torch.cat(rms_norm_linear(x.double(), nw.double(), [w.double() for w in ws], 1e-6), -1)
+    c = dl.MEASURED[key]
+    assert launched == [(c.BN, c.BK, c.num_warps, c.num_stages, c.SPLIT_K)]
+    _check(f"measured {key}", out, eager, oracle, bf16)
+
+
 @pytest.mark.parametrize("kwargs,field", [(dict(SPLIT_K=0), "SPLIT_K"), (dict(SPLIT_K=65), "SPLIT_K"),
                                           (dict(SPLIT_K=2.0), "SPLIT_K"), (dict(dot=1), "dot"),
                                           (dict(BN=8), "BN"), (dict(BN=2, dot=False), "BN"), (dict(BK=8), "BK"),
