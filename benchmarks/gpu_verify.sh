@@ -59,6 +59,10 @@
 #         linear   (not in the default list) additive linear attention on the chunk engine's kernels
 #                  (deltanet/ops/delta_rule/linear.py): its CUDA tests, then training tokens/s and peak memory
 #                  of linear-attn-340m beside deltanet-340m (T = 2K, 32K tokens, bf16 autocast)
+#         decode_ab  (not in the default list) the decode GEMVs' measured settings and the capture without
+#                  empty_cache, each against its alternative: their CUDA tests, then the captured loop of
+#                  deltanet-340m and hybrid-swa-340m at batch 1 and 32 as shipped, with the rule's GEMV
+#                  settings (MEASURED cleared) and with torch's capture (EMPTY_CACHE_ON_CAPTURE)
 #         linear_check  (not in the default list) linear attention's Triton route against its PyTorch form at
 #                  full size: the op's errors vs float64 (bf16 / fp32, fixed / packed), and the loss curves of
 #                  linear-attn-340m cut to 4 layers on bench model's fixed batch, per route
@@ -124,6 +128,18 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                done
                run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
                  --batch 1,32 --budget-s 60 ;;
+    decode_ab) run decode_ab_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+                 tests/ops/test_decode_linear.py tests/models/test_decoding.py
+               # the captured loop as it ships, without the measured GEMV settings, with torch's capture
+               # (empty_cache first): same models and batches, one row each
+               for v in ships rule_gemv torch_capture; do
+                 run "decode_ab_$v" 80 python3 -c "import sys; import deltanet.ops.decode_linear as L, deltanet.models.cuda_graph as G
+if '$v' == 'rule_gemv': L.MEASURED.clear()
+if '$v' == 'torch_capture': G.EMPTY_CACHE_ON_CAPTURE = True
+from deltanet.cli import main
+sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340m --paths loop --batch 1,32 \
+                   --prompt 2048 --new-tokens 256 --budget-s 70 --out "$R/decode_ab_$v.md"
+               done ;;
     gemv) run newdecode_gemv 100 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv" --batch 1 \
                  --budget-s 90 ;;
     gemv32) run gemv32 200 python3 benchmarks/bench_decode_step.py --gemv-sweep --out "$R/gemv32" --batch 32 \

@@ -19,7 +19,9 @@ fused attention steps, one per attention layer), in the step the captured loop r
 Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable with
 ``generate``), decode-only tokens/s and ms per step (all steps after the prefill: the eager
 first step and the graph capture included), on the loop path ``steady_tokens_per_s`` (the
-replayed steps after the first replay, a long generation's rate), peak memory, the cache's size after the
+replayed steps after the first replay, a long generation's rate) and the once-per-generation part
+before them (``setup_ms``: the eager first step, ``first_step_ms``, the capture, ``capture_ms``,
+and the first replay), peak memory, the cache's size after the
 last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
 the bandwidth floor: per step the weights are read once (all parameters but the input embedding
 table, of which only B rows are gathered) and the cache traffic is counted (recurrent and conv
@@ -177,7 +179,8 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 from deltanet.models.decoding import decode
 
                 res = decode(model, ids, max_new_tokens=n, cuda_graph=cuda_graph)
-                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, res.steady_tokens_per_s
+                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, (res.steady_tokens_per_s,
+                                                                                     res.stats)
             _sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, **{**gen, "max_new_tokens": n, "min_new_tokens": n})
@@ -214,8 +217,12 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         if new_tokens > 1 and step_s > 0:
             row["step_ms"] = round(step_s * 1e3, 3)
             row["decode_tokens_per_s"] = round(batch / step_s, 1)
+        steady, setup = steady if steady is not None else (None, {})
         if steady is not None:  # the captured loop's replays alone (no eager first step, no capture)
             row["steady_tokens_per_s"] = round(steady, 1)
+        for key in ("setup_s", "first_step_s", "capture_s"):  # the once-per-generation parts, ms
+            if key in setup:
+                row[key.replace("_s", "_ms")] = round(setup[key] * 1e3, 2)
         held, moved = cache_traffic(cache)
         if held is not None:
             row["cache_MiB"] = round(held / 2**20, 2)
@@ -238,7 +245,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
 
 
 COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
-           "decode_tokens_per_s", "steady_tokens_per_s", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
+           "decode_tokens_per_s", "steady_tokens_per_s", "setup_ms", "first_step_ms", "capture_ms", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
            "gemv_kernels", "attention_kernels"]
 
 

@@ -25,6 +25,8 @@ search's ``reorder_cache`` works in place and keeps it.
 
 from __future__ import annotations
 
+import contextlib
+import time
 import warnings
 import weakref
 from typing import Callable
@@ -39,6 +41,37 @@ __all__ = ["DecodeGraph", "decode_step", "graph_decodable"]
 # Devices on which the graph path is taken. Only CUDA captures; the tests add "cpu" to run the
 # same static-buffer step eagerly (the bookkeeping is device independent).
 GRAPH_DEVICES = ("cuda",)
+
+# ``torch.cuda.graph`` empties the caching allocator before every capture (``empty_cache``: a
+# ``cudaFree`` per cached block, each synchronising), which after a large prefill returns
+# gigabytes of freed activations to the driver once per generation. The capture below skips it:
+# the graph's private pool allocates beside the cache. True restores torch's behaviour (for A/B
+# timing; ``DecodeGraph.timings`` splits a generation's setup into its parts).
+EMPTY_CACHE_ON_CAPTURE = False
+
+_CAPTURE_STREAMS: dict = {}
+
+
+@contextlib.contextmanager
+def _capture(graph: "torch.cuda.CUDAGraph", device: torch.device):
+    """``torch.cuda.graph(graph)`` without its ``empty_cache`` (unless ``EMPTY_CACHE_ON_CAPTURE``):
+    capture on a side stream that first waits for the current one, which then waits for it."""
+    if EMPTY_CACHE_ON_CAPTURE:
+        with torch.cuda.graph(graph):
+            yield
+        return
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            yield
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
 
 
 def graph_decodable(model, input_ids, cache, *, attention_mask, inputs_embeds, labels, position_ids, cu_seqlens,
@@ -87,6 +120,9 @@ class DecodeGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.steps = 0
+        # host seconds of the one-off parts on CUDA: "first_step_s" (the eager step, to its end on
+        # the GPU) and "capture_s" (recording the step and instantiating the graph)
+        self.timings: dict[str, float] = {}
 
     def valid_for(self, model, cache, head=None) -> bool:
         """Still the same model, head and cache tensors (nothing replaced them; the batch and device
@@ -144,10 +180,12 @@ class DecodeGraph:
             self.mask.copy_(mask)
             self.mask_is_ones = False
         self.steps += 1
-        if self.graph is None and self.steps >= 2 and self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if self.graph is None and self.steps >= 2 and cuda:
             graph = torch.cuda.CUDAGraph()
+            t0 = time.perf_counter()
             try:  # capture records the step's kernels without running them: nothing advances here
-                with torch.cuda.graph(graph):
+                with _capture(graph, self.device):
                     self.logits = self._step()
             except Exception as e:  # an op that cannot be captured: decode eagerly from now on
                 self.model.cuda_graph_decoding = False
@@ -155,8 +193,15 @@ class DecodeGraph:
                 warnings.warn(f"CUDA-graph decoding disabled for this model: capture failed ({type(e).__name__}: "
                               f"{e}); decoding eagerly", RuntimeWarning, stacklevel=3)
                 return self._step()
+            self.timings["capture_s"] = time.perf_counter() - t0
             self.graph = graph
         if self.graph is None:
+            if self.steps == 1 and cuda:
+                t0 = time.perf_counter()
+                out = self._step()
+                torch.cuda.synchronize(self.device)
+                self.timings["first_step_s"] = time.perf_counter() - t0
+                return out
             return self._step()
         self.graph.replay()
         return self.logits

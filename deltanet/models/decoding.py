@@ -35,7 +35,8 @@ class DecodeResult:
     captured step was used; ``cache``: the cache after the last step. ``stats["setup_s"]`` (captured
     loop of 3+ tokens): of ``decode_s``, the time to the end of the first replay -- the eager first
     step, the capture and one replay, once per generation -- so that ``steady_tokens_per_s`` is the
-    rate of the replays alone."""
+    rate of the replays alone; of it, ``stats["first_step_s"]`` (the eager step, to its end on the
+    GPU) and ``stats["capture_s"]`` (recording the step and instantiating the graph)."""
 
     tokens: torch.Tensor
     prefill_s: float
@@ -182,6 +183,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     stats = dict(batch=B, prompt=S, steps=steps)
     if setup_s is not None and graph is not None and graph.graph is not None:
         stats["setup_s"] = setup_s
+        stats.update(graph.timings)
     return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, graph=graph is not None,
                         stats=stats, cache=cache)
 

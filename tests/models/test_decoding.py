@@ -187,7 +187,34 @@ def test_captured_loop_on_cuda_equals_eager_loop(mix):
         assert graph.graph and torch.equal(graph.tokens, eager.tokens), (mix, cfg)
         # the eager first step + capture + first replay, timed apart from the replays after it
         assert 0 < graph.stats["setup_s"] < graph.decode_s and graph.steady_tokens_per_s > 0
+        # of it: the eager first step and the capture
+        parts = graph.stats["first_step_s"] + graph.stats["capture_s"]
+        assert 0 < graph.stats["first_step_s"] and 0 < graph.stats["capture_s"] and parts < graph.stats["setup_s"]
         assert "setup_s" not in eager.stats and eager.steady_tokens_per_s is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("empty_cache", [False, True])
+def test_capture_keeps_the_allocator_cache(monkeypatch, empty_cache):
+    """The decode graph's capture leaves the caching allocator's freed blocks cached (torch.cuda.graph
+    returns them to the driver first); with ``EMPTY_CACHE_ON_CAPTURE`` it does as torch does. Same
+    tokens either way."""
+    from deltanet.models import cuda_graph as cg
+
+    monkeypatch.setattr(cg, "EMPTY_CACHE_ON_CAPTURE", empty_cache)
+    model = make_model("delta", dtype=torch.float32).cuda()
+    ids, mask = (t.cuda() for t in _padded_batch())
+    ref = decode(model, ids, mask, max_new_tokens=6, cuda_graph=False).tokens
+    torch.cuda.synchronize()
+    freed = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")  # 64 MiB, then back to the cache
+    del freed
+    reserved = torch.cuda.memory_reserved()
+    out = decode(model, ids, mask, max_new_tokens=6, cuda_graph=True)
+    assert out.graph and torch.equal(out.tokens, ref)
+    if empty_cache:
+        assert torch.cuda.memory_reserved() < reserved  # the 64 MiB block went back to the driver
+    else:
+        assert torch.cuda.memory_reserved() >= reserved  # the 64 MiB block stayed cached
 
 
 def test_decode_reads_the_cache_without_deprecated_names(monkeypatch):
