@@ -24,6 +24,10 @@ if ON_GPU:
 else:
     SHAPES = [(1, 1, 1, 16, 32), (2, 63, 3, 32, 16), (1, 65, 2, 16, 48), (1, 130, 1, 64, 32)]
 SHAPE_IDS = ["B{}-T{}-H{}-K{}-V{}".format(*s) for s in SHAPES]
+# 16-bit inputs at small head dims on the GPU as well (the CPU shapes are small already): tensor-core
+# tiles of 16-32 columns, where linear attention's bf16 output was found 0.33 off on an H100
+# (2026-12-07) while the interpreter and K = V = 128 were exact to bf16
+LOWP_SHAPES = SHAPES[1:] + ([(2, 300, 2, 32, 16), (1, 200, 2, 16, 32)] if ON_GPU else [])
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +74,7 @@ def test_fp32_matches_reference(shape, initial_state):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES[1:], ids=SHAPE_IDS[1:])
+@pytest.mark.parametrize("shape", LOWP_SHAPES, ids=["B{}-T{}-H{}-K{}-V{}".format(*s) for s in LOWP_SHAPES])
 def test_low_precision_within_twice_the_pytorch_floor(shape, dtype):
     """docs/numerics.md: error vs float64 <= 2x that of the same computation in PyTorch in ``dtype``."""
     inp64 = make_inputs(*shape, initial_state=True, seed=3 + shape[1], device=DEVICE)
