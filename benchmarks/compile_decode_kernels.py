@@ -3,7 +3,10 @@ needed: registers and spill stack per thread and shared memory of each launch of
 shapes (the fused attention step and its combine; the GEMVs with and without split-K, and their
 epilogue). For checking a Triton version's code generation before any GPU run:
 
-    TRITON_INTERPRET= python benchmarks/compile_decode_kernels.py
+    TRITON_INTERPRET= python benchmarks/compile_decode_kernels.py [--pdl]
+
+``--pdl``: with programmatic dependent launch on (``deltanet.ops.pdl``; the GEMVs then read their
+first weight tiles before waiting for the previous kernel).
 
 The launches are the modules' own: their launchers (``_launch`` of ``deltanet.ops.decode_linear`` and
 ``deltanet.ops.decode_attention``) run on meta tensors with the kernels recorded instead of run
@@ -80,6 +83,11 @@ def gemv(name: str, Ns: list[int], C: int, swiglu: bool, norm: bool, res: bool, 
 
 def main() -> int:
     print("triton", triton.__version__)
+    if "--pdl" in sys.argv[1:]:
+        for module in (dl, da):
+            if hasattr(module, "pdl_for"):
+                module.pdl_for = lambda x: True
+        print("programmatic dependent launch: on")
     ok = True
     for dtype in (torch.bfloat16, torch.float32):
         for splits in (1, 4):

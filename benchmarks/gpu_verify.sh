@@ -62,7 +62,8 @@
 #         decode_ab  (not in the default list) the decode GEMVs' measured settings and the capture without
 #                  empty_cache, each against its alternative: their CUDA tests, then the captured loop of
 #                  deltanet-340m and hybrid-swa-340m at batch 1 and 32 as shipped, with the rule's GEMV
-#                  settings (MEASURED cleared) and with torch's capture (EMPTY_CACHE_ON_CAPTURE)
+#                  settings (MEASURED cleared), with torch's capture (EMPTY_CACHE_ON_CAPTURE) and with
+#                  programmatic dependent launch (deltanet.ops.pdl.PDL_DECODE)
 #         linear_check  (not in the default list) linear attention's Triton route against its PyTorch form at
 #                  full size: the op's errors vs float64 (bf16 / fp32, fixed / packed), and the loss curves of
 #                  linear-attn-340m cut to 4 layers on bench model's fixed batch, per route
@@ -131,13 +132,14 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
                  --batch 1,32 --budget-s 60 ;;
     decode_ab) run decode_ab_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
-                 tests/ops/test_decode_linear.py tests/models/test_decoding.py
+                 tests/ops/test_decode_linear.py tests/models/test_decoding.py tests/ops/test_pdl.py
                # the captured loop as it ships, without the measured GEMV settings, with torch's capture
-               # (empty_cache first): same models and batches, one row each
-               for v in ships rule_gemv torch_capture; do
-                 run "decode_ab_$v" 80 python3 -c "import sys; import deltanet.ops.decode_linear as L, deltanet.models.cuda_graph as G
+               # (empty_cache first), with programmatic dependent launch: same models and batches, one row each
+               for v in ships rule_gemv torch_capture pdl; do
+                 run "decode_ab_$v" 80 python3 -c "import sys; import deltanet.ops.decode_linear as L, deltanet.models.cuda_graph as G, deltanet.ops.pdl as P
 if '$v' == 'rule_gemv': L.MEASURED.clear()
 if '$v' == 'torch_capture': G.EMPTY_CACHE_ON_CAPTURE = True
+if '$v' == 'pdl': P.PDL_DECODE = True
 from deltanet.cli import main
 sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340m --paths loop --batch 1,32 \
                    --prompt 2048 --new-tokens 256 --budget-s 70 --out "$R/decode_ab_$v.md"

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
+from .pdl import pdl_for, pdl_wait
 
 __all__ = ["DecodeAttentionConfig", "decode_attention_step", "decode_attention_step_reference",
            "select_config", "supports"]
@@ -72,10 +73,12 @@ def decode_attention_kernel(q, k, v, k_cache, v_cache, valid, pos, next_pos, mas
                             H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                             D: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
                             BL: tl.constexpr, SPLIT: tl.constexpr, RING: tl.constexpr, HAS_MASK: tl.constexpr,
-                            IEEE: tl.constexpr):
+                            IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program ``(b * HKV + kvh, split)``: query heads ``kvh * G ...`` of row ``b`` over the
     slots ``split * CHUNK ...`` of KV head ``kvh`` (``NS`` splits; ``SPLIT``: more than one). Keys
-    are handled as their two RoPE halves (``[.., D/2]`` each), so the rotation never moves data across lanes."""
+    are handled as their two RoPE halves (``[.., D/2]`` each), so the rotation never moves data across lanes.
+    ``PDL``: programmatic dependent launch (``deltanet.ops.pdl``): wait for the previous kernel first."""
+    pdl_wait(PDL)
     i_bh, i_s = tl.program_id(0), tl.program_id(1)
     b, kvh = i_bh // HKV, i_bh % HKV
     HALF: tl.constexpr = D // 2
@@ -172,10 +175,11 @@ def decode_attention_kernel(q, k, v, k_cache, v_cache, valid, pos, next_pos, mas
 
 @triton.jit(do_not_specialize=["NS"])
 def decode_attention_combine_kernel(part_m, part_l, part_o, o, NS, NSB: tl.constexpr,
-                                    DV: tl.constexpr, BV: tl.constexpr):
+                                    DV: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr = False):
     """Program ``b * H + h``: the ``NS`` splits' partial softmax states folded into the output,
     ``NSB`` splits at a time with a running maximum (one compile for any ``NS``). Split 0 always
     holds the new token, so the first block's maximum is finite; empty splits weigh 0."""
+    pdl_wait(PDL)
     i = tl.program_id(0)
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
@@ -259,16 +263,20 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
         part_m = torch.empty(B * H * NS, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_o = torch.empty(B * H * NS * Dv, dtype=torch.float32, device=q.device)
+    pdl = pdl_for(q)
+    launch = {"launch_pdl": True} if pdl else {}
     decode_attention_kernel[(B * Hkv, NS)](
         q, k, v, k_cache, v_cache, valid, position, next_position, mask if mask is not None else position, inv_freq,
         o, part_m, part_l, part_o, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         position.stride(0), mask.stride(0) if mask is not None else 0, scale, L, chunk, NS,
         H=H, HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, DV=Dv,
         BH=max(16, triton.next_power_of_2(D // 2)), BV=max(16, triton.next_power_of_2(Dv)), BL=BL, SPLIT=NS > 1,
-        RING=ring, HAS_MASK=mask is not None, IEEE=k_cache.dtype == torch.float32, num_warps=num_warps)
+        RING=ring, HAS_MASK=mask is not None, IEEE=k_cache.dtype == torch.float32, PDL=pdl,
+        num_warps=num_warps, **launch)
     if NS > 1:
         decode_attention_combine_kernel[(B * H,)](part_m, part_l, part_o, o, NS, NSB=32, DV=Dv,
-                                                  BV=max(16, triton.next_power_of_2(Dv)), num_warps=4)
+                                                  BV=max(16, triton.next_power_of_2(Dv)), PDL=pdl, num_warps=4,
+                                                  **launch)
     return o
 
 

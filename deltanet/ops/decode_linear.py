@@ -51,6 +51,7 @@ import triton.language as tl
 
 from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
+from .pdl import pdl_for, pdl_wait, prefetch_rows
 
 __all__ = ["GemvConfig", "MAX_WEIGHTS", "MEASURED", "decode_linear_reference", "linear_residual_decode",
            "measured_config", "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
@@ -98,26 +99,56 @@ def _mac(acc, b_x, b_w, IEEE: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _tile(x, stride_x, wn, rstd, w, res, y, stride_y, ws, off_m, n0, k0, M,
+def _rstd(x, stride_x, off_m, M, eps, C: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr):
+    """1/rms per row over all ``C`` channels, fp32 (the eager norm's statistics)."""
+    ss = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, C, BK):
+        o_k = c0 + tl.arange(0, BK)
+        b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :],
+                      mask=(off_m < M)[:, None] & (o_k < C)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(b_x * b_x, 1)
+    return 1.0 / tl.sqrt(ss / C + eps)
+
+
+@triton.jit
+def _x_tile(x, stride_x, wn, rstd, off_m, o_k, m_m, m_k, dt, NORM: tl.constexpr):
+    """Rows ``off_m``, channels ``o_k`` of the input, normed as the eager layer rounds it."""
+    b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
+    if NORM:  # the eager norm's output, rounded to the activation dtype
+        b_wn = tl.load(wn + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_x = (b_x.to(tl.float32) * rstd[:, None] * b_wn[None, :]).to(dt)
+    return b_x
+
+
+@triton.jit
+def _tile(x, stride_x, wn, eps, w, res, y, stride_y, ws, off_m, n0, k0, M,
           N: tl.constexpr, C: tl.constexpr, OFF: tl.constexpr, w2, WS_N: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_SPLIT: tl.constexpr, SPLIT: tl.constexpr,
-          NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr):
+          NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, DOT: tl.constexpr,
+          PDL: tl.constexpr, LINE: tl.constexpr):
     """Columns ``n0 .. n0 + BN`` of one matrix ``w`` ([N, C], contiguous) for rows ``off_m``, over
     the input channels ``k0 .. k0 + K_SPLIT``: the finished output columns ``OFF + n`` of ``y``,
     or (``SPLIT``) the fp32 partial sums into the workspace ``ws`` ([M, WS_N] for this split;
-    SwiGLU's up sums ``N`` columns after the gate's). ``w2``: SwiGLU's up matrix (same shape)."""
+    SwiGLU's up sums ``N`` columns after the gate's). ``w2``: SwiGLU's up matrix (same shape).
+    ``PDL``: the weight rows are prefetched into L2 (one request per ``LINE`` elements, 128 bytes)
+    before waiting for the previous kernel, everything else is read after (``deltanet.ops.pdl``)."""
     dt = y.dtype.element_ty
     o_n = n0 + tl.arange(0, BN)
     m_m, m_n = off_m < M, o_n < N
+    if PDL:  # this program's weight rows into L2 (nothing writes weights) while the previous kernel runs
+        prefetch_rows(w, o_n, m_n, k0, C, K_SPLIT, LINE)
+        if SWIGLU:
+            prefetch_rows(w2, o_n, m_n, k0, C, K_SPLIT, LINE)
+        pdl_wait(PDL)
+    rstd = tl.zeros([BM], dtype=tl.float32)
+    if NORM:  # every program (and split) normalises over all C channels; the input is tiny next to the weights
+        rstd = _rstd(x, stride_x, off_m, M, eps, C, BK, BM)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc2 = tl.zeros([BM, BN], dtype=tl.float32)
     for kk in range(0, K_SPLIT, BK):  # a constant trip count (K_SPLIT: a multiple of BK), masked at C
         o_k = k0 + kk + tl.arange(0, BK)
         m_k = o_k < C
-        b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.0)
-        if NORM:  # the eager norm's output, rounded to the activation dtype
-            b_wn = tl.load(wn + o_k, mask=m_k, other=0.0).to(tl.float32)
-            b_x = (b_x.to(tl.float32) * rstd[:, None] * b_wn[None, :]).to(dt)
+        b_x = _x_tile(x, stride_x, wn, rstd, off_m, o_k, m_m, m_k, dt, NORM)
         b_w = tl.load(w + o_n[:, None] * C + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
         acc = _mac(acc, b_x, b_w, IEEE, DOT)
         if SWIGLU:  # loaded after the gate's product: fewer live registers (sm_90, M = 1: 152, not 205)
@@ -141,7 +172,8 @@ def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, ws, M, eps,
                          B5: tl.constexpr, B6: tl.constexpr, B7: tl.constexpr, C: tl.constexpr, WS_N: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, K_SPLIT: tl.constexpr,
                          SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_RES: tl.constexpr,
-                         IEEE: tl.constexpr, DOT: tl.constexpr):
+                         IEEE: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
+                         LINE: tl.constexpr = 64):
     """Programs over (column blocks of all matrices, row blocks, splits of the input channels).
     Matrix ``i`` has ``N_i`` rows (0: absent) and owns the ``cdiv(N_i, BN)`` column blocks from
     ``B_i`` on (``B_0 = 0``); its outputs are columns ``N_0 + .. + N_{i-1}`` onwards of ``y``
@@ -152,59 +184,50 @@ def decode_linear_kernel(x, stride_x, wn, res, y, stride_y, ws, M, eps,
     k0 = i_k * K_SPLIT
     if SPLIT:
         ws += i_k * M * WS_N
-    rstd = tl.zeros([BM], dtype=tl.float32)
-    if NORM:  # 1/rms per row over all C channels (every split), fp32 (the eager norm's statistics);
-        # the input is tiny next to the weights
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for c0 in range(0, C, BK):
-            o_k = c0 + tl.arange(0, BK)
-            b_x = tl.load(x + off_m[:, None] * stride_x + o_k[None, :],
-                          mask=(off_m < M)[:, None] & (o_k < C)[None, :], other=0.0).to(tl.float32)
-            ss += tl.sum(b_x * b_x, 1)
-        rstd = 1.0 / tl.sqrt(ss / C + eps)
     if SWIGLU:
-        _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w1, WS_N,
-              BM, BN, BK, K_SPLIT, SPLIT, NORM, True, False, IEEE, DOT)
+        _tile(x, stride_x, wn, eps, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w1, WS_N,
+              BM, BN, BK, K_SPLIT, SPLIT, NORM, True, False, IEEE, DOT, PDL, LINE)
     else:
         if pid < B1:
-            _tile(x, stride_x, wn, rstd, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w0, WS_N,
-                  BM, BN, BK, K_SPLIT, SPLIT, NORM, False, HAS_RES, IEEE, DOT)
+            _tile(x, stride_x, wn, eps, w0, res, y, stride_y, ws, off_m, pid * BN, k0, M, N0, C, 0, w0, WS_N,
+                  BM, BN, BK, K_SPLIT, SPLIT, NORM, False, HAS_RES, IEEE, DOT, PDL, LINE)
         if N1 > 0:
             if (pid >= B1) & (pid < B2):
-                _tile(x, stride_x, wn, rstd, w1, res, y, stride_y, ws, off_m, (pid - B1) * BN, k0, M, N1, C,
-                      N0, w1, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w1, res, y, stride_y, ws, off_m, (pid - B1) * BN, k0, M, N1, C,
+                      N0, w1, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N2 > 0:
             if (pid >= B2) & (pid < B3):
-                _tile(x, stride_x, wn, rstd, w2, res, y, stride_y, ws, off_m, (pid - B2) * BN, k0, M, N2, C,
-                      N0 + N1, w2, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w2, res, y, stride_y, ws, off_m, (pid - B2) * BN, k0, M, N2, C,
+                      N0 + N1, w2, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N3 > 0:
             if (pid >= B3) & (pid < B4):
-                _tile(x, stride_x, wn, rstd, w3, res, y, stride_y, ws, off_m, (pid - B3) * BN, k0, M, N3, C,
-                      N0 + N1 + N2, w3, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w3, res, y, stride_y, ws, off_m, (pid - B3) * BN, k0, M, N3, C,
+                      N0 + N1 + N2, w3, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N4 > 0:
             if (pid >= B4) & (pid < B5):
-                _tile(x, stride_x, wn, rstd, w4, res, y, stride_y, ws, off_m, (pid - B4) * BN, k0, M, N4, C,
-                      N0 + N1 + N2 + N3, w4, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w4, res, y, stride_y, ws, off_m, (pid - B4) * BN, k0, M, N4, C,
+                      N0 + N1 + N2 + N3, w4, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N5 > 0:
             if (pid >= B5) & (pid < B6):
-                _tile(x, stride_x, wn, rstd, w5, res, y, stride_y, ws, off_m, (pid - B5) * BN, k0, M, N5, C,
-                      N0 + N1 + N2 + N3 + N4, w5, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w5, res, y, stride_y, ws, off_m, (pid - B5) * BN, k0, M, N5, C,
+                      N0 + N1 + N2 + N3 + N4, w5, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N6 > 0:
             if (pid >= B6) & (pid < B7):
-                _tile(x, stride_x, wn, rstd, w6, res, y, stride_y, ws, off_m, (pid - B6) * BN, k0, M, N6, C,
-                      N0 + N1 + N2 + N3 + N4 + N5, w6, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w6, res, y, stride_y, ws, off_m, (pid - B6) * BN, k0, M, N6, C,
+                      N0 + N1 + N2 + N3 + N4 + N5, w6, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
         if N7 > 0:
             if pid >= B7:
-                _tile(x, stride_x, wn, rstd, w7, res, y, stride_y, ws, off_m, (pid - B7) * BN, k0, M, N7, C,
-                      N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT)
+                _tile(x, stride_x, wn, eps, w7, res, y, stride_y, ws, off_m, (pid - B7) * BN, k0, M, N7, C,
+                      N0 + N1 + N2 + N3 + N4 + N5 + N6, w7, WS_N, BM, BN, BK, K_SPLIT, SPLIT, NORM, False, False, IEEE, DOT, PDL, LINE)
 
 
 @triton.jit
 def decode_linear_epilogue_kernel(ws, res, y, stride_y, M, N: tl.constexpr, WS_N: tl.constexpr,
                                   SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                  SWIGLU: tl.constexpr, HAS_RES: tl.constexpr):
+                                  SWIGLU: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr = False):
     """Split-K's second launch: the ``SPLIT_K`` fp32 partial sums of each output element added in
     split order (deterministic), then the main kernel's roundings, SwiGLU and residual."""
+    pdl_wait(PDL)
     off_m = tl.program_id(1) * BM + tl.arange(0, BM)
     o_n = tl.program_id(0) * BN + tl.arange(0, BN)
     mask = (off_m < M)[:, None] & (o_n < N)[None, :]
@@ -359,17 +382,19 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[
     for n in Ns[:-1]:
         starts.append(starts[-1] + triton.cdiv(n, BN))
     res = residual if residual is not None else x
+    pdl = pdl_for(x)
+    launch = {"launch_pdl": True} if pdl else {}
     decode_linear_kernel[(n_blocks, triton.cdiv(M, BM), split_k)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, res, y, y.stride(0), ws, M, eps, *wts, *Ns,
         *starts[1:], C=C, WS_N=WS_N, BM=BM, BN=BN, BK=BK, K_SPLIT=K_SPLIT, SPLIT=split_k > 1,
         NORM=norm_weight is not None, SWIGLU=swiglu, HAS_RES=residual is not None, IEEE=x.dtype == torch.float32,
-        DOT=dot, num_warps=num_warps, num_stages=num_stages)
+        DOT=dot, PDL=pdl, LINE=128 // x.element_size(), num_warps=num_warps, num_stages=num_stages, **launch)
     if split_k > 1:
         EBM = min(16, triton.next_power_of_2(M))
         EBN = max(64, 1024 // EBM)
         decode_linear_epilogue_kernel[(triton.cdiv(N_out, EBN), triton.cdiv(M, EBM))](
             ws, res, y, y.stride(0), M, N=N_out, WS_N=WS_N, SPLIT_K=split_k, BM=EBM, BN=EBN, SWIGLU=swiglu,
-            HAS_RES=residual is not None, num_warps=4)
+            HAS_RES=residual is not None, PDL=pdl, num_warps=4, **launch)
     return y
 
 

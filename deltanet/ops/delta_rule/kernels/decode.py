@@ -24,6 +24,8 @@ float32 accumulation order.
 import triton
 import triton.language as tl
 
+from ...pdl import pdl_wait
+
 # qk activation codes (``QK_ACT``) and norm codes (``QK_NORM``), as the launcher passes them
 ACT_SILU, ACT_RELU, ACT_ELU, ACT_IDENTITY = 0, 1, 2, 3
 NORM_L2, NORM_SUM = 0, 1
@@ -103,11 +105,13 @@ def decode_step_kernel(
     NH: tl.constexpr, NHP: tl.constexpr, W: tl.constexpr,
     USE_CONV: tl.constexpr, QK_ACT: tl.constexpr, QK_NORM: tl.constexpr, USE_BETA: tl.constexpr,
     NEG_EIG: tl.constexpr, USE_G: tl.constexpr, HAS_MASK: tl.constexpr, NORM: tl.constexpr,
-    USE_GATE: tl.constexpr,
+    USE_GATE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Grid ``(B * H,)``. ``q [B, H*K]``, ``k [B, NH*H*K]``, ``v [B, NH*H*V]`` (row strides
     given), conv states ``[B, W-1, C]`` contiguous, weights ``[C, W]``, ``b [B, NH*H]``,
-    ``a [B, H]``, ``mask [B]``, ``state [B, H, K, V]`` fp32, ``gate [B, H*V]``, ``o [B, H, V]``."""
+    ``a [B, H]``, ``mask [B]``, ``state [B, H, K, V]`` fp32, ``gate [B, H*V]``, ``o [B, H, V]``.
+    ``PDL``: programmatic dependent launch (``deltanet.ops.pdl``): wait for the previous kernel first."""
+    pdl_wait(PDL)
     i_bh = tl.program_id(0)
     i_b, i_h = i_bh // H, i_bh % H
     dt: tl.constexpr = q.dtype.element_ty
