@@ -28,74 +28,37 @@ import torch.nn.functional as F
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a is None or b is None:
-        return None
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
-def op_case(dtype: torch.dtype, packed: bool, device: torch.device) -> dict:
-    from deltanet.layers.linear_attention import linear_attention
-    from deltanet.ops.delta_rule.linear import chunk_linear_attention
-
-    g = torch.Generator(device=device).manual_seed(0)
-    B, T, H, K, V = (1, 8192, 8, 128, 128) if packed else (4, 2048, 8, 128, 128)
-    q = F.normalize(torch.randn(B, T, H, K, device=device, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, K, device=device, generator=g), dim=-1)
-    v = torch.randn(B, T, H, V, device=device, generator=g)
-    cu = torch.tensor([0, 1000, 1001, 4097, 8192], device=device, dtype=torch.int32) if packed else None
-    N = 4 if packed else B
-    h0 = torch.randn(N, H, K, V, device=device, generator=g)
-    do = torch.randn(B, T, H, V, device=device, generator=g)
-    dht = torch.randn(N, H, K, V, device=device, generator=g)
-    ins = [t.to(dtype) for t in (q, k, v)]
-
-    def run(fn, cast):
-        xs = [t.detach().to(cast).clone().requires_grad_() for t in ins] + [h0.detach().to(
-            torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()]
-        o, S = fn(*xs)
-        ((o.to(torch.float64) * do.double()).sum() + (S.double() * dht.double()).sum()).backward()
-        return [o.detach(), S.detach()] + [x.grad for x in xs]
-
-    def triton_fn(q, k, v, h0):
-        return chunk_linear_attention(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-
-    def torch_fn(q, k, v, h0):
-        return linear_attention(q, k, v, initial_state=h0, cu_seqlens=cu, backend="torch")
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    got = run(triton_fn, dtype)
-    ref = run(torch_fn, torch.float64)
-    fp32 = run(torch_fn, torch.float32)
-    names = ["o", "final_state", "dq", "dk", "dv", "dh0"]
-    return {"case": f"op {'packed' if packed else 'fixed'} {str(dtype).replace('torch.', '')}",
-            "triton_rel_err": {n: _rel(a, r) for n, a, r in zip(names, got, ref)},
-            "torch_fp32_rel_err": {n: _rel(a, r) for n, a, r in zip(names, fp32, ref)},
-            "finite": all(bool(torch.isfinite(a).all()) for a in got),
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def dims_case(K: int, V: int, rule: str, device: torch.device) -> dict:
-    """bf16 errors of the Triton route vs the float64 PyTorch form at head dims ``K, V``."""
+def op_case(rule: str, dtype: torch.dtype, base: torch.dtype, K: int, V: int, device: torch.device, *,
+            B: int = 1, T: int = 0, H: int = 2, lengths: list[int] | None = None, seed: int = 0) -> dict:
+    """Relative max errors of the Triton route (``rule``: ``"linear"``, additive linear attention,
+    or ``"delta"``, the delta rule's chunk op) on ``dtype`` inputs, and of the PyTorch form in
+    ``base`` beside them, against the PyTorch form in float64 on the same rounded inputs: output,
+    final state, the gradients of every input and of the initial state. ``lengths``: documents
+    packed in one row (``B = 1``, ``T = sum``); else ``B`` rows of ``T`` tokens."""
     from deltanet.layers.linear_attention import linear_attention
     from deltanet.ops import delta_rule
 
-    lengths = [1, 63, 64, 65, 640, 129]
-    T, N, H = sum(lengths), len(lengths), 2
-    g = torch.Generator(device=device).manual_seed(7)
-    q = F.normalize(torch.randn(1, T, H, K, device=device, generator=g, dtype=torch.float64), dim=-1)
-    k = F.normalize(torch.randn(1, T, H, K, device=device, generator=g, dtype=torch.float64), dim=-1)
-    v = torch.randn(1, T, H, V, device=device, generator=g, dtype=torch.float64)
-    beta = torch.rand(1, T, H, device=device, generator=g, dtype=torch.float64)
-    h0 = torch.randn(N, H, K, V, device=device, generator=g, dtype=torch.float64)
-    do = torch.randn(1, T, H, V, device=device, generator=g, dtype=torch.float64)
-    dht = torch.randn(N, H, K, V, device=device, generator=g, dtype=torch.float64)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
-    ins = [q.bfloat16(), k.bfloat16(), v.bfloat16()] + ([beta.bfloat16()] if rule == "delta" else [])
+    cu = None
+    if lengths is not None:
+        B, T = 1, sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device, dtype=torch.int32)
+    N = B if cu is None else len(lengths)
+    g = torch.Generator(device=device).manual_seed(seed)
+    d = dict(device=device, generator=g, dtype=torch.float64)
+    q = F.normalize(torch.randn(B, T, H, K, **d), dim=-1)  # L2-normalised, as the layers feed them
+    k = F.normalize(torch.randn(B, T, H, K, **d), dim=-1)
+    v = torch.randn(B, T, H, V, **d)
+    beta = torch.rand(B, T, H, **d)
+    h0, do, dht = torch.randn(N, H, K, V, **d), torch.randn(B, T, H, V, **d), torch.randn(N, H, K, V, **d)
+    ins = [x.to(dtype) for x in (q, k, v)] + ([beta.to(dtype)] if rule == "delta" else [])
 
     def run(backend, cast):
-        xs = [t.detach().to(cast).clone().requires_grad_() for t in ins]
-        s0 = h0.detach().to(torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()
+        # fresh leaves every run (``.to`` of the same dtype would hand back the shared tensor itself)
+        xs = [x.to(cast).clone().requires_grad_() for x in ins]
+        s0 = h0.to(torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()
         if rule == "delta":
             o, S = delta_rule(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend=backend)
         else:
@@ -104,12 +67,18 @@ def dims_case(K: int, V: int, rule: str, device: torch.device) -> dict:
         return [o.detach(), S.detach()] + [x.grad for x in xs] + [s0.grad]
 
     names = ["o", "final_state", "dq", "dk", "dv"] + (["dbeta"] if rule == "delta" else []) + ["dh0"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    got = run("triton", dtype)
     ref = run("torch", torch.float64)
-    got = run("triton", torch.bfloat16)
-    base = run("torch", torch.bfloat16)
-    return {"case": f"dims {rule} K{K} V{V} bf16 packed",
+    baseline = run("torch", base)
+    layout = f"packed {len(lengths)} documents" if lengths is not None else f"B{B} T{T}"
+    tag = lambda t: str(t).replace("torch.", "")  # noqa: E731
+    return {"case": f"{rule} K{K} V{V} H{H} {layout} {tag(dtype)}",
             "triton_rel_err": {n: _rel(a, r) for n, a, r in zip(names, got, ref)},
-            "torch_bf16_rel_err": {n: _rel(a, r) for n, a, r in zip(names, base, ref)}}
+            f"torch_{tag(base)}_rel_err": {n: _rel(a, r) for n, a, r in zip(names, baseline, ref)},
+            "finite": all(bool(torch.isfinite(a).all()) for a in got),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def model_case(name: str, backend: str, layers: int, steps: int, batch: int, T: int, device: torch.device) -> dict:
@@ -150,18 +119,19 @@ def main() -> None:
         try:
             row = fn(*a)
         except Exception as e:  # record and go on: every case is informative on its own
-            row = {"case": f"{fn.__name__} {a[:2]}", "error": f"{type(e).__name__}: {e}"}
+            row = {"case": f"{fn.__name__} {a[:4]}", "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
 
-    for dtype in (torch.bfloat16, torch.float32):
-        for packed in (False, True):
-            record(op_case, dtype, packed, device)
-    for K, V in ((32, 16), (16, 16), (16, 32), (32, 32), (64, 16), (64, 64), (128, 128)):
+    for dtype in (torch.bfloat16, torch.float32):  # full size, against the PyTorch form's fp32 error
+        record(op_case, "linear", dtype, torch.float32, 128, 128, device, B=4, T=2048, H=8)
+        record(op_case, "linear", dtype, torch.float32, 128, 128, device, H=8, lengths=[1000, 1, 3096, 4095])
+    for K, V in ((32, 16), (16, 16), (16, 32), (32, 32), (64, 16), (64, 64), (128, 128)):  # head dims, bf16
         for rule in ("linear", "delta"):
-            record(dims_case, K, V, rule, device)
+            record(op_case, rule, torch.bfloat16, torch.bfloat16, K, V, device, lengths=[1, 63, 64, 65, 640, 129],
+                   seed=7)
     for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
         record(model_case, name, backend, args.layers, args.steps, args.batch, args.seq_len, device)
 
