@@ -179,8 +179,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 from deltanet.models.decoding import decode
 
                 res = decode(model, ids, max_new_tokens=n, cuda_graph=cuda_graph)
-                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, (res.steady_tokens_per_s,
-                                                                                     res.stats)
+                return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, res
             _sync(device)
             t0 = time.perf_counter()
             out = model.generate(ids, **{**gen, "max_new_tokens": n, "min_new_tokens": n})
@@ -201,13 +200,13 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 torch.cuda.reset_peak_memory_stats(device)
             best = None
             for _ in range(repeats):
-                produced, prefill_s, decode_s, cache, steady = run(new_tokens)
+                produced, prefill_s, decode_s, cache, result = run(new_tokens)
                 total = decode_s + (prefill_s or 0.0)
                 if best is None or total < best[0]:
-                    best = (total, prefill_s, decode_s, cache, steady)
+                    best = (total, prefill_s, decode_s, cache, result)
         if produced != new_tokens:
             raise RuntimeError(f"produced {produced} tokens, expected {new_tokens}")
-        total, prefill_s, decode_s, cache, steady = best
+        total, prefill_s, decode_s, cache, result = best  # result: the loop's DecodeResult (None: generate)
         row["prefill_s"] = round(prefill_s if prefill_s is not None else prefill_alone, 4)
         row["total_s"] = round(total, 3)
         row["tokens_per_s"] = round(batch * new_tokens / total, 1)
@@ -217,12 +216,12 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         if new_tokens > 1 and step_s > 0:
             row["step_ms"] = round(step_s * 1e3, 3)
             row["decode_tokens_per_s"] = round(batch / step_s, 1)
-        steady, setup = steady if steady is not None else (None, {})
-        if steady is not None:  # the captured loop's replays alone (no eager first step, no capture)
-            row["steady_tokens_per_s"] = round(steady, 1)
-        for key in ("setup_s", "first_step_s", "capture_s"):  # the once-per-generation parts, ms
-            if key in setup:
-                row[key.replace("_s", "_ms")] = round(setup[key] * 1e3, 2)
+        if result is not None:
+            if result.steady_tokens_per_s is not None:  # the replays alone (no eager first step, no capture)
+                row["steady_tokens_per_s"] = round(result.steady_tokens_per_s, 1)
+            for key in ("setup_s", "first_step_s", "capture_s"):  # the once-per-generation parts, ms
+                if key in result.stats:
+                    row[key.replace("_s", "_ms")] = round(result.stats[key] * 1e3, 2)
         held, moved = cache_traffic(cache)
         if held is not None:
             row["cache_MiB"] = round(held / 2**20, 2)
