@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
-from .pdl import pdl_for, pdl_wait
+from .pdl import launch_options, pdl_for, pdl_wait
 
 __all__ = ["DecodeAttentionConfig", "decode_attention_step", "decode_attention_step_reference",
            "select_config", "supports"]
@@ -264,7 +264,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Te
         part_l = torch.empty_like(part_m)
         part_o = torch.empty(B * H * NS * Dv, dtype=torch.float32, device=q.device)
     pdl = pdl_for(q)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = launch_options(pdl)
     decode_attention_kernel[(B * Hkv, NS)](
         q, k, v, k_cache, v_cache, valid, position, next_position, mask if mask is not None else position, inv_freq,
         o, part_m, part_l, part_o, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .delta_rule.config import device_sms
 from .delta_rule.interpreter import interpreted  # importing applies the interpreter fixes (bf16 tl.dot)
-from .pdl import pdl_for, pdl_wait, prefetch_rows
+from .pdl import launch_options, pdl_for, pdl_wait, prefetch_rows
 
 __all__ = ["GemvConfig", "MAX_WEIGHTS", "MEASURED", "decode_linear_reference", "linear_residual_decode",
            "measured_config", "rms_norm_linear_decode", "rms_norm_swiglu_decode", "select_config"]
@@ -383,7 +383,7 @@ def _launch(x: torch.Tensor, weights: list[torch.Tensor], norm_weight: Optional[
         starts.append(starts[-1] + triton.cdiv(n, BN))
     res = residual if residual is not None else x
     pdl = pdl_for(x)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = launch_options(pdl)
     decode_linear_kernel[(n_blocks, triton.cdiv(M, BM), split_k)](
         x, x.stride(0), norm_weight if norm_weight is not None else x, res, y, y.stride(0), ws, M, eps, *wts, *Ns,
         *starts[1:], C=C, WS_N=WS_N, BM=BM, BN=BN, BK=BK, K_SPLIT=K_SPLIT, SPLIT=split_k > 1,

@@ -26,7 +26,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .delta_rule.interpreter import interpreted
 
-__all__ = ["PDL_DECODE", "pdl_for", "pdl_wait", "prefetch_rows"]
+__all__ = ["PDL_DECODE", "launch_options", "pdl_for", "pdl_wait", "prefetch_rows"]
 
 PDL_DECODE = False
 
@@ -42,6 +42,11 @@ def pdl_for(x: torch.Tensor) -> bool:
     if not (PDL_DECODE and x.is_cuda) or interpreted():
         return False
     return _major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9
+
+
+def launch_options(pdl: bool) -> dict:
+    """The Triton launch keywords of a kernel launched with PDL (``launch_pdl``), or none."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @triton.jit

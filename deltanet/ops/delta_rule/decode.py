@@ -22,7 +22,7 @@ import triton
 
 from .chunk import MAX_HEAD_DIM, check_device
 from .interpreter import interpreted  # noqa: F401  (applies the interpreter fixes on CPU)
-from ..pdl import pdl_for
+from ..pdl import launch_options, pdl_for
 from .kernels.decode import ACT_ELU, ACT_IDENTITY, ACT_RELU, ACT_SILU, NORM_L2, NORM_SUM, decode_step_kernel
 
 __all__ = ["delta_rule_decode_step", "delta_rule_decode_step_reference"]
@@ -67,7 +67,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, conv_q: torch.Ten
         H=H, K=K, V=V, BK=BK, BV=BV, NH=num_householder, NHP=triton.next_power_of_2(num_householder),
         W=conv_size, USE_CONV=use_conv, QK_ACT=qk_activation, QK_NORM=qk_norm, USE_BETA=b is not None,
         NEG_EIG=neg_eigval, USE_G=a is not None, HAS_MASK=mask is not None, NORM=norm_weight is not None,
-        USE_GATE=gate is not None, PDL=pdl, num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        USE_GATE=gate is not None, PDL=pdl, num_warps=warps, **launch_options(pdl))
     return o
 
 
