@@ -9,7 +9,9 @@
    additive linear attention and the delta rule's chunk op (``delta_rule(backend="triton")``)
    against their PyTorch forms in float64, the PyTorch forms' bf16 errors beside them (H100,
    2026-12-07: the linear op's bf16 output was 0.33 off at K = 32, V = 16 on the GPU, 3.7e-3 under
-   the CPU interpreter; this finds which dims and which op).
+   the CPU interpreter; this finds which dims and which op). Then the failing case again under
+   other launch settings of the state and output kernels (``ChunkKernelConfig`` fields: pipeline
+   stages, addressing, warps): a setting that clears the error names the kernel and the cause.
 3. The model: ``linear-attn-340m`` cut to ``--layers`` layers (and ``deltanet-340m`` the same)
    trained ``--steps`` steps on one fixed random batch as ``deltanet bench model`` does (AdamW
    lr 1e-4, bf16 autocast), once per route from the same initial weights: the loss curves.
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -115,11 +118,12 @@ def main() -> None:
     device = torch.device("cuda")
     rows = []
 
-    def record(fn, *a):
+    def record(fn, *a, label: str = "", **kw):
         try:
-            row = fn(*a)
+            row = fn(*a, **kw)
         except Exception as e:  # record and go on: every case is informative on its own
             row = {"case": f"{fn.__name__} {a[:4]}", "error": f"{type(e).__name__}: {e}"}
+        row["case"] += f" [{label}]" if label else ""
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(args.out, "w") as f:
@@ -132,6 +136,20 @@ def main() -> None:
         for rule in ("linear", "delta"):
             record(op_case, rule, torch.bfloat16, torch.bfloat16, K, V, device, lengths=[1, 63, 64, 65, 640, 129],
                    seed=7)
+    from deltanet.ops.delta_rule import linear as linear_mod
+
+    select = linear_mod.launch_config
+    variants = {"stages_state=2": dict(stages_state=2), "stages_state=1": dict(stages_state=1),
+                "state_addr64=False": dict(state_addr64=False), "warps_state=8": dict(warps_state=8),
+                "stages_o=1": dict(stages_o=1), "warps_o=8": dict(warps_o=8)}
+    for label, fields in variants.items():  # the failing shape under other launch settings
+        linear_mod.launch_config = lambda *a, _f=fields, **kw: dataclasses.replace(select(*a, **kw), **_f)
+        try:
+            for K, V in ((32, 16), (16, 16)):
+                record(op_case, "linear", torch.bfloat16, torch.bfloat16, K, V, device,
+                       lengths=[1, 63, 64, 65, 640, 129], seed=7, label=label)
+        finally:
+            linear_mod.launch_config = select
     for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
         record(model_case, name, backend, args.layers, args.steps, args.batch, args.seq_len, device)
 
