@@ -5,13 +5,18 @@
    L2-normalised q / k as the layers feed it; output, final state and the gradients of q, k, v
    and the initial state against the PyTorch form run in float64 on the same inputs (relative
    max errors, with the PyTorch form's own fp32 error beside them as the yardstick).
-2. Head dims: bf16 inputs, packed documents of 1-640 tokens, ``(K, V)`` from 16 to 128, both
+2. Head dims: bf16 inputs, packed documents of 1-640 tokens and a fixed-length batch, ``(K, V)``
+   from 16 to 128, both
    additive linear attention and the delta rule's chunk op (``delta_rule(backend="triton")``)
    against their PyTorch forms in float64, the PyTorch forms' bf16 errors beside them (H100,
    2026-12-07: the linear op's bf16 output was 0.33 off at K = 32, V = 16 on the GPU, 3.7e-3 under
-   the CPU interpreter; this finds which dims and which op). Then the failing case again under
+   the CPU interpreter; the next sweep, at commit 8b8d0e8, faulted with an illegal memory access
+   at the first small case, which poisoned the process's CUDA context for every later one).
+   Then the small cases again under
    other launch settings of the state and output kernels (``ChunkKernelConfig`` fields: pipeline
    stages, addressing, warps): a setting that clears the error names the kernel and the cause.
+   Every case runs in a worker process; a fault replaces the worker and runs the faulting case
+   again alone with ``CUDA_LAUNCH_BLOCKING=1``, whose frames name the launch that faulted.
 3. The model: ``linear-attn-340m`` cut to ``--layers`` layers (and ``deltanet-340m`` the same)
    trained ``--steps`` steps on one fixed random batch as ``deltanet bench model`` does (AdamW
    lr 1e-4, bf16 autocast), once per route from the same initial weights: the loss curves.
@@ -22,8 +27,11 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import time
 
 import torch
@@ -70,7 +78,8 @@ def op_case(rule: str, dtype: torch.dtype, base: torch.dtype, K: int, V: int, de
         return [o.detach(), S.detach()] + [x.grad for x in xs] + [s0.grad]
 
     names = ["o", "final_state", "dq", "dk", "dv"] + (["dbeta"] if rule == "delta" else []) + ["dh0"]
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     got = run("triton", dtype)
     ref = run("torch", torch.float64)
@@ -107,6 +116,36 @@ def model_case(name: str, backend: str, layers: int, steps: int, batch: int, T: 
     return {"case": f"model {name} x{layers} {backend}", "losses": losses, "grad_norms": norms}
 
 
+_FAULTS = ("illegal memory access", "CUDA error", "Triton Error [CUDA]", "unspecified launch failure")
+
+
+def run_case(spec: dict) -> dict:
+    """One case in this (worker) process: ``spec`` = ``{"fn", "args", "kwargs", "label", "fields"}``;
+    ``fields``: launch settings (``ChunkKernelConfig`` fields) replaced in linear attention's
+    config. An exception becomes the row's ``error``, with the library frames it came through."""
+    import importlib
+    import traceback
+
+    fn = {"op_case": op_case, "model_case": model_case}[spec["fn"]]
+    linear_mod = importlib.import_module("deltanet.ops.delta_rule.linear")
+    select = linear_mod.launch_config
+    if spec.get("fields"):
+        linear_mod.launch_config = lambda *a, **kw: dataclasses.replace(select(*a, **kw), **spec["fields"])
+    args = [getattr(torch, a[len("torch."):]) if isinstance(a, str) and a.startswith("torch.") else a
+            for a in spec["args"]]
+    try:
+        row = fn(*args, torch.device(spec.get("device", "cuda")), **spec.get("kwargs", {}))
+    except Exception as e:  # record and go on: every case is informative on its own
+        frames = [f"{f.filename.rsplit('/deltanet/', 1)[-1]}:{f.lineno} {f.name}"
+                  for f in traceback.extract_tb(e.__traceback__) if "/deltanet/" in f.filename]
+        row = {"case": f"{spec['fn']} {spec['args']}", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+               "frames": frames[-6:]}
+    finally:
+        linear_mod.launch_config = select
+    row["case"] += f" [{spec['label']}]" if spec.get("label") else ""
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -115,43 +154,60 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     args = ap.parse_args()
-    device = torch.device("cuda")
-    rows = []
+    bf16, fp32 = "torch.bfloat16", "torch.float32"
+    odd = [1, 63, 64, 65, 640, 129]
+    specs = []
+    for dtype in (bf16, fp32):  # full size, against the PyTorch form's fp32 error
+        specs.append(dict(fn="op_case", args=["linear", dtype, fp32, 128, 128], kwargs=dict(B=4, T=2048, H=8)))
+        specs.append(dict(fn="op_case", args=["linear", dtype, fp32, 128, 128],
+                          kwargs=dict(H=8, lengths=[1000, 1, 3096, 4095])))
+    for K, V in ((32, 16), (16, 16), (16, 32), (32, 32), (64, 16), (64, 64), (128, 128)):  # head dims, bf16
+        for rule in ("linear", "delta"):
+            for layout in (dict(lengths=odd), dict(B=2, T=700)):
+                specs.append(dict(fn="op_case", args=[rule, bf16, bf16, K, V], kwargs=dict(layout, seed=7)))
+    variants = {"stages_state=2": dict(stages_state=2), "stages_state=1": dict(stages_state=1),
+                "state_addr64=False": dict(state_addr64=False), "warps_state=8": dict(warps_state=8),
+                "stages_o=1": dict(stages_o=1), "warps_o=8": dict(warps_o=8)}
+    for label, fields in variants.items():  # the small shapes under other launch settings
+        for K, V in ((32, 16), (16, 16)):
+            specs.append(dict(fn="op_case", args=["linear", bf16, bf16, K, V], kwargs=dict(lengths=odd, seed=7),
+                              label=label, fields=fields))
+    for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
+        specs.append(dict(fn="model_case", args=[name, backend, args.layers, args.steps, args.batch, args.seq_len]))
 
-    def record(fn, *a, label: str = "", **kw):
-        try:
-            row = fn(*a, **kw)
-        except Exception as e:  # record and go on: every case is informative on its own
-            row = {"case": f"{fn.__name__} {a[:4]}", "error": f"{type(e).__name__}: {e}"}
-        row["case"] += f" [{label}]" if label else ""
+    # One worker process runs the cases in turn. A fault ("illegal memory access") poisons the
+    # CUDA context for the rest of its process: the worker is then replaced, and the faulting
+    # case run again alone with CUDA_LAUNCH_BLOCKING=1, so its frames name the kernel launch.
+    rows, pool = [], None
+
+    def fresh_pool(blocking: bool):
+        os.environ["CUDA_LAUNCH_BLOCKING"] = "1" if blocking else "0"
+        return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def save(row):
         print(json.dumps(row), flush=True)
         rows.append(row)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
 
-    for dtype in (torch.bfloat16, torch.float32):  # full size, against the PyTorch form's fp32 error
-        record(op_case, "linear", dtype, torch.float32, 128, 128, device, B=4, T=2048, H=8)
-        record(op_case, "linear", dtype, torch.float32, 128, 128, device, H=8, lengths=[1000, 1, 3096, 4095])
-    for K, V in ((32, 16), (16, 16), (16, 32), (32, 32), (64, 16), (64, 64), (128, 128)):  # head dims, bf16
-        for rule in ("linear", "delta"):
-            record(op_case, rule, torch.bfloat16, torch.bfloat16, K, V, device, lengths=[1, 63, 64, 65, 640, 129],
-                   seed=7)
-    from deltanet.ops.delta_rule import linear as linear_mod
-
-    select = linear_mod.launch_config
-    variants = {"stages_state=2": dict(stages_state=2), "stages_state=1": dict(stages_state=1),
-                "state_addr64=False": dict(state_addr64=False), "warps_state=8": dict(warps_state=8),
-                "stages_o=1": dict(stages_o=1), "warps_o=8": dict(warps_o=8)}
-    for label, fields in variants.items():  # the failing shape under other launch settings
-        linear_mod.launch_config = lambda *a, _f=fields, **kw: dataclasses.replace(select(*a, **kw), **_f)
+    for spec in specs:
+        pool = pool or fresh_pool(False)
         try:
-            for K, V in ((32, 16), (16, 16)):
-                record(op_case, "linear", torch.bfloat16, torch.bfloat16, K, V, device,
-                       lengths=[1, 63, 64, 65, 640, 129], seed=7, label=label)
-        finally:
-            linear_mod.launch_config = select
-    for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
-        record(model_case, name, backend, args.layers, args.steps, args.batch, args.seq_len, device)
+            row = pool.submit(run_case, spec).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            row = {"case": f"{spec['fn']} {spec['args']}", "error": f"worker died: {e}"}
+        if any(f in row.get("error", "") for f in _FAULTS) or "worker died" in row.get("error", ""):
+            pool.shutdown(cancel_futures=True)
+            pool = fresh_pool(True)
+            try:
+                row["blocking_rerun"] = pool.submit(run_case, spec).result()
+            except concurrent.futures.process.BrokenProcessPool as e:
+                row["blocking_rerun"] = {"error": f"worker died: {e}"}
+            pool.shutdown(cancel_futures=True)
+            pool = None
+        save(row)
+    if pool is not None:
+        pool.shutdown()
 
 
 if __name__ == "__main__":
