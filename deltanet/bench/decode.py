@@ -221,7 +221,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 row["steady_tokens_per_s"] = round(result.steady_tokens_per_s, 1)
             for key in ("setup_s", "first_step_s", "capture_s"):  # the once-per-generation parts, ms
                 if key in result.stats:
-                    row[key.replace("_s", "_ms")] = round(result.stats[key] * 1e3, 2)
+                    row[key[:-2] + "_ms"] = round(result.stats[key] * 1e3, 2)
         held, moved = cache_traffic(cache)
         if held is not None:
             row["cache_MiB"] = round(held / 2**20, 2)
