@@ -21,7 +21,10 @@ Per row: tokens/s over prefill + decode (``tokens_per_s``, the figure comparable
 first step and the graph capture included), on the loop path ``steady_tokens_per_s`` (the
 replayed steps after the first replay, a long generation's rate) and the once-per-generation part
 before them (``setup_ms``: the eager first step, ``first_step_ms``, the capture, ``capture_ms``,
-and the first replay), peak memory, the cache's size after the
+and the first replay); these rows are a model's first generation of their shape (kept decode
+steps cleared first), and ``warm_tokens_per_s`` / ``warm_decode_tokens_per_s`` the same figures for
+one more generation that replays the step the previous one kept (what a server's later requests
+get: no eager first step, no capture). Then peak memory, the cache's size after the
 last step (``cache_MiB``: constant in the prompt length for recurrent models), and the fraction of
 the bandwidth floor: per step the weights are read once (all parameters but the input embedding
 table, of which only B rows are gathered) and the cache traffic is counted (recurrent and conv
@@ -174,10 +177,12 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    eos_token_id=None, attention_mask=torch.ones_like(ids), return_dict_in_generate=True)
 
-        def run(n: int, model=model):
+        def run(n: int, model=model, warm: bool = False):
             if path == "loop":
-                from deltanet.models.decoding import decode
+                from deltanet.models.decoding import clear_decode_graphs, decode
 
+                if not warm:  # a first generation of its shape: eager first step and capture timed
+                    clear_decode_graphs(model)
                 res = decode(model, ids, max_new_tokens=n, cuda_graph=cuda_graph)
                 return res.tokens.shape[1], res.prefill_s, res.decode_s, res.cache, res
             _sync(device)
@@ -204,6 +209,10 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
                 total = decode_s + (prefill_s or 0.0)
                 if best is None or total < best[0]:
                     best = (total, prefill_s, decode_s, cache, result)
+            warm = None
+            if path == "loop" and row.get("cuda_graph"):
+                # one more generation of the same shape: it replays the step the last one kept
+                _, warm_prefill, warm_decode, _, warm = run(new_tokens, warm=True)
         if produced != new_tokens:
             raise RuntimeError(f"produced {produced} tokens, expected {new_tokens}")
         total, prefill_s, decode_s, cache, result = best  # result: the loop's DecodeResult (None: generate)
@@ -222,6 +231,9 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
             for key in ("setup_s", "first_step_s", "capture_s"):  # the once-per-generation parts, ms
                 if key in result.stats:
                     row[key[:-2] + "_ms"] = round(result.stats[key] * 1e3, 2)
+        if warm is not None and warm.stats.get("graph_reused") and new_tokens > 1:
+            row["warm_tokens_per_s"] = round(batch * new_tokens / (warm_prefill + warm_decode), 1)
+            row["warm_decode_tokens_per_s"] = round(batch * (new_tokens - 1) / warm_decode, 1)
         held, moved = cache_traffic(cache)
         if held is not None:
             row["cache_MiB"] = round(held / 2**20, 2)
@@ -244,7 +256,7 @@ def bench_decode(name: str, batch: int, *, prompt: int, new_tokens: int, device:
 
 
 COLUMNS = ["model", "path", "cuda_graph", "decode_kernel", "batch", "prompt", "new_tokens", "prefill_s", "total_s", "tokens_per_s",
-           "decode_tokens_per_s", "steady_tokens_per_s", "setup_ms", "first_step_ms", "capture_ms", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
+           "decode_tokens_per_s", "steady_tokens_per_s", "warm_tokens_per_s", "warm_decode_tokens_per_s", "setup_ms", "first_step_ms", "capture_ms", "step_ms", "step_floor_ms", "bw_floor_frac", "cache_MiB", "peak_mem_GiB", "kernels_per_step", "fused_kernels",
            "gemv_kernels", "attention_kernels"]
 
 

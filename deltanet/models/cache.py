@@ -133,6 +133,18 @@ class DecodeCounters:
         return [self.real, self.next]
 
 
+def _fill_static(static: StaticKVCache, entry: KVCache, past_mask: torch.Tensor, S: int) -> None:
+    """Write an eager cache's keys and values (positions ``S - n .. S - 1``) into the slots of a
+    zeroed static one: position mod L in a ring (sliding window), else the position itself."""
+    n = entry.k.shape[1]
+    slots = torch.arange(S - n, S, device=static.k.device)
+    if static.ring:
+        slots = slots % static.capacity
+    static.k[:, :, slots] = entry.k.transpose(1, 2)
+    static.v[:, :, slots] = entry.v.transpose(1, 2)
+    static.valid[:, slots] = past_mask[:, S - n:]
+
+
 def _entry(kind: str):
     return RecurrentState() if kind in RECURRENT_TYPES else KVCache()
 
@@ -238,20 +250,53 @@ class DeltaNetCache:
         for i, (kind, entry) in enumerate(zip(self.layer_types, self.layers)):
             if not isinstance(entry, KVCache):
                 continue
-            n = entry.k.shape[1]  # positions S - n ... S - 1 are kept
-            if kind == "sliding_attention":
-                L = self.sliding_window
-                slots = torch.arange(S - n, S, device=device) % L
-            else:
-                L, slots = S + max(1, reserve), torch.arange(S - n, S, device=device)
-            k = entry.k.new_zeros(B, entry.k.shape[2], L, entry.k.shape[3])
-            v = entry.v.new_zeros(B, entry.v.shape[2], L, entry.v.shape[3])
-            valid = torch.zeros(B, L, dtype=torch.bool, device=device)
-            k[:, :, slots] = entry.k.transpose(1, 2)
-            v[:, :, slots] = entry.v.transpose(1, 2)
-            valid[:, slots] = past_mask[:, S - n:]
-            self.layers[i] = StaticKVCache(k, v, valid, ring=kind == "sliding_attention")
+            ring = kind == "sliding_attention"
+            L = self.sliding_window if ring else S + max(1, reserve)
+            static = StaticKVCache(entry.k.new_zeros(B, entry.k.shape[2], L, entry.k.shape[3]),
+                                   entry.v.new_zeros(B, entry.v.shape[2], L, entry.v.shape[3]),
+                                   torch.zeros(B, L, dtype=torch.bool, device=device), ring=ring)
+            _fill_static(static, entry, past_mask, S)
+            self.layers[i] = static
         self.counters = DecodeCounters(real=past_mask.sum(1), next=torch.tensor(S, device=device))
+
+    def refill(self, prefill: "DeltaNetCache", past_mask: torch.Tensor | None = None) -> bool:
+        """Load a prefill's cache into this static one, in place (every tensor keeps its identity,
+        so a decode step captured on this cache replays on the new contents). ``prefill``: an
+        eager cache of the same model and batch size just filled by a forward; ``past_mask
+        [B, seen_tokens]`` as in :meth:`make_static`. Returns False (and changes nothing) when the
+        shapes do not fit: another batch size, or a full-attention cache too short for the prompt
+        plus ``self.reserve`` more tokens."""
+        if not self.is_static or prefill.is_static or not prefill.ready or len(prefill) != len(self):
+            return False
+        S, B = prefill.seen_tokens, prefill.batch_size()
+        if B != self.batch_size():
+            return False
+        device = self.counters.next.device
+        mask = (torch.ones(B, S, dtype=torch.bool, device=device) if past_mask is None
+                else past_mask.to(device=device, dtype=torch.bool))
+        if tuple(mask.shape) != (B, S):
+            raise ValueError(f"past_mask must have shape [B, seen_tokens] = {(B, S)}, got {tuple(mask.shape)}")
+        pairs = list(zip(self.layers, prefill.layers))
+        for dst, src in pairs:  # check every layer before writing any
+            if isinstance(dst, RecurrentState):
+                if not isinstance(src, RecurrentState) or [t.shape for t in dst.tensors()] != [
+                        t.shape for t in src.tensors()]:
+                    return False
+            elif not isinstance(src, KVCache) or src.k.shape[0] != B or (
+                    not dst.ring and dst.capacity < S + max(1, self.reserve or 1)):
+                return False
+        for dst, src in pairs:
+            if isinstance(dst, RecurrentState):
+                for a, b in zip(dst.tensors(), src.tensors()):
+                    a.copy_(b)
+            else:
+                for t in dst.tensors():
+                    t.zero_()
+                _fill_static(dst, src, mask, S)
+        self.counters.real.copy_(mask.sum(1))
+        self.counters.next.fill_(S)
+        self.seen_tokens = S
+        return True
 
     def ensure_capacity(self, positions: int) -> bool:
         """Grow every static full-attention cache to hold ``positions`` positions (doubling the

@@ -21,11 +21,18 @@ Each replay reads the token ids and the new token's padding mask from two static
 next ids into the first inside the graph). Anything that swaps a cache tensor (a user assigning a
 state, a full-attention cache growing) is noticed by identity and rebuilds the graph; beam
 search's ``reorder_cache`` works in place and keeps it.
+
+:func:`deltanet.models.decoding.decode` keeps a graph past its generation (with its cache) and
+replays it for the next generation of the same key after refilling the cache in place;
+:func:`step_settings` is the part of that key that describes the model and the switches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import itertools
+import os
 import time
 import warnings
 import weakref
@@ -36,7 +43,7 @@ import torch
 from ..layers.delta_net import takes_fused_decode
 from .cache import DeltaNetCache, RecurrentState
 
-__all__ = ["DecodeGraph", "decode_step", "graph_decodable"]
+__all__ = ["DecodeGraph", "STEP_SWITCHES", "decode_step", "graph_decodable", "step_settings"]
 
 # Devices on which the graph path is taken. Only CUDA captures; the tests add "cpu" to run the
 # same static-buffer step eagerly (the bookkeeping is device independent).
@@ -50,6 +57,38 @@ GRAPH_DEVICES = ("cuda",)
 EMPTY_CACHE_ON_CAPTURE = False
 
 _CAPTURE_STREAMS: dict = {}
+
+# Module-level switches that change what a captured decode step records (kernel routes, launch
+# settings, the tests' poison flags). A decode graph kept for reuse (``decoding.decode``) is keyed
+# by their values, so flipping one captures anew; ``tests/models/test_graph_reuse.py`` checks that
+# every switch of this kind in the package is listed here.
+STEP_SWITCHES = (
+    ("deltanet.ops.pdl", "PDL_DECODE"),
+    ("deltanet.ops.decode_linear", "SPLIT_K_BY_DEFAULT"),
+    ("deltanet.ops.decode_linear", "MEASURED"),
+    ("deltanet.ops.decode_linear", "POISON"),
+    ("deltanet.ops.decode_attention", "FUSED_ATTENTION_BY_DEFAULT"),
+    ("deltanet.ops.decode_attention", "POISON"),
+    ("deltanet.ops.short_conv", "POISON"),
+    ("deltanet.ops.delta_rule.chunk", "POISON"),
+    ("deltanet.layers.delta_net", "FUSED_DECODE_BY_DEFAULT"),
+)
+
+
+def step_settings(model) -> tuple:
+    """What a captured decode step of ``model`` depends on besides the cache and the head: the
+    ``STEP_SWITCHES``, every layer's ``decode_kernel`` / ``backend`` attribute, the fusion
+    environment switch, and the identity (address, dtype, shape) of every parameter and buffer
+    (a graph replays fixed addresses: ``model.to(...)`` or reassigned weights need a new one)."""
+    switches = []
+    for module_name, name in STEP_SWITCHES:
+        value = getattr(importlib.import_module(module_name), name)
+        switches.append(tuple(sorted(value.items())) if isinstance(value, dict) else value)
+    routes = tuple((type(m).__name__, getattr(m, "decode_kernel", None), getattr(m, "backend", None))
+                   for m in model.modules() if hasattr(m, "decode_kernel") or hasattr(m, "backend"))
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape))
+                    for t in itertools.chain(model.parameters(), model.buffers()))
+    return (tuple(switches), os.environ.get("DELTANET_DISABLE_FUSION", ""), routes, tensors)
 
 
 @contextlib.contextmanager
@@ -118,6 +157,7 @@ class DecodeGraph:
         self.recurrent = [(entry, entry.recurrent, entry.conv) for entry in cache.layers
                           if isinstance(entry, RecurrentState)]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False  # the capture raised: this step runs eagerly from then on
         self.logits: torch.Tensor | None = None
         self.steps = 0
         # host seconds of the one-off parts on CUDA: "first_step_s" (the eager step, to its end on
@@ -189,6 +229,7 @@ class DecodeGraph:
                     self.logits = self._step()
             except Exception as e:  # an op that cannot be captured: decode eagerly from now on
                 self.model.cuda_graph_decoding = False
+                self.capture_failed = True
                 self._restore()  # the capture's Python side pointed the entries at its own tensors
                 warnings.warn(f"CUDA-graph decoding disabled for this model: capture failed ({type(e).__name__}: "
                               f"{e}); decoding eagerly", RuntimeWarning, stacklevel=3)

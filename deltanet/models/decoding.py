@@ -7,6 +7,13 @@ choice, EOS bookkeeping, the output buffer, the next input), all on the device: 
 token unless the caller streams tokens (then the host reads each token one step behind the GPU).
 Full-attention caches are preallocated for exactly prompt + ``max_new_tokens`` positions.
 
+The captured step outlives its generation: :func:`decode` keeps it on the model (a few per model,
+the least recently used dropped) with its static cache and token chooser, keyed by everything the
+graph fixes (batch, full-attention capacity, token choice, EOS / padding ids, the model's weights
+and decode switches). A later generation of the same key loads its prefill into that cache in place
+(:meth:`~deltanet.models.cache.DeltaNetCache.refill`) and replays at once: no eager first step, no
+capture. ``reuse_graph=False`` or :func:`clear_decode_graphs` opt out / free the memory.
+
 ``cuda_graph=False`` (and the CPU) run the plain eager forward with growing K/V and the same token
 choice: the reference the captured loop is tested against. Greedy output equals Hugging Face's
 ``generate(do_sample=False)``; sampled output follows the same distribution as its sampling, but
@@ -16,6 +23,7 @@ not the same draws (see :mod:`deltanet.models.sampling`). Beam search and the re
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,7 +33,11 @@ import torch
 from . import cuda_graph as _cg
 from .sampling import SamplingConfig, choose_tokens
 
-__all__ = ["DecodeResult", "TokenChooser", "decode"]
+__all__ = ["DecodeResult", "TokenChooser", "clear_decode_graphs", "decode"]
+
+# Decode graphs kept per model for reuse (each holds its cache, its graph's memory pool and its
+# token chooser): the most recently used ones.
+KEPT_GRAPHS = 4
 
 
 @dataclass
@@ -36,7 +48,10 @@ class DecodeResult:
     loop of 3+ tokens): of ``decode_s``, the time to the end of the first replay -- the eager first
     step, the capture and one replay, once per generation -- so that ``steady_tokens_per_s`` is the
     rate of the replays alone; of it, ``stats["first_step_s"]`` (the eager step, to its end on the
-    GPU) and ``stats["capture_s"]`` (recording the step and instantiating the graph)."""
+    GPU) and ``stats["capture_s"]`` (recording the step and instantiating the graph); with a kept
+    step reused (``stats["graph_reused"]``) the setup is the first replay alone. With graphs kept
+    for reuse, ``cache`` is the kept static cache: the next :func:`decode` of the same shapes
+    overwrites it in place."""
 
     tokens: torch.Tensor
     prefill_s: float
@@ -75,6 +90,12 @@ class TokenChooser:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.n = torch.zeros((), dtype=torch.long, device=device)
 
+    def reset(self) -> None:
+        """Back to no tokens chosen, in place (a kept decode graph reads these tensors)."""
+        self.out.fill_(self.pad)
+        self.finished.zero_()
+        self.n.zero_()
+
     def choose(self, logits: torch.Tensor, position) -> torch.Tensor:
         """``logits [B, 1 or T, V]`` -> the recorded tokens ``[B]``."""
         tok = choose_tokens(logits[:, -1], self.cfg, position)
@@ -98,7 +119,7 @@ def _sync(device: torch.device) -> None:
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, max_new_tokens: int,
            sampling: SamplingConfig | None = None, eos_token_id: int | None = None, pad_token_id: int = 0,
            on_tokens: Callable[[torch.Tensor], None] | None = None, cuda_graph: bool | None = None,
-           check_every: int = 16) -> DecodeResult:
+           check_every: int = 16, reuse_graph: bool | None = None) -> DecodeResult:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids [B, S]`` (left padding marked by
     ``attention_mask``, 1 = token).
 
@@ -106,6 +127,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     (streaming). ``cuda_graph``: use the captured step (default: ``model.cuda_graph_decoding`` on
     a device that captures); False: the eager reference loop. Generation stops early once every
     row has produced ``eos_token_id`` (checked every ``check_every`` steps without streaming).
+    ``reuse_graph``: keep the captured step for the next generation of the same key and replay a
+    kept one (default: ``model.reuse_decode_graphs``; see the module docstring).
 
     Example::
 
@@ -129,25 +152,44 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     cuda_graph = cuda_graph and device.type in _cg.GRAPH_DEVICES
     mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(input_ids)
 
+    if reuse_graph is None:
+        reuse_graph = bool(getattr(model, "reuse_decode_graphs", True))
+    key = (_graph_key(model, B, S, max_new_tokens, sampling, eos_token_id, pad_token_id, device)
+           if cuda_graph and reuse_graph else None)
+
     was_training, graph_flag = model.training, model.cuda_graph_decoding
     model.eval()
     model.cuda_graph_decoding = False  # the eager forwards below never take the graph path themselves
     try:
+        kept = _kept(model).get(key) if key is not None else None
         _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         cache = out.cache  # (transformers >= 5.2x warns on .past_key_values)
-        cache.reserve = max_new_tokens  # full-attention slots beyond the prompt: exactly what is coming
         graph = None
-        chooser = TokenChooser(sampling, B, max_new_tokens, device, eos=eos_token_id, pad=pad_token_id)
+        if kept is not None:  # the kept step's cache takes this prefill's states, in place
+            kept.cache.reserve = max_new_tokens
+            if kept.graph.valid_for(model, kept.cache, kept.chooser) and kept.cache.refill(cache, mask):
+                cache, chooser, graph = kept.cache, kept.chooser, kept.graph
+                chooser.reset()
+                _kept(model).move_to_end(key)
+            else:
+                _kept(model).pop(key)
+                kept = None
+        if kept is None:
+            cache.reserve = max_new_tokens  # full-attention slots beyond the prompt: exactly what is coming
+            # a kept chooser's output buffer fits any generation of its key (capacity bucket)
+            chooser = TokenChooser(sampling, B, _out_capacity(max_new_tokens) if key is not None else max_new_tokens,
+                                   device, eos=eos_token_id, pad=pad_token_id)
         tok = chooser.choose(out.logits, S)
         _sync(device)
         prefill_s = time.perf_counter() - t0
 
         if cuda_graph:
-            graph = _cg.DecodeGraph(model, cache, head=chooser, past_mask=mask)
-            # the head runs after the step advanced the counter: the position of the token being chosen
-            chooser.position = lambda: cache.counters.next
+            if graph is None:
+                graph = _cg.DecodeGraph(model, cache, head=chooser, past_mask=mask)
+                # the head runs after the step advanced the counter: the position of the token being chosen
+                chooser.position = lambda c=cache: c.counters.next
             graph.ids.copy_(tok[:, None])
         else:
             full_mask = mask
@@ -161,7 +203,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
                 graph()
                 cache.seen_tokens += 1
                 tok = graph.ids[:, 0]
-                if graph.steps == 2:  # eager step, capture, first replay: done once per generation
+                if setup_s is None and graph.graph is not None:
+                    # to the end of this generation's first replay: eager step + capture + replay
+                    # for a new step, the replay alone for a kept one
                     _sync(device)
                     setup_s = time.perf_counter() - t0
             else:
@@ -176,16 +220,75 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         stream.flush()
         _sync(device)
         decode_s = time.perf_counter() - t0
+        if key is not None and kept is None and graph is not None and not graph.capture_failed:
+            pool = _kept(model)
+            pool[key] = _Kept(graph, cache, chooser)
+            while len(pool) > KEPT_GRAPHS:
+                pool.popitem(last=False)
     finally:
         model.cuda_graph_decoding = graph_flag
         model.train(was_training)
-    tokens = chooser.out[:, :steps]
+    tokens = chooser.out[:, :steps].clone() if key is not None else chooser.out[:, :steps]
     stats = dict(batch=B, prompt=S, steps=steps)
+    if graph is not None:
+        stats["graph_reused"] = kept is not None
     if setup_s is not None and graph is not None and graph.graph is not None:
         stats["setup_s"] = setup_s
-        stats.update(graph.timings)
+        if kept is None:
+            stats.update(graph.timings)
     return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, graph=graph is not None,
                         stats=stats, cache=cache)
+
+
+@dataclass
+class _Kept:
+    graph: "_cg.DecodeGraph"
+    cache: object
+    chooser: TokenChooser
+
+
+class _KeptGraphs(collections.OrderedDict):
+    """A model's kept decode graphs, least recently used first. Not copied with the model
+    (``copy.deepcopy``, pickling): a copy has other weights and captures its own."""
+
+    def __deepcopy__(self, memo):
+        return _KeptGraphs()
+
+    def __reduce__(self):
+        return (_KeptGraphs, ())
+
+
+def _kept(model) -> _KeptGraphs:
+    pool = model.__dict__.get("_kept_decode_graphs")
+    if pool is None:
+        pool = model.__dict__["_kept_decode_graphs"] = _KeptGraphs()
+    return pool
+
+
+def clear_decode_graphs(model) -> int:
+    """Drop the decode graphs :func:`decode` kept on ``model`` (their caches and graph memory are
+    freed once nothing else holds them). Returns how many there were."""
+    pool = model.__dict__.pop("_kept_decode_graphs", None)
+    return len(pool) if pool is not None else 0
+
+
+def _out_capacity(max_new_tokens: int) -> int:
+    """Columns of a kept chooser's output buffer: a power of two >= max_new_tokens, at least 64
+    (a short warm-up generation and a long one share the step)."""
+    return max(64, 1 << (max_new_tokens - 1).bit_length())
+
+
+def _graph_key(model, B: int, S: int, max_new_tokens: int, sampling: SamplingConfig, eos, pad: int,
+               device: torch.device) -> tuple:
+    """Everything a kept decode step fixes: batch, device, the full-attention capacity (prompt +
+    new tokens; recurrent states and sliding-window rings do not depend on either), the output
+    buffer's capacity, the token choice (greedy ignores seed, top-k and top-p), EOS / padding ids,
+    and :func:`~deltanet.models.cuda_graph.step_settings`."""
+    full = "full_attention" in model.config.layer_types
+    if sampling.greedy:
+        sampling = SamplingConfig(vocab_limit=sampling.vocab_limit)
+    return (B, str(device), S + max_new_tokens if full else None, _out_capacity(max_new_tokens), sampling, eos,
+            pad, _cg.step_settings(model))
 
 
 class _Streamer:

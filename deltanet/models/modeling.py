@@ -387,6 +387,9 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
     # layer mix: attention layers decode from a preallocated / ring K/V cache): one launch instead
     # of ~25 per layer. Set to False on an instance (or the class) to decode eagerly.
     cuda_graph_decoding: bool = True
+    # ``deltanet.models.decoding.decode`` keeps each captured step for the next generation of the
+    # same shapes (no eager first step, no capture then). False: capture every generation anew.
+    reuse_decode_graphs: bool = True
 
     # transformers 5 maps tied parameters target -> source; 4.x listed the tied names
     _tied_weights_keys = (

@@ -490,8 +490,12 @@ class _Run:
             return ""  # a sharded model can't generate on one rank
         if not self.d.is_main:
             return ""
-        return generate_text(raw, tokenizer, self.tc.sample_prompt, max_new_tokens=self.tc.sample_tokens,
+        from deltanet.models.decoding import clear_decode_graphs
+
+        text = generate_text(raw, tokenizer, self.tc.sample_prompt, max_new_tokens=self.tc.sample_tokens,
                              temperature=0.8, top_p=0.95, seed=self.tc.seed)
+        clear_decode_graphs(raw)  # the sample's kept decode step and cache must not hold memory through training
+        return text
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -31,6 +31,23 @@ def test_decode_benchmark_smoke(tmp_path):
     assert "| deltanet-340m | loop |" in out.read_text()
 
 
+def test_loop_rows_time_a_first_and_a_warm_generation(tmp_path, monkeypatch):
+    """With the captured step taken (on CPU: run eagerly, the tests' widening), a loop row is a
+    model's first generation of its shape and ``warm_*`` one more that replays the kept step."""
+    from deltanet.models import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+    out = tmp_path / "d.md"
+    assert cli_main(["decode", "--smoke", "--models", "hybrid-swa-340m", "--paths", "loop", "--hbm-gbps", "0.001",
+                     "--out", str(out)]) == 0
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert len(rows) == 2
+    for r in rows:
+        assert "error" not in r and r["cuda_graph"] is True, r
+        assert r["warm_tokens_per_s"] > 0 and r["warm_decode_tokens_per_s"] > 0
+    assert "warm_decode_tokens_per_s" in out.read_text()
+
+
 def test_decode_benchmark_budget_skips_points(tmp_path):
     out = tmp_path / "d.md"
     assert cli_main(["decode", "--smoke", "--models", "deltanet-340m", "--paths", "loop", "--budget-s", "0",
