@@ -14,7 +14,8 @@
    at the first small case, which poisoned the process's CUDA context for every later one).
    Then the small cases again under
    other launch settings of the state and output kernels (``ChunkKernelConfig`` fields: pipeline
-   stages, addressing, warps): a setting that clears the error names the kernel and the cause.
+   stages, addressing, warps), and on head dims zero-padded to 64 (same values; whether padding is
+   a workaround): a setting that clears the error names the kernel and the cause.
    Every case runs in a worker process; a fault replaces the worker and runs the faulting case
    again alone with ``CUDA_LAUNCH_BLOCKING=1``, whose frames name the launch that faulted.
 3. The model: ``linear-attn-340m`` cut to ``--layers`` layers (and ``deltanet-340m`` the same)
@@ -43,12 +44,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def op_case(rule: str, dtype: torch.dtype, base: torch.dtype, K: int, V: int, device: torch.device, *,
-            B: int = 1, T: int = 0, H: int = 2, lengths: list[int] | None = None, seed: int = 0) -> dict:
+            B: int = 1, T: int = 0, H: int = 2, lengths: list[int] | None = None, seed: int = 0,
+            pad_to: int | None = None) -> dict:
     """Relative max errors of the Triton route (``rule``: ``"linear"``, additive linear attention,
     or ``"delta"``, the delta rule's chunk op) on ``dtype`` inputs, and of the PyTorch form in
     ``base`` beside them, against the PyTorch form in float64 on the same rounded inputs: output,
     final state, the gradients of every input and of the initial state. ``lengths``: documents
-    packed in one row (``B = 1``, ``T = sum``); else ``B`` rows of ``T`` tokens."""
+    packed in one row (``B = 1``, ``T = sum``); else ``B`` rows of ``T`` tokens. ``pad_to``: the
+    Triton route runs on head dims zero-padded to at least this (the padded rows and columns of
+    the state stay zero: the same values), its outputs cut back: whether wider tiles avoid a fault."""
     from deltanet.layers.linear_attention import linear_attention
     from deltanet.ops import delta_rule
 
@@ -70,10 +74,19 @@ def op_case(rule: str, dtype: torch.dtype, base: torch.dtype, K: int, V: int, de
         # fresh leaves every run (``.to`` of the same dtype would hand back the shared tensor itself)
         xs = [x.to(cast).clone().requires_grad_() for x in ins]
         s0 = h0.to(torch.float64 if cast == torch.float64 else torch.float32).clone().requires_grad_()
+        args, state = list(xs), s0
+        pk = pv = 0
+        if pad_to and backend == "triton":
+            pk, pv = max(0, pad_to - K), max(0, pad_to - V)
+            args[0], args[1], args[2] = F.pad(xs[0], (0, pk)), F.pad(xs[1], (0, pk)), F.pad(xs[2], (0, pv))
+            state = F.pad(s0, (0, pv, 0, pk))
+        scale = K ** -0.5  # the unpadded head dim's (the default would take the padded one)
         if rule == "delta":
-            o, S = delta_rule(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend=backend)
+            o, S = delta_rule(*args, scale=scale, initial_state=state, output_final_state=True, cu_seqlens=cu,
+                              backend=backend)
         else:
-            o, S = linear_attention(*xs, initial_state=s0, cu_seqlens=cu, backend=backend)
+            o, S = linear_attention(*args, scale=scale, initial_state=state, cu_seqlens=cu, backend=backend)
+        o, S = o[..., :V], S[..., :K, :V]
         ((o.double() * do).sum() + (S.double() * dht).sum()).backward()
         return [o.detach(), S.detach()] + [x.grad for x in xs] + [s0.grad]
 
@@ -172,6 +185,10 @@ def main() -> None:
         for K, V in ((32, 16), (16, 16)):
             specs.append(dict(fn="op_case", args=["linear", bf16, bf16, K, V], kwargs=dict(lengths=odd, seed=7),
                               label=label, fields=fields))
+    for rule in ("linear", "delta"):  # the small shapes on zero-padded head dims (a workaround, if it holds)
+        for K, V in ((32, 16), (16, 16)):
+            specs.append(dict(fn="op_case", args=[rule, bf16, bf16, K, V], kwargs=dict(lengths=odd, seed=7, pad_to=64),
+                              label="padded to 64"))
     for name, backend in (("linear-attn-340m", "triton"), ("linear-attn-340m", "torch"), ("deltanet-340m", "auto")):
         specs.append(dict(fn="model_case", args=[name, backend, args.layers, args.steps, args.batch, args.seq_len]))
 
