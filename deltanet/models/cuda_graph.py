@@ -84,7 +84,10 @@ def step_settings(model) -> tuple:
     for module_name, name in STEP_SWITCHES:
         value = getattr(importlib.import_module(module_name), name)
         switches.append(tuple(sorted(value.items())) if isinstance(value, dict) else value)
-    routes = tuple((type(m).__name__, getattr(m, "decode_kernel", None), getattr(m, "backend", None))
+    def plain(v):  # the key is hashed: anything but a plain value by its repr
+        return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+
+    routes = tuple((type(m).__name__, plain(getattr(m, "decode_kernel", None)), plain(getattr(m, "backend", None)))
                    for m in model.modules() if hasattr(m, "decode_kernel") or hasattr(m, "backend"))
     tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape))
                     for t in itertools.chain(model.parameters(), model.buffers()))
