@@ -15,3 +15,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _hf_generate_loop(request, monkeypatch):
+    """``model.generate`` runs Hugging Face's loop (over ``decode_step`` and its CUDA graph) in every
+    test but those marked ``fast_generate``: the tests written for that loop keep testing it, and
+    ``tests/models/test_fast_generate.py`` tests the captured-loop fast path against it."""
+    if request.node.get_closest_marker("fast_generate") is None:
+        from deltanet.models import DeltaNetForCausalLM
+
+        monkeypatch.setattr(DeltaNetForCausalLM, "fast_generate", False)

@@ -3,8 +3,10 @@
 Two paths per model and batch size, after a random ``--prompt``-token prompt (bf16 weights on
 CUDA, exactly ``--new-tokens`` greedy tokens, EOS disabled):
 
-- ``generate``: Hugging Face's ``generate`` (our models' one-token steps replay a CUDA graph with
-  ``--cuda-graph on``, launch eagerly with ``off``; fla's DeltaNet runs its own way);
+- ``generate``: Hugging Face's ``generate``. Our models with ``--cuda-graph on``: its greedy search
+  runs the captured loop (``decoding.generate_fast``; ``model.fast_generate = False`` would give
+  Hugging Face's loop over the captured step); ``off``: Hugging Face's loop with eager steps.
+  fla's DeltaNet runs its own way;
 - ``loop``: :func:`deltanet.models.decoding.decode`, one captured step per token with the LM
   head and the token choice inside (our models only).
 

@@ -325,3 +325,79 @@ class _Streamer:
             self.pending[1].synchronize()
             self._emit(self.pending[0])
             self.pending = None
+
+
+# Hugging Face ``generate`` arguments the captured loop covers for greedy search, and the fields of
+# a model's generation config that may differ from transformers' defaults (the rest, e.g. a
+# repetition penalty, change greedy search: Hugging Face's loop runs them).
+_FAST_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "max_length", "do_sample",
+                "num_beams", "pad_token_id", "eos_token_id", "bos_token_id", "return_dict_in_generate", "use_cache"}
+_FAST_CONFIG = {"use_cache", "output_attentions", "output_hidden_states", "pad_token_id", "bos_token_id",
+                "eos_token_id", "decoder_start_token_id", "_from_model_config", "transformers_version",
+                "max_length", "max_new_tokens", "min_new_tokens", "do_sample", "num_beams",
+                "temperature", "top_k", "top_p"}  # the last three: unused by greedy search
+
+
+def generate_fast(model, inputs, generation_config, kwargs: dict):
+    """``model.generate(inputs, generation_config, **kwargs)`` as the captured loop (:func:`decode`),
+    or None where it does not apply: the loop covers greedy search (``do_sample=False``, one beam)
+    with ``max_new_tokens`` / ``max_length``, ``attention_mask`` (left padding), one EOS id,
+    ``pad_token_id`` and ``return_dict_in_generate`` (sequences and the cache), on a device whose
+    decode steps are captured (``model.cuda_graph_decoding``). Anything else — sampling (Hugging
+    Face draws from torch's generator, the loop from its own seeded noise), beams, logits
+    processors, stopping criteria, streamers, scores, ``min_new_tokens`` with an EOS, a generation
+    config with other settings — returns None, and Hugging Face's loop runs it. The tokens are
+    those of Hugging Face's greedy search (tested), and the output stops where it would: after the
+    step in which the last row produced its EOS, finished rows padded with ``pad_token_id``."""
+    if not (getattr(model, "fast_generate", False) and getattr(model, "cuda_graph_decoding", False)):
+        return None
+    if generation_config is not None or not set(kwargs) <= _FAST_KWARGS:
+        return None
+    ids = kwargs.get("input_ids") if inputs is None else inputs
+    if inputs is not None and "input_ids" in kwargs:
+        return None
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.is_floating_point() or ids.shape[1] == 0:
+        return None
+    if ids.device.type not in _cg.GRAPH_DEVICES:
+        return None
+    gc = model.generation_config
+    if not set(gc.to_diff_dict()) <= _FAST_CONFIG:
+        return None
+    get = lambda name: kwargs[name] if name in kwargs else getattr(gc, name, None)  # noqa: E731
+    # (transformers 5 leaves unset config fields None: greedy, one beam)
+    if get("do_sample") or (get("num_beams") or 1) != 1 or kwargs.get("use_cache", True) is False:
+        return None
+    if gc.output_attentions or gc.output_hidden_states:
+        return None
+    eos = get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+        if len(eos) != 1:
+            return None
+        eos = eos[0]
+    eos = int(eos) if eos is not None else None
+    pad = get("pad_token_id")
+    pad = int(pad) if pad is not None else (eos if eos is not None else 0)  # Hugging Face pads with the EOS
+    if eos is not None and (get("min_new_tokens") or getattr(gc, "min_length", None)):
+        return None
+    S = ids.shape[1]
+    n = get("max_new_tokens")
+    if n is None and get("max_length") is not None:
+        n = get("max_length") - S
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None  # no length given (transformers' default differs between versions), or none left
+    mask = kwargs.get("attention_mask")
+    if mask is None and get("pad_token_id") is not None and bool((ids == get("pad_token_id")).any()):
+        return None  # Hugging Face would infer a padding mask from the pad tokens: leave it to it
+    res = decode(model, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, cuda_graph=True)
+    tokens = res.tokens
+    if eos is not None and tokens.shape[1]:
+        hit = tokens == eos
+        first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(hit[:, 0], tokens.shape[1] - 1,
+                                                                                  dtype=torch.long))
+        tokens = tokens[:, :int(first.max()) + 1]
+    sequences = torch.cat([ids, tokens.to(ids.device)], 1)
+    if not get("return_dict_in_generate"):
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=res.cache)

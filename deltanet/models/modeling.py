@@ -390,6 +390,10 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
     # ``deltanet.models.decoding.decode`` keeps each captured step for the next generation of the
     # same shapes (no eager first step, no capture then). False: capture every generation anew.
     reuse_decode_graphs: bool = True
+    # ``generate``'s greedy search on a device that captures decode steps runs the captured loop
+    # (``deltanet.models.decoding.generate_fast``: same tokens, no Python per token); options it does
+    # not cover run Hugging Face's loop. False: always Hugging Face's loop (over ``decode_step``).
+    fast_generate: bool = True
 
     # transformers 5 maps tied parameters target -> source; 4.x listed the tied names
     _tied_weights_keys = (
@@ -402,6 +406,16 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
         self.model = DeltaNetModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """Hugging Face's ``generate``; its greedy search runs the captured decode loop where that
+        applies (see ``fast_generate``)."""
+        from .decoding import generate_fast
+
+        out = generate_fast(self, inputs, generation_config, kwargs)
+        if out is not None:
+            return out
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
