@@ -68,6 +68,9 @@
 #                  full size: the op's errors vs float64 (bf16 / fp32, fixed / packed), and the loss curves of
 #                  linear-attn-340m cut to 4 layers on bench model's fixed batch, per route
 #                  (benchmarks/check_linear_backends.py)
+#         reuse    (not in the default list) kept decode steps and generate's fast path: their CUDA tests, then
+#                  bench decode (loop and generate paths; a first and a warm generation per row) of the three
+#                  340M mixes at batch 1 and 32, and deltanet-340m's decode memory at 2K vs 32K prompts
 #         retest   (not in the default list) the CUDA tests last found failing on a GPU (2026-12-07: routing of
 #                  the recomputed conv, GEMV counts with the LM head's, bf16 token ties in captured decoding)
 #                  and the fused decode attention's tests (one compile for every cache length), linear attention's
@@ -131,6 +134,14 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
                done
                run newdecode_attn 70 python3 benchmarks/bench_decode_step.py --attention --out "$R/attention" \
                  --batch 1,32 --budget-s 60 ;;
+    reuse) run reuse_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+             tests/models/test_graph_reuse.py tests/models/test_fast_generate.py tests/models/test_decoding.py
+           # first generation of each shape (capture timed) and a warm one (the kept step), through the loop
+           # and through Hugging Face's generate (greedy: the captured loop), and 2K vs 32K prompts' memory
+           run reuse_decode 200 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
+             --paths loop,generate --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 190 --out "$R/decode_reuse.md"
+           run reuse_context 120 python3 -m deltanet.cli bench decode --models deltanet-340m --paths loop --batch 1 \
+             --prompt 2048,32768 --new-tokens 256 --budget-s 110 --out "$R/decode_context.md" ;;
     decode_ab) run decode_ab_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
                  tests/ops/test_decode_linear.py tests/models/test_decoding.py tests/ops/test_pdl.py
                # the captured loop as it ships, without the measured GEMV settings, with torch's capture

@@ -122,3 +122,19 @@ def test_what_the_loop_does_not_cover_runs_hugging_face(case, calls):
     out = model.generate(ids, **kw)
     assert calls == []
     assert (out.sequences if case == "scores" else out).shape[1] == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mix", ["delta", "swa_hybrid", "global_hybrid"])
+def test_greedy_generate_on_cuda_equals_hugging_face(mix, calls, monkeypatch):
+    """float32 on the GPU: generate's fast path (the captured loop) gives Hugging Face's greedy
+    tokens from its own loop over the captured step."""
+    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda",))
+    model = make_model(mix, dtype=torch.float32).cuda()
+    for layer in model.model.layers:
+        if hasattr(layer.attn, "backend"):
+            layer.attn.backend = "auto"
+    ids, mask = (t.cuda() for t in _padded_batch())
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert len(calls) == 1
+    assert torch.equal(got, _hf(model, ids, attention_mask=mask, max_new_tokens=16, do_sample=False))

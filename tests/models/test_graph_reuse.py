@@ -189,3 +189,26 @@ def test_every_decode_switch_is_in_the_key():
         found |= {(info.name, name) for name in vars(module) if pattern.match(name)
                   and getattr(module, name).__class__ in (bool, dict)}
     assert found and found <= set(cuda_graph.STEP_SWITCHES), found - set(cuda_graph.STEP_SWITCHES)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mix", ["delta", "swa_hybrid", "global_hybrid", "gated_swa_hybrid"])
+def test_a_kept_cuda_graph_replays_on_the_refilled_cache(mix):
+    """On the GPU (float32): the second generation replays the first one's captured graph (no eager
+    step, no capture: no timings of them) on the refilled cache, and both give the eager loop's
+    tokens; a kept graph's setup is its first replay."""
+    model = make_model(mix, dtype=torch.float32).cuda()
+    for layer in model.model.layers:
+        if hasattr(layer.attn, "backend"):
+            layer.attn.backend = "auto"
+    clear_decode_graphs(model)
+    runs = []
+    for seed, pad in ((1, 0), (2, 4), (3, 7)):
+        ids, mask = (t.cuda() for t in _prompt(seed, pad=pad))
+        got = decode(model, ids, mask, max_new_tokens=12)
+        want = decode(model, ids, mask, max_new_tokens=12, cuda_graph=False)
+        assert torch.equal(got.tokens, want.tokens), (mix, seed)
+        runs.append(got)
+    assert [r.stats["graph_reused"] for r in runs] == [False, True, True]
+    assert "capture_s" in runs[0].stats and all("capture_s" not in r.stats for r in runs[1:])
+    assert all(0 < r.stats["setup_s"] < r.decode_s for r in runs)
