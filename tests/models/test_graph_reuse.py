@@ -159,6 +159,18 @@ def test_an_early_stop_leaves_the_kept_step_usable():
     assert got.stats["graph_reused"] and torch.equal(got.tokens, want.tokens)
 
 
+def test_streaming_from_a_kept_step():
+    """Streamed tokens of a generation that replays a kept step are its result, and the eager loop's."""
+    model = make_model("all")
+    cfg = SamplingConfig(temperature=1.0, seed=2)
+    decode(model, *_prompt(1, pad=3), max_new_tokens=6, sampling=cfg)
+    ids, mask = _prompt(2, pad=6)
+    seen = []
+    res = decode(model, ids, mask, max_new_tokens=6, sampling=cfg, on_tokens=seen.append)
+    assert res.stats["graph_reused"] and torch.equal(torch.stack(seen, 1), res.tokens)
+    assert torch.equal(res.tokens, decode(model, ids, mask, max_new_tokens=6, sampling=cfg, cuda_graph=False).tokens)
+
+
 def test_refill_checks_before_it_writes():
     model = make_model("global_hybrid")
     ids, mask = _prompt(1)
