@@ -84,6 +84,7 @@ def step_settings(model) -> tuple:
     for module_name, name in STEP_SWITCHES:
         value = getattr(importlib.import_module(module_name), name)
         switches.append(tuple(sorted(value.items())) if isinstance(value, dict) else value)
+
     def plain(v):  # the key is hashed: anything but a plain value by its repr
         return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 

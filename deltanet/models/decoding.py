@@ -391,11 +391,10 @@ def generate_fast(model, inputs, generation_config, kwargs: dict):
     res = decode(model, ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, cuda_graph=True)
     tokens = res.tokens
     if eos is not None and tokens.shape[1]:
-        hit = tokens == eos
-        first = torch.where(hit.any(1), hit.int().argmax(1), torch.full_like(hit[:, 0], tokens.shape[1] - 1,
-                                                                                  dtype=torch.long))
-        tokens = tokens[:, :int(first.max()) + 1]
-    sequences = torch.cat([ids, tokens.to(ids.device)], 1)
+        hit = tokens == eos  # each row's length: to its first EOS, else all of it
+        lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, tokens.shape[1])
+        tokens = tokens[:, :int(lengths.max())]
+    sequences = torch.cat([ids, tokens], 1)
     if not get("return_dict_in_generate"):
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -11,14 +11,15 @@ from transformers import LogitsProcessorList
 
 from deltanet.models import cuda_graph, decoding
 from deltanet.models.cache import DeltaNetCache
+from tests.models.test_decoding import _padded_batch, graph_on_cpu  # noqa: F401 (a fixture)
 from tests.models.test_modeling import MIXES, VOCAB, make_model
 
 pytestmark = pytest.mark.fast_generate
 
 
 @pytest.fixture(autouse=True)
-def graph_on_cpu(monkeypatch):
-    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+def _captured_step_on_cpu(graph_on_cpu):
+    """Every test here: the captured step runs (eagerly) on CPU tensors too."""
 
 
 @pytest.fixture
@@ -40,14 +41,6 @@ def _hf(model, *args, **kw):
         return model.generate(*args, **kw)
     finally:
         model.fast_generate = True
-
-
-def _padded_batch():
-    torch.manual_seed(1)
-    a, b = torch.randint(1, VOCAB, (1, 9)), torch.randint(1, VOCAB, (1, 4))
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
-    mask = (torch.arange(9)[None] >= torch.tensor([[0], [5]])).long()
-    return ids, mask
 
 
 @pytest.mark.parametrize("mix", list(MIXES))

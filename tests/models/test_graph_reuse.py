@@ -19,14 +19,15 @@ from deltanet.models import cuda_graph, set_decode_kernel
 from deltanet.models.cache import DeltaNetCache
 from deltanet.models.decoding import KEPT_GRAPHS, clear_decode_graphs, decode
 from deltanet.models.sampling import SamplingConfig
+from tests.models.test_decoding import graph_on_cpu  # noqa: F401 (a fixture)
 from tests.models.test_modeling import MIXES, VOCAB, make_model
 
 ALL_MIXES = list(MIXES)
 
 
 @pytest.fixture(autouse=True)
-def graph_on_cpu(monkeypatch):
-    monkeypatch.setattr(cuda_graph, "GRAPH_DEVICES", ("cuda", "cpu"))
+def _captured_step_on_cpu(graph_on_cpu):
+    """Every test here: the captured step runs (eagerly) on CPU tensors too."""
 
 
 def _prompt(seed: int, B: int = 2, S: int = 9, pad: int = 0):
