@@ -23,6 +23,8 @@
 #                  loop, batch 1 and 32, with kernels per step counted
 #         gated    (not in the default list) the gated rule and DeltaProduct (n_h = 2) vs fla, fwd+bwd, with
 #                  fla's gated backward run past its Triton-version refusal (timed; its errors reported)
+#         gated_speed  (not in the default list) the gated rule, the plain rule and DeltaProduct (n_h = 2), fwd+bwd,
+#                  ours beside fla (its gated backward run past its refusal), no oracle check: speed only
 #         memory_long  (not in the default list) the memory part alone in one call: 540 s, no loss check
 #                  (fla's first steps autotune for minutes: 270 s measured one row, 2026-12-06)
 #         ce       (not in the default list) the fused linear cross-entropy's chunk step: Triton row kernel
@@ -114,6 +116,9 @@ for part in ${PARTS//,/ }; do
               --prompt 2048 --new-tokens 256 --decode-kernel fused,eager --budget-s 180 --out "$R/decode_kernel.md" ;;
     gated) run gated 270 python3 benchmarks/bench_family.py --out "$R/gated" --parts env,check,speed --ops gated,product \
              --dims 64,128 --lengths 1024,4096,16384 --budget 255 --fla-past-guard ;;
+    gated_speed) run gated_speed 250 python3 benchmarks/bench_family.py --out "$R/gated_speed" --parts env,speed \
+                   --ops gated,plain,product --libs ours,fla --dims 64,128 --lengths 1024,4096,16384 --budget 235 \
+                   --fla-past-guard ;;
     memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-keep-wy \
                    --no-loss-check ;;
     ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
