@@ -6,7 +6,9 @@
 #   run NAME T CMD   CMD with its output in $R/NAME.log, cut at min(T, time left); skipped when
 #                    5 s or less are left
 #   use_wheels       install .whl/*.whl (e.g. fla's wheels, for side-by-side runs) into /tmp/site;
-#                    PYTHONPATH = that + the repo
+#                    PYTHONPATH = that + the repo; unpack .whl/mamba_ssm-*.tar.gz (the sdist, for fla's
+#                    Mamba2: `pip download --no-deps --no-binary :all: mamba-ssm` fails on its build
+#                    step here, so fetch the file from PyPI's JSON API) and point DELTANET_MAMBA_SSM_SRC at it
 #   record_env       date, GPUs, Python/torch/triton/transformers/fla versions and the commit
 #                    -> $R/env.txt (and stdout). The commit is read from a file COMMIT at the repo
 #                    root when there is one (write it before the call, untracked and not ignored so
@@ -44,6 +46,14 @@ use_wheels() {
     export PYTHONPATH=/tmp/site:$PWD
   else
     export PYTHONPATH=$PWD
+  fi
+  # mamba_ssm's sdist (its Triton SSD kernels for fla's Mamba2; its CUDA extensions are never built):
+  # unpacked, not installed (deltanet/bench/mamba_kernels.py loads the kernels from the source tree)
+  local sdist
+  sdist=$(ls .whl/mamba_ssm-*.tar.gz 2>/dev/null | head -1)
+  if [ -n "$sdist" ]; then
+    mkdir -p /tmp/mamba_ssm_src && tar xzf "$sdist" -C /tmp/mamba_ssm_src
+    export DELTANET_MAMBA_SSM_SRC=/tmp/mamba_ssm_src
   fi
 }
 record_env() {

@@ -16,7 +16,8 @@
 # Across fresh machines: copy OUT's results.jsonl and tokenizer*.json into lmcarry/ at the repo
 # root (ignored; name it in the call's `carry`): they seed /tmp/lmcmp, so finished models are
 # skipped and every model keeps the same tokenizer. fla's wheels in .whl/ (also carried) are
-# installed when present; fla-gla / fla-mamba2 need them. Triton autotune results: carry
+# installed when present; fla-gla / fla-mamba2 need them (fla-mamba2 also mamba_ssm's sdist in .whl/
+# for its Triton SSD kernels: gpu_lib.sh, use_wheels). Triton autotune results: carry
 # .triton-autotune/ too; OUT/autotune.tgz holds this call's (gpu_lib.sh).
 #
 # A two-minute check of every model (fla's included) through the whole path first:

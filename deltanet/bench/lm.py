@@ -63,8 +63,8 @@ MODELS: dict[str, ModelSpec] = {m.key: m for m in (
     ModelSpec("gated-deltanet", "Gated DeltaNet (gated delta rule)", "gated-deltanet-125m"),
     ModelSpec("fla-gla", "GLA (fla 0.6)", fla="gla", paper_ppl=28.65),
     # fla's Mamba2 ignores cu_seqlens: fed [B, T] rows, so documents packed in a row see each other
-    # (one flattened row would carry its state across unrelated rows); without the mamba_ssm
-    # package it runs fla's plain PyTorch scan, many times slower than the others
+    # (one flattened row would carry its state across unrelated rows); its SSD runs mamba_ssm's
+    # Triton kernels (deltanet.bench.mamba_kernels: an installed mamba_ssm or its unbuilt source)
     ModelSpec("fla-mamba2", "Mamba2 (fla 0.6)", fla="mamba2", doc_mask=False,
               note="documents in a packed row are not separated (fla's Mamba2 ignores cu_seqlens); "
                    "not in the paper's table (its Mamba, 28.39, is Mamba 1)"),
@@ -181,6 +181,22 @@ def _import_fla(kind: str):
                                   "flash-linear-attention, or on the GPU machine install its wheels "
                                   f"[{e}]") from None
     return fm
+
+
+def _mamba2_kernels(device_type: str) -> str:
+    """Give fla's Mamba2 mamba_ssm's Triton SSD kernels (:mod:`deltanet.bench.mamba_kernels`); on
+    CUDA, refuse fla's PyTorch SSD fallback, which cannot train at the comparison's shapes."""
+    from deltanet.bench import mamba_kernels
+
+    what = mamba_kernels.enable()
+    if device_type == "cuda" and "PyTorch" in what:
+        raise RuntimeError(
+            "fla-mamba2 on a GPU needs mamba_ssm's Triton SSD kernels: install mamba_ssm, or unpack its "
+            f"source (pip download --no-deps --no-binary :all: mamba-ssm) and set {mamba_kernels.ENV} to the "
+            "folder; without them fla falls back to a PyTorch SSD that materialises (batch, chunks, chunk, "
+            "chunk, heads, state) products (~100 GB per 16 x 2048 micro-batch at the 125m scale)")
+    _log(f"fla-mamba2 SSD: {what}")
+    return what
 
 
 def fla_model(kind: str, shape: dict, vocab_size: int):
@@ -321,8 +337,11 @@ def _run_job(spec: ModelSpec, lr: float, cfg: ComparisonConfig, scale: Scale, to
 
     run_dir = cfg.out / "runs" / _job_id(spec.key, lr)
     factory = None
+    kernels = None
     if spec.fla:
         _import_fla(spec.fla)  # fail now (fla missing) rather than after start-up
+        if spec.fla == "mamba2":
+            kernels = _mamba2_kernels(cfg.device_type)
         factory = functools.partial(fla_model, spec.fla, scale.fla)  # called with the vocabulary size
     run_cfg = RunConfig.from_dict({
         "data": {"data": cfg.data, "tokenizer": str(tok_dir), "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
@@ -377,7 +396,8 @@ def _run_job(spec: ModelSpec, lr: float, cfg: ComparisonConfig, scale: Scale, to
         "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
         "train_elapsed_s": round(max((r.get("elapsed_s", 0) for r in recs), default=0.0), 1),
         "tok_per_s_median": tps[len(tps) // 2] if tps else None, "eval_s": round(time.time() - t0 - train_s, 1),
-        "eval": evals, "train_curve": train_curve, "val_curve": val_curve, "note": spec.note,
+        "eval": evals, "train_curve": train_curve, "val_curve": val_curve,
+        "note": spec.note + (f"; SSD: {kernels}" if kernels else ""),
         "device": _device_name(device), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
