@@ -25,6 +25,8 @@
 #                  fla's gated backward run past its Triton-version refusal (timed; its errors reported)
 #         gated_speed  (not in the default list) the gated rule, the plain rule and DeltaProduct (n_h = 2), fwd+bwd,
 #                  ours beside fla (its gated backward run past its refusal), no oracle check: speed only
+#         family_tests  (not in the default list) the gated rule's and DeltaProduct's tests on CUDA (Triton against
+#                  the float64 oracle: fla's peer shapes, fp16, varlen with initial states, gradients of all)
 #         memory_long  (not in the default list) the memory part alone in one call: 540 s, no loss check
 #                  (fla's first steps autotune for minutes: 270 s measured one row, 2026-12-06)
 #         ce       (not in the default list) the fused linear cross-entropy's chunk step: Triton row kernel
@@ -119,6 +121,8 @@ for part in ${PARTS//,/ }; do
     gated_speed) run gated_speed 250 python3 benchmarks/bench_family.py --out "$R/gated_speed" --parts env,speed \
                    --ops gated,plain,product --libs ours,fla --dims 64,128 --lengths 1024,4096,16384 --budget 235 \
                    --fla-past-guard ;;
+    family_tests) run family_tests 240 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \
+                    tests/ops/test_family_triton.py tests/ops/test_family.py ;;
     memory_long) run memory 560 python3 benchmarks/gpu_memory_check.py "$R/memory" --budget-s 540 --variants ours,fla,ours-keep-wy \
                    --no-loss-check ;;
     ce) run ce 100 python3 benchmarks/bench_cross_entropy.py --out "$R/cross_entropy.md" --budget-s 80 ;;
