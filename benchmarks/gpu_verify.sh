@@ -147,8 +147,9 @@ sys.exit(main(sys.argv[1:]))" bench decode --models deltanet-340m,hybrid-swa-340
              tests/models/test_graph_reuse.py tests/models/test_fast_generate.py tests/models/test_decoding.py
            # first generation of each shape (capture timed) and a warm one (the kept step), through the loop
            # and through Hugging Face's generate (greedy: the captured loop), and 2K vs 32K prompts' memory
-           run reuse_decode 200 python3 -m deltanet.cli bench decode --models deltanet-340m,hybrid-swa-340m,hybrid-global-340m \
-             --paths loop,generate --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 190 --out "$R/decode_reuse.md"
+           run reuse_decode 235 python3 -m deltanet.cli bench decode \
+             --models deltanet-340m,transformer-340m,hybrid-global-340m,hybrid-swa-340m \
+             --paths loop,generate --batch 1,32 --prompt 2048 --new-tokens 256 --budget-s 225 --out "$R/decode_reuse.md"
            run reuse_context 120 python3 -m deltanet.cli bench decode --models deltanet-340m --paths loop --batch 1 \
              --prompt 2048,32768 --new-tokens 256 --budget-s 110 --out "$R/decode_context.md" ;;
     decode_ab) run decode_ab_tests 150 python3 -m pytest -v -rfs --tb=short -n 8 -p no:cacheprovider \

@@ -129,8 +129,11 @@ def enable(src: str | os.PathLike | None = None) -> str:
     layer will run, for the results; idempotent."""
     if _STATE:
         return _STATE["ssd"]
-    import fla.layers.mamba2 as layer
-
+    try:
+        import fla.layers.mamba2 as layer
+    except ModuleNotFoundError:  # an fla without the layer (or a stand-in): nothing to give kernels to
+        _STATE["ssd"] = "fla's own (no fla.layers.mamba2 to give kernels to)"
+        return _STATE["ssd"]
     loaded = _load_ssd(src if src is not None else os.environ.get(ENV))
     if loaded is None:
         _STATE["ssd"] = "fla's PyTorch SSD (mamba_ssm not available)"
