@@ -106,3 +106,27 @@ def test_bad_chunk_size(chunk_size):
 def test_good_input_passes():
     o, s = _call(delta_rule, _varlen() | {"output_final_state": True})
     assert o.shape == (1, T, H, V) and s.shape == (2, H, K, V)
+
+
+@pytest.mark.parametrize("dtype,K,V,warns", [
+    (torch.bfloat16, 48, 32, True), (torch.float16, 64, 16, True), (torch.bfloat16, 64, 64, False),
+    (torch.float32, 32, 16, False),
+])
+def test_16bit_small_head_dims_on_cuda_warn(dtype, K, V, warns):
+    """The known GPU defect (16-bit, head dims below 64, H100 + Triton 3.6) is announced, on CUDA only."""
+    import types
+    import warnings
+
+    from deltanet.ops.delta_rule.utils import warn_small_16bit_dims
+
+    def fake(last, cuda=True):
+        return types.SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 8, 2, last))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_small_16bit_dims("chunk_delta_rule", fake(K), fake(V))
+        warn_small_16bit_dims("chunk_delta_rule", fake(K, cuda=False), fake(V, cuda=False))  # CPU: never
+    assert len(caught) == int(warns)
+    if warns:
+        assert issubclass(caught[0].category, RuntimeWarning)
+        assert f"K = {K}, V = {V}" in str(caught[0].message) and "float32" in str(caught[0].message)

@@ -50,7 +50,7 @@ from .kernels.grads import chunk_grads_kernel
 from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel, h_fwd_kernel
 from .kernels.wy import w_fwd_kernel, wy_bwd_kernel, wy_fwd_kernel
-from .utils import check_inputs
+from .utils import check_inputs, warn_small_16bit_dims
 
 __all__ = ["chunk_delta_rule"]
 
@@ -466,6 +466,7 @@ def chunk_delta_rule(
         raise TypeError(f"kernel_config must be a deltanet.ops.ChunkKernelConfig or None, got "
                         f"{type(kernel_config).__name__}")
     out_dtype = v.dtype
+    warn_small_16bit_dims("chunk_delta_rule", q, v)
     scale, q, k, v, beta, h0, g, packed = prepare_inputs(q, k, v, beta, scale, initial_state, output_final_state,
                                                          cu_seqlens, g)
     if kernel_config is not None:

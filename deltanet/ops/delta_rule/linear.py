@@ -32,6 +32,7 @@ from .chunk import (BT, _flat, _full, _new, _op_index, _prec, _states, chunk_ind
                     launch_config, prepare_inputs)
 from .kernels.output import dqkw_bwd_kernel, o_fwd_kernel
 from .kernels.state import dh_bwd_kernel
+from .utils import warn_small_16bit_dims
 
 __all__ = ["chunk_linear_attention"]
 
@@ -154,6 +155,7 @@ def chunk_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         (torch.Size([1, 100, 2, 16]), torch.Size([1, 2, 32, 16]))
     """
     out_dtype = v.dtype
+    warn_small_16bit_dims("chunk_linear_attention", q, v)
     ones = q.new_ones(()).expand(q.shape[:3])  # the checks' beta: no such input here
     scale, q, k, v, _, h0, _, packed = prepare_inputs(q, k, v, ones, scale, initial_state, output_final_state,
                                                       cu_seqlens)

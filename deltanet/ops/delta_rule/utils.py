@@ -8,6 +8,7 @@ shape, never as a Triton crash or a silently wrong answer.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,23 @@ class DeltaRuleShape:
     def offsets(self) -> tuple[int, ...] | None:
         """``cu_seqlens`` on the host, or None for a fixed-length batch."""
         return self.packed.offsets if self.packed is not None else None
+
+
+# 16-bit inputs with a head dim below this gave wrong results on an H100 with Triton 3.6 (the gated
+# rule at K = 48, V = 32 and linear attention at K = 32, V = 16; the same cases are right in fp32 on
+# the GPU and in every precision under the CPU interpreter): benchmarks/results/2026-12-07-h100-decode-reuse-family.md
+SMALL_DIM_16BIT = 64
+
+
+def warn_small_16bit_dims(op: str, q: torch.Tensor, v: torch.Tensor) -> None:
+    """Warn (once per call site) about the known GPU defect at 16-bit head dims below 64."""
+    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and min(q.shape[-1], v.shape[-1]) < SMALL_DIM_16BIT):
+        warnings.warn(
+            f"{op}: {str(q.dtype).removeprefix('torch.')} inputs with head dims K = {q.shape[-1]}, "
+            f"V = {v.shape[-1]} (below {SMALL_DIM_16BIT}) gave wrong results on an H100 with Triton 3.6 "
+            "(a known, not yet located defect: docs/numerics.md); use float32 inputs or head dims >= 64",
+            RuntimeWarning, stacklevel=3)
 
 
 def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
