@@ -192,8 +192,8 @@ def _mamba2_kernels(device_type: str) -> str:
     if device_type == "cuda" and "PyTorch" in what:
         raise RuntimeError(
             "fla-mamba2 on a GPU needs mamba_ssm's Triton SSD kernels: install mamba_ssm, or unpack its "
-            f"source (pip download --no-deps --no-binary :all: mamba-ssm) and set {mamba_kernels.ENV} to the "
-            "folder; without them fla falls back to a PyTorch SSD that materialises (batch, chunks, chunk, "
+            f"sdist (mamba_ssm-*.tar.gz from PyPI) and set {mamba_kernels.ENV} to the folder; "
+            "without them fla falls back to a PyTorch SSD that materialises (batch, chunks, chunk, "
             "chunk, heads, state) products (~100 GB per 16 x 2048 micro-batch at the 125m scale)")
     _log(f"fla-mamba2 SSD: {what}")
     return what

@@ -8,8 +8,8 @@ Triton in ``mamba_ssm/ops/triton``; only the package's ``__init__`` (which impor
 extensions) and the fused training entry point (whose convolution is the ``causal_conv1d`` CUDA
 extension) need a build, which the GPU machine (no network, no matching wheels) cannot do.
 
-:func:`enable` loads the Triton modules from an unpacked ``mamba_ssm`` source tree (its sdist,
-``pip download --no-deps --no-binary :all: mamba-ssm``; the folder in ``DELTANET_MAMBA_SSM_SRC``)
+:func:`enable` loads the Triton modules from an unpacked ``mamba_ssm`` source tree (its sdist
+``mamba_ssm-*.tar.gz`` from PyPI, unpacked; the folder in ``DELTANET_MAMBA_SSM_SRC``)
 without running the package's ``__init__``, and hands them to fla's layer. The fused training
 call ``mamba_split_conv1d_scan_combined(zxbcdt, ...)`` is replaced by the same computation in
 steps: depthwise causal convolution + SiLU (PyTorch), ``mamba_chunk_scan_combined`` (the SSD
@@ -76,7 +76,7 @@ def _load_ssd(src: str | os.PathLike | None):
     ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
     ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
     lng = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
-    version = next((p.name.split("-", 1)[1] for p in [root] if p.name.startswith("mamba_ssm-")), "source")
+    version = root.name.split("-", 1)[1] if root.name.startswith("mamba_ssm-") else "source"
     return ssd, ssu, lng, f"mamba_ssm {version} Triton kernels from source (no CUDA extensions)"
 
 
