@@ -44,7 +44,10 @@ SMALL_DIM_16BIT = 64
 
 
 def warn_small_16bit_dims(op: str, q: torch.Tensor, v: torch.Tensor) -> None:
-    """Warn (once per call site) about the known GPU defect at 16-bit head dims below 64."""
+    """Warn (once per call site) about the known GPU defect at 16-bit head dims below 64 (not
+    inside ``torch.compile``'s tracing, where a warning would break a full graph)."""
+    if torch.compiler.is_compiling():
+        return
     if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and min(q.shape[-1], v.shape[-1]) < SMALL_DIM_16BIT):
         warnings.warn(
