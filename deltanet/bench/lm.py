@@ -189,7 +189,7 @@ def _mamba2_kernels(device_type: str) -> str:
     from deltanet.bench import mamba_kernels
 
     what = mamba_kernels.enable()
-    if device_type == "cuda" and "PyTorch" in what:
+    if device_type == "cuda" and what == mamba_kernels.PYTORCH_FALLBACK:
         raise RuntimeError(
             "fla-mamba2 on a GPU needs mamba_ssm's Triton SSD kernels: install mamba_ssm, or unpack its "
             f"sdist (mamba_ssm-*.tar.gz from PyPI) and set {mamba_kernels.ENV} to the folder; "

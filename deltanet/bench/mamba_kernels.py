@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENV", "enable", "split_conv1d_scan"]
+__all__ = ["ENV", "PYTORCH_FALLBACK", "enable", "split_conv1d_scan"]
 
 ENV = "DELTANET_MAMBA_SSM_SRC"
 
 # what `enable` found, for the results file (one per process)
 _STATE: dict = {}
+# `enable`'s answer when no mamba_ssm kernels could be loaded: fla keeps its PyTorch SSD
+PYTORCH_FALLBACK = "fla's PyTorch SSD (mamba_ssm not available)"
 
 
 def _package_root(src: Path) -> Path:
@@ -136,7 +138,7 @@ def enable(src: str | os.PathLike | None = None) -> str:
         return _STATE["ssd"]
     loaded = _load_ssd(src if src is not None else os.environ.get(ENV))
     if loaded is None:
-        _STATE["ssd"] = "fla's PyTorch SSD (mamba_ssm not available)"
+        _STATE["ssd"] = PYTORCH_FALLBACK
         return _STATE["ssd"]
     ssd, ssu, lng, origin = loaded
     layer.mamba_chunk_scan_combined = ssd.mamba_chunk_scan_combined
